@@ -1,0 +1,1 @@
+"""Scheduled jobs: detection, reconciliation, retirement, behind a Redis leader lock."""

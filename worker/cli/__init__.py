@@ -1,0 +1,1 @@
+"""The ``keyrotor`` command line (Typer)."""

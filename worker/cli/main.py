@@ -1,0 +1,79 @@
+"""``keyrotor``: the single entry point. Each command group lives in its own module.
+
+Errors a user can cause (bad settings, bad inventory, bad arguments) print one line on stderr and
+exit 2, with no traceback; an unexpected failure exits 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from worker import __version__
+from worker.errors import ConfigError, KeyrotorError
+
+app = typer.Typer(
+    name="keyrotor",
+    help="Rotate API keys: issue at the provider, store in Vault, propagate, verify, retire.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"keyrotor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """keyrotor command line."""
+
+
+def _register() -> None:
+    # Imported here so `keyrotor --help` stays fast and one broken group cannot hide the others.
+    from jobs import cli as jobs_cli
+    from worker.cli import config_cmd, db_cmd, demo_cmd, run_cmds, sandbox_cmd
+
+    app.add_typer(config_cmd.app, name="config", help="Check and apply the inventory (providers, keys, integrations).")
+    app.add_typer(db_cmd.app, name="db", help="Database schema migrations.")
+    app.add_typer(sandbox_cmd.app, name="sandbox", help="Local stand-ins for Vault, a provider and a consumer (demo and tests).")
+    run_cmds.register(app)
+    demo_cmd.register(app)
+    jobs_cli.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except ConfigError as exc:
+        typer.echo(f"keyrotor: error: {exc}", err=True)
+        return 2
+    except KeyrotorError as exc:
+        typer.echo(f"keyrotor: {type(exc).__name__}: {exc}", err=True)
+        return 1
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        return 130
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

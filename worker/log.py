@@ -1,0 +1,160 @@
+"""Structured logging: JSON lines on stdout, ISO UTC timestamps, bound context, redaction.
+
+The standard-library loggers of dramatiq, apscheduler, hvac, httpx and SQLAlchemy go through the
+same processor chain, so every line the service writes is JSON and passes the redactor.
+Tracebacks are rendered as structured frames *without local variables* (locals can hold secrets).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any, Iterable, TextIO
+
+import structlog
+from structlog.types import EventDict, Processor
+
+from worker.secret import Secret
+
+REDACTED = "[REDACTED]"
+
+#: Keys whose values are never logged, whatever they hold.
+SENSITIVE_KEY = re.compile(
+    r"(^|_|-)(secret|token|password|passwd|api[_-]?key|authorization|private[_-]?key|client[_-]?secret|cookie|credential)s?($|_|-)",
+    re.IGNORECASE,
+)
+#: Values that look like credentials even under an innocent key.
+SENSITIVE_VALUE = re.compile(
+    r"(?i)(bearer\s+[a-z0-9._~+/=-]{8,}|basic\s+[a-z0-9+/=]{8,}|hvs\.[a-z0-9_-]{10,}|-----BEGIN [A-Z ]*PRIVATE KEY-----)"
+)
+_SAFE_KEYS = {"fingerprint", "token_ttl", "key_id", "provider_key_id", "secret_field", "vault_token_source"}
+
+
+def _redact_value(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, Secret):
+        return REDACTED
+    if isinstance(value, str):
+        return SENSITIVE_VALUE.sub(REDACTED, value) if SENSITIVE_VALUE.search(value) else value
+    if depth > 4:
+        return value
+    if isinstance(value, dict):
+        return {k: (REDACTED if _is_sensitive_key(k) else _redact_value(v, depth + 1)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redact_value(v, depth + 1) for v in value)
+    return value
+
+
+def _is_sensitive_key(key: Any) -> bool:
+    return isinstance(key, str) and key not in _SAFE_KEYS and bool(SENSITIVE_KEY.search(key))
+
+
+def redact(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:
+    """Processor: blank sensitive keys, ``Secret`` objects and credential-shaped strings."""
+    for key in list(event_dict):
+        if _is_sensitive_key(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _redact_value(event_dict[key])
+    return event_dict
+
+
+_extra_secrets: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Remember a live secret so any accidental appearance in a log line is blanked.
+
+    The set only lives in this process's memory; steps forget values when they are done.
+    """
+    if len(value) >= 8:
+        _extra_secrets.add(value)
+
+
+def forget_secret(value: str) -> None:
+    _extra_secrets.discard(value)
+
+
+def scrub_known_secrets(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:
+    if not _extra_secrets:
+        return event_dict
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            for secret in _extra_secrets:
+                if secret in value:
+                    value = value.replace(secret, REDACTED)
+            event_dict[key] = value
+    return event_dict
+
+
+def _shared_processors() -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        structlog.stdlib.PositionalArgumentsFormatter(),
+        structlog.processors.StackInfoRenderer(),
+        # Structured traceback frames with no local variables: locals may hold secrets.
+        structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
+        structlog.processors.UnicodeDecoder(),
+        redact,
+        scrub_known_secrets,
+    ]
+
+
+THIRD_PARTY_LOGGERS: Iterable[str] = ("dramatiq", "apscheduler", "hvac", "sqlalchemy", "httpx", "httpcore", "alembic", "urllib3")
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Configure structlog and the standard library to write one JSON object per line."""
+    stream = stream or sys.stdout
+    renderer: Processor = (
+        structlog.processors.JSONRenderer(sort_keys=False)
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    shared = _shared_processors()
+    structlog.configure(
+        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in THIRD_PARTY_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+    # SQLAlchemy and httpx are chatty at INFO (every statement / request); keep them at WARNING.
+    for name in ("sqlalchemy.engine", "httpx", "httpcore", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def bind(**values: Any) -> None:
+    """Bind context (run_id, key, step) to every line logged by this thread/task."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+def unbind(*keys: str) -> None:
+    structlog.contextvars.unbind_contextvars(*keys)
+
+
+def clear() -> None:
+    structlog.contextvars.clear_contextvars()
+
+
+def get_logger(name: str | None = None, **initial: Any) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name, **initial)
+
+
+__all__ = ["configure_logging", "get_logger", "bind", "unbind", "clear", "redact", "register_secret", "forget_secret"]
+

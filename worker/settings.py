@@ -1,0 +1,119 @@
+"""Runtime settings from the environment, validated once at start-up.
+
+A bad value is reported as one line naming the variable and what is expected (``ConfigError``);
+the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+DEFAULT_DATABASE_URL = "sqlite:///keyrotor.db"
+
+
+class Settings(BaseSettings):
+    """Every knob keyrotor reads from the environment. See ``config/settings.md``."""
+
+    model_config = SettingsConfigDict(env_prefix="KEYROTOR_", extra="ignore", frozen=True)
+
+    database_url: str = Field(DEFAULT_DATABASE_URL, description="SQLAlchemy URL: sqlite:///FILE or postgresql://...")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the Dramatiq broker, locks and rate limits")
+    config: Path | None = Field(None, description="Inventory YAML file (providers, keys, integrations, policies)")
+
+    vault_addr: str | None = Field(None, validation_alias=AliasChoices("VAULT_ADDR", "KEYROTOR_VAULT_ADDR"))
+    vault_token: str | None = Field(None, validation_alias=AliasChoices("VAULT_TOKEN", "KEYROTOR_VAULT_TOKEN"), repr=False)
+    vault_namespace: str | None = Field(None, validation_alias=AliasChoices("VAULT_NAMESPACE", "KEYROTOR_VAULT_NAMESPACE"))
+    vault_cacert: Path | None = Field(None, validation_alias=AliasChoices("VAULT_CACERT", "KEYROTOR_VAULT_CACERT"))
+    vault_k8s_role: str | None = Field(None, description="Kubernetes auth role; used when VAULT_TOKEN is unset")
+    vault_k8s_mount: str = "kubernetes"
+    vault_k8s_jwt_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    vault_mount: str = Field("secret", description="KV v2 mount holding managed keys")
+    vault_staging_prefix: str = Field("keyrotor/staging", description="Where issued keys wait before promotion")
+    vault_timeout_s: float = Field(10.0, gt=0)
+
+    queue_namespace: str = Field("keyrotor", description="Dramatiq namespace (Redis key prefix)")
+    http_timeout_s: float = Field(15.0, gt=0, description="Timeout of one call to a provider or integration")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port for worker and scheduler (0 = off)")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        scheme = urlparse(value).scheme.split("+")[0]
+        if scheme not in {"sqlite", "postgresql", "postgres"}:
+            raise ValueError(f"expected sqlite:///FILE or postgresql://USER@HOST/DB, got scheme {scheme or 'none'!r}")
+        if value.startswith("postgres://"):
+            value = "postgresql://" + value[len("postgres://") :]
+        if value.startswith("postgresql://"):  # psycopg 3 is the driver we ship
+            value = "postgresql+psycopg://" + value[len("postgresql://") :]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme not in {"redis", "rediss", "unix"} or not (parsed.hostname or parsed.path):
+            raise ValueError("expected redis://HOST:PORT/DB, rediss://... or unix:///path")
+        return value
+
+    @field_validator("vault_addr")
+    @classmethod
+    def _vault_addr(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in {"http", "https"} or not parsed.hostname:
+            raise ValueError("expected http(s)://HOST:PORT")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _vault_auth(self) -> "Settings":
+        if self.vault_addr and not (self.vault_token or self.vault_k8s_role):
+            raise ValueError("VAULT_ADDR is set but neither VAULT_TOKEN nor KEYROTOR_VAULT_K8S_ROLE is")
+        return self
+
+
+_ENV_NAMES = {
+    "vault_addr": "VAULT_ADDR",
+    "vault_token": "VAULT_TOKEN",
+    "vault_namespace": "VAULT_NAMESPACE",
+    "vault_cacert": "VAULT_CACERT",
+}
+
+
+def _env_name(field: str) -> str:
+    return _ENV_NAMES.get(field, "KEYROTOR_" + field.upper())
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the environment; raise ``ConfigError`` with one line per bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = err.get("loc") or ()
+            name = _env_name(str(loc[0])) if loc else "settings"
+            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            lines.append(f"{name}: {msg}")
+        raise ConfigError("; ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached). Tests call ``get_settings.cache_clear()``."""
+    return load_settings()
