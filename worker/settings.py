@@ -96,6 +96,8 @@ _ENV_NAMES = {
 
 
 def _env_name(field: str) -> str:
+    if field.isupper():  # pydantic reports the alias (e.g. VAULT_ADDR) that carried the value
+        return field
     return _ENV_NAMES.get(field, "KEYROTOR_" + field.upper())
 
 
