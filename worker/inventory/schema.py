@@ -1,0 +1,702 @@
+"""pydantic models of the inventory YAML (see ``config/keyrotor.example.yaml``).
+
+Every model forbids unknown fields, so a typo is an error rather than a silently ignored option.
+A field that carries a secret accepts only a reference (``{vault: "MOUNT/PATH#FIELD"}`` or
+``{env: NAME}``) or, where the credential being checked is meant, the template ``"{secret}"``;
+a literal value is refused with a message that says what to write instead.
+
+Cross-references between sections (a key's provider, credential type, policy, integrations, a
+credential type's replacement) are checked by :func:`reference_problems`, which works on plain
+data so that ``keyrotor config check`` can report them together with field errors.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Iterable, Literal, Mapping, Optional, Union
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from worker.secret_refs import SecretRef
+
+__all__ = [
+    "SECRET_TEMPLATE",
+    "URL_PLACEHOLDERS",
+    "AuthSpec",
+    "BasicAuthSpec",
+    "BearerAuthSpec",
+    "CallsSpec",
+    "CredentialTypeSpec",
+    "DeprecationPhase",
+    "Duration",
+    "HeaderAuthSpec",
+    "HttpCallSpec",
+    "HttpProviderSpec",
+    "IntegrationSpec",
+    "Inventory",
+    "KeySpec",
+    "MtlsAuthSpec",
+    "NotificationSpec",
+    "PolicySpec",
+    "ProviderSpec",
+    "ResolvedPolicy",
+    "ResponseSpec",
+    "SecretRef",
+    "VaultCopyIntegrationSpec",
+    "VaultLocation",
+    "WebhookIntegrationSpec",
+    "key_slug",
+    "parse_duration",
+    "reference_problems",
+    "template_placeholders",
+]
+
+#: The template that stands for "the credential being checked" in a call's auth.
+SECRET_TEMPLATE = "{secret}"
+
+#: Placeholders a URL, header, body or Vault path template may use.
+URL_PLACEHOLDERS = frozenset(
+    {"base_url", "key_name", "key_id", "secret", "run_id", "credential_type", "labels", "key_slug"}
+)
+
+LITERAL_SECRET_MESSAGE = 'a literal secret is not allowed here; use {vault: "MOUNT/PATH#FIELD"} or {env: NAME}'
+
+NOTIFICATION_EVENTS = ("started", "succeeded", "failed", "rolled_back", "needs_attention", "reminder")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- durations
+_DURATION_PART = re.compile(r"(\d+)\s*([smhdw])")
+_DURATION_FULL = re.compile(r"^\s*(?:\d+\s*[smhdw]\s*)+$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """``90`` (seconds), ``"90s"``, ``"15m"``, ``"12h"``, ``"7d"``, ``"2w"``, ``"1h30m"`` → timedelta."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool):
+        raise PydanticCustomError("duration", "expected a duration such as 90s, 15m, 12h, 7d, 2w or a number of seconds")
+    elif isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        seconds = int(value.strip())
+    elif isinstance(value, str) and _DURATION_FULL.match(value):
+        seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
+    else:
+        raise PydanticCustomError(
+            "duration",
+            "expected a duration such as 90s, 15m, 12h, 7d, 2w or a number of seconds, got {value}",
+            {"value": repr(value)},
+        )
+    if seconds < 0:
+        raise PydanticCustomError("duration", "a duration cannot be negative")
+    return timedelta(seconds=seconds)
+
+
+#: A duration; read from ints (seconds) or "90s/15m/12h/7d/2w", written to JSON as whole seconds.
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(lambda td: int(td.total_seconds()), return_type=int, when_used="json"),
+]
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise PydanticCustomError("duration", "must be longer than zero")
+    return value
+
+
+# --------------------------------------------------------------------------- templates
+def template_placeholders(template: str) -> list[str]:
+    """Root names of the ``{placeholders}`` in a template (``{labels[x]}`` → ``labels``)."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise PydanticCustomError("template", "not a valid template ({reason}); a literal brace is written doubled", {"reason": str(exc)}) from None
+    for _literal, field, _spec, _conv in parsed:
+        if field is None:
+            continue
+        root = re.split(r"[.\[]", field, maxsplit=1)[0]
+        names.append(root)
+    return names
+
+
+def _check_template(template: str) -> str:
+    for name in template_placeholders(template):
+        if name not in URL_PLACEHOLDERS:
+            raise PydanticCustomError(
+                "template",
+                "unknown placeholder {name}; known: {known}",
+                {"name": "{" + name + "}", "known": ", ".join("{" + p + ("[...]" if p == "labels" else "") + "}" for p in sorted(URL_PLACEHOLDERS))},
+            )
+    return template
+
+
+def _check_body(value: Any) -> Any:
+    """Every string inside a JSON body template must use known placeholders only."""
+    if isinstance(value, str):
+        _check_template(value)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            _check_body(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_body(item)
+    return value
+
+
+def _stringify_scalar(value: Any) -> Any:
+    """YAML turns ``true``/``434`` into bool/int; header values are strings on the wire."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+TemplateStr = Annotated[str, BeforeValidator(_stringify_scalar), BeforeValidator(lambda v: _check_template(v) if isinstance(v, str) else v)]
+HeaderValue = Annotated[str, BeforeValidator(lambda v: _check_template(_stringify_scalar(v)) if isinstance(_stringify_scalar(v), str) else v)]
+
+
+def key_slug(name: str) -> str:
+    """A key name made safe for a path segment or an identifier: ``alloy/billing`` → ``alloy-billing``."""
+    return re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-")
+
+
+# --------------------------------------------------------------------------- secret fields
+def _refuse_literal(value: Any) -> Any:
+    if isinstance(value, str) and value != SECRET_TEMPLATE:
+        raise PydanticCustomError("literal_secret", LITERAL_SECRET_MESSAGE)
+    if value is not None and not isinstance(value, (str, Mapping, SecretRef)):
+        raise PydanticCustomError("literal_secret", LITERAL_SECRET_MESSAGE)
+    return value
+
+
+def _refuse_any_string(value: Any) -> Any:
+    if value is not None and not isinstance(value, (Mapping, SecretRef)):
+        raise PydanticCustomError("literal_secret", LITERAL_SECRET_MESSAGE)
+    return value
+
+
+def _secret_tag(value: Any) -> str:
+    return "template" if isinstance(value, str) else "ref"
+
+
+#: A secret: a reference, or "{secret}" (the credential being checked). Never a literal.
+CredentialValue = Annotated[
+    Union[Annotated[SecretRef, Tag("ref")], Annotated[Literal["{secret}"], Tag("template")]],
+    Discriminator(_secret_tag),
+    BeforeValidator(_refuse_literal),
+]
+#: A secret that must come from a reference (management credentials, signing secrets).
+SecretRefOnly = Annotated[SecretRef, BeforeValidator(_refuse_any_string)]
+
+
+# --------------------------------------------------------------------------- auth
+class BearerAuthSpec(_Model):
+    """``Authorization: Bearer <token>``."""
+
+    type: Literal["bearer"]
+    token: CredentialValue
+
+
+class HeaderAuthSpec(_Model):
+    """A named header carrying the credential, e.g. ``apiKey: <value>``."""
+
+    type: Literal["header"]
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    value: CredentialValue
+
+
+class BasicAuthSpec(_Model):
+    """HTTP basic auth; the user name is not secret, the password is."""
+
+    type: Literal["basic"]
+    username: str = Field(min_length=1)
+    password: CredentialValue
+
+
+class MtlsAuthSpec(_Model):
+    """A client certificate; the private key comes from a reference, the files are mounted."""
+
+    type: Literal["mtls"]
+    cert_file: str = Field(min_length=1)
+    key: SecretRefOnly
+    ca_file: Optional[str] = None
+
+
+AuthSpec = Annotated[
+    Union[BearerAuthSpec, HeaderAuthSpec, BasicAuthSpec, MtlsAuthSpec],
+    Field(discriminator="type"),
+]
+
+
+def _auth_uses_secret_template(auth: Any) -> bool:
+    return any(getattr(auth, f, None) == SECRET_TEMPLATE for f in ("token", "value", "password"))
+
+
+# --------------------------------------------------------------------------- HTTP calls
+class ResponseSpec(_Model):
+    """JSON paths (``$.a.b``, ``$.items[0].id``) to the fields of an answer."""
+
+    secret: Optional[str] = None
+    key_id: Optional[str] = None
+    expires_at: Optional[str] = None
+    items: Optional[str] = None   # list calls: where the list is; key_id/name are then relative to one item
+    name: Optional[str] = None
+
+    @field_validator("secret", "key_id", "expires_at", "items", "name")
+    @classmethod
+    def _json_path(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.match(r"^\$(\.[A-Za-z0-9_-]+|\[\d+\])*$", value):
+            raise PydanticCustomError("json_path", "expected a JSON path such as $.data.id or $.keys[0].id, got {value}", {"value": repr(value)})
+        return value
+
+
+class HttpCallSpec(_Model):
+    """One HTTP call at a provider; strings are templates over :data:`URL_PLACEHOLDERS`."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    url: TemplateStr
+    headers: dict[str, HeaderValue] = Field(default_factory=dict)
+    body: Optional[Union[dict[str, Any], list[Any], str]] = None
+    auth: Optional[AuthSpec] = None   # overrides the provider's management auth for this call
+    response: ResponseSpec = Field(default_factory=ResponseSpec)
+    timeout: Optional[Duration] = None
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("body")
+    @classmethod
+    def _body(cls, value: Any) -> Any:
+        return _check_body(value)
+
+    def uses_secret(self) -> bool:
+        """Whether the call carries the credential being checked (``{secret}`` anywhere)."""
+        if self.auth is not None and _auth_uses_secret_template(self.auth):
+            return True
+        texts = [self.url, *self.headers.values()]
+        if isinstance(self.body, str):
+            texts.append(self.body)
+        elif self.body is not None:
+            texts.extend(_strings(self.body))
+        return any("secret" in template_placeholders(t) for t in texts)
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+class CallsSpec(_Model):
+    issue: Optional[HttpCallSpec] = None
+    verify: Optional[HttpCallSpec] = None
+    revoke: Optional[HttpCallSpec] = None
+    list: Optional[HttpCallSpec] = None
+
+
+#: Calls each rotation mode cannot work without.
+REQUIRED_CALLS: dict[str, tuple[str, ...]] = {
+    "overlap": ("issue", "verify", "revoke"),
+    "cutover": ("issue", "verify"),
+    "assisted": ("verify",),
+}
+
+
+# --------------------------------------------------------------------------- deprecation
+PhaseName = Literal["no_new_credentials", "amnesty", "rejected"]
+_PHASE_ORDER = {"no_new_credentials": 0, "amnesty": 1, "rejected": 2}
+#: Phases in which an existing credential of the type no longer works as before.
+CUTOFF_PHASES = frozenset({"amnesty", "rejected"})
+
+
+class DeprecationPhase(_Model):
+    """From ``from`` on: no new credentials can be issued / calls need ``headers`` / calls are rejected."""
+
+    phase: PhaseName
+    from_: AwareDatetime = Field(alias="from")
+    headers: dict[str, HeaderValue] = Field(default_factory=dict)
+
+
+class CredentialTypeSpec(_Model):
+    """A kind of credential a provider issues; may be deprecated in dated phases."""
+
+    replacement: Optional[str] = None
+    deprecation: list[DeprecationPhase] = Field(default_factory=list)
+
+    @field_validator("deprecation")
+    @classmethod
+    def _ordered(cls, phases: list[DeprecationPhase]) -> list[DeprecationPhase]:
+        seen: set[str] = set()
+        for phase in phases:
+            if phase.phase in seen:
+                raise PydanticCustomError("deprecation", "phase {phase} is listed twice", {"phase": phase.phase})
+            seen.add(phase.phase)
+        for earlier, later in zip(phases, phases[1:]):
+            if _PHASE_ORDER[later.phase] < _PHASE_ORDER[earlier.phase] or later.from_ <= earlier.from_:
+                raise PydanticCustomError(
+                    "deprecation",
+                    "phases must be listed in order no_new_credentials, amnesty, rejected with increasing dates",
+                )
+        return phases
+
+    def phase_at(self, now: datetime) -> DeprecationPhase | None:
+        """The phase in force at ``now`` (the latest one that has started), or None."""
+        current: DeprecationPhase | None = None
+        for phase in self.deprecation:
+            if phase.from_ <= now:
+                current = phase
+        return current
+
+    def first_cutoff(self) -> datetime | None:
+        """When existing credentials first stop working as before (amnesty or rejected), or None."""
+        starts = [p.from_ for p in self.deprecation if p.phase in CUTOFF_PHASES]
+        return min(starts) if starts else None
+
+    def next_cutoff(self, after: datetime) -> datetime | None:
+        """The start of the first amnesty/rejected phase strictly after ``after``, or None."""
+        starts = [p.from_ for p in self.deprecation if p.phase in CUTOFF_PHASES and p.from_ > after]
+        return min(starts) if starts else None
+
+    def can_issue_at(self, now: datetime) -> bool:
+        """False once any deprecation phase has started (no new credentials of this type)."""
+        return self.phase_at(now) is None
+
+    def headers_at(self, now: datetime) -> dict[str, str]:
+        """Extra headers calls need at ``now`` (the amnesty header), else ``{}``."""
+        phase = self.phase_at(now)
+        return dict(phase.headers) if phase is not None and phase.phase == "amnesty" else {}
+
+
+# --------------------------------------------------------------------------- providers
+class RateLimitSpec(_Model):
+    requests: int = Field(gt=0)
+    per: Duration = timedelta(seconds=1)
+
+    @field_validator("per")
+    @classmethod
+    def _per(cls, value: timedelta) -> timedelta:
+        return _positive(value)
+
+
+class ActivationSpec(_Model):
+    """New credentials may go live with a delay: poll ``verify`` this often, for at most ``timeout``."""
+
+    poll_interval: Duration = timedelta(seconds=2)
+    timeout: Duration = timedelta(minutes=2)
+
+    @field_validator("poll_interval", "timeout")
+    @classmethod
+    def _pos(cls, value: timedelta) -> timedelta:
+        return _positive(value)
+
+
+class StatusCodesSpec(_Model):
+    invalid: list[int] = Field(default_factory=lambda: [401, 403])
+    deprecated: list[int] = Field(default_factory=list)
+
+    @field_validator("invalid", "deprecated")
+    @classmethod
+    def _codes(cls, codes: list[int]) -> list[int]:
+        for code in codes:
+            if not 400 <= code <= 599:
+                raise PydanticCustomError("status_code", "{code} is not an HTTP error status (400-599)", {"code": code})
+        return codes
+
+
+class HttpProviderSpec(_Model):
+    """A provider driven by declared HTTP calls (issue, verify, revoke, list)."""
+
+    kind: Literal["http"]
+    mode: Literal["overlap", "cutover", "assisted"] = "overlap"
+    base_url: str
+    rate_limit: RateLimitSpec = Field(default_factory=lambda: RateLimitSpec(requests=10, per=timedelta(seconds=1)))
+    auth: Optional[AuthSpec] = None   # management calls (issue, revoke, list)
+    activation: ActivationSpec = Field(default_factory=ActivationSpec)
+    status_codes: StatusCodesSpec = Field(default_factory=StatusCodesSpec)
+    credential_types: dict[str, CredentialTypeSpec] = Field(min_length=1)
+    calls: CallsSpec
+    timeout: Optional[Duration] = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s{}]+", value):
+            raise PydanticCustomError("url", "expected an absolute http(s) URL such as https://api.example.com, got {value}", {"value": repr(value)})
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _calls_for_mode(self) -> "HttpProviderSpec":
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for call in REQUIRED_CALLS[self.mode]:
+            if getattr(self.calls, call) is None:
+                problems.append((("calls",), f"mode {self.mode} needs the calls {', '.join(REQUIRED_CALLS[self.mode])}; '{call}' is missing"))
+        verify = self.calls.verify
+        if verify is not None and not verify.uses_secret():
+            problems.append((("calls", "verify"), 'verify must authenticate with the credential being checked: auth {type: bearer, token: "{secret}"} or a {secret} placeholder'))
+        for name in ("issue", "revoke", "list"):
+            call = getattr(self.calls, name)
+            if call is not None and call.auth is None and self.auth is None:
+                problems.append((("calls", name), f"the '{name}' call has no auth: set the provider's 'auth' or this call's 'auth'"))
+        if self.calls.issue is not None and self.calls.issue.response.secret is None:
+            problems.append((("calls", "issue", "response"), "issue needs response.secret: the JSON path of the new credential"))
+        _raise(problems, self)
+        return self
+
+    def credential_type(self, name: str) -> CredentialTypeSpec | None:
+        return self.credential_types.get(name)
+
+    def rotation_target(self, credential_type: str, now: datetime) -> str:
+        """The type a rotation should issue: the replacement once the type is deprecated."""
+        spec = self.credential_types.get(credential_type)
+        if spec is not None and spec.replacement and spec.phase_at(now) is not None:
+            return spec.replacement
+        return credential_type
+
+
+#: Only the generic HTTP provider exists; new kinds join this union with their own ``kind``.
+ProviderSpec = HttpProviderSpec
+
+
+# --------------------------------------------------------------------------- integrations
+def _http_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise PydanticCustomError("url", "expected an absolute http(s) URL, got {value}", {"value": repr(value)})
+    return value
+
+
+HttpUrl = Annotated[str, BeforeValidator(lambda v: _http_url(v) if isinstance(v, str) else v)]
+
+
+class WebhookIntegrationSpec(_Model):
+    """A signed webhook tells a consumer a new version exists (and, if asked, carries the secret)."""
+
+    kind: Literal["webhook"]
+    url: HttpUrl
+    signing_secret: SecretRefOnly
+    include_secret: bool = False
+    health_url: Optional[HttpUrl] = None
+    timeout: Duration = timedelta(seconds=10)
+
+
+class VaultCopyIntegrationSpec(_Model):
+    """Writes a copy of the secret to another Vault mount/path (an application's own copy)."""
+
+    kind: Literal["vault_copy"]
+    mount: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: TemplateStr
+    field: Optional[str] = None   # None: the key's own field name
+
+
+IntegrationSpec = Annotated[Union[WebhookIntegrationSpec, VaultCopyIntegrationSpec], Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------- notifications
+def _url_tag(value: Any) -> str:
+    return "literal" if isinstance(value, str) else "ref"
+
+
+class NotificationSpec(_Model):
+    """Where run outcomes are announced. A Slack webhook URL is itself a secret: use a reference."""
+
+    kind: Literal["slack", "webhook"]
+    url: Annotated[Union[Annotated[HttpUrl, Tag("literal")], Annotated[SecretRef, Tag("ref")]], Discriminator(_url_tag)]
+    signing_secret: Optional[SecretRefOnly] = None
+    events: list[Literal["started", "succeeded", "failed", "rolled_back", "needs_attention", "reminder"]] = Field(
+        default_factory=lambda: list(NOTIFICATION_EVENTS)
+    )
+
+    def wants(self, event: str) -> bool:
+        return event in self.events
+
+
+# --------------------------------------------------------------------------- policies and keys
+DEFAULT_EXPIRY_LEAD_TIME = timedelta(days=7)
+DEFAULT_GRACE_PERIOD = timedelta(hours=1)
+
+
+class PolicySpec(_Model):
+    expiry_lead_time: Duration = DEFAULT_EXPIRY_LEAD_TIME
+    max_age: Optional[Duration] = None
+    grace_period: Duration = DEFAULT_GRACE_PERIOD
+
+    @field_validator("max_age")
+    @classmethod
+    def _max_age(cls, value: Optional[timedelta]) -> Optional[timedelta]:
+        return None if value is None else _positive(value)
+
+
+class ResolvedPolicy(_Model):
+    """A key's effective timings: its policy with the key's own overrides applied."""
+
+    expiry_lead_time: timedelta
+    max_age: Optional[timedelta]
+    grace_period: timedelta
+
+
+class VaultLocation(_Model):
+    mount: str = Field("secret", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+    field: str = Field("api_key", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)*$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+KeyName = Annotated[str, Field(pattern=KEY_NAME_PATTERN, max_length=200)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=128)]
+
+
+class KeySpec(_Model):
+    provider: str
+    credential_type: str
+    owner: str = Field(min_length=1, max_length=200)
+    vault: VaultLocation
+    policy: Optional[str] = None
+    expiry_lead_time: Optional[Duration] = None
+    max_age: Optional[Duration] = None
+    grace_period: Optional[Duration] = None
+    integrations: list[str] = Field(default_factory=list)
+    labels: dict[str, Annotated[str, BeforeValidator(_stringify_scalar)]] = Field(default_factory=dict)
+    expires_at: Optional[AwareDatetime] = None
+    enabled: bool = True
+
+    @field_validator("integrations")
+    @classmethod
+    def _unique(cls, names: list[str]) -> list[str]:
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise PydanticCustomError("duplicate", "listed more than once: {names}", {"names": ", ".join(duplicates)})
+        return names
+
+    def resolved(self, policy: PolicySpec | None) -> ResolvedPolicy:
+        base = policy or PolicySpec()
+        return ResolvedPolicy(
+            expiry_lead_time=self.expiry_lead_time if self.expiry_lead_time is not None else base.expiry_lead_time,
+            max_age=self.max_age if self.max_age is not None else base.max_age,
+            grace_period=self.grace_period if self.grace_period is not None else base.grace_period,
+        )
+
+
+# --------------------------------------------------------------------------- the document
+class Inventory(_Model):
+    version: Literal[1]
+    policies: dict[Name, PolicySpec] = Field(default_factory=dict)
+    providers: dict[Name, ProviderSpec] = Field(default_factory=dict)
+    integrations: dict[Name, IntegrationSpec] = Field(default_factory=dict)
+    notifications: list[NotificationSpec] = Field(default_factory=list)
+    keys: dict[KeyName, KeySpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references(self) -> "Inventory":
+        _raise(reference_problems(self.model_dump(mode="json", by_alias=True)), self)
+        return self
+
+    def policy_for(self, key: KeySpec) -> ResolvedPolicy:
+        return key.resolved(self.policies.get(key.policy) if key.policy else None)
+
+    def credential_type_for(self, key: KeySpec) -> CredentialTypeSpec | None:
+        provider = self.providers.get(key.provider)
+        return provider.credential_types.get(key.credential_type) if provider else None
+
+    def summary(self) -> str:
+        return f"{len(self.providers)} providers, {len(self.keys)} keys, {len(self.integrations)} integrations"
+
+
+def _raise(problems: list[tuple[tuple[str | int, ...], str]], value: Any) -> None:
+    if problems:
+        raise ValidationError.from_exception_data(
+            type(value).__name__,
+            [InitErrorDetails(type=PydanticCustomError("reference", msg), loc=loc, input=None) for loc, msg in problems],
+        )
+
+
+def reference_problems(data: Any) -> list[tuple[tuple[str | int, ...], str]]:
+    """Broken cross-references in an inventory given as plain data; tolerant of malformed parts.
+
+    Returns ``(location, message)`` pairs; the location is a path into ``data``.
+    """
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    if not isinstance(data, Mapping):
+        return problems
+
+    def section(name: str) -> Mapping[str, Any]:
+        value = data.get(name)
+        return value if isinstance(value, Mapping) else {}
+
+    providers, integrations, policies, keys = section("providers"), section("integrations"), section("policies"), section("keys")
+
+    for pname, provider in providers.items():
+        types = provider.get("credential_types") if isinstance(provider, Mapping) else None
+        if not isinstance(types, Mapping):
+            continue
+        for tname, tspec in types.items():
+            replacement = tspec.get("replacement") if isinstance(tspec, Mapping) else None
+            if isinstance(replacement, str):
+                if replacement not in types:
+                    problems.append(((("providers", pname, "credential_types", tname, "replacement")),
+                                     f"unknown credential type {replacement!r} of provider {pname!r} (known: {_known(types)})"))
+                elif replacement == tname:
+                    problems.append((("providers", pname, "credential_types", tname, "replacement"), "a credential type cannot replace itself"))
+            deprecation = tspec.get("deprecation") if isinstance(tspec, Mapping) else None
+            if isinstance(deprecation, list) and not replacement and any(
+                isinstance(p, Mapping) and p.get("phase") in CUTOFF_PHASES for p in deprecation
+            ):
+                problems.append((("providers", pname, "credential_types", tname),
+                                 "a credential type with an amnesty or rejected phase needs a 'replacement' type to rotate to"))
+
+    for kname, key in keys.items():
+        if not isinstance(key, Mapping):
+            continue
+        pname = key.get("provider")
+        provider = providers.get(pname) if isinstance(pname, str) else None
+        if isinstance(pname, str) and pname not in providers:
+            problems.append((("keys", kname, "provider"), f"unknown provider {pname!r} (known: {_known(providers)})"))
+        ctype = key.get("credential_type")
+        if isinstance(provider, Mapping) and isinstance(ctype, str):
+            types = provider.get("credential_types")
+            if isinstance(types, Mapping) and ctype not in types:
+                problems.append((("keys", kname, "credential_type"), f"provider {pname!r} has no credential type {ctype!r} (known: {_known(types)})"))
+        policy = key.get("policy")
+        if isinstance(policy, str) and policy not in policies:
+            problems.append((("keys", kname, "policy"), f"unknown policy {policy!r} (known: {_known(policies)})"))
+        used = key.get("integrations")
+        if isinstance(used, list):
+            for index, iname in enumerate(used):
+                if isinstance(iname, str) and iname not in integrations:
+                    problems.append((("keys", kname, "integrations", index), f"unknown integration {iname!r} (known: {_known(integrations)})"))
+    return problems
+
+
+def _known(names: Iterable[str]) -> str:
+    listed = sorted(str(n) for n in names)
+    return ", ".join(listed) if listed else "none declared"
