@@ -51,7 +51,10 @@ def _register() -> None:
 def main(argv: list[str] | None = None) -> int:
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode, click *returns* the code of a `raise typer.Exit(n)` instead of raising.
+        result = app(args=argv, standalone_mode=False)
+        if isinstance(result, int):
+            return result
     except ConfigError as exc:
         typer.echo(f"keyrotor: error: {exc}", err=True)
         return 2

@@ -1,0 +1,187 @@
+"""Commands that act through the pipeline: ``rotate`` (one key, or every key of a provider in an
+emergency) and ``deposit`` (assisted mode: hand over a value a person created in a vendor's UI).
+
+The CLI is just another producer: it records the request in the database (idempotently, one open
+run per key) and enqueues the run's first step; the workers do the rest.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+import time
+from enum import Enum
+from typing import Any, Optional
+
+import typer
+
+from worker.cli.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, cli_settings, fail, open_database, operator
+from worker.cli.follow import STOP_STATES, AuditFollower, run_states, state_of
+from worker.cli.output import print_json
+from worker.db.models import ManagedKey, RunState
+from worker.db.session import session_scope
+from worker.secret import Secret
+
+
+class WaitUntil(str, Enum):
+    completed = "completed"   # the old key is retired (after the grace period)
+    verified = "verified"     # the new key is served and verified; retirement follows the grace period
+
+
+_SUCCESS = {
+    WaitUntil.completed: {RunState.completed.value},
+    WaitUntil.verified: {RunState.verified.value, RunState.retired.value, RunState.completed.value},
+}
+
+
+def rotate(
+    key: Optional[str] = typer.Argument(None, help="Managed key to rotate (omit with --provider P --all)."),
+    reason: str = typer.Option("manual", "--reason", help="Why (recorded in the audit trail)."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the run until it ends; exit 1 if it did not succeed."),
+    until: WaitUntil = typer.Option(WaitUntil.completed, "--until", help="With --wait: stop at this state."),
+    timeout: float = typer.Option(900.0, "--timeout", min=1, help="With --wait: give up after this many seconds (exit 3)."),
+    provider: Optional[str] = typer.Option(None, "--provider", help="With --all: the provider whose keys to rotate."),
+    all_keys: bool = typer.Option(False, "--all", help="Every enabled key of --provider."),
+    emergency: bool = typer.Option(False, "--emergency", help="No grace period: revoke old keys as soon as the new ones verify."),
+    idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key", help="Same value → same run (safe to repeat)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document; no narration."),
+) -> None:
+    """Request a rotation now (and optionally wait for it)."""
+    if all_keys or provider:
+        if key:
+            fail("give either KEY or --provider P --all, not both")
+        if not (provider and all_keys):
+            fail("rotating a whole provider needs both --provider P and --all")
+        if not emergency:
+            fail("--provider P --all rotates every key with no grace period; add --emergency to confirm")
+    elif not key:
+        fail("which key? give KEY, or --provider P --all --emergency; see `keyrotor status`")
+
+    settings = cli_settings()
+    engine = open_database(settings)
+    from worker.pipeline.broker import setup_broker
+
+    setup_broker(settings)
+    from worker.pipeline.requests import enqueue_run, request_rotation
+
+    requested_by = operator()
+    with session_scope(engine) as session:
+        if key:
+            if session.exec(_key_query(key)).first() is None:
+                fail(f"no managed key named {key!r}; see `keyrotor status`")
+            run, created = request_rotation(
+                session, key_name=key, reason=reason, trigger="emergency" if emergency else "manual",
+                requested_by=requested_by, idempotency_key=idempotency_key, emergency=emergency)
+            runs = [(run, created)]
+        else:
+            from jobs.emergency import request_provider_rotation
+
+            provider_runs = request_provider_rotation(session, provider=provider or "", requested_by=requested_by,
+                                                      reason=reason if reason != "manual" else "breach")
+            if not provider_runs:
+                fail(f"provider {provider!r} has no enabled keys; see `keyrotor status`")
+            runs = [(run, True) for run in provider_runs]
+        names = _key_names(session, [r.key_id for r, _ in runs])
+        summary = [{"run_id": r.id, "key": names.get(r.key_id), "state": state_of(r), "created": c} for r, c in runs]
+    for run, created in runs:
+        if created:  # a joined run is already on its way; the reconciler re-enqueues stuck ones
+            enqueue_run(run)
+
+    if not json_out:
+        for item in summary:
+            verb = "requested" if item["created"] else "joined open run"
+            typer.echo(f"{item['key']}: {verb} {item['run_id']} ({item['state']})")
+    if not wait:
+        if json_out:
+            print_json({"runs": summary})
+        return
+    code = _wait(engine, summary, until=until, timeout=timeout, narrate=not json_out)
+    if json_out:
+        print_json({"runs": summary, "exit_code": code})
+    raise typer.Exit(code)
+
+
+def _wait(engine: Any, summary: list[dict[str, Any]], *, until: WaitUntil, timeout: float, narrate: bool,
+          interval: float = 0.5) -> int:
+    """Poll until every run is in a stop state (or ``until`` reached); narrate state changes."""
+    ids = {item["run_id"] for item in summary}
+    follower = AuditFollower(engine, run_ids=ids)
+    deadline = time.monotonic() + timeout
+    while True:
+        for change in follower.poll():
+            if narrate and (change.from_state or change.to_state or change.event != "state_changed"):
+                typer.echo(change.line())
+        states = {rid: state_of(r) for rid, r in run_states(engine, ids).items()}
+        for item in summary:
+            item["state"] = states.get(item["run_id"], item["state"])
+        done = [s in STOP_STATES or s in _SUCCESS[until] for s in states.values()]
+        if states and all(done):
+            ok = all(s in _SUCCESS[until] for s in states.values())
+            if narrate:
+                typer.echo("done: " + ", ".join(f"{i['key']} {i['state']}" for i in summary))
+            return EXIT_OK if ok else EXIT_FAILED
+        if time.monotonic() >= deadline:
+            if narrate:
+                typer.echo("timed out waiting: " + ", ".join(f"{i['key']} {i['state']}" for i in summary), err=True)
+            return EXIT_TIMEOUT
+        time.sleep(interval)
+
+
+def _key_query(name: str):  # type: ignore[no-untyped-def]
+    from sqlmodel import select
+
+    return select(ManagedKey).where(ManagedKey.name == name)
+
+
+def _key_names(session: Any, key_ids: list[int]) -> dict[int, str]:
+    from sqlmodel import col, select
+
+    rows = session.exec(select(ManagedKey).where(col(ManagedKey.id).in_(key_ids))).all()
+    return {k.id: k.name for k in rows}
+
+
+def read_deposit_secret(prompt: str) -> Secret:
+    """The new value from stdin (piped) or a prompt with no echo — never from argv (``ps`` shows it)."""
+    if sys.stdin is not None and not sys.stdin.isatty():
+        value = sys.stdin.read().strip()
+    else:
+        value = getpass.getpass(prompt).strip()
+    if not value:
+        fail("no secret given: pipe it on stdin or type it at the prompt")
+    return Secret(value)
+
+
+def deposit(
+    run_id: str = typer.Argument(..., help="The run waiting for a deposit (see `keyrotor runs --state awaiting_deposit`)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Assisted mode: hand over the new credential for a run (read from stdin or a hidden prompt)."""
+    from worker.db.models import RotationRun
+
+    settings = cli_settings()
+    engine = open_database(settings)
+    with session_scope(engine) as session:
+        run = session.get(RotationRun, run_id)
+        if run is None:
+            fail(f"no run {run_id!r}; see `keyrotor runs --state awaiting_deposit`")
+        if state_of(run) != RunState.awaiting_deposit.value:
+            fail(f"run {run_id} is {state_of(run)}, not awaiting_deposit; nothing to deposit")
+        key_name = _key_names(session, [run.key_id]).get(run.key_id, "?")
+    secret = read_deposit_secret(f"New credential for {key_name} (input hidden): ")
+    from worker.pipeline.broker import setup_broker
+
+    setup_broker(settings)
+    from worker.pipeline.deposit import deposit as pipeline_deposit
+
+    result = pipeline_deposit(run_id=run_id, secret=secret, deposited_by=operator())
+    doc = {"run_id": run_id, "key": key_name, "fingerprint": secret.fingerprint, "result": str(result) if result is not None else None}
+    if json_out:
+        print_json(doc)
+    else:
+        typer.echo(f"{key_name}: deposited credential {secret.fingerprint} for run {run_id}; the run continues")
+    raise typer.Exit(EXIT_OK)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("rotate")(rotate)
+    app.command("deposit")(deposit)

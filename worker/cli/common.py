@@ -1,0 +1,66 @@
+"""What every operator command needs: settings, logging to stderr, a migrated database, and
+user errors that print one line and exit with a meaningful code (no traceback).
+
+Exit codes (all operator commands):
+    0 ok · 1 the operation failed · 2 usage or configuration error · 3 timed out waiting
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from typing import NoReturn
+
+import typer
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from worker.db.migrate import upgrade
+from worker.db.models import ManagedKey
+from worker.db.session import engine_for
+from worker.log import configure_logging
+from worker.settings import Settings, get_settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print ``keyrotor: error: MESSAGE`` on stderr and exit with ``code``."""
+    typer.echo(f"keyrotor: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def cli_settings() -> Settings:
+    """Settings, with logs sent to stderr so stdout carries only tables or one JSON document."""
+    settings = get_settings()
+    # An operator at a terminal wants the answer, not the service's INFO chatter: warnings and up
+    # unless KEYROTOR_LOG_LEVEL asks for more.
+    level = settings.log_level if "KEYROTOR_LOG_LEVEL" in os.environ else "WARNING"
+    configure_logging(level, settings.log_format, stream=sys.stderr)
+    return settings
+
+
+def open_database(settings: Settings) -> Engine:
+    """The engine for KEYROTOR_DATABASE_URL, migrated to head first (cheap when up to date)."""
+    upgrade(settings.database_url)
+    return engine_for(settings.database_url)
+
+
+def find_key(session: Session, name: str) -> ManagedKey:
+    key = session.exec(select(ManagedKey).where(ManagedKey.name == name)).first()
+    if key is None:
+        fail(f"no managed key named {name!r}; see `keyrotor status`")
+    return key
+
+
+def operator() -> str:
+    """Who is at the keyboard, for the audit trail (``cli:<user>``)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry in a container
+        user = os.environ.get("USER") or f"uid{os.getuid()}"
+    return f"cli:{user}"
