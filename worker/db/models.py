@@ -182,3 +182,20 @@ class AuditEvent(SQLModel, table=True):
     from_state: Optional[str] = Field(default=None, max_length=24)
     to_state: Optional[str] = Field(default=None, max_length=24)
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class InventorySnapshot(SQLModel, table=True):
+    """The inventory document as applied (normalised JSON: references only, never a secret).
+
+    One row per distinct document applied; the newest row is the inventory in force (notifications
+    read their sinks from it, and ``config apply`` compares against it).
+    """
+
+    __tablename__ = "inventory_snapshot"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    applied_at: Optional[datetime] = _ts(nullable=False, index=True)
+    applied_by: str = Field(max_length=200)
+    digest: str = Field(max_length=64, index=True)   # sha256 of the normalised document
+    source: Optional[str] = Field(default=None, max_length=500)
+    document: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
