@@ -1,0 +1,51 @@
+"""Building the hvac client: TLS, namespace, timeout, and an adapter that keeps status + Retry-After.
+
+hvac's exceptions drop the response headers and map unknown statuses (e.g. 504, 412) to
+``UnexpectedError``; our adapter records the real status and a parsed ``Retry-After`` on the
+exception so the error mapping and the retry loop can use them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hvac
+import hvac.exceptions as hvac_exc
+import requests
+from hvac.adapters import JSONAdapter
+
+from worker.retry import parse_retry_after
+
+
+class KeyrotorAdapter(JSONAdapter):
+    """hvac's JSON adapter, plus ``keyrotor_status`` and ``keyrotor_retry_after`` on raised errors."""
+
+    def _raise_for_error(self, method: str, url: str, response: requests.Response) -> None:
+        try:
+            super()._raise_for_error(method, url, response)
+        except hvac_exc.VaultError as exc:
+            exc.keyrotor_status = response.status_code  # type: ignore[attr-defined]
+            exc.keyrotor_retry_after = parse_retry_after(response.headers.get("Retry-After"))  # type: ignore[attr-defined]
+            raise
+
+
+def build_client(
+    addr: str,
+    *,
+    token: str | None = None,
+    namespace: str | None = None,
+    cacert: Path | str | None = None,
+    timeout: float = 10.0,
+    session: requests.Session | None = None,
+) -> hvac.Client:
+    """An hvac client for ``addr``; ``cacert`` verifies TLS with that bundle, else system CAs."""
+    verify: bool | str = str(cacert) if cacert else True
+    return hvac.Client(
+        url=addr,
+        token=token,
+        namespace=namespace or None,
+        verify=verify,
+        timeout=timeout,  # type: ignore[arg-type]  # requests accepts floats
+        session=session,
+        adapter=KeyrotorAdapter,
+    )
