@@ -1,7 +1,89 @@
-"""Placeholder: filled in by its issue. Commands here say plainly they are not built yet."""
+"""``keyrotor config check FILE`` and ``keyrotor config apply FILE [--prune] [--dry-run]``.
+
+``check`` prints every problem as ``FILE:LINE: field.path: message`` and exits 2; it never shows
+a traceback. ``apply`` migrates the database to head, then syncs the inventory into it.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
 
+from worker.inventory.loader import InventoryError, check_file, problems_json
+
 app = typer.Typer(no_args_is_help=True)
+
+EXIT_INVALID = 2
+
+
+@app.command("check")
+def check(
+    file: Path = typer.Argument(..., help="Inventory YAML file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Validate an inventory file; print each problem with its FILE:LINE and field path."""
+    inventory, problems = check_file(file)
+    if as_json:
+        typer.echo(json.dumps({
+            "ok": not problems,
+            "file": str(file),
+            "summary": inventory.summary() if inventory else None,
+            "problems": json.loads(problems_json(problems)),
+        }, indent=2))
+    elif problems:
+        for problem in problems:
+            typer.echo(problem.format(), err=True)
+        typer.echo(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {file}", err=True)
+    else:
+        assert inventory is not None
+        typer.echo(f"ok: {inventory.summary()}")
+    if problems:
+        raise typer.Exit(EXIT_INVALID)
+
+
+@app.command("apply")
+def apply(
+    file: Path = typer.Argument(..., help="Inventory YAML file."),
+    prune: bool = typer.Option(False, "--prune", help="Delete providers, integrations and keys that are no longer declared."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Sync the inventory into the database (idempotent; removes nothing without --prune)."""
+    from worker.db.migrate import upgrade
+    from worker.db.session import make_engine, session_scope
+    from worker.inventory.apply import apply_inventory, default_actor
+    from worker.settings import get_settings
+
+    inventory, problems = check_file(file)
+    if problems or inventory is None:
+        for problem in problems:
+            typer.echo(problem.format(), err=True)
+        typer.echo(f"not applied: {len(problems)} problem{'s' if len(problems) != 1 else ''} in {file}", err=True)
+        raise typer.Exit(EXIT_INVALID)
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(engine) as session:
+            report = apply_inventory(session, inventory, prune=prune, dry_run=dry_run,
+                                     actor=default_actor(), source=str(file))
+            if dry_run:
+                session.rollback()
+    finally:
+        engine.dispose()
+
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    prefix = "dry run: " if dry_run else ""
+    typer.echo(f"{prefix}applied {file} ({inventory.summary()})" if not dry_run else f"{prefix}{file} ({inventory.summary()})")
+    for name, fields in sorted(report.updated_fields.items()):
+        typer.echo(f"  updated {name}: {', '.join(fields)}")
+    for line in report.summary_lines():
+        typer.echo(line)
+
+
+__all__ = ["app", "InventoryError"]
