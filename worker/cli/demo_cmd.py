@@ -1,9 +1,24 @@
-"""Placeholder until the pipeline lands: rotate, status, history, runs, worker, deposit."""
+"""``keyrotor demo`` (what ``make demo`` runs): the whole rotation story on embedded defaults."""
 
 from __future__ import annotations
 
 import typer
 
 
+def demo(
+    keep: bool = typer.Option(False, "--keep", help="Leave the stand-ins and the temp dir up until Ctrl-C."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document (runs, checks) instead of narrating."),
+) -> None:
+    """Apply a demo inventory, rotate its keys end to end (one rolled back on purpose), check the invariants.
+
+    Uses SQLite in a temp dir, the Vault stand-in (or a real Vault when VAULT_ADDR is set), the
+    provider and consumer stand-ins on free ports, and an in-process broker (Redis when
+    KEYROTOR_REDIS_URL is set and answers). Exits 0 only if every invariant held.
+    """
+    from worker.demo.scenario import run_demo
+
+    raise typer.Exit(run_demo(keep=keep, json_out=json_out))
+
+
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("demo")(demo)

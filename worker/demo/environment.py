@@ -1,0 +1,226 @@
+"""The embedded world `keyrotor demo` runs in: a temp dir with a SQLite file, stand-ins on free
+ports (Vault unless VAULT_ADDR is set, the provider, the consumer), and an in-process Dramatiq
+worker (StubBroker, or Redis when KEYROTOR_REDIS_URL answers).
+
+The demo configures keyrotor exactly as an operator would — through KEYROTOR_* environment
+variables read by ``get_settings()`` — so the pipeline runs its production code paths.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, TextIO
+from urllib.parse import urlparse
+
+from sqlalchemy.engine import Engine
+
+from worker.db.migrate import upgrade
+from worker.db.session import engine_for
+from worker.log import configure_logging
+from worker.settings import get_settings
+
+#: Environment the demo sets for its own process (restored on exit).
+DEMO_ENV = (
+    "KEYROTOR_DATABASE_URL", "VAULT_ADDR", "VAULT_TOKEN", "KEYROTOR_VAULT_MOUNT", "KEYROTOR_QUEUE_NAMESPACE",
+    "KEYROTOR_METRICS_PORT", "KEYROTOR_DEMO_PROVIDER_ADMIN_TOKEN", "KEYROTOR_DEMO_WEBHOOK_SECRET",
+)
+
+
+def redis_reachable(url: str, timeout: float = 0.5) -> bool:
+    """True when something answers PING at ``url`` (the demo then uses the Redis broker)."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=timeout):
+            pass
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+@dataclass
+class DemoEnvironment:
+    workdir: Path
+    keep_workdir: bool
+    database_url: str
+    db_path: Path
+    log_path: Path
+    vault_url: str
+    vault_real: bool
+    vault_mount: str
+    provider: Any                 # worker.sandbox.provider.ProviderHandle
+    webhook_secret: str
+    broker_kind: str              # "stub" | "redis"
+    queue_namespace: str
+    engine: Engine
+    stack: ExitStack
+    vault_store: Any = None       # worker.vault.store.VaultStore
+    consumers: dict[str, Any] = field(default_factory=dict)   # integration name → consumer handle
+    worker: Any = None            # the in-process Dramatiq worker
+    _saved_env: dict[str, Optional[str]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def start(cls, *, keep: bool, log_stream: Optional[TextIO] = None, grace_s: int = 2,
+              activation_delay_s: float = 1.0) -> "DemoEnvironment":
+        stack = ExitStack()
+        try:
+            return cls._start(stack, keep=keep, log_stream=log_stream, activation_delay_s=activation_delay_s)
+        except BaseException:
+            stack.close()
+            raise
+
+    @classmethod
+    def _start(cls, stack: ExitStack, *, keep: bool, log_stream: Optional[TextIO], activation_delay_s: float) -> "DemoEnvironment":
+        saved = {name: os.environ.get(name) for name in DEMO_ENV}
+        stack.callback(_restore_env, saved)
+        stack.callback(get_settings.cache_clear)
+
+        workdir = Path(tempfile.mkdtemp(prefix="keyrotor-demo-"))
+        if not keep:
+            stack.callback(shutil.rmtree, workdir, True)
+        db_path = workdir / "keyrotor.db"
+        log_path = workdir / "keyrotor.log"
+        log_file = stack.enter_context(open(log_path, "w", encoding="utf-8"))
+        # Every log line of the service goes to a file the leak check scans afterwards.
+        configure_logging("INFO", "json", stream=log_stream or log_file)
+
+        # Vault: a real one when VAULT_ADDR is set, else the stand-in; a fresh KV v2 mount either way.
+        vault_real = bool(os.environ.get("VAULT_ADDR"))
+        if vault_real:
+            vault_url = os.environ["VAULT_ADDR"].rstrip("/")
+            vault_token = os.environ.get("VAULT_TOKEN") or ""
+            if not vault_token:
+                from worker.errors import ConfigError
+
+                raise ConfigError("VAULT_ADDR is set but VAULT_TOKEN is not; the demo needs a token that can enable a KV mount")
+        else:
+            from worker.sandbox.vault.server import start_in_thread
+
+            vault_token = f"demo-root-{secrets.token_hex(12)}"
+            vault = start_in_thread(host="127.0.0.1", port=0, root_token=vault_token)
+            stack.callback(vault.stop)
+            vault_url = vault.url
+        vault_mount = f"kr-demo-{uuid.uuid4().hex[:8]}"
+        _enable_kv2(vault_url, vault_token, vault_mount)
+        if vault_real or keep:
+            pass  # a kept stand-in keeps its data; a real Vault's mount is disabled below
+        if vault_real:
+            stack.callback(_disable_mount, vault_url, vault_token, vault_mount)
+
+        from worker.sandbox.provider import start_provider_in_thread
+
+        provider = start_provider_in_thread(host="127.0.0.1", port=0, activation_delay=activation_delay_s)
+        stack.callback(provider.stop)
+
+        settings_url = os.environ.get("KEYROTOR_REDIS_URL") or get_settings().redis_url
+        broker_kind = "redis" if os.environ.get("KEYROTOR_REDIS_URL") and redis_reachable(settings_url) else "stub"
+        queue_namespace = f"keyrotor-demo-{uuid.uuid4().hex[:8]}"
+        webhook_secret = secrets.token_urlsafe(24)
+
+        database_url = f"sqlite:///{db_path}"
+        os.environ.update({
+            "KEYROTOR_DATABASE_URL": database_url,
+            "VAULT_ADDR": vault_url,
+            "VAULT_TOKEN": vault_token,
+            "KEYROTOR_VAULT_MOUNT": vault_mount,
+            "KEYROTOR_QUEUE_NAMESPACE": queue_namespace,
+            "KEYROTOR_METRICS_PORT": "0",
+            "KEYROTOR_DEMO_PROVIDER_ADMIN_TOKEN": provider.admin_token,
+            "KEYROTOR_DEMO_WEBHOOK_SECRET": webhook_secret,
+        })
+        get_settings.cache_clear()
+        upgrade(database_url)
+        engine = engine_for(database_url)
+        stack.callback(engine.dispose)
+
+        from worker.vault.store import VaultStore
+
+        env = cls(
+            workdir=workdir, keep_workdir=keep, database_url=database_url, db_path=db_path, log_path=log_path,
+            vault_url=vault_url, vault_real=vault_real, vault_mount=vault_mount, provider=provider,
+            webhook_secret=webhook_secret, broker_kind=broker_kind, queue_namespace=queue_namespace,
+            engine=engine, stack=stack, vault_store=VaultStore.from_settings(get_settings()), _saved_env=saved,
+        )
+        if broker_kind == "redis":
+            stack.callback(_delete_namespace, settings_url, queue_namespace)
+        return env
+
+    def start_consumer(self, integration: str, *, key_path: str, key_field: str, probe_interval_s: float = 0.2) -> Any:
+        """A consumer stand-in that reads its key from Vault and probes the provider with it."""
+        from worker.sandbox.consumer import start_consumer_in_thread
+
+        consumer = start_consumer_in_thread(
+            host="127.0.0.1", port=0, vault_addr=self.vault_url, vault_token=os.environ["VAULT_TOKEN"],
+            mount=self.vault_mount, path=key_path, field=key_field, probe_url=f"{self.provider.url}/api/user/me",
+            signing_secret=self.webhook_secret, probe_interval=probe_interval_s,
+        )
+        self.stack.callback(consumer.stop)
+        self.consumers[integration] = consumer
+        return consumer
+
+    def start_worker(self, *, threads: int = 4) -> None:
+        """The pipeline's in-process Dramatiq worker on the demo's broker."""
+        from worker.pipeline.broker import start_inprocess_worker
+
+        self.worker = start_inprocess_worker(
+            broker="redis" if self.broker_kind == "redis" else "stub", threads=threads,
+            namespace=self.queue_namespace)
+        self.stack.callback(self.worker.stop)
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def files_to_scan(self) -> list[Path]:
+        return [self.db_path, Path(f"{self.db_path}-wal"), Path(f"{self.db_path}-shm"), self.log_path]
+
+
+def _enable_kv2(url: str, token: str, mount: str) -> None:
+    import hvac
+
+    client = hvac.Client(url=url, token=token, timeout=10)
+    client.sys.enable_secrets_engine("kv", path=mount, options={"version": "2"})
+
+
+def _disable_mount(url: str, token: str, mount: str) -> None:
+    import hvac
+
+    try:
+        hvac.Client(url=url, token=token, timeout=10).sys.disable_secrets_engine(mount)
+    except Exception:  # best effort: a leftover demo mount is harmless and named as such
+        pass
+
+
+def _delete_namespace(url: str, namespace: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for key in client.scan_iter(match=f"{namespace}*", count=500):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+def _restore_env(saved: dict[str, Optional[str]]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+Callback = Callable[[], None]
