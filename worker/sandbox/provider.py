@@ -440,3 +440,29 @@ def run_provider_forever(*, host: str, port: int, admin_token: str | None, activ
     """Foreground server for ``keyrotor sandbox provider``; ``ready(url, admin_token)`` once bound."""
     state = _state(admin_token, activation_delay, rate_limit, key_ttl, cutover, None, DEFAULT_AMNESTY_HEADER)
     serve_until_signalled(ProviderApp(state), host, port, lambda handle: ready(handle.url, state.admin_token))
+
+
+def standin_provider_spec(base_url: str, *, admin_token_ref: dict[str, str], mode: str = "overlap",
+                          rate_limit: dict[str, Any] | None = None, credential_types: dict[str, Any] | None = None,
+                          activation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The inventory entry (plain data, as in the YAML) that drives this stand-in with the generic
+    HTTP provider; the demo and the tests use it so both exercise the same calls as ``alloy``."""
+    return {
+        "kind": "http",
+        "mode": mode,
+        "base_url": base_url,
+        "rate_limit": rate_limit or {"requests": 50, "per": "1s"},
+        "auth": {"type": "bearer", "token": admin_token_ref},
+        "activation": activation or {"poll_interval": "1s", "timeout": "30s"},
+        "status_codes": {"deprecated": [434]},
+        "credential_types": credential_types or {"api_key": {}},
+        "calls": {
+            "issue": {"method": "POST", "url": "{base_url}/api/api-key",
+                      "body": {"name": "{key_name}", "credentialType": "{credential_type}"},
+                      "response": {"secret": "$.apiKey", "key_id": "$.id", "expires_at": "$.expiresAt"}},
+            "verify": {"method": "GET", "url": "{base_url}/api/user/me", "auth": {"type": "bearer", "token": "{secret}"}},
+            "revoke": {"method": "DELETE", "url": "{base_url}/api/api-key/{key_id}"},
+            "list": {"method": "GET", "url": "{base_url}/api/api-key",
+                     "response": {"items": "$.keys", "key_id": "$.id", "name": "$.name", "created_at": "$.createdAt"}},
+        },
+    }
