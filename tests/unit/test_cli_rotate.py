@@ -1,0 +1,137 @@
+"""`keyrotor rotate / deposit`: argument checks, --wait outcomes and exit codes, secret input."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from worker.cli.act_cmds import WaitUntil, _wait, read_deposit_secret
+from worker.cli.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
+from worker.cli.main import main
+from worker.db.migrate import upgrade
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.session import make_engine, session_scope
+from worker.settings import get_settings
+
+
+@pytest.fixture
+def engine(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path}/rotate.db"
+    monkeypatch.setenv("KEYROTOR_DATABASE_URL", url)
+    get_settings.cache_clear()
+    upgrade(url)
+    eng = make_engine(url)
+    with session_scope(eng) as s:
+        s.add(ProviderRecord(name="alloy", kind="http", spec={}))
+        s.flush()
+        s.add(ManagedKey(name="alloy/a", provider="alloy", credential_type="api_key", owner="o", vault_path="a"))
+        s.flush()
+        s.add(RotationRun(id="r1", key_id=1, state=RunState.requested, trigger="manual", requested_by="cli:t",
+                          created_at=datetime.now(timezone.utc)))
+    yield eng
+    eng.dispose()
+    get_settings.cache_clear()
+
+
+def _move(engine, states: list[str], delay: float = 0.05) -> threading.Thread:  # type: ignore[no-untyped-def]
+    """Play a run through ``states`` in the background, auditing each change like the pipeline does."""
+
+    def play() -> None:
+        prev = "requested"
+        for state in states:
+            time.sleep(delay)
+            with session_scope(engine) as s:
+                run = s.get(RotationRun, "r1")
+                run.state = RunState(state)
+                s.add(AuditEvent(at=datetime.now(timezone.utc), run_id="r1", key_id=1, actor="worker:t",
+                                 event="state_changed", from_state=prev, to_state=state,
+                                 detail={"fingerprint": "sha256:abcdef0123456789"}))
+            prev = state
+
+    thread = threading.Thread(target=play)
+    thread.start()
+    return thread
+
+
+def _summary() -> list[dict]:
+    return [{"run_id": "r1", "key": "alloy/a", "state": "requested", "created": True}]
+
+
+def test_wait_succeeds_on_completed_and_narrates_each_change(engine, capsys) -> None:  # type: ignore[no-untyped-def]
+    t = _move(engine, ["issued", "prechecked", "promoted", "propagated", "verified", "retired", "completed"], 0.01)
+    code = _wait(engine, _summary(), until=WaitUntil.completed, timeout=10, narrate=True, interval=0.02)
+    t.join()
+    out = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert "requested → issued" in out and "retired → completed" in out and "fingerprint=abcdef01" in out
+    assert out.count("→") == 7  # one line per state change, none missed even when faster than the poll
+
+
+@pytest.mark.parametrize("end", ["rolled_back", "failed", "needs_attention"])
+def test_wait_fails_when_the_run_did_not_succeed(engine, capsys, end) -> None:  # type: ignore[no-untyped-def]
+    t = _move(engine, ["issued", end])
+    code = _wait(engine, _summary(), until=WaitUntil.completed, timeout=10, narrate=False, interval=0.02)
+    t.join()
+    assert code == EXIT_FAILED
+    assert capsys.readouterr().out == ""
+
+
+def test_wait_until_verified_stops_before_the_grace_period(engine) -> None:  # type: ignore[no-untyped-def]
+    t = _move(engine, ["issued", "prechecked", "promoted", "propagated", "verified"])
+    code = _wait(engine, _summary(), until=WaitUntil.verified, timeout=10, narrate=False, interval=0.02)
+    t.join()
+    assert code == EXIT_OK
+
+
+def test_wait_times_out_with_exit_3(engine) -> None:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    code = _wait(engine, _summary(), until=WaitUntil.completed, timeout=0.2, narrate=False, interval=0.05)
+    assert code == EXIT_TIMEOUT and time.monotonic() - t0 < 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["rotate"], "which key?"),
+    (["rotate", "alloy/a", "--provider", "alloy", "--all"], "not both"),
+    (["rotate", "--all", "--emergency"], "needs both --provider P and --all"),
+    (["rotate", "--provider", "alloy", "--all"], "add --emergency to confirm"),
+])
+def test_rotate_usage_errors_exit_2(engine, capsys, argv, message) -> None:  # type: ignore[no-untyped-def]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_deposit_refuses_a_run_that_is_not_waiting(engine, capsys) -> None:  # type: ignore[no-untyped-def]
+    code = main(["deposit", "r1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not awaiting_deposit" in err
+    code = main(["deposit", "nope"])
+    assert code == 2 and "no run 'nope'" in capsys.readouterr().err
+
+
+def test_deposit_secret_comes_from_stdin_never_argv(monkeypatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("  pat_0123456789abcdef\n"))
+    secret = read_deposit_secret("prompt: ")
+    assert secret.reveal() == "pat_0123456789abcdef"
+    assert "pat_" not in repr(secret)
+
+
+def test_deposit_empty_input_is_a_usage_error(monkeypatch) -> None:
+    import typer
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    with pytest.raises(typer.Exit) as exc:
+        read_deposit_secret("prompt: ")
+    assert exc.value.exit_code == 2
+
+
+def test_json_helpers_render_enums_and_times() -> None:
+    from worker.cli.output import dumps
+
+    doc = json.loads(dumps({"s": RunState.verified, "t": datetime(2026, 1, 1, tzinfo=timezone.utc)}))
+    assert doc == {"s": "verified", "t": "2026-01-01T00:00:00Z"}
