@@ -1,9 +1,80 @@
-"""Placeholder until the pipeline lands: rotate, status, history, runs, worker, deposit."""
+"""``keyrotor scheduler`` (the long-running scheduler process) and ``keyrotor plan``."""
 
 from __future__ import annotations
 
+import signal
+from typing import Any, Optional
+
 import typer
+
+from worker.cli.common import cli_settings, open_database
+from worker.cli.output import iso, print_json, print_table, relative
+from worker.clock import utcnow
+from worker.db.session import session_scope
+
+
+def scheduler(
+    detection_interval: Optional[float] = typer.Option(None, "--detection-interval", help="Seconds between detection passes [KEYROTOR_SCHEDULER_DETECTION_INTERVAL_S]."),
+    reconcile_interval: Optional[float] = typer.Option(None, "--reconcile-interval", help="Seconds between stuck-run passes [KEYROTOR_SCHEDULER_RECONCILE_INTERVAL_S]."),
+    retirement_interval: Optional[float] = typer.Option(None, "--retirement-interval", help="Seconds between retirement passes [KEYROTOR_SCHEDULER_RETIREMENT_INTERVAL_S]."),
+    orphan_interval: Optional[float] = typer.Option(None, "--orphan-interval", help="Seconds between orphan scans [KEYROTOR_SCHEDULER_ORPHAN_INTERVAL_S]."),
+    reminder_interval: Optional[float] = typer.Option(None, "--reminder-interval", help="Seconds between reminder passes [KEYROTOR_SCHEDULER_REMINDER_INTERVAL_S]."),
+    lock_ttl: Optional[float] = typer.Option(None, "--lock-ttl", min=1, help="Leader lock TTL in seconds [KEYROTOR_SCHEDULER_LOCK_TTL_S]."),
+) -> None:
+    """Run the detection, reconciliation and retirement jobs; one scheduler acts at a time."""
+    import redis
+
+    from jobs.scheduler import KeyrotorScheduler, SchedulerConfig
+    from worker.log import configure_logging
+    from worker.metrics import start_metrics_server
+    from worker.pipeline.broker import setup_broker
+
+    settings = cli_settings()
+    configure_logging(settings.log_level, settings.log_format)  # a service: JSON lines on stdout
+    engine = open_database(settings)
+    setup_broker(settings)
+    config = SchedulerConfig.from_settings(
+        settings, detection_s=detection_interval, reconcile_s=reconcile_interval, retirement_s=retirement_interval,
+        orphans_s=orphan_interval, reminders_s=reminder_interval, lock_ttl_s=lock_ttl)
+    if settings.metrics_port:
+        start_metrics_server(settings.metrics_port)
+    sched = KeyrotorScheduler(engine, redis.Redis.from_url(settings.redis_url), config)
+
+    def _stop(signum: int, _frame: Any) -> None:
+        sched.shutdown(release=True)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    sched.start()
+    sched.wait()
+
+
+def plan(
+    days: float = typer.Option(30.0, "--days", min=0, help="How far ahead to look."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
+) -> None:
+    """What will rotate when, and why (expiry, age, deprecation), incl. keys a person must rotate."""
+    from jobs.plan import build_plan
+
+    settings = cli_settings()
+    engine = open_database(settings)
+    now = utcnow()
+    with session_scope(engine) as session:
+        items = build_plan(session, now=now, days=days)
+    if json_out:
+        print_json({"generated_at": now, "days": days, "items": [item.as_dict() for item in items]})
+        return
+    rows = []
+    for item in items:
+        when = "overdue" if item.overdue else relative(item.when, now)
+        what = item.action if item.target_credential_type == item.credential_type else f"{item.action} → {item.target_credential_type}"
+        if item.run_state:
+            what += f" ({item.run_state})"
+        rows.append([iso(item.when), when, item.key, item.provider, item.reason, what, item.note])
+    print_table(["when", "", "key", "provider", "why", "action", "note"], rows,
+                title=f"Rotations in the next {days:g} days", empty=f"Nothing rotates in the next {days:g} days.")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("scheduler")(scheduler)
+    app.command("plan")(plan)

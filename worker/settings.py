@@ -45,6 +45,23 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port for worker and scheduler (0 = off)")
 
+    # Scheduler (jobs/scheduler.py): intervals of the jobs, the leader lock, the reconciler's limits.
+    scheduler_detection_interval_s: float = Field(60.0, gt=0, description="How often due keys are looked for")
+    scheduler_reconcile_interval_s: float = Field(120.0, gt=0, description="How often stuck runs and orphans are looked for")
+    scheduler_retirement_interval_s: float = Field(60.0, gt=0, description="How often runs past their grace period are retired")
+    scheduler_orphan_interval_s: float = Field(900.0, gt=0, description="How often providers' key lists are scanned for orphans")
+    scheduler_reminder_interval_s: float = Field(3600.0, gt=0, description="How often reminders for keys rotated by a person are checked")
+    scheduler_lock_ttl_s: float = Field(30.0, ge=1, description="TTL of the scheduler's Redis leader lock (renewed every third of it)")
+    scheduler_lock_name: str = Field("keyrotor:scheduler:leader", description="Redis key of the leader lock")
+    scheduler_batch_size: int = Field(500, ge=1, description="Most keys one detection pass requests a rotation for")
+    reconcile_max_attempts: int = Field(5, ge=1, description="Re-enqueues of a stuck run before it goes to needs_attention")
+    reconcile_step_timeout_s: float = Field(900.0, gt=0, description="Deadline given to a step the reconciler re-enqueues")
+    orphan_min_age_s: float = Field(600.0, ge=0, description="A provider key named after a run is only revoked once this old")
+    reminder_lead_time_s: float = Field(14 * 86400.0, ge=0, description="Remind owners of manually rotated keys this long before due")
+    reminder_repeat_s: float = Field(86400.0, gt=0, description="Least time between two reminders for one key")
+    notify_timeout_s: float = Field(10.0, gt=0, description="Timeout of one notification delivery")
+    notify_attempts: int = Field(3, ge=1, le=10, description="Delivery attempts per notification sink")
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:

@@ -1,0 +1,61 @@
+"""Emergency rotation: every enabled key of a provider at once, no grace period (after a breach,
+as with Workfront's "remove all API keys").
+
+Runs are requested in the caller's transaction; the caller enqueues them (``enqueue_run``) after
+it commits, as with ``request_rotation`` (the CLI and the queue consumer do). Workers drive them
+in parallel, and every provider call passes through the provider's shared (Redis-backed) rate
+limiter, so the burst stays within the provider's limit whatever the number of workers.
+A key that already has an open run joins it (one open run per key, invariant 3); the pipeline
+marks such joined runs as emergency.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlmodel import Session, select
+
+from jobs.pipeline_hooks import Pipeline, default_pipeline
+from worker.db.models import ManagedKey, ProviderRecord, RotationRun
+from worker.errors import ConfigError
+from worker.log import get_logger
+
+log = get_logger(__name__)
+
+
+def request_provider_rotation(
+    session: Session,
+    *,
+    provider: str,
+    requested_by: str,
+    reason: str = "breach",
+    batch_id: str | None = None,
+    pipeline: Pipeline | None = None,
+) -> list[RotationRun]:
+    """One emergency run per enabled key of ``provider`` (the caller enqueues them after commit).
+
+    ``batch_id`` makes a repeated request idempotent (the queue message's idempotency key);
+    without it each call is a new emergency.
+    """
+    if session.get(ProviderRecord, provider) is None:
+        raise ConfigError(f"unknown provider {provider!r}: run `keyrotor config apply` or check the name with `keyrotor status`")
+    pipeline = pipeline or default_pipeline()  # only its request_rotation is used here
+    batch_id = batch_id or uuid.uuid4().hex[:12]
+    keys = session.exec(
+        select(ManagedKey).where(ManagedKey.provider == provider, ManagedKey.enabled.is_(True)).order_by(ManagedKey.name)  # type: ignore[attr-defined,arg-type]
+    ).all()
+    runs: list[RotationRun] = []
+    for key in keys:
+        run, created = pipeline.request_rotation(
+            session,
+            key_name=key.name,
+            reason=reason,
+            trigger="emergency",
+            requested_by=requested_by,
+            idempotency_key=f"emergency:{batch_id}:{key.id}",
+            emergency=True,
+        )
+        runs.append(run)
+    log.warning("emergency_rotation_requested", provider=provider, keys=len(keys), batch_id=batch_id,
+                requested_by=requested_by, reason=reason)
+    return runs

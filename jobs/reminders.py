@@ -1,0 +1,85 @@
+"""Expiry reminders for keys that cannot be rotated automatically (``assisted`` providers).
+
+Detection opens their run (it waits for ``keyrotor deposit``); this job tells the owner ahead
+of time and keeps telling them, at most once per ``repeat_s`` per key, until the key is rotated
+(its due time moves on). Each reminder is recorded in the audit trail, which is also how the
+"once per repeat_s" rule survives a scheduler restart or a leader change.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+from sqlmodel import select
+
+from jobs.plan import can_rotate_automatically
+from jobs.deprecation import replacement_type
+from worker.clock import as_utc, utcnow
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
+from worker.db.session import session_scope
+from worker.log import get_logger
+
+log = get_logger(__name__)
+
+NotifyFn = Callable[..., None]
+
+
+def _default_notify(event: str, **kwargs: Any) -> None:
+    from worker.notify import notify
+
+    notify(event, **kwargs)
+
+
+def send_reminders(
+    engine: Any,
+    *,
+    now: datetime | None = None,
+    lead_s: float = 14 * 86400.0,
+    repeat_s: float = 86400.0,
+    notify: NotifyFn | None = None,
+    batch: int = 500,
+) -> list[str]:
+    """Remind the owners of manually rotated keys due within ``lead_s``; returns the key names."""
+    now = now or utcnow()
+    notify = notify or _default_notify
+    reminded: list[str] = []
+    with session_scope(engine) as session:
+        rows = session.exec(
+            select(ManagedKey, ProviderRecord)
+            .join(ProviderRecord, ProviderRecord.name == ManagedKey.provider)  # type: ignore[arg-type]
+            .where(ManagedKey.enabled.is_(True), ManagedKey.next_due_at <= now + timedelta(seconds=lead_s),  # type: ignore[attr-defined,operator]
+                   ProviderRecord.mode == "assisted")
+            .order_by(ManagedKey.next_due_at)  # type: ignore[arg-type]
+            .limit(batch)
+        ).all()
+        todo = []
+        for key, record in rows:
+            if can_rotate_automatically(record):
+                continue
+            last = session.exec(
+                select(AuditEvent.at).where(AuditEvent.key_id == key.id, AuditEvent.event == "reminder_sent")
+                .order_by(AuditEvent.id.desc()).limit(1)  # type: ignore[union-attr,attr-defined]
+            ).first()
+            if last is not None and now - as_utc(last) < timedelta(seconds=repeat_s):  # type: ignore[operator]
+                continue
+            run = session.exec(select(RotationRun).where(RotationRun.key_id == key.id, RotationRun.finished_at.is_(None))).first()  # type: ignore[union-attr,attr-defined]
+            due = as_utc(key.next_due_at)
+            target = replacement_type(record, key.credential_type) if key.due_reason == "deprecation" else None
+            detail = {
+                "provider": key.provider, "owner": key.owner, "credential_type": key.credential_type,
+                "target_credential_type": target or key.credential_type, "reason": key.due_reason,
+                "due_at": due.isoformat() if due else None, "overdue": bool(due and due <= now),
+                "expires_at": as_utc(key.expires_at).isoformat() if key.expires_at else None,  # type: ignore[union-attr]
+                "run_state": run.state if run else None,
+                "action": f"create a new {target or key.credential_type} at {key.provider} and run `keyrotor deposit {key.name}`",
+            }
+            todo.append((key.id, key.name, run.id if run else None, detail))
+    for key_id, name, run_id, detail in todo:
+        notify("reminder", key_name=name, run_id=run_id, detail=detail)
+        with session_scope(engine) as session:
+            session.add(AuditEvent(at=now, run_id=run_id, key_id=key_id, actor="scheduler", event="reminder_sent",
+                                   detail={"due_at": detail["due_at"], "reason": detail["reason"]}))
+        reminded.append(name)
+        log.info("reminder_sent", key=name, run_id=run_id, due_at=detail["due_at"])
+    return reminded

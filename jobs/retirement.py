@@ -1,0 +1,58 @@
+"""Retirement: runs in ``verified`` whose grace period is over get their retire step enqueued.
+
+A run is claimed with a conditional UPDATE that sets a step deadline, so each run is enqueued
+once per deadline (not on every pass while the queue is busy); if the retire step does not move
+the run before that deadline, the reconciler re-enqueues it like any other stuck run.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.engine import Engine
+
+from jobs.pipeline_hooks import Pipeline, default_pipeline, enqueue_after_commit
+from worker.clock import utcnow
+from worker.db.models import RotationRun, RunState
+from worker.db.session import session_scope
+from worker.log import get_logger
+
+log = get_logger(__name__)
+
+
+def retire_due(
+    engine: Engine,
+    *,
+    now: datetime | None = None,
+    step_timeout_s: float = 900.0,
+    batch: int = 500,
+    pipeline: Pipeline | None = None,
+) -> list[str]:
+    """Enqueue the retire step of every run whose grace is over; returns the run ids enqueued."""
+    now = now or utcnow()
+    pipeline = pipeline or default_pipeline()
+    unclaimed = or_(RotationRun.step_deadline_at.is_(None), RotationRun.step_deadline_at < RotationRun.grace_until)  # type: ignore[union-attr,attr-defined,operator]
+    enqueued: list[str] = []
+    with session_scope(engine) as session:
+        ids = session.exec(  # type: ignore[call-overload]
+            select(RotationRun.id)
+            .where(RotationRun.state == RunState.verified.value, RotationRun.grace_until <= now, unclaimed)  # type: ignore[arg-type,operator]
+            .order_by(RotationRun.grace_until)  # type: ignore[arg-type]
+            .limit(batch)
+        ).all()
+    for run_id in ids:
+        with session_scope(engine) as session:
+            claimed = session.exec(  # type: ignore[call-overload]
+                update(RotationRun)
+                .where(RotationRun.id == run_id, RotationRun.state == RunState.verified.value, unclaimed)  # type: ignore[arg-type]
+                .values(step_deadline_at=now + timedelta(seconds=step_timeout_s), updated_at=now)
+            ).rowcount
+            if claimed != 1:
+                continue  # another scheduler pass or the worker moved it already
+            run = session.get(RotationRun, run_id)
+            assert run is not None
+            enqueue_after_commit(session, run, pipeline.enqueue_run)
+        enqueued.append(run_id)
+        log.info("retire_enqueued", run_id=run_id)
+    return enqueued

@@ -1,0 +1,230 @@
+"""The scheduler process: APScheduler 3 running the jobs, behind the Redis leader lock.
+
+Every instance runs the same APScheduler jobs; only the one holding the lock *acts*. The lock
+job acquires/renews every quarter of the TTL (at most every second, so a standby notices a
+freed lock quickly); each other job checks ``lock.fence()`` (local validity + a Redis round
+trip) right before it touches anything. Jobs only enqueue, and every request carries an
+idempotency key, so even a leader that lost its lock mid-pass cannot cause a second run.
+
+Jobs: detection, stuck-run recovery, retirement, orphan scan, reminders — each at its own
+interval (settings ``KEYROTOR_SCHEDULER_*_INTERVAL_S`` or CLI options), ``coalesce=True`` and
+``max_instances=1`` (a slow pass is never run twice at once, missed runs collapse into one),
+with a misfire grace so a briefly busy process still runs the pass late instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from jobs.detection import detect_due
+from jobs.leader import LeaderLock
+from jobs.pipeline_hooks import Pipeline, default_pipeline
+from jobs.reconcile import ProviderFactory, default_provider_factory, recover_stuck_runs, revoke_orphans
+from jobs.reminders import send_reminders
+from jobs.retirement import retire_due
+from worker.clock import utcnow
+from worker.db.models import ManagedKey, RotationRun
+from worker.db.session import session_scope
+from worker.log import get_logger
+
+log = get_logger(__name__)
+
+JOB_NAMES = ("detection", "reconcile", "retirement", "orphans", "reminders")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    detection_s: float = 60.0
+    reconcile_s: float = 120.0
+    retirement_s: float = 60.0
+    orphans_s: float = 900.0
+    reminders_s: float = 3600.0
+    lock_ttl_s: float = 30.0
+    lock_name: str = "keyrotor:scheduler:leader"
+    batch: int = 500
+    max_attempts: int = 5
+    step_timeout_s: float = 900.0
+    orphan_min_age_s: float = 600.0
+    reminder_lead_s: float = 14 * 86400.0
+    reminder_repeat_s: float = 86400.0
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> "SchedulerConfig":
+        values = dict(
+            detection_s=settings.scheduler_detection_interval_s,
+            reconcile_s=settings.scheduler_reconcile_interval_s,
+            retirement_s=settings.scheduler_retirement_interval_s,
+            orphans_s=settings.scheduler_orphan_interval_s,
+            reminders_s=settings.scheduler_reminder_interval_s,
+            lock_ttl_s=settings.scheduler_lock_ttl_s,
+            lock_name=settings.scheduler_lock_name,
+            batch=settings.scheduler_batch_size,
+            max_attempts=settings.reconcile_max_attempts,
+            step_timeout_s=settings.reconcile_step_timeout_s,
+            orphan_min_age_s=settings.orphan_min_age_s,
+            reminder_lead_s=settings.reminder_lead_time_s,
+            reminder_repeat_s=settings.reminder_repeat_s,
+        )
+        known = {f.name for f in fields(cls)}
+        values.update({k: v for k, v in overrides.items() if k in known and v is not None})
+        return cls(**values)
+
+    @property
+    def lock_tick_s(self) -> float:
+        return max(0.05, min(self.lock_ttl_s / 4, 1.0))
+
+
+class KeyrotorScheduler:
+    """APScheduler + leader lock. ``start()`` returns at once; ``shutdown()`` releases the lock."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        redis_client: Any,
+        config: SchedulerConfig,
+        *,
+        pipeline: Pipeline | None = None,
+        provider_factory: ProviderFactory | None = None,
+        notify: Callable[..., None] | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.lock = LeaderLock(redis_client, config.lock_name, config.lock_ttl_s, token=token)
+        self._pipeline = pipeline
+        self._provider_factory = provider_factory
+        self._notify = notify
+        self.passes: Counter[str] = Counter()   # completed passes per job (status, tests)
+        self.errors: Counter[str] = Counter()
+        self.became_leader_at: float | None = None
+        self._stopped = threading.Event()
+        self._aps = BackgroundScheduler(
+            timezone=timezone.utc,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
+        )
+        start = datetime.now(timezone.utc)
+        self._aps.add_job(self._lock_tick, "interval", seconds=config.lock_tick_s, id="leader-lock", next_run_time=start,
+                          misfire_grace_time=max(1, int(config.lock_tick_s)))
+        intervals = {"detection": config.detection_s, "reconcile": config.reconcile_s, "retirement": config.retirement_s,
+                     "orphans": config.orphans_s, "reminders": config.reminders_s}
+        for name in JOB_NAMES:
+            self._aps.add_job(self._guarded, "interval", args=[name], seconds=intervals[name], id=name,
+                              misfire_grace_time=max(1, int(intervals[name] / 2)))
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._aps.start()
+        log.info("scheduler_started", holder=self.lock.token, lock_ttl_s=self.config.lock_ttl_s,
+                 intervals={n: getattr(self.config, f"{n}_s") for n in JOB_NAMES})
+
+    def shutdown(self, *, release: bool = True) -> None:
+        """Stop the jobs (waiting for a running pass) and hand the lock over at once."""
+        self._stopped.set()
+        if self._aps.running:
+            self._aps.shutdown(wait=True)
+        if release:
+            self.lock.release()
+        self._set_leader_metric(False)
+        log.info("scheduler_stopped", holder=self.lock.token)
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    # ------------------------------------------------------------------ jobs
+    def _lock_tick(self) -> None:
+        if self._stopped.is_set():
+            return
+        was = self.lock.is_leader
+        leads = self.lock.tick()
+        self._set_leader_metric(leads)
+        if leads and not was:
+            self.became_leader_at = time.monotonic()
+            # A new leader runs every pass now rather than up to one interval later.
+            now = datetime.now(timezone.utc)
+            for name in JOB_NAMES:
+                self._aps.modify_job(name, next_run_time=now)
+        elif was and not leads:
+            log.warning("scheduler_standby", holder=self.lock.token)
+
+    def _guarded(self, name: str) -> None:
+        if self._stopped.is_set() or not self.lock.fence():
+            return
+        started = time.monotonic()
+        try:
+            outcome = self.run_job(name)
+        except Exception as exc:  # logged; the next interval tries again
+            self.errors[name] += 1
+            log.error("scheduler_job_failed", job=name, error=type(exc).__name__, detail=str(exc)[:300])
+            return
+        self.passes[name] += 1
+        log.info("scheduler_job_done", job=name, seconds=round(time.monotonic() - started, 3), outcome=outcome)
+
+    def run_job(self, name: str) -> Any:
+        """Run one pass of ``name`` now (no leadership check: callers do that)."""
+        cfg = self.config
+        now = utcnow()
+        if name == "detection":
+            result = detect_due(self.engine, now=now, batch=cfg.batch, pipeline=self._get_pipeline())
+            self._update_gauges(now)
+            return {"requested": len(result.requested), "joined": len(result.joined), "errors": len(result.errors)}
+        if name == "reconcile":
+            stuck = recover_stuck_runs(self.engine, now=now, max_attempts=cfg.max_attempts, step_timeout_s=cfg.step_timeout_s,
+                                       batch=cfg.batch, pipeline=self._get_pipeline(), notify=self._notify)
+            return {"requeued": len(stuck.requeued), "needs_attention": len(stuck.needs_attention)}
+        if name == "retirement":
+            return {"enqueued": len(retire_due(self.engine, now=now, step_timeout_s=cfg.step_timeout_s, batch=cfg.batch,
+                                               pipeline=self._get_pipeline()))}
+        if name == "orphans":
+            if self._provider_factory is None:
+                self._provider_factory = default_provider_factory()
+            return {"revoked": len(revoke_orphans(self.engine, now=now, min_age_s=cfg.orphan_min_age_s,
+                                                  provider_factory=self._provider_factory))}
+        if name == "reminders":
+            return {"reminded": len(send_reminders(self.engine, now=now, lead_s=cfg.reminder_lead_s,
+                                                   repeat_s=cfg.reminder_repeat_s, notify=self._notify, batch=cfg.batch))}
+        raise ValueError(f"unknown job {name!r} (known: {', '.join(JOB_NAMES)})")
+
+    # ------------------------------------------------------------------ helpers
+    def _get_pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            self._pipeline = default_pipeline()
+        return self._pipeline
+
+    def _set_leader_metric(self, leads: bool) -> None:
+        from worker.metrics import SCHEDULER_LEADER
+
+        SCHEDULER_LEADER.set(1 if leads else 0)
+
+    def _update_gauges(self, now: datetime) -> None:
+        """keys_due{provider} (an index range, O(keys due)) and open_runs{state}."""
+        from worker.metrics import KEYS_DUE, OPEN_RUNS
+
+        with session_scope(self.engine) as session:
+            due = session.exec(  # type: ignore[call-overload]
+                select(ManagedKey.provider, func.count())
+                .where(ManagedKey.enabled.is_(True), ManagedKey.next_due_at <= now)  # type: ignore[attr-defined,operator]
+                .group_by(ManagedKey.provider)
+            ).all()
+            open_runs = session.exec(  # type: ignore[call-overload]
+                select(RotationRun.state, func.count()).where(RotationRun.finished_at.is_(None)).group_by(RotationRun.state)  # type: ignore[union-attr,attr-defined]
+            ).all()
+        KEYS_DUE.clear()
+        for provider, count in due:
+            KEYS_DUE.labels(provider).set(count)
+        OPEN_RUNS.clear()
+        for state, count in open_runs:
+            OPEN_RUNS.labels(state).set(count)
+
+
+def handover_deadline(config: SchedulerConfig) -> timedelta:
+    """Worst case from the holder's death to a standby acting: the TTL plus one lock tick."""
+    return timedelta(seconds=config.lock_ttl_s + config.lock_tick_s)

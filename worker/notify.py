@@ -1,0 +1,232 @@
+"""Notifications: rotation events and reminders to signed webhooks and Slack-compatible webhooks.
+
+``notify(event, key_name=…, run_id=…, detail=…)`` never raises into its caller (the pipeline, the
+scheduler): a delivery that fails after its bounded retries is logged and counted. Messages say
+which key and run, never a secret: ``detail`` goes through the log redactor and ``Secret``
+values are dropped. A Slack incoming-webhook URL is itself a credential, so sink URLs are kept
+as ``Secret`` and logs name a sink only by its kind and index.
+
+Sinks come from the last applied inventory (``inventory_snapshot``) unless a list is configured
+explicitly (``configure()``, tests, the demo).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import httpx
+from prometheus_client import Counter
+
+from worker.clock import utcnow
+from worker.errors import PermanentError, TransientError
+from worker.log import get_logger, redact
+from worker.retry import parse_retry_after, retry_call
+from worker.secret import Secret
+
+log = get_logger(__name__)
+
+EVENTS = frozenset({"started", "succeeded", "failed", "rolled_back", "needs_attention", "reminder"})
+SIGNATURE_HEADER = "X-Keyrotor-Signature"
+EVENT_HEADER = "X-Keyrotor-Event"
+
+NOTIFICATIONS = Counter(
+    "keyrotor_notifications_total",
+    "Notification deliveries by event, sink kind and outcome (sent/failed).",
+    ["event", "kind", "outcome"],
+)
+
+_SLACK_LINES = {
+    "started": "rotation started",
+    "succeeded": "rotation succeeded",
+    "failed": "rotation FAILED (old key untouched)",
+    "rolled_back": "rotation rolled back to the previous key",
+    "needs_attention": "rotation NEEDS ATTENTION (old key untouched)",
+    "reminder": "reminder: this key must be rotated by a person",
+}
+
+
+@dataclass(frozen=True)
+class Sink:
+    kind: str                       # "slack" | "webhook"
+    url: Secret                     # Slack webhook URLs are credentials: never logged
+    signing_secret: Secret | None = None
+    events: frozenset[str] = EVENTS
+
+    def wants(self, event: str) -> bool:
+        return event in self.events
+
+
+def sign(secret: Secret, body: bytes, timestamp: int) -> str:
+    """``t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`` (docs/internals.md, Webhook signatures)."""
+    mac = hmac.new(secret.reveal().encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def _clean(detail: dict[str, Any]) -> dict[str, Any]:
+    """Drop Secret values and credential-looking fields; make everything JSON-safe."""
+    flat = {k: v for k, v in detail.items() if not isinstance(v, Secret)}
+    cleaned = redact(None, "", flat)
+    return json.loads(json.dumps(cleaned, default=str))
+
+
+def build_payload(event: str, *, key_name: str, run_id: str | None, detail: dict[str, Any]) -> dict[str, Any]:
+    return {"version": 1, "event": event, "key": key_name, "run_id": run_id, "at": utcnow().isoformat(), "detail": _clean(detail)}
+
+
+def slack_text(payload: dict[str, Any]) -> str:
+    line = _SLACK_LINES.get(payload["event"], payload["event"])
+    parts = [f"keyrotor: {line}: key `{payload['key']}`"]
+    if payload.get("run_id"):
+        parts.append(f"run `{payload['run_id']}`")
+    extras = ", ".join(f"{k}={v}" for k, v in sorted(payload["detail"].items()) if v not in (None, "", [], {}))
+    return " ".join(parts) + (f" ({extras})" if extras else "")
+
+
+class Notifier:
+    """Delivers one event to every sink that wants it, each with bounded retries."""
+
+    def __init__(
+        self,
+        sinks: Sequence[Sink] | Callable[[], Sequence[Sink]],
+        *,
+        http: httpx.Client | None = None,
+        attempts: int = 3,
+        timeout_s: float = 10.0,
+        base_delay: float = 0.5,
+        max_delay: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._sinks = sinks
+        self._http = http or httpx.Client(timeout=timeout_s, follow_redirects=False)
+        self._attempts = attempts
+        self._base_delay = base_delay
+        self._max_delay = max_delay
+        self._sleep = sleep
+
+    def sinks(self) -> Sequence[Sink]:
+        return self._sinks() if callable(self._sinks) else self._sinks
+
+    def notify(self, event: str, *, key_name: str, run_id: str | None, detail: dict[str, Any]) -> int:
+        """Returns how many sinks accepted the event. Raises nothing a delivery can cause."""
+        if event not in EVENTS:
+            log.warning("notify_unknown_event", notify_event=event, known=sorted(EVENTS))
+            return 0
+        payload = build_payload(event, key_name=key_name, run_id=run_id, detail=detail)
+        delivered = 0
+        for index, sink in enumerate(self.sinks()):
+            if not sink.wants(event):
+                continue
+            try:
+                retry_call(lambda: self._deliver(sink, payload), attempts=self._attempts, base_delay=self._base_delay,
+                           max_delay=self._max_delay, sleep=self._sleep)
+            except Exception as exc:
+                NOTIFICATIONS.labels(event, sink.kind, "failed").inc()
+                log.error("notification_failed", notify_event=event, key=key_name, run_id=run_id, sink=f"{sink.kind}#{index}",
+                          error=type(exc).__name__, detail=str(exc)[:200])
+                continue
+            NOTIFICATIONS.labels(event, sink.kind, "sent").inc()
+            delivered += 1
+        return delivered
+
+    def _deliver(self, sink: Sink, payload: dict[str, Any]) -> None:
+        if sink.kind == "slack":
+            body = json.dumps({"text": slack_text(payload)}).encode()
+            headers = {"Content-Type": "application/json"}
+        else:
+            body = json.dumps(payload, separators=(",", ":")).encode()
+            headers = {"Content-Type": "application/json", EVENT_HEADER: payload["event"]}
+            if sink.signing_secret is not None:
+                headers[SIGNATURE_HEADER] = sign(sink.signing_secret, body, int(time.time()))
+        try:
+            response = self._http.post(sink.url.reveal(), content=body, headers=headers)
+        except httpx.HTTPError as exc:  # the URL may hold a credential: never put it in the message
+            raise TransientError(f"{sink.kind} sink unreachable: {type(exc).__name__}") from None
+        if response.status_code == 429 or response.status_code >= 500:
+            raise TransientError(f"{sink.kind} sink answered {response.status_code}",
+                                 retry_after=parse_retry_after(response.headers.get("Retry-After")))
+        if response.status_code >= 400:
+            raise PermanentError(f"{sink.kind} sink refused the notification with {response.status_code}")
+
+
+# --------------------------------------------------------------------------- sinks from the inventory
+def sinks_from_specs(specs: Iterable[Any], resolve: Callable[[Any], Secret]) -> list[Sink]:
+    """``NotificationSpec``s (or their dicts) → sinks, resolving URL and signing-secret references."""
+    from worker.inventory.schema import NotificationSpec
+
+    sinks: list[Sink] = []
+    for index, raw in enumerate(specs):
+        try:
+            spec = raw if isinstance(raw, NotificationSpec) else NotificationSpec.model_validate(raw)
+            url = Secret(spec.url) if isinstance(spec.url, str) else resolve(spec.url)
+            signing = resolve(spec.signing_secret) if spec.signing_secret is not None else None
+        except Exception as exc:  # one bad sink must not silence the others
+            log.error("notification_sink_unusable", sink=index, error=type(exc).__name__, detail=str(exc)[:200])
+            continue
+        sinks.append(Sink(kind=spec.kind, url=url, signing_secret=signing, events=frozenset(spec.events)))
+    return sinks
+
+
+def snapshot_notifications(engine: Any) -> list[dict[str, Any]]:
+    """The ``notifications`` section of the last applied inventory, or [] if none was applied."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT document FROM inventory_snapshot ORDER BY id DESC LIMIT 1")).first()
+    except DBAPIError as exc:  # table missing (migration 0002 not applied) or DB down
+        log.warning("notification_sinks_unavailable", error=type(exc).__name__)
+        return []
+    if row is None:
+        return []
+    document = row[0]
+    if isinstance(document, str):
+        document = json.loads(document)
+    return list((document or {}).get("notifications") or [])
+
+
+_lock = threading.Lock()
+_notifier: Notifier | None = None
+
+
+def configure(notifier: Notifier | None) -> None:
+    """Use this notifier process-wide (tests, demo); ``None`` goes back to the inventory's sinks."""
+    global _notifier
+    with _lock:
+        _notifier = notifier
+
+
+def _default_notifier() -> Notifier:
+    global _notifier
+    with _lock:
+        if _notifier is None:
+            from worker.db.session import engine_for
+            from worker.secret_refs import make_resolver
+            from worker.settings import get_settings
+
+            settings = get_settings()
+
+            def load() -> list[Sink]:
+                vault = None
+                if settings.vault_addr:
+                    from worker.vault.store import VaultStore
+
+                    vault = VaultStore.from_settings(settings)
+                return sinks_from_specs(snapshot_notifications(engine_for(settings.database_url)), make_resolver(vault))
+
+            _notifier = Notifier(load, attempts=settings.notify_attempts, timeout_s=settings.notify_timeout_s)
+        return _notifier
+
+
+def notify(event: str, *, key_name: str, run_id: str | None, detail: dict[str, Any] | None = None) -> None:
+    """Announce ``event`` for a key/run to the configured sinks; never raises."""
+    try:
+        _default_notifier().notify(event, key_name=key_name, run_id=run_id, detail=detail or {})
+    except Exception as exc:
+        log.error("notification_failed", notify_event=event, key=key_name, run_id=run_id, error=type(exc).__name__)
