@@ -1,0 +1,464 @@
+"""VaultStore against the Vault stand-in (or a real Vault when VAULT_ADDR/VAULT_TOKEN are set).
+
+Only behaviour real Vault has is relied on. Faults (503, 429) are injected by a small HTTP proxy
+in front of Vault, so hvac, requests and the store's retry loop run unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import hvac
+import jwt as pyjwt
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from worker.clock import set_clock
+from worker.secret import Secret
+from worker.settings import load_settings
+from worker.vault import (
+    KEY_ID_FIELD,
+    VaultCheckAndSetMismatch,
+    VaultNotFound,
+    VaultPermissionDenied,
+    VaultStore,
+    VaultUnavailable,
+)
+
+pytestmark = pytest.mark.integration
+
+
+# ------------------------------------------------------------------ fault-injecting proxy
+@dataclass
+class Fault:
+    path_contains: str
+    status: int
+    times: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b'{"errors":["injected"]}'
+
+
+class FaultProxy:
+    """Forwards every request to Vault, except that queued faults answer first (then run out)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.faults: list[Fault] = []
+        self.seen: list[tuple[str, str, int]] = []  # (method, path, status answered)
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                fault = proxy._take(self.path)
+                if fault is not None:
+                    self._answer(fault.status, fault.body, {"Content-Type": "application/json", **fault.headers})
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in {"host", "content-length"}}
+                upstream = requests.request(self.command, proxy.upstream + self.path, headers=headers, data=body,
+                                            timeout=10)
+                keep = {k: v for k, v in upstream.headers.items()
+                        if k.lower() not in {"content-length", "transfer-encoding", "connection", "content-encoding"}}
+                self._answer(upstream.status_code, upstream.content, keep)
+
+            def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                with proxy._lock:
+                    proxy.seen.append((self.command, self.path.split("?")[0], status))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_LIST = do_PATCH = _serve
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _take(self, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.path_contains in path and fault.times > 0:
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def count(self, method: str, path_contains: str) -> int:
+        with self._lock:
+            return sum(1 for m, p, _ in self.seen if m == method and path_contains in p)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture
+def root(vault) -> Iterator[hvac.Client]:  # type: ignore[no-untyped-def]
+    client = hvac.Client(url=vault.addr, token=vault.token)
+    yield client
+    client.adapter.close()
+
+
+@pytest.fixture
+def proxy(vault) -> Iterator[FaultProxy]:  # type: ignore[no-untyped-def]
+    p = FaultProxy(vault.addr)
+    yield p
+    p.stop()
+
+
+def make_store(addr: str, mount: str, *, token: str | None = None, sleeps: list[float] | None = None,
+               **settings: Any) -> VaultStore:
+    env: dict[str, Any] = {"VAULT_ADDR": addr, "vault_mount": mount, "vault_staging_prefix": "keyrotor/staging",
+                           "vault_timeout_s": 5.0, **settings}
+    if token:
+        env["VAULT_TOKEN"] = token
+    recorded = sleeps if sleeps is not None else []
+    return VaultStore.from_settings(load_settings(**env), sleep=recorded.append)
+
+
+@pytest.fixture
+def store(vault, vault_mount) -> VaultStore:  # type: ignore[no-untyped-def]
+    return make_store(vault.addr, vault_mount, token=vault.token)
+
+
+def path() -> str:
+    return f"apps/{uuid.uuid4().hex[:8]}/stripe"
+
+
+# ------------------------------------------------------------------ promote / read
+def test_promote_new_path_then_cas_chain(store: VaultStore, vault_mount: str) -> None:
+    p = path()
+    assert store.read_current(vault_mount, p, "api_key") is None
+    v1 = store.promote(vault_mount, p, "api_key", Secret("first-key-value"), "key_1", None)
+    assert v1 == 1
+    current = store.read_current(vault_mount, p, "api_key")
+    assert current is not None and current.version == 1
+    assert current.secret == Secret("first-key-value") and current.provider_key_id == "key_1"
+
+    v2 = store.promote(vault_mount, p, "api_key", Secret("second-key-value"), "key_2", expected_version=1)
+    assert v2 == 2
+    assert store.read_current(vault_mount, p, "api_key").secret == Secret("second-key-value")  # type: ignore[union-attr]
+    previous = store.read_version(vault_mount, p, "api_key", 1)
+    assert previous.secret == Secret("first-key-value") and previous.provider_key_id == "key_1"
+
+
+def test_promote_cas_mismatch(store: VaultStore, vault_mount: str) -> None:
+    p = path()
+    store.promote(vault_mount, p, "api_key", Secret("one-value"), "k1", None)
+    store.promote(vault_mount, p, "api_key", Secret("two-value"), "k2", 1)
+    with pytest.raises(VaultCheckAndSetMismatch) as info:
+        store.promote(vault_mount, p, "api_key", Secret("three-value"), "k3", expected_version=1)
+    assert p in str(info.value) and "three-value" not in str(info.value)
+    with pytest.raises(VaultCheckAndSetMismatch):  # None means "must not exist"
+        store.promote(vault_mount, p, "api_key", Secret("three-value"), "k3", expected_version=None)
+    assert store.read_current(vault_mount, p, "api_key").version == 2  # type: ignore[union-attr]
+
+
+def test_promote_rerun_is_idempotent_and_keeps_other_fields(store: VaultStore, vault_mount: str) -> None:
+    p = path()
+    assert store.write(vault_mount, p, {"api_key": "old-value", "username": "svc-billing"}) == 1
+    assert store.promote(vault_mount, p, "api_key", Secret("new-value"), "k9", expected_version=1) == 2
+    # The same step delivered twice: the second CAS fails, but the effect is already there.
+    assert store.promote(vault_mount, p, "api_key", Secret("new-value"), "k9", expected_version=1) == 2
+    raw = store.client.secrets.kv.v2.read_secret_version(path=p, mount_point=vault_mount, raise_on_deleted_version=True)
+    assert raw["data"]["data"] == {"api_key": "new-value", "username": "svc-billing", KEY_ID_FIELD: "k9"}
+    assert [v.version for v in store.list_versions(vault_mount, p)] == [1, 2]
+
+
+def test_restore_previous_version(store: VaultStore, vault_mount: str) -> None:
+    p = path()
+    store.promote(vault_mount, p, "api_key", Secret("old-value"), "k_old", None)
+    store.promote(vault_mount, p, "api_key", Secret("new-value"), "k_new", 1)
+    with pytest.raises(VaultCheckAndSetMismatch):
+        store.restore(vault_mount, p, from_version=1, expected_version=1)
+    assert store.restore(vault_mount, p, from_version=1, expected_version=2) == 3
+    current = store.read_current(vault_mount, p, "api_key")
+    assert current is not None and current.version == 3
+    assert current.secret == Secret("old-value") and current.provider_key_id == "k_old"
+    assert store.restore(vault_mount, p, from_version=1, expected_version=2) == 3  # re-run: already done
+    versions = store.list_versions(vault_mount, p)
+    assert [(v.version, v.current, v.readable) for v in versions] == [(1, False, True), (2, False, True), (3, True, True)]
+    assert all(v.created_at is not None and v.created_at.tzinfo is not None for v in versions)
+
+
+def test_deleted_version_and_missing_field(store: VaultStore, root: hvac.Client, vault_mount: str) -> None:
+    p = path()
+    store.write(vault_mount, p, {"api_key": "v1-value"})
+    store.write(vault_mount, p, {"api_key": "v2-value"})
+    root.secrets.kv.v2.delete_secret_versions(path=p, versions=[1], mount_point=vault_mount)
+    with pytest.raises(VaultNotFound, match="deleted"):
+        store.read_version(vault_mount, p, "api_key", 1)
+    with pytest.raises(VaultNotFound, match="deleted"):
+        store.restore(vault_mount, p, from_version=1, expected_version=2)
+    versions = store.list_versions(vault_mount, p)
+    assert versions[0].deleted_at is not None and not versions[0].readable
+    with pytest.raises(VaultNotFound, match="does not exist"):
+        store.read_version(vault_mount, p, "api_key", 7)
+    with pytest.raises(VaultNotFound, match="fields present: api_key"):
+        store.read_field(vault_mount, p, "password")
+    assert store.read_field(vault_mount, p, "api_key") == Secret("v2-value")
+    with pytest.raises(VaultNotFound):
+        store.read_field(vault_mount, path(), "api_key")
+
+
+# ------------------------------------------------------------------ staging
+def test_stage_read_discard(store: VaultStore, root: hvac.Client, vault_mount: str) -> None:
+    run_id = uuid.uuid4().hex
+    store.stage_pending(run_id, Secret("staged-value-1"), "key_staged")
+    store.stage_pending(run_id, Secret("staged-value-2"), None)  # a re-issue overwrites
+    assert store.read_pending(run_id) == (Secret("staged-value-2"), None)
+    staged = root.secrets.kv.v2.read_secret_metadata(path=f"keyrotor/staging/{run_id}", mount_point=vault_mount)
+    assert staged["data"]["current_version"] == 2
+    store.discard_pending(run_id)
+    with pytest.raises(VaultNotFound, match=run_id):
+        store.read_pending(run_id)
+    store.discard_pending(run_id)  # idempotent
+    assert store.list_versions(vault_mount, f"keyrotor/staging/{run_id}") == []  # every version destroyed
+
+
+# ------------------------------------------------------------------ metadata
+def test_custom_metadata_round_trip_keeps_delete_version_after(store: VaultStore, root: hvac.Client,
+                                                                vault_mount: str) -> None:
+    p = path()
+    assert store.custom_metadata(vault_mount, p) == {}
+    store.write(vault_mount, p, {"api_key": "value-1"})
+    root.secrets.kv.v2.update_metadata(path=p, mount_point=vault_mount, delete_version_after="1h", max_versions=7)
+    store.set_custom_metadata(vault_mount, p, {"keyrotor_run": "r1", "owner": "billing"})
+    store.set_custom_metadata(vault_mount, p, {"keyrotor_run": "r2"})
+    assert store.custom_metadata(vault_mount, p) == {"keyrotor_run": "r2", "owner": "billing"}
+    meta = root.secrets.kv.v2.read_secret_metadata(path=p, mount_point=vault_mount)["data"]
+    assert meta["delete_version_after"] == "1h0m0s"  # hvac's "0s" default was not sent
+    assert meta["max_versions"] == 7
+
+
+# ------------------------------------------------------------------ permissions
+def test_limited_policy_token_gets_permission_denied(vault, root: hvac.Client, vault_mount: str,  # type: ignore[no-untyped-def]
+                                                     proxy: FaultProxy) -> None:
+    p = path()
+    root.secrets.kv.v2.create_or_update_secret(path=p, secret={"api_key": "readable"}, mount_point=vault_mount)
+    policy = f'path "{vault_mount}/data/apps/*" {{ capabilities = ["read"] }}'
+    name = f"kr-read-{uuid.uuid4().hex[:6]}"
+    root.sys.create_or_update_acl_policy(name=name, policy=policy)
+    token = root.auth.token.create(policies=[name], ttl="10m")["auth"]["client_token"]
+    limited = make_store(proxy.url, vault_mount, token=token)
+    assert limited.read_field(vault_mount, p, "api_key") == Secret("readable")
+    with pytest.raises(VaultPermissionDenied) as info:
+        limited.promote(vault_mount, p, "api_key", Secret("not-allowed-value"), "k", expected_version=1)
+    message = str(info.value)
+    assert f"{vault_mount}/data/{p}" in message and "'create' and 'update'" in message
+    assert "vault-policy.hcl" in message and "not-allowed-value" not in message
+    assert proxy.count("POST", f"/v1/{vault_mount}/data/{p}") == 1  # 403: no retry
+    root.sys.delete_acl_policy(name)
+
+
+# ------------------------------------------------------------------ retries
+def test_retries_on_503_then_succeeds(vault, vault_mount: str, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    sleeps: list[float] = []
+    s = make_store(proxy.url, vault_mount, token=vault.token, sleeps=sleeps)
+    p = path()
+    s.write(vault_mount, p, {"api_key": "value-a"})
+    proxy.faults.append(Fault(f"/{vault_mount}/data/{p}", 503, times=2))
+    assert s.read_field(vault_mount, p, "api_key") == Secret("value-a")
+    assert proxy.count("GET", f"/v1/{vault_mount}/data/{p}") == 3
+    assert len(sleeps) == 2 and all(0 <= d <= 3.0 for d in sleeps)
+
+
+def test_gives_up_after_bounded_attempts(vault, vault_mount: str, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    sleeps: list[float] = []
+    s = make_store(proxy.url, vault_mount, token=vault.token, sleeps=sleeps)
+    p = path()
+    proxy.faults.append(Fault(f"/{vault_mount}/data/{p}", 502, times=100))
+    with pytest.raises(VaultUnavailable, match="502"):
+        s.write(vault_mount, p, {"api_key": "never-written"})
+    assert proxy.count("POST", f"/v1/{vault_mount}/data/{p}") == 4 and len(sleeps) == 3
+
+
+def test_no_retry_on_4xx(vault, vault_mount: str, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    sleeps: list[float] = []
+    s = make_store(proxy.url, vault_mount, token=vault.token, sleeps=sleeps)
+    p = path()
+    s.write(vault_mount, p, {"api_key": "v1-value"})
+    with pytest.raises(VaultCheckAndSetMismatch):
+        s.write(vault_mount, p, {"api_key": "v2-value"}, cas=0)
+    assert proxy.count("POST", f"/v1/{vault_mount}/data/{p}") == 2 and sleeps == []
+
+
+def test_rate_limit_retry_after(vault, vault_mount: str, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    sleeps: list[float] = []
+    s = make_store(proxy.url, vault_mount, token=vault.token, sleeps=sleeps)
+    p = path()
+    s.write(vault_mount, p, {"api_key": "v1-value"})
+    proxy.faults.append(Fault(f"/{vault_mount}/data/{p}", 429, times=1, headers={"Retry-After": "2"}))
+    assert s.read_field(vault_mount, p, "api_key") == Secret("v1-value")
+    assert sleeps and sleeps[0] >= 2.0
+    # Longer than the store's max delay: re-raised at once so the step can reschedule.
+    sleeps.clear()
+    proxy.faults.append(Fault(f"/{vault_mount}/data/{p}", 429, times=1, headers={"Retry-After": "120"}))
+    with pytest.raises(VaultUnavailable) as info:
+        s.read_field(vault_mount, p, "api_key")
+    assert info.value.retry_after == 120.0 and sleeps == []
+
+
+def test_promote_retried_write_that_landed_is_not_a_conflict(vault, vault_mount: str,  # type: ignore[no-untyped-def]
+                                                            proxy: FaultProxy, root: hvac.Client) -> None:
+    """A write whose answer was lost (e.g. 502 from a proxy after Vault applied it) is retried;
+    the retry's CAS fails, and promote recognises its own write."""
+    s = make_store(proxy.url, vault_mount, token=vault.token)
+    p = path()
+    s.promote(vault_mount, p, "api_key", Secret("old-value"), "k1", None)
+    # Simulate "applied but answer lost": write directly, then let the store's first POST fail.
+    root.secrets.kv.v2.create_or_update_secret(path=p, secret={"api_key": "new-value", KEY_ID_FIELD: "k2"},
+                                               cas=1, mount_point=vault_mount)
+    assert s.promote(vault_mount, p, "api_key", Secret("new-value"), "k2", expected_version=1) == 2
+
+
+def test_calls_per_promote(vault, vault_mount: str, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    s = make_store(proxy.url, vault_mount, token=vault.token)
+    p = path()
+    s.promote(vault_mount, p, "api_key", Secret("old-value"), "k1", None)  # first call also looks the token up
+    before = len(proxy.seen)
+    s.promote(vault_mount, p, "api_key", Secret("new-value"), "k2", 1)
+    assert len(proxy.seen) - before == 2  # read the expected version (to keep other fields) + CAS write
+
+
+def test_health(store: VaultStore, vault, vault_mount: str, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    h = store.health()
+    assert h.ok and h.reachable and not h.sealed and h.token_valid is True
+    sealed_body = b'{"initialized":true,"sealed":true,"standby":true,"version":"1.15.0"}'
+    proxy.faults.append(Fault("/sys/health", 503, times=1, body=sealed_body))
+    h = make_store(proxy.url, vault_mount, token=vault.token).health()
+    assert h.reachable and h.sealed and not h.ok
+    bad = make_store(vault.addr, vault_mount, token="not-a-real-token").health()
+    assert bad.token_valid is False and not bad.ok
+    down = make_store("http://127.0.0.1:9", vault_mount, token="t").health()
+    assert not down.reachable and not down.ok and "cannot connect" in down.detail
+
+
+# ------------------------------------------------------------------ Kubernetes auth
+@dataclass
+class K8sSetup:
+    role: str
+    mount: str
+    jwt_path: Path
+    policy: str
+
+
+def _sa_jwt(key: rsa.RSAPrivateKey, namespace: str, name: str) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": "kubernetes/serviceaccount",
+        "sub": f"system:serviceaccount:{namespace}:{name}",
+        "kubernetes.io/serviceaccount/namespace": namespace,
+        "kubernetes.io/serviceaccount/service-account.name": name,
+        "kubernetes.io/serviceaccount/service-account.uid": str(uuid.uuid4()),
+        "kubernetes.io/serviceaccount/secret.name": f"{name}-token-abcde",
+        "iat": now,
+    }
+    return pyjwt.encode(claims, key, algorithm="RS256")
+
+
+@pytest.fixture
+def k8s(root: hvac.Client, vault_mount: str, tmp_path: Path) -> Iterator[K8sSetup]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    mount = f"k8s-{uuid.uuid4().hex[:6]}"
+    root.sys.enable_auth_method("kubernetes", path=mount)
+    root.write_data(f"auth/{mount}/config", data={"kubernetes_host": "https://kubernetes.default.svc",
+                                                   "pem_keys": [pem], "disable_local_ca_jwt": True})
+    policy = f"kr-k8s-{uuid.uuid4().hex[:6]}"
+    root.sys.create_or_update_acl_policy(name=policy, policy=(
+        f'path "{vault_mount}/data/*" {{ capabilities = ["create", "read", "update"] }}\n'
+        f'path "{vault_mount}/metadata/*" {{ capabilities = ["read"] }}'))
+    root.write_data(f"auth/{mount}/role/keyrotor", data={
+        "bound_service_account_names": ["keyrotor"], "bound_service_account_namespaces": ["platform"],
+        "policies": [policy], "ttl": "10m", "max_ttl": "1h"})
+    jwt_path = tmp_path / "token"
+    jwt_path.write_text(_sa_jwt(key, "platform", "keyrotor"))
+    yield K8sSetup("keyrotor", mount, jwt_path, policy)
+    root.sys.disable_auth_method(mount)
+    root.sys.delete_acl_policy(policy)
+
+
+def k8s_store(vault, vault_mount: str, k8s: K8sSetup, **kw: Any) -> VaultStore:  # type: ignore[no-untyped-def]
+    return make_store(vault.addr, vault_mount, vault_k8s_role=k8s.role, vault_k8s_mount=k8s.mount,
+                      vault_k8s_jwt_path=str(k8s.jwt_path), **kw)
+
+
+def test_kubernetes_login_renewal_and_relogin(vault, root: hvac.Client, vault_mount: str,  # type: ignore[no-untyped-def]
+                                              k8s: K8sSetup) -> None:
+    store = k8s_store(vault, vault_mount, k8s)
+    auth = store.auth
+    p = path()
+    store.write(vault_mount, p, {"api_key": "k8s-written"})
+    assert (auth.logins, auth.renewals) == (1, 0)
+    assert auth.lease is not None and 595 <= auth.lease.period_s <= 600 and auth.lease.renewable
+    first_token = store.client.token
+    lookup = root.auth.token.lookup(first_token)["data"]
+    assert k8s.policy in lookup["policies"]
+
+    start = datetime.now(timezone.utc)
+    set_clock(lambda: start + timedelta(seconds=300))  # half the TTL left: no renewal yet
+    store.read_field(vault_mount, p, "api_key")
+    assert (auth.logins, auth.renewals) == (1, 0)
+    set_clock(lambda: start + timedelta(seconds=450))  # under a third left: renew-self
+    assert store.read_field(vault_mount, p, "api_key") == Secret("k8s-written")
+    assert (auth.logins, auth.renewals) == (1, 1) and store.client.token == first_token
+
+    # The token is revoked behind our back: the 403 leads to one re-login and a successful retry.
+    root.auth.token.revoke(first_token)
+    assert store.read_field(vault_mount, p, "api_key") == Secret("k8s-written")
+    assert auth.logins == 2 and store.client.token != first_token
+
+    # Past the token's expiry: log in again before the call rather than sending a dead token.
+    set_clock(lambda: start + timedelta(seconds=450 + 700))
+    assert store.read_field(vault_mount, p, "api_key") == Secret("k8s-written")
+    assert auth.logins == 3
+
+
+def test_kubernetes_failed_renewal_falls_back_to_login(vault, root: hvac.Client, vault_mount: str,  # type: ignore[no-untyped-def]
+                                                        k8s: K8sSetup, proxy: FaultProxy) -> None:
+    store = make_store(proxy.url, vault_mount, vault_k8s_role=k8s.role, vault_k8s_mount=k8s.mount,
+                       vault_k8s_jwt_path=str(k8s.jwt_path))
+    p = path()
+    store.write(vault_mount, p, {"api_key": "value-x"})
+    start = datetime.now(timezone.utc)
+    set_clock(lambda: start + timedelta(seconds=500))
+    proxy.faults.append(Fault("/auth/token/renew-self", 400, times=1, body=b'{"errors":["lease is not renewable"]}'))
+    assert store.read_field(vault_mount, p, "api_key") == Secret("value-x")
+    assert (store.auth.logins, store.auth.renewals) == (2, 0)
+
+
+def test_kubernetes_login_refused_says_why(vault, vault_mount: str, k8s: K8sSetup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    bad_jwt = tmp_path / "bad-token"
+    bad_jwt.write_text(_sa_jwt(other, "platform", "keyrotor"))  # signed by a key Vault does not trust
+    store = make_store(vault.addr, vault_mount, vault_k8s_role=k8s.role, vault_k8s_mount=k8s.mount,
+                       vault_k8s_jwt_path=str(bad_jwt))
+    with pytest.raises(VaultPermissionDenied, match="Kubernetes login as role 'keyrotor'"):
+        store.read_current(vault_mount, path(), "api_key")
+    missing = make_store(vault.addr, vault_mount, vault_k8s_role=k8s.role,
+                         vault_k8s_jwt_path=str(tmp_path / "absent"))
+    with pytest.raises(Exception, match="KEYROTOR_VAULT_K8S_JWT_PATH"):
+        missing.read_current(vault_mount, path(), "api_key")
