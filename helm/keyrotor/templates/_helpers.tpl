@@ -6,18 +6,18 @@
 {{- end -}}
 
 {{/*
-Fully qualified app name. Truncated to 52 characters so that the longest suffix the chart adds
-("-config-apply", 11 characters with the dash) still fits a 63-character DNS label.
+Fully qualified app name. Truncated to 48 characters so that the longest suffix the chart adds
+("-inventory-hook", 15 characters) still fits a 63-character DNS label.
 */}}
 {{- define "keyrotor.fullname" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- .Values.fullnameOverride | trunc 48 | trimSuffix "-" -}}
 {{- else -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 48 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 48 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

@@ -1,0 +1,609 @@
+"""The Helm chart, rendered and linted by the real Helm library (helm-python-sdk, no helm binary),
+every document validated by kubernetes-validate (strict), and checked against the Pod Security
+Standards "restricted" profile and the "no secret value in a manifest" invariant (DESIGN.md #5).
+
+The tools are in the `test` extra: outside CI a missing one skips these tests, in CI it fails them.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "keyrotor"
+EXAMPLE_INVENTORY = ROOT / "config" / "keyrotor.example.yaml"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+RELEASE, NAMESPACE = "rel", "keyrotor-test"
+FULLNAME = f"{RELEASE}-keyrotor"
+# The oldest Kubernetes the chart claims (Chart.yaml kubeVersion is >=1.25, but 1.30 is the oldest
+# still supported upstream) and the newest schema set kubernetes-validate ships.
+KUBE_VERSIONS = ("1.30.0", None)
+
+
+def _require(module: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        if IN_CI:
+            pytest.fail(f"{module} is missing: install the test extra (pip install -e '.[test]')", pytrace=False)
+        pytest.skip(f"{module} is not installed")
+
+
+@pytest.fixture(scope="module")
+def helm() -> Any:
+    return _require("helm_python")
+
+
+@pytest.fixture(scope="module")
+def kv() -> Any:
+    _require("kubernetes_validate")
+    import kubernetes_validate.utils as utils
+
+    return utils
+
+
+@pytest.fixture(scope="module")
+def chart(helm: Any) -> Iterator[Any]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: Any, values: dict[str, Any] | None = None, release: str = RELEASE) -> list[dict[str, Any]]:
+    """Render like `helm template` (install) and return the Kubernetes documents."""
+    out = chart.render(values or {}, name=release, namespace=NAMESPACE, is_install=True)
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc.setdefault("metadata", {}).setdefault("annotations", {})
+                docs.append(doc)
+    return docs
+
+
+def render_text(chart: Any, values: dict[str, Any] | None = None) -> str:
+    out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return "\n".join(out.values())
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind}/{name}, got {[d['metadata']['name'] for d in find(docs, kind)]}"
+    return found[0]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(kind/name, pod template metadata, pod spec) of every workload."""
+    out = []
+    for d in docs:
+        if d["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+            tpl = d["spec"]["template"]
+            out.append((f"{d['kind']}/{d['metadata']['name']}", tpl.get("metadata", {}), tpl["spec"]))
+        elif d["kind"] == "CronJob":
+            tpl = d["spec"]["jobTemplate"]["spec"]["template"]
+            out.append((f"CronJob/{d['metadata']['name']}", tpl.get("metadata", {}), tpl["spec"]))
+    return out
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    names = [e["name"] for e in container.get("env", [])]
+    assert len(names) == len(set(names)), f"duplicate env vars in {container['name']}: {names}"
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def example_inventory() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE_INVENTORY.read_text())
+
+
+# ------------------------------------------------------------------------------ value sets
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "hpa": {"worker": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12,
+                                       "targetMemoryUtilizationPercentage": 80}}},
+    "servicemonitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}},
+    "vault-token": {"vault": {"auth": {"method": "token", "token": {"existingSecret": "vault-token", "key": "tok"}}}},
+    "no-networkpolicy": {"networkPolicy": {"enabled": False}},
+    "full": {
+        "image": {"digest": "sha256:" + "ab" * 32},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "database": {"existingSecret": "pg-credentials", "key": "dsn"},
+        "redis": {"existingSecret": "redis-credentials", "key": "redis-url"},
+        "vault": {"namespace": "team-a", "tls": {"caConfigMap": "vault-ca"},
+                  "auth": {"kubernetes": {"role": "keyrotor-prod", "audience": "vault"}}},
+        "config": {"inventory": "EXAMPLE"},
+        "hooks": {"configApply": {"prune": True}},
+        "extraEnv": [{"name": "SLACK_WEBHOOK_URL",
+                      "valueFrom": {"secretKeyRef": {"name": "notify", "key": "slack"}}},
+                     {"name": "TZ", "value": "UTC"}],
+        "metrics": {"serviceMonitor": {"enabled": True},
+                    },
+        "networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "monitoring"}}}]},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                       "whenUnsatisfiable": "ScheduleAnyway"}],
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "security", "effect": "NoSchedule"}],
+        "scheduler": {"nodeSelector": {"kubernetes.io/os": "linux"}},
+        "podAnnotations": {"team": "platform"},
+        "priorityClassName": "keyrotor-high",
+    },
+}
+
+
+def scenario(name: str) -> dict[str, Any]:
+    values = copy.deepcopy(SCENARIOS[name])
+    if values.get("config", {}).get("inventory") == "EXAMPLE":
+        values["config"]["inventory"] = example_inventory()
+    return values
+
+
+# ------------------------------------------------------------------------------ lint
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_helm_lint_strict_has_no_warning(helm: Any, name: str) -> None:
+    report = helm.lint(CHART, scenario(name), strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    assert report["total_charts_linted"] == 1
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], problems or report["errors"]
+
+
+def test_lint_reports_schema_violation(helm: Any) -> None:
+    # The lint wrapper must surface a schema failure, or the lint test above proves nothing.
+    report = helm.lint(CHART, {"worker": {"threads": 0}}, strict=True)
+    assert any("/worker/threads" in m["error"] for m in report["messages"] if m["severity"] == 3)
+
+
+# ------------------------------------------------------------------------------ Kubernetes schemas
+# The Prometheus Operator CRD is not in kubernetes-validate; check what the operator requires.
+SERVICEMONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {"type": "object", "properties": {"matchLabels": {"type": "object"}},
+                             "additionalProperties": False},
+                "namespaceSelector": {"type": "object"},
+                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                "jobLabel": {"type": "string"},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                   "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                   "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}},
+                    "required": ["port"]}},
+            },
+        },
+    },
+}
+
+
+def test_every_rendered_document_is_valid_kubernetes(chart: Any, kv: Any) -> None:
+    import jsonschema
+
+    validated = 0
+    kinds: set[str] = set()
+    for name in SCENARIOS:
+        for doc in render(chart, scenario(name)):
+            kinds.add(doc["kind"])
+            if doc["kind"] == "ServiceMonitor":
+                jsonschema.validate(doc, SERVICEMONITOR_SCHEMA)
+                validated += 1
+                continue
+            for version in KUBE_VERSIONS:
+                try:
+                    kv.validate(doc, version or kv.latest_version(), strict=True)
+                except kv.ValidationError as exc:
+                    pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']} is invalid for "
+                                f"Kubernetes {version or kv.latest_version()}: {exc.message} at "
+                                f"{'.'.join(map(str, exc.path))}")
+                validated += 1
+    expected = {"Deployment", "Job", "ConfigMap", "Service", "ServiceAccount", "PodDisruptionBudget",
+                "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor"}
+    assert expected <= kinds, f"scenarios never rendered {expected - kinds}"
+    assert validated > 80, validated
+
+
+def test_strict_validation_catches_a_bad_document(kv: Any) -> None:
+    bad = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
+           "spec": {"selector": {}, "template": {"spec": {"containers": [{"name": "c", "imagePullPolicy": "Sometimes",
+                                                                          "unknownField": 1}]}}}}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, "1.30.0", strict=True)
+
+
+# ------------------------------------------------------------------------------ Pod Security Standards
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                           "persistentVolumeClaim", "projected", "secret"}
+# Capabilities baseline/restricted let a container add back: only NET_BIND_SERVICE.
+ALLOWED_ADD = {"NET_BIND_SERVICE"}
+
+
+def restricted_violations(where: str, pod: dict[str, Any]) -> list[str]:
+    """The Pod Security Standards baseline + restricted checks for one pod spec."""
+    bad: list[str] = []
+    psc = pod.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            bad.append(f"{where}: {key}")
+    for vol in pod.get("volumes", []):
+        kinds = set(vol) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            bad.append(f"{where}: volume {vol['name']} of type {kinds - RESTRICTED_VOLUME_TYPES}")
+    if psc.get("seccompProfile", {}).get("type") not in {"RuntimeDefault", "Localhost"}:
+        bad.append(f"{where}: pod seccompProfile is not RuntimeDefault/Localhost")
+    if psc.get("runAsUser") == 0:
+        bad.append(f"{where}: pod runAsUser 0")
+    if pod.get("automountServiceAccountToken") is not False:
+        bad.append(f"{where}: automountServiceAccountToken is not false")
+    containers = pod.get("containers", []) + pod.get("initContainers", []) + pod.get("ephemeralContainers", [])
+    assert containers, where
+    for c in containers:
+        sc = c.get("securityContext", {})
+        cw = f"{where}/{c['name']}"
+        if sc.get("privileged"):
+            bad.append(f"{cw}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{cw}: allowPrivilegeEscalation is not false")
+        if not (sc.get("runAsNonRoot") is True or psc.get("runAsNonRoot") is True):
+            bad.append(f"{cw}: runAsNonRoot is not true")
+        if sc.get("runAsUser") == 0:
+            bad.append(f"{cw}: runAsUser 0")
+        if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+            bad.append(f"{cw}: capabilities do not drop ALL")
+        if set(sc.get("capabilities", {}).get("add", [])) - ALLOWED_ADD:
+            bad.append(f"{cw}: adds capabilities")
+        seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+        if seccomp not in {"RuntimeDefault", "Localhost"}:
+            bad.append(f"{cw}: seccompProfile {seccomp}")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            bad.append(f"{cw}: hostPort")
+        # This chart's own rules on top of the profile.
+        if sc.get("readOnlyRootFilesystem") is not True:
+            bad.append(f"{cw}: root filesystem is writable")
+        if sc.get("runAsUser", psc.get("runAsUser")) != 10001:
+            bad.append(f"{cw}: does not run as UID 10001")
+        res = c.get("resources", {})
+        for kind in ("requests", "limits"):
+            if not {"cpu", "memory"} <= set(res.get(kind, {})):
+                bad.append(f"{cw}: resources.{kind} lacks cpu/memory")
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        tmp = next((v for v in pod.get("volumes", []) if v["name"] == mounts.get("/tmp")), None)
+        if not tmp or "emptyDir" not in tmp:
+            bad.append(f"{cw}: /tmp is not an emptyDir")
+    return bad
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_pod_meets_restricted_profile(chart: Any, name: str) -> None:
+    docs = render(chart, scenario(name))
+    specs = pod_specs(docs)
+    names = {w for w, _, _ in specs}
+    assert {f"Deployment/{FULLNAME}-worker", f"Deployment/{FULLNAME}-scheduler", f"Job/{FULLNAME}-migrate"} <= names
+    if name == "full":
+        assert f"Job/{FULLNAME}-config-apply" in names
+    problems = [p for w, _, spec in specs for p in restricted_violations(w, spec)]
+    assert not problems, problems
+
+
+def test_restricted_checker_catches_violations() -> None:
+    # Guards the checker itself: a pod that breaks the profile must be reported.
+    pod = {"hostNetwork": True, "securityContext": {}, "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
+           "containers": [{"name": "c", "securityContext": {"privileged": True,
+                                                            "capabilities": {"add": ["SYS_ADMIN"]}}}]}
+    found = " ".join(restricted_violations("pod", pod))
+    for expected in ("hostNetwork", "hostPath", "seccompProfile", "privileged", "allowPrivilegeEscalation",
+                     "runAsNonRoot", "drop ALL", "adds capabilities", "automountServiceAccountToken",
+                     "writable", "/tmp"):
+        assert expected in found, expected
+
+
+@pytest.mark.parametrize("bad", [
+    {"containerSecurityContext": {"allowPrivilegeEscalation": True}},
+    {"containerSecurityContext": {"privileged": True}},
+    {"containerSecurityContext": {"readOnlyRootFilesystem": False}},
+    {"containerSecurityContext": {"capabilities": {"drop": ["NET_RAW"]}}},
+    {"containerSecurityContext": {"capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]}}},
+    {"podSecurityContext": {"runAsNonRoot": False}},
+    {"podSecurityContext": {"runAsUser": 0}},
+    {"podSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
+])
+def test_schema_refuses_weakening_the_security_context(chart: Any, helm: Any, bad: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError) as err:
+        render(chart, bad)
+    section = next(iter(bad))
+    assert f"/{section}/" in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------ schema
+@pytest.mark.parametrize(("bad", "where"), [
+    ({"worker": {"processes": 0}}, "/worker/processes"),
+    ({"worker": {"threads": "four"}}, "/worker/threads"),
+    ({"worker": {"replica": 3}}, "/worker"),                      # typo of replicas
+    ({"image": {"digest": "latest"}}, "/image/digest"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"logLevel": "VERBOSE"}, "/logLevel"),
+    ({"vault": {"auth": {"method": "approle"}}}, "/vault/auth/method"),
+    ({"vault": {"address": "vault:8200"}}, "/vault/address"),
+    ({"metrics": {"port": 70000}}, "/metrics/port"),
+    ({"scheduler": {"resources": {"requests": {"cpu": "1 core"}, "limits": {}}}}, "/scheduler/resources"),
+    ({"database": {"url": "postgresql://u:p@db/x"}}, "/database"),  # no inline URL exists, by design
+    ({"networkPolicy": {"egress": {"redis": {"ports": ["redis"]}}}}, "/networkPolicy/egress/redis/ports"),
+])
+def test_schema_refuses_bad_values_with_a_clear_message(chart: Any, helm: Any, bad: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as err:
+        render(chart, bad)
+    assert where in str(err.value), str(err.value)
+
+
+def test_schema_accepts_every_scenario(chart: Any) -> None:
+    for name in SCENARIOS:
+        chart.validate_schema(chart.merge_values(scenario(name)))
+
+
+# ------------------------------------------------------------------------------ secrets
+SENSITIVE_ENV = re.compile(r"(PASSWORD|TOKEN|SECRET|DATABASE_URL|API_?KEY|CREDENTIAL)", re.I)
+URL_WITH_PASSWORD = re.compile(r"://[^/\s@:]+:[^/\s@]+@")
+
+
+def test_no_secret_value_is_rendered(chart: Any) -> None:
+    """Point every secret at an existing Secret; only names and keys may appear in the output."""
+    values = scenario("full")
+    values["vault"]["auth"] = {"method": "token", "token": {"existingSecret": "vault-token-secret", "key": "vt"}}
+    docs = render(chart, values)
+    text = render_text(chart, values)
+
+    assert not find(docs, "Secret"), "the chart must never create a Secret (it would carry a value)"
+    assert not URL_WITH_PASSWORD.search(text), URL_WITH_PASSWORD.search(text)
+    refs: dict[str, tuple[str, str]] = {}
+    for where, _, spec in pod_specs(docs):
+        for c in spec["containers"]:
+            for name, e in env_of(c).items():
+                if SENSITIVE_ENV.search(name) or name == "KEYROTOR_REDIS_URL":
+                    assert "value" not in e, f"{where}: {name} has a literal value"
+                    ref = e["valueFrom"]["secretKeyRef"]
+                    refs[name] = (ref["name"], ref["key"])
+    assert refs["KEYROTOR_DATABASE_URL"] == ("pg-credentials", "dsn")
+    assert refs["KEYROTOR_REDIS_URL"] == ("redis-credentials", "redis-url")
+    assert refs["VAULT_TOKEN"] == ("vault-token-secret", "vt")
+    for cm in find(docs, "ConfigMap"):
+        for blob in cm["data"].values():
+            assert not URL_WITH_PASSWORD.search(blob)
+
+
+def test_inventory_configmap_carries_references_only(chart: Any) -> None:
+    docs = render(chart, scenario("full"))
+    cm = one(docs, "ConfigMap", f"{FULLNAME}-inventory")
+    rendered = yaml.safe_load(cm["data"]["inventory.yaml"])
+    assert rendered == example_inventory()  # the document round-trips unchanged
+    token = rendered["providers"]["alloy"]["auth"]["token"]
+    assert token == {"vault": "secret/keyrotor/providers/alloy#admin_token"}
+    hook_cm = one(docs, "ConfigMap", f"{FULLNAME}-inventory-hook")
+    assert hook_cm["data"] == cm["data"]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"redis": {"url": "redis://:hunter2@redis:6379/0"}}, "redis.existingSecret"),
+    ({"extraEnv": [{"name": "PROVIDER_API_TOKEN", "value": "hunter2"}]}, "valueFrom.secretKeyRef"),
+    ({"vault": {"auth": {"method": "token"}}}, "vault.auth.token.existingSecret"),
+    ({"vault": {"auth": {"kubernetes": {"role": ""}}}}, "vault.auth.kubernetes.role"),
+])
+def test_values_that_would_leak_or_break_auth_are_refused(chart: Any, helm: Any, values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmError) as err:
+        render(chart, values)
+    assert message in str(err.value)
+    assert "hunter2" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------ Vault auth
+def test_vault_kubernetes_auth_uses_a_projected_token_only(chart: Any) -> None:
+    docs = render(chart, scenario("full"))
+    for comp in ("worker", "scheduler"):
+        spec = one(docs, "Deployment", f"{FULLNAME}-{comp}")["spec"]["template"]["spec"]
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["serviceAccountName"] == FULLNAME
+        vols = {v["name"]: v for v in spec["volumes"]}
+        source = vols["vault-token"]["projected"]["sources"][0]["serviceAccountToken"]
+        assert source["audience"] == "vault" and source["path"] == "token"
+        c = spec["containers"][0]
+        env = env_of(c)
+        assert env["KEYROTOR_VAULT_K8S_ROLE"]["value"] == "keyrotor-prod"
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "vault-token")
+        assert env["KEYROTOR_VAULT_K8S_JWT_PATH"]["value"] == mount["mountPath"] + "/token"
+        assert "VAULT_TOKEN" not in env
+        assert env["VAULT_CACERT"]["value"].startswith(next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "vault-ca"))
+        assert vols["vault-ca"]["configMap"]["name"] == "vault-ca"
+    sa = one(docs, "ServiceAccount", FULLNAME)
+    assert sa["automountServiceAccountToken"] is False
+
+
+def test_vault_token_auth_mounts_no_service_account_token(chart: Any) -> None:
+    docs = render(chart, scenario("vault-token"))
+    for _, _, spec in pod_specs(docs):
+        assert all("projected" not in v for v in spec["volumes"])
+    worker = one(docs, "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(worker)
+    assert env["VAULT_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "vault-token", "key": "tok"}
+    assert "KEYROTOR_VAULT_K8S_ROLE" not in env
+
+
+def test_hook_jobs_get_no_vault_access(chart: Any) -> None:
+    for name in ("full", "vault-token"):
+        for where, _, spec in pod_specs(render(chart, scenario(name))):
+            if where.startswith("Job/"):
+                env = env_of(spec["containers"][0])
+                assert not {k for k in env if "VAULT" in k}, where
+                assert env["KEYROTOR_METRICS_PORT"]["value"] == "0"
+
+
+# ------------------------------------------------------------------------------ workloads
+def test_worker_and_scheduler_commands_probes_and_ports(chart: Any) -> None:
+    docs = render(chart, {"worker": {"processes": 3, "threads": 6, "replicas": 4}, "metrics": {"port": 9200}})
+    worker = one(docs, "Deployment", f"{FULLNAME}-worker")
+    assert worker["spec"]["replicas"] == 4
+    assert one(docs, "Deployment", f"{FULLNAME}-scheduler")["spec"]["replicas"] == 2
+    for comp, args in (("worker", ["worker", "--processes", "3", "--threads", "6"]), ("scheduler", ["scheduler"])):
+        c = one(docs, "Deployment", f"{FULLNAME}-{comp}")["spec"]["template"]["spec"]["containers"][0]
+        assert c["args"] == args
+        assert "command" not in c  # the image's ENTRYPOINT is `keyrotor`
+        assert c["ports"] == [{"name": "metrics", "containerPort": 9200, "protocol": "TCP"}]
+        assert env_of(c)["KEYROTOR_METRICS_PORT"]["value"] == "9200"
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    svc = one(docs, "Service", f"{FULLNAME}-metrics")
+    assert svc["spec"]["ports"][0]["port"] == 9200
+
+
+def test_hooks_run_migration_then_config_apply_before_the_release(chart: Any) -> None:
+    docs = render(chart, scenario("full"))
+    migrate = one(docs, "Job", f"{FULLNAME}-migrate")
+    apply = one(docs, "Job", f"{FULLNAME}-config-apply")
+    hook_cm = one(docs, "ConfigMap", f"{FULLNAME}-inventory-hook")
+    for d in (migrate, apply, hook_cm):
+        assert d["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    weight = {d["metadata"]["name"]: int(d["metadata"]["annotations"]["helm.sh/hook-weight"])
+              for d in (migrate, apply, hook_cm)}
+    assert weight[hook_cm["metadata"]["name"]] < weight[migrate["metadata"]["name"]] < weight[apply["metadata"]["name"]]
+    assert migrate["spec"]["template"]["spec"]["containers"][0]["args"] == ["db", "upgrade"]
+    spec = apply["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert c["args"] == ["config", "apply", "/etc/keyrotor/inventory.yaml", "--prune"]
+    assert env_of(c)["KEYROTOR_CONFIG"]["value"] == "/etc/keyrotor/inventory.yaml"
+    # On install the release's ConfigMap does not exist yet: the Job must read the hook copy.
+    inv = next(v for v in spec["volumes"] if v["name"] == "inventory")
+    assert inv["configMap"]["name"] == hook_cm["metadata"]["name"]
+    assert spec["restartPolicy"] == "Never"
+    # Hook pods run before the chart's ServiceAccount exists; they must not depend on it.
+    assert "serviceAccountName" not in spec
+    # Without an inventory there is nothing to apply.
+    assert not find(render(chart, {}), "Job", f"{FULLNAME}-config-apply")
+
+
+def test_inventory_checksum_rolls_pods_only_when_inventory_changes(chart: Any) -> None:
+    def checksums(inventory: dict[str, Any]) -> set[str]:
+        docs = render(chart, {"config": {"inventory": inventory}})
+        return {one(docs, "Deployment", f"{FULLNAME}-{c}")["spec"]["template"]["metadata"]["annotations"]["checksum/inventory"]
+                for c in ("worker", "scheduler")}
+
+    inv = example_inventory()
+    first, again = checksums(inv), checksums(copy.deepcopy(inv))
+    changed = copy.deepcopy(inv)
+    changed["policies"]["standard"]["grace_period"] = "2h"
+    assert len(first) == 1 and first == again
+    assert checksums(changed) != first
+
+
+def test_hpa_owns_worker_replicas(chart: Any) -> None:
+    docs = render(chart, scenario("hpa"))
+    hpa = one(docs, "HorizontalPodAutoscaler", f"{FULLNAME}-worker")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{FULLNAME}-worker"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    assert {m["resource"]["name"] for m in hpa["spec"]["metrics"]} == {"cpu", "memory"}
+    assert "replicas" not in one(docs, "Deployment", f"{FULLNAME}-worker")["spec"]
+    assert not find(render(chart, {}), "HorizontalPodAutoscaler")
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_metrics_service_and_servicemonitor_select_worker_and_scheduler_only(chart: Any) -> None:
+    docs = render(chart, scenario("full"))
+    svc = one(docs, "Service", f"{FULLNAME}-metrics")
+    selected = {w for w, meta, _ in pod_specs(docs) if selects(svc["spec"]["selector"], meta["labels"])}
+    assert selected == {f"Deployment/{FULLNAME}-worker", f"Deployment/{FULLNAME}-scheduler"}
+    sm = one(render(chart, scenario("servicemonitor")), "ServiceMonitor", FULLNAME)
+    assert selects(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+    assert sm["metadata"]["labels"]["release"] == "prometheus"
+    assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"]
+    assert not find(render(chart, {}), "ServiceMonitor")
+
+
+def test_pdbs_select_their_component(chart: Any) -> None:
+    docs = render(chart, {})
+    for comp in ("worker", "scheduler"):
+        pdb = one(docs, "PodDisruptionBudget", f"{FULLNAME}-{comp}")
+        dep = one(docs, "Deployment", f"{FULLNAME}-{comp}")
+        assert pdb["spec"]["selector"] == dep["spec"]["selector"]
+        assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_network_policy_limits_egress_to_dependencies(chart: Any) -> None:
+    docs = render(chart, scenario("full"))
+    np_ = one(docs, "NetworkPolicy", FULLNAME)
+    spec = np_["spec"]
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    for where, meta, _ in pod_specs(docs):  # hook Jobs are covered too
+        assert selects(spec["podSelector"]["matchLabels"], meta["labels"]), where
+    ports = {(p["port"], p.get("protocol", "TCP")) for rule in spec["egress"] for p in rule.get("ports", [])}
+    assert {(53, "UDP"), (53, "TCP"), (6379, "TCP"), (5432, "TCP"), (8200, "TCP"), (443, "TCP")} <= ports
+    assert all(rule.get("ports") for rule in spec["egress"]), "an egress rule without ports opens every port"
+    https = next(r for r in spec["egress"] if r["ports"] == [{"port": 443, "protocol": "TCP"}])
+    block = https["to"][0]["ipBlock"]
+    assert ipaddress.ip_network("10.1.2.0/24").subnet_of(ipaddress.ip_network(block["except"][0]))
+    assert spec["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}],
+                                "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}]
+    assert not find(render(chart, scenario("no-networkpolicy")), "NetworkPolicy")
+
+
+def test_standard_labels_on_every_object(chart: Any) -> None:
+    for name in SCENARIOS:
+        for d in render(chart, scenario(name)):
+            labels = d["metadata"]["labels"]
+            for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+                        "app.kubernetes.io/managed-by", "helm.sh/chart"):
+                assert key in labels, f"{name}: {d['kind']}/{d['metadata']['name']} lacks {key}"
+            assert d["metadata"]["namespace"] == NAMESPACE
+            assert len(d["metadata"]["name"]) <= 63
+
+
+def test_long_release_names_still_fit_dns_labels(chart: Any) -> None:
+    docs = render(chart, scenario("full"), release="r" * 53)  # 53: Helm's longest release name
+    assert len(docs) > 10
+    for d in docs:
+        assert len(d["metadata"]["name"]) <= 63, d["metadata"]["name"]
+
+
+def test_image_by_tag_or_digest(chart: Any) -> None:
+    def image(values: dict[str, Any]) -> str:
+        return one(render(chart, values), "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    app_version = chart.metadata["appVersion"]
+    assert image({}) == f"ghcr.io/keyrotor/keyrotor:{app_version}"
+    assert image({"image": {"tag": "1.2.3"}}) == "ghcr.io/keyrotor/keyrotor:1.2.3"
+    digest = "sha256:" + "0f" * 32
+    assert image({"image": {"tag": "1.2.3", "digest": digest}}) == f"ghcr.io/keyrotor/keyrotor@{digest}"
+
+
+def test_placement_settings_reach_pods(chart: Any) -> None:
+    docs = render(chart, scenario("full"))
+    worker = one(docs, "Deployment", f"{FULLNAME}-worker")["spec"]["template"]
+    sched = one(docs, "Deployment", f"{FULLNAME}-scheduler")["spec"]["template"]
+    tsc = worker["spec"]["topologySpreadConstraints"][0]
+    assert tsc["labelSelector"]["matchLabels"] == one(docs, "Deployment", f"{FULLNAME}-worker")["spec"]["selector"]["matchLabels"]
+    assert sched["spec"]["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "scheduler"
+    assert worker["spec"]["tolerations"][0]["key"] == "dedicated"
+    assert sched["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert "nodeSelector" not in worker["spec"]
+    assert worker["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert worker["spec"]["priorityClassName"] == "keyrotor-high"
+    assert worker["metadata"]["annotations"]["team"] == "platform"
+    env = env_of(worker["spec"]["containers"][0])
+    assert env["SLACK_WEBHOOK_URL"]["valueFrom"]["secretKeyRef"]["name"] == "notify"
+    assert env["VAULT_NAMESPACE"]["value"] == "team-a"
