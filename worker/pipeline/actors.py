@@ -1,0 +1,115 @@
+"""One Dramatiq actor per protocol step, plus the dead-letter actor.
+
+An actor is a thin shell: read the retry count of the current message, run ``steps.execute``,
+then either send the next step, or raise ``dramatiq.Retry`` with the computed delay (Dramatiq
+re-enqueues and counts it). Actors are declared per broker (``declare_actors``) so tests can
+switch between a StubBroker and a RedisBroker in one process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+
+from worker import log
+from worker.metrics import DEAD_LETTERS
+from worker.pipeline.broker import STEP_QUEUE
+from worker.pipeline.context import get_context
+from worker.protocol import FailureKind, Step
+
+logger = log.get_logger("keyrotor.pipeline.actors")
+
+#: Dramatiq refuses delays beyond 7 days; a longer grace period is reached by re-enqueueing.
+MAX_DELAY_MS = 6 * 86_400_000
+
+_actors: dict[str, dramatiq.Actor] = {}
+_broker_id: Optional[int] = None
+
+
+def actor_name(step: Step) -> str:
+    return f"step_{step.value}"
+
+
+def _step_fn(step: Step) -> Callable[[str], None]:
+    def run_step(run_id: str) -> None:
+        from worker.pipeline.steps import execute
+
+        message = CurrentMessage.get_current_message()
+        retry_count = int(message.options.get("retries", 0)) if message is not None else 0
+        action = execute(get_context(), step, str(run_id), retry_count=retry_count)
+        if action.retry:
+            # ``from None``: Dramatiq stores the traceback in the message; keep it to our text.
+            raise dramatiq.Retry(f"retrying step {step.value}", delay=action.delay_ms) from None
+        if action.step is not None:
+            send_step(action.step, str(run_id), delay_ms=action.delay_ms)
+
+    run_step.__name__ = actor_name(step)
+    return run_step
+
+
+def dead_letter(message_data: dict[str, Any], retry_info: dict[str, Any]) -> None:
+    """A step message whose retries Dramatiq exhausted (errors escaped the step's own handling,
+    e.g. the database was down): record it on the run and in the audit trail."""
+    from worker.pipeline.steps import fail_run
+
+    name = str(message_data.get("actor_name", ""))
+    args = message_data.get("args") or []
+    DEAD_LETTERS.labels(step=name.removeprefix("step_") or "unknown").inc()
+    logger.error("message.dead_letter", actor=name, retries=retry_info.get("retries"))
+    if not name.startswith("step_") or not args:
+        return
+    try:
+        step = Step(name.removeprefix("step_"))
+    except ValueError:
+        return
+    target = fail_run(get_context(), str(args[0]), step,
+                      RuntimeError(f"dead letter: {retry_info.get('retries')} retries exhausted"), FailureKind.exhausted)
+    if target is not None:
+        from worker.protocol import next_step
+        from worker.pipeline.runs import load_run
+        from worker.db.session import session_scope
+
+        with session_scope(get_context().engine) as session:
+            run = load_run(session, str(args[0]))
+            following = next_step(run.mode, target) if run is not None else None
+        if following is not None:
+            send_step(following, str(args[0]))
+
+
+def declare_actors(broker: dramatiq.Broker) -> dict[str, dramatiq.Actor]:
+    """Declare every pipeline actor on ``broker`` (idempotent per broker)."""
+    global _broker_id
+    if _broker_id == id(broker) and _actors:
+        return _actors
+    from worker.pipeline.context import StepPolicy
+
+    policy = StepPolicy()
+    _actors.clear()
+    _actors["dead_letter"] = dramatiq.actor(dead_letter, actor_name="dead_letter", queue_name=STEP_QUEUE,
+                                            broker=broker, max_retries=3)
+    for step in Step:
+        _actors[actor_name(step)] = dramatiq.actor(
+            _step_fn(step), actor_name=actor_name(step), queue_name=STEP_QUEUE, broker=broker,
+            # Our own policy decides retries first (steps.execute); Dramatiq's bound and backoff
+            # only apply to errors that escape it, which then end in ``dead_letter``.
+            max_retries=policy.max_retries + 1, min_backoff=policy.min_backoff_ms,
+            max_backoff=policy.max_backoff_ms, time_limit=policy.time_limit_ms,
+            on_retry_exhausted="dead_letter",
+        )
+    from worker.pipeline.messages import declare_request_actor
+
+    _actors["rotation_requests"] = declare_request_actor(broker)
+    _broker_id = id(broker)
+    return _actors
+
+
+def send_step(step: Step, run_id: str, *, delay_ms: int = 0) -> None:
+    """Enqueue ``step`` for ``run_id`` (the message carries only the run id)."""
+    if not _actors:
+        from worker.pipeline.broker import get_broker
+
+        get_broker()
+    delay = min(max(0, int(delay_ms)), MAX_DELAY_MS)
+    _actors[actor_name(step)].send_with_options(args=(run_id,), delay=delay or None)

@@ -1,0 +1,57 @@
+"""The Dramatiq broker: Redis in production (keys prefixed with ``settings.queue_namespace``), a
+``StubBroker`` for unit tests and the in-process demo. ``setup_broker`` installs it as the global
+broker and declares the pipeline's actors on it."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import dramatiq
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import CurrentMessage
+
+#: The queue of protocol steps (messages carry only ``{"run_id": …}`` as their single argument).
+STEP_QUEUE = "rotation"
+#: The queue of versioned rotation-request messages from any producer (see docs/queue-message.md).
+REQUEST_QUEUE = "rotation_requests"
+
+_broker: Optional[dramatiq.Broker] = None
+
+
+def make_redis_broker(url: str, namespace: str) -> dramatiq.Broker:
+    from dramatiq.brokers.redis import RedisBroker
+
+    return RedisBroker(url=url, namespace=namespace)
+
+
+def make_stub_broker() -> StubBroker:
+    return StubBroker()
+
+
+def setup_broker(settings: Any = None, *, broker: Optional[dramatiq.Broker] = None) -> dramatiq.Broker:
+    """Install ``broker`` (default: Redis from settings) globally and declare the actors on it."""
+    global _broker
+    if broker is None:
+        from worker.settings import get_settings
+
+        settings = settings or get_settings()
+        broker = make_redis_broker(settings.redis_url, settings.queue_namespace)
+    if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
+        broker.add_middleware(CurrentMessage())
+    dramatiq.set_broker(broker)
+    _broker = broker
+    from worker.pipeline import actors
+
+    actors.declare_actors(broker)
+    return broker
+
+
+def get_broker() -> dramatiq.Broker:
+    """The installed broker; set up from settings on first use."""
+    return _broker if _broker is not None else setup_broker()
+
+
+def reset_broker() -> None:
+    """Forget the installed broker (tests)."""
+    global _broker
+    _broker = None

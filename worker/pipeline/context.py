@@ -1,0 +1,152 @@
+"""The collaborators a step needs, injected: database, Vault, provider and integration factories,
+retry/timing policy, notifier. Tests and the demo build one with fakes or stand-ins; the worker
+process builds one from settings (``context_from_settings``) the first time a step runs.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from worker.db.models import ManagedKey
+
+
+class NotifyFn(Protocol):
+    def __call__(self, event: str, *, key_name: str, run_id: Optional[str], detail: dict[str, Any]) -> None: ...
+
+
+#: (session, key) → a Provider (``worker.providers.base.Provider``)
+ProviderFactory = Callable[[Session, ManagedKey], Any]
+#: (session, integration name) → an Integration (``worker.integrations.base.Integration``)
+IntegrationFactory = Callable[[Session, str], Any]
+
+
+@dataclass(frozen=True)
+class StepPolicy:
+    """Retry budget and timings of pipeline steps.
+
+    ``max_retries`` bounds every step (invariant 8); delays grow from ``min_backoff_ms`` to
+    ``max_backoff_ms`` with jitter; a server's Retry-After is a floor, capped at
+    ``max_retry_after_s`` so a garbage header cannot park a run for days.
+    """
+
+    max_retries: int = 8
+    min_backoff_ms: int = 2_000
+    max_backoff_ms: int = 300_000
+    max_retry_after_s: float = 3_600.0
+    time_limit_ms: int = 120_000          # one execution of one step (Dramatiq TimeLimit)
+    activation_poll_s: float = 2.0        # precheck: how often to ask whether a new key is live
+    activation_timeout_s: float = 120.0   # precheck: give up (compensate) after this long
+    revocation_timeout_s: float = 120.0   # retire: how long a revoked key may still authenticate
+
+
+@dataclass
+class PipelineContext:
+    engine: Engine
+    vault: Any                                  # worker.vault.store.VaultStore or a stand-in
+    provider_factory: ProviderFactory
+    integration_factory: IntegrationFactory
+    policy: StepPolicy = field(default_factory=StepPolicy)
+    actor: str = field(default_factory=lambda: f"worker:{socket.gethostname()}")
+    notify: Optional[NotifyFn] = None
+
+
+_lock = threading.Lock()
+_context: Optional[PipelineContext] = None
+
+
+def configure(context: Optional[PipelineContext]) -> None:
+    """Install the process-wide context used by the actors (``None`` resets it)."""
+    global _context
+    with _lock:
+        _context = context
+
+
+def get_context() -> PipelineContext:
+    """The process-wide context; built from settings on first use if nobody configured one."""
+    global _context
+    with _lock:
+        if _context is None:
+            _context = context_from_settings()
+        return _context
+
+
+def default_notify() -> Optional[NotifyFn]:
+    try:
+        from worker.notify import notify  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return notify  # type: ignore[no-any-return]
+
+
+def context_from_settings(settings: Any = None) -> PipelineContext:
+    """Real collaborators: the settings' database, Vault, the provider and integration registries."""
+    from worker.db.session import engine_for
+    from worker.settings import get_settings
+
+    settings = settings or get_settings()
+    from worker.vault.store import VaultStore  # type: ignore[import-not-found]
+
+    vault = VaultStore.from_settings(settings)
+    return PipelineContext(
+        engine=engine_for(settings.database_url),
+        vault=vault,
+        provider_factory=_registry_provider_factory(vault, settings),
+        integration_factory=_registry_integration_factory(vault, settings),
+        notify=default_notify(),
+    )
+
+
+def _registry_provider_factory(vault: Any, settings: Any) -> ProviderFactory:
+    from worker.secret_refs import make_resolver
+
+    resolve = make_resolver(vault)
+    cache: dict[str, Any] = {}
+
+    def factory(session: Session, key: ManagedKey) -> Any:
+        from worker.db.models import ProviderRecord
+        from worker.providers.registry import build_provider  # type: ignore[import-not-found]
+
+        record = session.get(ProviderRecord, key.provider)
+        if record is None:
+            from worker.errors import PermanentError
+
+            raise PermanentError(f"provider {key.provider!r} of key {key.name!r} is not in the applied inventory; "
+                                 "run `keyrotor config apply`")
+        return build_provider(record, resolve=resolve, limiter=_limiter(settings, cache))
+
+    return factory
+
+
+def _limiter(settings: Any, cache: dict[str, Any]) -> Any:
+    """The providers' shared (Redis-backed) rate limiter, one per process."""
+    if "limiter" not in cache:
+        from worker.providers import ratelimit  # type: ignore[import-not-found]
+
+        make = getattr(ratelimit, "limiter_from_settings", None) or getattr(ratelimit, "RateLimiter")
+        cache["limiter"] = make(settings) if make.__name__ == "limiter_from_settings" else make.from_settings(settings)
+    return cache["limiter"]
+
+
+def _registry_integration_factory(vault: Any, settings: Any) -> IntegrationFactory:
+    from worker.secret_refs import make_resolver
+
+    resolve = make_resolver(vault)
+
+    def factory(session: Session, name: str) -> Any:
+        from worker.db.models import IntegrationRecord
+        from worker.integrations.registry import build_integration  # type: ignore[import-not-found]
+
+        record = session.get(IntegrationRecord, name)
+        if record is None:
+            from worker.errors import PermanentError
+
+            raise PermanentError(f"integration {name!r} is not in the applied inventory; run `keyrotor config apply`")
+        return build_integration(record, vault=vault, resolve=resolve)
+
+    return factory

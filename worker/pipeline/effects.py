@@ -1,0 +1,123 @@
+"""Small helpers shared by the steps: holding secrets in memory, safe error text, adapters'
+result shapes, Vault lookups that may legitimately find nothing."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterator, Optional
+
+from worker import log
+from worker.secret import Secret
+
+_held = threading.local()
+
+
+def _held_values() -> set[str]:
+    if not hasattr(_held, "values"):
+        _held.values = set()
+    return _held.values  # type: ignore[no-any-return]
+
+
+@contextmanager
+def holding(*secrets: Optional[Secret]) -> Iterator[None]:
+    """While a step holds secret values, any accidental appearance in a log line or in error text
+    we store is blanked; the values are forgotten when the step is done."""
+    values = [s.reveal() for s in secrets if s is not None]
+    for value in values:
+        log.register_secret(value)
+        _held_values().add(value)
+    try:
+        yield
+    finally:
+        for value in values:
+            log.forget_secret(value)
+            _held_values().discard(value)
+
+
+def safe_error(exc: BaseException, limit: int = 500) -> str:
+    """``Class: message`` with every secret this thread holds blanked, truncated (for DB and audit)."""
+    text = f"{type(exc).__name__}: {exc}"
+    for value in _held_values():
+        text = text.replace(value, log.REDACTED)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def enum_value(value: Any) -> str:
+    """``CheckOutcome.valid`` / ``"valid"`` → ``"valid"`` (adapters may return either)."""
+    return str(getattr(value, "value", value))
+
+
+def verify_status(result: Any) -> tuple[str, Optional[str]]:
+    """An integration's VerifyResult as (ok | mismatch | unchecked, reported fingerprint)."""
+    status = getattr(result, "status", result)
+    if isinstance(result, bool):
+        status = "ok" if result else "mismatch"
+    reported = getattr(result, "fingerprint", None) or getattr(result, "reported_fingerprint", None)
+    return enum_value(status), reported
+
+
+def not_found_errors() -> tuple[type[BaseException], ...]:
+    """The exception a VaultStore raises for an absent path (``VaultNotFound``)."""
+    try:
+        from worker.vault.errors import VaultNotFound  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover - until worker/vault lands
+        return (KeyError, LookupError)
+    return (VaultNotFound, KeyError, LookupError)
+
+
+def read_pending(vault: Any, run_id: str) -> Optional[tuple[Secret, Optional[str]]]:
+    """The staged secret of a run, or ``None`` when nothing is staged."""
+    try:
+        return vault.read_pending(run_id)  # type: ignore[no-any-return]
+    except not_found_errors():
+        return None
+
+
+@dataclass(frozen=True)
+class FallbackAnnouncement:
+    """Same fields as ``worker.integrations.base.Announcement`` (used until that module exists)."""
+
+    event: str
+    key_name: str
+    run_id: str
+    provider_key_id: Optional[str]
+    fingerprint: str
+    vault_mount: str
+    vault_path: str
+    vault_version: int
+    secret: Secret
+
+
+def announcement(**fields: Any) -> Any:
+    try:
+        from worker.integrations.base import Announcement  # type: ignore[import-not-found]
+    except ImportError:  # pragma: no cover - until worker/integrations lands
+        return FallbackAnnouncement(**fields)
+    return Announcement(**fields)
+
+
+def parse_seconds(value: Any, default: float) -> float:
+    """``2``, ``"2s"``, ``"15m"``, ``"2h"`` → seconds (inventory durations); ``default`` when absent."""
+    if value is None:
+        return default
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        return default
+
+
+def seconds_between(later: datetime, earlier: Optional[datetime]) -> float:
+    from worker.clock import as_utc
+
+    if earlier is None:
+        return 0.0
+    return (as_utc(later) - as_utc(earlier)).total_seconds()  # type: ignore[operator]

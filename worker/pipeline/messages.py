@@ -1,0 +1,192 @@
+"""The versioned rotation-request message any producer can enqueue, and the actor consuming it.
+
+Schema (version 1; see docs/queue-message.md)::
+
+    {"version": 1, "key": "alloy/reporting", "reason": "manual", "requested_by": "ci:deploy-42",
+     "idempotency_key": "deploy-42", "not_before": null, "emergency": false}
+
+or, for an emergency on every key of a provider::
+
+    {"version": 1, "provider": "alloy", "all": true, "emergency": true, "reason": "breach", ...}
+
+A malformed message is rejected with a logged reason, an audit event (``queue_message_rejected``)
+and a counter; it is never retried and never stops a worker. The same idempotency key gives the
+same run; a request for a key with an open run joins it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal, Optional
+
+import dramatiq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from worker import log
+from worker.clock import utcnow
+from worker.db.models import AuditEvent, RotationRun
+from worker.db.session import session_scope
+from worker.errors import KeyrotorError
+from worker.metrics import QUEUE_MESSAGES_REJECTED
+
+logger = log.get_logger("keyrotor.pipeline.messages")
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 16_384
+
+
+class MalformedMessage(KeyrotorError):
+    """The message does not match the schema; ``reason`` says what is wrong (never its content)."""
+
+    def __init__(self, reason: str, code: str = "malformed") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class RotationRequestV1(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1]
+    key: Optional[str] = Field(None, min_length=1, max_length=200)
+    provider: Optional[str] = Field(None, min_length=1, max_length=128)
+    all: bool = False
+    reason: str = Field("manual", min_length=1, max_length=64)
+    requested_by: str = Field(min_length=1, max_length=200)
+    idempotency_key: Optional[str] = Field(None, min_length=1, max_length=200)
+    not_before: Optional[datetime] = None
+    emergency: bool = False
+    target_credential_type: Optional[str] = Field(None, min_length=1, max_length=64)
+
+    @field_validator("not_before")
+    @classmethod
+    def _aware(cls, value: Optional[datetime]) -> Optional[datetime]:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("not_before needs a timezone, e.g. 2026-01-01T00:00:00Z")
+        return value
+
+    @model_validator(mode="after")
+    def _target(self) -> "RotationRequestV1":
+        if self.key and (self.provider or self.all):
+            raise ValueError("give either 'key', or 'provider' with 'all': true, not both")
+        if not self.key:
+            if not (self.provider and self.all):
+                raise ValueError("give 'key', or 'provider' with 'all': true")
+            if not self.emergency:
+                raise ValueError("'provider' + 'all' rotates every key with no grace period; it needs 'emergency': true")
+        return self
+
+
+def parse_request(raw: Any) -> RotationRequestV1:
+    """Validate a message (a dict, or a JSON string/bytes); raise ``MalformedMessage`` with a reason."""
+    if isinstance(raw, (bytes, bytearray)):
+        if len(raw) > MAX_MESSAGE_BYTES:
+            raise MalformedMessage(f"message is larger than {MAX_MESSAGE_BYTES} bytes", "too_large")
+        raw = raw.decode("utf-8", errors="replace")
+    if isinstance(raw, str):
+        if len(raw) > MAX_MESSAGE_BYTES:
+            raise MalformedMessage(f"message is larger than {MAX_MESSAGE_BYTES} bytes", "too_large")
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise MalformedMessage(f"not JSON: {exc.msg} at position {exc.pos}", "not_json") from None
+    if not isinstance(raw, dict):
+        raise MalformedMessage(f"expected a JSON object, got {type(raw).__name__}", "not_object")
+    if raw.get("version") != SCHEMA_VERSION:
+        raise MalformedMessage(f"unsupported version {raw.get('version')!r}; this worker reads version {SCHEMA_VERSION}",
+                               "bad_version")
+    try:
+        return RotationRequestV1.model_validate(raw)
+    except ValidationError as exc:
+        # Only field paths and messages: the input values could hold anything (even a secret).
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors(include_input=False, include_url=False)
+        )
+        raise MalformedMessage(problems, "invalid") from None
+
+
+def handle_request(engine: Any, request: RotationRequestV1) -> list[tuple[RotationRun, bool]]:
+    """Create (or join) the run(s) a valid request asks for; commits."""
+    from worker.pipeline.requests import request_rotation
+
+    with session_scope(engine) as session:
+        if request.key:
+            run, created = request_rotation(
+                session, key_name=request.key, reason=request.reason, trigger="queue",
+                requested_by=request.requested_by, idempotency_key=request.idempotency_key,
+                not_before=request.not_before, emergency=request.emergency,
+                target_credential_type=request.target_credential_type)
+            return [(run, created)]
+        from jobs.emergency import request_provider_rotation  # type: ignore[import-not-found]
+
+        runs = request_provider_rotation(session, provider=request.provider or "", requested_by=request.requested_by,
+                                         reason=request.reason)
+        return [(run, True) for run in runs]
+
+
+def reject(engine: Any, reason: str, code: str, message_id: Optional[str] = None) -> None:
+    """Log, count and audit a rejected message (never its content)."""
+    QUEUE_MESSAGES_REJECTED.labels(reason=code).inc()
+    logger.error("queue_message.rejected", reason=reason, code=code, message_id=message_id)
+    try:
+        with session_scope(engine) as session:
+            session.add(AuditEvent(at=utcnow(), actor="queue", event="queue_message_rejected",
+                                   detail={"reason": reason, "code": code, "message_id": message_id}))
+    except Exception as exc:  # the audit is best effort here; the worker must keep going
+        logger.error("queue_message.audit_failed", error=type(exc).__name__)
+
+
+def consume(raw: Any, *, engine: Any, message_id: Optional[str] = None) -> list[tuple[RotationRun, bool]]:
+    """Validate and act on one message; malformed or unknown → rejected (returns [])."""
+    from worker.pipeline.requests import enqueue_run
+
+    try:
+        request = parse_request(raw)
+    except MalformedMessage as exc:
+        reject(engine, exc.reason, exc.code, message_id)
+        return []
+    try:
+        results = handle_request(engine, request)
+    except KeyrotorError as exc:  # unknown/disabled key, reused idempotency key: permanent
+        reject(engine, str(exc), "refused", message_id)
+        return []
+    for run, created in results:
+        if created:
+            enqueue_run(run)
+        logger.info("queue_message.accepted", run_id=run.id, joined=not created, requested_by=request.requested_by)
+    return results
+
+
+def rotation_requests(payload: Any = None, *args: Any, **kwargs: Any) -> None:
+    """Actor: one rotation request. Any shape is accepted at the Dramatiq level so that a
+    malformed message is rejected by us, with a reason, rather than crash the worker."""
+    from dramatiq.middleware import CurrentMessage
+
+    from worker.pipeline.context import get_context
+
+    message = CurrentMessage.get_current_message()
+    message_id = message.message_id if message is not None else None
+    if args or kwargs:
+        reject(get_context().engine, "expected exactly one argument: the request object", "bad_envelope", message_id)
+        return
+    consume(payload, engine=get_context().engine, message_id=message_id)
+
+
+def declare_request_actor(broker: dramatiq.Broker) -> dramatiq.Actor:
+    from worker.pipeline.broker import REQUEST_QUEUE
+
+    # Transient errors (database down) are retried by Dramatiq; validation failures never raise.
+    return dramatiq.actor(rotation_requests, actor_name="rotation_requests", queue_name=REQUEST_QUEUE,
+                          broker=broker, max_retries=10, min_backoff=1000, max_backoff=60_000)
+
+
+def send_request(request: dict[str, Any]) -> None:
+    """Enqueue a request from Python (producers elsewhere follow docs/queue-message.md)."""
+    from worker.pipeline.actors import _actors
+    from worker.pipeline.broker import get_broker
+
+    if not _actors:
+        get_broker()
+    _actors["rotation_requests"].send(request)

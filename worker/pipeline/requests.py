@@ -1,0 +1,122 @@
+"""Creating rotation runs (``request_rotation``) and putting them on the queue (``enqueue_run``).
+
+Invariant 3 is the database's: the partial unique index allows one open run per key, and the
+idempotency key is unique. A request that loses a race to either constraint returns the run that
+won, so every producer (CLI, scheduler, queue message) can simply retry.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Optional
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from worker import log
+from worker.clock import as_utc, utcnow
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.errors import PermanentError
+from worker.pipeline.runs import open_run_for_key
+from worker.protocol import next_step, parse_mode
+
+logger = log.get_logger("keyrotor.pipeline.requests")
+
+
+class UnknownKey(PermanentError):
+    """The request names a key that is not in the applied inventory."""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _by_idempotency_key(session: Session, idempotency_key: str) -> Optional[RotationRun]:
+    return session.exec(select(RotationRun).where(RotationRun.idempotency_key == idempotency_key)).first()
+
+
+def _existing(session: Session, key: ManagedKey, idempotency_key: Optional[str]) -> Optional[RotationRun]:
+    if idempotency_key:
+        run = _by_idempotency_key(session, idempotency_key)
+        if run is not None:
+            if run.key_id != key.id:
+                raise PermanentError(f"idempotency key {idempotency_key!r} was already used for another key; "
+                                     "use a fresh one per request")
+            return run
+    assert key.id is not None
+    return open_run_for_key(session, key.id)
+
+
+def request_rotation(
+    session: Session,
+    *,
+    key_name: str,
+    reason: str,
+    trigger: str,
+    requested_by: str,
+    idempotency_key: Optional[str] = None,
+    not_before: Optional[datetime] = None,
+    emergency: bool = False,
+    target_credential_type: Optional[str] = None,
+) -> tuple[RotationRun, bool]:
+    """Create a run for ``key_name`` → ``(run, True)``; or return the run this request joins
+    (same idempotency key, or the key's open run) → ``(run, False)``. The caller commits."""
+    key = session.exec(select(ManagedKey).where(ManagedKey.name == key_name)).first()
+    if key is None:
+        raise UnknownKey(f"no managed key named {key_name!r}; check the name with `keyrotor status`")
+    if not key.enabled:
+        raise PermanentError(f"key {key_name!r} is disabled in the inventory; enable it to rotate it")
+    existing = _existing(session, key, idempotency_key)
+    if existing is not None:
+        _audit_join(session, existing, requested_by, trigger, reason, idempotency_key)
+        return existing, False
+    provider = session.get(ProviderRecord, key.provider)
+    now = utcnow()
+    run = RotationRun(
+        id=new_run_id(), key_id=key.id, state=RunState.requested, mode=parse_mode(provider.mode if provider else None).value,
+        trigger=trigger, reason=reason, requested_by=requested_by, idempotency_key=idempotency_key,
+        emergency=emergency, target_credential_type=target_credential_type, attempts=0,
+        not_before=as_utc(not_before), created_at=now, updated_at=now,
+    )
+    savepoint = session.begin_nested()
+    try:
+        session.add(run)
+        session.flush()
+    except IntegrityError:
+        savepoint.rollback()  # another producer won the race for this key or idempotency key
+        existing = _existing(session, key, idempotency_key)
+        if existing is None:
+            raise
+        _audit_join(session, existing, requested_by, trigger, reason, idempotency_key)
+        return existing, False
+    savepoint.commit()
+    session.add(AuditEvent(at=now, run_id=run.id, key_id=key.id, actor=requested_by, event="state_changed",
+                           from_state=None, to_state=RunState.requested.value,
+                           detail={"trigger": trigger, "reason": reason, "idempotency_key": idempotency_key,
+                                   "emergency": emergency, "target_credential_type": target_credential_type}))
+    session.flush()
+    logger.info("run.requested", run_id=run.id, key=key_name, trigger=trigger, reason=reason)
+    return run, True
+
+
+def _audit_join(session: Session, run: RotationRun, requested_by: str, trigger: str, reason: str,
+                idempotency_key: Optional[str]) -> None:
+    session.add(AuditEvent(at=utcnow(), run_id=run.id, key_id=run.key_id, actor=requested_by, event="request_joined",
+                           detail={"trigger": trigger, "reason": reason, "idempotency_key": idempotency_key}))
+
+
+def enqueue_run(run: RotationRun) -> None:
+    """Send the actor for the run's current state (no-op when the run waits or is over)."""
+    from worker.pipeline.actors import send_step
+
+    state = run.state if isinstance(run.state, RunState) else RunState(run.state)
+    step = next_step(run.mode, state)
+    if step is None:
+        return
+    delay_s = 0.0
+    now = utcnow()
+    when = run.not_before if state == RunState.requested else run.grace_until if state == RunState.verified else None
+    if when is not None:
+        delay_s = max(0.0, (as_utc(when) - now).total_seconds())  # type: ignore[operator]
+    send_step(step, run.id, delay_ms=int(delay_s * 1000))

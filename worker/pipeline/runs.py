@@ -1,0 +1,115 @@
+"""Loading runs and moving them on: the conditional UPDATE that makes steps race-safe.
+
+``transition`` is ``UPDATE rotation_run SET state=:to … WHERE id=:id AND state=:expected``; a row
+count other than 1 means another worker (or a duplicate message) already moved the run, and is
+raised as ``StateConflict`` so the caller rolls back its transaction and drops the message. The
+audit event is written in the same transaction (invariant 6).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Optional
+
+from sqlalchemy import update
+from sqlmodel import Session, select
+
+from worker.clock import utcnow
+from worker.db.models import TERMINAL_STATES, AuditEvent, KeyVersion, ManagedKey, RotationRun, RunState
+from worker.errors import StateConflict
+from worker.protocol import check_transition
+
+
+def run_state(run: RotationRun) -> RunState:
+    return run.state if isinstance(run.state, RunState) else RunState(run.state)
+
+
+def load_run(session: Session, run_id: str) -> Optional[RotationRun]:
+    return session.get(RotationRun, run_id, populate_existing=True)
+
+
+def load_key(session: Session, run: RotationRun) -> ManagedKey:
+    key = session.get(ManagedKey, run.key_id)
+    if key is None:  # pragma: no cover - FK guarantees it
+        raise StateConflict(f"run {run.id} refers to a missing key id {run.key_id}")
+    return key
+
+
+def load_version(session: Session, version_id: Optional[int]) -> Optional[KeyVersion]:
+    return session.get(KeyVersion, version_id) if version_id is not None else None
+
+
+def audit(session: Session, run: RotationRun, *, actor: str, event: str, from_state: Optional[str] = None,
+          to_state: Optional[str] = None, detail: Optional[dict[str, Any]] = None) -> None:
+    session.add(AuditEvent(at=utcnow(), run_id=run.id, key_id=run.key_id, actor=actor, event=event,
+                           from_state=from_state, to_state=to_state, detail=dict(detail or {})))
+
+
+def transition(
+    session: Session,
+    run: RotationRun,
+    to: RunState,
+    *,
+    actor: str,
+    detail: Optional[dict[str, Any]] = None,
+    deadline_s: Optional[float] = None,
+    **fields: Any,
+) -> RotationRun:
+    """Move ``run`` from its current (expected) state to ``to``, conditionally; audit it.
+
+    ``deadline_s``: seconds until the reconciler may consider the run stuck (``None`` clears it:
+    the run waits for a person or is over). Extra ``fields`` are column values to set.
+    """
+    expected = run_state(run)
+    check_transition(run.mode, expected, to)
+    now = utcnow()
+    values: dict[str, Any] = {"state": to.value, "updated_at": now, "attempts": 0, **fields}
+    values["step_deadline_at"] = now + timedelta(seconds=deadline_s) if deadline_s is not None else None
+    if to in TERMINAL_STATES:
+        values["finished_at"] = now
+        values["step_deadline_at"] = None
+    result = session.execute(
+        update(RotationRun)
+        .where(RotationRun.id == run.id, RotationRun.state == expected.value)  # type: ignore[arg-type]
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise StateConflict(f"run {run.id} is no longer {expected.value}; another worker moved it")
+    audit(session, run, actor=actor, event="state_changed", from_state=expected.value, to_state=to.value,
+          detail=detail)
+    session.flush()
+    refreshed = load_run(session, run.id)
+    assert refreshed is not None
+    return refreshed
+
+
+def note_attempt(session: Session, run: RotationRun, *, actor: str, step: str, error: str, delay_s: float,
+                 time_limit_s: float) -> bool:
+    """Record a failed attempt that will be retried; ``False`` if the run moved meanwhile."""
+    now = utcnow()
+    result = session.execute(
+        update(RotationRun)
+        .where(RotationRun.id == run.id, RotationRun.state == run_state(run).value)  # type: ignore[arg-type]
+        .values(attempts=RotationRun.attempts + 1, last_error=error, updated_at=now,
+                step_deadline_at=now + timedelta(seconds=delay_s + time_limit_s))
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    audit(session, run, actor=actor, event="step_retry",
+          detail={"step": step, "error": error, "retry_in_s": round(delay_s, 3)})
+    return True
+
+
+def open_run_for_key(session: Session, key_id: int) -> Optional[RotationRun]:
+    return session.exec(
+        select(RotationRun).where(RotationRun.key_id == key_id, RotationRun.finished_at.is_(None))  # type: ignore[union-attr]
+    ).first()
+
+
+def sink_statuses(session: Session, run_id: str) -> dict[str, Any]:
+    from worker.db.models import SinkDelivery
+
+    rows = session.exec(select(SinkDelivery).where(SinkDelivery.run_id == run_id)).all()
+    return {row.integration: row for row in rows}
