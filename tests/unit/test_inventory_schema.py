@@ -225,3 +225,13 @@ def test_notification_url_literal_or_reference(doc: dict[str, Any]) -> None:
 def test_key_slug() -> None:
     assert key_slug("alloy/billing") == "alloy-billing"
     assert key_slug("Workfront/Integration User") == "workfront-integration-user"
+
+
+def test_credential_headers_need_a_placeholder(doc: dict[str, Any]) -> None:
+    doc["providers"]["alloy"]["calls"]["issue"]["headers"] = {"Authorization": "Bearer sk_live_abc"}
+    found = errors(doc)
+    assert found == [(("providers", "alloy", "calls", "issue", "headers"),
+                      "header Authorization would carry a literal credential; use the call's 'auth' "
+                      "(with a secret reference) or a {secret} placeholder")]
+    doc["providers"]["alloy"]["calls"]["issue"]["headers"] = {"Authorization": "Bearer {secret}", "X-Trace": "static"}
+    Inventory.model_validate(doc)

@@ -76,6 +76,9 @@ URL_PLACEHOLDERS = frozenset(
 
 LITERAL_SECRET_MESSAGE = 'a literal secret is not allowed here; use {vault: "MOUNT/PATH#FIELD"} or {env: NAME}'
 
+#: Headers that carry credentials: their value must come from a placeholder, not the file.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "apikey", "x-auth-token", "private-token", "cookie"})
+
 NOTIFICATION_EVENTS = ("started", "succeeded", "failed", "rolled_back", "needs_attention", "reminder")
 
 
@@ -295,6 +298,19 @@ class HttpCallSpec(_Model):
     @classmethod
     def _body(cls, value: Any) -> Any:
         return _check_body(value)
+
+    @field_validator("headers")
+    @classmethod
+    def _no_literal_credentials(cls, headers: dict[str, str]) -> dict[str, str]:
+        # A header that carries a credential must take it from a placeholder, never spell it out.
+        for name, value in headers.items():
+            if name.lower() in CREDENTIAL_HEADERS and not template_placeholders(value):
+                raise PydanticCustomError(
+                    "literal_secret",
+                    "header {name} would carry a literal credential; use the call's 'auth' (with a secret reference) or a {placeholder} placeholder",
+                    {"name": name, "placeholder": SECRET_TEMPLATE},
+                )
+        return headers
 
     def uses_secret(self) -> bool:
         """Whether the call carries the credential being checked (``{secret}`` anywhere)."""
