@@ -92,7 +92,7 @@ class FaultProxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
     def _take(self, path: str) -> Fault | None:
@@ -462,3 +462,67 @@ def test_kubernetes_login_refused_says_why(vault, vault_mount: str, k8s: K8sSetu
                          vault_k8s_jwt_path=str(tmp_path / "absent"))
     with pytest.raises(Exception, match="KEYROTOR_VAULT_K8S_JWT_PATH"):
         missing.read_current(vault_mount, path(), "api_key")
+
+
+# ------------------------------------------------------------------ the shipped policy
+def test_shipped_policy_allows_the_rotation_flow_and_nothing_more(vault, root: hvac.Client,  # type: ignore[no-untyped-def]
+                                                                  vault_mount: str) -> None:
+    hcl = (Path(__file__).parents[2] / "config" / "vault-policy.hcl").read_text()
+    hcl = hcl.replace('path "secret/', f'path "{vault_mount}/')  # the fixture's mount stands for `secret`
+    name = f"kr-shipped-{uuid.uuid4().hex[:6]}"
+    root.sys.create_or_update_acl_policy(name=name, policy=hcl)
+    token = root.auth.token.create(policies=[name], ttl="10m", no_default_policy=True)["auth"]["client_token"]
+    s = make_store(vault.addr, vault_mount, token=token)
+    p = f"apps/{uuid.uuid4().hex[:8]}/alloy"
+    run_id = uuid.uuid4().hex
+    admin = f"keyrotor/providers/{uuid.uuid4().hex[:6]}"
+    root.secrets.kv.v2.create_or_update_secret(path=admin, secret={"admin_token": "provider-admin"},
+                                               mount_point=vault_mount)
+
+    assert s.read_field(vault_mount, admin, "admin_token") == Secret("provider-admin")
+    s.stage_pending(run_id, Secret("issued-value"), "k1")
+    secret, key_id = s.read_pending(run_id)
+    v1 = s.promote(vault_mount, p, "api_key", secret, key_id, None)
+    v2 = s.promote(vault_mount, p, "api_key", Secret("issued-value-2"), "k2", v1)
+    s.restore(vault_mount, p, from_version=v1, expected_version=v2)
+    s.set_custom_metadata(vault_mount, p, {"keyrotor_run": run_id})
+    assert s.custom_metadata(vault_mount, p) == {"keyrotor_run": run_id}
+    assert len(s.list_versions(vault_mount, p)) == 3
+    s.discard_pending(run_id)
+    assert s.health().token_valid is True  # lookup-self granted without the default policy
+
+    with pytest.raises(VaultPermissionDenied):  # provider admin credentials are read-only
+        s.write(vault_mount, admin, {"admin_token": "overwritten"})
+    with pytest.raises(VaultPermissionDenied):  # nothing outside the managed prefixes
+        s.write(vault_mount, "other/thing", {"a": "b"})
+    root.sys.delete_acl_policy(name)
+
+
+# ------------------------------------------------------------------ token auth renewal
+def test_token_auth_renews_below_a_third_of_ttl(vault, root: hvac.Client, vault_mount: str,  # type: ignore[no-untyped-def]
+                                                proxy: FaultProxy) -> None:
+    token = root.auth.token.create(policies=["root"], ttl="15m", renewable=True)["auth"]["client_token"]
+    s = make_store(proxy.url, vault_mount, token=token)
+    p = path()
+    s.write(vault_mount, p, {"api_key": "value-t"})
+    assert proxy.count("GET", "/auth/token/lookup-self") == 1 and s.auth.lease is not None
+    start = datetime.now(timezone.utc)
+    set_clock(lambda: start + timedelta(minutes=9))  # 6 of 15 minutes left: more than a third
+    s.read_field(vault_mount, p, "api_key")
+    assert proxy.count("POST", "/auth/token/renew-self") == 0
+    set_clock(lambda: start + timedelta(minutes=11))  # 4 minutes left: renew
+    s.read_field(vault_mount, p, "api_key")
+    s.read_field(vault_mount, p, "api_key")
+    assert proxy.count("POST", "/auth/token/renew-self") == 1 and s.auth.renewals == 1
+    assert proxy.count("GET", "/auth/token/lookup-self") == 1  # looked up once, not per call
+
+
+def test_expired_non_renewable_token_is_reported(vault, root: hvac.Client, vault_mount: str) -> None:  # type: ignore[no-untyped-def]
+    token = root.auth.token.create(policies=["root"], ttl="5m", renewable=False)["auth"]["client_token"]
+    s = make_store(vault.addr, vault_mount, token=token)
+    p = path()
+    s.write(vault_mount, p, {"api_key": "value-n"})
+    start = datetime.now(timezone.utc)
+    set_clock(lambda: start + timedelta(minutes=6))
+    with pytest.raises(VaultPermissionDenied, match="VAULT_TOKEN has expired"):
+        s.read_field(vault_mount, p, "api_key")

@@ -273,9 +273,11 @@ class BackgroundRenewer:
     """Optional daemon thread that calls ``auth.prepare`` periodically, so an idle worker's token
     does not expire between rare calls. It sleeps on an Event (no busy loop) and stops on ``stop()``."""
 
-    def __init__(self, auth: VaultAuth, client: hvac.Client, addr: str = "", *, max_interval_s: float = 60.0) -> None:
+    def __init__(self, auth: VaultAuth, client: hvac.Client, addr: str = "", *, max_interval_s: float = 60.0,
+                 min_interval_s: float = 1.0) -> None:
         self._auth, self._client, self._addr = auth, client, addr
         self._max_interval_s = max_interval_s
+        self._min_interval_s = min_interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vault-token-renewer", daemon=True)
 
@@ -291,7 +293,7 @@ class BackgroundRenewer:
         lease = self._auth.lease
         if lease is None or lease.period_s <= 0:
             return self._max_interval_s
-        return max(1.0, min(self._max_interval_s, lease.period_s / 6))
+        return max(self._min_interval_s, min(self._max_interval_s, lease.period_s / 6))
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval()):
