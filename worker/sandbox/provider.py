@@ -436,9 +436,12 @@ def start_provider_in_thread(*, host: str = "127.0.0.1", port: int = 0, admin_to
 
 def run_provider_forever(*, host: str, port: int, admin_token: str | None, activation_delay: float,
                          rate_limit: tuple[int, float] | None, key_ttl: float | None, cutover: bool,
-                         ready: Callable[[str, str], None]) -> None:
+                         ready: Callable[[str, str], None], deprecations: dict[str, str] | None = None,
+                         amnesty_header: str = DEFAULT_AMNESTY_HEADER) -> None:
     """Foreground server for ``keyrotor sandbox provider``; ``ready(url, admin_token)`` once bound."""
-    state = _state(admin_token, activation_delay, rate_limit, key_ttl, cutover, None, DEFAULT_AMNESTY_HEADER)
+    state = _state(admin_token, activation_delay, rate_limit, key_ttl, cutover, None, amnesty_header)
+    for credential_type, phase in (deprecations or {}).items():
+        set_deprecation(state, credential_type, phase)
     serve_until_signalled(ProviderApp(state), host, port, lambda handle: ready(handle.url, state.admin_token))
 
 
