@@ -379,7 +379,11 @@ def _sa_jwt(key: rsa.RSAPrivateKey, namespace: str, name: str) -> str:
 
 
 @pytest.fixture
-def k8s(root: hvac.Client, vault_mount: str, tmp_path: Path) -> Iterator[K8sSetup]:
+def k8s(vault, root: hvac.Client, vault_mount: str, tmp_path: Path) -> Iterator[K8sSetup]:  # type: ignore[no-untyped-def]
+    if vault.real:
+        # Real Vault's kubernetes method also asks the cluster's TokenReview API about every JWT
+        # (pem_keys only adds a local signature check); there is no cluster on this machine.
+        pytest.skip("Kubernetes login against a real Vault needs a reachable Kubernetes API")
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
@@ -526,3 +530,23 @@ def test_expired_non_renewable_token_is_reported(vault, root: hvac.Client, vault
     set_clock(lambda: start + timedelta(minutes=6))
     with pytest.raises(VaultPermissionDenied, match="VAULT_TOKEN has expired"):
         s.read_field(vault_mount, p, "api_key")
+
+
+# ------------------------------------------------------------------ no secret in logs
+def test_no_secret_in_log_events(vault, vault_mount: str, proxy: FaultProxy) -> None:  # type: ignore[no-untyped-def]
+    from structlog.testing import capture_logs
+
+    secret = Secret("sk_live_never_log_me_0123456789")
+    s = make_store(proxy.url, vault_mount, token=vault.token)
+    p = path()
+    run_id = uuid.uuid4().hex
+    with capture_logs() as events:  # raw event dicts, before any redaction processor
+        s.stage_pending(run_id, secret, "k1")
+        s.promote(vault_mount, p, "api_key", s.read_pending(run_id)[0], "k1", None)
+        proxy.faults.append(Fault(f"/{vault_mount}/data/{p}", 503, times=1))
+        s.promote(vault_mount, p, "api_key", Secret("sk_live_second_never_logged"), "k2", 1)
+        s.discard_pending(run_id)
+    dump = repr(events)
+    assert "never_log_me" not in dump and "second_never_logged" not in dump
+    assert secret.fingerprint in dump  # what we log instead
+    assert any(e["event"] == "vault.retry" for e in events)
