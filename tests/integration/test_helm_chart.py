@@ -116,6 +116,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "servicemonitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}},
     "vault-token": {"vault": {"auth": {"method": "token", "token": {"existingSecret": "vault-token", "key": "tok"}}}},
     "no-networkpolicy": {"networkPolicy": {"enabled": False}},
+    "inventory-text": {"config": {"inventory": "TEXT"}, "hooks": {"migrate": {"enabled": False}}},
     "full": {
         "image": {"digest": "sha256:" + "ab" * 32},
         "imagePullSecrets": [{"name": "regcred"}],
@@ -146,6 +147,8 @@ def scenario(name: str) -> dict[str, Any]:
     values = copy.deepcopy(SCENARIOS[name])
     if values.get("config", {}).get("inventory") == "EXAMPLE":
         values["config"]["inventory"] = example_inventory()
+    elif values.get("config", {}).get("inventory") == "TEXT":
+        values["config"]["inventory"] = EXAMPLE_INVENTORY.read_text()
     return values
 
 
@@ -295,9 +298,9 @@ def test_every_pod_meets_restricted_profile(chart: Any, name: str) -> None:
     docs = render(chart, scenario(name))
     specs = pod_specs(docs)
     names = {w for w, _, _ in specs}
-    assert {f"Deployment/{FULLNAME}-worker", f"Deployment/{FULLNAME}-scheduler", f"Job/{FULLNAME}-migrate"} <= names
-    if name == "full":
-        assert f"Job/{FULLNAME}-config-apply" in names
+    assert {f"Deployment/{FULLNAME}-worker", f"Deployment/{FULLNAME}-scheduler"} <= names
+    assert (f"Job/{FULLNAME}-migrate" in names) == (name != "inventory-text")
+    assert (f"Job/{FULLNAME}-config-apply" in names) == (name in {"full", "inventory-text"})
     problems = [p for w, _, spec in specs for p in restricted_violations(w, spec)]
     assert not problems, problems
 
@@ -607,3 +610,14 @@ def test_placement_settings_reach_pods(chart: Any) -> None:
     env = env_of(worker["spec"]["containers"][0])
     assert env["SLACK_WEBHOOK_URL"]["valueFrom"]["secretKeyRef"]["name"] == "notify"
     assert env["VAULT_NAMESPACE"]["value"] == "team-a"
+
+
+def test_inventory_given_as_file_text_keeps_its_comments(chart: Any) -> None:
+    text = EXAMPLE_INVENTORY.read_text()  # what `--set-file config.inventory=FILE` passes
+    docs = render(chart, {"config": {"inventory": text}})
+    data = one(docs, "ConfigMap", f"{FULLNAME}-inventory")["data"]["inventory.yaml"]
+    assert data.rstrip("\n") == text.rstrip("\n")
+    assert yaml.safe_load(data) == example_inventory()
+    assert one(docs, "ConfigMap", f"{FULLNAME}-inventory-hook")["data"]["inventory.yaml"] == data
+    worker = one(docs, "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["metadata"]
+    assert "checksum/inventory" in worker["annotations"]

@@ -76,6 +76,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- if or .Values.config.existingConfigMap .Values.config.inventory -}}true{{- end -}}
 {{- end -}}
 
+{{/* The inventory document: a YAML string (e.g. from --set-file, comments kept) or an object. */}}
+{{- define "keyrotor.inventoryData" -}}
+{{- if kindIs "string" .Values.config.inventory -}}
+{{- .Values.config.inventory -}}
+{{- else -}}
+{{- toYaml .Values.config.inventory -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "keyrotor.inventoryConfigMapName" -}}
 {{- default (printf "%s-inventory" (include "keyrotor.fullname" .)) .Values.config.existingConfigMap -}}
 {{- end -}}
@@ -281,7 +290,7 @@ topologySpreadConstraints:
   {{- if not (hasKey $tsc "labelSelector") }}
   {{- $_ := set $tsc "labelSelector" (dict "matchLabels" (include "keyrotor.componentSelectorLabels" (dict "root" $.root "component" $.component) | fromYaml)) }}
   {{- end }}
-  - {{- toYaml $tsc | nindent 4 }}
+  - {{ toYaml $tsc | indent 4 | trim }}
   {{- end }}
 {{- end }}
 {{- end -}}
