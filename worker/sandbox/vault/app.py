@@ -119,11 +119,11 @@ class VaultApp:
         req.token = token
         backend = self._resolve(path)
         self._authorize(req, token, backend)
+        self.tokens.use(token)
         try:
             return self._call(req, backend)
         finally:
-            if self.tokens.tokens.get(token.id) is token:
-                self.tokens.use(token)
+            self.tokens.finish(token)
 
     def _login_route(self, path: str) -> KubernetesAuth | None:
         if not path.startswith("auth/"):

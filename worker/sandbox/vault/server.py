@@ -49,6 +49,12 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_LIST = do_HEAD = _serve
     do_OPTIONS = _serve
 
+    def __getattr__(self, name: str) -> Any:
+        # Any other verb reaches the app, which answers 405 as Vault does (stdlib would say 501).
+        if name.startswith("do_"):
+            return self._serve
+        raise AttributeError(name)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass  # request lines may carry secret paths; stay quiet like `vault server` without audit
 

@@ -190,7 +190,7 @@ class SystemBackend:
             data[path] = caps
             merged.update(caps)
         data["capabilities"] = sorted(merged)
-        return Result(data=data)
+        return Result(raw=self._legacy(data))
 
     def _legacy(self, data: dict[str, Any]) -> dict[str, Any]:
         """Some sys endpoints repeat their data at the top level of the envelope (Vault's

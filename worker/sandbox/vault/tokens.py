@@ -41,6 +41,8 @@ class Token:
     explicit_max_ttl: int = 0
     period: int = 0
     last_renewal: datetime | None = None
+    lease: int = 0  # the duration granted by the last create/renew (the auth block's lease_duration)
+    exhausted: bool = False  # its last use is in progress; revoked when the request ends
     children: set[str] = field(default_factory=set)
 
     @property
@@ -87,7 +89,7 @@ class Token:
             "policies": list(self.policies),
             "token_policies": list(self.policies),
             "metadata": dict(self.meta) if self.meta else None,
-            "lease_duration": self.remaining(now()) if self.expires else 0,
+            "lease_duration": self.lease if self.expires else 0,
             "renewable": self.renewable,
             "entity_id": "",
             "token_type": "service",
@@ -123,11 +125,15 @@ class TokenStore:
         return token
 
     def use(self, token: Token) -> None:
-        """Count one use of a limited-use token; the last use revokes it (after the request)."""
+        """Count one use of a limited-use token before the request runs (as Vault does); the
+        request that spends the last use still succeeds and the token is revoked after it."""
         if token.num_uses > 0:
             token.num_uses -= 1
-            if token.num_uses == 0:
-                self.revoke(token)
+            token.exhausted = token.num_uses == 0
+
+    def finish(self, token: Token) -> None:
+        if token.exhausted:
+            self.revoke(token)
 
     # ------------------------------------------------------------------ creation
     def create_root(self, token_id: str) -> Token:
@@ -169,6 +175,7 @@ class TokenStore:
             at + timedelta(seconds=ttl) if ttl else None, renewable, parent is None,
             parent.id if parent else None, meta or None, num_uses, explicit_max_ttl, period,
         )
+        token.lease = ttl
         self._add(token)
         if parent is not None:
             parent.children.add(token.id)
@@ -227,6 +234,7 @@ class TokenStore:
             wanted = min(wanted, max(0, remaining_max))
         token.expires = at + timedelta(seconds=wanted)
         token.last_renewal = at
+        token.lease = wanted
         return token
 
     def revoke(self, token: Token, *, children: bool = True) -> None:
