@@ -90,7 +90,7 @@ def context_from_settings(settings: Any = None) -> PipelineContext:
     from worker.settings import get_settings
 
     settings = settings or get_settings()
-    from worker.vault.store import VaultStore  # type: ignore[import-not-found]
+    from worker.vault.store import VaultStore
 
     vault = VaultStore.from_settings(settings)
     return PipelineContext(
@@ -110,7 +110,7 @@ def _registry_provider_factory(vault: Any, settings: Any) -> ProviderFactory:
 
     def factory(session: Session, key: ManagedKey) -> Any:
         from worker.db.models import ProviderRecord
-        from worker.providers.registry import build_provider  # type: ignore[import-not-found]
+        from worker.providers.registry import build_provider
 
         record = session.get(ProviderRecord, key.provider)
         if record is None:
@@ -124,12 +124,11 @@ def _registry_provider_factory(vault: Any, settings: Any) -> ProviderFactory:
 
 
 def _limiter(settings: Any, cache: dict[str, Any]) -> Any:
-    """The providers' shared (Redis-backed) rate limiter, one per process."""
+    """The providers' shared (Redis-backed) rate limiter, one per process (invariant 8)."""
     if "limiter" not in cache:
-        from worker.providers import ratelimit  # type: ignore[import-not-found]
+        from worker.providers.ratelimit import RedisRateLimiter
 
-        make = getattr(ratelimit, "limiter_from_settings", None) or getattr(ratelimit, "RateLimiter")
-        cache["limiter"] = make(settings) if make.__name__ == "limiter_from_settings" else make.from_settings(settings)
+        cache["limiter"] = RedisRateLimiter.from_url(settings.redis_url, namespace=settings.queue_namespace)
     return cache["limiter"]
 
 
@@ -140,7 +139,7 @@ def _registry_integration_factory(vault: Any, settings: Any) -> IntegrationFacto
 
     def factory(session: Session, name: str) -> Any:
         from worker.db.models import IntegrationRecord
-        from worker.integrations.registry import build_integration  # type: ignore[import-not-found]
+        from worker.integrations.registry import build_integration
 
         record = session.get(IntegrationRecord, name)
         if record is None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator, Optional
 
 from worker import log
+from worker.integrations.base import Announcement
+from worker.vault.errors import VaultNotFound
 from worker.secret import Secret
 
 _held = threading.local()
@@ -59,43 +60,15 @@ def verify_status(result: Any) -> tuple[str, Optional[str]]:
     return enum_value(status), reported
 
 
-def not_found_errors() -> tuple[type[BaseException], ...]:
-    """The exception a VaultStore raises for an absent path (``VaultNotFound``)."""
-    try:
-        from worker.vault.errors import VaultNotFound  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover - until worker/vault lands
-        return (KeyError, LookupError)
-    return (VaultNotFound, KeyError, LookupError)
-
-
 def read_pending(vault: Any, run_id: str) -> Optional[tuple[Secret, Optional[str]]]:
     """The staged secret of a run, or ``None`` when nothing is staged."""
     try:
         return vault.read_pending(run_id)  # type: ignore[no-any-return]
-    except not_found_errors():
+    except VaultNotFound:
         return None
 
 
-@dataclass(frozen=True)
-class FallbackAnnouncement:
-    """Same fields as ``worker.integrations.base.Announcement`` (used until that module exists)."""
-
-    event: str
-    key_name: str
-    run_id: str
-    provider_key_id: Optional[str]
-    fingerprint: str
-    vault_mount: str
-    vault_path: str
-    vault_version: int
-    secret: Secret
-
-
-def announcement(**fields: Any) -> Any:
-    try:
-        from worker.integrations.base import Announcement  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover - until worker/integrations lands
-        return FallbackAnnouncement(**fields)
+def announcement(**fields: Any) -> Announcement:
     return Announcement(**fields)
 
 

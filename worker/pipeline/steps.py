@@ -375,7 +375,7 @@ def _announcement(snap: Snapshot, event: str, secret: Secret, version: KeyVersio
     return announcement(event=event, key_name=snap.key.name, run_id=snap.run.id,
                         provider_key_id=version.provider_key_id, fingerprint=secret.fingerprint,
                         vault_mount=snap.key.vault_mount, vault_path=snap.key.vault_path,
-                        vault_version=vault_version, secret=secret)
+                        vault_field=snap.key.vault_field, vault_version=vault_version, secret=secret)
 
 
 def _push_all(ctx: PipelineContext, snap: Snapshot, ann: Any, *, done_status: str, skip: set[str]) -> list[tuple[str, BaseException]]:
