@@ -231,3 +231,8 @@ class InMemoryRateLimiter:
             if self._now() + wait > deadline:
                 raise RateLimited(f"rate limit of provider {provider!r} reached; retry in {wait:.1f}s", retry_after=wait)
             self._sleep(wait)
+
+
+def shared_limiter(redis_url: str, *, namespace: str = "keyrotor", max_wait: float = 5.0) -> RedisRateLimiter:
+    """The limiter every worker uses: ``shared_limiter(settings.redis_url, namespace=settings.queue_namespace)``."""
+    return RedisRateLimiter.from_url(redis_url, namespace=namespace, max_wait=max_wait)
