@@ -81,3 +81,224 @@ def test_old_key_revoked_only_after_verification_and_grace(world: World) -> None
     world.clock.advance(1)
     assert world.drive(run_id) == RunState.completed
     assert world.provider.revoked_ids() == [world.old.key_id]
+
+
+def test_failure_before_promotion_revokes_new_keeps_old(world: World) -> None:
+    world.provider.activation_checks = 10_000  # the new key never goes live
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.failed
+    new_secret = world.provider.issued_secrets[0]
+    assert not world.provider.is_valid(new_secret)
+    assert world.provider.is_valid(world.old.secret)
+    assert world.vault_value() == world.old.secret
+    assert world.provider.revoked_ids() == ["k-2"]  # the new one, never the old one
+    old, new = versions(world, run_id)
+    assert new.stage == VersionStage.failed and old.stage == VersionStage.current
+    assert "activation timeout" in get_run(world, run_id).last_error
+    assert states_in_audit(world.engine, run_id)[-2:] == [("issued", "compensating"), ("compensating", "failed")]
+
+
+def test_failure_after_promotion_restores_vault_and_sinks(world: World) -> None:
+    world.integrations["svc-b"].faults.add("push", PermanentError("endpoint says 404"))
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.rolled_back
+    new_secret = world.provider.issued_secrets[0]
+    assert world.vault_value() == world.old.secret
+    assert len(world.vault.paths[("secret", "apps/acme/reporting")]) == 3  # old, new, old restored
+    assert world.integrations["svc-a"].held == world.old.secret
+    assert world.integrations["svc-a"].events[-1][0] == "rolled_back"
+    assert not world.provider.is_valid(new_secret) and world.provider.is_valid(world.old.secret)
+    old, new = versions(world, run_id)
+    assert old.stage == VersionStage.current and old.vault_version == 3 and new.stage == VersionStage.failed
+    assert ("propagated" not in {t for _, t in states_in_audit(world.engine, run_id)})
+    assert ("promoted", "rolling_back") in states_in_audit(world.engine, run_id)
+    assert [e for e, _ in world.notifications] == ["rolled_back"]
+
+
+def test_duplicate_messages_end_in_same_state(world: World) -> None:
+    """Invariant 7: every step delivered twice."""
+    run_id = world.request()
+    for step in (Step.issue, Step.issue, Step.precheck, Step.precheck, Step.promote, Step.promote,
+                 Step.propagate, Step.propagate, Step.verify, Step.verify):
+        steps.execute(world.ctx, step, run_id)
+    world.clock.advance(3600)
+    for step in (Step.retire, Step.retire, Step.finish, Step.finish, Step.compensate, Step.rollback):
+        steps.execute(world.ctx, step, run_id)
+    assert get_run(world, run_id).state == RunState.completed
+    assert len(world.provider.issued_secrets) == 1
+    assert world.provider.revoked_ids() == [world.old.key_id]
+    assert world.integrations["svc-a"].events == [("rotated", world.integrations["svc-a"].events[0][1])]
+    assert states_in_audit(world.engine, run_id) == HAPPY
+
+
+def test_crash_after_staging_then_redelivery_never_issues_twice(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_id = world.request()
+    real = steps.transition
+    calls = {"n": 0}
+
+    def crash_once(*args, **kwargs):  # the process dies after Vault staging, before the DB commit
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("worker killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "transition", crash_once)
+    action = steps.execute(world.ctx, Step.issue, run_id)
+    assert action.retry and get_run(world, run_id).state == RunState.requested
+    assert world.drive(run_id) == RunState.completed
+    assert len(world.provider.issued_secrets) == 1
+    assert world.vault_value() == world.provider.issued_secrets[0]
+
+
+def test_crash_after_issue_before_staging_revokes_orphan_and_fails(world: World) -> None:
+    world.provider.faults.add("after_issue", RuntimeError("worker killed"))  # key exists, secret lost
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.failed
+    assert len(world.provider.issued_secrets) == 1  # never issued twice for one run
+    assert not world.provider.is_valid(world.provider.issued_secrets[0])
+    assert world.provider.is_valid(world.old.secret) and world.vault_value() == world.old.secret
+
+
+def test_crash_after_vault_promote_is_recovered(world: World) -> None:
+    world.vault.faults.add("after_promote", TransientError("connection reset after write"))
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.completed
+    assert len(world.vault.paths[("secret", "apps/acme/reporting")]) == 2  # written once
+
+
+def test_two_workers_racing_one_wins(world: World) -> None:
+    run_id = world.request()
+    with Session(world.engine, expire_on_commit=False) as s1:
+        stale = load_run(s1, run_id)
+    with session_scope(world.engine) as s2:
+        transition(s2, load_run(s2, run_id), RunState.cancelled, actor="worker:a")
+    with pytest.raises(StateConflict):
+        with session_scope(world.engine) as s3:
+            transition(s3, stale, RunState.issued, actor="worker:b")
+    assert states_in_audit(world.engine, run_id) == [(None, "requested"), ("requested", "cancelled")]
+    # A late step message for the moved run does nothing.
+    assert steps.execute(world.ctx, Step.issue, run_id) == steps.Action()
+    assert world.provider.issued_secrets == []
+
+
+def test_rate_limited_retry_after_is_honoured(world: World) -> None:
+    world.provider.faults.add("issue", RateLimited("429", retry_after=42))
+    run_id = world.request()
+    action = steps.execute(world.ctx, Step.issue, run_id, retry_count=0)
+    assert action.retry and action.step == Step.issue
+    assert 42_000 <= action.delay_ms <= 43_100
+    run = get_run(world, run_id)
+    assert run.attempts == 1 and "RateLimited" in run.last_error
+    assert world.drive(run_id) == RunState.completed
+
+
+def test_permanent_error_is_not_retried(world: World) -> None:
+    world.provider.faults.always("issue", PermanentError("403: management token lacks scope"))
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.failed
+    from worker.db.models import AuditEvent
+    with Session(world.engine) as session:
+        retries = session.exec(select(AuditEvent).where(AuditEvent.event == "step_retry")).all()
+    assert retries == []
+    assert states_in_audit(world.engine, run_id)[1:] == [("requested", "compensating"), ("compensating", "failed")]
+    assert world.provider.is_valid(world.old.secret)
+
+
+def test_retries_exhausted_needs_attention(world: World) -> None:
+    world.provider.faults.always("issue", TransientError("503 upstream"))
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.needs_attention
+    run = get_run(world, run_id)
+    assert run.finished_at is None  # stays open: the key cannot rotate again until resolved
+    assert world.vault_value() == world.old.secret and world.provider.is_valid(world.old.secret)
+    assert [e for e, _ in world.notifications] == ["needs_attention"]
+    from sqlmodel import select as sel
+    from worker.db.models import AuditEvent
+    with Session(world.engine) as session:
+        retries = session.exec(sel(AuditEvent).where(AuditEvent.event == "step_retry")).all()
+    assert len(retries) == world.ctx.policy.max_retries
+
+
+def test_exhausted_after_promotion_rolls_back_first(world: World) -> None:
+    world.integrations["svc-a"].report_stale = True  # never serves the new key
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.rolled_back
+    assert world.vault_value() == world.old.secret
+    assert ("propagated", "rolling_back") in states_in_audit(world.engine, run_id)
+
+
+def test_no_secret_in_logs_rows_or_errors(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    """Invariant 5 over one happy run, one rollback and one compensation."""
+    import io
+
+    from worker.log import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("DEBUG", "json", stream=stream)
+    world.drive(world.request())
+    world.integrations["svc-b"].faults.add("push", PermanentError("refused"))
+    world.drive(world.request(idempotency_key="second"))
+    world.provider.activation_checks = 10_000
+    world.drive(world.request(idempotency_key="third"))
+    text = stream.getvalue() + all_rows_text(world.engine) + capsys.readouterr().out
+    assert len(world.provider.issued_secrets) == 3 and "sk_" not in text
+    for secret in world.provider.issued_secrets + [world.old.secret]:
+        assert secret not in text
+    assert "run.transition" in stream.getvalue()  # the log really was captured
+
+
+def test_cutover_records_window_and_never_rolls_back(sqlite_url: str) -> None:
+    world = World(url=sqlite_url, provider=FakeProvider(mode="cutover")).build()
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.completed
+    from sqlmodel import select as sel
+    from worker.db.models import AuditEvent
+    with Session(world.engine) as session:
+        promoted = session.exec(sel(AuditEvent).where(AuditEvent.run_id == run_id, AuditEvent.to_state == "promoted")).one()
+    assert "cutover_window_ms" in promoted.detail
+    assert get_run(world, run_id).grace_until is not None
+    assert world.old.key_id not in world.provider.revoked_ids()  # invalidated by the issue itself
+
+    world.integrations["svc-a"].faults.add("push", PermanentError("refused"))
+    run2 = world.request(idempotency_key="again")
+    assert world.drive(run2) == RunState.needs_attention  # no rollback possible in cutover
+    assert world.vault_value() == world.provider.issued_secrets[1]
+    assert world.provider.is_valid(world.provider.issued_secrets[1])
+
+
+def test_assisted_waits_for_deposit_then_completes(sqlite_url: str) -> None:
+    from worker.pipeline.deposit import deposit
+    from worker.secret import Secret
+
+    world = World(url=sqlite_url, provider=FakeProvider(mode="assisted")).build()
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.awaiting_deposit
+    assert world.notifications[0][0] == "started"
+    new = world.provider.add_existing("made-by-a-person")
+    assert deposit(run_id=run_id, secret=Secret(new.secret), deposited_by="cli:alice", ctx=world.ctx,
+                   enqueue=False) == RunState.issued
+    assert world.drive(run_id) == RunState.completed
+    assert world.vault_value() == new.secret and not world.provider.is_valid(world.old.secret)
+    with pytest.raises(PermanentError):
+        deposit(run_id=world.request(idempotency_key="x"), secret=Secret(new.secret), deposited_by="cli:bob",
+                ctx=world.ctx, enqueue=False)
+
+
+def test_compensation_finding_new_key_in_vault_rolls_back(world: World) -> None:
+    run_id = world.request()
+    world.drive(run_id, stop_at={RunState.promoted})
+    # Simulate a run whose promotion was not recorded, then failed: it sits in compensating.
+    with session_scope(world.engine) as session:
+        run = load_run(session, run_id)
+        session.execute(RotationRun.__table__.update().where(RotationRun.id == run_id).values(state="compensating"))
+    assert world.drive(run_id) == RunState.rolled_back
+    assert world.vault_value() == world.old.secret
+    assert world.provider.is_valid(world.old.secret)
+
+
+def test_one_open_run_per_key_and_idempotency(world: World) -> None:
+    first = world.request(idempotency_key="abc")
+    assert world.request(idempotency_key="abc") == first
+    assert world.request() == first  # joins the open run
+    world.drive(first)
+    assert world.request() != first  # a finished run does not block a new one
