@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
+from cryptography.x509 import load_pem_x509_certificate
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .errors import VaultHTTPError, bad_request, not_found, unsupported_operation, unsupported_path
@@ -89,6 +90,17 @@ def role_from_body(body: dict[str, Any], existing: Role | None = None) -> Role:
     return role
 
 
+def _public_key(pem: str) -> Any:
+    """A PEM public key, or the public key of a PEM certificate (both accepted by Vault)."""
+    data = pem.strip().encode()
+    try:
+        if b"BEGIN CERTIFICATE" in data:
+            return load_pem_x509_certificate(data).public_key()
+        return load_pem_public_key(data)
+    except (ValueError, TypeError):
+        raise bad_request("data does not contain any valid RSA or ECDSA public keys") from None
+
+
 def _bound(value: str, allowed: list[str]) -> bool:
     return any(pattern == "*" or pattern == value or fnmatch.fnmatchcase(value, pattern) for pattern in allowed)
 
@@ -111,6 +123,7 @@ class KubernetesAuth:
     def __init__(self, path: str) -> None:
         self.path = path.rstrip("/")
         self.config: dict[str, Any] | None = None
+        self.verify_keys: list[Any] = []
         self.roles: dict[str, Role] = {}
 
     def existence(self, subpath: str) -> bool | None:
@@ -163,11 +176,7 @@ class KubernetesAuth:
             raise bad_request("no host provided")
         raw_keys = body.get("pem_keys") or []
         pem_keys = [str(k) for k in raw_keys] if isinstance(raw_keys, list) else [str(raw_keys)]
-        for pem in pem_keys:
-            try:
-                load_pem_public_key(pem.encode())
-            except (ValueError, TypeError):
-                raise bad_request("data does not contain any valid RSA or ECDSA public keys") from None
+        self.verify_keys = [_public_key(pem) for pem in pem_keys]
         self.config = {
             "kubernetes_host": host,
             "kubernetes_ca_cert": str(body.get("kubernetes_ca_cert") or ""),
@@ -179,14 +188,14 @@ class KubernetesAuth:
 
     def _verify(self, token: str, role: Role) -> dict[str, Any]:
         assert self.config is not None
-        if not self.config["pem_keys"]:
+        if not self.verify_keys:
             raise VaultHTTPError(403, ["permission denied (the stand-in verifies JWTs with pem_keys only; "
                                        "configure auth/kubernetes/config with pem_keys)"])
         options = {"verify_aud": bool(role.audience)}  # exp/nbf are checked when present
         issuer = None if self.config["disable_iss_validation"] or not self.config["issuer"] else self.config["issuer"]
-        for pem in self.config["pem_keys"]:
+        for key in self.verify_keys:
             try:
-                return jwt.decode(token, pem, algorithms=_ALGORITHMS, audience=role.audience or None,
+                return jwt.decode(token, key, algorithms=_ALGORITHMS, audience=role.audience or None,
                                   issuer=issuer, options=options)
             except jwt.InvalidSignatureError:
                 continue
