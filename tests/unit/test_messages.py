@@ -1,0 +1,69 @@
+"""The versioned rotation-request message: validation, rejection, idempotency, joining."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlmodel import Session, select
+
+from tests.fakes_pipeline import FakeProvider, World
+from worker.db.models import AuditEvent, RotationRun
+from worker.pipeline.messages import MalformedMessage, consume, parse_request
+
+VALID = {"version": 1, "key": "acme/reporting", "reason": "manual", "requested_by": "ci:deploy",
+         "idempotency_key": "deploy-1", "not_before": None, "emergency": False}
+
+
+@pytest.fixture
+def world(sqlite_url: str) -> World:
+    from worker.pipeline.broker import make_stub_broker, setup_broker
+
+    setup_broker(broker=make_stub_broker())
+    return World(url=sqlite_url, provider=FakeProvider()).build()
+
+
+def test_valid_message_parses() -> None:
+    req = parse_request(json.dumps({**VALID, "not_before": "2026-01-01T00:00:00Z"}))
+    assert req.key == "acme/reporting" and req.not_before.tzinfo is not None
+
+
+@pytest.mark.parametrize("raw, code", [
+    ("{not json", "not_json"),
+    ("[1, 2]", "not_object"),
+    ({**VALID, "version": 2}, "bad_version"),
+    ({**VALID, "key": None}, "invalid"),
+    ({**VALID, "colour": "blue"}, "invalid"),
+    ({**VALID, "requested_by": ""}, "invalid"),
+    ({**VALID, "not_before": "2026-01-01T00:00:00"}, "invalid"),
+    ({**{k: v for k, v in VALID.items() if k != "key"}, "provider": "acme", "all": True}, "invalid"),
+    ("x" * 20_000, "too_large"),
+])
+def test_malformed_messages_rejected_with_reason(raw: object, code: str) -> None:
+    with pytest.raises(MalformedMessage) as info:
+        parse_request(raw)
+    assert info.value.code == code and info.value.reason
+
+
+def test_rejection_never_echoes_values() -> None:
+    with pytest.raises(MalformedMessage) as info:
+        parse_request({**VALID, "reason": "sk_live_supersecret" * 10})
+    assert "sk_live_supersecret" not in info.value.reason
+
+
+def test_consume_rejects_and_records(world: World) -> None:
+    assert consume("{oops", engine=world.engine, message_id="m1") == []
+    assert consume({**VALID, "key": "nope"}, engine=world.engine, message_id="m2") == []
+    with Session(world.engine) as session:
+        events = session.exec(select(AuditEvent).where(AuditEvent.event == "queue_message_rejected")).all()
+    assert [(e.detail["code"], e.detail["message_id"]) for e in events] == [("not_json", "m1"), ("refused", "m2")]
+
+
+def test_same_idempotency_key_same_run_and_open_run_joined(world: World) -> None:
+    (run1, created1), = consume(VALID, engine=world.engine)
+    (run2, created2), = consume(VALID, engine=world.engine)
+    (run3, created3), = consume({**VALID, "idempotency_key": "other"}, engine=world.engine)
+    assert created1 and not created2 and not created3
+    assert run1.id == run2.id == run3.id
+    with Session(world.engine) as session:
+        assert len(session.exec(select(RotationRun)).all()) == 1
