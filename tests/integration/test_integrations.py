@@ -154,3 +154,31 @@ def test_vault_copy_writes_reads_back_and_is_idempotent(store: VaultStore, vault
     store.write(vault_mount, "billing/alloy-billing", {"token": other.reveal()})
     result = integration.verify(ann)
     assert result.status is VerifyStatus.mismatch and result.reported_fingerprint == other.fingerprint
+
+
+def test_consumer_ignoring_updates_is_caught_by_verify(consumer: ConsumerHandle, store: VaultStore,
+                                                       vault_mount: str, provider: ProviderHandle) -> None:
+    old_fp = consumer.fingerprint
+    consumer.ignore_updates(True)
+    secret, version, key_id = rotate_in_vault(store, vault_mount, provider)
+    ann = announce(secret, version, key_id, vault_mount)
+    integration = webhook(consumer)
+    integration.push(ann)  # accepted, but the application keeps its old key
+    result = integration.verify(ann)
+    assert result.status is VerifyStatus.mismatch and result.reported_fingerprint == old_fp
+
+
+def test_consumer_started_before_its_key_exists(vault, vault_mount, provider: ProviderHandle, store: VaultStore) -> None:  # type: ignore[no-untyped-def]
+    handle = start_consumer_in_thread(vault_addr=vault.addr, vault_token=vault.token, mount=vault_mount,
+                                      path="apps/later", probe_url=f"{provider.url}/api/user/me",
+                                      signing_secret=SIGNING, probe_interval=0.01)
+    try:
+        assert handle.fingerprint is None
+        time.sleep(0.05)
+        assert handle.stats()["probes"] == 0  # no key: no calls, no false failures
+        key = provider.seed_key()
+        store.write(vault_mount, "apps/later", {"api_key": key.secret})
+        assert httpx.get(handle.health_url).json()["ok"] is True  # /health loads on demand
+        assert handle.fingerprint == Secret(key.secret).fingerprint
+    finally:
+        handle.stop()

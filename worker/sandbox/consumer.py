@@ -42,6 +42,10 @@ class ConsumerConfig:
     probe_interval_ms: int | None = None
     now: Callable[[], float] = time.time
 
+    @property
+    def check_url(self) -> str:
+        return self.provider_url.rstrip("/") + self.check_path
+
 
 @dataclass
 class ConsumerStats:
@@ -70,6 +74,7 @@ class Consumer:
         self._http = httpx.Client(timeout=5.0)
         self._stop = threading.Event()
         self._probe_thread: threading.Thread | None = None
+        self._ignore_updates = False
 
     # ------------------------------------------------------------------ key handling
     @property
@@ -109,20 +114,27 @@ class Consumer:
         if key is None:
             return False, None
         try:
-            response = self._http.get(self.config.provider_url.rstrip("/") + self.config.check_path,
-                                      headers={"Authorization": f"Bearer {key}"})
+            response = self._http.get(self.config.check_url, headers={"Authorization": f"Bearer {key}"})
         except httpx.HTTPError:
             return False, None
         return 200 <= response.status_code < 300, response.status_code
 
     # ------------------------------------------------------------------ probe loop
+    def ignore_updates(self, ignore: bool = True) -> None:
+        """Simulate a broken application: webhooks are accepted but the key is not reloaded."""
+        self._ignore_updates = ignore
+
     def start_probing(self) -> None:
+        """Call the provider with the held key every ``probe_interval_ms`` (idempotent)."""
         interval = self.config.probe_interval_ms
-        if not interval or self._probe_thread is not None:
+        if not interval or (self._probe_thread is not None and self._probe_thread.is_alive()):
             return
+        self._stop.clear()
 
         def loop() -> None:
             while not self._stop.wait(interval / 1000):
+                if self._key is None:
+                    continue  # an application with no key yet makes no calls
                 ok, status = self.key_works()
                 with self._lock:
                     self.stats.probes += 1
@@ -135,10 +147,14 @@ class Consumer:
         self._probe_thread = threading.Thread(target=loop, name="consumer-probe", daemon=True)
         self._probe_thread.start()
 
-    def stop(self) -> None:
+    def stop_probing(self) -> None:
         self._stop.set()
         if self._probe_thread is not None:
             self._probe_thread.join(timeout=5)
+            self._probe_thread = None
+
+    def stop(self) -> None:
+        self.stop_probing()
         self._http.close()
 
     def snapshot(self) -> dict[str, Any]:
@@ -146,6 +162,7 @@ class Consumer:
             stats = dict(vars(self.stats))
             stats["failure_statuses"] = dict(self.stats.failure_statuses)
             stats["events"] = list(self.stats.events)
+            stats["failures"] = self.stats.probe_failures  # short alias used by the demo's checks
         stats["fingerprint"] = self.fingerprint
         stats["vault_version"] = self._version
         return stats
@@ -184,6 +201,10 @@ class Consumer:
             with self._lock:
                 self.stats.webhooks_ignored += 1
             return Response.json(200, {"ignored": True, "reason": "not the key this application uses"})
+        if self._ignore_updates:
+            with self._lock:
+                self.stats.webhooks_ignored += 1
+            return Response.json(200, {"fingerprint": self.fingerprint, "matches": False})
         try:
             held = self.reload()
         except Exception as exc:  # keyrotor retries a 503
@@ -209,20 +230,44 @@ class ConsumerHandle:
     def stats(self) -> dict[str, Any]:
         return self.consumer.snapshot()
 
+    def reload(self) -> str | None:
+        return self.consumer.reload()
+
+    def start_probing(self) -> None:
+        self.consumer.start_probing()
+
+    def stop_probing(self) -> None:
+        self.consumer.stop_probing()
+
+    def ignore_updates(self, ignore: bool = True) -> None:
+        self.consumer.ignore_updates(ignore)
+
     def stop(self) -> None:
         self.consumer.stop()
         self._server.stop()
 
 
 def start_consumer_in_thread(*, vault_addr: str, vault_token: str, mount: str, path: str, field: str = "api_key",
-                             provider_url: str, signing_secret: str, probe_interval_ms: int | None = None,
-                             check_path: str = "/api/user/me", host: str = "127.0.0.1", port: int = 0,
+                             signing_secret: str, provider_url: str | None = None, check_path: str = "/api/user/me",
+                             probe_url: str | None = None, probe_interval_ms: int | None = None,
+                             probe_interval: float | None = None, host: str = "127.0.0.1", port: int = 0,
                              now: Callable[[], float] = time.time, load_now: bool = True) -> ConsumerHandle:
-    """Start the consumer; with ``load_now`` it reads its key from Vault before serving (fails if absent)."""
-    consumer = Consumer(ConsumerConfig(vault_addr, vault_token, mount, path, field, provider_url, signing_secret,
-                                       check_path, probe_interval_ms, now))
+    """Start the consumer. The provider check is ``provider_url + check_path`` or the full ``probe_url``;
+    the probe period is ``probe_interval_ms`` or ``probe_interval`` (seconds). With ``load_now`` it
+    reads its key from Vault first; a key that is not there yet is loaded later (``reload()`` or a webhook)."""
+    if probe_url is None and provider_url is None:
+        raise ValueError("give provider_url (with check_path) or probe_url")
+    if probe_url is not None:
+        provider_url, check_path = probe_url, ""
+    interval_ms = probe_interval_ms if probe_interval_ms is not None else (
+        int(probe_interval * 1000) if probe_interval else None)
+    consumer = Consumer(ConsumerConfig(vault_addr, vault_token, mount, path, field, provider_url or "", signing_secret,
+                                       check_path, interval_ms, now))
     if load_now:
-        consumer.reload()
+        try:
+            consumer.reload()
+        except Exception:
+            pass  # counted in reload_errors; /health and webhooks reload on demand
     server = serve_in_thread(consumer, host, port, name="sandbox-consumer")
     consumer.start_probing()
     return ConsumerHandle(server, consumer)
