@@ -64,15 +64,19 @@ def plan(
     if json_out:
         print_json({"generated_at": now, "days": days, "items": [item.as_dict() for item in items]})
         return
-    rows = []
+    rows, notes = [], []
     for item in items:
         when = "overdue" if item.overdue else relative(item.when, now)
         what = item.action if item.target_credential_type == item.credential_type else f"{item.action} → {item.target_credential_type}"
         if item.run_state:
             what += f" ({item.run_state})"
-        rows.append([iso(item.when), when, item.key, item.provider, item.reason, what, item.note])
-    print_table(["when", "", "key", "provider", "why", "action", "note"], rows,
+        rows.append([iso(item.when), when, item.key, item.provider, item.reason, what])
+        if item.note:
+            notes.append(f"  {item.key}: {item.note}")
+    print_table(["when", "due", "key", "provider", "why", "action"], rows,
                 title=f"Rotations in the next {days:g} days", empty=f"Nothing rotates in the next {days:g} days.")
+    if notes:
+        typer.echo("\nNotes:\n" + "\n".join(notes))
 
 
 def register(app: typer.Typer) -> None:

@@ -17,9 +17,10 @@ from datetime import datetime
 from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.engine import Engine
 
+from jobs.deprecation import replacement_type
 from jobs.pipeline_hooks import Pipeline, default_pipeline, enqueue_after_commit
 from worker.clock import as_utc, utcnow
-from worker.db.models import ManagedKey, RotationRun
+from worker.db.models import ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
 from worker.log import get_logger
 
@@ -65,8 +66,13 @@ def detect_due(
     pipeline = pipeline or default_pipeline()
     result = DetectionResult()
     with session_scope(engine) as session:
-        due = [(k.id, k.name, k.next_due_at, k.due_reason) for k in session.exec(due_keys_query(now, batch)).all()]  # type: ignore[call-overload]
-    for key_id, name, due_at, reason in due:
+        due = []
+        for k in session.scalars(due_keys_query(now, batch)).all():  # type: ignore[call-overload]
+            # A key due because its type is being deprecated migrates to the replacement type;
+            # rotating to the same type would leave it due (the cutoff does not move).
+            target = replacement_type(session.get(ProviderRecord, k.provider), k.credential_type) if k.due_reason == "deprecation" else None
+            due.append((k.id, k.name, k.next_due_at, k.due_reason, target))
+    for key_id, name, due_at, reason, target in due:
         try:
             with session_scope(engine) as session:
                 run, created = pipeline.request_rotation(
@@ -76,6 +82,7 @@ def detect_due(
                     trigger="schedule",
                     requested_by=requested_by,
                     idempotency_key=due_idempotency_key(key_id, due_at),
+                    target_credential_type=target,
                 )
                 if created:
                     enqueue_after_commit(session, run, pipeline.enqueue_run)

@@ -87,7 +87,7 @@ def recover_stuck_runs(
     notify = notify or _default_notify
     result = StuckResult()
     with session_scope(engine) as session:
-        stuck = [(r.id, r.state, r.attempts) for r in session.exec(stuck_runs_query(now, batch)).all()]  # type: ignore[call-overload]
+        stuck = [(r.id, r.state, r.attempts) for r in session.scalars(stuck_runs_query(now, batch)).all()]  # type: ignore[call-overload]
     for run_id, state, attempts in stuck:
         state_value = RunState(state).value
         # Conditional on what we read: if the worker moved the run meanwhile, we do nothing.
@@ -214,7 +214,7 @@ def revoke_orphans(
         query = select(ProviderRecord).order_by(ProviderRecord.name)  # type: ignore[arg-type]
         if providers is not None:
             query = query.where(ProviderRecord.name.in_(list(providers)))  # type: ignore[attr-defined]
-        records = list(session.exec(query).all())  # type: ignore[call-overload]
+        records = list(session.scalars(query).all())  # type: ignore[call-overload]
     revoked: list[RevokedOrphan] = []
     for record in records:
         try:

@@ -35,7 +35,7 @@ def retire_due(
     unclaimed = or_(RotationRun.step_deadline_at.is_(None), RotationRun.step_deadline_at < RotationRun.grace_until)  # type: ignore[union-attr,attr-defined,operator]
     enqueued: list[str] = []
     with session_scope(engine) as session:
-        ids = session.exec(  # type: ignore[call-overload]
+        ids = session.scalars(  # type: ignore[call-overload]
             select(RotationRun.id)
             .where(RotationRun.state == RunState.verified.value, RotationRun.grace_until <= now, unclaimed)  # type: ignore[arg-type,operator]
             .order_by(RotationRun.grace_until)  # type: ignore[arg-type]
