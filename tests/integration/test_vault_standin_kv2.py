@@ -218,3 +218,38 @@ def test_unknown_kv_path_and_wrong_method(vault, vault_mount) -> None:  # type: 
     assert raw(vault, "GET", f"{vault_mount}/bogus/x").status_code == 404
     assert raw(vault, "DELETE", f"{vault_mount}/subkeys/x").status_code == 405
     assert raw(vault, "GET", f"nomount-{uuid.uuid4().hex[:6]}/x").status_code in (403, 404)
+
+
+def test_concurrent_check_and_set_writers_never_lose_an_update(vault, vault_mount) -> None:  # type: ignore[no-untyped-def]
+    """Several clients race on one key with read-then-cas-write; every success is a distinct version."""
+    import threading
+
+    wins: list[int] = []
+    lock = threading.Lock()
+
+    def writer(worker: int) -> None:
+        client = hvac.Client(url=vault.addr, token=vault.token)
+        kv = client.secrets.kv.v2
+        done = 0
+        for _ in range(200):  # bounded: retries on a lost race
+            if done == 5:
+                break
+            try:
+                current = kv.read_secret_metadata("race", mount_point=vault_mount)["data"]["current_version"]
+            except exceptions.InvalidPath:
+                current = 0
+            try:
+                version = kv.create_or_update_secret("race", {"w": str(worker)}, cas=current, mount_point=vault_mount)["data"]["version"]
+            except exceptions.InvalidRequest:
+                continue
+            with lock:
+                wins.append(version)
+            done += 1
+        client.adapter.close()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(wins) == list(range(1, 31))
