@@ -135,3 +135,29 @@ def test_racing_transitions_one_wins(live) -> None:  # type: ignore[no-untyped-d
     for t in threads:
         t.join()
     assert len(wins) == 1 and len(conflicts) == 5
+
+
+def test_external_producer_envelope_via_raw_redis(live, redis_client, redis_namespace) -> None:  # type: ignore[no-untyped-def]
+    """The exact HSET + RPUSH documented in docs/queue-message.md is consumed by the worker."""
+    import json
+    import uuid
+
+    world, store, broker = live
+    mid = str(uuid.uuid4())
+    body = {"version": 1, "key": world.key.name, "reason": "manual", "requested_by": "ops:alice",
+            "idempotency_key": f"ops-{mid}"}
+    envelope = {"queue_name": "rotation_requests", "actor_name": "rotation_requests", "args": [body], "kwargs": {},
+                "options": {"redis_message_id": mid}, "message_id": mid, "message_timestamp": int(time.time() * 1000)}
+    pipe = redis_client.pipeline(transaction=True)
+    pipe.hset(f"{redis_namespace}:rotation_requests.msgs", mid, json.dumps(envelope))
+    pipe.rpush(f"{redis_namespace}:rotation_requests", mid)
+    pipe.execute()
+    from sqlmodel import select
+    deadline = time.monotonic() + 10
+    run = None
+    while run is None and time.monotonic() < deadline:
+        with Session(world.engine) as session:
+            run = session.exec(select(RotationRun).where(RotationRun.idempotency_key == f"ops-{mid}")).first()
+        time.sleep(0.05)
+    assert run is not None, "the worker did not consume the raw envelope"
+    assert wait_for(world, run.id, {RunState.completed}) == RunState.completed
