@@ -23,6 +23,22 @@ def test_parse_capabilities_and_legacy_policy_keyword() -> None:
     assert rules["secret/data/b"] == {"create", "read", "update", "delete", "list"}
 
 
+def test_repeated_path_blocks_in_one_policy_are_merged() -> None:
+    a = acl('''
+        path "secret/data/x" { capabilities = ["read"] }
+        path "secret/data/x" { capabilities = ["update"] }
+        path "secret/data/y" { capabilities = ["read"] }
+        path "secret/data/y" { capabilities = ["deny"] }
+    ''')
+    assert a.capabilities("secret/data/x") == {"read", "update"}
+    assert not a.allows("secret/data/y", "read")
+
+
+def test_json_policy_is_accepted() -> None:
+    a = acl('{"path": {"secret/data/j": {"capabilities": ["read"]}}}')
+    assert a.allows("secret/data/j", "read")
+
+
 @pytest.mark.parametrize("text, fragment", [
     ('path "x" { capabilities = ["fly"] }', 'invalid capability "fly"'),
     ('path "x" { policy = "all" }', 'invalid policy "all"'),

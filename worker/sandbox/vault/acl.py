@@ -9,10 +9,11 @@ longer path, then the lexicographically larger one.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import hcl
+from hcl.parser import HclParser
 
 from .errors import bad_request
 
@@ -89,6 +90,18 @@ path "sys/tools/hash/*" {
 """
 
 
+class _PolicyParser(HclParser):  # type: ignore[misc]
+    """pyhcl folds repeated blocks into one, the later overwriting the earlier; Vault keeps every
+    ``path`` block and unions their capabilities, so keep them all as a list."""
+
+    def objectlist_flat(self, lt, replace):  # type: ignore[no-untyped-def]
+        paths = [value for key, value in lt if key == "path"]
+        flat = super().objectlist_flat([(k, v) for k, v in lt if k != "path"], replace)
+        if paths:
+            flat["path"] = paths
+        return flat
+
+
 @dataclass(frozen=True)
 class PathRule:
     pattern: str  # as written, e.g. "secret/data/apps/*"
@@ -150,7 +163,7 @@ class PathRule:
 def parse_policy(text: str) -> list[PathRule]:
     """HCL (or JSON) policy text → rules. Raises 400 with Vault's wording on bad input."""
     try:
-        parsed = hcl.loads(text)
+        parsed = json.loads(text) if text.lstrip().startswith("{") else _PolicyParser().parse(text)
     except Exception as exc:  # pyhcl raises ValueError subclasses with line/column detail
         raise bad_request(f"failed to parse policy: {exc}") from None
     if not isinstance(parsed, dict):
