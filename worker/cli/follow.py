@@ -34,21 +34,25 @@ class Change:
     actor: str
     detail: dict[str, Any]
 
-    def line(self) -> str:
-        """``12:00:01  alloy/reporting  issued → prechecked  fp 1a2b3c4d …`` (never a secret)."""
-        when = self.at.strftime("%H:%M:%S")
+    def line(self, *, clock: bool = True) -> str:
+        """``12:00:01  alloy/reporting  issued → prechecked  fingerprint=1a2b3c4d`` (never a secret)."""
         if self.from_state or self.to_state:
             what = f"{self.from_state or '∅'} → {self.to_state or '∅'}"
         else:
             what = self.event
-        return f"{when}  {self.key:<24} {what:<28} {describe(self.detail)}".rstrip()
+        text = f"{self.key:<16} {what:<26} {describe(self.detail)}".rstrip()
+        return f"{self.at.strftime('%H:%M:%S')}  {text}" if clock else text
+
+
+#: Audit details a person watching a run does not need on the one-line narration.
+_QUIET_DETAILS = frozenset({"idempotency_key", "grace_until"})
 
 
 def describe(detail: dict[str, Any], limit: int = 100) -> str:
     """A short human summary of an audit detail: fingerprints shortened, long values clipped."""
     parts = []
     for name, value in detail.items():
-        if value is None or value == "" or value == [] or value == {}:
+        if value in (None, "", [], {}, False) or name in _QUIET_DETAILS:
             continue
         if isinstance(value, str) and value.startswith("sha256:"):
             value = short_fp(value)

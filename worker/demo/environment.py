@@ -17,7 +17,7 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Optional, TextIO
 from urllib.parse import urlparse
 
 from sqlalchemy.engine import Engine
@@ -32,6 +32,16 @@ DEMO_ENV = (
     "KEYROTOR_DATABASE_URL", "VAULT_ADDR", "VAULT_TOKEN", "KEYROTOR_VAULT_MOUNT", "KEYROTOR_QUEUE_NAMESPACE",
     "KEYROTOR_METRICS_PORT", "KEYROTOR_DEMO_PROVIDER_ADMIN_TOKEN", "KEYROTOR_DEMO_WEBHOOK_SECRET",
 )
+
+
+#: Demo timings: the production retry budget spans minutes (backoff up to 5 min); the demo keeps
+#: the same bounded, jittered policy on a seconds scale so a failing verification is rolled back
+#: within the run of `make demo`.
+def _demo_policy() -> Any:
+    from worker.pipeline.context import StepPolicy
+
+    return StepPolicy(max_retries=3, min_backoff_ms=300, max_backoff_ms=1_500, time_limit_ms=30_000,
+                      activation_poll_s=0.5, activation_timeout_s=20.0, revocation_timeout_s=10.0)
 
 
 def redis_reachable(url: str, timeout: float = 0.5) -> bool:
@@ -74,8 +84,7 @@ class DemoEnvironment:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def start(cls, *, keep: bool, log_stream: Optional[TextIO] = None, grace_s: int = 2,
-              activation_delay_s: float = 1.0) -> "DemoEnvironment":
+    def start(cls, *, keep: bool, log_stream: Optional[TextIO] = None, activation_delay_s: float = 1.0) -> "DemoEnvironment":
         stack = ExitStack()
         try:
             return cls._start(stack, keep=keep, log_stream=log_stream, activation_delay_s=activation_delay_s)
@@ -116,9 +125,7 @@ class DemoEnvironment:
             vault_url = vault.url
         vault_mount = f"kr-demo-{uuid.uuid4().hex[:8]}"
         _enable_kv2(vault_url, vault_token, vault_mount)
-        if vault_real or keep:
-            pass  # a kept stand-in keeps its data; a real Vault's mount is disabled below
-        if vault_real:
+        if vault_real and not keep:  # leave a real Vault as we found it
             stack.callback(_disable_mount, vault_url, vault_token, vault_mount)
 
         from worker.sandbox.provider import start_provider_in_thread
@@ -159,26 +166,37 @@ class DemoEnvironment:
             stack.callback(_delete_namespace, settings_url, queue_namespace)
         return env
 
-    def start_consumer(self, integration: str, *, key_path: str, key_field: str, probe_interval_s: float = 0.2) -> Any:
+    def start_consumer(self, integration: str, *, key_path: str, key_field: str, probe_interval_s: float = 0.1) -> Any:
         """A consumer stand-in that reads its key from Vault and probes the provider with it."""
         from worker.sandbox.consumer import start_consumer_in_thread
 
         consumer = start_consumer_in_thread(
             host="127.0.0.1", port=0, vault_addr=self.vault_url, vault_token=os.environ["VAULT_TOKEN"],
-            mount=self.vault_mount, path=key_path, field=key_field, probe_url=f"{self.provider.url}/api/user/me",
-            signing_secret=self.webhook_secret, probe_interval=probe_interval_s,
+            mount=self.vault_mount, path=key_path, field=key_field, provider_url=self.provider.url,
+            signing_secret=self.webhook_secret, probe_interval=probe_interval_s, load_now=False,
         )
         self.stack.callback(consumer.stop)
         self.consumers[integration] = consumer
         return consumer
 
     def start_worker(self, *, threads: int = 4) -> None:
-        """The pipeline's in-process Dramatiq worker on the demo's broker."""
-        from worker.pipeline.broker import start_inprocess_worker
+        """The pipeline's actors on the demo's broker, served by an in-process Dramatiq worker."""
+        from worker.pipeline.broker import make_redis_broker, make_stub_broker, reset_broker, setup_broker
+        from worker.pipeline.context import configure, context_from_settings
+        from worker.pipeline.workers import start_worker
 
-        self.worker = start_inprocess_worker(
-            broker="redis" if self.broker_kind == "redis" else "stub", threads=threads,
-            namespace=self.queue_namespace)
+        settings = get_settings()
+        if self.broker_kind == "redis":
+            broker = make_redis_broker(settings.redis_url, self.queue_namespace)
+        else:
+            broker = make_stub_broker()
+        setup_broker(broker=broker)
+        context = context_from_settings(settings)
+        context.policy = _demo_policy()
+        configure(context)
+        self.stack.callback(reset_broker)
+        self.stack.callback(configure, None)
+        self.worker = start_worker(broker, threads=threads)
         self.stack.callback(self.worker.stop)
 
     def close(self) -> None:
@@ -222,5 +240,3 @@ def _restore_env(saved: dict[str, Optional[str]]) -> None:
         else:
             os.environ[name] = value
 
-
-Callback = Callable[[], None]

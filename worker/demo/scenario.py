@@ -6,7 +6,7 @@ check the invariants from outside. Exit 0 only if every check held.
 from __future__ import annotations
 
 import signal
-import string
+import re
 import sys
 import threading
 import time
@@ -50,12 +50,15 @@ class Narrator:
 
 
 def render_inventory(env: DemoEnvironment) -> str:
+    """The embedded inventory with the stand-ins' addresses filled in (``<<name>>`` placeholders)."""
     template = resources.files("worker.demo").joinpath("inventory.yaml").read_text(encoding="utf-8")
-    consumers = {name: handle.url for name, handle in env.consumers.items()}
-    return string.Template(template).substitute(
-        provider_url=env.provider.url, vault_mount=env.vault_mount, grace_period=GRACE_S,
-        reporting_consumer_url=consumers["reporting-consumer"], search_consumer_url=consumers["search-consumer"],
-    )
+    values = {
+        "provider_url": env.provider.url, "vault_mount": env.vault_mount, "grace_period": str(GRACE_S),
+        "reporting_consumer_url": env.consumers["reporting-consumer"].url,
+        "search_consumer_url": env.consumers["search-consumer"].url,
+    }
+    text = re.sub(r"<<(\w+)>>", lambda m: values[m.group(1)], template)
+    return text
 
 
 def apply_demo_inventory(env: DemoEnvironment, text: str) -> list[str]:
@@ -137,14 +140,14 @@ def _run(env: DemoEnvironment, narrator: Narrator, *, keep: bool, json_out: bool
     states: dict[str, str] = {}
     while True:
         for change in follower.poll():
-            say(change.line())
+            say(change.line(clock=False))
         retire_due(env.engine)  # the scheduler's retirement job: grace over → retire step
         with session_scope(env.engine) as session:
             runs = session.exec(select(RotationRun).where(col(RotationRun.id).in_(list(run_ids.values())))).all()
             states = {r.id: state_of(r) for r in runs}
         if all(s in STOP_STATES for s in states.values()):
             for change in follower.poll():
-                say(change.line())
+                say(change.line(clock=False))
             break
         if time.monotonic() > deadline:
             say("timed out waiting for the runs to finish")
@@ -211,7 +214,7 @@ def run_checks(env: DemoEnvironment, run_ids: dict[str, str], probe: dict[str, d
     def read_current(key: ManagedKey) -> Any:
         return env.vault_store.read_current(key.vault_mount, key.vault_path, key.vault_field)
 
-    failures = sum(p.get("failures", 0) for p in probe.values())
+    failures = sum(p.get("probe_failures", 0) for p in probe.values())
     probes = sum(p.get("probes", 0) for p in probe.values())
     with provider_state.lock:
         issued = [k.secret for k in provider_state.keys.values()]
