@@ -44,6 +44,26 @@ def _demo_policy() -> Any:
                       activation_poll_s=0.5, activation_timeout_s=20.0, revocation_timeout_s=10.0)
 
 
+def _in_memory_limited_providers(vault: Any) -> Any:
+    """Providers from the applied inventory, rate-limited by one in-process limiter (the demo's
+    single worker process is the only caller, so Redis is not needed to share the limit)."""
+    from worker.db.models import ProviderRecord
+    from worker.providers.ratelimit import InMemoryRateLimiter
+    from worker.providers.registry import build_provider
+    from worker.secret_refs import make_resolver
+
+    resolve = make_resolver(vault)
+    limiter = InMemoryRateLimiter()
+
+    def factory(session: Any, key: Any) -> Any:
+        record = session.get(ProviderRecord, key.provider)
+        if record is None:
+            raise LookupError(f"provider {key.provider!r} of key {key.name!r} is not in the applied inventory")
+        return build_provider(record, resolve=resolve, limiter=limiter)
+
+    return factory
+
+
 def redis_reachable(url: str, timeout: float = 0.5) -> bool:
     """True when something answers PING at ``url`` (the demo then uses the Redis broker)."""
     parsed = urlparse(url)
@@ -193,6 +213,8 @@ class DemoEnvironment:
         setup_broker(broker=broker)
         context = context_from_settings(settings)
         context.policy = _demo_policy()
+        if self.broker_kind == "stub":  # no Redis at all: the providers' shared limiter lives in memory
+            context.provider_factory = _in_memory_limited_providers(context.vault)
         configure(context)
         self.stack.callback(reset_broker)
         self.stack.callback(configure, None)
