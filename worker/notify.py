@@ -12,8 +12,6 @@ explicitly (``configure()``, tests, the demo).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import threading
 import time
@@ -25,6 +23,7 @@ from prometheus_client import Counter
 
 from worker.clock import utcnow
 from worker.errors import PermanentError, TransientError
+from worker.integrations import signing
 from worker.log import get_logger, redact
 from worker.retry import parse_retry_after, retry_call
 from worker.secret import Secret
@@ -63,9 +62,8 @@ class Sink:
 
 
 def sign(secret: Secret, body: bytes, timestamp: int) -> str:
-    """``t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`` (docs/internals.md, Webhook signatures)."""
-    mac = hmac.new(secret.reveal().encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
+    """``t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`` — the integrations' webhook scheme."""
+    return signing.sign(secret, body, timestamp=timestamp)
 
 
 def _clean(detail: dict[str, Any]) -> dict[str, Any]:

@@ -376,3 +376,23 @@ def test_emergency_for_an_unknown_provider_says_what_to_do(sqlite_url, pipeline)
     with session_scope(engine) as s, pytest.raises(ConfigError, match="config apply"):
         request_provider_rotation(s, provider="nope", requested_by="cli:test", pipeline=pipeline.as_pipeline())
     engine.dispose()
+
+
+def test_detection_with_the_real_request_rotation(engine) -> None:  # type: ignore[no-untyped-def]
+    """Same expiry trigger through worker.pipeline.requests (audit trail included); messages recorded."""
+    from jobs.pipeline_hooks import Pipeline
+    from worker.pipeline.requests import request_rotation
+
+    sent: list[str] = []
+    real = Pipeline(request_rotation=request_rotation, enqueue_run=lambda run: sent.append(run.id))
+    clock = Clock(T0)
+    _setup_key(engine, "alloy/real", expires_at=T0 + 10 * DAY, expiry_lead_time_s=7 * 86400)
+    assert detect_due(engine, now=clock.go(T0 + 2 * DAY), pipeline=real).requested == []
+    result = detect_due(engine, now=clock.go(T0 + 3 * DAY), pipeline=real)
+    [run] = _runs(engine, "alloy/real")
+    assert result.requested == [run.id] == sent
+    assert (run.reason, run.trigger, run.requested_by) == ("expiry", "schedule", "scheduler")
+    assert detect_due(engine, now=clock.go(T0 + 4 * DAY), pipeline=real).requested == []
+    with session_scope(engine) as s:
+        events = s.exec(select(AuditEvent.event).where(AuditEvent.run_id == run.id)).all()
+    assert events == ["state_changed"]
