@@ -163,7 +163,9 @@ def _run(env: DemoEnvironment, narrator: Narrator, *, keep: bool, json_out: bool
     ok = all(c.ok for c in checks)
     if json_out:
         print_json({"ok": ok, "elapsed_s": round(elapsed, 2), "broker": env.broker_kind,
-                    "vault": "real" if env.vault_real else "stand-in", "runs": summary,
+                    "vault": "real" if env.vault_real else "stand-in", "vault_addr": env.vault_url,
+                    "vault_mount": env.vault_mount, "provider_url": env.provider.url,
+                    "workdir": str(env.workdir), "database_url": env.database_url, "runs": summary,
                     "checks": [c.__dict__ for c in checks]}, out)
     else:
         out.write("\n")
