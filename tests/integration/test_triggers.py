@@ -358,10 +358,10 @@ def test_emergency_rotation_requests_every_key_and_the_burst_stays_within_the_sh
     throttled = issue_stats.get("429", 0)
     assert issue_stats.get("201") == 25, issue_stats
     # The shared limiter paces the three workers: without it 25 calls would take milliseconds and
-    # the provider would refuse 15 of them. Its 1-second window can straddle the provider's sliding
-    # window, so the provider may refuse a call at a window edge; the 429 then blocks every worker
-    # for its Retry-After (shared through Redis) — a handful at most, never a storm.
-    assert throttled <= 8, issue_stats
+    # the provider would refuse 15 of them. The limiter keeps an exact sliding window (plus a small
+    # margin); only network jitter between admission and arrival could still put one call over an
+    # edge, and that 429 then blocks every worker for its Retry-After (shared through Redis).
+    assert throttled <= 1, issue_stats
     assert 1.0 <= elapsed < 8.0, elapsed
     print(f"\nemergency burst: 25 keys issued in {elapsed:.2f}s at a shared limit of {limit}/{per:g}s "
           f"by 3 workers; provider refused {throttled} call(s) at a window edge")

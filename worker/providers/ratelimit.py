@@ -1,8 +1,11 @@
 """A provider's rate limit, shared by every worker.
 
-``RedisRateLimiter`` counts calls in Redis with Dramatiq's ``WindowRateLimiter`` (a sliding
-window over per-second buckets; ``BucketRateLimiter`` for sub-second or very long periods), so N
-workers together stay under ``rate_limit {requests, per}``. When a provider still answers 429,
+``RedisRateLimiter`` keeps an exact sliding-window log of call times per provider in a Redis
+sorted set, updated atomically by one Lua script on Redis's own clock, so N workers on N hosts
+together stay under ``rate_limit {requests, per}`` in *every* window of ``per`` seconds. (Dramatiq's
+``WindowRateLimiter`` counts per-second buckets, which lets up to twice the limit through across a
+bucket boundary for short periods — and providers such as the Alloy-style stand-in enforce a true
+sliding window, so that burst came back as 429s.) When a provider still answers 429,
 ``block(provider, retry_after)`` records ``<namespace>:ratelimit:<provider>:blocked_until`` and
 every worker's ``acquire`` waits it out. ``acquire`` waits at most ``max_wait`` seconds, then
 raises ``RateLimited(retry_after=…)`` so a Dramatiq step reschedules instead of parking a thread.
@@ -12,7 +15,7 @@ raises ``RateLimited(retry_after=…)`` so a Dramatiq step reschedules instead o
 
 from __future__ import annotations
 
-import math
+import os
 import random
 import threading
 import time
@@ -27,8 +30,8 @@ log = get_logger(__name__)
 
 #: A provider asking for longer than this is treated as "come back in an hour", not believed.
 MAX_BLOCK_S = 3600.0
-#: Longest periods counted with the sliding window (one Redis key per second of the period).
-MAX_WINDOW_S = 300
+#: Largest safety margin added to a rate-limit period (see ``RedisRateLimiter._try_slot``).
+WINDOW_MARGIN_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -65,15 +68,25 @@ class NoRateLimit:
         pass
 
 
-def _poll_wait(limit: RateLimit, rng: random.Random) -> float:
-    # A slot frees at the earliest in per/requests seconds; poll about that often, jittered so
-    # waiting workers do not stampede on the same instant.
-    base = min(1.0, max(0.02, limit.per / limit.requests))
-    return base * rng.uniform(0.5, 1.0)
-
-
 class RedisRateLimiter:
-    """Shared across processes through Redis (Dramatiq's rate limiters on its RedisBackend)."""
+    """Shared across processes through Redis: a sliding-window log per provider."""
+
+    #: KEYS[1] the provider's log (ZSET of call times, µs); ARGV: limit, period (µs), member suffix.
+    #: Returns 0 when a slot was taken, else microseconds until the oldest call leaves the window.
+    _ACQUIRE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local limit = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - period)
+if redis.call('ZCARD', KEYS[1]) < limit then
+  redis.call('ZADD', KEYS[1], now, now .. ':' .. ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(period / 1000) + 1000)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + period - now)
+"""
 
     _BLOCK_SCRIPT = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -94,16 +107,14 @@ return 0
         now: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
-        from dramatiq.rate_limits.backends import RedisBackend
-
         self._client = client
-        self._backend = RedisBackend(client=client)
         self._namespace = namespace
         self._max_wait = max_wait
         self._sleep = sleep
         self._now = now
         self._rng = rng or random.Random()
-        self._limits: dict[str, tuple[RateLimit, Any]] = {}
+        self._limits: dict[str, RateLimit] = {}
+        self._acquire_slot = client.register_script(self._ACQUIRE_SCRIPT)
         self._block = client.register_script(self._BLOCK_SCRIPT)
 
     @classmethod
@@ -116,20 +127,26 @@ return 0
         return f"{self._namespace}:ratelimit:{provider}:{suffix}"
 
     def register(self, provider: str, limit: RateLimit | None) -> None:
-        from dramatiq.rate_limits import BucketRateLimiter, WindowRateLimiter
-
         if limit is None:
             self._limits.pop(provider, None)
-            return
-        window = math.ceil(limit.per)
-        # The key embeds the limit, so workers running an older inventory do not share counters
-        # with a changed limit (each enforces what it was told).
-        key = self._key(provider, f"window:{limit.requests}:{limit.per:g}")
-        if limit.per >= 1 and window <= MAX_WINDOW_S and window == limit.per:
-            counter: Any = WindowRateLimiter(self._backend, key, limit=limit.requests, window=window)
         else:
-            counter = BucketRateLimiter(self._backend, key, limit=limit.requests, bucket=max(1, int(limit.per * 1000)))
-        self._limits[provider] = (limit, counter)
+            self._limits[provider] = limit
+
+    def _window_key(self, provider: str, limit: RateLimit) -> str:
+        # The key embeds the limit, so workers running an older inventory do not share a log
+        # with a changed limit (each enforces what it was told).
+        return self._key(provider, f"window:{limit.requests}:{limit.per:g}")
+
+    def _try_slot(self, provider: str, limit: RateLimit) -> float:
+        """0 when a slot was taken, else seconds until one frees."""
+        member = f"{os.getpid()}:{threading.get_ident()}:{self._rng.random():.12f}"
+        # A small margin on the period absorbs the jitter between our admission time and the
+        # provider's arrival time, so a call admitted at a window edge is not refused over there.
+        period = limit.per + min(limit.per * 0.05, WINDOW_MARGIN_S)
+        wait_us = self._acquire_slot(
+            keys=[self._window_key(provider, limit)], args=[limit.requests, int(period * 1_000_000), member]
+        )
+        return int(wait_us) / 1_000_000
 
     def blocked_for(self, provider: str) -> float:
         """Seconds until the provider may be called again after a 429 (0 when not blocked)."""
@@ -148,22 +165,19 @@ return 0
 
     def acquire(self, provider: str) -> None:
         deadline = self._now() + self._max_wait
-        entry = self._limits.get(provider)
+        limit = self._limits.get(provider)
         while True:
             wait = self.blocked_for(provider)
             if wait <= 0:
-                if entry is None:
+                if limit is None:
                     return
-                limit, counter = entry
-                with counter.acquire(raise_on_failure=False) as acquired:
-                    if acquired:
-                        return
-                wait = _poll_wait(limit, self._rng)
-                retry_after = max(wait, 1.0 if limit.per >= 1 else limit.per)
-            else:
-                retry_after = wait
+                wait = self._try_slot(provider, limit)
+                if wait <= 0:
+                    return
+                # Jitter so workers waiting for the same slot do not stampede on one instant.
+                wait *= self._rng.uniform(1.0, 1.2)
             if self._now() + wait > deadline:
-                raise RateLimited(f"rate limit of provider {provider!r} reached; retry in {retry_after:.1f}s", retry_after=retry_after)
+                raise RateLimited(f"rate limit of provider {provider!r} reached; retry in {wait:.1f}s", retry_after=wait)
             self._sleep(wait)
 
 
