@@ -67,3 +67,65 @@ def test_same_idempotency_key_same_run_and_open_run_joined(world: World) -> None
     assert run1.id == run2.id == run3.id
     with Session(world.engine) as session:
         assert len(session.exec(select(RotationRun)).all()) == 1
+
+
+EMERGENCY = {"version": 1, "provider": "acme", "all": True, "emergency": True, "reason": "breach",
+             "requested_by": "secops:incident-7", "idempotency_key": "incident-7"}
+
+
+def _add_key(world: World, name: str) -> None:
+    from worker.db.models import ManagedKey
+    from worker.db.session import session_scope
+
+    with session_scope(world.engine) as session:
+        session.add(ManagedKey(name=name, provider="acme", credential_type="api_key", owner="team@example.com",
+                               vault_mount="secret", vault_path=f"apps/{name}", vault_field="api_key",
+                               grace_period_s=0, integrations=[], labels={}))
+
+
+def _step_messages(broker) -> int:  # type: ignore[no-untyped-def]
+    return broker.queues["rotation"].qsize()
+
+
+def test_redelivered_emergency_message_joins_the_same_runs(world: World) -> None:
+    """A redelivered emergency (e.g. the worker died before acking) must not start a second
+    emergency, not even once the first one's runs are over."""
+    from dramatiq import get_broker
+
+    from worker.db.session import session_scope
+    from worker.pipeline.runs import load_run, transition
+    from worker.db.models import RunState
+
+    _add_key(world, "acme/billing")
+    broker = get_broker()
+    broker.flush_all()
+    first = consume(EMERGENCY, engine=world.engine, message_id="m1")
+    assert len(first) == 2 and all(created for _, created in first)
+    assert all(run.emergency for run, _ in first)
+    assert _step_messages(broker) == 2
+    # The runs end (cancelled here, as if done), then the same message is delivered again.
+    with session_scope(world.engine) as session:
+        for run, _ in first:
+            transition(session, load_run(session, run.id), RunState.cancelled, actor="tester")
+    second = consume(EMERGENCY, engine=world.engine, message_id="m1")
+    assert sorted(r.id for r, _ in second) == sorted(r.id for r, _ in first)
+    assert not any(created for _, created in second)
+    assert _step_messages(broker) == 2  # nothing enqueued again
+    with Session(world.engine) as session:
+        assert len(session.exec(select(RotationRun)).all()) == 2
+    # A new emergency (another idempotency key) is a new batch of runs.
+    third = consume({**EMERGENCY, "idempotency_key": "incident-8"}, engine=world.engine)
+    assert len({r.id for r, _ in third} - {r.id for r, _ in first}) == 2
+    assert all(created for _, created in third)
+
+
+def test_emergency_message_joins_open_runs_without_reenqueueing(world: World) -> None:
+    from dramatiq import get_broker
+
+    broker = get_broker()
+    broker.flush_all()
+    (run, created), = consume(VALID, engine=world.engine)
+    assert created and _step_messages(broker) == 1
+    (joined, created2), = consume(EMERGENCY, engine=world.engine)
+    assert joined.id == run.id and not created2
+    assert _step_messages(broker) == 1
