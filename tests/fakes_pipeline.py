@@ -15,7 +15,7 @@ from sqlmodel import Session
 from worker.clock import set_clock
 from worker.db.models import ManagedKey, ProviderRecord
 from worker.db.session import make_engine, session_scope
-from worker.errors import PermanentError
+from worker.errors import DeprecatedCredential, PermanentError
 from worker.integrations.base import Announcement, VerifyResult, VerifyStatus
 from worker.pipeline.context import PipelineContext, StepPolicy
 from worker.providers.base import CheckOutcome, IssuedCredential, ProviderKeyInfo, RotationMode
@@ -159,6 +159,7 @@ class FakeKey:
     secret: str
     valid: bool = True
     checks_until_live: int = 0
+    credential_type: str = "api_key"
 
 
 class FakeProvider:
@@ -176,6 +177,12 @@ class FakeProvider:
         self.calls: list[tuple[str, Optional[str]]] = []
         self.activation_checks = activation_checks
         self.issued_secrets: list[str] = []
+        #: Types the provider answers 434 for: issuing refused, checks say ``deprecated``.
+        self.deprecated_types: set[str] = set()
+        #: Keys (ids) whose own calls the provider rejects as deprecated (a legacy key format).
+        self.deprecated_keys: set[str] = set()
+        #: Revoking these keys authenticates with the key itself, which is rejected as deprecated.
+        self.revoke_refused_deprecated: set[str] = set()
         self.lock = threading.Lock()
 
     def add_existing(self, name: str = "initial") -> FakeKey:
@@ -188,9 +195,12 @@ class FakeProvider:
 
     def issue(self, *, name: str, credential_type: str, labels: dict[str, str]) -> IssuedCredential:
         self.faults.hit("issue")
+        if credential_type in self.deprecated_types:
+            self.calls.append(("issue", None))
+            raise DeprecatedCredential(f"434: new {credential_type} credentials can no longer be created")
         with self.lock:
             key = FakeKey(key_id=f"k-{len(self.keys) + 1}", name=name, secret="sk_live_" + pysecrets.token_hex(16),
-                          checks_until_live=self.activation_checks)
+                          checks_until_live=self.activation_checks, credential_type=credential_type)
             if self.mode == RotationMode.cutover:
                 for other in self.keys.values():
                     other.valid = False
@@ -206,6 +216,8 @@ class FakeProvider:
         self.calls.append(("check", key.key_id if key else None))
         if key is None or not key.valid:
             return CheckOutcome.invalid
+        if key.credential_type in self.deprecated_types or key.key_id in self.deprecated_keys:
+            return CheckOutcome.deprecated
         if key.checks_until_live > 0:
             key.checks_until_live -= 1
             return CheckOutcome.invalid
@@ -214,6 +226,9 @@ class FakeProvider:
     def revoke(self, *, key_id: Optional[str], secret: Optional[Secret], credential_type: str) -> None:
         self.faults.hit("revoke")
         key = self.keys.get(key_id or "") or (self._find(secret.reveal()) if secret else None)
+        if key is not None and key.key_id in self.revoke_refused_deprecated:
+            self.calls.append(("revoke_refused", key.key_id))
+            raise DeprecatedCredential("434: this credential type is deprecated")
         self.calls.append(("revoke", key.key_id if key else key_id))
         if key is not None:
             key.valid = False

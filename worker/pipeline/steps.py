@@ -26,10 +26,18 @@ from worker import log
 from worker.clock import as_utc, utcnow
 from worker.db.models import KeyVersion, ManagedKey, ProviderRecord, RotationRun, SinkDelivery, VersionStage
 from worker.db.session import session_scope
-from worker.errors import PermanentError, StateConflict, TransientError
+from worker.errors import DeprecatedCredential, PermanentError, StateConflict, TransientError
 from worker.metrics import PROVIDER_REQUESTS, ROTATIONS, STEP_DURATION, STEP_FAILURES
 from worker.pipeline import retries
 from worker.pipeline.context import PipelineContext
+from worker.pipeline.deprecation import (
+    DEPRECATED_TYPE_FIELD,
+    NewCredentialDeprecated,
+    deprecated_failure_type,
+    new_credential_deprecated,
+    replacement_of,
+    report_deprecated,
+)
 from worker.pipeline.effects import (
     announcement,
     enum_value,
@@ -41,7 +49,6 @@ from worker.pipeline.effects import (
     verify_status,
 )
 from worker.pipeline.runs import audit, load_key, load_run, load_version, note_attempt, run_state, transition
-from worker.retry import retry_call
 from worker.protocol import (
     FailureKind,
     Mode,
@@ -246,14 +253,19 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                 _record_lost_orphan(ctx, snap, getattr(orphan, "key_id", None), name)
         if not getattr(provider, "can_issue", True):
             raise PermanentError(f"provider {snap.key.provider!r} cannot issue keys; set its mode to 'assisted'")
-        issued = _call(provider, "issue", lambda: provider.issue(name=name, credential_type=snap.credential_type,
-                                                                 labels=dict(snap.key.labels or {})))
+        try:
+            issued = _call(provider, "issue", lambda: provider.issue(name=name, credential_type=snap.credential_type,
+                                                                     labels=dict(snap.key.labels or {})))
+        except DeprecatedCredential:
+            raise _new_deprecated(ctx, snap, "issue") from None
         secret, key_id, expires_at = issued.secret, issued.key_id, issued.expires_at
         with holding(secret):
             try:
-                # The secret exists only in this process's memory until staged: try hard, briefly.
-                retry_call(lambda: ctx.vault.stage_pending(snap.run.id, secret, key_id), attempts=4,
-                           base_delay=0.2, max_delay=2.0)
+                # The secret exists only in this process's memory until staged. The store already
+                # retries transient Vault errors (bounded, backoff, jitter, Retry-After); a second
+                # layer here would multiply its attempts, so one call, and on failure the key is
+                # revoked and the step's own (Dramatiq) retry issues a fresh one.
+                ctx.vault.stage_pending(snap.run.id, secret, key_id)
             except BaseException:
                 # Never staged = never usable: revoke it now rather than leave an orphan behind
                 # (not in cutover: there it is the only valid key, so a person must look).
@@ -326,6 +338,8 @@ def precheck(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         outcome = _check(provider, secret, snap.credential_type)
     if outcome == "valid":
         return _advance(ctx, snap, S.prechecked, detail={"fingerprint": secret.fingerprint})
+    if outcome == "deprecated":  # waiting will not make a deprecated type acceptable
+        raise _new_deprecated(ctx, snap, "precheck")
     poll_s, timeout_s = _activation(ctx, snap)
     elapsed = seconds_between(utcnow(), snap.new.issued_at if snap.new else snap.run.updated_at)
     if elapsed < timeout_s:
@@ -450,6 +464,8 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     results: dict[str, str] = {}
     with holding(secret):
         outcome = _check(provider, secret, snap.credential_type)
+        if outcome == "deprecated":
+            raise _new_deprecated(ctx, snap, "verify")
         if outcome != "valid":
             raise PermanentError(f"the provider now answers {outcome!r} for the new credential it accepted at precheck")
         ann = _announcement(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
@@ -500,19 +516,30 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     detail: dict[str, Any] = {"old_fingerprint": old.fingerprint, "old_provider_key_id": old.provider_key_id}
     with holding(new_secret, old_secret):
         # Invariant 1 and 2: never revoke the old key unless the new one still authenticates.
-        if new_secret is not None and _check(provider, new_secret, snap.credential_type) != "valid":
+        new_outcome = _check(provider, new_secret, snap.credential_type) if new_secret is not None else "valid"
+        if new_outcome == "deprecated":
+            raise _new_deprecated(ctx, snap, "retire")
+        if new_outcome != "valid":
             raise PermanentError("the new credential no longer authenticates; the old one is kept")
+        old_deprecated = False
         if snap.mode == Mode.cutover:
             detail["revocation"] = "invalidated by issuing the new key"
         elif getattr(provider, "can_revoke", True):
-            _call(provider, "revoke", lambda: provider.revoke(key_id=old.provider_key_id, secret=old_secret,
-                                                              credential_type=old.credential_type))
-            detail["revocation"] = "revoked"
+            try:
+                _call(provider, "revoke", lambda: provider.revoke(key_id=old.provider_key_id, secret=old_secret,
+                                                                  credential_type=old.credential_type))
+                detail["revocation"] = "revoked"
+            except DeprecatedCredential:
+                # The call authenticated with the old credential and the provider rejected it as
+                # deprecated: it cannot revoke itself. The check below decides whether it still works.
+                old_deprecated = True
+                detail["revocation"] = "rejected as deprecated by the provider"
         else:
             detail["revocation"] = "manual"
         if old_secret is not None:
             outcome = _check(provider, old_secret, old.credential_type)
             detail["old_check"] = outcome
+            old_deprecated = old_deprecated or outcome == "deprecated"
             if outcome == "valid" and detail["revocation"] != "manual":
                 since = seconds_between(now, snap.run.grace_until)
                 message = f"the old credential still authenticates {since:.0f}s after revocation"
@@ -530,7 +557,10 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             row.stage, row.retired_at = VersionStage.retired, now
         session.add(row)
 
-    return _advance(ctx, snap, S.retired, detail=detail, apply=apply)
+    outcome_ = _advance(ctx, snap, S.retired, detail=detail, apply=apply)
+    if old_deprecated:  # after the commit: it joins this (still open) run, or is stale once it completes
+        report_deprecated(ctx.engine, key_name=key.name, credential_type=old.credential_type, requested_by=ctx.actor)
+    return outcome_
 
 
 def finish(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
@@ -600,6 +630,7 @@ def compensate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
 
     outcome = _advance(ctx, snap, S.failed, detail=detail, apply=apply)
     _notify(ctx, "failed", snap, {"reason": snap.run.last_error, **detail})
+    _follow_deprecation(ctx, snap)
     return outcome
 
 
@@ -650,7 +681,28 @@ def rollback(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
 
     outcome = _advance(ctx, snap, S.rolled_back, detail=detail, apply=apply)
     _notify(ctx, "rolled_back", snap, {"reason": snap.run.last_error, **detail})
+    _follow_deprecation(ctx, snap)
     return outcome
+
+
+def _new_deprecated(ctx: PipelineContext, snap: Snapshot, where: str) -> NewCredentialDeprecated:
+    return new_credential_deprecated(ctx.engine, provider=snap.key.provider, key_name=snap.key.name,
+                                     credential_type=snap.credential_type, where=where)
+
+
+def _follow_deprecation(ctx: PipelineContext, snap: Snapshot) -> None:
+    """The run is over and failed because its credential type is deprecated. If that is also the
+    type the key uses now, the key's current credential is of a deprecated type: report it, so a
+    rotation to the replacement follows (only when a different replacement is declared, so a
+    type without one cannot cause a run every hour)."""
+    with session_scope(ctx.engine) as session:
+        deprecated = deprecated_failure_type(session, snap.run.id)
+        key = session.get(ManagedKey, snap.key.id)
+        if deprecated is None or key is None or key.credential_type != deprecated:
+            return
+        replacement = replacement_of(session, key.provider, deprecated)
+    if replacement and replacement != deprecated:
+        report_deprecated(ctx.engine, key_name=snap.key.name, credential_type=deprecated, requested_by=ctx.actor)
 
 
 STEPS: dict[Step, Callable[[PipelineContext, str], Optional[StepOutcome]]] = {
@@ -677,9 +729,13 @@ def fail_run(ctx: PipelineContext, run_id: str, step: Step, exc: BaseException, 
         key = load_key(session, run)
         target = failure_target(run.mode, run_state(run), kind)
         error = safe_error(exc)
+        detail = {"step": step.value, "failure": kind.value, "error": error}
+        if isinstance(exc, NewCredentialDeprecated):
+            detail[DEPRECATED_TYPE_FIELD] = exc.credential_type
+            detail["replacement"] = exc.replacement
         try:
             transition(session, run, target, actor=ctx.actor, last_error=error, deadline_s=_deadline_s(ctx, target),
-                       detail={"step": step.value, "failure": kind.value, "error": error})
+                       detail=detail)
         except StateConflict:
             session.rollback()
             return None
