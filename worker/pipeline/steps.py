@@ -734,8 +734,10 @@ def fail_run(ctx: PipelineContext, run_id: str, step: Step, exc: BaseException, 
             detail[DEPRECATED_TYPE_FIELD] = exc.credential_type
             detail["replacement"] = exc.replacement
         try:
+            # needs_attention keeps the attempt count for the person who looks (resolve resets it).
+            kept = {"attempts": run.attempts} if target == S.needs_attention else {}
             transition(session, run, target, actor=ctx.actor, last_error=error, deadline_s=_deadline_s(ctx, target),
-                       detail=detail)
+                       detail=detail, **kept)
         except StateConflict:
             session.rollback()
             return None
