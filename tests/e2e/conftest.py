@@ -36,7 +36,7 @@ import sqlalchemy as sa
 import yaml
 from sqlmodel import col, select
 
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, SinkDelivery
+from worker.db.models import AuditEvent, KeyVersion, RotationRun, SinkDelivery
 from worker.db.session import make_engine, session_scope
 from worker.secret import Secret, fingerprint
 
@@ -136,6 +136,8 @@ class RunKeyFaults:
         self.app, self.state = app, state
         self.faults: list[RunKeyFault] = []
         self.hits = 0
+        self.slow: dict[str, tuple[float, int]] = {}
+        self.requests: list[tuple[float, str, int, bool, str]] = []  # (monotonic, route, status, from consumer, path)
         self.lock = threading.Lock()
 
     def add_check_fault(self, *, status: Optional[int] = None, delay: float = 0.0, skip: int = 0, count: int = 1) -> None:
@@ -154,7 +156,27 @@ class RunKeyFaults:
                     return fault
         return None
 
+    def add_slow_answer(self, route: str, *, delay: float, count: int = 1) -> None:
+        """Answer the next ``count`` requests on ``route`` computed at arrival, sent ``delay`` s
+        later (the stand-in's own delay fault sleeps *before* computing the answer)."""
+        with self.lock:
+            self.slow[route] = (delay, count)
+
     def __call__(self, request: Any) -> Any:
+        response = self._answer(request)
+        route = _route(request)
+        with self.lock:
+            delay, count = self.slow.get(route, (0.0, 0))
+            if count > 0:
+                self.slow[route] = (delay, count - 1)
+        if count > 0:
+            time.sleep(delay)
+        with self.lock:
+            self.requests.append((time.monotonic(), _route(request), response.status,
+                                  request.query.get("from") == "consumer", request.path))
+        return response
+
+    def _answer(self, request: Any) -> Any:
         from worker.sandbox.standin_http import Response
 
         if request.method == "GET" and request.path.rstrip("/") == "/api/user/me":
@@ -168,6 +190,24 @@ class RunKeyFaults:
                         self.state.count("check", fault.status)
                         return Response.json(fault.status, {"errors": [{"message": f"injected {fault.status}"}]})
         return self.app(request)
+
+    def calls(self, route: str, path_suffix: str = "") -> list[tuple[float, int]]:
+        """(monotonic time, status) of keyrotor's requests on ``route`` (consumer probes excluded),
+        optionally only those whose path ends with ``path_suffix`` (e.g. a key id to revoke)."""
+        with self.lock:
+            return [(t, status) for t, r, status, consumer, path in self.requests
+                    if r == route and not consumer and path.endswith(path_suffix)]
+
+
+def _route(request: Any) -> str:
+    path = request.path.rstrip("/")
+    if path == "/api/api-key":
+        return {"POST": "issue", "GET": "list"}.get(request.method, "other")
+    if path.startswith("/api/api-key/") and request.method == "DELETE":
+        return "revoke"
+    if path == "/api/user/me":
+        return "check"
+    return "control" if path.startswith("/_sandbox") else "other"
 
 
 def start_provider(activation_delay: float) -> tuple[Any, RunKeyFaults]:
@@ -458,12 +498,13 @@ class World:
         return stuck, orphans
 
     def orphans_at_provider(self) -> list[str]:
-        """Live provider keys that are neither the key's current credential nor held by a live
-        version in the database (invariant 4)."""
+        """Live provider keys other than the one Vault serves, unless a version the database keeps
+        in flight (pending, previous-in-grace) holds them (invariant 4). A key the database calls
+        ``current`` while Vault serves another one is an orphan too: nothing will ever revoke it."""
         current = self.current_secret()
         with session_scope(self.engine) as session:
             held = {v.provider_key_id for v in session.exec(select(KeyVersion)).all()
-                    if str(getattr(v.stage, "value", v.stage)) in ("current", "previous", "pending")}
+                    if str(getattr(v.stage, "value", v.stage)) in ("previous", "pending")}
         with self.provider.state.lock:
             live = [k for k in self.provider.state.keys.values() if not k.revoked]
         return [f"{k.name} ({k.id})" for k in live if k.secret != current and k.id not in held]
