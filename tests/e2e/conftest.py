@@ -268,6 +268,32 @@ class Monitor:
                     self.watched[secret] = datetime.utcnow()
 
 
+class RedisSampler:
+    """Reads every key of the namespace every ``interval`` s while a rotation runs: queue messages
+    live in Redis only until they are acknowledged, so a scan at the end would miss them."""
+
+    def __init__(self, world: "World", interval: float = 0.05) -> None:
+        self.world, self.interval = world, interval
+        self.seen: dict[str, set[bytes]] = {}
+        self.scans = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="e2e-redis-sampler", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            for name, blob in self.world.redis_dump().items():
+                self.seen.setdefault(name, set()).add(blob)
+            self.scans += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def blobs(self) -> dict[str, bytes]:
+        return {f"{name} (sampled)": b"\n".join(sorted(values)) for name, values in self.seen.items()}
+
+
 # --------------------------------------------------------------------------- the world
 @dataclass
 class World:
@@ -473,6 +499,11 @@ class World:
         """Every secret the provider stand-in ever minted (it remembers them all)."""
         with self.provider.state.lock:
             return [k.secret for k in self.provider.state.keys.values()]
+
+    def redis_sampler(self) -> RedisSampler:
+        sampler = RedisSampler(self)
+        self.stack.callback(sampler.stop)
+        return sampler
 
     def monitor(self) -> Monitor:
         monitor = Monitor(self).start()
