@@ -102,11 +102,49 @@ def context_from_settings(settings: Any = None) -> PipelineContext:
     )
 
 
+class _BuiltCache:
+    """Adapters built from applied records, reused across steps and threads.
+
+    Building one per step leaked an httpx client (connection pool) per call in a long-running
+    worker, and re-registered the rate limit each time. An entry is rebuilt when its record's spec
+    changes (``keyrotor config apply``) and the replaced one is closed (a call still in flight
+    on it fails as a transient error, and its step is retried with the new one)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._built: dict[str, tuple[str, Any]] = {}
+
+    def get(self, name: str, spec: Any, build: Callable[[], Any]) -> Any:
+        import json
+
+        digest = json.dumps(spec, sort_keys=True, default=str)
+        with self._lock:
+            cached = self._built.get(name)
+            if cached is not None and cached[0] == digest:
+                return cached[1]
+            adapter = build()
+            self._built[name] = (digest, adapter)
+        if cached is not None:
+            _close_quietly(cached[1])
+        return adapter
+
+
+def _close_quietly(adapter: Any) -> None:
+    close = getattr(adapter, "close", None) or getattr(getattr(adapter, "_http", None), "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception:  # closing an old client must never fail a step
+        pass
+
+
 def _registry_provider_factory(vault: Any, settings: Any) -> ProviderFactory:
     from worker.secret_refs import make_resolver
 
     resolve = make_resolver(vault)
     cache: dict[str, Any] = {}
+    built = _BuiltCache()
 
     def factory(session: Session, key: ManagedKey) -> Any:
         from worker.db.models import ProviderRecord
@@ -118,24 +156,30 @@ def _registry_provider_factory(vault: Any, settings: Any) -> ProviderFactory:
 
             raise PermanentError(f"provider {key.provider!r} of key {key.name!r} is not in the applied inventory; "
                                  "run `keyrotor config apply`")
-        return build_provider(record, resolve=resolve, limiter=_limiter(settings, cache))
+        return built.get(record.name, {"mode": record.mode, "spec": record.spec},
+                         lambda: build_provider(record, resolve=resolve, limiter=_limiter(settings, cache)))
 
     return factory
 
 
+_limiter_lock = threading.Lock()
+
+
 def _limiter(settings: Any, cache: dict[str, Any]) -> Any:
     """The providers' shared (Redis-backed) rate limiter, one per process (invariant 8)."""
-    if "limiter" not in cache:
-        from worker.providers.ratelimit import RedisRateLimiter
+    with _limiter_lock:
+        if "limiter" not in cache:
+            from worker.providers.ratelimit import shared_limiter
 
-        cache["limiter"] = RedisRateLimiter.from_url(settings.redis_url, namespace=settings.queue_namespace)
-    return cache["limiter"]
+            cache["limiter"] = shared_limiter(settings.redis_url, namespace=settings.queue_namespace)
+        return cache["limiter"]
 
 
 def _registry_integration_factory(vault: Any, settings: Any) -> IntegrationFactory:
     from worker.secret_refs import make_resolver
 
     resolve = make_resolver(vault)
+    built = _BuiltCache()
 
     def factory(session: Session, name: str) -> Any:
         from worker.db.models import IntegrationRecord
@@ -146,6 +190,6 @@ def _registry_integration_factory(vault: Any, settings: Any) -> IntegrationFacto
             from worker.errors import PermanentError
 
             raise PermanentError(f"integration {name!r} is not in the applied inventory; run `keyrotor config apply`")
-        return build_integration(record, vault=vault, resolve=resolve)
+        return built.get(record.name, record.spec, lambda: build_integration(record, vault=vault, resolve=resolve))
 
     return factory
