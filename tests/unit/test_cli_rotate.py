@@ -135,3 +135,43 @@ def test_json_helpers_render_enums_and_times() -> None:
 
     doc = json.loads(dumps({"s": RunState.verified, "t": datetime(2026, 1, 1, tzinfo=timezone.utc)}))
     assert doc == {"s": "verified", "t": "2026-01-01T00:00:00Z"}
+
+
+def test_rotate_records_the_run_and_enqueues_its_first_step(engine, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Through the real request_rotation/enqueue_run, on a StubBroker instead of Redis."""
+    from worker.pipeline import broker as broker_mod
+
+    with session_scope(engine) as s:  # finish the fixture's open run so the key can rotate again
+        run = s.get(RotationRun, "r1")
+        run.state, run.finished_at = RunState.completed, datetime.now(timezone.utc)
+    stub = broker_mod.make_stub_broker()
+    original_setup = broker_mod.setup_broker
+    monkeypatch.setattr("worker.cli.act_cmds._require_redis", lambda url: None)
+    monkeypatch.setattr(broker_mod, "setup_broker", lambda settings=None, broker=None: original_setup(broker=stub))
+    try:
+        code = main(["rotate", "alloy/a", "--reason", "drill", "--json"])
+        out = capsys.readouterr().out
+        assert code == 0
+        doc = json.loads(out)
+        assert doc["runs"][0]["key"] == "alloy/a" and doc["runs"][0]["created"] is True
+        run_id = doc["runs"][0]["run_id"]
+        queued = [m for q in stub.queues for m in stub.queues[q].queue]
+        assert any(run_id in m.decode() for m in queued), queued
+        with session_scope(engine) as s:
+            row = s.get(RotationRun, run_id)
+            assert row.reason == "drill" and row.requested_by.startswith("cli:") and row.trigger == "manual"
+        # the same request again joins the open run instead of creating a second one
+        code = main(["rotate", "alloy/a", "--json"])
+        again = json.loads(capsys.readouterr().out)
+        assert code == 0 and again["runs"][0]["run_id"] == run_id and again["runs"][0]["created"] is False
+    finally:
+        broker_mod.reset_broker()
+
+
+def test_rotate_without_a_reachable_redis_fails_before_recording(engine, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("KEYROTOR_REDIS_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    code = main(["rotate", "alloy/a"])
+    assert code == 1 and "does not answer" in capsys.readouterr().err
+    with session_scope(engine) as s:
+        assert len(s.exec(__import__("sqlmodel").select(RotationRun)).all()) == 1

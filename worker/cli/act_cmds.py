@@ -59,6 +59,7 @@ def rotate(
 
     settings = cli_settings()
     engine = open_database(settings)
+    _require_redis(settings.redis_url)
     from worker.pipeline.broker import setup_broker
 
     setup_broker(settings)
@@ -140,6 +141,18 @@ def _key_names(session: Any, key_ids: list[int]) -> dict[int, str]:
     return {k.id: k.name for k in rows}
 
 
+def _redis_answers(url: str) -> bool:
+    from worker.cli.common import redis_reachable
+
+    return redis_reachable(url, timeout=2.0)
+
+
+def _require_redis(url: str) -> None:
+    """Fail before recording anything when the queue cannot be reached (exit 1, not a traceback)."""
+    if not _redis_answers(url):
+        fail(f"Redis at {url} does not answer, so the run could not be queued; check KEYROTOR_REDIS_URL", EXIT_FAILED)
+
+
 def read_deposit_secret(prompt: str) -> Secret:
     """The new value from stdin (piped) or a prompt with no echo — never from argv (``ps`` shows it)."""
     if sys.stdin is not None and not sys.stdin.isatty():
@@ -168,6 +181,7 @@ def deposit(
             fail(f"run {run_id} is {state_of(run)}, not awaiting_deposit; nothing to deposit")
         key_name = _key_names(session, [run.key_id]).get(run.key_id, "?")
     secret = read_deposit_secret(f"New credential for {key_name} (input hidden): ")
+    _require_redis(settings.redis_url)
     from worker.pipeline.broker import setup_broker
 
     setup_broker(settings)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import getpass
 import os
+import socket
 import sys
 from typing import NoReturn
+from urllib.parse import urlparse
 
 import typer
 from sqlalchemy.engine import Engine
@@ -64,3 +66,20 @@ def operator() -> str:
     except Exception:  # no passwd entry in a container
         user = os.environ.get("USER") or f"uid{os.getuid()}"
     return f"cli:{user}"
+
+
+def redis_reachable(url: str, timeout: float = 0.5) -> bool:
+    """True when something answers PING at ``url`` (the demo then uses the Redis broker)."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=timeout):
+            pass
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False

@@ -128,6 +128,7 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
     app.command("history")(history)
     app.command("runs")(runs)
-    from worker.cli import act_cmds
+    from worker.cli import act_cmds, worker_cmd
 
     act_cmds.register(app)
+    worker_cmd.register(app)

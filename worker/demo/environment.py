@@ -11,17 +11,16 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO
-from urllib.parse import urlparse
 
 from sqlalchemy.engine import Engine
 
+from worker.cli.common import redis_reachable
 from worker.db.migrate import upgrade
 from worker.db.session import engine_for
 from worker.log import configure_logging
@@ -62,23 +61,6 @@ def _in_memory_limited_providers(vault: Any) -> Any:
         return build_provider(record, resolve=resolve, limiter=limiter)
 
     return factory
-
-
-def redis_reachable(url: str, timeout: float = 0.5) -> bool:
-    """True when something answers PING at ``url`` (the demo then uses the Redis broker)."""
-    parsed = urlparse(url)
-    try:
-        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=timeout):
-            pass
-        import redis
-
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:
-        return False
 
 
 @dataclass

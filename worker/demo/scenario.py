@@ -237,7 +237,10 @@ def run_checks(env: DemoEnvironment, run_ids: dict[str, str], probe: dict[str, d
 def _wait_for_interrupt(env: DemoEnvironment, out: TextIO) -> None:
     out.write(f"\n--keep: stand-ins stay up until Ctrl-C.\n"
               f"  KEYROTOR_DATABASE_URL={env.database_url} keyrotor status\n"
-              f"  provider {env.provider.url}  vault {env.vault_url} (mount {env.vault_mount})\n")
+              f"  provider {env.provider.url}  vault {env.vault_url} (mount {env.vault_mount})\n"
+              + (f"  the in-process worker serves Redis namespace {env.queue_namespace}: "
+                 f"KEYROTOR_QUEUE_NAMESPACE={env.queue_namespace} keyrotor rotate KEY --wait\n"
+                 if env.broker_kind == "redis" else ""))
     out.flush()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
