@@ -8,7 +8,7 @@ import pytest
 from sqlmodel import Session, select
 
 from tests.fakes_pipeline import FakeProvider, World
-from worker.db.models import AuditEvent, RotationRun
+from worker.db.models import AuditEvent, RotationRun, RunState
 from worker.pipeline.messages import MalformedMessage, consume, parse_request
 
 VALID = {"version": 1, "key": "acme/reporting", "reason": "manual", "requested_by": "ci:deploy",
@@ -129,3 +129,22 @@ def test_emergency_message_joins_open_runs_without_reenqueueing(world: World) ->
     (joined, created2), = consume(EMERGENCY, engine=world.engine)
     assert joined.id == run.id and not created2
     assert _step_messages(broker) == 1
+
+
+def test_emergency_joining_an_ordinary_run_in_grace_cuts_the_grace_short(world: World) -> None:
+    """After a breach the old key must not stay valid for the rest of an ordinary run's grace."""
+    from worker.clock import as_utc
+
+    (run, _), = consume(VALID, engine=world.engine)
+    assert world.drive(run.id, stop_at={RunState.verified}) == RunState.verified
+    with Session(world.engine) as session:
+        assert as_utc(session.get(RotationRun, run.id).grace_until) > world.clock.now
+    (joined, created), = consume(EMERGENCY, engine=world.engine)
+    assert joined.id == run.id and not created
+    with Session(world.engine) as session:
+        fresh = session.get(RotationRun, run.id)
+        assert fresh.emergency and as_utc(fresh.grace_until) <= world.clock.now
+        events = session.exec(select(AuditEvent).where(AuditEvent.event == "escalated_to_emergency")).all()
+        assert [(e.actor, e.detail["grace_cut_short"]) for e in events] == [("secops:incident-7", True)]
+    assert world.drive(run.id) == RunState.completed
+    assert not world.provider.is_valid(world.old.secret)

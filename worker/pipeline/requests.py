@@ -70,6 +70,8 @@ def request_rotation(
     existing = _existing(session, key, idempotency_key)
     if existing is not None:
         _audit_join(session, existing, requested_by, trigger, reason, idempotency_key)
+        if emergency:
+            _escalate(session, existing, requested_by)
         return existing, False
     provider = session.get(ProviderRecord, key.provider)
     now = utcnow()
@@ -104,6 +106,29 @@ def _audit_join(session: Session, run: RotationRun, requested_by: str, trigger: 
                 idempotency_key: Optional[str]) -> None:
     session.add(AuditEvent(at=utcnow(), run_id=run.id, key_id=run.key_id, actor=requested_by, event="request_joined",
                            detail={"trigger": trigger, "reason": reason, "idempotency_key": idempotency_key}))
+
+
+def _escalate(session: Session, run: RotationRun, requested_by: str) -> None:
+    """An emergency joining an ordinary open run makes it an emergency: no grace period, so the
+    old (possibly leaked) key is revoked as soon as the new one is verified. A run already in
+    grace has it cut short; the retirement job picks it up on its next tick."""
+    from sqlalchemy import update
+
+    if run.emergency or run.finished_at is not None:
+        return
+    now = utcnow()
+    values: dict[str, object] = {"emergency": True, "updated_at": now}
+    if run.grace_until is not None and as_utc(run.grace_until) > now:  # type: ignore[operator]
+        values["grace_until"] = now
+    moved = session.execute(
+        update(RotationRun).where(RotationRun.id == run.id, RotationRun.finished_at.is_(None))  # type: ignore[arg-type,union-attr]
+        .values(**values).execution_options(synchronize_session=False))
+    if moved.rowcount == 1:  # type: ignore[attr-defined]
+        session.add(AuditEvent(at=now, run_id=run.id, key_id=run.key_id, actor=requested_by,
+                               event="escalated_to_emergency",
+                               detail={"grace_cut_short": "grace_until" in values}))
+        session.flush()
+        session.refresh(run)
 
 
 def enqueue_run(run: RotationRun) -> None:
