@@ -101,6 +101,7 @@ class Stack:
     old_secret: str
     old_key_id: str
     copy_path: str = ""
+    notifications: list[tuple[str, str | None]] = field(default_factory=list)
     samples: list[tuple[datetime, str, bool]] = field(default_factory=list)  # (when, run state, old key live)
 
     def current(self) -> Any:
@@ -161,11 +162,14 @@ def stack(db_url: str, redis_url: str, redis_namespace: str, vault: Any, vault_m
     ctx = context_from_settings(settings)  # the real wiring: registry factories, shared limiter
     ctx.policy = StepPolicy(max_retries=2, min_backoff_ms=50, max_backoff_ms=200, time_limit_ms=20_000,
                             activation_poll_s=0.2, activation_timeout_s=10, revocation_timeout_s=5)
+    notifications: list[tuple[str, str | None]] = []
+    # worker.notify reads the process settings' database, not this test's: record instead.
+    ctx.notify = lambda event, *, key_name, run_id, detail: notifications.append((event, run_id))
     configure(ctx)
     worker = start_worker(broker, threads=4)
     try:
         yield Stack(engine=engine, store=store, provider=provider, consumer=consumer, mount=vault_mount,
-                    old_secret=seeded.secret, old_key_id=seeded.id, copy_path=copy_path)
+                    old_secret=seeded.secret, old_key_id=seeded.id, copy_path=copy_path, notifications=notifications)
     finally:
         worker.stop()
         configure(None)
@@ -241,6 +245,7 @@ def test_completed_rotation_through_real_adapters(stack: Stack) -> None:
     assert read_pending(stack.store, run_id) is None
     routes = stack.provider.stats()["routes"]
     assert routes["issue"] == {"201": 1} and routes["revoke"] == {"204": 1}
+    assert stack.notifications == [("succeeded", run_id)]
 
 
 def test_failure_before_promotion_revokes_the_new_key(stack: Stack) -> None:
@@ -260,6 +265,7 @@ def test_failure_before_promotion_revokes_the_new_key(stack: Stack) -> None:
     assert stack.health()["fingerprint"] == fingerprint(stack.old_secret) and stack.health()["ok"] is True
     states = [e.to_state for e in audit(stack, run_id) if e.event == "state_changed"]
     assert states == ["requested", "issued", "compensating", "failed"]
+    assert stack.notifications == [("failed", run_id)]
 
 
 def test_failure_after_promotion_rolls_back(stack: Stack) -> None:
@@ -278,3 +284,4 @@ def test_failure_after_promotion_rolls_back(stack: Stack) -> None:
     assert stack.sandbox_key(run_id).revoked                                 # new key revoked
     assert stack.provider.is_live(stack.old_secret) and not stack.provider.key(stack.old_key_id).revoked
     assert stack.consumer.stats()["probe_failures"] == 0
+    assert stack.notifications == [("rolled_back", run_id)]
