@@ -20,6 +20,7 @@ from worker.cli.follow import STOP_STATES, AuditFollower, run_states, state_of
 from worker.cli.output import print_json
 from worker.db.models import ManagedKey, RunState
 from worker.db.session import session_scope
+from worker.errors import PermanentError, StateConflict
 from worker.secret import Secret
 
 
@@ -196,6 +197,49 @@ def deposit(
     raise typer.Exit(EXIT_OK)
 
 
+def resolve(
+    run_id: str = typer.Argument(..., help="A run in needs_attention (see `keyrotor runs --state needs_attention`)."),
+    action: Optional[str] = typer.Option(
+        None, "--action", help="retry | compensate | rollback | cancel. Omit to list what this run allows."),
+    note: Optional[str] = typer.Option(None, "--note", help="Why (recorded in the audit trail)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Resolve a run that needs attention: retry it, compensate, roll back, or cancel it."""
+    from worker.pipeline.resolve import allowed_actions, resolve_run
+
+    settings = cli_settings()
+    engine = open_database(settings)
+    if action is None:
+        with session_scope(engine) as session:
+            options = allowed_actions(session, run_id)
+        if json_out:
+            print_json({"run_id": run_id, "allowed": options})
+        elif not options:
+            typer.echo(f"run {run_id} does not need attention (or does not exist); nothing to resolve")
+        else:
+            for name, target in options.items():
+                typer.echo(f"{name:<11} → {target}")
+        raise typer.Exit(EXIT_OK if options else EXIT_FAILED)
+    _require_redis(settings.redis_url)
+    from worker.pipeline.broker import setup_broker
+
+    setup_broker(settings)
+    try:
+        with session_scope(engine) as session:
+            run = resolve_run(session, run_id, action, actor=operator(), note=note)
+            state = state_of(run)
+    except PermanentError as exc:  # refused: the message names the allowed actions
+        fail(str(exc))
+    except StateConflict as exc:  # someone (a worker, another operator) moved the run meanwhile
+        fail(f"run {run_id} changed while resolving it ({exc}); look again with `keyrotor history`", EXIT_FAILED)
+    if json_out:
+        print_json({"run_id": run_id, "action": action, "state": state})
+    else:
+        typer.echo(f"run {run_id}: {action} → {state}")
+    raise typer.Exit(EXIT_OK)
+
+
 def register(app: typer.Typer) -> None:
     app.command("rotate")(rotate)
     app.command("deposit")(deposit)
+    app.command("resolve")(resolve)

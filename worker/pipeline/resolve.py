@@ -1,4 +1,4 @@
-"""A person resolves a run that ``needs_attention`` (``keyrotor runs resolve RUN --action A``).
+"""A person resolves a run that ``needs_attention`` (``keyrotor resolve RUN --action A``).
 
 The run stopped because retries ran out or a clean-up step failed; the old key is untouched and
 an alert went out. After fixing the cause, the operator picks one way out:
@@ -158,7 +158,7 @@ def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note:
         raise ResolveRefused(f"unknown action {action!r}; choose one of: {', '.join(ACTIONS)}")
     run = load_run(session, run_id)
     if run is None:
-        raise ResolveRefused(f"no run {run_id!r}; list runs with `keyrotor runs list`")
+        raise ResolveRefused(f"no run {run_id!r}; list runs with `keyrotor runs`")
     state = run_state(run)
     if state != S.needs_attention:
         raise ResolveRefused(f"run {run_id} is {state.value}, not needs_attention; only runs that need attention "

@@ -37,7 +37,7 @@ _HAPPY_PATH: dict[Mode, tuple[RunState, ...]] = {
 
 _BEFORE_PROMOTION = frozenset({S.requested, S.awaiting_deposit, S.issued, S.prechecked})
 
-#: Where a person can send a run that needs attention (``keyrotor runs resolve``): give up, or
+#: Where a person can send a run that needs attention (``keyrotor resolve``): give up, or
 #: run the clean-up path, or resume where it stopped.
 _RESOLUTIONS = frozenset({S.cancelled, S.failed, S.compensating, S.rolling_back})
 
