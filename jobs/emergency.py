@@ -31,8 +31,11 @@ def request_provider_rotation(
     reason: str = "breach",
     batch_id: str | None = None,
     pipeline: Pipeline | None = None,
-) -> list[RotationRun]:
-    """One emergency run per enabled key of ``provider`` (the caller enqueues them after commit).
+) -> list[tuple[RotationRun, bool]]:
+    """One emergency run per enabled key of ``provider``, as ``(run, created)`` pairs.
+
+    ``created`` is False where the key's open run (or this batch's earlier run) was joined; the
+    caller enqueues the created runs after commit (joined ones are already on their way).
 
     ``batch_id`` makes a repeated request idempotent (the queue message's idempotency key);
     without it each call is a new emergency.
@@ -44,7 +47,7 @@ def request_provider_rotation(
     keys = session.exec(
         select(ManagedKey).where(ManagedKey.provider == provider, ManagedKey.enabled.is_(True)).order_by(ManagedKey.name)  # type: ignore[attr-defined,arg-type]
     ).all()
-    runs: list[RotationRun] = []
+    runs: list[tuple[RotationRun, bool]] = []
     for key in keys:
         run, created = pipeline.request_rotation(
             session,
@@ -55,7 +58,7 @@ def request_provider_rotation(
             idempotency_key=f"emergency:{batch_id}:{key.id}",
             emergency=True,
         )
-        runs.append(run)
+        runs.append((run, created))
     log.warning("emergency_rotation_requested", provider=provider, keys=len(keys), batch_id=batch_id,
                 requested_by=requested_by, reason=reason)
     return runs

@@ -316,13 +316,14 @@ def test_emergency_rotation_requests_every_key_and_the_burst_stays_within_the_sh
     _setup_key(engine, "wf/disabled", spec=spec, provider="wf", max_age_s=86400, enabled=False)
     with session_scope(engine) as s:
         runs = request_provider_rotation(s, provider="wf", requested_by="cli:test", batch_id="breach-1", pipeline=pipeline.as_pipeline())
-        run_ids = [r.id for r in runs]
+        run_ids = [r.id for r, created in runs if created]
         record = s.get(ProviderRecord, "wf")
     assert len(run_ids) == 25 and len(set(run_ids)) == 25
     with session_scope(engine) as s:  # the same request again joins the same runs
         again = request_provider_rotation(s, provider="wf", requested_by="cli:test", batch_id="breach-1", pipeline=pipeline.as_pipeline())
-        assert sorted(r.id for r in again) == sorted(run_ids)
-        assert all(r.emergency and r.trigger == "emergency" and r.reason == "breach" for r in again)
+        assert sorted(r.id for r, _ in again) == sorted(run_ids)
+        assert not any(created for _, created in again)
+        assert all(r.emergency and r.trigger == "emergency" and r.reason == "breach" for r, _ in again)
 
     # Three "workers", each with its own limiter instance on the same Redis, issue the new keys.
     todo = list(run_ids)

@@ -82,7 +82,7 @@ def rotate(
                                                       reason=reason if reason != "manual" else "breach")
             if not provider_runs:
                 fail(f"provider {provider!r} has no enabled keys; see `keyrotor status`")
-            runs = [(run, True) for run in provider_runs]
+            runs = provider_runs
         names = _key_names(session, [r.key_id for r, _ in runs])
         summary = [{"run_id": r.id, "key": names.get(r.key_id), "state": state_of(r), "created": c} for r, c in runs]
     for run, created in runs:

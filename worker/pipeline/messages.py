@@ -123,20 +123,8 @@ def handle_request(engine: Any, request: RotationRequestV1) -> list[tuple[Rotati
 
         # The message's idempotency key is the batch id: a redelivered (or re-sent) emergency
         # joins the runs it created the first time instead of starting a second emergency.
-        before = _existing_run_ids(session, request.idempotency_key)
-        runs = request_provider_rotation(session, provider=request.provider or "", requested_by=request.requested_by,
+        return request_provider_rotation(session, provider=request.provider or "", requested_by=request.requested_by,
                                          reason=request.reason, batch_id=request.idempotency_key)
-        return [(run, run.id not in before) for run in runs]
-
-
-def _existing_run_ids(session: Any, batch_id: Optional[str]) -> set[str]:
-    """Runs an emergency request could join: every open run, and the batch's earlier runs."""
-    from sqlmodel import or_, select
-
-    condition = RotationRun.finished_at.is_(None)  # type: ignore[union-attr]
-    if batch_id:
-        condition = or_(condition, RotationRun.idempotency_key.startswith(f"emergency:{batch_id}:"))  # type: ignore[union-attr]
-    return set(session.exec(select(RotationRun.id).where(condition)).all())
 
 
 def reject(engine: Any, reason: str, code: str, message_id: Optional[str] = None) -> None:
