@@ -27,7 +27,7 @@ import time
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -257,15 +257,15 @@ class Monitor:
                                                                   raise_on_deleted_version=True)
                 served = answer["data"]["data"][KEY_FIELD]
             except Exception as exc:  # Vault must answer throughout
-                self.violations.append(f"{datetime.utcnow().isoformat()} Vault read failed: {type(exc).__name__}")
+                self.violations.append(f"{datetime.now(timezone.utc).isoformat()} Vault read failed: {type(exc).__name__}")
                 continue
             self.samples += 1
             if not self.world.provider.is_live(served):
-                self.violations.append(f"{datetime.utcnow().isoformat()} Vault serves {fingerprint(served)}, "
+                self.violations.append(f"{datetime.now(timezone.utc).isoformat()} Vault serves {fingerprint(served)}, "
                                        "which the provider rejects")
             for secret, dead_since in list(self.watched.items()):
                 if dead_since is None and not self.world.provider.is_live(secret):
-                    self.watched[secret] = datetime.utcnow()
+                    self.watched[secret] = datetime.now(timezone.utc)
 
 
 class RedisSampler:
