@@ -104,10 +104,6 @@ def test_sigkill_while_the_provider_mints_fails_cleanly_and_the_next_run_complet
     _assert_clean_completion(world, second, monitor)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG worker/pipeline/requests.py request_rotation(): a new run gets no step_deadline_at, and "
-    "jobs/reconcile.py stuck_runs_query only matches `step_deadline_at < now`, so a run whose issue "
-    "message was lost (worker SIGKILLed, enqueue after commit failed) stays `requested` forever."))
 def test_reconciler_recovers_a_requested_run_whose_message_was_lost(make_world: WorldFactory) -> None:
     world = make_world(grace_s=1, probe_ms=None)
     world.start_worker(threads=2)
@@ -159,10 +155,6 @@ def test_two_workers_racing_every_step_after_issue_end_in_one_outcome(make_world
     _assert_clean_completion(world, run_id, monitor)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG worker/pipeline/steps.py issue(): nothing claims the run before the provider mints, so two "
-    "overlapping executions of the issue step (duplicate delivery, two workers) both mint a key; the "
-    "second stage_pending overwrites the first in Vault while the DB records the first."))
 def test_two_workers_racing_the_issue_step_mint_one_key(make_world: WorldFactory) -> None:
     world = make_world(grace_s=1, probe_ms=30)
     monitor = world.monitor()

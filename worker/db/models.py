@@ -149,6 +149,10 @@ class RotationRun(SQLModel, table=True):
     not_before: Optional[datetime] = _ts()
     step_deadline_at: Optional[datetime] = _ts()
     grace_until: Optional[datetime] = _ts()
+    # The execution of a step that may do its external effect now (claimed with a conditional
+    # UPDATE, renewed while it runs, cleared by the transition; migration 0003).
+    lease_owner: Optional[str] = Field(default=None, max_length=200)
+    lease_until: Optional[datetime] = _ts()
     last_error: Optional[str] = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: Optional[datetime] = _ts()
     updated_at: Optional[datetime] = _ts()

@@ -25,6 +25,18 @@ def make_engine(url: str, **kwargs: object) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+        @event.listens_for(engine, "savepoint")
+        def _sqlite_begin_before_savepoint(conn, _name):  # type: ignore[no-untyped-def]
+            # pysqlite (Python < 3.12, "legacy" transaction control) begins a transaction only
+            # before INSERT/UPDATE/DELETE and knows nothing of SAVEPOINT. A ``begin_nested()``
+            # before the session's first write would make the SAVEPOINT itself open the SQLite
+            # transaction, and its RELEASE would then *commit* everything so far on its own — a
+            # rotation run committed before its audit event, kept even if the caller rolls back.
+            # Begin the real transaction first so the SAVEPOINT nests inside it.
+            dbapi_conn = conn.connection.dbapi_connection
+            if dbapi_conn is not None and not dbapi_conn.in_transaction:
+                dbapi_conn.execute("BEGIN")
+
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
@@ -45,3 +57,48 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+#: Run in a child process by ``read_files_safely``: print each file's bytes, length-prefixed.
+_READER = """
+import os, struct, sys
+out = sys.stdout.buffer
+for path in sys.argv[1:]:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        out.write(struct.pack(">q", -1))
+        continue
+    out.write(struct.pack(">q", len(data)))
+    out.write(data)
+"""
+
+
+def read_files_safely(paths: "list[str] | tuple[str, ...]") -> dict[str, bytes | None]:
+    """The bytes of files that SQLite connections of *this* process may have open (the database,
+    its -wal and -shm), read in a child process; ``None`` for a missing file.
+
+    Opening and closing such a file here would drop every POSIX advisory lock this process holds
+    on it (fcntl locks are per process and released by *any* close of the file). SQLite then
+    believes this process has let go: another process's last connection checkpoints and deletes
+    the WAL and -shm, and this process's connections keep reading the deleted ones, never seeing
+    that process's commits again (and losing their own). See "How To Corrupt An SQLite Database
+    File", section 2.2. A leak scan of the database files (the demo's) must go through here.
+    """
+    import struct
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _READER, *map(str, paths)], capture_output=True, check=True,
+                          timeout=60)
+    blob, offset, result = done.stdout, 0, {}
+    for path in paths:
+        (size,) = struct.unpack_from(">q", blob, offset)
+        offset += 8
+        if size < 0:
+            result[str(path)] = None
+            continue
+        result[str(path)] = blob[offset:offset + size]
+        offset += size
+    return result

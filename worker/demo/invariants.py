@@ -145,5 +145,12 @@ def no_secret_leaked(secrets: Iterable[str], blobs: dict[str, bytes]) -> Check:
 
 
 def read_blobs(paths: Iterable[Path]) -> dict[str, bytes]:
-    """Bytes of every file that exists (SQLite's -wal/-shm included by the caller)."""
-    return {p.name: p.read_bytes() for p in paths if p.exists()}
+    """Bytes of every file that exists (SQLite's -wal/-shm included by the caller).
+
+    Read in a child process: this process has SQLite connections to the database, and closing a
+    file descriptor of it here would drop their POSIX locks (``read_files_safely``)."""
+    from worker.db.session import read_files_safely
+
+    paths = list(paths)
+    read = read_files_safely([str(p) for p in paths])
+    return {p.name: data for p in paths if (data := read[str(p)]) is not None}

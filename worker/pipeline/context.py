@@ -43,6 +43,9 @@ class StepPolicy:
     activation_poll_s: float = 2.0        # precheck: how often to ask whether a new key is live
     activation_timeout_s: float = 120.0   # precheck: give up (compensate) after this long
     revocation_timeout_s: float = 120.0   # retire: how long a revoked key may still authenticate
+    lease_ttl_s: float = 10.0             # a step's run lease lapses this long after its last renewal
+    missing_run_retries: int = 5          # a message for a run this worker cannot read (yet): retries
+    missing_run_backoff_ms: int = 250     # ... first delay, doubling, jittered
 
 
 @dataclass

@@ -8,7 +8,7 @@ won, so every producer (CLI, scheduler, queue message) can simply retry.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Optional
 
 from sqlalchemy.exc import IntegrityError
@@ -80,6 +80,7 @@ def request_rotation(
         trigger=trigger, reason=reason, requested_by=requested_by, idempotency_key=idempotency_key,
         emergency=emergency, target_credential_type=target_credential_type, attempts=0,
         not_before=as_utc(not_before), created_at=now, updated_at=now,
+        step_deadline_at=first_step_deadline(now, as_utc(not_before)),
     )
     savepoint = session.begin_nested()
     try:
@@ -100,6 +101,16 @@ def request_rotation(
     session.flush()
     logger.info("run.requested", run_id=run.id, key=key_name, trigger=trigger, reason=reason)
     return run, True
+
+
+def first_step_deadline(now: datetime, not_before: Optional[datetime] = None) -> datetime:
+    """When the reconciler may re-enqueue a new run whose first message was lost (the worker
+    died, or the enqueue after the commit failed): like any step, twice the step time limit
+    after it could start."""
+    from worker.pipeline.context import StepPolicy
+
+    start = max(now, not_before) if not_before is not None else now
+    return start + timedelta(seconds=2 * StepPolicy().time_limit_ms / 1000)
 
 
 def _audit_join(session: Session, run: RotationRun, requested_by: str, trigger: str, reason: str,

@@ -15,6 +15,7 @@ of a step (``holding``); only fingerprints and provider key ids are written anyw
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,7 +28,7 @@ from worker.clock import as_utc, utcnow
 from worker.db.models import KeyVersion, ManagedKey, ProviderRecord, RotationRun, SinkDelivery, VersionStage
 from worker.db.session import session_scope
 from worker.errors import DeprecatedCredential, PermanentError, StateConflict, TransientError
-from worker.metrics import PROVIDER_REQUESTS, ROTATIONS, STEP_DURATION, STEP_FAILURES
+from worker.metrics import DEAD_LETTERS, PROVIDER_REQUESTS, ROTATIONS, STEP_DURATION, STEP_FAILURES
 from worker.pipeline import retries
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.deprecation import (
@@ -38,6 +39,7 @@ from worker.pipeline.deprecation import (
     replacement_of,
     report_deprecated,
 )
+from worker.pipeline.lease import Lease, LeaseHeld, current_lease
 from worker.pipeline.effects import (
     announcement,
     enum_value,
@@ -98,21 +100,33 @@ class Snapshot:
         return self.run.target_credential_type or self.key.credential_type
 
 
+class RunMissing(TransientError):
+    """The message names a run this worker cannot read: the producer's commit may still be in
+    flight (or reach this database replica later), so the message is retried a few times."""
+
+
 def _snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Snapshot]:
+    """Load the run if it is in the state ``step`` acts on, and claim its lease (``execute`` set
+    one up) before the step does anything outside the database."""
+    lease = current_lease.get()
     with session_scope(ctx.engine) as session:
         run = load_run(session, run_id)
         if run is None:
-            logger.warning("run.missing", run_id=run_id, step=step.value)
-            return None
+            raise RunMissing(f"run {run_id} is not in the database (yet)")
         state = run_state(run)
         if state != expected_state(step):
             logger.info("step.skipped", reason="run is not in the state this step acts on",
                         state=state.value, expected=expected_state(step).value)
             return None
+        if lease is not None:
+            lease.acquire(session, state.value)
         key = load_key(session, run)
         log.bind(key=key.name)
-        return Snapshot(run=run, key=key, old=load_version(session, run.old_version_id),
+        snap = Snapshot(run=run, key=key, old=load_version(session, run.old_version_id),
                         new=load_version(session, run.new_version_id), mode=parse_mode(run.mode))
+    if lease is not None:
+        lease.start_renewing()
+    return snap
 
 
 def _deadline_s(ctx: PipelineContext, to: RunState, delay_s: float = 0.0) -> Optional[float]:
@@ -754,9 +768,16 @@ def execute(ctx: PipelineContext, step: Step, run_id: str, *, retry_count: int =
     """Run one step for one run and say what to do next. Never raises for expected failures."""
     log.bind(run_id=run_id, step=step.value)
     started = time.monotonic()
+    lease = Lease(ctx.engine, run_id, actor=ctx.actor, ttl_s=ctx.policy.lease_ttl_s,
+                  max_s=ctx.policy.time_limit_ms / 1000)
+    lease_token = current_lease.set(lease)
     try:
         try:
             outcome = STEPS[step](ctx, run_id)
+        except RunMissing as exc:
+            return _on_missing(ctx, step, run_id, exc, retry_count)
+        except LeaseHeld as exc:
+            return _on_lease_held(step, exc)
         except StateConflict as exc:
             logger.info("step.conflict", detail=str(exc))
             return Action()
@@ -771,8 +792,37 @@ def execute(ctx: PipelineContext, step: Step, run_id: str, *, retry_count: int =
         following = next_step(outcome.mode, outcome.state)
         return Action(step=following, delay_ms=int(outcome.next_in_s * 1000)) if following else Action()
     finally:
+        current_lease.reset(lease_token)
+        lease.close()
         STEP_DURATION.labels(step=step.value).observe(time.monotonic() - started)
         log.unbind("run_id", "step", "key")
+
+
+def _on_missing(ctx: PipelineContext, step: Step, run_id: str, exc: RunMissing, retry_count: int) -> Action:
+    """Retry a message for an unreadable run a bounded number of times, then give it up (recorded:
+    log line, ``keyrotor_step_failures_total{error="RunMissing"}``, ``keyrotor_dead_letters_total``)."""
+    STEP_FAILURES.labels(step=step.value, error=retries.error_label(exc)).inc()
+    policy = ctx.policy
+    if retry_count < policy.missing_run_retries:
+        ceiling = min(policy.missing_run_backoff_ms * 2 ** retry_count, 10_000)
+        delay_ms = int(ceiling / 2 + random.uniform(0, ceiling / 2))
+        logger.warning("run.missing", run_id=run_id, step=step.value, retry_in_ms=delay_ms, retries=retry_count,
+                       detail="not readable yet; the producer's commit may still be in flight")
+        return Action(step=step, delay_ms=delay_ms, retry=True)
+    DEAD_LETTERS.labels(step=step.value).inc()
+    logger.error("run.missing.dropped", run_id=run_id, step=step.value, retries=retry_count,
+                 detail="the run never became readable; check that producer and worker use the same database")
+    return Action()
+
+
+def _on_lease_held(step: Step, exc: LeaseHeld) -> Action:
+    """Another execution is doing this step now: come back when its lease would lapse (then the
+    run has moved on and this message is dropped, or the holder died and this one takes over).
+    A fresh message, not a retry: waiting for a live holder must not use up the retry budget."""
+    wait_s = seconds_between(exc.until, utcnow()) if exc.until is not None else 1.0
+    delay_ms = int(max(0.2, wait_s) * 1000 + random.uniform(0, 500))
+    logger.info("step.lease_held", holder=exc.owner, retry_in_ms=delay_ms)
+    return Action(step=step, delay_ms=delay_ms)
 
 
 def _on_error(ctx: PipelineContext, step: Step, run_id: str, exc: BaseException, retry_count: int) -> Action:

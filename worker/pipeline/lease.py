@@ -1,0 +1,141 @@
+"""Per-run leases: at most one execution of a step does its external effect at a time.
+
+The conditional transition (``UPDATE … WHERE state = :expected``) makes the *second* of two
+overlapping executions lose at the end — but both may already have called the provider (two keys
+minted for one run, a revocation racing a rollback). So before its effect an execution claims the
+run:
+
+    UPDATE rotation_run SET lease_owner = :me, lease_until = :now + ttl
+    WHERE id = :id AND state = :expected
+      AND (lease_until IS NULL OR lease_until < :now OR lease_owner = :me)
+
+Row count 0 means another execution holds it (``LeaseHeld``: the message comes back when the lease
+would expire, and is dropped then if the run moved on) or the run moved on. While the step runs a
+thread renews the lease every ``ttl / 3``, for at most the step's time limit; the transition
+clears it in the same transaction as the state change, and the execution releases it when it ends
+without one (retry, polling, error). A worker killed mid-step stops renewing, so its lease lapses
+within ``ttl`` and a redelivered message proceeds — re-running a step is safe (invariant 7), two
+*concurrent* runs of it are what the lease prevents.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from contextvars import ContextVar
+from datetime import datetime, timedelta
+from typing import Optional
+
+from sqlalchemy import or_, update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from worker import log
+from worker.clock import as_utc, utcnow
+from worker.db.models import RotationRun
+from worker.db.session import session_scope
+from worker.errors import StateConflict
+
+logger = log.get_logger("keyrotor.pipeline.lease")
+
+
+class LeaseHeld(StateConflict):
+    """Another execution of this step holds the run's lease until ``until``."""
+
+    def __init__(self, run_id: str, owner: Optional[str], until: Optional[datetime]) -> None:
+        super().__init__(f"run {run_id} is leased to {owner or 'another execution'} until "
+                         f"{until.isoformat() if until else 'unknown'}; this execution waits")
+        self.owner, self.until = owner, until
+
+
+def claim(session: Session, run_id: str, expected_state: str, owner: str, ttl_s: float) -> bool:
+    """The conditional UPDATE above; ``True`` if ``owner`` holds the lease now (re-entrant)."""
+    now = utcnow()
+    result = session.execute(
+        update(RotationRun)
+        .where(RotationRun.id == run_id, RotationRun.state == expected_state,  # type: ignore[arg-type]
+               or_(RotationRun.lease_until.is_(None), RotationRun.lease_until < now,  # type: ignore[union-attr,operator]
+                   RotationRun.lease_owner == owner))
+        .values(lease_owner=owner, lease_until=now + timedelta(seconds=ttl_s))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+def release(engine: Engine, run_id: str, owner: str) -> bool:
+    """Clear the lease if ``owner`` still holds it (the transition usually cleared it already)."""
+    with session_scope(engine) as session:
+        result = session.execute(
+            update(RotationRun)
+            .where(RotationRun.id == run_id, RotationRun.lease_owner == owner)  # type: ignore[arg-type]
+            .values(lease_owner=None, lease_until=None)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+def _extend(engine: Engine, run_id: str, owner: str, ttl_s: float) -> bool:
+    with session_scope(engine) as session:
+        result = session.execute(
+            update(RotationRun)
+            .where(RotationRun.id == run_id, RotationRun.lease_owner == owner)  # type: ignore[arg-type]
+            .values(lease_until=utcnow() + timedelta(seconds=ttl_s))
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+class Lease:
+    """One execution's lease on one run: ``acquire`` in the step's snapshot transaction, then
+    ``start_renewing``; ``close`` (always) stops renewing and releases what is still held."""
+
+    def __init__(self, engine: Engine, run_id: str, *, actor: str, ttl_s: float, max_s: float) -> None:
+        self.engine, self.run_id, self.ttl_s, self.max_s = engine, run_id, ttl_s, max_s
+        self.owner = f"{actor}:{uuid.uuid4().hex[:16]}"[-200:]
+        self.held = False
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def acquire(self, session: Session, expected_state: str) -> None:
+        """Claim the run in ``session`` (the caller commits); ``LeaseHeld`` if another has it."""
+        if claim(session, self.run_id, expected_state, self.owner, self.ttl_s):
+            self.held = True
+            return
+        row = session.get(RotationRun, self.run_id, populate_existing=True)
+        raise LeaseHeld(self.run_id, row.lease_owner if row else None,
+                        as_utc(row.lease_until) if row is not None and row.lease_until is not None else None)
+
+    def start_renewing(self) -> None:
+        if not self.held or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{self.run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        started = time.monotonic()
+        while not self._stop.wait(self.ttl_s / 3):
+            if time.monotonic() - started > self.max_s:
+                # Past the step's time limit the execution is presumed dead or stuck: let it lapse.
+                logger.warning("lease.not_renewed", run_id=self.run_id, reason="step time limit passed")
+                return
+            try:
+                if not _extend(self.engine, self.run_id, self.owner, self.ttl_s):
+                    return  # transitioned (lease cleared) or taken over after it lapsed
+            except Exception as exc:  # a DB hiccup: try again next tick; the lease may lapse meanwhile
+                logger.warning("lease.renew_failed", run_id=self.run_id, error=type(exc).__name__)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.held:
+            try:
+                release(self.engine, self.run_id, self.owner)
+            except Exception as exc:  # it lapses within ttl_s anyway
+                logger.warning("lease.release_failed", run_id=self.run_id, error=type(exc).__name__)
+            self.held = False
+
+
+#: The lease of the step execution running in this thread (set by ``steps.execute``).
+current_lease: ContextVar[Optional[Lease]] = ContextVar("keyrotor_current_lease", default=None)
