@@ -38,7 +38,10 @@ def scheduler(
         orphans_s=orphan_interval, reminders_s=reminder_interval, lock_ttl_s=lock_ttl)
     if settings.metrics_port:
         start_metrics_server(settings.metrics_port)
-    sched = KeyrotorScheduler(engine, redis.Redis.from_url(settings.redis_url), config)
+    from worker.notify import notify_function
+
+    sched = KeyrotorScheduler(engine, redis.Redis.from_url(settings.redis_url), config,
+                              notify=notify_function(engine, settings))
 
     def _stop(signum: int, _frame: Any) -> None:
         sched.shutdown(release=True)

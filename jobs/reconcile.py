@@ -48,10 +48,12 @@ LIVE_STAGES = (VersionStage.pending.value, VersionStage.current.value, VersionSt
 NotifyFn = Callable[..., None]
 
 
-def _default_notify(event: str, **kwargs: Any) -> None:
-    from worker.notify import notify
+def _default_notify(engine: Any) -> NotifyFn:
+    """Notifications to the sinks of the inventory applied to ``engine`` (not the process's
+    default database); the scheduler passes one with its settings (Vault references)."""
+    from worker.notify import notify_function
 
-    notify(event, **kwargs)
+    return notify_function(engine)
 
 
 # --------------------------------------------------------------------------- stuck runs
@@ -84,7 +86,7 @@ def recover_stuck_runs(
 ) -> StuckResult:
     now = now or utcnow()
     pipeline = pipeline or default_pipeline()
-    notify = notify or _default_notify
+    notify = notify or _default_notify(engine)
     result = StuckResult()
     with session_scope(engine) as session:
         stuck = [(r.id, r.state, r.attempts) for r in session.scalars(stuck_runs_query(now, batch)).all()]  # type: ignore[call-overload]

@@ -25,10 +25,12 @@ log = get_logger(__name__)
 NotifyFn = Callable[..., None]
 
 
-def _default_notify(event: str, **kwargs: Any) -> None:
-    from worker.notify import notify
+def _default_notify(engine: Any) -> NotifyFn:
+    """Notifications to the sinks of the inventory applied to ``engine`` (not the process's
+    default database); the scheduler passes one with its settings (Vault references)."""
+    from worker.notify import notify_function
 
-    notify(event, **kwargs)
+    return notify_function(engine)
 
 
 def send_reminders(
@@ -42,7 +44,7 @@ def send_reminders(
 ) -> list[str]:
     """Remind the owners of manually rotated keys due within ``lead_s``; returns the key names."""
     now = now or utcnow()
-    notify = notify or _default_notify
+    notify = notify or _default_notify(engine)
     reminded: list[str] = []
     with session_scope(engine) as session:
         rows = session.exec(

@@ -222,8 +222,64 @@ def _default_notifier() -> Notifier:
         return _notifier
 
 
+def configured_notifier() -> Notifier | None:
+    """The notifier installed with ``configure()`` (tests, demo), if any."""
+    with _lock:
+        return _notifier
+
+
+def notifier_for(engine: Any, settings: Any = None, *, vault: Any = None) -> Notifier:
+    """A notifier whose sinks come from the inventory applied to *this* database (``engine``), with
+    secret references resolved through ``vault`` (else one built from ``settings`` when it names a
+    Vault; else only ``env:`` references resolve). Nothing here reads the process's default
+    settings: a context built for another database notifies that database's sinks."""
+    from worker.secret_refs import make_resolver
+
+    state: dict[str, Any] = {"vault": vault}
+
+    def load() -> list[Sink]:
+        if state["vault"] is None and settings is not None and getattr(settings, "vault_addr", None):
+            from worker.vault.store import VaultStore
+
+            state["vault"] = VaultStore.from_settings(settings)
+        return sinks_from_specs(snapshot_notifications(engine), make_resolver(state["vault"]))
+
+    options: dict[str, Any] = {}
+    if settings is not None:
+        options = {"attempts": settings.notify_attempts, "timeout_s": settings.notify_timeout_s}
+    return Notifier(load, **options)
+
+
+NotifyFunction = Callable[..., None]
+
+
+def notify_function(engine: Any, settings: Any = None, *, vault: Any = None) -> NotifyFunction:
+    """``notify(event, *, key_name, run_id, detail)`` bound to ``engine`` (see ``notifier_for``),
+    for ``PipelineContext.notify`` and the scheduler's jobs. A notifier installed with
+    ``configure()`` still takes precedence (tests, demo). Never raises."""
+    built: list[Notifier] = []
+    build_lock = threading.Lock()
+
+    def bound(event: str, *, key_name: str, run_id: str | None, detail: dict[str, Any] | None = None) -> None:
+        try:
+            notifier = configured_notifier()
+            if notifier is None:
+                with build_lock:
+                    if not built:
+                        built.append(notifier_for(engine, settings, vault=vault))
+                notifier = built[0]
+            notifier.notify(event, key_name=key_name, run_id=run_id, detail=detail or {})
+        except Exception as exc:
+            log.error("notification_failed", notify_event=event, key=key_name, run_id=run_id, error=type(exc).__name__)
+
+    return bound
+
+
 def notify(event: str, *, key_name: str, run_id: str | None, detail: dict[str, Any] | None = None) -> None:
-    """Announce ``event`` for a key/run to the configured sinks; never raises."""
+    """Announce ``event`` for a key/run to the configured sinks; never raises.
+
+    Uses the *process default* settings' database. Code that has an engine or a pipeline context
+    uses ``notify_function(engine, …)`` / ``PipelineContext.notify`` instead."""
     try:
         _default_notifier().notify(event, key_name=key_name, run_id=run_id, detail=detail or {})
     except Exception as exc:

@@ -79,14 +79,6 @@ def get_context() -> PipelineContext:
         return _context
 
 
-def default_notify() -> Optional[NotifyFn]:
-    try:
-        from worker.notify import notify  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return notify  # type: ignore[no-any-return]
-
-
 def context_from_settings(settings: Any = None) -> PipelineContext:
     """Real collaborators: the settings' database, Vault, the provider and integration registries."""
     from worker.db.session import engine_for
@@ -95,13 +87,18 @@ def context_from_settings(settings: Any = None) -> PipelineContext:
     settings = settings or get_settings()
     from worker.vault.store import VaultStore
 
+    from worker.notify import notify_function
+
     vault = VaultStore.from_settings(settings)
+    engine = engine_for(settings.database_url)
     return PipelineContext(
-        engine=engine_for(settings.database_url),
+        engine=engine,
         vault=vault,
         provider_factory=_registry_provider_factory(vault, settings),
         integration_factory=_registry_integration_factory(vault, settings),
-        notify=default_notify(),
+        # Sinks of the inventory applied to *this* context's database, references resolved via
+        # its Vault: never the process's default settings (a context for another database).
+        notify=notify_function(engine, settings, vault=vault),
     )
 
 
