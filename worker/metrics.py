@@ -6,10 +6,14 @@ provider names, step names, outcomes, error classes and states.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ROTATIONS = Counter(
     "keyrotor_rotations_total",
@@ -47,12 +51,62 @@ DEAD_LETTERS = Counter(
 )
 
 
+# --------------------------------------------------------------------------- several processes
+#: prometheus-client's multiprocess mode: each process writes its values to files in this dir.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_multiproc_dir: Optional[str] = None
+
+
+def enable_multiprocess() -> str:
+    """Before starting worker processes: give them a fresh directory for their metric files.
+
+    prometheus-client picks its value storage when a process imports it, so the variable must be
+    in the environment the children start with (``spawn``). This (parent) process then serves the
+    sum of the children's files on /metrics. A fresh directory each time: files of an earlier run
+    would be added to this one's counters."""
+    global _multiproc_dir
+    path = tempfile.mkdtemp(prefix="keyrotor-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    _multiproc_dir = path
+    return path
+
+
+def process_exited(pid: int) -> None:
+    """A child ended: drop its live gauges (its counters keep counting in the sum)."""
+    if _multiproc_dir is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, _multiproc_dir)
+
+
+def disable_multiprocess() -> None:
+    """After the children ended: serve this process's own registry again; remove the files."""
+    global _multiproc_dir
+    path, _multiproc_dir = _multiproc_dir, None
+    if path is not None:
+        if os.environ.get(MULTIPROC_ENV) == path:
+            del os.environ[MULTIPROC_ENV]
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def exposition() -> bytes:
+    """What /metrics serves: the children's metrics summed in multiprocess mode, else ours."""
+    path = _multiproc_dir
+    if path is None:
+        return generate_latest(REGISTRY)
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    return generate_latest(registry)
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         if self.path.split("?", 1)[0] == "/healthz":
             body, ctype, status = b"ok", "text/plain; charset=utf-8", 200
         elif self.path.split("?", 1)[0] == "/metrics":
-            body, ctype, status = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
+            body, ctype, status = exposition(), CONTENT_TYPE_LATEST, 200
         else:
             body, ctype, status = b"not found", "text/plain; charset=utf-8", 404
         self.send_response(status)

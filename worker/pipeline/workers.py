@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import signal
 import threading
 from typing import Any, Optional
@@ -45,17 +46,36 @@ def run_worker(processes: int = 1, threads: int = 4, settings: Any = None) -> No
     if processes <= 1:
         _serve(threads, settings)
         return
+    from worker import metrics
+
+    # /metrics is served by this parent (keyrotor worker starts the server here): the children
+    # write their metrics to files it sums (prometheus-client multiprocess mode). Set up before
+    # they start: a spawned child picks its metric storage when it imports prometheus-client.
+    metrics.enable_multiprocess()
     ctx = multiprocessing.get_context("spawn")
     children = [ctx.Process(target=_serve, args=(threads, None), name=f"keyrotor-worker-{i}") for i in range(processes)]
-    for child in children:
-        child.start()
-
-    def forward(signum: int, _frame: Any) -> None:
+    try:
         for child in children:
-            if child.pid is not None and child.is_alive():
-                child.terminate()
+            child.start()
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        child.join()
+        def forward(signum: int, _frame: Any) -> None:
+            for child in children:
+                if child.pid is not None and child.is_alive():
+                    child.terminate()
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        pending = list(children)
+        while pending:  # in exit order, so a dead child's live gauges go at once
+            multiprocessing.connection.wait([c.sentinel for c in pending])
+            for child in [c for c in pending if not c.is_alive()]:
+                child.join()
+                if child.pid is not None:
+                    metrics.process_exited(child.pid)
+                pending.remove(child)
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+                child.join(timeout=30)
+        metrics.disable_multiprocess()
