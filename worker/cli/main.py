@@ -9,9 +9,11 @@ from __future__ import annotations
 import sys
 
 import typer
+from sqlalchemy.exc import OperationalError
 
 from worker import __version__
 from worker.errors import ConfigError, KeyrotorError
+from worker.settings import get_settings
 
 app = typer.Typer(
     name="keyrotor",
@@ -68,14 +70,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except OperationalError as exc:  # the database does not answer (down, wrong host/port, bad login)
+        typer.echo(f"keyrotor: error: {_database_unreachable(exc)}", err=True)
+        return 2
+    except Exception as exc:
+        # Click usage errors carry their own message and exit code. Recent typer vendors click
+        # (typer._click), so the class is recognised by its methods, not by importing click.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
-            return exc.exit_code
+            return int(exc.exit_code)
         raise
     return 0
+
+
+def _database_unreachable(exc: OperationalError) -> str:
+    """One line naming the database (password masked) and the driver's reason."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        where = make_url(get_settings().database_url).render_as_string(hide_password=True)
+    except Exception:  # settings themselves unreadable: say so without a URL
+        where = "KEYROTOR_DATABASE_URL"
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+    return f"the database at {where} does not answer ({reason}); check KEYROTOR_DATABASE_URL and that the server is up"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""The CLI answers bad arguments and unreachable services with one line on stderr, no traceback."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from worker.cli.main import main
+from worker.settings import get_settings
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings():  # type: ignore[no-untyped-def]
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("argv", [["rotate", "--bogus"], ["no-such-command"], ["runs", "--limit", "many"]])
+def test_usage_errors_exit_2_with_click_message(argv, capsys) -> None:  # type: ignore[no-untyped-def]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    assert "Error" in err or "error" in err
+
+
+def test_unreachable_database_is_one_line_without_password(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    url = f"postgresql://postgres:hunter2secret@127.0.0.1:{_closed_port()}/keyrotor"
+    monkeypatch.setenv("KEYROTOR_DATABASE_URL", url)
+    code = main(["status"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("keyrotor: error: the database at postgresql") and "postgres:***@127.0.0.1" in lines[0]
+    assert "KEYROTOR_DATABASE_URL" in lines[0]
+    assert "hunter2secret" not in err
