@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from worker.cli.common import cli_settings, open_database
+from worker.cli.common import cli_settings, open_database, require_redis
 from worker.cli.output import iso, print_json, print_table, relative
 from worker.clock import utcnow
 from worker.db.session import session_scope
@@ -32,6 +32,7 @@ def scheduler(
     settings = cli_settings()
     configure_logging(settings.log_level, settings.log_format)  # a service: JSON lines on stdout
     engine = open_database(settings)
+    require_redis(settings.redis_url)  # the leader lock lives there: say so now, not once a second
     setup_broker(settings)
     config = SchedulerConfig.from_settings(
         settings, detection_s=detection_interval, reconcile_s=reconcile_interval, retirement_s=retirement_interval,
@@ -40,7 +41,7 @@ def scheduler(
         start_metrics_server(settings.metrics_port)
     from worker.notify import notify_function
 
-    sched = KeyrotorScheduler(engine, redis.Redis.from_url(settings.redis_url), config,
+    sched = KeyrotorScheduler(engine, redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5), config,
                               notify=notify_function(engine, settings))
 
     def _stop(signum: int, _frame: Any) -> None:

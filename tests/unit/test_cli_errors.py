@@ -43,3 +43,30 @@ def test_unreachable_database_is_one_line_without_password(monkeypatch, capsys) 
     assert lines[0].startswith("keyrotor: error: the database at postgresql") and "postgres:***@127.0.0.1" in lines[0]
     assert "KEYROTOR_DATABASE_URL" in lines[0]
     assert "hunter2secret" not in err
+
+
+def _unreachable_redis_with_password(monkeypatch, tmp_path) -> str:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("KEYROTOR_DATABASE_URL", f"sqlite:///{tmp_path}/k.db")
+    url = f"redis://:redispass123@127.0.0.1:{_closed_port()}/0"
+    monkeypatch.setenv("KEYROTOR_REDIS_URL", url)
+    monkeypatch.setenv("KEYROTOR_METRICS_PORT", "0")
+    return url
+
+
+@pytest.mark.parametrize("argv", [["worker"], ["scheduler"], ["rotate", "alloy/x"]])
+def test_unreachable_redis_is_one_line_without_password(argv, monkeypatch, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    _unreachable_redis_with_password(monkeypatch, tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "redispass123" not in err
+    assert "keyrotor: error: Redis at redis://:***@127.0.0.1" in err
+    assert "KEYROTOR_REDIS_URL" in err
+
+
+def test_redis_clients_have_socket_timeouts() -> None:
+    from worker.providers.ratelimit import RedisRateLimiter
+
+    limiter = RedisRateLimiter.from_url(f"redis://127.0.0.1:{_closed_port()}/0")
+    kwargs = limiter._client.connection_pool.connection_kwargs  # type: ignore[attr-defined]
+    assert kwargs.get("socket_timeout") and kwargs.get("socket_connect_timeout")

@@ -150,8 +150,9 @@ def _redis_answers(url: str) -> bool:
 
 def _require_redis(url: str) -> None:
     """Fail before recording anything when the queue cannot be reached (exit 1, not a traceback)."""
-    if not _redis_answers(url):
-        fail(f"Redis at {url} does not answer, so the run could not be queued; check KEYROTOR_REDIS_URL", EXIT_FAILED)
+    from worker.cli.common import require_redis
+
+    require_redis(url, ", so the run could not be queued")
 
 
 def read_deposit_secret(prompt: str) -> Secret:

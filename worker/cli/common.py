@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 from typing import NoReturn
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import typer
 from sqlalchemy.engine import Engine
@@ -83,3 +83,20 @@ def redis_reachable(url: str, timeout: float = 0.5) -> bool:
             client.close()
     except Exception:
         return False
+
+
+def display_url(url: str) -> str:
+    """``url`` fit for a message: a password in it (``redis://:PASS@host``) is shown as ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
+
+
+def require_redis(url: str, consequence: str = "") -> None:
+    """Exit 1 with one line (password masked) when nothing answers PING at ``url``."""
+    if not redis_reachable(url, timeout=2.0):
+        fail(f"Redis at {display_url(url)} does not answer{consequence}; check KEYROTOR_REDIS_URL", EXIT_FAILED)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from worker.cli.common import cli_settings, fail, open_database
+from worker.cli.common import cli_settings, open_database, require_redis
 
 
 def worker(
@@ -16,14 +16,12 @@ def worker(
     Serves /metrics and /healthz on KEYROTOR_METRICS_PORT (0 = off). Stops cleanly on SIGTERM:
     in-flight steps finish; anything unacknowledged is redelivered to another worker.
     """
-    from worker.cli.act_cmds import _redis_answers
     from worker.log import configure_logging
 
     settings = cli_settings()
     configure_logging(settings.log_level, settings.log_format)  # a service: its INFO lines are the point
     open_database(settings)
-    if not _redis_answers(settings.redis_url):
-        fail(f"Redis at {settings.redis_url} does not answer; set KEYROTOR_REDIS_URL", code=1)
+    require_redis(settings.redis_url)
     if settings.metrics_port:
         from worker.metrics import start_metrics_server
 
