@@ -32,12 +32,12 @@ WEBHOOK_PATH = "/hooks/keyrotor"
 @dataclass
 class ConsumerConfig:
     vault_addr: str
-    vault_token: str
+    vault_token: str = field(repr=False)
     mount: str
     path: str
     field: str
     provider_url: str
-    signing_secret: str
+    signing_secret: str = field(repr=False)
     check_path: str = "/api/user/me"
     probe_interval_ms: int | None = None
     now: Callable[[], float] = time.time

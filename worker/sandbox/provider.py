@@ -40,7 +40,7 @@ DEFAULT_AMNESTY_HEADER = "Asana-Amnesty-Api-Key"
 class SandboxKey:
     id: str
     name: str
-    secret: str
+    secret: str = field(repr=False)  # a repr (traceback, debugger) must not show a key
     owner: str
     credential_type: str
     created_at: float
@@ -72,7 +72,7 @@ class Fault:
 class ProviderState:
     """Everything the stand-in knows; guarded by one lock (requests are served concurrently)."""
 
-    admin_token: str
+    admin_token: str = field(repr=False)
     activation_delay: float = 0.0
     key_ttl: float | None = None
     rate_limit: tuple[int, float] | None = None

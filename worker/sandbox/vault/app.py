@@ -8,7 +8,7 @@ import json
 import secrets
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import VaultHTTPError, bad_request, invalid_token, multierror, not_found, unsupported_operation
@@ -30,7 +30,7 @@ _SUDO_PREFIXES = ("sys/auth/", "sys/audit", "sys/raw", "sys/remount", "sys/seal"
 @dataclass
 class Response:
     status: int
-    body: bytes
+    body: bytes = field(repr=False)  # may carry secrets or tokens
     headers: dict[str, str]
 
 

@@ -26,7 +26,7 @@ CUSTOM_METADATA_MAX_VALUE_LEN = 512
 @dataclass
 class Version:
     created: datetime
-    data: dict[str, Any] | None
+    data: dict[str, Any] | None = field(repr=False)  # secret values
     deletion: datetime | None = None
     destroyed: bool = False
 

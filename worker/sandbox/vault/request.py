@@ -14,7 +14,7 @@ class Request:
     operation: str  # READ, LIST, UPDATE (create/update is resolved by the existence check), DELETE, PATCH
     path: str  # logical path below /v1/, no leading slash
     query: dict[str, str] = field(default_factory=dict)
-    body: dict[str, Any] = field(default_factory=dict)
+    body: dict[str, Any] = field(default_factory=dict, repr=False)  # may carry secrets
     content_type: str = ""
     token: Any = None  # the caller's tokens.Token (None on unauthenticated routes)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -69,7 +69,7 @@ def make_server(host: str, port: int, app: VaultApp) -> ThreadingHTTPServer:
 @dataclass
 class StandinHandle:
     url: str
-    root_token: str
+    root_token: str = field(repr=False)
     app: VaultApp
     _server: ThreadingHTTPServer
     _thread: threading.Thread

@@ -25,7 +25,7 @@ def _random(length: int) -> str:
 
 @dataclass
 class Token:
-    id: str
+    id: str = field(repr=False)  # the token itself; the accessor identifies it safely
     accessor: str
     policies: list[str]
     path: str
