@@ -191,3 +191,20 @@ def test_revoking_before_the_consumer_reloads_is_an_outage(vault, vault_mount, p
         assert stats["probe_failures"] >= 1 and stats["failure_statuses"].get("401", 0) >= 1
     finally:
         consumer.stop()
+
+
+def test_garbage_credentials_and_bodies_are_client_errors(provider: ProviderHandle) -> None:
+    """A non-ASCII Bearer token is a 401 (was a 500: compare_digest refuses non-ASCII str); a
+    credentialType that is not a string is a 400 (was stringified into a key type)."""
+    import socket
+
+    host, port = provider.url.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"GET /api/user/me HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer caf\xe9\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:80]
+    admin = {"Authorization": f"Bearer {provider.admin_token}"}
+    response = httpx.post(f"{provider.url}/api/api-key", headers=admin, json={"name": "x", "credentialType": {"a": 1}}, timeout=5)
+    assert response.status_code == 400

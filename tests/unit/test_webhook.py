@@ -47,6 +47,7 @@ def test_signature_round_trip_and_format() -> None:
     lambda b, h: (b, None),                                         # missing header
     lambda b, h: (b, "v1=abc"),                                     # no timestamp
     lambda b, h: (b, f"t=soon,v1={compute(SIGNING, NOW, b)}"),      # garbage timestamp
+    lambda b, h: (b, f"t={NOW},v1=caf\u00e9"),                      # non-ASCII signature (was a TypeError)
 ])
 def test_bad_signatures_are_rejected(mutate: Callable[[bytes, str], tuple[bytes, Any]]) -> None:
     body = b'{"event":"rotated"}'

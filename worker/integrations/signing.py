@@ -64,6 +64,9 @@ def verify(secret: Secret | str, body: bytes, header: str | None, *, now: float 
     if abs(current - timestamp) > tolerance:
         raise SignatureError(f"signature timestamp is {int(current - timestamp)} s away from now (limit {tolerance} s): replayed or clock skew")
     expected = compute(secret, timestamp, body)
-    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
+    # Bytes, not str: compare_digest raises TypeError on a non-ASCII str (a garbage header
+    # must be a SignatureError, not a crash of the receiver).
+    wanted = expected.encode("ascii")
+    if not any(hmac.compare_digest(wanted, candidate.encode("utf-8", "surrogateescape")) for candidate in signatures):
         raise SignatureError("signature does not match the body (wrong signing secret or altered body)")
     return timestamp

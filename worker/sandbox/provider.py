@@ -113,7 +113,7 @@ class ProviderState:
             return None
         with self.lock:
             for key in self.keys.values():
-                if secrets.compare_digest(key.secret, secret):
+                if _same(key.secret, secret):
                     return key
         return None
 
@@ -166,6 +166,12 @@ class ProviderState:
                         self.faults.remove(fault)
                     return fault
         return None
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time comparison that also copes with non-ASCII tokens (``compare_digest`` raises
+    TypeError on such ``str``s: a garbage header would have been a 500 instead of a 401)."""
+    return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 
 def _iso(ts: float) -> str:
@@ -226,7 +232,7 @@ class ProviderApp:
         token = request.bearer()
         if token is None:
             return None, _error(401, "missing Bearer token (Authorization: Bearer <api key>)")
-        if secrets.compare_digest(token, self.state.admin_token):
+        if _same(token, self.state.admin_token):
             return "admin", None
         key = self.state.find_secret(token)
         if key is None or not self.state.key_is_live(key):
@@ -250,7 +256,9 @@ class ProviderApp:
         name = body.get("name") if isinstance(body, dict) else None
         if not isinstance(name, str) or not name.strip():
             return _error(400, "'name' is required")
-        credential_type = str(body.get("credentialType") or "api_key")
+        credential_type = body.get("credentialType") or "api_key"
+        if not isinstance(credential_type, str):
+            return _error(400, "'credentialType' must be a string")
         if self.state.deprecation.get(credential_type, "none") != "none":
             return _error(434, f"new {credential_type} credentials can no longer be created")
         username = body.get("username")
@@ -291,7 +299,7 @@ class ProviderApp:
     # --------------------------------------------------------------- control
     def _control(self, request: Request) -> Response:
         token = request.bearer()
-        if token is None or not secrets.compare_digest(token, self.state.admin_token):
+        if token is None or not _same(token, self.state.admin_token):
             return _error(401, "the sandbox control API needs the admin token")
         try:
             body = request.json() or {}
