@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from worker.errors import ConfigError
 from worker.integrations.base import Integration
 from worker.integrations.vault_copy import VaultCopyIntegration
 from worker.integrations.webhook import WebhookIntegration
 from worker.inventory.schema import IntegrationSpec, VaultCopyIntegrationSpec, WebhookIntegrationSpec
+from worker.inventory.stored import spec_of
 from worker.secret_refs import SecretResolver
 
 if TYPE_CHECKING:
@@ -21,18 +22,9 @@ _ADAPTER: TypeAdapter[Any] = TypeAdapter(IntegrationSpec)
 
 
 def _spec_of(record_or_spec: Any, name: str | None) -> tuple[str, Any]:
-    if isinstance(record_or_spec, (WebhookIntegrationSpec, VaultCopyIntegrationSpec)):
-        if not name:
-            raise ConfigError("build_integration: pass name= with a bare integration spec")
-        return name, record_or_spec
-    data = getattr(record_or_spec, "spec", None)
-    record_name = getattr(record_or_spec, "name", None) or name
-    if not isinstance(data, dict) or not record_name:
-        raise ConfigError(f"build_integration: expected an integration spec or record, got {type(record_or_spec).__name__}")
-    try:
-        return record_name, _ADAPTER.validate_python(data)
-    except ValidationError as exc:
-        raise ConfigError(f"integration {record_name!r}: stored spec is invalid ({exc.error_count()} errors; re-run `keyrotor config apply`)") from None
+    return spec_of(record_or_spec, name, spec_types=(WebhookIntegrationSpec, VaultCopyIntegrationSpec),
+                   validate=_ADAPTER.validate_python, builder="build_integration", kind="integration",
+                   expected="an integration spec or record")
 
 
 def build_integration(

@@ -9,11 +9,11 @@ from datetime import datetime
 from typing import Any, Callable
 
 import httpx
-from pydantic import ValidationError
 
 from worker.clock import utcnow
 from worker.errors import ConfigError
 from worker.inventory.schema import HttpProviderSpec
+from worker.inventory.stored import spec_of
 from worker.providers.base import Provider
 from worker.providers.http import HttpProvider
 from worker.providers.ratelimit import RateLimiter
@@ -21,18 +21,8 @@ from worker.secret_refs import SecretResolver
 
 
 def _spec_of(record_or_spec: Any, name: str | None) -> tuple[str, HttpProviderSpec]:
-    if isinstance(record_or_spec, HttpProviderSpec):
-        if not name:
-            raise ConfigError("build_provider: pass name= with a bare provider spec")
-        return name, record_or_spec
-    spec_data = getattr(record_or_spec, "spec", None)
-    record_name = getattr(record_or_spec, "name", None) or name
-    if not isinstance(spec_data, dict) or not record_name:
-        raise ConfigError(f"build_provider: expected an HttpProviderSpec or a provider record, got {type(record_or_spec).__name__}")
-    try:
-        return record_name, HttpProviderSpec.model_validate(spec_data)
-    except ValidationError as exc:
-        raise ConfigError(f"provider {record_name!r}: stored spec is invalid ({exc.error_count()} errors; re-run `keyrotor config apply`)") from None
+    return spec_of(record_or_spec, name, spec_types=(HttpProviderSpec,), validate=HttpProviderSpec.model_validate,
+                   builder="build_provider", kind="provider", expected="an HttpProviderSpec or a provider record")
 
 
 def build_provider(
