@@ -70,3 +70,15 @@ def test_redis_clients_have_socket_timeouts() -> None:
     limiter = RedisRateLimiter.from_url(f"redis://127.0.0.1:{_closed_port()}/0")
     kwargs = limiter._client.connection_pool.connection_kwargs  # type: ignore[attr-defined]
     assert kwargs.get("socket_timeout") and kwargs.get("socket_connect_timeout")
+
+
+def test_config_check_reads_keyrotor_config_when_no_file_is_given(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "config" / "keyrotor.example.yaml"
+    monkeypatch.setenv("KEYROTOR_CONFIG", str(example))
+    assert main(["config", "check"]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
+    monkeypatch.delenv("KEYROTOR_CONFIG")
+    assert main(["config", "check"]) == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -20,7 +20,7 @@ EXIT_INVALID = 2
 
 @app.command("check")
 def check(
-    file: Path = typer.Argument(..., help="Inventory YAML file."),
+    file: Path = typer.Argument(..., envvar="KEYROTOR_CONFIG", show_envvar=True, help="Inventory YAML file [default: $KEYROTOR_CONFIG]."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Validate an inventory file; print each problem with its FILE:LINE and field path."""
@@ -45,7 +45,7 @@ def check(
 
 @app.command("apply")
 def apply(
-    file: Path = typer.Argument(..., help="Inventory YAML file."),
+    file: Path = typer.Argument(..., envvar="KEYROTOR_CONFIG", show_envvar=True, help="Inventory YAML file [default: $KEYROTOR_CONFIG]."),
     prune: bool = typer.Option(False, "--prune", help="Delete providers, integrations and keys that are no longer declared."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
