@@ -21,7 +21,8 @@ from worker.secret import Secret
 def deposit(*, run_id: str, secret: Secret, deposited_by: str, ctx: Optional[PipelineContext] = None,
             enqueue: bool = True) -> RunState:
     """Stage ``secret`` for an assisted run and move it on; idempotent for the same secret."""
-    from worker.pipeline.steps import Snapshot, _deadline_s, _record_new_version
+    from worker.pipeline.steps.common import Snapshot, _deadline_s
+    from worker.pipeline.steps.versions import _record_new_version
     from worker.protocol import parse_mode
 
     ctx = ctx or get_context()

@@ -1,0 +1,105 @@
+"""What every step shares: the snapshot of the run it acts on, its outcome, the conditional
+transition with its bookkeeping (``_advance``), the reconciler deadline, and notifications."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from sqlmodel import Session
+
+from worker import log
+from worker.db.models import KeyVersion, ManagedKey, RotationRun
+from worker.db.session import session_scope
+from worker.errors import TransientError
+from worker.metrics import ROTATIONS
+from worker.pipeline.context import PipelineContext
+from worker.pipeline.effects import safe_error
+from worker.pipeline.lease import current_lease
+from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
+from worker.protocol import Mode, RunState, Step, expected_state, parse_mode
+from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
+
+logger = log.get_logger("keyrotor.pipeline")
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    state: RunState              # where the run is after the step
+    mode: Mode
+    again_in_s: Optional[float] = None   # run this same step again after this delay (polling, grace)
+    next_in_s: float = 0.0               # delay before the next step
+
+
+@dataclass
+class Snapshot:
+    run: RotationRun
+    key: ManagedKey
+    old: Optional[KeyVersion]
+    new: Optional[KeyVersion]
+    mode: Mode
+
+    @property
+    def credential_type(self) -> str:
+        return self.run.target_credential_type or self.key.credential_type
+
+
+class RunMissing(TransientError):
+    """The message names a run this worker cannot read: the producer's commit may still be in
+    flight (or reach this database replica later), so the message is retried a few times."""
+
+
+def _snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Snapshot]:
+    """Load the run if it is in the state ``step`` acts on, and claim its lease (``execute`` set
+    one up) before the step does anything outside the database."""
+    lease = current_lease.get()
+    with session_scope(ctx.engine) as session:
+        run = load_run(session, run_id)
+        if run is None:
+            raise RunMissing(f"run {run_id} is not in the database (yet)")
+        state = run_state(run)
+        if state != expected_state(step):
+            logger.info("step.skipped", reason="run is not in the state this step acts on",
+                        state=state.value, expected=expected_state(step).value)
+            return None
+        if lease is not None:
+            lease.acquire(session, state.value)
+        key = load_key(session, run)
+        log.bind(key=key.name)
+        snap = Snapshot(run=run, key=key, old=load_version(session, run.old_version_id),
+                        new=load_version(session, run.new_version_id), mode=parse_mode(run.mode))
+    if lease is not None:
+        lease.start_renewing()
+    return snap
+
+
+def _deadline_s(ctx: PipelineContext, to: RunState, delay_s: float = 0.0) -> Optional[float]:
+    """When the reconciler may re-enqueue a run that did not move (None: it waits for a person)."""
+    if to in WAITING_STATES or to in OUTCOME_STATES:
+        return None
+    return delay_s + 2 * ctx.policy.time_limit_ms / 1000
+
+
+def _advance(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: Optional[dict[str, Any]] = None,
+             delay_s: float = 0.0, apply: Optional[Callable[[Session], None]] = None, **fields: Any) -> StepOutcome:
+    """Apply version bookkeeping and the conditional transition in one transaction."""
+    with session_scope(ctx.engine) as session:
+        if apply is not None:
+            apply(session)
+        transition(session, snap.run, to, actor=ctx.actor, detail=detail,
+                   deadline_s=_deadline_s(ctx, to, delay_s), **fields)
+    logger.info("run.transition", from_state=run_state(snap.run).value, to_state=to.value, **(detail or {}))
+    if to in OUTCOME_STATES:
+        ROTATIONS.labels(provider=snap.key.provider, outcome=to.value).inc()
+    return StepOutcome(state=to, mode=snap.mode, next_in_s=delay_s)
+
+
+def _notify(ctx: PipelineContext, event: str, snap: Snapshot, detail: dict[str, Any]) -> None:
+    if ctx.notify is None:
+        if event in ("needs_attention", "failed", "rolled_back"):
+            logger.error("run.alert", alert=event, **detail)
+        return
+    try:
+        ctx.notify(event, key_name=snap.key.name, run_id=snap.run.id, detail=detail)
+    except Exception as exc:  # a failed notification never breaks the pipeline
+        logger.error("notify.failed", alert=event, error=safe_error(exc))

@@ -1,0 +1,90 @@
+"""Up to promotion: ``precheck`` polls the provider until the new key is live, ``promote`` writes
+it as the newest Vault version (check-and-set)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from sqlmodel import Session
+
+from worker.clock import utcnow
+from worker.db.models import ProviderRecord, VersionStage
+from worker.db.session import session_scope
+from worker.errors import PermanentError
+from worker.pipeline.context import PipelineContext
+from worker.pipeline.effects import holding, parse_seconds, read_pending, seconds_between
+from worker.pipeline.runs import load_version
+from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _snapshot
+from worker.pipeline.steps.provider import _check, _new_deprecated, _provider
+from worker.protocol import Mode, RunState, Step
+
+S = RunState
+
+
+def _activation(ctx: PipelineContext, snap: Snapshot) -> tuple[float, float]:
+    with session_scope(ctx.engine) as session:
+        record = session.get(ProviderRecord, snap.key.provider)
+        spec = (record.spec or {}).get("activation") or {} if record is not None else {}
+    return (parse_seconds(spec.get("poll_interval"), ctx.policy.activation_poll_s),
+            parse_seconds(spec.get("timeout"), ctx.policy.activation_timeout_s))
+
+
+def precheck(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
+    """issued → prechecked: poll the provider with the new key until it is live or the deadline."""
+    snap = _snapshot(ctx, run_id, Step.precheck)
+    if snap is None:
+        return None
+    staged = read_pending(ctx.vault, snap.run.id)
+    if staged is None:
+        raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot check it")
+    secret, _ = staged
+    provider = _provider(ctx, snap)
+    with holding(secret):
+        outcome = _check(provider, secret, snap.credential_type)
+    if outcome == "valid":
+        return _advance(ctx, snap, S.prechecked, detail={"fingerprint": secret.fingerprint})
+    if outcome == "deprecated":  # waiting will not make a deprecated type acceptable
+        raise _new_deprecated(ctx, snap, "precheck")
+    poll_s, timeout_s = _activation(ctx, snap)
+    elapsed = seconds_between(utcnow(), snap.new.issued_at if snap.new else snap.run.updated_at)
+    if elapsed < timeout_s:
+        return StepOutcome(state=S.issued, mode=snap.mode, again_in_s=poll_s)
+    raise PermanentError(f"the new credential is still {outcome} at the provider {elapsed:.0f}s after it was "
+                         f"issued (activation timeout {timeout_s:.0f}s)")
+
+
+def promote(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
+    """prechecked → promoted: write the new secret as the newest Vault version (check-and-set)."""
+    snap = _snapshot(ctx, run_id, Step.promote)
+    if snap is None:
+        return None
+    staged = read_pending(ctx.vault, snap.run.id)
+    if staged is None:
+        raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot promote it")
+    secret, key_id = staged
+    key = snap.key
+    with holding(secret):
+        current = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
+        if current is not None and current.secret == secret:
+            version = current.version  # promoted by an attempt that crashed before recording it
+        else:
+            expected = snap.old.vault_version if snap.old is not None else None
+            version = ctx.vault.promote(key.vault_mount, key.vault_path, key.vault_field, secret, key_id, expected)
+    now = utcnow()
+
+    def apply(session: Session) -> None:
+        new = load_version(session, snap.run.new_version_id)
+        assert new is not None
+        new.stage, new.vault_version, new.promoted_at = VersionStage.current, version, now
+        session.add(new)
+        old = load_version(session, snap.run.old_version_id)
+        if old is not None:
+            old.stage = VersionStage.previous if snap.mode != Mode.cutover else VersionStage.retired
+            if snap.mode == Mode.cutover:
+                old.retired_at = now
+            session.add(old)
+
+    detail: dict[str, Any] = {"vault_version": version, "fingerprint": secret.fingerprint}
+    if snap.mode == Mode.cutover and snap.new is not None:
+        detail["cutover_window_ms"] = int(seconds_between(now, snap.new.issued_at) * 1000)
+    return _advance(ctx, snap, S.promoted, detail=detail, apply=apply)

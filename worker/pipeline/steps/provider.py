@@ -1,0 +1,40 @@
+"""Calls to the key's provider from a step: build the adapter, count each call by outcome, check a
+credential, and name a credential type the provider reports as deprecated."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from worker.db.session import session_scope
+from worker.metrics import PROVIDER_REQUESTS
+from worker.pipeline.context import PipelineContext
+from worker.pipeline.deprecation import NewCredentialDeprecated, new_credential_deprecated
+from worker.pipeline.effects import enum_value
+from worker.pipeline.steps.common import Snapshot
+from worker.secret import Secret
+
+
+def _provider(ctx: PipelineContext, snap: Snapshot) -> Any:
+    with session_scope(ctx.engine) as session:
+        return ctx.provider_factory(session, snap.key)
+
+
+def _call(provider: Any, call: str, fn: Callable[[], Any]) -> Any:
+    """Call the provider, counting it by outcome (labels carry no key id or secret)."""
+    name = getattr(provider, "name", "unknown")
+    try:
+        result = fn()
+    except BaseException as exc:
+        PROVIDER_REQUESTS.labels(provider=name, call=call, status=type(exc).__name__).inc()
+        raise
+    PROVIDER_REQUESTS.labels(provider=name, call=call, status="ok").inc()
+    return result
+
+
+def _check(provider: Any, secret: Secret, credential_type: str) -> str:
+    return enum_value(_call(provider, "check", lambda: provider.check(secret, credential_type=credential_type)))
+
+
+def _new_deprecated(ctx: PipelineContext, snap: Snapshot, where: str) -> NewCredentialDeprecated:
+    return new_credential_deprecated(ctx.engine, provider=snap.key.provider, key_name=snap.key.name,
+                                     credential_type=snap.credential_type, where=where)

@@ -1,0 +1,172 @@
+"""The failure path: ``fail_run`` moves a run to the protocol's failure target, ``compensate``
+revokes a new key that was never promoted, ``rollback`` restores the old key after promotion;
+a run that failed on a deprecated credential type may start the rotation to its replacement."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from sqlmodel import Session
+
+from worker import log
+from worker.clock import utcnow
+from worker.db.models import ManagedKey, VersionStage
+from worker.db.session import session_scope
+from worker.errors import PermanentError, StateConflict
+from worker.metrics import ROTATIONS
+from worker.pipeline.context import PipelineContext
+from worker.pipeline.deprecation import (
+    DEPRECATED_TYPE_FIELD,
+    NewCredentialDeprecated,
+    deprecated_failure_type,
+    replacement_of,
+    report_deprecated,
+)
+from worker.pipeline.effects import holding, read_pending, safe_error
+from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
+from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _deadline_s, _notify, _snapshot
+from worker.pipeline.steps.provider import _call, _provider
+from worker.pipeline.steps.sinks import _announcement, _push_all, _raise_sink_failures
+from worker.protocol import FailureKind, Mode, RunState, Step, expected_state, failure_target, parse_mode
+from worker.protocol.states import OUTCOME_STATES
+
+logger = log.get_logger("keyrotor.pipeline")
+S = RunState
+
+
+def compensate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
+    """compensating → failed: revoke the *new* key (never the old), discard staging."""
+    snap = _snapshot(ctx, run_id, Step.compensate)
+    if snap is None:
+        return None
+    key, new, old = snap.key, snap.new, snap.old
+    staged = read_pending(ctx.vault, snap.run.id)
+    new_secret, staged_key_id = staged if staged else (None, None)
+    new_key_id = (new.provider_key_id if new is not None else None) or staged_key_id
+    new_fp = (new.fingerprint if new is not None else None) or (new_secret.fingerprint if new_secret else None)
+    detail: dict[str, Any] = {"new_fingerprint": new_fp, "new_provider_key_id": new_key_id}
+    with holding(new_secret):
+        current = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
+        if new_fp is not None and current is not None and current.secret.fingerprint == new_fp:
+            # Vault already serves the new key (promote crashed before recording): restore instead.
+            return _advance(ctx, snap, S.rolling_back, detail={"reason": "Vault already serves the new key"})
+        if new_key_id is not None or new_secret is not None:
+            if snap.mode == Mode.cutover:
+                raise PermanentError("cutover: the new key is the only valid one; it must not be revoked")
+            if old is not None and ((old.provider_key_id and old.provider_key_id == new_key_id) or old.fingerprint == new_fp):
+                raise PermanentError("the key to revoke is the old credential; refusing (the old key is never revoked on failure)")
+            provider = _provider(ctx, snap)
+            if getattr(provider, "can_revoke", True):
+                _call(provider, "revoke", lambda: provider.revoke(key_id=new_key_id, secret=new_secret,
+                                                                  credential_type=snap.credential_type))
+                detail["revocation"] = "revoked"
+            else:
+                detail["revocation"] = "manual"
+        ctx.vault.discard_pending(snap.run.id)
+
+    def apply(session: Session) -> None:
+        row = load_version(session, snap.run.new_version_id)
+        if row is not None:
+            row.stage, row.retired_at = VersionStage.failed, utcnow()
+            session.add(row)
+
+    outcome = _advance(ctx, snap, S.failed, detail=detail, apply=apply)
+    _notify(ctx, "failed", snap, {"reason": snap.run.last_error, **detail})
+    _follow_deprecation(ctx, snap)
+    return outcome
+
+
+def rollback(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
+    """rolling_back → rolled_back: old secret back as newest Vault version, re-push it, revoke new."""
+    snap = _snapshot(ctx, run_id, Step.rollback)
+    if snap is None:
+        return None
+    key, new, old = snap.key, snap.new, snap.old
+    if old is None or old.vault_version is None:
+        raise PermanentError("there is no previous credential to restore (first rotation of this key)")
+    old_secret = ctx.vault.read_version(key.vault_mount, key.vault_path, key.vault_field, old.vault_version).secret
+    staged = read_pending(ctx.vault, snap.run.id)
+    new_secret = staged[0] if staged else None
+    detail: dict[str, Any] = {"restored_fingerprint": old_secret.fingerprint}
+    with holding(old_secret, new_secret):
+        current = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
+        if current is not None and current.secret == old_secret:
+            restored = current.version
+        else:
+            restored = ctx.vault.restore(key.vault_mount, key.vault_path, old.vault_version,
+                                         current.version if current is not None else 0)
+        detail["vault_version"] = restored
+        ann = _announcement(snap, "rolled_back", old_secret, old, restored)
+        failures = _push_all(ctx, snap, ann, done_status="restored", skip={"restored"})
+        if failures:
+            _raise_sink_failures(failures, "pushing the restored key")
+        new_key_id = new.provider_key_id if new is not None else None
+        if new is not None and (new_key_id or new_secret) and new.fingerprint != old.fingerprint:
+            provider = _provider(ctx, snap)
+            if getattr(provider, "can_revoke", True):
+                _call(provider, "revoke", lambda: provider.revoke(key_id=new_key_id, secret=new_secret,
+                                                                  credential_type=new.credential_type))
+                detail["revocation"] = "revoked"
+            else:
+                detail["revocation"] = "manual"
+        ctx.vault.discard_pending(snap.run.id)
+
+    def apply(session: Session) -> None:
+        new_row = load_version(session, snap.run.new_version_id)
+        if new_row is not None:
+            new_row.stage, new_row.retired_at = VersionStage.failed, utcnow()
+            session.add(new_row)
+        old_row = load_version(session, snap.run.old_version_id)
+        assert old_row is not None
+        old_row.stage, old_row.vault_version = VersionStage.current, restored
+        session.add(old_row)
+
+    outcome = _advance(ctx, snap, S.rolled_back, detail=detail, apply=apply)
+    _notify(ctx, "rolled_back", snap, {"reason": snap.run.last_error, **detail})
+    _follow_deprecation(ctx, snap)
+    return outcome
+
+
+def _follow_deprecation(ctx: PipelineContext, snap: Snapshot) -> None:
+    """The run is over and failed because its credential type is deprecated. If that is also the
+    type the key uses now, the key's current credential is of a deprecated type: report it, so a
+    rotation to the replacement follows (only when a different replacement is declared, so a
+    type without one cannot cause a run every hour)."""
+    with session_scope(ctx.engine) as session:
+        deprecated = deprecated_failure_type(session, snap.run.id)
+        key = session.get(ManagedKey, snap.key.id)
+        if deprecated is None or key is None or key.credential_type != deprecated:
+            return
+        replacement = replacement_of(session, key.provider, deprecated)
+    if replacement and replacement != deprecated:
+        report_deprecated(ctx.engine, key_name=snap.key.name, credential_type=deprecated, requested_by=ctx.actor)
+
+
+def fail_run(ctx: PipelineContext, run_id: str, step: Step, exc: BaseException, kind: FailureKind) -> Optional[RunState]:
+    """Move the run to the protocol's failure target for this step; ``None`` if it moved already."""
+    with session_scope(ctx.engine) as session:
+        run = load_run(session, run_id)
+        if run is None or run_state(run) != expected_state(step):
+            return None
+        key = load_key(session, run)
+        target = failure_target(run.mode, run_state(run), kind)
+        error = safe_error(exc)
+        detail = {"step": step.value, "failure": kind.value, "error": error}
+        if isinstance(exc, NewCredentialDeprecated):
+            detail[DEPRECATED_TYPE_FIELD] = exc.credential_type
+            detail["replacement"] = exc.replacement
+        try:
+            # needs_attention keeps the attempt count for the person who looks (resolve resets it).
+            kept = {"attempts": run.attempts} if target == S.needs_attention else {}
+            transition(session, run, target, actor=ctx.actor, last_error=error, deadline_s=_deadline_s(ctx, target),
+                       detail=detail, **kept)
+        except StateConflict:
+            session.rollback()
+            return None
+    logger.warning("run.failed_step", failure=kind.value, to_state=target.value, error=error)
+    if target in OUTCOME_STATES:
+        ROTATIONS.labels(provider=key.provider, outcome=target.value).inc()
+    if target == S.needs_attention:
+        snap = Snapshot(run=run, key=key, old=None, new=None, mode=parse_mode(run.mode))
+        _notify(ctx, "needs_attention", snap, {"step": step.value, "error": error, "failure": kind.value})
+    return target

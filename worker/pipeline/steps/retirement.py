@@ -1,0 +1,123 @@
+"""The end of a successful run: ``retire`` revokes the old key after the grace period and confirms
+it is rejected, ``finish`` records the rotation on the key."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from sqlmodel import Session
+
+from worker.clock import as_utc, utcnow
+from worker.db.models import ManagedKey, VersionStage
+from worker.errors import DeprecatedCredential, PermanentError, TransientError
+from worker.pipeline.context import PipelineContext
+from worker.pipeline.deprecation import report_deprecated
+from worker.pipeline.effects import holding, read_pending, seconds_between
+from worker.pipeline.runs import load_version
+from worker.pipeline.steps.common import StepOutcome, _advance, _notify, _snapshot
+from worker.pipeline.steps.provider import _call, _check, _new_deprecated, _provider
+from worker.protocol import Mode, RunState, Step
+from worker.secret import Secret
+
+S = RunState
+
+
+def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
+    """verified → retired, after the grace period: revoke the old key and confirm it is rejected."""
+    snap = _snapshot(ctx, run_id, Step.retire)
+    if snap is None:
+        return None
+    now = utcnow()
+    if snap.run.grace_until is not None and now < as_utc(snap.run.grace_until):  # type: ignore[operator]
+        return StepOutcome(state=S.verified, mode=snap.mode,
+                           again_in_s=seconds_between(as_utc(snap.run.grace_until), now))  # type: ignore[arg-type]
+    old, new, key = snap.old, snap.new, snap.key
+    if old is None or old.stage == VersionStage.retired.value and snap.mode != Mode.cutover:
+        return _advance(ctx, snap, S.retired, detail={"old": None if old is None else "already retired"})
+    if new is None:
+        raise PermanentError(f"run {snap.run.id} has no new version recorded; refusing to revoke the old key")
+    if (old.provider_key_id and old.provider_key_id == new.provider_key_id) or old.fingerprint == new.fingerprint:
+        raise PermanentError("the old and new versions are the same credential; refusing to revoke it")
+    provider = _provider(ctx, snap)
+    staged = read_pending(ctx.vault, snap.run.id)
+    new_secret = staged[0] if staged else None
+    old_secret: Optional[Secret] = None
+    if old.vault_version is not None:
+        old_secret = ctx.vault.read_version(key.vault_mount, key.vault_path, key.vault_field, old.vault_version).secret
+    detail: dict[str, Any] = {"old_fingerprint": old.fingerprint, "old_provider_key_id": old.provider_key_id}
+    with holding(new_secret, old_secret):
+        # Invariant 1 and 2: never revoke the old key unless the new one still authenticates.
+        new_outcome = _check(provider, new_secret, snap.credential_type) if new_secret is not None else "valid"
+        if new_outcome == "deprecated":
+            raise _new_deprecated(ctx, snap, "retire")
+        if new_outcome != "valid":
+            raise PermanentError("the new credential no longer authenticates; the old one is kept")
+        old_deprecated = False
+        if snap.mode == Mode.cutover:
+            detail["revocation"] = "invalidated by issuing the new key"
+        elif getattr(provider, "can_revoke", True):
+            try:
+                _call(provider, "revoke", lambda: provider.revoke(key_id=old.provider_key_id, secret=old_secret,
+                                                                  credential_type=old.credential_type))
+                detail["revocation"] = "revoked"
+            except DeprecatedCredential:
+                # The call authenticated with the old credential and the provider rejected it as
+                # deprecated: it cannot revoke itself. The check below decides whether it still works.
+                old_deprecated = True
+                detail["revocation"] = "rejected as deprecated by the provider"
+        else:
+            detail["revocation"] = "manual"
+        if old_secret is not None:
+            outcome = _check(provider, old_secret, old.credential_type)
+            detail["old_check"] = outcome
+            old_deprecated = old_deprecated or outcome == "deprecated"
+            if outcome == "valid" and detail["revocation"] != "manual":
+                since = seconds_between(now, snap.run.grace_until)
+                message = f"the old credential still authenticates {since:.0f}s after revocation"
+                if since < ctx.policy.revocation_timeout_s:
+                    raise TransientError(message)
+                raise PermanentError(message + "; revoke it at the provider by hand")
+    if detail["revocation"] == "manual":
+        _notify(ctx, "reminder", snap, {"action": "revoke_old_credential", "owner": key.owner,
+                                        "old_fingerprint": old.fingerprint})
+
+    def apply(session: Session) -> None:
+        row = load_version(session, old.id)
+        assert row is not None
+        if detail["revocation"] != "manual":
+            row.stage, row.retired_at = VersionStage.retired, now
+        session.add(row)
+
+    outcome_ = _advance(ctx, snap, S.retired, detail=detail, apply=apply)
+    if old_deprecated:  # after the commit: it joins this (still open) run, or is stale once it completes
+        report_deprecated(ctx.engine, key_name=key.name, credential_type=old.credential_type, requested_by=ctx.actor)
+    return outcome_
+
+
+def finish(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
+    """retired → completed: discard staging, record the rotation on the key, compute its next due."""
+    snap = _snapshot(ctx, run_id, Step.finish)
+    if snap is None:
+        return None
+    ctx.vault.discard_pending(snap.run.id)
+    now = utcnow()
+
+    def apply(session: Session) -> None:
+        key = session.get(ManagedKey, snap.key.id)
+        assert key is not None
+        key.last_rotated_at, key.updated_at = now, now
+        key.expires_at = snap.new.expires_at if snap.new is not None else None
+        if snap.run.target_credential_type:
+            key.credential_type = snap.run.target_credential_type
+        session.add(key)
+        session.flush()
+        try:
+            from jobs.due import refresh_next_due  # type: ignore[import-not-found]
+        except ImportError:
+            return
+        refresh_next_due(session, key)
+
+    outcome = _advance(ctx, snap, S.completed, apply=apply,
+                       detail={"fingerprint": snap.new.fingerprint if snap.new else None})
+    _notify(ctx, "succeeded", snap, {"fingerprint": snap.new.fingerprint if snap.new else None})
+    return outcome

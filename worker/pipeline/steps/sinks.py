@@ -1,0 +1,130 @@
+"""Delivery to the key's integrations (sinks): ``propagate`` pushes the new key to all of them,
+``verify`` confirms the provider and every sink accept it; the push helpers also serve rollback."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Optional
+
+from sqlmodel import Session
+
+from worker import log
+from worker.clock import utcnow
+from worker.db.models import KeyVersion, SinkDelivery
+from worker.db.session import session_scope
+from worker.errors import PermanentError, TransientError
+from worker.pipeline.context import PipelineContext
+from worker.pipeline.effects import announcement, holding, read_pending, safe_error, verify_status
+from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _snapshot
+from worker.pipeline.steps.provider import _check, _new_deprecated, _provider
+from worker.protocol import RunState, Step, has_grace_period
+from worker.secret import Secret
+
+logger = log.get_logger("keyrotor.pipeline")
+S = RunState
+
+
+def _announcement(snap: Snapshot, event: str, secret: Secret, version: KeyVersion, vault_version: int) -> Any:
+    return announcement(event=event, key_name=snap.key.name, run_id=snap.run.id,
+                        provider_key_id=version.provider_key_id, fingerprint=secret.fingerprint,
+                        vault_mount=snap.key.vault_mount, vault_path=snap.key.vault_path,
+                        vault_field=snap.key.vault_field, vault_version=vault_version, secret=secret)
+
+
+def _push_all(ctx: PipelineContext, snap: Snapshot, ann: Any, *, done_status: str, skip: set[str]) -> list[tuple[str, BaseException]]:
+    """Push ``ann`` to every integration of the key not yet done; record each sink's status."""
+    failures: list[tuple[str, BaseException]] = []
+    for name in snap.key.integrations or []:
+        with session_scope(ctx.engine) as session:
+            row = _sink_row(session, snap.run.id, name)
+            if row.status in skip and row.fingerprint == ann.fingerprint:
+                continue
+            try:
+                ctx.integration_factory(session, name).push(ann)
+            except Exception as exc:
+                row.status, row.last_error = "failed", safe_error(exc)
+                failures.append((name, exc))
+                logger.warning("sink.push_failed", integration=name, error=row.last_error)
+            else:
+                row.status, row.last_error = done_status, None
+            row.fingerprint, row.attempts, row.updated_at = ann.fingerprint, row.attempts + 1, utcnow()
+            session.add(row)
+    return failures
+
+
+def _sink_row(session: Session, run_id: str, name: str) -> SinkDelivery:
+    from sqlmodel import select
+
+    row = session.exec(select(SinkDelivery).where(SinkDelivery.run_id == run_id, SinkDelivery.integration == name)).first()
+    if row is None:
+        row = SinkDelivery(run_id=run_id, integration=name, status="pending", attempts=0, updated_at=utcnow())
+        session.add(row)
+        session.flush()
+    return row
+
+
+def _raise_sink_failures(failures: list[tuple[str, BaseException]], what: str) -> None:
+    names = ", ".join(name for name, _ in failures)
+    first = safe_error(failures[0][1])
+    if any(isinstance(exc, PermanentError) for _, exc in failures):
+        raise PermanentError(f"{what} failed permanently at {names}: {first}")
+    waits = [getattr(exc, "retry_after", None) for _, exc in failures]
+    retry_after = max((w for w in waits if w is not None), default=None)
+    raise TransientError(f"{what} failed at {names} (will retry those only): {first}", retry_after=retry_after)
+
+
+def propagate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
+    """promoted → propagated: push to every integration; all must succeed (no split brain)."""
+    snap = _snapshot(ctx, run_id, Step.propagate)
+    if snap is None:
+        return None
+    staged = read_pending(ctx.vault, snap.run.id)
+    if staged is None or snap.new is None:
+        raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot propagate it")
+    secret, _ = staged
+    with holding(secret):
+        ann = _announcement(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
+        failures = _push_all(ctx, snap, ann, done_status="pushed", skip={"pushed", "verified"})
+    if failures:
+        _raise_sink_failures(failures, "pushing the new key")
+    return _advance(ctx, snap, S.propagated, detail={"sinks": list(snap.key.integrations or [])})
+
+
+def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
+    """propagated → verified: the provider and every integration accept the new key; grace starts."""
+    snap = _snapshot(ctx, run_id, Step.verify)
+    if snap is None:
+        return None
+    staged = read_pending(ctx.vault, snap.run.id)
+    if staged is None or snap.new is None:
+        raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot verify it")
+    secret, _ = staged
+    provider = _provider(ctx, snap)
+    results: dict[str, str] = {}
+    with holding(secret):
+        outcome = _check(provider, secret, snap.credential_type)
+        if outcome == "deprecated":
+            raise _new_deprecated(ctx, snap, "verify")
+        if outcome != "valid":
+            raise PermanentError(f"the provider now answers {outcome!r} for the new credential it accepted at precheck")
+        ann = _announcement(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
+        mismatched: list[str] = []
+        for name in snap.key.integrations or []:
+            with session_scope(ctx.engine) as session:
+                result = ctx.integration_factory(session, name).verify(ann)
+                status, reported = verify_status(result)
+                row = _sink_row(session, snap.run.id, name)
+                if status == "mismatch":
+                    mismatched.append(f"{name} reports {reported or 'another key'}")
+                    row.last_error = f"verify: reports {reported}"
+                else:
+                    row.status, row.last_error = "verified", None
+                row.updated_at = utcnow()
+                session.add(row)
+                results[name] = status
+    if mismatched:
+        raise TransientError("integrations do not serve the new key yet: " + "; ".join(mismatched))
+    grace_s = float(snap.key.grace_period_s) if has_grace_period(snap.mode, emergency=snap.run.emergency) else 0.0
+    grace_until = utcnow() + timedelta(seconds=grace_s)
+    return _advance(ctx, snap, S.verified, delay_s=grace_s, grace_until=grace_until,
+                    detail={"grace_until": grace_until.isoformat(), "grace_s": grace_s, "sinks": results})

@@ -1,0 +1,62 @@
+"""Version bookkeeping: adopt the credential Vault serves now as the run's old version, and record
+the run's new (pending) version."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from sqlmodel import Session
+
+from worker.clock import utcnow
+from worker.db.models import KeyVersion, VersionStage
+from worker.pipeline.context import PipelineContext
+from worker.pipeline.runs import audit
+from worker.pipeline.steps.common import Snapshot
+from worker.secret import Secret
+
+
+def _ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session) -> Optional[int]:
+    """The version Vault serves now, as a ``current`` KeyVersion (adopted if the DB has none)."""
+    key = snap.key
+    stored = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
+    if stored is None:
+        return None
+    fp = stored.secret.fingerprint
+    known = session.exec(
+        _select_versions(key.id, VersionStage.current)  # type: ignore[arg-type]
+    ).all()
+    for version in known:
+        if version.fingerprint == fp:
+            if version.vault_version != stored.version:
+                version.vault_version = stored.version
+                session.add(version)
+            return version.id
+    adopted = KeyVersion(key_id=key.id, run_id=None, credential_type=key.credential_type, stage=VersionStage.current,
+                         provider_key_id=stored.provider_key_id, fingerprint=fp, vault_version=stored.version,
+                         issued_at=None)
+    for version in known:  # the DB's idea of "current" was changed out of band
+        version.stage = VersionStage.previous
+        session.add(version)
+    session.add(adopted)
+    session.flush()
+    audit(session, snap.run, actor=ctx.actor, event="version_adopted",
+          detail={"fingerprint": fp, "vault_version": stored.version, "provider_key_id": stored.provider_key_id})
+    return adopted.id
+
+
+def _select_versions(key_id: int, stage: VersionStage) -> Any:
+    from sqlmodel import select
+
+    return select(KeyVersion).where(KeyVersion.key_id == key_id, KeyVersion.stage == stage.value)
+
+
+def _record_new_version(session: Session, snap: Snapshot, *, secret: Optional[Secret], key_id: Optional[str],
+                        name: Optional[str], expires_at: Any) -> int:
+    version = KeyVersion(key_id=snap.key.id, run_id=snap.run.id, credential_type=snap.credential_type,
+                         stage=VersionStage.pending, provider_key_id=key_id, provider_key_name=name,
+                         fingerprint=secret.fingerprint if secret is not None else None, issued_at=utcnow(),
+                         expires_at=expires_at)
+    session.add(version)
+    session.flush()
+    assert version.id is not None
+    return version.id
