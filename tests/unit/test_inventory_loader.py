@@ -183,3 +183,15 @@ def test_installed_entry_point_exits_2_without_traceback(tmp_path: Path) -> None
     proc = subprocess.run([str(exe), "config", "check", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert f"{path}:" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_malformed_notification_url_is_not_echoed(runner: CliRunner, tmp_path: Path) -> None:
+    """A Slack incoming-webhook URL is a credential: a typo in one must not be printed back."""
+    leaked = "hxxps://hooks.slack.example/services/T000/B000/sekrit-token-123"
+    text = TEXT.replace("{kind: slack, url: {env: KEYROTOR_SLACK_WEBHOOK_URL}", "{kind: slack, url: " + leaked)
+    assert leaked in text
+    path = write(tmp_path, text)
+    result = check(runner, path)
+    assert result.exit_code == 2
+    assert "expected an absolute http(s) URL" in result.output
+    assert "sekrit-token-123" not in result.output

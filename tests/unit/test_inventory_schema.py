@@ -235,3 +235,4 @@ def test_credential_headers_need_a_placeholder(doc: dict[str, Any]) -> None:
                       "(with a secret reference) or a {secret} placeholder")]
     doc["providers"]["alloy"]["calls"]["issue"]["headers"] = {"Authorization": "Bearer {secret}", "X-Trace": "static"}
     Inventory.model_validate(doc)
+

@@ -508,7 +508,8 @@ ProviderSpec = HttpProviderSpec
 # --------------------------------------------------------------------------- integrations
 def _http_url(value: str) -> str:
     if not re.match(r"^https?://[^/\s]+", value):
-        raise PydanticCustomError("url", "expected an absolute http(s) URL, got {value}", {"value": repr(value)})
+        # The value is not echoed: a webhook URL (Slack's, say) is itself a credential.
+        raise PydanticCustomError("url", "expected an absolute http(s) URL such as https://host/path")
     return value
 
 
