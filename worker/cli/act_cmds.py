@@ -110,10 +110,13 @@ def _wait(engine: Any, summary: list[dict[str, Any]], *, until: WaitUntil, timeo
     follower = AuditFollower(engine, run_ids=ids)
     deadline = time.monotonic() + timeout
     while True:
+        # States first, then the audit trail: a state change and its audit event commit together,
+        # so every state read here has its event in the poll below (the last change is never
+        # missed from the narration when it lands between the two reads).
+        states = {rid: state_of(r) for rid, r in run_states(engine, ids).items()}
         for change in follower.poll():
             if narrate and (change.from_state or change.to_state or change.event != "state_changed"):
                 typer.echo(change.line())
-        states = {rid: state_of(r) for rid, r in run_states(engine, ids).items()}
         for item in summary:
             item["state"] = states.get(item["run_id"], item["state"])
         done = [s in STOP_STATES or s in _SUCCESS[until] for s in states.values()]
