@@ -29,6 +29,7 @@ from worker.pipeline.steps.provider import _call, _provider
 from worker.pipeline.steps.sinks import _announcement, _push_all, _raise_sink_failures
 from worker.protocol import FailureKind, Mode, RunState, Step, expected_state, failure_target, parse_mode
 from worker.protocol.states import OUTCOME_STATES
+from worker.secret import Secret
 
 logger = log.get_logger("keyrotor.pipeline")
 S = RunState
@@ -55,13 +56,8 @@ def compensate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                 raise PermanentError("cutover: the new key is the only valid one; it must not be revoked")
             if old is not None and ((old.provider_key_id and old.provider_key_id == new_key_id) or old.fingerprint == new_fp):
                 raise PermanentError("the key to revoke is the old credential; refusing (the old key is never revoked on failure)")
-            provider = _provider(ctx, snap)
-            if getattr(provider, "can_revoke", True):
-                _call(provider, "revoke", lambda: provider.revoke(key_id=new_key_id, secret=new_secret,
-                                                                  credential_type=snap.credential_type))
-                detail["revocation"] = "revoked"
-            else:
-                detail["revocation"] = "manual"
+            detail["revocation"] = _revoke_new_key(ctx, snap, key_id=new_key_id, secret=new_secret,
+                                                   credential_type=snap.credential_type)
         ctx.vault.discard_pending(snap.run.id)
 
     def apply(session: Session) -> None:
@@ -102,13 +98,8 @@ def rollback(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             _raise_sink_failures(failures, "pushing the restored key")
         new_key_id = new.provider_key_id if new is not None else None
         if new is not None and (new_key_id or new_secret) and new.fingerprint != old.fingerprint:
-            provider = _provider(ctx, snap)
-            if getattr(provider, "can_revoke", True):
-                _call(provider, "revoke", lambda: provider.revoke(key_id=new_key_id, secret=new_secret,
-                                                                  credential_type=new.credential_type))
-                detail["revocation"] = "revoked"
-            else:
-                detail["revocation"] = "manual"
+            detail["revocation"] = _revoke_new_key(ctx, snap, key_id=new_key_id, secret=new_secret,
+                                                   credential_type=new.credential_type)
         ctx.vault.discard_pending(snap.run.id)
 
     def apply(session: Session) -> None:
@@ -125,6 +116,17 @@ def rollback(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     _notify(ctx, "rolled_back", snap, {"reason": snap.run.last_error, **detail})
     _follow_deprecation(ctx, snap)
     return outcome
+
+
+def _revoke_new_key(ctx: PipelineContext, snap: Snapshot, *, key_id: Optional[str], secret: Optional[Secret],
+                    credential_type: str) -> str:
+    """Revoke the run's new key at the provider: "revoked", or "manual" when the provider cannot
+    revoke (a person must)."""
+    provider = _provider(ctx, snap)
+    if not getattr(provider, "can_revoke", True):
+        return "manual"
+    _call(provider, "revoke", lambda: provider.revoke(key_id=key_id, secret=secret, credential_type=credential_type))
+    return "revoked"
 
 
 def _follow_deprecation(ctx: PipelineContext, snap: Snapshot) -> None:
