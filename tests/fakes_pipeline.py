@@ -74,6 +74,7 @@ class FakeVault:
     def __init__(self) -> None:
         self.paths: dict[tuple[str, str], list[dict[str, str]]] = {}
         self.staging: dict[str, tuple[str, Optional[str]]] = {}
+        self.staged_expiry: dict[str, Optional[datetime]] = {}
         self.faults = Faults()
         self.lock = threading.Lock()
 
@@ -110,9 +111,14 @@ class FakeVault:
         data = versions[version - 1]
         return StoredSecret(Secret(data[field]), version, data.get(KEY_ID_FIELD))
 
-    def stage_pending(self, run_id: str, secret: Secret, provider_key_id: Optional[str]) -> None:
+    def stage_pending(self, run_id: str, secret: Secret, provider_key_id: Optional[str],
+                      expires_at: Optional[datetime] = None) -> None:
         self.faults.hit("stage_pending")
         self.staging[run_id] = (secret.reveal(), provider_key_id)
+        self.staged_expiry[run_id] = expires_at
+
+    def pending_expiry(self, run_id: str) -> Optional[datetime]:
+        return self.staged_expiry.get(run_id) if run_id in self.staging else None
 
     def read_pending(self, run_id: str) -> tuple[Secret, Optional[str]]:
         self.faults.hit("read_pending")
@@ -183,6 +189,8 @@ class FakeProvider:
         self.deprecated_keys: set[str] = set()
         #: Revoking these keys authenticates with the key itself, which is rejected as deprecated.
         self.revoke_refused_deprecated: set[str] = set()
+        #: Expiry the provider gives each new key (None: keys do not expire).
+        self.key_lifetime: Optional[timedelta] = None
         self.lock = threading.Lock()
 
     def add_existing(self, name: str = "initial") -> FakeKey:
@@ -208,7 +216,8 @@ class FakeProvider:
             self.issued_secrets.append(key.secret)
             self.calls.append(("issue", key.key_id))
         self.faults.hit("after_issue")
-        return IssuedCredential(secret=Secret(key.secret), key_id=key.key_id, name=name, expires_at=None)
+        expires_at = datetime.now(timezone.utc) + self.key_lifetime if self.key_lifetime is not None else None
+        return IssuedCredential(secret=Secret(key.secret), key_id=key.key_id, name=name, expires_at=expires_at)
 
     def check(self, secret: Secret, *, credential_type: str) -> CheckOutcome:
         self.faults.hit("check")

@@ -237,6 +237,20 @@ def test_stage_read_discard(store: VaultStore, root: hvac.Client, vault_mount: s
     assert store.list_versions(vault_mount, f"keyrotor/staging/{run_id}") == []  # every version destroyed
 
 
+
+def test_staged_key_keeps_its_provider_expiry(store: VaultStore) -> None:
+    """A step that recovers a staged key after a crash must still know when it expires."""
+    from datetime import datetime, timezone
+
+    run_id = uuid.uuid4().hex
+    expires = datetime(2027, 1, 31, 12, 0, tzinfo=timezone.utc)
+    store.stage_pending(run_id, Secret("staged-value"), "key_1", expires)
+    assert store.pending_expiry(run_id) == expires
+    store.stage_pending(run_id, Secret("staged-value-b"), "key_2")  # no expiry given
+    assert store.pending_expiry(run_id) is None
+    store.discard_pending(run_id)
+    assert store.pending_expiry(run_id) is None
+
 # ------------------------------------------------------------------ metadata
 def test_custom_metadata_round_trip_keeps_delete_version_after(store: VaultStore, root: hvac.Client,
                                                                 vault_mount: str) -> None:

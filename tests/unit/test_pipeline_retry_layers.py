@@ -75,9 +75,9 @@ def test_staging_failure_is_one_call_then_a_step_retry_with_a_fresh_key(world: W
     calls: list[str] = []
     original = world.vault.stage_pending
 
-    def counting(run_id: str, secret: object, key_id: object) -> None:
+    def counting(run_id: str, secret: object, key_id: object, expires_at: object = None) -> None:
         calls.append(run_id)
-        original(run_id, secret, key_id)  # type: ignore[arg-type]
+        original(run_id, secret, key_id, expires_at)  # type: ignore[arg-type]
 
     world.vault.stage_pending = counting  # type: ignore[method-assign]
     world.vault.faults.add("stage_pending", VaultUnavailable("503: Vault is sealed"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlmodel import Session, select
@@ -133,6 +133,7 @@ def test_duplicate_messages_end_in_same_state(world: World) -> None:
 
 
 def test_crash_after_staging_then_redelivery_never_issues_twice(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    world.provider.key_lifetime = timedelta(days=30)  # the provider's expiry must survive the crash
     run_id = world.request()
     real = issuing.transition  # issue's transition, looked up in its module
     calls = {"n": 0}
@@ -149,6 +150,30 @@ def test_crash_after_staging_then_redelivery_never_issues_twice(world: World, mo
     assert world.drive(run_id) == RunState.completed
     assert len(world.provider.issued_secrets) == 1
     assert world.vault_value() == world.provider.issued_secrets[0]
+    with session_scope(world.engine) as s:
+        key = s.get(ManagedKey, get_run(world, run_id).key_id)
+        expires = as_utc(key.expires_at)
+    assert expires is not None and timedelta(days=29) < expires - datetime.now(timezone.utc) <= timedelta(days=30)
+
+
+def test_retire_checks_what_vault_serves_even_when_staging_is_gone(world: World) -> None:
+    """The old key is revoked only while Vault serves a new key that authenticates (invariants 1, 2)."""
+    run_id = world.request()
+    world.drive(run_id, stop_at={RunState.verified})
+    world.vault.discard_pending(run_id)  # staging lost: retire must not assume the new key is fine
+    new_key = next(k for k in world.provider.keys.values() if k.secret == world.vault_value())
+    new_key.valid = False  # ... and the new key stopped authenticating during the grace period
+    assert world.drive(run_id) == RunState.needs_attention
+    assert world.provider.is_valid(world.old.secret) and world.old.key_id not in world.provider.revoked_ids()
+
+
+def test_retire_refuses_when_vault_serves_something_else(world: World) -> None:
+    run_id = world.request()
+    world.drive(run_id, stop_at={RunState.verified})
+    world.vault.paths[("secret", world.key.vault_path)].append({"api_key": "sk_hand_written_value"})
+    assert world.drive(run_id) == RunState.needs_attention
+    assert world.provider.is_valid(world.old.secret)
+    assert "no longer serves the new credential" in (get_run(world, run_id).last_error or "")
 
 
 def test_crash_after_issue_before_staging_revokes_orphan_and_fails(world: World) -> None:

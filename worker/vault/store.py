@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 import hvac
@@ -48,7 +48,7 @@ log = get_logger(__name__)
 
 #: Field next to the secret that records the provider's id of the key, for revocation later.
 KEY_ID_FIELD = "keyrotor_key_id"
-_STAGING_SECRET, _STAGING_KEY_ID = "secret", "key_id"
+_STAGING_SECRET, _STAGING_KEY_ID, _STAGING_EXPIRES_AT = "secret", "key_id", "expires_at"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -311,10 +311,15 @@ class VaultStore:
             raise VaultInvalidRequest(f"invalid run id {run_id!r} for a staging path")
         return f"{self.staging_prefix}/{run_id}"
 
-    def stage_pending(self, run_id: str, secret: Secret, provider_key_id: str | None) -> None:
+    def stage_pending(self, run_id: str, secret: Secret, provider_key_id: str | None,
+                      expires_at: datetime | None = None) -> None:
+        """Stage an issued key for ``run_id``; its provider expiry travels with it, so a step that
+        recovers the key after a crash still knows when it expires (``pending_expiry``)."""
         data = {_STAGING_SECRET: secret.reveal()}
         if provider_key_id:
             data[_STAGING_KEY_ID] = provider_key_id
+        if expires_at is not None:
+            data[_STAGING_EXPIRES_AT] = expires_at.astimezone(timezone.utc).isoformat()
         version = self._write(self.staging_mount, self.staging_path(run_id), data, None, "stage")
         log.info("vault.staged", run_id=run_id, version=version, fingerprint=secret.fingerprint,
                  provider_key_id=provider_key_id)
@@ -328,6 +333,15 @@ class VaultStore:
         stored = self._stored(read, self.staging_mount, path, _STAGING_SECRET)
         key_id = read.data.get(_STAGING_KEY_ID) if read.data else None
         return stored.secret, key_id if isinstance(key_id, str) and key_id else None
+
+    def pending_expiry(self, run_id: str) -> datetime | None:
+        """The provider expiry staged with a run's key (``None``: none was given, or nothing staged)."""
+        read = self._read(self.staging_mount, self.staging_path(run_id), None)
+        raw = read.data.get(_STAGING_EXPIRES_AT) if read is not None and read.data else None
+        try:
+            return datetime.fromisoformat(raw) if isinstance(raw, str) else None
+        except ValueError:  # written by something else: treat as unknown rather than fail the step
+            return None
 
     def discard_pending(self, run_id: str) -> None:
         """Remove the staged key and every version of it (KV v2 metadata delete). Idempotent."""

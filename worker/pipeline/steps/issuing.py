@@ -44,6 +44,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     recovered = staged is not None
     if staged is not None:  # a previous attempt issued and staged, then crashed before recording
         secret, key_id = staged
+        expires_at = ctx.vault.pending_expiry(snap.run.id)
     else:
         if getattr(provider, "can_list", False):
             orphan = next((k for k in _call(provider, "list", provider.list_keys) if getattr(k, "name", None) == name), None)
@@ -63,7 +64,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                 # retries transient Vault errors (bounded, backoff, jitter, Retry-After); a second
                 # layer here would multiply its attempts, so one call, and on failure the key is
                 # revoked and the step's own (Dramatiq) retry issues a fresh one.
-                ctx.vault.stage_pending(snap.run.id, secret, key_id)
+                ctx.vault.stage_pending(snap.run.id, secret, key_id, expires_at)
             except BaseException:
                 # Never staged = never usable: revoke it now rather than leave an orphan behind
                 # (not in cutover: there it is the only valid key, so a person must look).

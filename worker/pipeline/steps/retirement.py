@@ -12,7 +12,7 @@ from worker.db.models import ManagedKey, VersionStage
 from worker.errors import DeprecatedCredential, PermanentError, TransientError
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.deprecation import report_deprecated
-from worker.pipeline.effects import holding, read_pending, seconds_between
+from worker.pipeline.effects import holding, seconds_between
 from worker.pipeline.runs import load_version
 from worker.pipeline.steps.common import StepOutcome, _advance, _notify, _snapshot
 from worker.pipeline.steps.provider import _call, _check, _new_deprecated, _provider
@@ -32,22 +32,27 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         return StepOutcome(state=S.verified, mode=snap.mode,
                            again_in_s=seconds_between(as_utc(snap.run.grace_until), now))  # type: ignore[arg-type]
     old, new, key = snap.old, snap.new, snap.key
-    if old is None or old.stage == VersionStage.retired.value and snap.mode != Mode.cutover:
+    if old is None or (old.stage == VersionStage.retired.value and snap.mode != Mode.cutover):
         return _advance(ctx, snap, S.retired, detail={"old": None if old is None else "already retired"})
     if new is None:
         raise PermanentError(f"run {snap.run.id} has no new version recorded; refusing to revoke the old key")
     if (old.provider_key_id and old.provider_key_id == new.provider_key_id) or old.fingerprint == new.fingerprint:
         raise PermanentError("the old and new versions are the same credential; refusing to revoke it")
     provider = _provider(ctx, snap)
-    staged = read_pending(ctx.vault, snap.run.id)
-    new_secret = staged[0] if staged else None
+    # Invariants 1 and 2 are about what consumers get: check the secret Vault *serves* now (not a
+    # staged copy, which may be gone), and refuse if it is not the new credential any more.
+    served = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
+    if served is None or served.secret.fingerprint != new.fingerprint:
+        raise PermanentError(f"Vault no longer serves the new credential at {key.vault_mount}/{key.vault_path}; "
+                             "the old credential is kept (find out who changed the path, then resolve the run)")
+    new_secret = served.secret
     old_secret: Optional[Secret] = None
     if old.vault_version is not None:
         old_secret = ctx.vault.read_version(key.vault_mount, key.vault_path, key.vault_field, old.vault_version).secret
     detail: dict[str, Any] = {"old_fingerprint": old.fingerprint, "old_provider_key_id": old.provider_key_id}
     with holding(new_secret, old_secret):
         # Invariant 1 and 2: never revoke the old key unless the new one still authenticates.
-        new_outcome = _check(provider, new_secret, snap.credential_type) if new_secret is not None else "valid"
+        new_outcome = _check(provider, new_secret, snap.credential_type)
         if new_outcome == "deprecated":
             raise _new_deprecated(ctx, snap, "retire")
         if new_outcome != "valid":
