@@ -137,5 +137,14 @@ class Lease:
             self.held = False
 
 
+def transitioned() -> None:
+    """The current execution's transition has committed; its UPDATE cleared the lease, so there
+    is nothing left for ``close`` to release (saves a round trip per step; renewal stops on its
+    own, its UPDATE no longer matches)."""
+    lease = current_lease.get()
+    if lease is not None:
+        lease.held = False
+
+
 #: The lease of the step execution running in this thread (set by ``steps.execute``).
 current_lease: ContextVar[Optional[Lease]] = ContextVar("keyrotor_current_lease", default=None)

@@ -53,12 +53,15 @@ def transition(
     actor: str,
     detail: Optional[dict[str, Any]] = None,
     deadline_s: Optional[float] = None,
+    refresh: bool = True,
     **fields: Any,
 ) -> RotationRun:
     """Move ``run`` from its current (expected) state to ``to``, conditionally; audit it.
 
     ``deadline_s``: seconds until the reconciler may consider the run stuck (``None`` clears it:
     the run waits for a person or is over). Extra ``fields`` are column values to set.
+    ``refresh=False``: skip re-reading the row for the return value (returns ``run`` as it was
+    passed in) when the caller does not use it.
     """
     expected = run_state(run)
     check_transition(run.mode, expected, to)
@@ -81,6 +84,8 @@ def transition(
     audit(session, run, actor=actor, event="state_changed", from_state=expected.value, to_state=to.value,
           detail=detail)
     session.flush()
+    if not refresh:
+        return run
     refreshed = load_run(session, run.id)
     assert refreshed is not None
     return refreshed

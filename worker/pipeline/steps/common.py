@@ -9,13 +9,13 @@ from typing import Any, Callable, Optional
 from sqlmodel import Session
 
 from worker import log
-from worker.db.models import KeyVersion, ManagedKey, RotationRun
+from worker.db.models import KeyVersion, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
 from worker.errors import TransientError
 from worker.metrics import ROTATIONS
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import safe_error
-from worker.pipeline.lease import current_lease
+from worker.pipeline.lease import current_lease, transitioned
 from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
@@ -38,6 +38,10 @@ class Snapshot:
     old: Optional[KeyVersion]
     new: Optional[KeyVersion]
     mode: Mode
+    #: The key's provider record as applied, read in the snapshot's transaction for the steps that
+    #: call the provider (``PROVIDER_STEPS``): the factory and the activation timings use it instead
+    #: of reading it again. ``None`` for other steps, or when the record is missing.
+    provider_record: Optional[ProviderRecord] = None
 
     @property
     def credential_type(self) -> str:
@@ -49,9 +53,15 @@ class RunMissing(TransientError):
     flight (or reach this database replica later), so the message is retried a few times."""
 
 
+#: Steps that build the key's provider (their snapshot also loads its record).
+PROVIDER_STEPS = frozenset({Step.issue, Step.precheck, Step.verify, Step.retire, Step.compensate, Step.rollback})
+
+
 def _snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Snapshot]:
     """Load the run if it is in the state ``step`` acts on, and claim its lease (``execute`` set
-    one up) before the step does anything outside the database."""
+    one up) before the step does anything outside the database. One transaction: the run, the
+    claim, the key, its versions and (``PROVIDER_STEPS``) the provider record; nothing of it is
+    kept beyond this step (another worker may move the run next)."""
     lease = current_lease.get()
     with session_scope(ctx.engine) as session:
         run = load_run(session, run_id)
@@ -67,7 +77,8 @@ def _snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Snapsho
         key = load_key(session, run)
         log.bind(key=key.name)
         snap = Snapshot(run=run, key=key, old=load_version(session, run.old_version_id),
-                        new=load_version(session, run.new_version_id), mode=parse_mode(run.mode))
+                        new=load_version(session, run.new_version_id), mode=parse_mode(run.mode),
+                        provider_record=session.get(ProviderRecord, key.provider) if step in PROVIDER_STEPS else None)
     if lease is not None:
         lease.start_renewing()
     return snap
@@ -87,7 +98,8 @@ def _advance(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: Opti
         if apply is not None:
             apply(session)
         transition(session, snap.run, to, actor=ctx.actor, detail=detail,
-                   deadline_s=_deadline_s(ctx, to, delay_s), **fields)
+                   deadline_s=_deadline_s(ctx, to, delay_s), refresh=False, **fields)
+    transitioned()
     logger.info("run.transition", from_state=run_state(snap.run).value, to_state=to.value, **(detail or {}))
     if to in OUTCOME_STATES:
         ROTATIONS.labels(provider=snap.key.provider, outcome=to.value).inc()

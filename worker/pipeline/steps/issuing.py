@@ -11,6 +11,7 @@ from worker.db.session import session_scope
 from worker.errors import DeprecatedCredential, PermanentError, StateConflict
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, safe_error, seconds_between
+from worker.pipeline.lease import transitioned
 from worker.pipeline.runs import load_run, run_state, transition
 from worker.pipeline.steps.common import Snapshot, StepOutcome, _deadline_s, _notify, _snapshot
 from worker.pipeline.steps.provider import _call, _new_deprecated, _provider
@@ -79,7 +80,8 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         old_id = _ensure_old_version(ctx, snap, session)
         new_id = _record_new_version(session, snap, secret=secret, key_id=key_id, name=name, expires_at=expires_at)
         transition(session, snap.run, S.issued, actor=ctx.actor, detail=detail,
-                   deadline_s=_deadline_s(ctx, S.issued), old_version_id=old_id, new_version_id=new_id)
+                   deadline_s=_deadline_s(ctx, S.issued), old_version_id=old_id, new_version_id=new_id, refresh=False)
+    transitioned()
     logger.info("run.transition", from_state="requested", to_state="issued", fingerprint=secret.fingerprint)
     return StepOutcome(state=S.issued, mode=snap.mode)
 
@@ -116,7 +118,8 @@ def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     with session_scope(ctx.engine) as session:
         old_id = _ensure_old_version(ctx, snap, session)
         transition(session, snap.run, S.awaiting_deposit, actor=ctx.actor, deadline_s=None, old_version_id=old_id,
-                   detail={"owner": snap.key.owner, "command": f"keyrotor deposit {snap.run.id}"})
+                   detail={"owner": snap.key.owner, "command": f"keyrotor deposit {snap.run.id}"}, refresh=False)
+    transitioned()
     _notify(ctx, "started", snap, {"action": "deposit_required", "owner": snap.key.owner,
                                    "command": f"keyrotor deposit {snap.run.id}",
                                    "credential_type": snap.credential_type})

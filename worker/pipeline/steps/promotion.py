@@ -8,8 +8,7 @@ from typing import Any, Optional
 from sqlmodel import Session
 
 from worker.clock import utcnow
-from worker.db.models import ProviderRecord, VersionStage
-from worker.db.session import session_scope
+from worker.db.models import VersionStage
 from worker.errors import PermanentError
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, parse_seconds, read_pending, seconds_between
@@ -22,9 +21,8 @@ S = RunState
 
 
 def _activation(ctx: PipelineContext, snap: Snapshot) -> tuple[float, float]:
-    with session_scope(ctx.engine) as session:
-        record = session.get(ProviderRecord, snap.key.provider)
-        spec = (record.spec or {}).get("activation") or {} if record is not None else {}
+    record = snap.provider_record  # read in this step's snapshot
+    spec = (record.spec or {}).get("activation") or {} if record is not None else {}
     return (parse_seconds(spec.get("poll_interval"), ctx.policy.activation_poll_s),
             parse_seconds(spec.get("timeout"), ctx.policy.activation_timeout_s))
 

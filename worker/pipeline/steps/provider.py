@@ -15,8 +15,15 @@ from worker.secret import Secret
 
 
 def _provider(ctx: PipelineContext, snap: Snapshot) -> Any:
+    """The key's provider from the factory. The record the snapshot read is put into the factory's
+    session, so its lookup is answered without a query (and without taking a connection); a
+    record changed by ``config apply`` is seen by the next step's snapshot."""
     with session_scope(ctx.engine) as session:
-        return ctx.provider_factory(session, snap.key)
+        # Held in a local: the identity map only keeps a weak reference to a clean object.
+        record = session.merge(snap.provider_record, load=False) if snap.provider_record is not None else None
+        provider = ctx.provider_factory(session, snap.key)
+        del record
+        return provider
 
 
 def _call(provider: Any, call: str, fn: Callable[[], Any]) -> Any:

@@ -23,6 +23,7 @@ from worker.pipeline.deprecation import (
     report_deprecated,
 )
 from worker.pipeline.effects import holding, read_pending, safe_error
+from worker.pipeline.lease import transitioned
 from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
 from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _deadline_s, _notify, _snapshot
 from worker.pipeline.steps.provider import _call, _provider
@@ -165,6 +166,7 @@ def fail_run(ctx: PipelineContext, run_id: str, step: Step, exc: BaseException, 
         except StateConflict:
             session.rollback()
             return None
+    transitioned()
     logger.warning("run.failed_step", failure=kind.value, to_state=target.value, error=error)
     if target in OUTCOME_STATES:
         ROTATIONS.labels(provider=key.provider, outcome=target.value).inc()
