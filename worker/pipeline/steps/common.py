@@ -6,17 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from worker import log
 from worker.db.models import KeyVersion, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
-from worker.errors import TransientError
+from worker.errors import StateConflict, TransientError
 from worker.metrics import ROTATIONS
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import safe_error
 from worker.pipeline.lease import current_lease, transitioned
-from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
+from worker.pipeline.runs import load_key, load_run, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
 
@@ -74,14 +74,34 @@ def _snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Snapsho
             return None
         if lease is not None:
             lease.acquire(session, state.value)
-        key = load_key(session, run)
+        key, record = _key_and_provider(session, run) if step in PROVIDER_STEPS else (load_key(session, run), None)
         log.bind(key=key.name)
-        snap = Snapshot(run=run, key=key, old=load_version(session, run.old_version_id),
-                        new=load_version(session, run.new_version_id), mode=parse_mode(run.mode),
-                        provider_record=session.get(ProviderRecord, key.provider) if step in PROVIDER_STEPS else None)
+        old, new = _versions(session, run.old_version_id, run.new_version_id)
+        snap = Snapshot(run=run, key=key, old=old, new=new, mode=parse_mode(run.mode), provider_record=record)
     if lease is not None:
         lease.start_renewing()
     return snap
+
+
+def _key_and_provider(session: Session, run: RotationRun) -> tuple[ManagedKey, Optional[ProviderRecord]]:
+    """The run's key and its provider record (``None`` if not applied) in one query."""
+    row = session.exec(
+        select(ManagedKey, ProviderRecord)
+        .outerjoin(ProviderRecord, ProviderRecord.name == ManagedKey.provider)  # type: ignore[arg-type]
+        .where(ManagedKey.id == run.key_id)
+    ).first()
+    if row is None:  # pragma: no cover - FK guarantees it
+        raise StateConflict(f"run {run.id} refers to a missing key id {run.key_id}")
+    return row[0], row[1]
+
+
+def _versions(session: Session, old_id: Optional[int], new_id: Optional[int]) -> tuple[Optional[KeyVersion], Optional[KeyVersion]]:
+    """The run's old and new versions in one query (``None`` where the run has none)."""
+    ids = [i for i in (old_id, new_id) if i is not None]
+    if not ids:
+        return None, None
+    rows = {v.id: v for v in session.exec(select(KeyVersion).where(col(KeyVersion.id).in_(ids))).all()}
+    return (rows.get(old_id) if old_id is not None else None), (rows.get(new_id) if new_id is not None else None)
 
 
 def _deadline_s(ctx: PipelineContext, to: RunState, delay_s: float = 0.0) -> Optional[float]:
