@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port for worker and scheduler (0 = off)")
 
     # Scheduler (jobs/scheduler.py): intervals of the jobs, the leader lock, the reconciler's limits.
+    step_max_retries: int = Field(8, ge=0, le=50, description="Retries of one pipeline step before the run fails over (rollback / needs_attention)")
+    step_min_backoff_s: float = Field(2.0, gt=0, description="First retry delay of a step (doubles, jittered)")
+    step_max_backoff_s: float = Field(300.0, gt=0, description="Longest retry delay of a step")
+    step_time_limit_s: float = Field(120.0, ge=1, description="Time limit of one execution of one step")
+    activation_timeout_s: float = Field(120.0, gt=0, description="How long precheck waits for a new key to go live")
+    activation_poll_s: float = Field(2.0, gt=0, description="How often precheck asks whether a new key is live")
     scheduler_detection_interval_s: float = Field(60.0, gt=0, description="How often due keys are looked for")
     scheduler_reconcile_interval_s: float = Field(120.0, gt=0, description="How often stuck runs and orphans are looked for")
     scheduler_retirement_interval_s: float = Field(60.0, gt=0, description="How often runs past their grace period are retired")
@@ -96,6 +102,12 @@ class Settings(BaseSettings):
         if parsed.scheme not in {"http", "https"} or not parsed.hostname:
             raise ValueError("expected http(s)://HOST:PORT")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "Settings":
+        if self.step_min_backoff_s > self.step_max_backoff_s:
+            raise ValueError("KEYROTOR_STEP_MIN_BACKOFF_S must not exceed KEYROTOR_STEP_MAX_BACKOFF_S")
+        return self
 
     @model_validator(mode="after")
     def _vault_auth(self) -> "Settings":

@@ -73,3 +73,23 @@ def test_cli_reports_bad_setting_in_one_line_without_traceback(tmp_path) -> None
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and "KEYROTOR_DATABASE_URL" in lines[0]
+
+
+def test_step_policy_comes_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.pipeline.context import StepPolicy
+
+    monkeypatch.setenv("KEYROTOR_STEP_MAX_RETRIES", "3")
+    monkeypatch.setenv("KEYROTOR_STEP_MIN_BACKOFF_S", "0.5")
+    monkeypatch.setenv("KEYROTOR_STEP_MAX_BACKOFF_S", "30")
+    monkeypatch.setenv("KEYROTOR_STEP_TIME_LIMIT_S", "45")
+    monkeypatch.setenv("KEYROTOR_ACTIVATION_TIMEOUT_S", "600")
+    policy = StepPolicy.from_settings(load_settings())
+    assert (policy.max_retries, policy.min_backoff_ms, policy.max_backoff_ms) == (3, 500, 30_000)
+    assert policy.time_limit_ms == 45_000 and policy.activation_timeout_s == 600
+
+
+def test_backoff_bounds_must_be_ordered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYROTOR_STEP_MIN_BACKOFF_S", "60")
+    monkeypatch.setenv("KEYROTOR_STEP_MAX_BACKOFF_S", "10")
+    with pytest.raises(ConfigError, match="KEYROTOR_STEP_MIN_BACKOFF_S must not exceed"):
+        load_settings()

@@ -83,9 +83,9 @@ def declare_actors(broker: dramatiq.Broker) -> dict[str, dramatiq.Actor]:
     global _broker_id
     if _broker_id == id(broker) and _actors:
         return _actors
-    from worker.pipeline.context import StepPolicy
+    from worker.pipeline.context import default_policy
 
-    policy = StepPolicy()
+    policy = default_policy()
     _actors.clear()
     _actors["dead_letter"] = dramatiq.actor(dead_letter, actor_name="dead_letter", queue_name=STEP_QUEUE,
                                             broker=broker, max_retries=3)

@@ -47,6 +47,25 @@ class StepPolicy:
     missing_run_retries: int = 5          # a message for a run this worker cannot read (yet): retries
     missing_run_backoff_ms: int = 250     # ... first delay, doubling, jittered
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> "StepPolicy":
+        """The operator-tunable part comes from ``KEYROTOR_STEP_*`` / ``KEYROTOR_ACTIVATION_*``."""
+        return cls(
+            max_retries=settings.step_max_retries,
+            min_backoff_ms=int(settings.step_min_backoff_s * 1000),
+            max_backoff_ms=int(settings.step_max_backoff_s * 1000),
+            time_limit_ms=int(settings.step_time_limit_s * 1000),
+            activation_poll_s=settings.activation_poll_s,
+            activation_timeout_s=settings.activation_timeout_s,
+        )
+
+
+def default_policy() -> StepPolicy:
+    """The policy of this process's settings (for code that runs without a PipelineContext)."""
+    from worker.settings import get_settings
+
+    return StepPolicy.from_settings(get_settings())
+
 
 @dataclass
 class PipelineContext:
@@ -96,6 +115,7 @@ def context_from_settings(settings: Any = None) -> PipelineContext:
         vault=vault,
         provider_factory=_registry_provider_factory(vault, settings),
         integration_factory=_registry_integration_factory(vault, settings),
+        policy=StepPolicy.from_settings(settings),
         # Sinks of the inventory applied to *this* context's database, references resolved via
         # its Vault: never the process's default settings (a context for another database).
         notify=notify_function(engine, settings, vault=vault),

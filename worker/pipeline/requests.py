@@ -107,10 +107,10 @@ def first_step_deadline(now: datetime, not_before: Optional[datetime] = None) ->
     """When the reconciler may re-enqueue a new run whose first message was lost (the worker
     died, or the enqueue after the commit failed): like any step, twice the step time limit
     after it could start."""
-    from worker.pipeline.context import StepPolicy
+    from worker.pipeline.context import default_policy
 
     start = max(now, not_before) if not_before is not None else now
-    return start + timedelta(seconds=2 * StepPolicy().time_limit_ms / 1000)
+    return start + timedelta(seconds=2 * default_policy().time_limit_ms / 1000)
 
 
 def _audit_join(session: Session, run: RotationRun, requested_by: str, trigger: str, reason: str,

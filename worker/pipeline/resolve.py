@@ -27,7 +27,7 @@ from sqlmodel import Session, select
 
 from worker.db.models import AuditEvent, KeyVersion, RotationRun, RunState, VersionStage
 from worker.errors import PermanentError
-from worker.pipeline.context import StepPolicy
+from worker.pipeline.context import default_policy
 from worker.pipeline.runs import load_run, load_version, run_state, transition
 from worker.protocol import Mode, can_transition, next_step, parse_mode
 
@@ -179,7 +179,7 @@ def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note:
     fields: dict[str, Any] = {"attempts": 0}
     if action == "retry":
         fields["last_error"] = None
-    policy = StepPolicy()
+    policy = default_policy()
     deadline = None if target in (S.cancelled,) else 2 * policy.time_limit_ms / 1000
     moved = transition(session, run, target, actor=actor, detail=detail, deadline_s=deadline, **fields)
     if enqueue and next_step(moved.mode, target) is not None:
