@@ -11,14 +11,15 @@ from sqlmodel import Session, col, select
 from worker import log
 from worker.db.models import KeyVersion, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
-from worker.errors import StateConflict, TransientError
+from worker.errors import PermanentError, StateConflict, TransientError
 from worker.metrics import ROTATIONS
 from worker.pipeline.context import PipelineContext
-from worker.pipeline.effects import safe_error
+from worker.pipeline.effects import read_pending, safe_error
 from worker.pipeline.lease import current_lease, transitioned
 from worker.pipeline.runs import load_key, load_run, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
+from worker.secret import Secret
 
 logger = log.get_logger("keyrotor.pipeline")
 
@@ -102,6 +103,14 @@ def _versions(session: Session, old_id: Optional[int], new_id: Optional[int]) ->
         return None, None
     rows = {v.id: v for v in session.exec(select(KeyVersion).where(col(KeyVersion.id).in_(ids))).all()}
     return (rows.get(old_id) if old_id is not None else None), (rows.get(new_id) if new_id is not None else None)
+
+
+def _require_staged(ctx: PipelineContext, snap: Snapshot, action: str) -> tuple[Secret, Optional[str]]:
+    """The run's staged secret and provider key id; a permanent error when staging is gone."""
+    staged = read_pending(ctx.vault, snap.run.id)
+    if staged is None:
+        raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot {action} it")
+    return staged
 
 
 def _deadline_s(ctx: PipelineContext, to: RunState, delay_s: float = 0.0) -> Optional[float]:

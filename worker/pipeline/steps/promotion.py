@@ -11,9 +11,9 @@ from worker.clock import utcnow
 from worker.db.models import VersionStage
 from worker.errors import PermanentError
 from worker.pipeline.context import PipelineContext
-from worker.pipeline.effects import holding, parse_seconds, read_pending, seconds_between
+from worker.pipeline.effects import holding, parse_seconds, seconds_between
 from worker.pipeline.runs import load_version
-from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _snapshot
+from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _require_staged, _snapshot
 from worker.pipeline.steps.provider import _check, _new_deprecated, _provider
 from worker.protocol import Mode, RunState, Step
 
@@ -32,10 +32,7 @@ def precheck(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     snap = _snapshot(ctx, run_id, Step.precheck)
     if snap is None:
         return None
-    staged = read_pending(ctx.vault, snap.run.id)
-    if staged is None:
-        raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot check it")
-    secret, _ = staged
+    secret, _ = _require_staged(ctx, snap, "check")
     provider = _provider(ctx, snap)
     with holding(secret):
         outcome = _check(provider, secret, snap.credential_type)
@@ -56,10 +53,7 @@ def promote(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     snap = _snapshot(ctx, run_id, Step.promote)
     if snap is None:
         return None
-    staged = read_pending(ctx.vault, snap.run.id)
-    if staged is None:
-        raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot promote it")
-    secret, key_id = staged
+    secret, key_id = _require_staged(ctx, snap, "promote")
     key = snap.key
     with holding(secret):
         current = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)

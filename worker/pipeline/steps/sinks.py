@@ -14,8 +14,8 @@ from worker.db.models import KeyVersion, SinkDelivery
 from worker.db.session import session_scope
 from worker.errors import PermanentError, TransientError
 from worker.pipeline.context import PipelineContext
-from worker.pipeline.effects import announcement, holding, read_pending, safe_error, verify_status
-from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _snapshot
+from worker.pipeline.effects import announcement, holding, safe_error, verify_status
+from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _require_staged, _snapshot
 from worker.pipeline.steps.provider import _check, _new_deprecated, _provider
 from worker.protocol import RunState, Step, has_grace_period
 from worker.secret import Secret
@@ -78,10 +78,9 @@ def propagate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     snap = _snapshot(ctx, run_id, Step.propagate)
     if snap is None:
         return None
-    staged = read_pending(ctx.vault, snap.run.id)
-    if staged is None or snap.new is None:
-        raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot propagate it")
-    secret, _ = staged
+    if snap.new is None:
+        raise PermanentError(f"run {snap.run.id} has no new version recorded; cannot propagate it")
+    secret, _ = _require_staged(ctx, snap, "propagate")
     with holding(secret):
         ann = _announcement(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
         failures = _push_all(ctx, snap, ann, done_status="pushed", skip={"pushed", "verified"})
@@ -95,10 +94,9 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     snap = _snapshot(ctx, run_id, Step.verify)
     if snap is None:
         return None
-    staged = read_pending(ctx.vault, snap.run.id)
-    if staged is None or snap.new is None:
-        raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot verify it")
-    secret, _ = staged
+    if snap.new is None:
+        raise PermanentError(f"run {snap.run.id} has no new version recorded; cannot verify it")
+    secret, _ = _require_staged(ctx, snap, "verify")
     provider = _provider(ctx, snap)
     results: dict[str, str] = {}
     with holding(secret):
