@@ -38,6 +38,9 @@ def scheduler(
         settings, detection_s=detection_interval, reconcile_s=reconcile_interval, retirement_s=retirement_interval,
         orphans_s=orphan_interval, reminders_s=reminder_interval, lock_ttl_s=lock_ttl)
     if settings.metrics_port:
+        from worker.ops_metrics import register_scheduler_collectors
+
+        register_scheduler_collectors(settings, engine)  # queue depth and per-key expiry, read per scrape
         start_metrics_server(settings.metrics_port)
     from worker.notify import notify_function
 

@@ -166,6 +166,9 @@ class KeyrotorScheduler:
             log.error("scheduler_job_failed", job=name, error=type(exc).__name__, detail=str(exc)[:300])
             return
         self.passes[name] += 1
+        from worker.ops_metrics import job_succeeded
+
+        job_succeeded(name)
         log.info("scheduler_job_done", job=name, seconds=round(time.monotonic() - started, 3), outcome=outcome)
 
     def run_job(self, name: str) -> Any:

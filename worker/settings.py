@@ -44,6 +44,16 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port for worker and scheduler (0 = off)")
+    metrics_max_key_series: int = Field(500, ge=0, le=100_000, description="Most keys the scheduler exports per-key expiry/due series for (soonest due first)")
+    metrics_collect_timeout_s: float = Field(2.0, gt=0, le=30, description="Timeout of the Redis/database reads behind the queue and key metrics at scrape time")
+
+    # Database connection pool (PostgreSQL; SQLite ignores them). Per process: size + overflow.
+    db_pool_size: int = Field(5, ge=1, le=1000, description="Connections each process keeps open to PostgreSQL")
+    db_max_overflow: int = Field(5, ge=0, le=1000, description="Extra connections a process may open under load, closed when returned")
+    db_pool_timeout_s: float = Field(30.0, gt=0, description="How long a thread waits for a free pooled connection before failing")
+    db_pool_recycle_s: float = Field(1800.0, ge=-1, description="Reconnect pooled connections older than this (-1 = never)")
+    db_application_name: str = Field("keyrotor", max_length=63, description="application_name shown in pg_stat_activity (the chart sets keyrotor-worker/-scheduler/-migrate)")
+    db_prepared_statements: bool = Field(True, description="false behind PgBouncer in transaction pooling mode (psycopg prepare_threshold=None)")
 
     # Scheduler (jobs/scheduler.py): intervals of the jobs, the leader lock, the reconciler's limits.
     step_max_retries: int = Field(8, ge=0, le=50, description="Retries of one pipeline step before the run fails over (rollback / needs_attention)")

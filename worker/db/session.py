@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Iterator
+from typing import Any, Iterator
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -38,7 +38,27 @@ def make_engine(url: str, **kwargs: object) -> Engine:
                 dbapi_conn.execute("BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    return create_engine(url, pool_pre_ping=True, **{**postgres_engine_options(kwargs.get("poolclass") is None), **kwargs})
+
+
+def postgres_engine_options(pooled: bool = True, settings: Any = None) -> dict[str, Any]:
+    """Pool sizing and connection options of a PostgreSQL engine from the settings
+    (``KEYROTOR_DB_*``). ``pooled=False`` for a caller that brings its own pool class (NullPool
+    takes no size arguments). See docs/scaling.md for the connection arithmetic."""
+    if settings is None:
+        from worker.settings import get_settings
+
+        settings = get_settings()
+    connect_args: dict[str, Any] = {"application_name": settings.db_application_name}
+    if not settings.db_prepared_statements:
+        # PgBouncer in transaction pooling mode hands each transaction any server connection: a
+        # statement prepared on one is unknown on the next. psycopg 3 then must never prepare.
+        connect_args["prepare_threshold"] = None
+    options: dict[str, Any] = {"connect_args": connect_args}
+    if pooled:
+        options.update(pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+                       pool_timeout=settings.db_pool_timeout_s, pool_recycle=settings.db_pool_recycle_s)
+    return options
 
 
 @lru_cache(maxsize=8)

@@ -42,6 +42,10 @@ def setup_broker(settings: Any = None, *, broker: Optional[dramatiq.Broker] = No
         broker = make_redis_broker(settings.redis_url, settings.queue_namespace)
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
+    from worker.pipeline.message_metrics import MessageMetrics
+
+    if not any(isinstance(m, MessageMetrics) for m in broker.middleware):
+        broker.add_middleware(MessageMetrics())
     dramatiq.set_broker(broker)
     _broker = broker
     from worker.pipeline import actors

@@ -1,0 +1,104 @@
+"""Per-key expiry, due time and last rotation, read from the database when Prometheus scrapes
+(registered by ``keyrotor scheduler``; see worker/queue_metrics.py for why at scrape time).
+
+Cardinality is bounded: at most ``KEYROTOR_METRICS_MAX_KEY_SERIES`` keys get per-key series,
+those due soonest first (due time already accounts for expiry, so the keys an alert would be about
+are the ones kept); ``keyrotor_key_series_omitted`` says how many were left out. Labels are the
+key's inventory name and its provider: never a provider key id, a fingerprint or a secret.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import Engine
+
+from worker.clock import utcnow
+from worker.db.models import ManagedKey, RotationRun
+from worker.db.session import session_scope
+from worker.log import get_logger
+from worker.queue_metrics import collector_up_family
+
+log = get_logger(__name__)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)  # SQLite drops the zone
+
+
+class KeyCollector(Collector):
+    """``keyrotor_key_{expires,due}_in_seconds``, ``keyrotor_key_last_rotation_timestamp_seconds``,
+    ``keyrotor_key_rotation_open``, ``keyrotor_managed_keys`` and ``keyrotor_key_series_omitted``."""
+
+    def __init__(self, engine: Engine, *, max_series: int, timeout_s: float = 2.0,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self._engine = engine
+        self._max = max_series
+        self._timeout_ms = max(1, int(timeout_s * 1000))
+        self._clock = clock
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        up = collector_up_family()
+        try:
+            families = self._read()
+        except Exception as exc:  # the database is down or slow: report that, keep the scrape
+            log.warning("key_metrics_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
+            up.add_metric(["keys"], 0)
+            yield up
+            return
+        up.add_metric(["keys"], 1)
+        yield up
+        yield from families
+
+    def _read(self) -> list[GaugeMetricFamily]:
+        now = self._clock()
+        labels = ["key", "provider"]
+        expires = GaugeMetricFamily("keyrotor_key_expires_in_seconds",
+                                    "Seconds until the key's current credential expires at the provider (negative: expired).", labels=labels)
+        due = GaugeMetricFamily("keyrotor_key_due_in_seconds",
+                                "Seconds until the key is due for rotation (negative: past due).", labels=labels)
+        last = GaugeMetricFamily("keyrotor_key_last_rotation_timestamp_seconds",
+                                 "Unix time of the key's last successful rotation.", labels=labels)
+        open_run = GaugeMetricFamily("keyrotor_key_rotation_open",
+                                     "1 while the key has an open rotation run, else 0.", labels=labels)
+        managed = GaugeMetricFamily("keyrotor_managed_keys", "Enabled keys keyrotor rotates, by provider.", labels=["provider"])
+        omitted = GaugeMetricFamily("keyrotor_key_series_omitted",
+                                    "Enabled keys without per-key series (beyond KEYROTOR_METRICS_MAX_KEY_SERIES).")
+        with session_scope(self._engine) as session:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(text(f"SET LOCAL statement_timeout = {self._timeout_ms}"))
+            totals = session.execute(select(ManagedKey.provider, func.count()).where(ManagedKey.enabled.is_(True))  # type: ignore[attr-defined]
+                                     .group_by(ManagedKey.provider)).all()
+            rows = []
+            if self._max > 0:
+                rows = session.execute(
+                    select(ManagedKey.name, ManagedKey.provider, ManagedKey.expires_at, ManagedKey.next_due_at,
+                           ManagedKey.last_rotated_at, RotationRun.id)
+                    .outerjoin(RotationRun, (RotationRun.key_id == ManagedKey.id) & RotationRun.finished_at.is_(None))  # type: ignore[union-attr,attr-defined]
+                    .where(ManagedKey.enabled.is_(True))  # type: ignore[attr-defined]
+                    .order_by(ManagedKey.next_due_at.asc().nulls_last(), ManagedKey.name)  # type: ignore[union-attr,attr-defined]
+                    .limit(self._max)).all()
+        total = 0
+        for provider, count in totals:
+            managed.add_metric([provider], count)
+            total += count
+        for name, provider, expires_at, next_due_at, last_rotated_at, open_run_id in rows:
+            key = [name, provider]
+            if (exp := _aware(expires_at)) is not None:
+                expires.add_metric(key, (exp - now).total_seconds())
+            if (nd := _aware(next_due_at)) is not None:
+                due.add_metric(key, (nd - now).total_seconds())
+            if (lr := _aware(last_rotated_at)) is not None:
+                last.add_metric(key, lr.timestamp())
+            open_run.add_metric(key, 1 if open_run_id is not None else 0)
+        omitted.add_metric([], max(0, total - len(rows)))
+        return [expires, due, last, open_run, managed, omitted]

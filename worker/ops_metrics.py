@@ -1,0 +1,52 @@
+"""Operations metrics beside worker/metrics.py: build info, scheduler pass times, and the
+scrape-time queue and key collectors the scheduler registers.
+
+Alerts (config/prometheus/keyrotor-rules.yaml) and the Grafana dashboard (config/grafana/) use
+these names; tests/integration/test_observability.py checks that every name they use is exported.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge
+from sqlalchemy.engine import Engine
+
+from worker import __version__
+
+BUILD_INFO = Gauge(
+    "keyrotor_build_info",
+    "Always 1; the labels say which keyrotor and Python are running.",
+    ["version", "python"],
+    multiprocess_mode="max",
+)
+BUILD_INFO.labels(__version__, platform.python_version()).set(1)
+
+SCHEDULER_JOB_LAST_SUCCESS = Gauge(
+    "keyrotor_scheduler_job_last_success_timestamp_seconds",
+    "Unix time the scheduler leader last finished a pass of a job (detection, reconcile, ...).",
+    ["job"],
+)
+
+
+def job_succeeded(job: str) -> None:
+    SCHEDULER_JOB_LAST_SUCCESS.labels(job).set_to_current_time()
+
+
+def register_scheduler_collectors(settings: Any, engine: Engine, *, registry: CollectorRegistry = REGISTRY,
+                                  redis_client: Any = None) -> list[Any]:
+    """Register the queue-depth and per-key collectors (the scheduler's /metrics); returns them."""
+    import redis
+
+    from worker.key_metrics import KeyCollector
+    from worker.queue_metrics import QueueCollector
+
+    timeout = settings.metrics_collect_timeout_s
+    if redis_client is None:
+        redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    collectors = [QueueCollector(redis_client, settings.queue_namespace),
+                  KeyCollector(engine, max_series=settings.metrics_max_key_series, timeout_s=timeout)]
+    for collector in collectors:
+        registry.register(collector)
+    return collectors

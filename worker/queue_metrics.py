@@ -1,0 +1,118 @@
+"""Queue depth read from Redis when Prometheus scrapes (registered by ``keyrotor scheduler``).
+
+Why at scrape time, in the scheduler: the numbers live in Redis, so reading them when asked is
+always current and needs no job or cache (nothing goes stale when the scheduler leader changes);
+the reads are O(1) per queue (LLEN/HLEN/ZCARD, one LINDEX+HGET for the oldest message) in one
+pipeline with a short socket timeout, so a slow Redis costs one scrape, never a job. The scheduler
+serves one registry per pod (the worker serves the multiprocess sum of its children, where a
+custom collector cannot live). Every scheduler replica reports the same values: aggregate with
+``max by (queue)``. When Redis does not answer the family is empty and
+``keyrotor_collector_up{collector="queues"}`` is 0.
+
+Dramatiq's Redis layout (``<ns>`` = ``KEYROTOR_QUEUE_NAMESPACE``): ``<ns>:<queue>`` list of
+message ids waiting for a worker, ``<ns>:<queue>.msgs`` hash of those plus the ones workers hold
+unacknowledged, the same pair for the delay queue ``<queue>.DQ`` (retries waiting out their
+backoff, messages with a ``not_before``), and the dead-letter sorted set ``<ns>:<queue>.XQ``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from worker.log import get_logger
+from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE
+
+log = get_logger(__name__)
+
+QUEUES = (STEP_QUEUE, REQUEST_QUEUE)
+
+
+def queue_keys(namespace: str, queue: str) -> dict[str, str]:
+    """The Redis keys Dramatiq's Redis broker keeps for ``queue`` (KEDA's listName is ``ready``)."""
+    base = f"{namespace}:{queue}"
+    return {"ready": base, "msgs": f"{base}.msgs", "delayed_msgs": f"{base}.DQ.msgs", "dead": f"{base}.XQ"}
+
+
+def collector_up_family() -> GaugeMetricFamily:
+    return GaugeMetricFamily("keyrotor_collector_up",
+                             "1 when the scrape-time collector could read its source (Redis/database), else 0.",
+                             labels=["collector"])
+
+
+class QueueCollector(Collector):
+    """``keyrotor_queue_messages{queue,state}`` and ``keyrotor_queue_oldest_message_age_seconds``."""
+
+    def __init__(self, redis_client: Any, namespace: str, queues: Iterable[str] = QUEUES,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._redis = redis_client
+        self._namespace = namespace
+        self._queues = tuple(queues)
+        self._clock = clock
+
+    def describe(self) -> list[Any]:
+        return []  # values come from Redis at scrape time: nothing to check at registration
+
+    def collect(self) -> Iterator[Any]:
+        up = collector_up_family()
+        try:
+            depth, age = self._read()
+        except Exception as exc:  # a scrape must never fail because Redis is down: say so instead
+            log.warning("queue_metrics_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
+            up.add_metric(["queues"], 0)
+            yield up
+            return
+        up.add_metric(["queues"], 1)
+        yield up
+        yield depth
+        yield age
+
+    def _read(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        pipe = self._redis.pipeline(transaction=False)
+        for queue in self._queues:
+            keys = queue_keys(self._namespace, queue)
+            pipe.llen(keys["ready"])
+            pipe.hlen(keys["msgs"])
+            pipe.hlen(keys["delayed_msgs"])
+            pipe.zcard(keys["dead"])
+            pipe.lindex(keys["ready"], 0)  # dramatiq RPUSHes and takes from the left: the oldest
+        answers = pipe.execute()
+        depth = GaugeMetricFamily(
+            "keyrotor_queue_messages",
+            "Messages in a Dramatiq queue by state: ready (waiting for a worker), unacked (held by a "
+            "worker), delayed (waiting out a retry backoff or not_before), dead (dead-lettered, kept 7 days).",
+            labels=["queue", "state"])
+        age = GaugeMetricFamily(
+            "keyrotor_queue_oldest_message_age_seconds",
+            "Age of the oldest message waiting for a worker (since it was first sent; 0 when none waits).",
+            labels=["queue"])
+        heads = []
+        for i, queue in enumerate(self._queues):
+            ready, held, delayed, dead, head = answers[5 * i:5 * i + 5]
+            depth.add_metric([queue, "ready"], ready)
+            depth.add_metric([queue, "unacked"], max(0, held - ready))
+            depth.add_metric([queue, "delayed"], delayed)
+            depth.add_metric([queue, "dead"], dead)
+            heads.append(head)
+        pipe = self._redis.pipeline(transaction=False)
+        for queue, head in zip(self._queues, heads):
+            pipe.hget(queue_keys(self._namespace, queue)["msgs"], head) if head is not None else pipe.echo(b"")
+        bodies = pipe.execute()
+        now_ms = self._clock() * 1000
+        for queue, head, body in zip(self._queues, heads, bodies):
+            age.add_metric([queue], max(0.0, (now_ms - _timestamp_ms(body, now_ms)) / 1000) if head is not None else 0.0)
+        return depth, age
+
+
+def _timestamp_ms(body: Any, default: float) -> float:
+    """``message_timestamp`` (ms) of an encoded Dramatiq message; ``default`` if unreadable."""
+    if not body:
+        return default
+    try:
+        return float(json.loads(body)["message_timestamp"])
+    except (ValueError, KeyError, TypeError):
+        return default
