@@ -10,20 +10,15 @@ key's inventory name and its provider: never a provider key id, a fingerprint or
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 
 from worker.clock import utcnow
 from worker.db.models import ManagedKey, RotationRun
 from worker.db.session import session_scope
-from worker.log import get_logger
-from worker.queue_metrics import collector_up_family
-
-log = get_logger(__name__)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -32,9 +27,12 @@ def _aware(value: datetime | None) -> datetime | None:
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)  # SQLite drops the zone
 
 
-class KeyCollector(Collector):
+class KeyCollector:
     """``keyrotor_key_{expires,due}_in_seconds``, ``keyrotor_key_last_rotation_timestamp_seconds``,
-    ``keyrotor_key_rotation_open``, ``keyrotor_managed_keys`` and ``keyrotor_key_series_omitted``."""
+    ``keyrotor_key_rotation_open``, ``keyrotor_managed_keys`` and ``keyrotor_key_series_omitted``
+    (a ``ScrapeSource`` of worker/scrape_metrics.py)."""
+
+    name = "keys"
 
     def __init__(self, engine: Engine, *, max_series: int, timeout_s: float = 2.0,
                  clock: Callable[[], datetime] = utcnow) -> None:
@@ -43,36 +41,25 @@ class KeyCollector(Collector):
         self._timeout_ms = max(1, int(timeout_s * 1000))
         self._clock = clock
 
-    def describe(self) -> list[Any]:
-        return []
-
-    def collect(self) -> Iterator[Any]:
-        up = collector_up_family()
-        try:
-            families = self._read()
-        except Exception as exc:  # the database is down or slow: report that, keep the scrape
-            log.warning("key_metrics_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
-            up.add_metric(["keys"], 0)
-            yield up
-            return
-        up.add_metric(["keys"], 1)
-        yield up
-        yield from families
-
-    def _read(self) -> list[GaugeMetricFamily]:
-        now = self._clock()
+    @staticmethod
+    def families() -> list[GaugeMetricFamily]:
         labels = ["key", "provider"]
-        expires = GaugeMetricFamily("keyrotor_key_expires_in_seconds",
-                                    "Seconds until the key's current credential expires at the provider (negative: expired).", labels=labels)
-        due = GaugeMetricFamily("keyrotor_key_due_in_seconds",
-                                "Seconds until the key is due for rotation (negative: past due).", labels=labels)
-        last = GaugeMetricFamily("keyrotor_key_last_rotation_timestamp_seconds",
-                                 "Unix time of the key's last successful rotation.", labels=labels)
-        open_run = GaugeMetricFamily("keyrotor_key_rotation_open",
-                                     "1 while the key has an open rotation run, else 0.", labels=labels)
-        managed = GaugeMetricFamily("keyrotor_managed_keys", "Enabled keys keyrotor rotates, by provider.", labels=["provider"])
-        omitted = GaugeMetricFamily("keyrotor_key_series_omitted",
-                                    "Enabled keys without per-key series (beyond KEYROTOR_METRICS_MAX_KEY_SERIES).")
+        return [
+            GaugeMetricFamily("keyrotor_key_expires_in_seconds",
+                              "Seconds until the key's current credential expires at the provider (negative: expired).", labels=labels),
+            GaugeMetricFamily("keyrotor_key_due_in_seconds",
+                              "Seconds until the key is due for rotation (negative: past due).", labels=labels),
+            GaugeMetricFamily("keyrotor_key_last_rotation_timestamp_seconds",
+                              "Unix time of the key's last successful rotation.", labels=labels),
+            GaugeMetricFamily("keyrotor_key_rotation_open", "1 while the key has an open rotation run, else 0.", labels=labels),
+            GaugeMetricFamily("keyrotor_managed_keys", "Enabled keys keyrotor rotates, by provider.", labels=["provider"]),
+            GaugeMetricFamily("keyrotor_key_series_omitted",
+                              "Enabled keys without per-key series (beyond KEYROTOR_METRICS_MAX_KEY_SERIES)."),
+        ]
+
+    def read(self) -> list[GaugeMetricFamily]:
+        now = self._clock()
+        expires, due, last, open_run, managed, omitted = self.families()
         with session_scope(self._engine) as session:
             if session.get_bind().dialect.name == "postgresql":
                 session.execute(text(f"SET LOCAL statement_timeout = {self._timeout_ms}"))

@@ -26,7 +26,7 @@ BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 SCHEDULER_JOB_LAST_SUCCESS = Gauge(
     "keyrotor_scheduler_job_last_success_timestamp_seconds",
     "Unix time the scheduler leader last finished a pass of a job (detection, reconcile, ...).",
-    ["job"],
+    ["scheduler_job"],  # not "job": Prometheus owns that label (the scrape job)
 )
 
 
@@ -35,18 +35,19 @@ def job_succeeded(job: str) -> None:
 
 
 def register_scheduler_collectors(settings: Any, engine: Engine, *, registry: CollectorRegistry = REGISTRY,
-                                  redis_client: Any = None) -> list[Any]:
-    """Register the queue-depth and per-key collectors (the scheduler's /metrics); returns them."""
+                                  redis_client: Any = None) -> Any:
+    """Register the queue-depth and per-key collectors (the scheduler's /metrics); returns the
+    registered collector."""
     import redis
 
     from worker.key_metrics import KeyCollector
     from worker.queue_metrics import QueueCollector
+    from worker.scrape_metrics import ScrapeTimeCollector
 
     timeout = settings.metrics_collect_timeout_s
     if redis_client is None:
         redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
-    collectors = [QueueCollector(redis_client, settings.queue_namespace),
-                  KeyCollector(engine, max_series=settings.metrics_max_key_series, timeout_s=timeout)]
-    for collector in collectors:
-        registry.register(collector)
-    return collectors
+    collector = ScrapeTimeCollector([QueueCollector(redis_client, settings.queue_namespace),
+                                     KeyCollector(engine, max_series=settings.metrics_max_key_series, timeout_s=timeout)])
+    registry.register(collector)
+    return collector

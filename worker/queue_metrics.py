@@ -6,8 +6,8 @@ the reads are O(1) per queue (LLEN/HLEN/ZCARD, one LINDEX+HGET for the oldest me
 pipeline with a short socket timeout, so a slow Redis costs one scrape, never a job. The scheduler
 serves one registry per pod (the worker serves the multiprocess sum of its children, where a
 custom collector cannot live). Every scheduler replica reports the same values: aggregate with
-``max by (queue)``. When Redis does not answer the family is empty and
-``keyrotor_collector_up{collector="queues"}`` is 0.
+``max by (queue)``. When Redis does not answer (worker/scrape_metrics.py) these series are left
+out of that scrape and ``keyrotor_collector_up{collector="queues"}`` is 0.
 
 Dramatiq's Redis layout (``<ns>`` = ``KEYROTOR_QUEUE_NAMESPACE``): ``<ns>:<queue>`` list of
 message ids waiting for a worker, ``<ns>:<queue>.msgs`` hash of those plus the ones workers hold
@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from worker.log import get_logger
 from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE
-
-log = get_logger(__name__)
 
 QUEUES = (STEP_QUEUE, REQUEST_QUEUE)
 
@@ -38,14 +34,11 @@ def queue_keys(namespace: str, queue: str) -> dict[str, str]:
     return {"ready": base, "msgs": f"{base}.msgs", "delayed_msgs": f"{base}.DQ.msgs", "dead": f"{base}.XQ"}
 
 
-def collector_up_family() -> GaugeMetricFamily:
-    return GaugeMetricFamily("keyrotor_collector_up",
-                             "1 when the scrape-time collector could read its source (Redis/database), else 0.",
-                             labels=["collector"])
+class QueueCollector:
+    """``keyrotor_queue_messages{queue,state}`` and ``keyrotor_queue_oldest_message_age_seconds``
+    (a ``ScrapeSource`` of worker/scrape_metrics.py)."""
 
-
-class QueueCollector(Collector):
-    """``keyrotor_queue_messages{queue,state}`` and ``keyrotor_queue_oldest_message_age_seconds``."""
+    name = "queues"
 
     def __init__(self, redis_client: Any, namespace: str, queues: Iterable[str] = QUEUES,
                  clock: Callable[[], float] = time.time) -> None:
@@ -54,33 +47,8 @@ class QueueCollector(Collector):
         self._queues = tuple(queues)
         self._clock = clock
 
-    def describe(self) -> list[Any]:
-        return []  # values come from Redis at scrape time: nothing to check at registration
-
-    def collect(self) -> Iterator[Any]:
-        up = collector_up_family()
-        try:
-            depth, age = self._read()
-        except Exception as exc:  # a scrape must never fail because Redis is down: say so instead
-            log.warning("queue_metrics_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
-            up.add_metric(["queues"], 0)
-            yield up
-            return
-        up.add_metric(["queues"], 1)
-        yield up
-        yield depth
-        yield age
-
-    def _read(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
-        pipe = self._redis.pipeline(transaction=False)
-        for queue in self._queues:
-            keys = queue_keys(self._namespace, queue)
-            pipe.llen(keys["ready"])
-            pipe.hlen(keys["msgs"])
-            pipe.hlen(keys["delayed_msgs"])
-            pipe.zcard(keys["dead"])
-            pipe.lindex(keys["ready"], 0)  # dramatiq RPUSHes and takes from the left: the oldest
-        answers = pipe.execute()
+    @staticmethod
+    def families() -> list[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
             "keyrotor_queue_messages",
             "Messages in a Dramatiq queue by state: ready (waiting for a worker), unacked (held by a "
@@ -90,6 +58,19 @@ class QueueCollector(Collector):
             "keyrotor_queue_oldest_message_age_seconds",
             "Age of the oldest message waiting for a worker (since it was first sent; 0 when none waits).",
             labels=["queue"])
+        return [depth, age]
+
+    def read(self) -> list[GaugeMetricFamily]:
+        pipe = self._redis.pipeline(transaction=False)
+        for queue in self._queues:
+            keys = queue_keys(self._namespace, queue)
+            pipe.llen(keys["ready"])
+            pipe.hlen(keys["msgs"])
+            pipe.hlen(keys["delayed_msgs"])
+            pipe.zcard(keys["dead"])
+            pipe.lindex(keys["ready"], 0)  # dramatiq RPUSHes and takes from the left: the oldest
+        answers = pipe.execute()
+        depth, age = self.families()
         heads = []
         for i, queue in enumerate(self._queues):
             ready, held, delayed, dead, head = answers[5 * i:5 * i + 5]
@@ -99,13 +80,15 @@ class QueueCollector(Collector):
             depth.add_metric([queue, "dead"], dead)
             heads.append(head)
         pipe = self._redis.pipeline(transaction=False)
-        for queue, head in zip(self._queues, heads):
-            pipe.hget(queue_keys(self._namespace, queue)["msgs"], head) if head is not None else pipe.echo(b"")
-        bodies = pipe.execute()
+        waiting = [(queue, head) for queue, head in zip(self._queues, heads) if head is not None]
+        for queue, head in waiting:
+            pipe.hget(queue_keys(self._namespace, queue)["msgs"], head)
+        bodies = dict(zip((queue for queue, _ in waiting), pipe.execute() if waiting else []))
         now_ms = self._clock() * 1000
-        for queue, head, body in zip(self._queues, heads, bodies):
-            age.add_metric([queue], max(0.0, (now_ms - _timestamp_ms(body, now_ms)) / 1000) if head is not None else 0.0)
-        return depth, age
+        for queue in self._queues:
+            sent_ms = _timestamp_ms(bodies[queue], now_ms) if queue in bodies else now_ms
+            age.add_metric([queue], max(0.0, (now_ms - sent_ms) / 1000))
+        return [depth, age]
 
 
 def _timestamp_ms(body: Any, default: float) -> float:

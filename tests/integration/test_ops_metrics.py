@@ -22,6 +22,7 @@ from worker.pipeline.broker import make_redis_broker
 from worker.pipeline.message_metrics import (MESSAGES_DEAD_LETTERED, MESSAGES_IN_FLIGHT, MESSAGES_PROCESSED,
                                              MESSAGES_RETRIED, MessageMetrics, WORKER_THREADS)
 from worker.queue_metrics import QueueCollector
+from worker.scrape_metrics import ScrapeTimeCollector
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration
@@ -31,9 +32,9 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | Non
     return registry.get_sample_value(name, labels)
 
 
-def collected(collector: Any) -> CollectorRegistry:
+def collected(*sources: Any) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(collector)
+    registry.register(ScrapeTimeCollector(sources))
     return registry
 
 
@@ -106,13 +107,27 @@ def sample_metric(metric: Any, *labels: str) -> float:
     return float(metric.labels(*labels)._value.get())
 
 
-def test_queue_collector_reports_redis_down_without_failing_the_scrape() -> None:
+def test_redis_down_costs_only_the_queue_series(sqlite_url: str, redis_url: str) -> None:
+    """One scrape-time source down: its series are left out, keyrotor_collector_up says which,
+    and the other source's series are still served (register_scheduler_collectors wiring)."""
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=1, socket_timeout=0.2, socket_connect_timeout=0.2)
-    reg = collected(QueueCollector(client, "keyrotor"))
+    from worker.ops_metrics import register_scheduler_collectors
+
+    engine = make_engine(sqlite_url)
+    settings = load_settings(database_url=sqlite_url, redis_url=redis_url, metrics_collect_timeout_s=0.2)
+    down = redis.Redis(host="127.0.0.1", port=1, socket_timeout=0.2, socket_connect_timeout=0.2)
+    reg = CollectorRegistry()
+    register_scheduler_collectors(settings, engine, registry=reg, redis_client=down)
     assert sample(reg, "keyrotor_collector_up", collector="queues") == 0
     assert sample(reg, "keyrotor_queue_messages", queue="rotation", state="ready") is None
+    assert sample(reg, "keyrotor_collector_up", collector="keys") == 1
+    assert sample(reg, "keyrotor_key_series_omitted") == 0
+
+    reg = CollectorRegistry()
+    register_scheduler_collectors(settings, engine, registry=reg)  # its own client, from the settings
+    assert sample(reg, "keyrotor_collector_up", collector="queues") == 1
+    engine.dispose()
 
 
 # ------------------------------------------------------------------------------ keys

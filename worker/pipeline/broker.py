@@ -42,6 +42,7 @@ def setup_broker(settings: Any = None, *, broker: Optional[dramatiq.Broker] = No
         broker = make_redis_broker(settings.redis_url, settings.queue_namespace)
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
+    import worker.ops_metrics  # noqa: F401  (keyrotor_build_info in every process that has a broker)
     from worker.pipeline.message_metrics import MessageMetrics
 
     if not any(isinstance(m, MessageMetrics) for m in broker.middleware):
