@@ -34,4 +34,18 @@ if ! answers $pg_host $pg_port; then
     echo "ensure-services: PostgreSQL is not installed; PostgreSQL tests will be skipped (failed under CI=true)" >&2
   fi
 fi
+# promtool (Debian's prometheus package) checks and unit-tests the alerting rules and the
+# dashboard's queries. Installed when missing and we are root (CI); otherwise those tests skip
+# (and fail under CI=true).
+if ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "ensure-services: installing promtool (apt-get install prometheus)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
+      || echo "ensure-services: could not install promtool; rule tests will be skipped (failed under CI=true)" >&2
+  else
+    echo "ensure-services: promtool is not installed (apt-get install prometheus); rule tests will be skipped (failed under CI=true)" >&2
+  fi
+fi
 exit 0

@@ -47,6 +47,9 @@ def _register() -> None:
     app.add_typer(sandbox_cmd.app, name="sandbox", help="Local stand-ins for Vault, a provider and a consumer (demo and tests).")
     run_cmds.register(app)
     demo_cmd.register(app)
+    from worker.cli import ping_cmd
+
+    ping_cmd.register(app)
     jobs_cli.register(app)
 
 
