@@ -89,6 +89,8 @@ def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dic
     """(kind/name, pod template metadata, pod spec) of every workload."""
     out = []
     for d in docs:
+        if d["kind"] == "Pod":
+            out.append((f"Pod/{d['metadata']['name']}", d["metadata"], d["spec"]))
         if d["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
             tpl = d["spec"]["template"]
             out.append((f"{d['kind']}/{d['metadata']['name']}", tpl.get("metadata", {}), tpl["spec"]))
@@ -139,6 +141,31 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "scheduler": {"nodeSelector": {"kubernetes.io/os": "linux"}},
         "podAnnotations": {"team": "platform"},
         "priorityClassName": "keyrotor-high",
+    },
+    # Operations: KEDA, alerts, dashboard, extra volumes/sidecars/init containers/objects,
+    # overridden probes, PgBouncer, a connection budget; the helm test Pod is on by default.
+    "ops": {
+        "worker": {"keda": {"enabled": True, "maxReplicaCount": 6, "authenticationRef": "redis-auth"}},
+        "redis": {"url": "redis://redis-master.data.svc:6380/2"},
+        "metrics": {"serviceMonitor": {"enabled": True},
+                    "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+                    "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "keyrotor"}}},
+        "extraVolumes": [{"name": "provider-ca", "configMap": {"name": "corp-ca"}}],
+        "extraVolumeMounts": [{"name": "provider-ca", "mountPath": "/etc/ssl/corp", "readOnly": True}],
+        "extraEnv": [{"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca.crt"}],
+        "extraContainers": [{"name": "sql-proxy", "image": "gcr.io/cloud-sql-connectors/cloud-sql-proxy:2.11.0",
+                             "args": ["--port=5432", "project:region:db"],
+                             "resources": {"requests": {"cpu": "10m", "memory": "32Mi"},
+                                           "limits": {"cpu": "100m", "memory": "64Mi"}}}],
+        "initContainers": [{"name": "wait-for-proxy", "image": "busybox:1.36", "command": ["sh", "-c", "true"],
+                            "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
+                                          "limits": {"cpu": "50m", "memory": "32Mi"}}}],
+        "extraObjects": [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "{{ .Release.Name }}-extra"},
+                          "data": {"release": "{{ .Release.Name }}"}},
+                         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-extra-text\ndata: {a: b}\n"],
+        "probes": {"liveness": {"exec": {"command": ["keyrotor", "--version"]}, "periodSeconds": 30},
+                   "readiness": {"enabled": False}},
+        "database": {"pool": {"workerSize": 6}, "maxConnections": 200, "pgbouncer": True},
     },
 }
 
@@ -197,6 +224,47 @@ SERVICEMONITOR_SCHEMA = {
 }
 
 
+# KEDA's ScaledObject (keda.sh/v1alpha1) with redis triggers: the fields KEDA reads.
+SCALEDOBJECT_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {"type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
+                 "properties": {
+                     "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                                       "name": {"type": "string"}}},
+                     "minReplicaCount": {"type": "integer"}, "maxReplicaCount": {"type": "integer"},
+                     "pollingInterval": {"type": "integer"}, "cooldownPeriod": {"type": "integer"},
+                     "triggers": {"type": "array", "minItems": 1, "items": {
+                         "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+                         "properties": {"type": {"const": "redis"},
+                                        "metadata": {"type": "object", "required": ["address", "listName", "listLength"],
+                                                     "additionalProperties": {"type": "string"}},
+                                        "authenticationRef": {"type": "object", "required": ["name"]}}}}}},
+    },
+}
+# Prometheus Operator's PrometheusRule: groups of named rules with alert/record and expr.
+PROMETHEUSRULE_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {"type": "object", "required": ["groups"], "additionalProperties": False, "properties": {"groups": {
+            "type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["name", "rules"], "properties": {"rules": {"type": "array", "items": {
+                    "type": "object", "required": ["expr"], "additionalProperties": False,
+                    "properties": {"alert": {"type": "string"}, "record": {"type": "string"}, "expr": {"type": "string"},
+                                   "for": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h|d|w|y)$"},
+                                   "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                   "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}}}}}}}},
+    },
+}
+CRD_SCHEMAS = {"ServiceMonitor": SERVICEMONITOR_SCHEMA, "ScaledObject": SCALEDOBJECT_SCHEMA,
+               "PrometheusRule": PROMETHEUSRULE_SCHEMA}
+
+
 def test_every_rendered_document_is_valid_kubernetes(chart: Any, kv: Any) -> None:
     import jsonschema
 
@@ -205,8 +273,8 @@ def test_every_rendered_document_is_valid_kubernetes(chart: Any, kv: Any) -> Non
     for name in SCENARIOS:
         for doc in render(chart, scenario(name)):
             kinds.add(doc["kind"])
-            if doc["kind"] == "ServiceMonitor":
-                jsonschema.validate(doc, SERVICEMONITOR_SCHEMA)
+            if doc["kind"] in CRD_SCHEMAS:
+                jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
                 validated += 1
                 continue
             for version in KUBE_VERSIONS:
@@ -218,7 +286,7 @@ def test_every_rendered_document_is_valid_kubernetes(chart: Any, kv: Any) -> Non
                                 f"{'.'.join(map(str, exc.path))}")
                 validated += 1
     expected = {"Deployment", "Job", "ConfigMap", "Service", "ServiceAccount", "PodDisruptionBudget",
-                "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor"}
+                "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor", "ScaledObject", "PrometheusRule", "Pod"}
     assert expected <= kinds, f"scenarios never rendered {expected - kinds}"
     assert validated > 80, validated
 
@@ -621,3 +689,143 @@ def test_inventory_given_as_file_text_keeps_its_comments(chart: Any) -> None:
     assert one(docs, "ConfigMap", f"{FULLNAME}-inventory-hook")["data"]["inventory.yaml"] == data
     worker = one(docs, "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["metadata"]
     assert "checksum/inventory" in worker["annotations"]
+
+
+# ------------------------------------------------------------------------------ operations
+def test_keda_scales_workers_on_the_dramatiq_queue_lists(chart: Any, helm: Any) -> None:
+    from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE
+    from worker.queue_metrics import queue_keys
+
+    docs = render(chart, scenario("ops"))
+    so = one(docs, "ScaledObject", f"{FULLNAME}-worker")
+    assert so["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{FULLNAME}-worker"}
+    assert so["spec"]["maxReplicaCount"] == 6
+    lists = [t["metadata"]["listName"] for t in so["spec"]["triggers"]]
+    # The lists Dramatiq's Redis broker keeps for our queues (the namespace is the queue namespace).
+    assert lists == [queue_keys("keyrotor", STEP_QUEUE)["ready"], queue_keys("keyrotor", REQUEST_QUEUE)["ready"]]
+    for t in so["spec"]["triggers"]:
+        assert t["metadata"]["address"] == "redis-master.data.svc:6380"
+        assert t["metadata"]["databaseIndex"] == "2"
+        assert t["authenticationRef"] == {"name": "redis-auth"}
+    assert "replicas" not in one(docs, "Deployment", f"{FULLNAME}-worker")["spec"]  # KEDA owns the count
+    assert not find(docs, "HorizontalPodAutoscaler")
+    custom = render(chart, {"queueNamespace": "kr-prod", "worker": {"keda": {"enabled": True}}})
+    so = one(custom, "ScaledObject", f"{FULLNAME}-worker")
+    assert [t["metadata"]["listName"] for t in so["spec"]["triggers"]] == ["kr-prod:rotation", "kr-prod:rotation_requests"]
+    assert so["spec"]["triggers"][0]["metadata"]["address"] == "redis-master:6379"
+    assert so["spec"]["triggers"][0]["metadata"]["databaseIndex"] == "0"
+    assert not find(render(chart, {}), "ScaledObject")
+    for bad, message in (({"worker": {"keda": {"enabled": True}, "autoscaling": {"enabled": True}}}, "enable only one"),
+                         ({"worker": {"keda": {"enabled": True}}, "redis": {"existingSecret": "r"}}, "worker.keda.address")):
+        with pytest.raises(helm.HelmError) as err:
+            render(chart, bad)
+        assert message in str(err.value)
+
+
+def test_prometheus_rule_and_dashboard_are_the_repository_files(chart: Any) -> None:
+    import json
+
+    docs = render(chart, scenario("ops"))
+    rule = one(docs, "PrometheusRule", FULLNAME)
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    assert rule["spec"] == yaml.safe_load((ROOT / "config" / "prometheus" / "keyrotor-rules.yaml").read_text())
+    cm = one(docs, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"]["grafana_folder"] == "keyrotor"
+    assert json.loads(cm["data"]["keyrotor-dashboard.json"]) == json.loads(
+        (ROOT / "config" / "grafana" / "keyrotor-dashboard.json").read_text())
+    defaults = render(chart, {})
+    assert not find(defaults, "PrometheusRule") and not find(defaults, "ConfigMap", f"{FULLNAME}-dashboard")
+
+
+def test_extra_volumes_sidecars_init_containers_and_objects(chart: Any) -> None:
+    docs = render(chart, scenario("ops"))
+    csc = yaml.safe_load((CHART / "values.yaml").read_text())["containerSecurityContext"]
+    for where, _, spec in pod_specs(docs):
+        assert {"name": "provider-ca", "configMap": {"name": "corp-ca"}} in spec["volumes"], where
+        keyrotor = spec["containers"][0]
+        assert {"name": "provider-ca", "mountPath": "/etc/ssl/corp", "readOnly": True} in keyrotor["volumeMounts"], where
+    for comp in ("worker", "scheduler"):
+        spec = one(docs, "Deployment", f"{FULLNAME}-{comp}")["spec"]["template"]["spec"]
+        sidecar = spec["containers"][1]
+        assert sidecar["name"] == "sql-proxy" and sidecar["securityContext"] == csc
+        assert {"name": "tmp", "mountPath": "/tmp"} in sidecar["volumeMounts"]
+        init = spec["initContainers"][0]
+        assert init["name"] == "wait-for-proxy" and init["securityContext"] == csc
+    for job in find(docs, "Job"):  # one-shot hooks: a sidecar would keep them running
+        assert len(job["spec"]["template"]["spec"]["containers"]) == 1
+    extra = one(docs, "ConfigMap", f"{RELEASE}-extra")
+    assert extra["data"] == {"release": RELEASE}
+    assert extra["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    assert one(docs, "ConfigMap", f"{RELEASE}-extra-text")["metadata"]["namespace"] == NAMESPACE
+
+
+@pytest.mark.parametrize(("bad", "where"), [
+    ({"extraVolumes": [{"name": "host", "hostPath": {"path": "/"}}]}, "/extraVolumes/0"),
+    ({"extraContainers": [{"name": "s", "image": "i", "resources": {"requests": {}, "limits": {}},
+                           "securityContext": {"privileged": True}}]}, "/extraContainers/0/securityContext"),
+    ({"initContainers": [{"name": "s", "image": "i"}]}, "/initContainers/0"),             # no resources
+    ({"extraContainers": [{"name": "s", "image": "i", "resources": {"requests": {}, "limits": {}},
+                           "ports": [{"containerPort": 80, "hostPort": 80}]}]}, "/extraContainers/0/ports/0/hostPort"),
+    ({"worker": {"keda": {"address": "redis://:pw@r:6379"}}}, "/worker/keda/address"),
+    ({"probes": {"liveness": {"periodSecond": 3}}}, "/probes/liveness"),
+])
+def test_schema_keeps_extras_restricted(chart: Any, helm: Any, bad: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as err:
+        render(chart, bad)
+    assert where in str(err.value), str(err.value)
+
+
+def test_probes_can_be_overridden_or_dropped(chart: Any) -> None:
+    c = one(render(chart, scenario("ops")), "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["spec"]["containers"][0]
+    # The given handler replaces GET /healthz; timings not given keep their defaults.
+    assert c["livenessProbe"] == {"exec": {"command": ["keyrotor", "--version"]}, "periodSeconds": 30,
+                                  "initialDelaySeconds": 0, "timeoutSeconds": 3, "failureThreshold": 3}
+    assert "readinessProbe" not in c
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+
+
+def test_default_topology_spread_is_soft_and_per_component(chart: Any) -> None:
+    docs = render(chart, {})
+    for comp in ("worker", "scheduler"):
+        dep = one(docs, "Deployment", f"{FULLNAME}-{comp}")
+        (tsc,) = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert tsc["whenUnsatisfiable"] == "ScheduleAnyway" and tsc["topologyKey"] == "kubernetes.io/hostname"
+        assert tsc["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_helm_test_pod_pings_database_redis_and_vault(chart: Any) -> None:
+    docs = render(chart, scenario("full"))
+    pod = one(docs, "Pod", f"{FULLNAME}-test")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never" and spec["serviceAccountName"] == FULLNAME  # Vault Kubernetes auth
+    c = spec["containers"][0]
+    assert c["args"][0] == "ping"
+    env = env_of(c)
+    assert env["KEYROTOR_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "pg-credentials"
+    assert env["KEYROTOR_VAULT_K8S_ROLE"]["value"] == "keyrotor-prod"
+    assert {m["name"] for m in c["volumeMounts"]} >= {"vault-token", "vault-ca", "tmp"}
+    np_ = one(docs, "NetworkPolicy", FULLNAME)
+    assert selects(np_["spec"]["podSelector"]["matchLabels"], pod["metadata"]["labels"])  # same egress as workers
+    assert not find(render(chart, {"helmTest": {"enabled": False}}), "Pod")
+
+
+def test_database_pools_are_sized_per_process_and_budgeted(chart: Any, helm: Any) -> None:
+    docs = render(chart, {"worker": {"threads": 6}})
+    worker = env_of(one(docs, "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["spec"]["containers"][0])
+    scheduler = env_of(one(docs, "Deployment", f"{FULLNAME}-scheduler")["spec"]["template"]["spec"]["containers"][0])
+    migrate = env_of(one(docs, "Job", f"{FULLNAME}-migrate")["spec"]["template"]["spec"]["containers"][0])
+    assert (worker["KEYROTOR_DB_POOL_SIZE"]["value"], worker["KEYROTOR_DB_APPLICATION_NAME"]["value"]) == ("7", "keyrotor-worker")
+    assert (scheduler["KEYROTOR_DB_POOL_SIZE"]["value"], scheduler["KEYROTOR_DB_APPLICATION_NAME"]["value"]) == ("4", "keyrotor-scheduler")
+    assert migrate["KEYROTOR_DB_APPLICATION_NAME"]["value"] == "keyrotor-migrate"
+    assert worker["KEYROTOR_DB_MAX_OVERFLOW"]["value"] == "2" and "KEYROTOR_DB_PREPARED_STATEMENTS" not in worker
+    ops = env_of(one(render(chart, scenario("ops")), "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["spec"]["containers"][0])
+    assert ops["KEYROTOR_DB_POOL_SIZE"]["value"] == "6" and ops["KEYROTOR_DB_PREPARED_STATEMENTS"]["value"] == "false"
+    # Worst case with the HPA at 10 replicas: 10 x 2 processes x (5 + 2) + 2 schedulers x (4 + 2) + 2 = 154.
+    too_many = {"worker": {"autoscaling": {"enabled": True, "maxReplicas": 10}}, "database": {"maxConnections": 100}}
+    with pytest.raises(helm.HelmError) as err:
+        render(chart, too_many)
+    assert "up to 154 PostgreSQL connections" in str(err.value)
+    too_many["database"]["maxConnections"] = 154
+    assert find(render(chart, too_many), "HorizontalPodAutoscaler")

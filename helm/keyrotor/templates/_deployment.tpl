@@ -1,6 +1,6 @@
 {{/*
 A keyrotor Deployment (worker or scheduler): dict "root" $ "component" NAME "c" <component values>
-"args" <container args> "replicas" true|false.
+"args" <container args> "replicas" true|false "poolSize" <database pool size per process>.
 */}}
 {{- define "keyrotor.deployment" -}}
 {{- $root := .root -}}
@@ -46,6 +46,10 @@ spec:
       {{- with (include "keyrotor.podPlacement" $ctx) }}
       {{- . | nindent 6 }}
       {{- end }}
+      {{- with $v.initContainers }}
+      initContainers:
+        {{- include "keyrotor.userContainers" (dict "root" $root "containers" .) | nindent 8 }}
+      {{- end }}
       containers:
         - name: {{ .component }}
           image: {{ include "keyrotor.image" $root | quote }}
@@ -57,7 +61,7 @@ spec:
               containerPort: {{ $v.metrics.port }}
               protocol: TCP
           env:
-            {{- include "keyrotor.env" (dict "root" $root "vault" true "inventory" true "metrics" true) | nindent 12 }}
+            {{- include "keyrotor.env" (dict "root" $root "vault" true "inventory" true "metrics" true "app" (printf "keyrotor-%s" .component) "size" .poolSize) | nindent 12 }}
           {{- with $v.extraEnvFrom }}
           envFrom:
             {{- toYaml . | nindent 12 }}
@@ -69,6 +73,9 @@ spec:
             {{- toYaml $v.containerSecurityContext | nindent 12 }}
           volumeMounts:
             {{- include "keyrotor.volumeMounts" (dict "root" $root "vault" true "inventory" true "metrics" true) | nindent 12 }}
+        {{- with $v.extraContainers }}
+        {{- include "keyrotor.userContainers" (dict "root" $root "containers" .) | nindent 8 }}
+        {{- end }}
       volumes:
         {{- include "keyrotor.volumes" (dict "root" $root "vault" true "inventory" true "metrics" true) | nindent 8 }}
 {{- end -}}

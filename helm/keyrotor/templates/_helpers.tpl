@@ -110,6 +110,15 @@ what to do instead. (The schema checks shapes; these are the checks it cannot ex
 {{- if and .Values.vault.tls.caSecret .Values.vault.tls.caConfigMap -}}
 {{- fail "set only one of vault.tls.caSecret and vault.tls.caConfigMap" -}}
 {{- end -}}
+{{- if and .Values.worker.keda.enabled .Values.worker.autoscaling.enabled -}}
+{{- fail "worker.keda.enabled and worker.autoscaling.enabled both scale the workers: enable only one (KEDA creates its own HPA)" -}}
+{{- end -}}
+{{- if and .Values.worker.keda.enabled .Values.redis.existingSecret (not .Values.worker.keda.address) -}}
+{{- fail "worker.keda.enabled with redis.existingSecret: set worker.keda.address (host:port) and, for a password, worker.keda.authenticationRef" -}}
+{{- end -}}
+{{- if and .Values.database.maxConnections (gt (include "keyrotor.maxConnections" . | int) (int .Values.database.maxConnections)) -}}
+{{- fail (printf "up to %s PostgreSQL connections at the replica maximum exceed database.maxConnections (%d): lower worker processes/threads, database.pool sizes or the replica maximum, or put PgBouncer in front (docs/scaling.md)" (include "keyrotor.maxConnections" .) (int .Values.database.maxConnections)) -}}
+{{- end -}}
 {{- range .Values.extraEnv -}}
 {{- if and (hasKey . "value") (regexMatch "(?i)(PASSWORD|TOKEN|SECRET|API_?KEY|CREDENTIAL)" (toString .name)) -}}
 {{- fail (printf "extraEnv %s looks like a secret but has a literal value: use valueFrom.secretKeyRef" .name) -}}
@@ -150,6 +159,11 @@ metrics server (one-shot commands).
   value: {{ $v.httpTimeoutSeconds | quote }}
 - name: KEYROTOR_METRICS_PORT
   value: {{ ternary $v.metrics.port 0 (default false .metrics) | quote }}
+{{- if .metrics }}
+- name: KEYROTOR_METRICS_MAX_KEY_SERIES
+  value: {{ $v.metrics.maxKeySeries | quote }}
+{{- end }}
+{{- include "keyrotor.dbEnv" . }}
 {{- if and .inventory (include "keyrotor.inventoryEnabled" $root) }}
 - name: KEYROTOR_CONFIG
   value: {{ printf "%s/%s" (trimSuffix "/" $v.config.mountPath) $v.config.key | quote }}
@@ -209,6 +223,9 @@ metrics server (one-shot commands).
   mountPath: /etc/keyrotor/vault-ca
   readOnly: true
 {{- end }}
+{{- with $v.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{/*
@@ -254,6 +271,9 @@ ConfigMap (the hook Jobs read a hook copy that exists before the release's own o
     items:
       - key: {{ $v.vault.tls.caKey }}
         path: {{ $v.vault.tls.caKey }}
+{{- end }}
+{{- with $v.extraVolumes }}
+{{ toYaml . }}
 {{- end }}
 {{- end -}}
 
@@ -314,16 +334,78 @@ topologySpreadConstraints:
 {{- toYaml $l -}}
 {{- end -}}
 
-{{/* HTTP probes on the metrics port. */}}
+{{/*
+Probes of a long-running container: GET /healthz on the metrics port with the configured timings,
+unless a probe brings its own handler (httpGet/exec/tcpSocket/grpc) or is disabled.
+*/}}
 {{- define "keyrotor.probes" -}}
-{{- $p := .Values.probes -}}
-startupProbe:
-  httpGet: {path: /healthz, port: metrics}
-  {{- toYaml $p.startup | nindent 2 }}
-livenessProbe:
-  httpGet: {path: /healthz, port: metrics}
-  {{- toYaml $p.liveness | nindent 2 }}
-readinessProbe:
-  httpGet: {path: /healthz, port: metrics}
-  {{- toYaml $p.readiness | nindent 2 }}
+{{- range $name, $key := dict "startup" "startupProbe" "liveness" "livenessProbe" "readiness" "readinessProbe" }}
+{{- $p := deepCopy (get $.Values.probes $name) }}
+{{- if ne (toString (default "true" (toString (get $p "enabled")))) "false" }}
+{{- $_ := unset $p "enabled" }}
+{{- if not (or (hasKey $p "httpGet") (hasKey $p "exec") (hasKey $p "tcpSocket") (hasKey $p "grpc")) }}
+{{- $_ := set $p "httpGet" (dict "path" "/healthz" "port" "metrics") }}
+{{- end }}
+{{ $key }}:
+  {{- toYaml $p | nindent 2 }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Database settings of a process: dict with "app" (application_name) and "size" (pool size); none
+when "app" is absent. Pool sizes per process; see database.pool in values.yaml.
+*/}}
+{{- define "keyrotor.dbEnv" -}}
+{{- if .app }}
+{{- $db := .root.Values.database }}
+- name: KEYROTOR_DB_APPLICATION_NAME
+  value: {{ .app | quote }}
+- name: KEYROTOR_DB_POOL_SIZE
+  value: {{ .size | quote }}
+- name: KEYROTOR_DB_MAX_OVERFLOW
+  value: {{ $db.pool.maxOverflow | quote }}
+- name: KEYROTOR_DB_POOL_TIMEOUT_S
+  value: {{ $db.pool.timeoutSeconds | quote }}
+{{- if $db.pgbouncer }}
+- name: KEYROTOR_DB_PREPARED_STATEMENTS
+  value: "false"
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Pool size of one worker process: database.pool.workerSize, or threads + 1 (the lease renewer). */}}
+{{- define "keyrotor.workerPoolSize" -}}
+{{- if .Values.database.pool.workerSize }}{{ .Values.database.pool.workerSize }}{{ else }}{{ add .Values.worker.threads 1 }}{{ end -}}
+{{- end -}}
+
+{{/* Most worker replicas: KEDA's or the HPA's maximum, else the fixed count. */}}
+{{- define "keyrotor.maxWorkerReplicas" -}}
+{{- if .Values.worker.keda.enabled }}{{ .Values.worker.keda.maxReplicaCount }}
+{{- else if .Values.worker.autoscaling.enabled }}{{ .Values.worker.autoscaling.maxReplicas }}
+{{- else }}{{ .Values.worker.replicas }}{{ end -}}
+{{- end -}}
+
+{{/* Worst-case PostgreSQL connections of the release (docs/scaling.md). */}}
+{{- define "keyrotor.maxConnections" -}}
+{{- $v := .Values -}}
+{{- $worker := mul (include "keyrotor.maxWorkerReplicas" . | int) $v.worker.processes (add (include "keyrotor.workerPoolSize" . | int) $v.database.pool.maxOverflow) -}}
+{{- $scheduler := mul $v.scheduler.replicas (add $v.database.pool.schedulerSize $v.database.pool.maxOverflow) -}}
+{{- add $worker $scheduler 2 -}}
+{{- end -}}
+
+{{/*
+User containers (extraContainers / initContainers): the chart's restricted securityContext and a
+writable /tmp (the root filesystem is read-only) are forced onto each.
+*/}}
+{{- define "keyrotor.userContainers" -}}
+{{- range .containers }}
+{{- $c := deepCopy . }}
+{{- $_ := set $c "securityContext" $.root.Values.containerSecurityContext }}
+{{- $mounts := default (list) $c.volumeMounts }}
+{{- $hasTmp := false }}
+{{- range $mounts }}{{ if eq .mountPath "/tmp" }}{{ $hasTmp = true }}{{ end }}{{ end }}
+{{- if not $hasTmp }}{{ $_ := set $c "volumeMounts" (append $mounts (dict "name" "tmp" "mountPath" "/tmp")) }}{{ end }}
+- {{ toYaml $c | nindent 2 | trim }}
+{{- end }}
 {{- end -}}

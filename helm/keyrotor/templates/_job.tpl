@@ -50,7 +50,7 @@ spec:
           args:
             {{- toYaml .args | nindent 12 }}
           env:
-            {{- include "keyrotor.env" (dict "root" $root "vault" false "inventory" .inventory "metrics" false) | nindent 12 }}
+            {{- include "keyrotor.env" (dict "root" $root "vault" false "inventory" .inventory "metrics" false "app" (printf "keyrotor-%s" .component) "size" 1) | nindent 12 }}
           resources:
             {{- toYaml $h.resources | nindent 12 }}
           securityContext:
