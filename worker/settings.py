@@ -49,7 +49,7 @@ class Settings(BaseSettings):
 
     # Database connection pool (PostgreSQL; SQLite ignores them). Per process: size + overflow.
     db_pool_size: int = Field(5, ge=1, le=1000, description="Connections each process keeps open to PostgreSQL")
-    db_max_overflow: int = Field(5, ge=0, le=1000, description="Extra connections a process may open under load, closed when returned")
+    db_max_overflow: int = Field(10, ge=0, le=1000, description="Extra connections a process may open under load, closed when returned")
     db_pool_timeout_s: float = Field(30.0, gt=0, description="How long a thread waits for a free pooled connection before failing")
     db_pool_recycle_s: float = Field(1800.0, ge=-1, description="Reconnect pooled connections older than this (-1 = never)")
     db_application_name: str = Field("keyrotor", max_length=63, description="application_name shown in pg_stat_activity (the chart sets keyrotor-worker/-scheduler/-migrate)")
