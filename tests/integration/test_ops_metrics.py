@@ -211,3 +211,26 @@ def test_postgres_pool_settings_and_application_name(pg_url: str, monkeypatch: p
         engine.dispose()
     finally:
         get_settings.cache_clear()
+
+
+# ------------------------------------------------------------------------------ scheduler passes
+def test_a_leader_pass_records_its_success_time(sqlite_url: str, redis_url: str, redis_namespace: str) -> None:
+    import redis
+
+    from jobs.scheduler import KeyrotorScheduler, SchedulerConfig
+    from worker.ops_metrics import SCHEDULER_JOB_LAST_SUCCESS
+
+    engine = make_engine(sqlite_url)
+    sched = KeyrotorScheduler(engine, redis.Redis.from_url(redis_url), SchedulerConfig(lock_name=f"{redis_namespace}:leader"),
+                              notify=lambda *a, **k: None)
+    gauge = SCHEDULER_JOB_LAST_SUCCESS.labels("reminders")
+    gauge.set(0)
+    sched._guarded("reminders")  # not the leader: nothing runs, nothing recorded
+    assert gauge._value.get() == 0
+    assert sched.lock.tick()
+    before = time.time()
+    sched._guarded("reminders")
+    assert sched.passes["reminders"] == 1
+    assert before <= gauge._value.get() <= time.time()
+    sched.lock.release()
+    engine.dispose()
