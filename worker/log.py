@@ -192,6 +192,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings become log lines too, instead of plain text on stderr
     for name in THIRD_PARTY_LOGGERS:
         lg = logging.getLogger(name)
         lg.handlers[:] = []
