@@ -203,13 +203,13 @@ class KeyrotorScheduler:
         return self._pipeline
 
     def _set_leader_metric(self, leads: bool) -> None:
-        from worker.metrics import SCHEDULER_LEADER
+        from worker.metrics import scheduler_metrics
 
-        SCHEDULER_LEADER.set(1 if leads else 0)
+        scheduler_metrics().set_leader(leads)  # a standby drops the leader-only gauges
 
     def _update_gauges(self, now: datetime) -> None:
         """keys_due{provider} (an index range, O(keys due)) and open_runs{state}."""
-        from worker.metrics import KEYS_DUE, OPEN_RUNS
+        from worker.metrics import scheduler_metrics
 
         with session_scope(self.engine) as session:
             due = session.exec(  # type: ignore[call-overload]
@@ -220,12 +220,8 @@ class KeyrotorScheduler:
             open_runs = session.exec(  # type: ignore[call-overload]
                 select(RotationRun.state, func.count()).where(RotationRun.finished_at.is_(None)).group_by(RotationRun.state)  # type: ignore[union-attr,attr-defined]
             ).all()
-        KEYS_DUE.clear()
-        for provider, count in due:
-            KEYS_DUE.labels(provider).set(count)
-        OPEN_RUNS.clear()
-        for state, count in open_runs:
-            OPEN_RUNS.labels(state).set(count)
+        if self.lock.is_leader:  # lost the lock during the query: a standby exports no backlog
+            scheduler_metrics().set_backlog(due, open_runs)
 
 
 def handover_deadline(config: SchedulerConfig) -> timedelta:

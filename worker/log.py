@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
+from collections import Counter
 from typing import Any, Iterable, TextIO
 
 import structlog
@@ -59,36 +61,96 @@ def redact(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
-_extra_secrets: set[str] = set()
+class _LiveSecrets:
+    """The live secret values of this process, shared by every thread.
+
+    Writers (steps starting and ending) take a lock and publish a new immutable snapshot; readers
+    (every log line, on any thread) only read the current snapshot, so iterating it can never race
+    a writer. Counted: two steps holding the same value both keep it scrubbed until both forget it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self.snapshot: frozenset[str] = frozenset()
+
+    def add(self, value: str) -> None:
+        with self._lock:
+            self._counts[value] += 1
+            if self._counts[value] == 1:
+                self.snapshot = frozenset(self._counts)
+
+    def discard(self, value: str) -> None:
+        with self._lock:
+            if value not in self._counts:
+                return
+            self._counts[value] -= 1
+            if self._counts[value] <= 0:
+                del self._counts[value]
+                self.snapshot = frozenset(self._counts)
+
+
+_live_secrets = _LiveSecrets()
 
 
 def register_secret(value: str) -> None:
     """Remember a live secret so any accidental appearance in a log line is blanked.
 
     The set only lives in this process's memory; steps forget values when they are done.
+    Safe to call from any thread.
     """
     if len(value) >= 8:
-        _extra_secrets.add(value)
+        _live_secrets.add(value)
 
 
 def forget_secret(value: str) -> None:
-    _extra_secrets.discard(value)
+    _live_secrets.discard(value)
 
 
 def scrub_known_secrets(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:
-    if not _extra_secrets:
+    secrets = _live_secrets.snapshot  # one immutable snapshot for the whole line
+    if not secrets:
         return event_dict
     for key, value in event_dict.items():
         if isinstance(value, str):
-            for secret in _extra_secrets:
+            for secret in secrets:
                 if secret in value:
                     value = value.replace(secret, REDACTED)
             event_dict[key] = value
     return event_dict
 
 
+_EVENT_NAME = re.compile(r"[\w.:-]{1,100}")
+
+
+def never_raises(processor: Processor) -> Processor:
+    """Wrap a processor so a failure inside it never reaches the code that logged.
+
+    Logging runs inside steps: an exception here would fail a rotation mid-way. A line whose
+    processing fails is replaced by a minimal one saying so; its fields are dropped rather than
+    written unredacted (the failing processor may be the redactor)."""
+    name = getattr(processor, "__name__", type(processor).__name__)
+
+    def guarded(logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
+        try:
+            return processor(logger, method_name, event_dict)  # type: ignore[return-value]
+        except Exception as exc:
+            event = event_dict.get("event")
+            fallback: EventDict = {
+                "event": event if isinstance(event, str) and _EVENT_NAME.fullmatch(event) else "log_line",
+                "log_error": f"{name} raised {type(exc).__name__}; the line's fields were dropped",
+            }
+            for key in ("level", "logger", "timestamp", "_record", "_from_structlog"):
+                if key in event_dict:
+                    fallback[key] = event_dict[key]
+            return fallback
+
+    guarded.__name__ = f"never_raises({name})"
+    return guarded
+
+
 def _shared_processors() -> list[Processor]:
-    return [
+    return [never_raises(p) for p in (
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
@@ -100,7 +162,7 @@ def _shared_processors() -> list[Processor]:
         structlog.processors.UnicodeDecoder(),
         redact,
         scrub_known_secrets,
-    ]
+    )]
 
 
 THIRD_PARTY_LOGGERS: Iterable[str] = ("dramatiq", "apscheduler", "hvac", "sqlalchemy", "httpx", "httpcore", "alembic", "urllib3")
@@ -130,6 +192,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings become log lines too, instead of plain text on stderr
     for name in THIRD_PARTY_LOGGERS:
         lg = logging.getLogger(name)
         lg.handlers[:] = []

@@ -6,14 +6,17 @@ provider names, step names, outcomes, error classes and states.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from typing import Callable, Iterable, Iterator, Optional
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
+from prometheus_client.metrics_core import Metric
 
 ROTATIONS = Counter(
     "keyrotor_rotations_total",
@@ -36,12 +39,9 @@ PROVIDER_REQUESTS = Counter(
     "Calls to a provider API, by provider, call (issue/check/revoke/list) and status.",
     ["provider", "call", "status"],
 )
-KEYS_DUE = Gauge("keyrotor_keys_due", "Keys whose next_due_at has passed, by provider.", ["provider"])
-OPEN_RUNS = Gauge("keyrotor_open_runs", "Open rotation runs by state.", ["state"])
-SCHEDULER_LEADER = Gauge("keyrotor_scheduler_leader", "1 while this scheduler holds the leader lock.")
 QUEUE_MESSAGES_REJECTED = Counter(
     "keyrotor_queue_messages_rejected_total",
-    "Rotation request messages rejected (malformed or referring to unknown keys), by reason.",
+    "Queue messages rejected (undecodable envelopes, malformed requests or requests for unknown keys), by reason.",
     ["reason"],
 )
 DEAD_LETTERS = Counter(
@@ -50,6 +50,46 @@ DEAD_LETTERS = Counter(
     ["step"],
 )
 
+
+
+class SchedulerMetrics:
+    """The scheduler's gauges. Created only in the scheduler process (``scheduler_metrics()``), so a
+    worker's /metrics never shows them. ``keys_due``/``open_runs`` are the leader's view: a
+    scheduler that is not (or no longer) the leader exports none, so ``sum()`` over replicas never
+    counts a key twice after a failover."""
+
+    def __init__(self) -> None:
+        self.leader = Gauge("keyrotor_scheduler_leader", "1 while this scheduler holds the leader lock.")
+        self.keys_due = Gauge("keyrotor_keys_due", "Keys whose next_due_at has passed, by provider (leader only).",
+                              ["provider"])
+        self.open_runs = Gauge("keyrotor_open_runs", "Open rotation runs by state (leader only).", ["state"])
+
+    def set_leader(self, leads: bool) -> None:
+        self.leader.set(1 if leads else 0)
+        if not leads:
+            self.keys_due.clear()
+            self.open_runs.clear()
+
+    def set_backlog(self, due: Iterable[tuple[str, int]], open_runs: Iterable[tuple[str, int]]) -> None:
+        self.keys_due.clear()
+        for provider, count in due:
+            self.keys_due.labels(provider).set(count)
+        self.open_runs.clear()
+        for state, count in open_runs:
+            self.open_runs.labels(state).set(count)
+
+
+_scheduler_metrics: Optional[SchedulerMetrics] = None
+_scheduler_metrics_lock = threading.Lock()
+
+
+def scheduler_metrics() -> SchedulerMetrics:
+    """The scheduler's gauges, registered on first use (by the scheduler process only)."""
+    global _scheduler_metrics
+    with _scheduler_metrics_lock:
+        if _scheduler_metrics is None:
+            _scheduler_metrics = SchedulerMetrics()
+        return _scheduler_metrics
 
 # --------------------------------------------------------------------------- several processes
 #: prometheus-client's multiprocess mode: each process writes its values to files in this dir.
@@ -62,21 +102,15 @@ def enable_multiprocess() -> str:
 
     prometheus-client picks its value storage when a process imports it, so the variable must be
     in the environment the children start with (``spawn``). This (parent) process then serves the
-    sum of the children's files on /metrics. A fresh directory each time: files of an earlier run
+    sum of the children's files on /metrics, and the ``process_*`` metrics of each process.
+    Workers export no gauges (the scheduler's are created only by the scheduler), so a dead
+    child leaves no stale series behind. A fresh directory each time: files of an earlier run
     would be added to this one's counters."""
     global _multiproc_dir
     path = tempfile.mkdtemp(prefix="keyrotor-metrics-")
     os.environ[MULTIPROC_ENV] = path
     _multiproc_dir = path
     return path
-
-
-def process_exited(pid: int) -> None:
-    """A child ended: drop its live gauges (its counters keep counting in the sum)."""
-    if _multiproc_dir is not None:
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid, _multiproc_dir)
 
 
 def disable_multiprocess() -> None:
@@ -89,6 +123,30 @@ def disable_multiprocess() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+class ProcessesCollector:
+    """``process_*`` metrics (CPU, memory, open files, start time) of this process and of the
+    worker processes it started, one series per process with a ``pid`` label.
+
+    In multiprocess mode the summed registry has no process metrics of its own: prometheus-client's
+    ``ProcessCollector`` reads ``/proc/<pid>`` of one process, so it is asked once per live process."""
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self._pids = pids
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for pid in self._pids():
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                target = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    target.add_sample(sample.name, {**sample.labels, "pid": str(pid)}, sample.value)
+        yield from merged.values()
+
+
+def _own_and_children_pids() -> list[int]:
+    return [os.getpid(), *(p.pid for p in multiprocessing.active_children() if p.pid is not None)]
+
+
 def exposition() -> bytes:
     """What /metrics serves: the children's metrics summed in multiprocess mode, else ours."""
     path = _multiproc_dir
@@ -98,13 +156,40 @@ def exposition() -> bytes:
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
+    registry.register(ProcessesCollector(_own_and_children_pids))
     return generate_latest(registry)
+
+
+# --------------------------------------------------------------------------- /healthz
+#: Returns what stops this process from doing its job (empty list: healthy); None: always healthy.
+_health_check: Optional[Callable[[], list[str]]] = None
+
+
+def set_health_check(check: Optional[Callable[[], list[str]]]) -> None:
+    """Make /healthz answer 503 with ``check()``'s problems (one per line) while there are any."""
+    global _health_check
+    _health_check = check
+
+
+def health() -> tuple[int, bytes]:
+    """(HTTP status, body) of /healthz. A check that raises counts as unhealthy."""
+    check = _health_check
+    if check is None:
+        return 200, b"ok"
+    try:
+        problems = check()
+    except Exception as exc:
+        problems = [f"health check failed: {type(exc).__name__}"]
+    if not problems:
+        return 200, b"ok"
+    return 503, ("\n".join(problems) + "\n").encode()
 
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         if self.path.split("?", 1)[0] == "/healthz":
-            body, ctype, status = b"ok", "text/plain; charset=utf-8", 200
+            status, body = health()
+            ctype = "text/plain; charset=utf-8"
         elif self.path.split("?", 1)[0] == "/metrics":
             body, ctype, status = exposition(), CONTENT_TYPE_LATEST, 200
         else:

@@ -92,3 +92,86 @@ def test_secret_wrapper_never_shows_value() -> None:
         import pickle
 
         pickle.dumps(secret)
+
+
+def test_secrets_coming_and_going_on_many_threads_never_break_logging() -> None:
+    """Steps register and forget live secrets on their threads while others log: no line may raise
+    (a "Set changed size during iteration" once failed a rotation inside stage_pending)."""
+    import sys
+    import threading
+
+    buf = io.StringIO()
+    klog.configure_logging("INFO", "json", stream=buf)
+    logger = klog.get_logger("keyrotor.test.race")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    base = [f"live-secret-{i:04d}-abcdefgh" for i in range(100)]
+
+    def churn(offset: int) -> None:
+        i = 0
+        while not stop.is_set():  # a step holds a few values for a while, then forgets them
+            values = [f"churn-{offset}-{i}-{k}-abcdefgh" for k in range(5)]
+            for value in values:
+                klog.register_secret(value)
+            for value in values:
+                klog.forget_secret(value)
+            i += 1
+
+    def write(n: int) -> None:
+        try:
+            for i in range(300):
+                logger.info("step.progress", a=f"value {i} live-secret-0001-abcdefgh", b="x" * 2000, c="y", n=n)
+        except BaseException as exc:  # noqa: BLE001 - any exception out of logging is the failure
+            errors.append(exc)
+
+    for value in base:
+        klog.register_secret(value)
+    churners = [threading.Thread(target=churn, args=(k,)) for k in range(4)]
+    writers = [threading.Thread(target=write, args=(k,)) for k in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, as a busy worker does
+    try:
+        for t in churners + writers:
+            t.start()
+        for t in writers:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        stop.set()
+        for t in churners:
+            t.join()
+        for value in base:
+            klog.forget_secret(value)
+    assert errors == []
+    assert "live-secret-0001-abcdefgh" not in buf.getvalue()
+    assert len(lines(buf)) == 8 * 300
+
+
+def test_the_same_secret_held_twice_stays_scrubbed_until_both_forget_it(stream: io.StringIO) -> None:
+    klog.register_secret("shared-value-0123456789")
+    klog.register_secret("shared-value-0123456789")
+    klog.forget_secret("shared-value-0123456789")
+    try:
+        klog.get_logger().info("oops", note="shared-value-0123456789")
+    finally:
+        klog.forget_secret("shared-value-0123456789")
+    assert "shared-value-0123456789" not in stream.getvalue()
+
+
+class _Hostile(str):
+    """A value whose substring test fails (stands for any processor failure)."""
+
+    def __contains__(self, item: object) -> bool:
+        raise RuntimeError("boom")
+
+
+def test_a_failing_processor_never_raises_into_the_caller_nor_leaks(stream: io.StringIO) -> None:
+    klog.register_secret("registered-secret-value")
+    try:
+        klog.get_logger("keyrotor.test").info("stage.written", odd=_Hostile("x"), note="registered-secret-value")
+    finally:
+        klog.forget_secret("registered-secret-value")
+    assert "registered-secret-value" not in stream.getvalue()
+    (entry,) = lines(stream)
+    assert entry["event"] == "stage.written" and "scrub_known_secrets raised RuntimeError" in entry["log_error"]
+    assert entry["level"] == "info" and entry["logger"] == "keyrotor.test"

@@ -19,13 +19,13 @@ _broker: Optional[dramatiq.Broker] = None
 
 
 def make_redis_broker(url: str, namespace: str) -> dramatiq.Broker:
-    from dramatiq.brokers.redis import RedisBroker
+    from worker.pipeline.poison import PoisonSafeRedisBroker
 
     # Bounded socket waits: a hung Redis must surface as an error (retried, then reported) rather
     # than freeze a worker thread or the CLI forever. Dramatiq's consumer polls with Lua scripts and
     # never blocks on a socket read, so 30 s is far above any healthy answer.
-    return RedisBroker(url=url, namespace=namespace, socket_connect_timeout=5, socket_timeout=30,
-                       health_check_interval=30)
+    return PoisonSafeRedisBroker(url=url, namespace=namespace, socket_connect_timeout=5, socket_timeout=30,
+                                 health_check_interval=30)
 
 
 def make_stub_broker() -> StubBroker:

@@ -1,13 +1,22 @@
 """Running the actors: an in-process Dramatiq worker (tests, demo) and ``run_worker`` for
-``keyrotor worker`` (N processes × M threads, clean shutdown on SIGTERM/SIGINT)."""
+``keyrotor worker`` (N processes × M threads, clean shutdown on SIGTERM/SIGINT).
+
+With several processes, Dramatiq's own process management (``dramatiq.cli.main``) runs them: it
+spawns the children, funnels their output through one pipe (no interleaved lines), forwards
+SIGTERM/SIGINT, and when a child dies unexpectedly it logs CRITICAL, stops the others and exits
+non-zero, so that Kubernetes restarts the pod instead of it running at reduced capacity unnoticed.
+Each child is set up by ``boot_process``: the same logging as the parent (format, level,
+redaction), the broker with the actors, the pipeline context.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
-import multiprocessing.connection
 import signal
+import sys
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import dramatiq
 from dramatiq import Worker
@@ -16,6 +25,11 @@ from worker import log
 from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE, setup_broker
 
 logger = log.get_logger("keyrotor.pipeline.workers")
+
+#: Seconds a stopping worker gives in-flight steps (unacknowledged messages are redelivered anyway).
+SHUTDOWN_TIMEOUT_S = 30
+#: Exit code of a worker process that could not set itself up (Dramatiq's "broker connection failed").
+EXIT_BOOT_FAILED = 3
 
 
 def start_worker(broker: Optional[dramatiq.Broker] = None, *, threads: int = 4, settings: Any = None) -> Worker:
@@ -38,44 +52,75 @@ def _serve(threads: int, settings: Any = None) -> None:
     logger.info("worker.started", threads=threads)
     stop.wait()
     logger.info("worker.stopping")
-    worker.stop(timeout=30_000)  # in-flight steps finish; unacked messages are redelivered anyway
+    worker.stop(timeout=SHUTDOWN_TIMEOUT_S * 1000)  # in-flight steps finish; unacked messages are redelivered anyway
 
 
-def run_worker(processes: int = 1, threads: int = 4, settings: Any = None) -> None:
-    """Serve the pipeline until SIGTERM/SIGINT: ``processes`` processes of ``threads`` threads."""
+def boot_process() -> None:
+    """Set up one worker process that ``dramatiq.cli`` spawned (it then runs the Dramatiq worker).
+
+    Logging is configured first, like every keyrotor process: JSON by default, level, redaction,
+    third-party loggers. Lines go to this process's stdout, which Dramatiq points at its log pipe.
+    A failure is logged as one line and ends the process (no plain-text traceback)."""
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    log.configure_logging(settings.log_level, settings.log_format, stream=sys.stdout)
+    try:
+        from worker.pipeline.context import configure, context_from_settings
+
+        setup_broker(settings)
+        configure(context_from_settings(settings))
+    except Exception as exc:
+        logger.critical("worker.boot_failed", error=type(exc).__name__, detail=str(exc)[:300])
+        raise SystemExit(EXIT_BOOT_FAILED) from None
+    logger.info("worker.process_started")
+
+
+def live_processes() -> int:
+    """How many of the worker processes this process started are running."""
+    return len(multiprocessing.active_children())
+
+
+def worker_problems(processes: int, broker_reachable: Callable[[], bool]) -> list[str]:
+    """Why this worker cannot do its job right now (empty: healthy). For ``/healthz``."""
+    problems = []
+    if processes > 1:
+        alive = live_processes()
+        if alive < processes:
+            problems.append(f"{processes - alive} of {processes} worker processes are not running")
+    if not broker_reachable():
+        problems.append("the broker (Redis, KEYROTOR_REDIS_URL) does not answer")
+    return problems
+
+
+def run_worker(processes: int = 1, threads: int = 4, settings: Any = None) -> int:
+    """Serve the pipeline until SIGTERM/SIGINT: ``processes`` processes of ``threads`` threads.
+
+    Returns the exit code: 0 after a requested stop, non-zero when a worker process died."""
     if processes <= 1:
         _serve(threads, settings)
-        return
+        return 0
+    from dramatiq import cli as dramatiq_cli
+
     from worker import metrics
 
     # /metrics is served by this parent (keyrotor worker starts the server here): the children
     # write their metrics to files it sums (prometheus-client multiprocess mode). Set up before
     # they start: a spawned child picks its metric storage when it imports prometheus-client.
     metrics.enable_multiprocess()
-    ctx = multiprocessing.get_context("spawn")
-    children = [ctx.Process(target=_serve, args=(threads, None), name=f"keyrotor-worker-{i}") for i in range(processes)]
+    # Spawned, not forked: this process already runs threads (metrics server) and holds connections.
+    if multiprocessing.get_start_method(allow_none=True) != "spawn":
+        multiprocessing.set_start_method("spawn", force=True)
+    args = dramatiq_cli.make_argument_parser().parse_args([
+        f"{__name__}:boot_process", "--processes", str(processes), "--threads", str(threads),
+        "--queues", STEP_QUEUE, REQUEST_QUEUE, "--skip-logging",
+        "--worker-shutdown-timeout", str(SHUTDOWN_TIMEOUT_S * 1000),
+    ])
     try:
-        for child in children:
-            child.start()
-
-        def forward(signum: int, _frame: Any) -> None:
-            for child in children:
-                if child.pid is not None and child.is_alive():
-                    child.terminate()
-
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
-        pending = list(children)
-        while pending:  # in exit order, so a dead child's live gauges go at once
-            multiprocessing.connection.wait([c.sentinel for c in pending])
-            for child in [c for c in pending if not c.is_alive()]:
-                child.join()
-                if child.pid is not None:
-                    metrics.process_exited(child.pid)
-                pending.remove(child)
+        # Dramatiq writes the children's lines (already JSON and redacted) to stderr; keyrotor's
+        # service logs go to stdout, like the single-process worker and the scheduler.
+        with contextlib.redirect_stderr(sys.stdout):
+            code = dramatiq_cli.main(args)
     finally:
-        for child in children:
-            if child.is_alive():
-                child.terminate()
-                child.join(timeout=30)
         metrics.disable_multiprocess()
+    return int(code or 0)

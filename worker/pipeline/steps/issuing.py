@@ -14,7 +14,7 @@ from worker.pipeline.effects import holding, read_pending, safe_error, seconds_b
 from worker.pipeline.lease import transitioned
 from worker.pipeline.runs import load_run, run_state, transition
 from worker.pipeline.steps.common import Snapshot, StepOutcome, _deadline_s, _notify, _snapshot
-from worker.pipeline.steps.provider import _call, _new_deprecated, _provider
+from worker.pipeline.steps.provider import _new_deprecated, _provider
 from worker.pipeline.steps.versions import _ensure_old_version, _record_new_version
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
@@ -48,14 +48,13 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         expires_at = ctx.vault.pending_expiry(snap.run.id)
     else:
         if getattr(provider, "can_list", False):
-            orphan = next((k for k in _call(provider, "list", provider.list_keys) if getattr(k, "name", None) == name), None)
+            orphan = next((k for k in provider.list_keys() if getattr(k, "name", None) == name), None)
             if orphan is not None:
                 _record_lost_orphan(ctx, snap, getattr(orphan, "key_id", None), name)
         if not getattr(provider, "can_issue", True):
             raise PermanentError(f"provider {snap.key.provider!r} cannot issue keys; set its mode to 'assisted'")
         try:
-            issued = _call(provider, "issue", lambda: provider.issue(name=name, credential_type=snap.credential_type,
-                                                                     labels=dict(snap.key.labels or {})))
+            issued = provider.issue(name=name, credential_type=snap.credential_type, labels=dict(snap.key.labels or {}))
         except DeprecatedCredential:
             raise _new_deprecated(ctx, snap, "issue") from None
         secret, key_id, expires_at = issued.secret, issued.key_id, issued.expires_at
@@ -102,7 +101,7 @@ def _record_lost_orphan(ctx: PipelineContext, snap: Snapshot, key_id: Optional[s
 
 def _revoke_quietly(provider: Any, *, key_id: Optional[str], secret: Optional[Secret], credential_type: str) -> None:
     try:
-        _call(provider, "revoke", lambda: provider.revoke(key_id=key_id, secret=secret, credential_type=credential_type))
+        provider.revoke(key_id=key_id, secret=secret, credential_type=credential_type)
     except Exception as exc:
         logger.error("revoke.failed", provider_key_id=key_id, error=safe_error(exc))
 

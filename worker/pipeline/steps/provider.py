@@ -1,12 +1,12 @@
-"""Calls to the key's provider from a step: build the adapter, count each call by outcome, check a
-credential, and name a credential type the provider reports as deprecated."""
+"""Calls to the key's provider from a step: build the adapter, check a credential, and name a
+credential type the provider reports as deprecated. (The adapter counts each request it makes in
+``keyrotor_provider_requests_total``; steps do not count them again.)"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from worker.db.session import session_scope
-from worker.metrics import PROVIDER_REQUESTS
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.deprecation import NewCredentialDeprecated, new_credential_deprecated
 from worker.pipeline.effects import enum_value
@@ -26,20 +26,8 @@ def _provider(ctx: PipelineContext, snap: Snapshot) -> Any:
         return provider
 
 
-def _call(provider: Any, call: str, fn: Callable[[], Any]) -> Any:
-    """Call the provider, counting it by outcome (labels carry no key id or secret)."""
-    name = getattr(provider, "name", "unknown")
-    try:
-        result = fn()
-    except BaseException as exc:
-        PROVIDER_REQUESTS.labels(provider=name, call=call, status=type(exc).__name__).inc()
-        raise
-    PROVIDER_REQUESTS.labels(provider=name, call=call, status="ok").inc()
-    return result
-
-
 def _check(provider: Any, secret: Secret, credential_type: str) -> str:
-    return enum_value(_call(provider, "check", lambda: provider.check(secret, credential_type=credential_type)))
+    return enum_value(provider.check(secret, credential_type=credential_type))
 
 
 def _new_deprecated(ctx: PipelineContext, snap: Snapshot, where: str) -> NewCredentialDeprecated:

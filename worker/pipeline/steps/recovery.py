@@ -26,7 +26,7 @@ from worker.pipeline.effects import holding, read_pending, safe_error
 from worker.pipeline.lease import transitioned
 from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
 from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _deadline_s, _notify, _snapshot
-from worker.pipeline.steps.provider import _call, _provider
+from worker.pipeline.steps.provider import _provider
 from worker.pipeline.steps.sinks import _announcement, _push_all, _raise_sink_failures
 from worker.protocol import FailureKind, Mode, RunState, Step, expected_state, failure_target, parse_mode
 from worker.protocol.states import OUTCOME_STATES
@@ -126,7 +126,7 @@ def _revoke_new_key(ctx: PipelineContext, snap: Snapshot, *, key_id: Optional[st
     provider = _provider(ctx, snap)
     if not getattr(provider, "can_revoke", True):
         return "manual"
-    _call(provider, "revoke", lambda: provider.revoke(key_id=key_id, secret=secret, credential_type=credential_type))
+    provider.revoke(key_id=key_id, secret=secret, credential_type=credential_type)
     return "revoked"
 
 

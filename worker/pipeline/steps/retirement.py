@@ -15,7 +15,7 @@ from worker.pipeline.deprecation import report_deprecated
 from worker.pipeline.effects import holding, seconds_between
 from worker.pipeline.runs import load_version
 from worker.pipeline.steps.common import StepOutcome, _advance, _notify, _snapshot
-from worker.pipeline.steps.provider import _call, _check, _new_deprecated, _provider
+from worker.pipeline.steps.provider import _check, _new_deprecated, _provider
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
 
@@ -62,8 +62,7 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             detail["revocation"] = "invalidated by issuing the new key"
         elif getattr(provider, "can_revoke", True):
             try:
-                _call(provider, "revoke", lambda: provider.revoke(key_id=old.provider_key_id, secret=old_secret,
-                                                                  credential_type=old.credential_type))
+                provider.revoke(key_id=old.provider_key_id, secret=old_secret, credential_type=old.credential_type)
                 detail["revocation"] = "revoked"
             except DeprecatedCredential:
                 # The call authenticated with the old credential and the provider rejected it as
