@@ -319,3 +319,29 @@ def test_missing_vault_reference_fails_the_run_before_the_provider_issues(stack:
         session.add(record)
     run_id, state = request_and_wait(stack)
     _assert_failed_before_any_effect(stack, run_id, state, f"vault:{stack.mount}/nowhere/signing#secret")
+
+
+def test_emergency_with_a_rejected_list_call_needs_attention_not_failed(stack: Stack) -> None:
+    """Emergency against an independent provider whose pre-issue list call answers 400: the key
+    keeps the exposed credential, so the run ends in needs_attention with an alert (never a
+    quiet `failed`), and nothing was issued."""
+    from worker.pipeline.messages import send_request
+
+    stack.provider.add_fault("list", status=400, count=10_000)
+    send_request({"version": 1, "provider": PROVIDER, "all": True, "emergency": True, "reason": "breach",
+                  "requested_by": "test:security", "idempotency_key": uuid.uuid4().hex})
+    deadline = time.monotonic() + 30
+    run = None
+    while time.monotonic() < deadline:
+        with Session(stack.engine) as session:
+            run = session.exec(select(RotationRun)).first()
+            if run is not None and RunState(run.state) in FINAL:
+                break
+        time.sleep(0.05)
+    stack.provider.state.faults.clear()
+    assert run is not None and run.emergency
+    assert RunState(run.state) == RunState.needs_attention, run.state
+    assert "400" in (run.last_error or "")
+    assert stack.notifications == [("needs_attention", run.id)]
+    assert "issue" not in stack.provider.stats()["routes"]
+    assert stack.provider.is_live(stack.old_secret) and stack.current().secret.reveal() == stack.old_secret
