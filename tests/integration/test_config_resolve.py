@@ -182,3 +182,15 @@ def test_worker_logs_unresolvable_references_at_start(setup: dict[str, Any], pg_
     text = "".join(lines)
     for value in setup["values"]:
         assert value not in text
+
+
+def test_apply_with_resolve_refuses_an_inventory_whose_references_do_not_resolve(setup: dict[str, Any],
+                                                                                 pg_url: str) -> None:
+    import sqlalchemy as sa
+
+    result = invoke("config", "apply", "--resolve", str(setup["file"]))
+    assert result.exit_code == 2 and "not applied: 2 problems" in result.output, result.output
+    engine = sa.create_engine(pg_url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM provider")).scalar() == 0
+    engine.dispose()

@@ -73,6 +73,8 @@ def apply(
     prune: bool = typer.Option(False, "--prune", help="Delete providers, integrations and keys that are no longer declared."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    resolve: bool = typer.Option(False, "--resolve", help="Refuse to apply unless every secret reference resolves "
+                                 "and the database, Redis and Vault answer (as `config check --resolve`)."),
 ) -> None:
     """Sync the inventory into the database (idempotent; removes nothing without --prune)."""
     from worker.db.migrate import upgrade
@@ -81,6 +83,8 @@ def apply(
     from worker.settings import get_settings
 
     inventory, problems = check_file(file)
+    if resolve and not problems:
+        problems = _live_problems(file, inventory)
     if problems or inventory is None:
         for problem in problems:
             typer.echo(problem.format(), err=True)
