@@ -158,12 +158,21 @@ def allowed_actions(session: Session, run_id: str, *, vault: Any = None) -> dict
 
 
 def discard_deposit(run: RotationRun, vault: Any) -> None:
-    """Drop a value an interrupted ``keyrotor deposit`` may have staged for ``run`` (idempotent)."""
-    if vault is None:
-        from worker.pipeline.context import get_context
+    """Drop a value an interrupted ``keyrotor deposit`` may have staged for ``run`` (idempotent).
+    Best effort: it is a person-made credential kept in Vault's staging area, so an unreachable
+    Vault must not stop a cancel (a breach takeover least of all); it is logged instead."""
+    try:
+        if vault is None:
+            from worker.pipeline.context import get_context
 
-        vault = get_context().vault
-    vault.discard_pending(run.id)
+            vault = get_context().vault
+        vault.discard_pending(run.id)
+    except Exception as exc:  # noqa: BLE001
+        from worker import log
+
+        log.get_logger("keyrotor.pipeline.resolve").warning(
+            "deposit.discard_failed", run_id=run.id, error=type(exc).__name__,
+            detail="a value staged for this run may remain in Vault's staging area; delete it by hand")
 
 
 def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note: Optional[str] = None,
