@@ -342,6 +342,9 @@ def test_emergency_with_a_rejected_list_call_needs_attention_not_failed(stack: S
     assert run is not None and run.emergency
     assert RunState(run.state) == RunState.needs_attention, run.state
     assert "400" in (run.last_error or "")
+    deadline = time.monotonic() + 10  # the alert goes out just after the state change commits
+    while not stack.notifications and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert stack.notifications == [("needs_attention", run.id)]
     assert "issue" not in stack.provider.stats()["routes"]
     assert stack.provider.is_live(stack.old_secret) and stack.current().secret.reveal() == stack.old_secret
