@@ -6,7 +6,10 @@ it commits, as with ``request_rotation`` (the CLI and the queue consumer do). Wo
 in parallel, and every provider call passes through the provider's shared (Redis-backed) rate
 limiter, so the burst stays within the provider's limit whatever the number of workers.
 A key that already has an open run joins it (one open run per key, invariant 3); the pipeline
-marks such joined runs as emergency.
+marks such joined runs as emergency. A run that waits for a person (``needs_attention``,
+``awaiting_deposit``) is taken over instead (``worker.pipeline.takeover``): cancelled and replaced
+by a fresh emergency run, or resumed as an emergency. A key whose run could not be taken over is
+reported (``not_rotated``), logged as an error and alerted (``needs_attention``) — never skipped.
 """
 
 from __future__ import annotations
@@ -61,4 +64,30 @@ def request_provider_rotation(
         runs.append((run, created))
     log.warning("emergency_rotation_requested", provider=provider, keys=len(keys), batch_id=batch_id,
                 requested_by=requested_by, reason=reason)
+    names = {key.id: key.name for key in keys}
+    for run in not_rotated([r for r, _ in runs]):
+        log.error("emergency.not_taken_over", key=names.get(run.key_id), run_id=run.id, state=str(run.state),
+                  detail=f"the run waits for a person and could not be taken over safely; `keyrotor resolve {run.id}`")
+        _alert(session, names.get(run.key_id) or "?", run)
     return runs
+
+
+def not_rotated(runs: list[RotationRun]) -> list[RotationRun]:
+    """Runs an emergency left waiting for a person (not taken over): their keys are not rotated."""
+    from worker.pipeline.takeover import TAKEOVER_STATES
+    from worker.db.models import RunState
+
+    return [run for run in runs if RunState(run.state) in TAKEOVER_STATES]
+
+
+def _alert(session: Session, key_name: str, run: RotationRun) -> None:
+    """A needs_attention alert through the applied inventory's sinks (never raises)."""
+    try:
+        from worker.notify import notify_function
+
+        notify_function(session.get_bind())("needs_attention", key_name=key_name, run_id=run.id, detail={
+            "emergency": True, "state": str(run.state),
+            "action": "an emergency could not take over this run; the exposed credential is still in use: "
+                      f"`keyrotor resolve {run.id}`"})
+    except Exception as exc:  # noqa: BLE001 - an alert must never break the request
+        log.error("notify.failed", alert="needs_attention", error=type(exc).__name__)

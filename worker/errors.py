@@ -46,3 +46,9 @@ class GarbageResponse(TransientError):
 
 class StateConflict(KeyrotorError):
     """A conditional state change matched no row: another worker already moved the run."""
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Retrying cannot help: a ``PermanentError``, or a ``ConfigError`` (a missing secret reference,
+    an invalid stored spec) that only a change of configuration fixes."""
+    return isinstance(exc, (PermanentError, ConfigError))

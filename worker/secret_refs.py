@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Callable, Optional
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from worker.errors import ConfigError
+from worker.errors import ConfigError, KeyrotorError, PermanentError, TransientError
 from worker.secret import Secret
 
 if TYPE_CHECKING:
@@ -76,6 +77,44 @@ def make_resolver(vault: "VaultStore | None", environ: dict[str, str] | None = N
         if vault is None:
             raise ConfigError(f"secret reference {ref.describe()} needs Vault, but no Vault is configured")
         mount, path, field = ref.vault_parts()
-        return vault.read_field(mount, path, field)
+        try:
+            return vault.read_field(mount, path, field)
+        except TransientError:
+            raise  # Vault unreachable or sealed: worth retrying
+        except PermanentError as exc:  # absent path or field, permission denied: a configuration fix
+            raise ConfigError(f"secret reference {ref.describe()}: {exc}") from None
 
     return resolve
+
+
+def iter_refs(data: Any, loc: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], SecretRef]]:
+    """Every secret reference in plain data (a spec as stored, an inventory dump), with its location.
+
+    A reference is a mapping whose only non-null entry is ``vault`` or ``env`` (a string)."""
+    if isinstance(data, Mapping):
+        present = {k: v for k, v in data.items() if v is not None}
+        if present and set(present) <= {"vault", "env"} and len(present) == 1 and all(isinstance(v, str) for v in present.values()):
+            try:
+                yield loc, SecretRef.model_validate(present)
+            except ValueError:
+                pass  # malformed: the schema reports it
+            return
+        for name, value in data.items():
+            yield from iter_refs(value, (*loc, name))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from iter_refs(value, (*loc, index))
+
+
+def unresolvable(data: Any, resolve: SecretResolver) -> list[tuple[tuple[Any, ...], SecretRef, str]]:
+    """``(location, reference, why)`` for each reference in ``data`` that does not resolve now.
+
+    The values read are dropped at once; ``why`` never holds one (error texts carry no secret)."""
+    problems: list[tuple[tuple[Any, ...], SecretRef, str]] = []
+    for loc, ref in iter_refs(data):
+        try:
+            resolve(ref)
+        except Exception as exc:  # noqa: BLE001 - report every kind of failure, one line each
+            why = str(exc) if isinstance(exc, KeyrotorError) else f"{ref.describe()}: {type(exc).__name__}"
+            problems.append((loc, ref, why))
+    return problems

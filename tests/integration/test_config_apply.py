@@ -204,3 +204,39 @@ def test_cli_apply_on_a_fresh_sqlite_file(tmp_path, monkeypatch) -> None:  # typ
     engine = make_engine(url)
     assert count(engine, ManagedKey) == 4
     engine.dispose()
+
+
+def test_apply_refuses_literal_secrets_and_stores_nothing(pg_url, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A literal token in a header, a ?api_token= query and a literal Slack webhook URL: `config
+    apply` exits 2 naming each, and none of them reaches the provider or inventory_snapshot rows."""
+    import sqlalchemy as sa
+
+    from worker.cli import main as cli_main
+    from worker.settings import get_settings
+
+    token, query_token = "a9Fq2LmX7vR4kT8zW1pN6yB3", "Zp4Kq9Wm2Lx7Vr3Tn8Bc5Hd1"
+    slack = "https://hooks.slack.com/services/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"
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["providers"]["alloy"]["calls"]["issue"]["headers"] = {"X-Api-Key": token}
+    data["providers"]["alloy"]["calls"]["list"]["url"] = "{base_url}/api/api-key?api_token=" + query_token
+    data["notifications"][0]["url"] = slack
+    bad = tmp_path / "literal.yaml"
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("KEYROTOR_DATABASE_URL", pg_url)
+    get_settings.cache_clear()
+    cli_main._register()
+    try:
+        result = CliRunner().invoke(cli_main.app, ["config", "apply", str(bad)])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2, result.output
+    assert "not applied: 3 problems" in result.output
+    assert "headers.X-Api-Key" in result.output and "calls.list.url" in result.output and "notifications[0].url" in result.output
+    for value in (token, query_token, slack, "Qw3rTy8uIoP1aSdFgHjK2lZx"):
+        assert value not in result.output
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        stored = " ".join(repr(tuple(row)) for table in ("provider", "inventory_snapshot", "integration")
+                          for row in conn.execute(sa.text(f'SELECT * FROM "{table}"')))
+    engine.dispose()
+    assert stored == "", stored  # nothing applied at all

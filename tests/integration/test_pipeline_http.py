@@ -285,3 +285,66 @@ def test_failure_after_promotion_rolls_back(stack: Stack) -> None:
     assert stack.provider.is_live(stack.old_secret) and not stack.provider.key(stack.old_key_id).revoked
     assert stack.consumer.stats()["probe_failures"] == 0
     assert stack.notifications == [("rolled_back", run_id)]
+
+
+# --------------------------------------------------------------------------- configuration errors
+def _assert_failed_before_any_effect(stack: Stack, run_id: str, state: RunState, reference: str) -> None:
+    """The run failed in its first step, on the first try, and nothing happened outside the database."""
+    events = audit(stack, run_id)
+    assert state == RunState.failed, [e.detail for e in events]
+    states = [e.to_state for e in events if e.event == "state_changed"]
+    assert states == ["requested", "compensating", "failed"]
+    assert not [e for e in events if e.event == "step_retry"]          # a ConfigError is never retried
+    with Session(stack.engine) as session:
+        run = session.get(RotationRun, run_id)
+        assert reference in run.last_error and "nothing was issued" in run.last_error
+    assert "issue" not in stack.provider.stats()["routes"]               # no key was minted
+    current = stack.current()
+    assert current.secret.reveal() == stack.old_secret and current.version == 1
+
+
+def test_missing_env_reference_fails_the_run_before_the_provider_issues(stack: Stack,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KR_TEST_WEBHOOK_SECRET")  # the integration's signing secret: env:KR_TEST_WEBHOOK_SECRET
+    run_id, state = request_and_wait(stack)
+    _assert_failed_before_any_effect(stack, run_id, state, "env:KR_TEST_WEBHOOK_SECRET")
+
+
+def test_missing_vault_reference_fails_the_run_before_the_provider_issues(stack: Stack) -> None:
+    from worker.db.models import IntegrationRecord
+
+    with session_scope(stack.engine) as session:
+        record = session.get(IntegrationRecord, "reporting-consumer")
+        record.spec = {**record.spec, "signing_secret": {"vault": f"{stack.mount}/nowhere/signing#secret"}}
+        session.add(record)
+    run_id, state = request_and_wait(stack)
+    _assert_failed_before_any_effect(stack, run_id, state, f"vault:{stack.mount}/nowhere/signing#secret")
+
+
+def test_emergency_with_a_rejected_list_call_needs_attention_not_failed(stack: Stack) -> None:
+    """Emergency against an independent provider whose pre-issue list call answers 400: the key
+    keeps the exposed credential, so the run ends in needs_attention with an alert (never a
+    quiet `failed`), and nothing was issued."""
+    from worker.pipeline.messages import send_request
+
+    stack.provider.add_fault("list", status=400, count=10_000)
+    send_request({"version": 1, "provider": PROVIDER, "all": True, "emergency": True, "reason": "breach",
+                  "requested_by": "test:security", "idempotency_key": uuid.uuid4().hex})
+    deadline = time.monotonic() + 30
+    run = None
+    while time.monotonic() < deadline:
+        with Session(stack.engine) as session:
+            run = session.exec(select(RotationRun)).first()
+            if run is not None and RunState(run.state) in FINAL:
+                break
+        time.sleep(0.05)
+    stack.provider.state.faults.clear()
+    assert run is not None and run.emergency
+    assert RunState(run.state) == RunState.needs_attention, run.state
+    assert "400" in (run.last_error or "")
+    deadline = time.monotonic() + 10  # the alert goes out just after the state change commits
+    while not stack.notifications and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stack.notifications == [("needs_attention", run.id)]
+    assert "issue" not in stack.provider.stats()["routes"]
+    assert stack.provider.is_live(stack.old_secret) and stack.current().secret.reveal() == stack.old_secret

@@ -175,3 +175,33 @@ def test_rotate_without_a_reachable_redis_fails_before_recording(engine, capsys,
     assert code == 1 and "does not answer" in capsys.readouterr().err
     with session_scope(engine) as s:
         assert len(s.exec(__import__("sqlmodel").select(RotationRun)).all()) == 1
+
+
+def test_emergency_reports_keys_it_could_not_rotate_and_exits_1(engine, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A run waiting for a person that the emergency cannot take over safely (an issued key, no
+    known stop state): never a silent join — a `not rotated` line on stderr and exit 1."""
+    from worker.db.models import KeyVersion, VersionStage
+    from worker.pipeline import broker as broker_mod
+
+    with session_scope(engine) as s:
+        version = KeyVersion(key_id=1, run_id="r1", credential_type="api_key", stage=VersionStage.pending,
+                             provider_key_id="k-1", fingerprint="sha256:00")
+        s.add(version)
+        s.flush()
+        run = s.get(RotationRun, "r1")
+        run.state, run.new_version_id = RunState.needs_attention, version.id
+    stub = broker_mod.make_stub_broker()
+    original_setup = broker_mod.setup_broker
+    monkeypatch.setattr("worker.cli.act_cmds._require_redis", lambda url: None)
+    monkeypatch.setattr(broker_mod, "setup_broker", lambda settings=None, broker=None: original_setup(broker=stub))
+    try:
+        code = main(["rotate", "--provider", "alloy", "--all", "--emergency"])
+        captured = capsys.readouterr()
+        assert code == EXIT_FAILED
+        assert "not rotated: alloy/a: run r1 is needs_attention" in captured.err
+        assert "1 key not rotated" in captured.err
+        code = main(["rotate", "--provider", "alloy", "--all", "--emergency", "--json"])
+        doc = json.loads(capsys.readouterr().out)
+        assert code == EXIT_FAILED and [i["run_id"] for i in doc["not_rotated"]] == ["r1"]
+    finally:
+        broker_mod.reset_broker()

@@ -230,9 +230,9 @@ def test_key_slug() -> None:
 def test_credential_headers_need_a_placeholder(doc: dict[str, Any]) -> None:
     doc["providers"]["alloy"]["calls"]["issue"]["headers"] = {"Authorization": "Bearer sk_live_abc"}
     found = errors(doc)
-    assert found == [(("providers", "alloy", "calls", "issue", "headers"),
+    assert found == [(("providers", "alloy", "calls", "issue", "headers", "Authorization"),
                       "header Authorization would carry a literal credential; use the call's 'auth' "
-                      "(with a secret reference) or a {secret} placeholder")]
+                      "with a secret reference, or the {secret} placeholder")]
     doc["providers"]["alloy"]["calls"]["issue"]["headers"] = {"Authorization": "Bearer {secret}", "X-Trace": "static"}
     Inventory.model_validate(doc)
 

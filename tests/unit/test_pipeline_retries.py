@@ -32,3 +32,37 @@ def test_decisions() -> None:
     assert not decide(PermanentError("400"), 0, POLICY).retry
     assert not decide(StateConflict("moved"), 0, POLICY).retry
     assert decide(RateLimited("429", retry_after=7), 0, POLICY).delay_ms >= 7000
+
+
+def test_configuration_errors_are_never_retried() -> None:
+    from worker.errors import ConfigError
+    from worker.inventory.loader import InventoryError
+
+    policy = StepPolicy(max_retries=8)
+    assert not decide(ConfigError("secret reference env:X: the variable is not set or empty"), 0, policy).retry
+    assert not decide(InventoryError([]), 0, policy).retry
+
+
+def test_a_missing_vault_reference_resolves_to_a_config_error() -> None:
+    from worker.errors import ConfigError
+    from worker.secret_refs import SecretRef, make_resolver
+    from worker.vault.errors import VaultNotFound, VaultUnavailable
+
+    class Store:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def read_field(self, mount: str, path: str, field: str) -> None:
+            raise self.exc
+
+    ref = SecretRef(vault="secret/app/x#token")
+    try:
+        make_resolver(Store(VaultNotFound("secret/data/app/x does not exist")))(ref)
+    except ConfigError as exc:
+        assert "vault:secret/app/x#token" in str(exc)
+    else:  # pragma: no cover
+        raise AssertionError("expected a ConfigError")
+    try:  # Vault down stays transient: the step retries it
+        make_resolver(Store(VaultUnavailable("sealed")))(ref)
+    except VaultUnavailable:
+        pass

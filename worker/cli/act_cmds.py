@@ -94,13 +94,36 @@ def rotate(
             verb = "requested" if item["created"] else "joined open run"
             typer.echo(f"{item['key']}: {verb} {item['run_id']} ({item['state']})")
     if not wait:
+        # An emergency never leaves a key quietly alone: a run it could not take over is reported.
+        stuck = [i for i in summary if emergency and i["state"] in _WAITING]
+        _report_not_rotated(stuck, json_out)
         if json_out:
-            print_json({"runs": summary})
+            print_json({"runs": summary, "not_rotated": stuck})
+        if stuck:
+            raise typer.Exit(EXIT_FAILED)
         return
     code = _wait(engine, summary, until=until, timeout=timeout, narrate=not json_out)
+    failed = [i for i in summary if i["state"] not in _SUCCESS[until]] if code != EXIT_OK else []
+    if emergency:
+        _report_not_rotated(failed, json_out)
     if json_out:
-        print_json({"runs": summary, "exit_code": code})
+        print_json({"runs": summary, "exit_code": code, **({"not_rotated": failed} if emergency else {})})
     raise typer.Exit(code)
+
+
+_WAITING = {RunState.needs_attention.value, RunState.awaiting_deposit.value}
+
+
+def _report_not_rotated(items: list[dict[str, Any]], json_out: bool) -> None:
+    """One stderr line per key an emergency did not rotate (it keeps the exposed credential)."""
+    if json_out:
+        return
+    for item in items:
+        typer.echo(f"keyrotor: not rotated: {item['key']}: run {item['run_id']} is {item['state']}; the exposed "
+                   f"credential is still in use (see `keyrotor history {item['key']}`, `keyrotor resolve {item['run_id']}`)",
+                   err=True)
+    if items:
+        typer.echo(f"keyrotor: emergency incomplete: {len(items)} key{'s' if len(items) != 1 else ''} not rotated", err=True)
 
 
 def _wait(engine: Any, summary: list[dict[str, Any]], *, until: WaitUntil, timeout: float, narrate: bool,

@@ -1,7 +1,9 @@
-"""``keyrotor config check FILE`` and ``keyrotor config apply FILE [--prune] [--dry-run]``.
+"""``keyrotor config check FILE [--resolve]`` and ``keyrotor config apply FILE [--prune] [--dry-run]``.
 
 ``check`` prints every problem as ``FILE:LINE: field.path: message`` and exits 2; it never shows
-a traceback. ``apply`` migrates the database to head, then syncs the inventory into it.
+a traceback. With ``--resolve`` it also resolves every secret reference (env and Vault) and
+checks that the database, Redis and Vault answer (``database: …`` lines). ``apply`` migrates the
+database to head, then syncs the inventory into it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import typer
 
-from worker.inventory.loader import InventoryError, check_file, problems_json
+from worker.inventory.loader import InventoryError, Problem, check_file, locate_in_file, problems_json
+from worker.inventory.schema import Inventory
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -22,9 +25,13 @@ EXIT_INVALID = 2
 def check(
     file: Path = typer.Argument(..., envvar="KEYROTOR_CONFIG", show_envvar=True, help="Inventory YAML file [default: $KEYROTOR_CONFIG]."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    resolve: bool = typer.Option(False, "--resolve", help="Also resolve every secret reference and check that the "
+                                 "database, Redis and Vault answer (uses the KEYROTOR_*/VAULT_* settings)."),
 ) -> None:
     """Validate an inventory file; print each problem with its FILE:LINE and field path."""
     inventory, problems = check_file(file)
+    if resolve:
+        problems = problems + _live_problems(file, inventory)
     if as_json:
         typer.echo(json.dumps({
             "ok": not problems,
@@ -38,9 +45,26 @@ def check(
         typer.echo(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {file}", err=True)
     else:
         assert inventory is not None
-        typer.echo(f"ok: {inventory.summary()}")
+        checked = "; every secret reference resolves; the database, Redis and Vault answer" if resolve else ""
+        typer.echo(f"ok: {inventory.summary()}{checked}")
     if problems:
         raise typer.Exit(EXIT_INVALID)
+
+
+def _live_problems(file: Path, inventory: Inventory | None) -> list[Problem]:
+    """Secret references that do not resolve (at their FILE:LINE), then unreachable services."""
+    from worker.cli.common import cli_settings
+    from worker.doctor import reference_problems, resolver_for, service_problems, vault_for
+
+    settings = cli_settings()
+    store, vault_problem = vault_for(settings)
+    found: list[Problem] = []
+    if inventory is not None:
+        refs = reference_problems(inventory.model_dump(mode="json", by_alias=True), resolver_for(store, vault_problem))
+        where = locate_in_file(file, [loc for loc, _ in refs])
+        found += [Problem(line, path, message, str(file)) for (line, path), (_, message) in zip(where, refs)]
+    found += [Problem(0, p.service, p.message) for p in service_problems(settings, vault_problem)]
+    return found
 
 
 @app.command("apply")
@@ -49,6 +73,8 @@ def apply(
     prune: bool = typer.Option(False, "--prune", help="Delete providers, integrations and keys that are no longer declared."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    resolve: bool = typer.Option(False, "--resolve", help="Refuse to apply unless every secret reference resolves "
+                                 "and the database, Redis and Vault answer (as `config check --resolve`)."),
 ) -> None:
     """Sync the inventory into the database (idempotent; removes nothing without --prune)."""
     from worker.db.migrate import upgrade
@@ -57,6 +83,8 @@ def apply(
     from worker.settings import get_settings
 
     inventory, problems = check_file(file)
+    if resolve and not problems:
+        problems = _live_problems(file, inventory)
     if problems or inventory is None:
         for problem in problems:
             typer.echo(problem.format(), err=True)

@@ -22,10 +22,12 @@ def worker(
 
     settings = cli_settings()
     configure_logging(settings.log_level, settings.log_format)  # a service: its INFO lines are the point
-    open_database(settings)
+    engine = open_database(settings)
     require_redis(settings.redis_url)
+    from worker.doctor import log_unresolvable_references
     from worker.pipeline.workers import run_worker, worker_problems
 
+    log_unresolvable_references(engine, settings)  # one warning per broken reference, no values
     if settings.metrics_port:
         from worker.metrics import set_health_check, start_metrics_server
 

@@ -33,7 +33,8 @@ class Problem:
 
     def format(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        head = f"{where}: " if where else ""
+        return f"{head}{self.path}: {self.message}" if self.path else f"{head}{self.message}"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +165,26 @@ def locate(root: yaml.Node, loc: Loc) -> tuple[int, str]:
             path.append(part)
         # otherwise: a union tag or a model-level location; not part of the document
     return line, _format_path(path)
+
+
+def format_path(parts: Sequence[Any]) -> str:
+    """A location as the loader prints it: ``keys.alloy/billing.integrations[0]``."""
+    return _format_path(parts)
+
+
+def locate_in_file(path: str | Path, locs: Sequence[Loc]) -> list[tuple[int, str]]:
+    """``(line, display path)`` of each location in an inventory file (line 0 if it is unreadable)."""
+    try:
+        loader = _Loader(Path(path).read_text(encoding="utf-8"))
+        try:
+            root = loader.get_single_node()
+        finally:
+            loader.dispose()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        root = None
+    if root is None:
+        return [(0, _format_path(loc)) for loc in locs]
+    return [locate(root, loc) for loc in locs]
 
 
 def _format_path(parts: Sequence[Any]) -> str:

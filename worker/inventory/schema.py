@@ -32,6 +32,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from worker.inventory.literals import CREDENTIAL_HEADERS, header_problem, url_problem
 from worker.secret_refs import SecretRef
 
 __all__ = [
@@ -76,8 +77,6 @@ URL_PLACEHOLDERS = frozenset(
 
 LITERAL_SECRET_MESSAGE = 'a literal secret is not allowed here; use {vault: "MOUNT/PATH#FIELD"} or {env: NAME}'
 
-#: Headers that carry credentials: their value must come from a placeholder, not the file.
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "apikey", "x-auth-token", "private-token", "cookie"})
 
 NOTIFICATION_EVENTS = ("started", "succeeded", "failed", "rolled_back", "needs_attention", "reminder")
 
@@ -299,17 +298,16 @@ class HttpCallSpec(_Model):
     def _body(cls, value: Any) -> Any:
         return _check_body(value)
 
+    @field_validator("url")
+    @classmethod
+    def _no_literal_secret_in_url(cls, value: str) -> str:
+        return _refuse_literal_in_url(value)
+
     @field_validator("headers")
     @classmethod
     def _no_literal_credentials(cls, headers: dict[str, str]) -> dict[str, str]:
-        # A header that carries a credential must take it from a placeholder, never spell it out.
-        for name, value in headers.items():
-            if name.lower() in CREDENTIAL_HEADERS and not template_placeholders(value):
-                raise PydanticCustomError(
-                    "literal_secret",
-                    "header {name} would carry a literal credential; use the call's 'auth' (with a secret reference) or a {placeholder} placeholder",
-                    {"name": name, "placeholder": SECRET_TEMPLATE},
-                )
+        # A header that carries a credential takes it from a placeholder, never spells it out.
+        _raise(_header_problems(headers), headers)
         return headers
 
     def uses_secret(self) -> bool:
@@ -322,6 +320,19 @@ class HttpCallSpec(_Model):
         elif self.body is not None:
             texts.extend(_strings(self.body))
         return any("secret" in template_placeholders(t) for t in texts)
+
+
+def _refuse_literal_in_url(value: str) -> str:
+    problem = url_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("literal_secret", problem)
+    return value
+
+
+def _header_problems(headers: Mapping[str, str]) -> list[tuple[tuple[str | int, ...], str]]:
+    """One problem per header that would carry a literal credential, located at that header."""
+    found = ((name, header_problem(name, value)) for name, value in headers.items())
+    return [((name,), problem) for name, problem in found if problem is not None]
 
 
 def _strings(value: Any) -> Iterable[str]:
@@ -363,6 +374,12 @@ class DeprecationPhase(_Model):
     phase: PhaseName
     from_: AwareDatetime = Field(alias="from")
     headers: dict[str, HeaderValue] = Field(default_factory=dict)
+
+    @field_validator("headers")
+    @classmethod
+    def _no_literal_credentials(cls, headers: dict[str, str]) -> dict[str, str]:
+        _raise(_header_problems(headers), headers)
+        return headers
 
 
 class CredentialTypeSpec(_Model):
@@ -468,6 +485,7 @@ class HttpProviderSpec(_Model):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
+        _refuse_literal_in_url(value)
         if not re.match(r"^https?://[^/\s{}]+", value):
             raise PydanticCustomError("url", "expected an absolute http(s) URL such as https://api.example.com, got {value}", {"value": repr(value)})
         return value.rstrip("/")
@@ -507,6 +525,7 @@ ProviderSpec = HttpProviderSpec
 
 # --------------------------------------------------------------------------- integrations
 def _http_url(value: str) -> str:
+    _refuse_literal_in_url(value)  # webhook URLs (Slack's, say) and tokens in a query are credentials
     if not re.match(r"^https?://[^/\s]+", value):
         # The value is not echoed: a webhook URL (Slack's, say) is itself a credential.
         raise PydanticCustomError("url", "expected an absolute http(s) URL such as https://host/path")
@@ -553,6 +572,11 @@ class NotificationSpec(_Model):
     events: list[Literal["started", "succeeded", "failed", "rolled_back", "needs_attention", "reminder"]] = Field(
         default_factory=lambda: list(NOTIFICATION_EVENTS)
     )
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _no_literal_webhook_url(cls, value: Any) -> Any:
+        return _refuse_literal_in_url(value) if isinstance(value, str) else value
 
     def wants(self, event: str) -> bool:
         return event in self.events

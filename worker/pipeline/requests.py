@@ -68,6 +68,12 @@ def request_rotation(
     if not key.enabled:
         raise PermanentError(f"key {key_name!r} is disabled in the inventory; enable it to rotate it")
     existing = _existing(session, key, idempotency_key)
+    superseded: Optional[str] = None
+    if existing is not None and emergency and _takes_over(existing, idempotency_key):
+        from worker.pipeline.takeover import take_over
+
+        if take_over(session, existing, requested_by=requested_by, reason=reason) == "cancelled":
+            superseded, existing = existing.id, None  # ended: a fresh emergency run replaces it
     if existing is not None:
         _audit_join(session, existing, requested_by, trigger, reason, idempotency_key)
         if emergency:
@@ -97,10 +103,19 @@ def request_rotation(
     session.add(AuditEvent(at=now, run_id=run.id, key_id=key.id, actor=requested_by, event="state_changed",
                            from_state=None, to_state=RunState.requested.value,
                            detail={"trigger": trigger, "reason": reason, "idempotency_key": idempotency_key,
-                                   "emergency": emergency, "target_credential_type": target_credential_type}))
+                                   "emergency": emergency, "target_credential_type": target_credential_type,
+                                   **({"supersedes": superseded} if superseded else {})}))
     session.flush()
     logger.info("run.requested", run_id=run.id, key=key_name, trigger=trigger, reason=reason)
     return run, True
+
+
+def _takes_over(run: RotationRun, idempotency_key: Optional[str]) -> bool:
+    """An emergency takes over a key's open run that waits for a person (not a repeat of itself)."""
+    from worker.pipeline.takeover import TAKEOVER_STATES
+
+    same_request = idempotency_key is not None and run.idempotency_key == idempotency_key
+    return not same_request and run.finished_at is None and RunState(run.state) in TAKEOVER_STATES
 
 
 def first_step_deadline(now: datetime, not_before: Optional[datetime] = None) -> datetime:

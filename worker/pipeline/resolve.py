@@ -7,7 +7,9 @@ an alert went out. After fixing the cause, the operator picks one way out:
 - ``compensate`` (stopped before promotion) revoke the new key and end ``failed``;
 - ``rollback``   (stopped after promotion, old key not yet revoked) restore the old key in Vault,
                  re-push it, revoke the new key, end ``rolled_back``;
-- ``cancel``     end the run. Only where no issued credential can be left behind: with nothing
+- ``cancel``     end the run (also a run ``awaiting_deposit``: nothing was issued by keyrotor; a
+                 value staged by an interrupted deposit is discarded). Only where no issued
+                 credential can be left behind: with nothing
                  issued it ends ``cancelled`` at once; with a new key issued but not promoted it
                  compensates first (the run then ends ``failed``, with the cancel in its audit
                  trail); once Vault serves the new key (or in a cutover, where the new key is the
@@ -130,12 +132,47 @@ def _options(session: Session, run: RotationRun, vault: Any) -> _Options:
     return _Options(stopped, targets, refusals)
 
 
-def allowed_actions(session: Session, run_id: str, *, vault: Any = None) -> dict[str, str]:
-    """action → the state it would move the run to, for a run that needs attention ({} otherwise)."""
-    run = load_run(session, run_id)
-    if run is None or run_state(run) != S.needs_attention:
+def resolution_options(session: Session, run: RotationRun, vault: Any = None) -> dict[str, RunState]:
+    """action → the state it would move ``run`` to: a run that needs attention, or ``cancel`` for a
+    run awaiting a deposit ({} for any other run)."""
+    state = run_state(run)
+    if state == S.awaiting_deposit:
+        return {"cancel": S.cancelled}
+    if state != S.needs_attention:
         return {}
-    return {action: state.value for action, state in _options(session, run, vault).targets.items()}
+    return dict(_options(session, run, vault).targets)
+
+
+def stopped_in(session: Session, run: RotationRun) -> Optional[RunState]:
+    """The state a run that needs attention stopped in (from its audit trail), if known."""
+    return _stopped_in(session, run)
+
+
+def allowed_actions(session: Session, run_id: str, *, vault: Any = None) -> dict[str, str]:
+    """action → the state it would move the run to, for a run that needs attention or awaits a
+    deposit ({} otherwise)."""
+    run = load_run(session, run_id)
+    if run is None:
+        return {}
+    return {action: state.value for action, state in resolution_options(session, run, vault).items()}
+
+
+def discard_deposit(run: RotationRun, vault: Any) -> None:
+    """Drop a value an interrupted ``keyrotor deposit`` may have staged for ``run`` (idempotent).
+    Best effort: it is a person-made credential kept in Vault's staging area, so an unreachable
+    Vault must not stop a cancel (a breach takeover least of all); it is logged instead."""
+    try:
+        if vault is None:
+            from worker.pipeline.context import get_context
+
+            vault = get_context().vault
+        vault.discard_pending(run.id)
+    except Exception as exc:  # noqa: BLE001
+        from worker import log
+
+        log.get_logger("keyrotor.pipeline.resolve").warning(
+            "deposit.discard_failed", run_id=run.id, error=type(exc).__name__,
+            detail="a value staged for this run may remain in Vault's staging area; delete it by hand")
 
 
 def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note: Optional[str] = None,
@@ -160,9 +197,16 @@ def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note:
     if run is None:
         raise ResolveRefused(f"no run {run_id!r}; list runs with `keyrotor runs`")
     state = run_state(run)
+    if state == S.awaiting_deposit:
+        if action != "cancel":
+            raise ResolveRefused(f"run {run_id} is awaiting a deposit; the only action is cancel "
+                                 f"(or deposit the new value with `keyrotor deposit {run_id}`)")
+        discard_deposit(run, vault)
+        detail = {"resolution": "cancel", "previous_error": run.last_error, **({"note": note[:500]} if note else {})}
+        return transition(session, run, S.cancelled, actor=actor, detail=detail, deadline_s=None)
     if state != S.needs_attention:
         raise ResolveRefused(f"run {run_id} is {state.value}, not needs_attention; only runs that need attention "
-                             "can be resolved")
+                             "(or await a deposit: cancel) can be resolved")
     options = _options(session, run, vault)
     target = options.targets.get(action)
     if target is None:

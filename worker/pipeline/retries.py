@@ -3,7 +3,8 @@
 Dramatiq runs the retries (``dramatiq.Retry(delay=…)`` re-enqueues the message and counts it in
 ``message.options["retries"]``); this module decides *whether* and *when*:
 
-- ``PermanentError`` → no retry: the run takes its failure path now.
+- ``PermanentError`` and ``ConfigError`` (e.g. a secret reference that does not resolve) → no
+  retry: the run takes its failure path now (a configuration error does not heal by waiting).
 - ``TransientError`` (timeouts, 5xx, 429, garbage) and unexpected exceptions (a database hiccup,
   a Dramatiq time limit) → retry with exponential backoff and jitter, never sooner than the
   error's ``retry_after`` (the server's Retry-After), until ``max_retries`` is used up.
@@ -20,7 +21,8 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
-from worker.errors import PermanentError, StateConflict, TransientError
+from worker.errors import StateConflict, TransientError
+from worker.errors import is_permanent as _is_permanent
 from worker.pipeline.context import StepPolicy
 
 
@@ -31,7 +33,7 @@ class RetryDecision:
 
 
 def is_permanent(exc: BaseException) -> bool:
-    return isinstance(exc, PermanentError)
+    return _is_permanent(exc)
 
 
 def is_conflict(exc: BaseException) -> bool:

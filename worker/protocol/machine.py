@@ -11,6 +11,9 @@ Failure policy (DESIGN.md):
 - compensating/rolling_back themselves failing → needs_attention.
 - cutover: issuing has invalidated the old key, so once a key is issued there is nothing to roll
   back to and revoking the new one would leave no valid key → needs_attention.
+- emergency (a breach): a failure before promotion leaves the exposed credential in service, so
+  it never ends quietly ``failed``: → needs_attention (alert; a person retries, compensates or
+  cancels). After promotion the old key is still restored first (no outage).
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ def happy_path(mode: Mode | str) -> tuple[RunState, ...]:
     return _HAPPY_PATH[parse_mode(mode)]
 
 
-def failure_target(mode: Mode | str, state: RunState, kind: FailureKind) -> RunState:
+def failure_target(mode: Mode | str, state: RunState, kind: FailureKind, *, emergency: bool = False) -> RunState:
     """Where a run goes when the step acting on ``state`` fails for good."""
     mode = parse_mode(mode)
     if state in TERMINAL_STATES or state == S.needs_attention:
         raise InvalidTransition(f"a run in {state.value} has no step that can fail")
     if state in (S.compensating, S.rolling_back):
+        return S.needs_attention
+    if emergency and state in _BEFORE_PROMOTION:
         return S.needs_attention
     if mode == Mode.cutover:
         # Only the issue call itself may fail cleanly: until it succeeded the old key is intact.

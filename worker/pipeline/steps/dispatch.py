@@ -11,7 +11,7 @@ from typing import Callable, Optional
 from worker import log
 from worker.clock import utcnow
 from worker.db.session import session_scope
-from worker.errors import PermanentError, StateConflict
+from worker.errors import StateConflict
 from worker.metrics import DEAD_LETTERS, STEP_DURATION, STEP_FAILURES
 from worker.pipeline import retries
 from worker.pipeline.context import PipelineContext
@@ -125,7 +125,7 @@ def _on_error(ctx: PipelineContext, step: Step, run_id: str, exc: BaseException,
                          delay_s=decision.delay_ms / 1000, time_limit_s=ctx.policy.time_limit_ms / 1000)
         logger.warning("step.retry", error=safe_error(exc), retry_in_ms=decision.delay_ms, retries=retry_count)
         return Action(step=step, delay_ms=decision.delay_ms, retry=True)
-    kind = FailureKind.permanent if isinstance(exc, PermanentError) else FailureKind.exhausted
+    kind = FailureKind.permanent if retries.is_permanent(exc) else FailureKind.exhausted
     with session_scope(ctx.engine) as session:
         run = load_run(session, run_id)
         mode = parse_mode(run.mode) if run is not None else Mode.overlap

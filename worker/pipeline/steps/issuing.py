@@ -12,6 +12,7 @@ from worker.errors import DeprecatedCredential, PermanentError, StateConflict
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, safe_error, seconds_between
 from worker.pipeline.lease import transitioned
+from worker.pipeline.preflight import check_run_references
 from worker.pipeline.runs import load_run, run_state, transition
 from worker.pipeline.steps.common import Snapshot, StepOutcome, _deadline_s, _notify, _snapshot
 from worker.pipeline.steps.provider import _new_deprecated, _provider
@@ -38,9 +39,11 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     wait = _not_before_delay(snap)
     if wait is not None:
         return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
+    staged = read_pending(ctx.vault, snap.run.id)
+    if staged is None:  # nothing issued yet: a broken reference fails the run before any effect
+        check_run_references(ctx, snap.key, snap.provider_record)
     provider = _provider(ctx, snap)
     name = f"keyrotor-{snap.run.id}"
-    staged = read_pending(ctx.vault, snap.run.id)
     expires_at = None
     recovered = staged is not None
     if staged is not None:  # a previous attempt issued and staged, then crashed before recording
@@ -114,6 +117,7 @@ def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     wait = _not_before_delay(snap)
     if wait is not None:
         return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
+    check_run_references(ctx, snap.key)
     with session_scope(ctx.engine) as session:
         old_id = _ensure_old_version(ctx, snap, session)
         transition(session, snap.run, S.awaiting_deposit, actor=ctx.actor, deadline_s=None, old_version_id=old_id,

@@ -152,7 +152,7 @@ def fail_run(ctx: PipelineContext, run_id: str, step: Step, exc: BaseException, 
         if run is None or run_state(run) != expected_state(step):
             return None
         key = load_key(session, run)
-        target = failure_target(run.mode, run_state(run), kind)
+        target = failure_target(run.mode, run_state(run), kind, emergency=bool(run.emergency))
         error = safe_error(exc)
         detail = {"step": step.value, "failure": kind.value, "error": error}
         if isinstance(exc, NewCredentialDeprecated):
@@ -172,5 +172,9 @@ def fail_run(ctx: PipelineContext, run_id: str, step: Step, exc: BaseException, 
         ROTATIONS.labels(provider=key.provider, outcome=target.value).inc()
     if target == S.needs_attention:
         snap = Snapshot(run=run, key=key, old=None, new=None, mode=parse_mode(run.mode))
-        _notify(ctx, "needs_attention", snap, {"step": step.value, "error": error, "failure": kind.value})
+        alert: dict[str, Any] = {"step": step.value, "error": error, "failure": kind.value}
+        if run.emergency:  # the exposed credential is still the one in service
+            alert.update(emergency=True, action="the emergency rotation did not complete: the exposed credential is "
+                                                f"still in use; fix the cause, then `keyrotor resolve {run.id} --action retry`")
+        _notify(ctx, "needs_attention", snap, alert)
     return target

@@ -12,7 +12,7 @@ from worker import log
 from worker.clock import utcnow
 from worker.db.models import KeyVersion, SinkDelivery
 from worker.db.session import session_scope
-from worker.errors import PermanentError, TransientError
+from worker.errors import ConfigError, PermanentError, TransientError, is_permanent
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import announcement, holding, safe_error, verify_status
 from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _require_staged, _snapshot
@@ -66,7 +66,10 @@ def _sink_row(session: Session, run_id: str, name: str) -> SinkDelivery:
 def _raise_sink_failures(failures: list[tuple[str, BaseException]], what: str) -> None:
     names = ", ".join(name for name, _ in failures)
     first = safe_error(failures[0][1])
-    if any(isinstance(exc, PermanentError) for _, exc in failures):
+    config = next((exc for _, exc in failures if isinstance(exc, ConfigError)), None)
+    if config is not None:  # e.g. a signing secret reference that does not resolve: never retried
+        raise ConfigError(f"{what} failed at {names}: {safe_error(config)}")
+    if any(is_permanent(exc) for _, exc in failures):
         raise PermanentError(f"{what} failed permanently at {names}: {first}")
     waits = [getattr(exc, "retry_after", None) for _, exc in failures]
     retry_after = max((w for w in waits if w is not None), default=None)

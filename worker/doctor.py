@@ -1,0 +1,111 @@
+"""Is the configuration usable as deployed? Every secret reference resolves, and the database, Redis
+and Vault answer. ``keyrotor config check --resolve`` reports all of it at once; ``keyrotor
+worker`` logs the references of the applied inventory that do not resolve when it starts.
+
+Values read while resolving are dropped at once: only the reference (``vault:MOUNT/PATH#FIELD``
+or ``env:NAME``) and why it failed are ever printed or logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from worker import log
+from worker.errors import ConfigError, KeyrotorError
+from worker.secret import Secret
+from worker.secret_refs import SecretRef, SecretResolver, make_resolver, unresolvable
+
+logger = log.get_logger("keyrotor.doctor")
+
+
+@dataclass(frozen=True)
+class ServiceProblem:
+    service: str   # database | redis | vault
+    message: str
+
+
+def vault_for(settings: Any) -> tuple[Any, Optional[ServiceProblem]]:
+    """``(VaultStore or None, problem)``: a store only when Vault answers and the token works."""
+    if not settings.vault_addr:
+        return None, ServiceProblem("vault", "VAULT_ADDR is not set; secret references to Vault cannot be resolved")
+    from worker.vault.store import VaultStore
+
+    try:
+        store = VaultStore.from_settings(settings)
+    except KeyrotorError as exc:
+        return None, ServiceProblem("vault", str(exc))
+    health = store.health()
+    if not health.ok:
+        return None, ServiceProblem("vault", health.detail or f"Vault at {settings.vault_addr} is not usable: check "
+                                             "VAULT_ADDR, the token or Kubernetes role, and that Vault is unsealed")
+    return store, None
+
+
+def resolver_for(store: Any, vault_problem: Optional[ServiceProblem]) -> SecretResolver:
+    """Resolve env and Vault references; with Vault unusable, say so per Vault reference instead of
+    waiting out the store's retries for each one."""
+    resolve = make_resolver(store)
+
+    def checked(ref: SecretRef) -> Secret:
+        if ref.vault is not None and store is None:
+            why = "Vault is not usable (see the vault line)" if vault_problem else "no Vault is configured"
+            raise ConfigError(f"secret reference {ref.describe()}: not checked, {why}")
+        return resolve(ref)
+
+    return checked
+
+
+def reference_problems(document: Mapping[str, Any], resolve: SecretResolver) -> list[tuple[tuple[Any, ...], str]]:
+    """``(location in document, message)`` for every secret reference that does not resolve."""
+    return [(loc, why) for loc, _ref, why in unresolvable(document, resolve)]
+
+
+def service_problems(settings: Any, vault_problem: Optional[ServiceProblem]) -> list[ServiceProblem]:
+    """The database and Redis must answer (Vault was checked by ``vault_for``)."""
+    from sqlalchemy import text
+
+    from worker.cli.common import display_url, redis_reachable
+    from worker.db.session import make_engine
+
+    problems: list[ServiceProblem] = []
+    try:
+        engine = make_engine(settings.database_url)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        finally:
+            engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is the one line we report
+        problems.append(ServiceProblem("database", f"cannot connect to {display_url(settings.database_url)} "
+                                                   f"({type(exc).__name__}); check KEYROTOR_DATABASE_URL"))
+    if not redis_reachable(settings.redis_url, timeout=2.0):
+        problems.append(ServiceProblem("redis", f"{display_url(settings.redis_url)} does not answer PING; "
+                                                "check KEYROTOR_REDIS_URL"))
+    if vault_problem is not None:
+        problems.append(vault_problem)
+    return problems
+
+
+def log_unresolvable_references(engine: Any, settings: Any) -> int:
+    """At worker start: one warning per secret reference of the applied inventory that does not
+    resolve (a rotation needing it would fail); returns how many."""
+    from worker.db.session import session_scope
+    from worker.inventory.apply import latest_snapshot
+    from worker.inventory.loader import format_path
+
+    with session_scope(engine) as session:
+        snapshot = latest_snapshot(session)
+        document = dict(snapshot.document) if snapshot is not None else {}
+    if not document:
+        return 0
+    store, vault_problem = vault_for(settings)
+    if vault_problem is not None:
+        logger.warning("vault.unusable", detail=vault_problem.message)
+    found = unresolvable(document, resolver_for(store, vault_problem))
+    for loc, ref, why in found:
+        logger.warning("secret_ref.unresolvable", reference=ref.describe(), where=format_path(loc), error=why,
+                       detail="rotations that need it fail before issuing; fix it, then check with "
+                              "`keyrotor config check --resolve`")
+    return len(found)

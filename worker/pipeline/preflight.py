@@ -1,0 +1,48 @@
+"""Before a run has any effect outside the database: resolve every secret reference it will need.
+
+A missing ``{env: …}`` or Vault reference (a provider's management token, an integration's signing
+secret) used to surface in the middle of the rotation, after the new key was issued or even
+promoted. Checked here, in the first step, it fails the run before the provider issues anything
+(a ``ConfigError``: never retried). Vault being unreachable is transient and retried as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.db.models import IntegrationRecord, ManagedKey, ProviderRecord
+from worker.db.session import session_scope
+from worker.errors import ConfigError, TransientError
+from worker.pipeline.context import PipelineContext
+from worker.secret_refs import iter_refs, make_resolver
+
+
+def run_specs(session: Any, key: ManagedKey, provider_record: ProviderRecord | None = None) -> list[tuple[str, Any]]:
+    """``(owner, stored spec)`` of the key's provider and each of its integrations, as applied."""
+    record = provider_record or session.get(ProviderRecord, key.provider)
+    specs: list[tuple[str, Any]] = [(f"provider {key.provider!r}", record.spec)] if record is not None else []
+    for name in key.integrations or []:
+        integration = session.get(IntegrationRecord, name)
+        if integration is not None:
+            specs.append((f"integration {name!r}", integration.spec))
+    return specs
+
+
+def check_run_references(ctx: PipelineContext, key: ManagedKey, provider_record: ProviderRecord | None = None) -> None:
+    """Raise one ``ConfigError`` naming every reference of the run's provider and integrations that
+    does not resolve (the values read are dropped at once)."""
+    with session_scope(ctx.engine) as session:
+        specs = run_specs(session, key, provider_record)
+    resolve = make_resolver(ctx.vault)
+    problems: list[str] = []
+    for owner, spec in specs:
+        for _loc, ref in iter_refs(spec):
+            try:
+                resolve(ref)
+            except TransientError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - collect every broken reference
+                problems.append(f"{owner}: {exc if isinstance(exc, ConfigError) else type(exc).__name__}")
+    if problems:
+        raise ConfigError("unresolvable secret reference(s), nothing was issued: " + "; ".join(problems)
+                          + " (fix them, `keyrotor config check --resolve` shows all, then request the rotation again)")
