@@ -5,9 +5,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from worker.settings import Settings
+from worker.urls import display_url
+
+if TYPE_CHECKING:
+    from worker.vault.store import VaultStore
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def check_database(settings: Settings, timeout_s: float = 5.0) -> Check:
             except Exception:
                 revision = None
     except Exception as exc:
-        return Check("database", False, f"{where}: {_first_line(exc)}")
+        return Check("database", False, f"cannot connect to {where}: {_first_line(exc)}")
     finally:
         engine.dispose()
     if revision is None:
@@ -57,36 +61,40 @@ def check_database(settings: Settings, timeout_s: float = 5.0) -> Check:
 def check_redis(settings: Settings, timeout_s: float = 5.0) -> Check:
     import redis
 
-    from worker.cli.common import display_url
-
     where = display_url(settings.redis_url)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
         client.ping()
         version = client.info("server").get("redis_version", "?")
     except Exception as exc:
-        return Check("redis", False, f"{where}: {_first_line(exc)}")
+        return Check("redis", False, f"{where} does not answer PING: {_first_line(exc)}")
     finally:
         client.close()
     return Check("redis", True, f"{where}: PING answered, Redis {version}")
 
 
-def check_vault(settings: Settings) -> Check:
+def open_vault(settings: Settings) -> tuple[Optional["VaultStore"], Check]:
+    """A logged-in store (``None`` unless the check passed) and the check that says so."""
     if not settings.vault_addr:
-        return Check("vault", True, "VAULT_ADDR is not set: skipped (nothing can be rotated without Vault)")
+        return None, Check("vault", True, "VAULT_ADDR is not set: skipped (nothing can be rotated without Vault)")
     from worker.vault.store import VaultStore
 
     try:
-        health = VaultStore.from_settings(settings).health()
+        store = VaultStore.from_settings(settings)
+        health = store.health()
     except Exception as exc:  # e.g. the Kubernetes token file is missing
-        return Check("vault", False, f"{settings.vault_addr}: {_first_line(exc)}")
+        return None, Check("vault", False, f"{settings.vault_addr}: {_first_line(exc)}")
     if not health.reachable:
-        return Check("vault", False, f"{settings.vault_addr}: unreachable: {health.detail}")
+        return None, Check("vault", False, f"{settings.vault_addr}: unreachable: {health.detail}")
     if not health.initialized or health.sealed:
-        return Check("vault", False, f"{settings.vault_addr}: {'sealed' if health.sealed else 'not initialized'}")
+        return None, Check("vault", False, f"{settings.vault_addr}: {'sealed' if health.sealed else 'not initialized'}")
     if health.token_valid is not True:
-        return Check("vault", False, f"{settings.vault_addr}: login or token check failed: {health.detail}")
-    return Check("vault", True, f"{settings.vault_addr}: logged in, Vault {health.version or '?'}")
+        return None, Check("vault", False, f"{settings.vault_addr}: login or token check failed: {health.detail}")
+    return store, Check("vault", True, f"{settings.vault_addr}: logged in, Vault {health.version or '?'}")
+
+
+def check_vault(settings: Settings) -> Check:
+    return open_vault(settings)[1]
 
 
 def check_all(settings: Settings, timeout_s: float = 5.0) -> list[Check]:

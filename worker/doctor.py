@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from worker import log
+from worker.connectivity import check_database, check_redis, open_vault
 from worker.errors import ConfigError, KeyrotorError
 from worker.secret import Secret
 from worker.secret_refs import SecretRef, SecretResolver, make_resolver, unresolvable
@@ -30,17 +31,9 @@ def vault_for(settings: Any) -> tuple[Any, Optional[ServiceProblem]]:
     """``(VaultStore or None, problem)``: a store only when Vault answers and the token works."""
     if not settings.vault_addr:
         return None, ServiceProblem("vault", "VAULT_ADDR is not set; secret references to Vault cannot be resolved")
-    from worker.vault.store import VaultStore
-
-    try:
-        store = VaultStore.from_settings(settings)
-    except KeyrotorError as exc:
-        return None, ServiceProblem("vault", str(exc))
-    health = store.health()
-    if not health.ok:
-        return None, ServiceProblem("vault", health.detail or f"Vault at {settings.vault_addr} is not usable: check "
-                                             "VAULT_ADDR, the token or Kubernetes role, and that Vault is unsealed")
-    return store, None
+    store, check = open_vault(settings)
+    return (store, None) if check.ok else (None, ServiceProblem("vault", f"{check.detail}; check VAULT_ADDR, the "
+                                                                          "token or Kubernetes role, and that Vault is unsealed"))
 
 
 def resolver_for(store: Any, vault_problem: Optional[ServiceProblem]) -> SecretResolver:
@@ -63,26 +56,10 @@ def reference_problems(document: Mapping[str, Any], resolve: SecretResolver) -> 
 
 
 def service_problems(settings: Any, vault_problem: Optional[ServiceProblem]) -> list[ServiceProblem]:
-    """The database and Redis must answer (Vault was checked by ``vault_for``)."""
-    from sqlalchemy import text
-
-    from worker.cli.common import display_url, redis_reachable
-    from worker.db.session import make_engine
-
-    problems: list[ServiceProblem] = []
-    try:
-        engine = make_engine(settings.database_url)
-        try:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        finally:
-            engine.dispose()
-    except Exception as exc:  # noqa: BLE001 - any failure to connect is the one line we report
-        problems.append(ServiceProblem("database", f"cannot connect to {display_url(settings.database_url)} "
-                                                   f"({type(exc).__name__}); check KEYROTOR_DATABASE_URL"))
-    if not redis_reachable(settings.redis_url, timeout=2.0):
-        problems.append(ServiceProblem("redis", f"{display_url(settings.redis_url)} does not answer PING; "
-                                                "check KEYROTOR_REDIS_URL"))
+    """The database (migrated) and Redis must answer (Vault was checked by ``vault_for``)."""
+    hints = {"database": "check KEYROTOR_DATABASE_URL", "redis": "check KEYROTOR_REDIS_URL"}
+    problems = [ServiceProblem(c.name, f"{c.detail}; {hints[c.name]}")
+                for c in (check_database(settings, timeout_s=2.0), check_redis(settings, timeout_s=2.0)) if not c.ok]
     if vault_problem is not None:
         problems.append(vault_problem)
     return problems

@@ -18,6 +18,8 @@ import typer
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from worker.urls import display_url
+
 from worker.db.migrate import upgrade
 from worker.db.models import ManagedKey
 from worker.db.session import engine_for
@@ -83,17 +85,6 @@ def redis_reachable(url: str, timeout: float = 0.5) -> bool:
             client.close()
     except Exception:
         return False
-
-
-def display_url(url: str) -> str:
-    """``url`` fit for a message: a password in it (``redis://:PASS@host``) is shown as ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
 
 
 def require_redis(url: str, consequence: str = "") -> None:
