@@ -3,7 +3,7 @@ credential, and name a credential type the provider reports as deprecated."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from worker.db.session import session_scope
 from worker.metrics import PROVIDER_REQUESTS
@@ -11,6 +11,7 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.deprecation import NewCredentialDeprecated, new_credential_deprecated
 from worker.pipeline.effects import enum_value
 from worker.pipeline.steps.common import Snapshot
+from worker.providers.base import revoke_outcome
 from worker.secret import Secret
 
 
@@ -36,6 +37,15 @@ def _call(provider: Any, call: str, fn: Callable[[], Any]) -> Any:
         raise
     PROVIDER_REQUESTS.labels(provider=name, call=call, status="ok").inc()
     return result
+
+
+def revoke_key(provider: Any, *, key_id: Optional[str], secret: Optional[Secret], credential_type: str) -> str:
+    """Revoke a key and say what the provider answered: ``revoked``, ``already_gone`` (404), or
+    ``manual`` when the provider has no revoke call (a person must)."""
+    if not getattr(provider, "can_revoke", True):
+        return "manual"
+    answer = _call(provider, "revoke", lambda: provider.revoke(key_id=key_id, secret=secret, credential_type=credential_type))
+    return revoke_outcome(answer).value
 
 
 def _check(provider: Any, secret: Secret, credential_type: str) -> str:
