@@ -269,12 +269,12 @@ def test_orphans_are_found_through_the_list_call_and_revoked(engine, standin) ->
                           requested_by="scheduler", created_at=clock.at, finished_at=clock.at))
         s.add(RotationRun(id="runlive0001", key_id=key.id, state=RunState.completed.value, trigger="schedule",
                           requested_by="scheduler", created_at=clock.at, finished_at=clock.at))
-        s.add(RotationRun(id="runopen0001", key_id=key.id, state=RunState.issued.value, trigger="schedule",
+        s.add(RotationRun(id="runopen0001", key_id=key.id, state=RunState.requested.value, trigger="schedule",
                           requested_by="scheduler", created_at=clock.at))
     failed = standin.seed_key(issued_name("runfailed01"))      # compensation did not get to revoke it
     unknown = standin.seed_key(issued_name("ghostrun0001"))    # the DB has never heard of this run
     live = standin.seed_key(issued_name("runlive0001"))        # current version: must stay
-    in_flight = standin.seed_key(issued_name("runopen0001"))   # its run is still working: must stay
+    in_flight = standin.seed_key(issued_name("runopen0001"))   # its run is still issuing: must stay
     human = standin.seed_key("ci-token-made-by-a-person")      # not ours: never touched
     with session_scope(engine) as s:
         s.add(KeyVersion(key_id=key.id, run_id="runlive0001", credential_type="api_key", stage=VersionStage.current.value,
