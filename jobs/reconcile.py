@@ -3,8 +3,10 @@
 Stuck runs: the database is the record of where each run is. A run that is not over, not
 waiting for a person (``awaiting_deposit``, ``needs_attention``) and not legitimately waiting
 for its grace period, whose ``step_deadline_at`` has passed, lost its message or its worker:
-it is re-enqueued (attempts + 1, new deadline) — re-running a step is harmless (invariant 7).
-After ``max_attempts`` it goes to ``needs_attention`` with an alert; the old key is untouched.
+it is re-enqueued (``requeues`` + 1, new deadline) — re-running a step is harmless (invariant 7).
+After ``max_attempts`` re-enqueues without progress it goes to ``needs_attention`` with an alert;
+the old key is untouched. ``requeues`` is the reconciler's own count (reset by every transition);
+the step's failures count in ``attempts``, its retry budget, which the re-enqueued message draws on.
 
 Orphans (invariant 4): every credential keyrotor issues is named ``keyrotor-<run id>``. A
 provider key with such a name is revoked when no version in the database records its provider key
@@ -92,19 +94,19 @@ def recover_stuck_runs(
     notify = notify or _default_notify(engine)
     result = StuckResult()
     with session_scope(engine) as session:
-        stuck = [(r.id, r.state, r.attempts) for r in session.scalars(stuck_runs_query(now, batch)).all()]  # type: ignore[call-overload]
-    for run_id, state, attempts in stuck:
+        stuck = [(r.id, r.state, r.requeues) for r in session.scalars(stuck_runs_query(now, batch)).all()]  # type: ignore[call-overload]
+    for run_id, state, requeues in stuck:
         state_value = RunState(state).value
         # Conditional on what we read: if the worker moved the run meanwhile, we do nothing.
         still_stuck = and_(
             RotationRun.id == run_id,
             RotationRun.state == state_value,
-            RotationRun.attempts == attempts,
+            RotationRun.requeues == requeues,
             RotationRun.step_deadline_at < now,  # type: ignore[operator]
         )
         with session_scope(engine) as session:
-            if attempts + 1 > max_attempts:
-                reason = f"no progress in state {state_value} after {attempts} re-enqueues; a person has to look"
+            if requeues + 1 > max_attempts:
+                reason = f"no progress in state {state_value} after {requeues} re-enqueues; a person has to look"
                 moved = session.exec(  # type: ignore[call-overload]
                     update(RotationRun).where(still_stuck)
                     .values(state=RunState.needs_attention.value, last_error=reason, updated_at=now)
@@ -115,31 +117,31 @@ def recover_stuck_runs(
                 assert run is not None
                 session.add(AuditEvent(at=now, run_id=run_id, key_id=run.key_id, actor=ACTOR, event="state_changed",
                                        from_state=state_value, to_state=RunState.needs_attention.value,
-                                       detail={"reason": reason, "attempts": attempts}))
+                                       detail={"reason": reason, "requeues": requeues}))
                 key = session.get(ManagedKey, run.key_id)
                 key_name = key.name if key else str(run.key_id)
             else:
                 moved = session.exec(  # type: ignore[call-overload]
                     update(RotationRun).where(still_stuck)
-                    .values(attempts=attempts + 1, step_deadline_at=now + timedelta(seconds=step_timeout_s), updated_at=now)
+                    .values(requeues=requeues + 1, step_deadline_at=now + timedelta(seconds=step_timeout_s), updated_at=now)
                 ).rowcount
                 if moved != 1:
                     continue
                 run = session.get(RotationRun, run_id)
                 assert run is not None
                 session.add(AuditEvent(at=now, run_id=run_id, key_id=run.key_id, actor=ACTOR, event="requeued",
-                                       from_state=state_value, to_state=state_value, detail={"attempt": attempts + 1}))
+                                       from_state=state_value, to_state=state_value, detail={"requeue": requeues + 1}))
                 enqueue_after_commit(session, run, pipeline.enqueue_run)
                 key_name = None
         if key_name is None:
             result.requeued.append(run_id)
-            log.warning("stuck_run_requeued", run_id=run_id, state=state_value, attempt=attempts + 1)
+            log.warning("stuck_run_requeued", run_id=run_id, state=state_value, requeue=requeues + 1)
         else:
             result.needs_attention.append(run_id)
-            log.error("stuck_run_needs_attention", run_id=run_id, state=state_value, attempts=attempts, key=key_name)
+            log.error("stuck_run_needs_attention", run_id=run_id, state=state_value, requeues=requeues, key=key_name)
             try:
                 notify("needs_attention", key_name=key_name, run_id=run_id,
-                       detail={"state": state_value, "attempts": attempts, "reason": "stuck past its step deadline"})
+                       detail={"state": state_value, "requeues": requeues, "reason": "stuck past its step deadline"})
             except Exception as exc:  # notify never raises by contract; belt and braces
                 log.error("notify_failed", run_id=run_id, error=type(exc).__name__)
     return result
