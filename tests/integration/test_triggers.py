@@ -235,8 +235,9 @@ def test_stuck_runs_are_reenqueued_then_go_to_needs_attention(engine, pipeline) 
     assert alerts == [("needs_attention", "alloy/stuck", "run-stuck")]
     with session_scope(engine) as s:
         stuck = s.get(RotationRun, "run-stuck")
-        assert stuck.state == RunState.needs_attention.value and stuck.attempts == 3 and "3 re-enqueues" in stuck.last_error
-        assert s.get(RotationRun, "run-deposit").attempts == 0  # a person acts next: left alone
+        assert stuck.state == RunState.needs_attention.value and stuck.requeues == 3 and "3 re-enqueues" in stuck.last_error
+        assert stuck.attempts == 0  # the step's own retry count is not the reconciler's
+        assert s.get(RotationRun, "run-deposit").requeues == 0  # a person acts next: left alone
         events = s.exec(select(AuditEvent.event).where(AuditEvent.run_id == "run-stuck").order_by(AuditEvent.id)).all()
     assert events == ["requeued", "requeued", "requeued", "state_changed"]
     # needs_attention is left alone from now on
