@@ -19,6 +19,7 @@ from sqlmodel import Session, select
 from jobs.deprecation import replacement_type
 from worker.clock import as_utc, utcnow
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.providers.guarantees import orphan_guard
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ def build_plan(session: Session, *, now: datetime | None = None, days: float = 3
             notes.append(f"{key.credential_type} is in phase {phase} at that time; migrates to {target}")
         if not automatic:
             notes.append("cannot be rotated automatically: the owner must create the new credential and run `keyrotor deposit`")
+        guard = orphan_guard(record)
+        if guard:
+            notes.append(guard)
         if run is not None:
             seen_runs.add(run.id)
             action, run_id, run_state = "in_progress", run.id, RunState(run.state).value

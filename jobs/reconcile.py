@@ -3,13 +3,17 @@
 Stuck runs: the database is the record of where each run is. A run that is not over, not
 waiting for a person (``awaiting_deposit``, ``needs_attention``) and not legitimately waiting
 for its grace period, whose ``step_deadline_at`` has passed, lost its message or its worker:
-it is re-enqueued (attempts + 1, new deadline) — re-running a step is harmless (invariant 7).
-After ``max_attempts`` it goes to ``needs_attention`` with an alert; the old key is untouched.
+it is re-enqueued (``requeues`` + 1, new deadline) — re-running a step is harmless (invariant 7).
+After ``max_attempts`` re-enqueues without progress it goes to ``needs_attention`` with an alert;
+the old key is untouched. ``requeues`` is the reconciler's own count (reset by every transition);
+the step's failures count in ``attempts``, its retry budget, which the re-enqueued message draws on.
 
 Orphans (invariant 4): every credential keyrotor issues is named ``keyrotor-<run id>``. A
-provider key with such a name is revoked when no live version in the database (pending, current,
-previous) holds it and its run is over or unknown — and it is older than ``min_age_s``, so a key
-whose issue step has not yet recorded it is never touched.
+provider key with such a name is revoked when no version in the database records its provider key
+id (judged by id, not by name: a late issue call may mint a second key under the run's name) —
+unless its run is still issuing — and it is older than ``min_age_s`` (its creation time, or when
+the scan first saw it when the list gives none), so a key whose issue step has not yet recorded
+it is never touched.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Engine
 
 from jobs.pipeline_hooks import Pipeline, default_pipeline, enqueue_after_commit
@@ -29,6 +33,7 @@ from worker.db.models import (
     AuditEvent,
     KeyVersion,
     ManagedKey,
+    ProviderKeySighting,
     ProviderRecord,
     RotationRun,
     RunState,
@@ -89,19 +94,19 @@ def recover_stuck_runs(
     notify = notify or _default_notify(engine)
     result = StuckResult()
     with session_scope(engine) as session:
-        stuck = [(r.id, r.state, r.attempts) for r in session.scalars(stuck_runs_query(now, batch)).all()]  # type: ignore[call-overload]
-    for run_id, state, attempts in stuck:
+        stuck = [(r.id, r.state, r.requeues) for r in session.scalars(stuck_runs_query(now, batch)).all()]  # type: ignore[call-overload]
+    for run_id, state, requeues in stuck:
         state_value = RunState(state).value
         # Conditional on what we read: if the worker moved the run meanwhile, we do nothing.
         still_stuck = and_(
             RotationRun.id == run_id,
             RotationRun.state == state_value,
-            RotationRun.attempts == attempts,
+            RotationRun.requeues == requeues,
             RotationRun.step_deadline_at < now,  # type: ignore[operator]
         )
         with session_scope(engine) as session:
-            if attempts + 1 > max_attempts:
-                reason = f"no progress in state {state_value} after {attempts} re-enqueues; a person has to look"
+            if requeues + 1 > max_attempts:
+                reason = f"no progress in state {state_value} after {requeues} re-enqueues; a person has to look"
                 moved = session.exec(  # type: ignore[call-overload]
                     update(RotationRun).where(still_stuck)
                     .values(state=RunState.needs_attention.value, last_error=reason, updated_at=now)
@@ -112,31 +117,31 @@ def recover_stuck_runs(
                 assert run is not None
                 session.add(AuditEvent(at=now, run_id=run_id, key_id=run.key_id, actor=ACTOR, event="state_changed",
                                        from_state=state_value, to_state=RunState.needs_attention.value,
-                                       detail={"reason": reason, "attempts": attempts}))
+                                       detail={"reason": reason, "requeues": requeues}))
                 key = session.get(ManagedKey, run.key_id)
                 key_name = key.name if key else str(run.key_id)
             else:
                 moved = session.exec(  # type: ignore[call-overload]
                     update(RotationRun).where(still_stuck)
-                    .values(attempts=attempts + 1, step_deadline_at=now + timedelta(seconds=step_timeout_s), updated_at=now)
+                    .values(requeues=requeues + 1, step_deadline_at=now + timedelta(seconds=step_timeout_s), updated_at=now)
                 ).rowcount
                 if moved != 1:
                     continue
                 run = session.get(RotationRun, run_id)
                 assert run is not None
                 session.add(AuditEvent(at=now, run_id=run_id, key_id=run.key_id, actor=ACTOR, event="requeued",
-                                       from_state=state_value, to_state=state_value, detail={"attempt": attempts + 1}))
+                                       from_state=state_value, to_state=state_value, detail={"requeue": requeues + 1}))
                 enqueue_after_commit(session, run, pipeline.enqueue_run)
                 key_name = None
         if key_name is None:
             result.requeued.append(run_id)
-            log.warning("stuck_run_requeued", run_id=run_id, state=state_value, attempt=attempts + 1)
+            log.warning("stuck_run_requeued", run_id=run_id, state=state_value, requeue=requeues + 1)
         else:
             result.needs_attention.append(run_id)
-            log.error("stuck_run_needs_attention", run_id=run_id, state=state_value, attempts=attempts, key=key_name)
+            log.error("stuck_run_needs_attention", run_id=run_id, state=state_value, requeues=requeues, key=key_name)
             try:
                 notify("needs_attention", key_name=key_name, run_id=run_id,
-                       detail={"state": state_value, "attempts": attempts, "reason": "stuck past its step deadline"})
+                       detail={"state": state_value, "requeues": requeues, "reason": "stuck past its step deadline"})
             except Exception as exc:  # notify never raises by contract; belt and braces
                 log.error("notify_failed", run_id=run_id, error=type(exc).__name__)
     return result
@@ -178,18 +183,22 @@ def _shared_limiter(settings: Any) -> Any:
     return RedisRateLimiter.from_url(settings.redis_url, namespace=settings.queue_namespace)
 
 
-def _is_orphan(session: Any, provider: str, key_id: str | None, name: str, run_id: str) -> tuple[bool, str | None]:
-    """(orphan?, credential type to revoke with)."""
+def _is_orphan(session: Any, provider: str, key_id: str, run_id: str) -> tuple[bool, str | None]:
+    """(orphan?, credential type to revoke with), judged by provider key id: a key named after a
+    run is an orphan unless a live version (pending = staged, current, previous in grace) records
+    this very id — the name alone proves nothing (a late issue call mints a second key under it).
+    Left alone: keys of a run still in ``requested`` (its issue step settles the keys named after
+    it) and of a run a person must look at before anything was recorded (one may be in staging)."""
     run = session.get(RotationRun, run_id)
-    if run is not None and RunState(run.state) not in TERMINAL_STATES:
-        return False, None  # an open run owns its credential (compensation/rollback revoke it)
-    holders = [KeyVersion.provider_key_name == name]
-    if key_id:
-        holders.append(KeyVersion.provider_key_id == key_id)
+    if run is not None:
+        state = RunState(run.state)
+        if state == RunState.requested or (state == RunState.needs_attention and run.new_version_id is None):
+            return False, None
     live = session.exec(  # type: ignore[call-overload]
         select(KeyVersion.id)
         .join(ManagedKey, ManagedKey.id == KeyVersion.key_id)  # type: ignore[arg-type]
-        .where(ManagedKey.provider == provider, KeyVersion.stage.in_(LIVE_STAGES), or_(*holders))  # type: ignore[union-attr,attr-defined,arg-type]
+        .where(ManagedKey.provider == provider, KeyVersion.provider_key_id == key_id,  # type: ignore[arg-type]
+               KeyVersion.stage.in_(LIVE_STAGES))  # type: ignore[union-attr,attr-defined]
         .limit(1)
     ).first()
     if live is not None:
@@ -201,6 +210,27 @@ def _is_orphan(session: Any, provider: str, key_id: str | None, name: str, run_i
     return True, credential_type
 
 
+def first_seen(engine: Engine, provider: str, key_ids: list[str], now: datetime) -> dict[str, datetime]:
+    """When the scan first saw each of ``key_ids`` (recorded now for new ones); sightings of keys
+    the provider no longer lists are forgotten. The minimum-age guard uses this when the list
+    gives no creation time, so a key just minted is never taken for an orphan."""
+    with session_scope(engine) as session:
+        rows = {r.provider_key_id: r for r in session.scalars(
+            select(ProviderKeySighting).where(ProviderKeySighting.provider == provider)).all()}  # type: ignore[arg-type]
+        wanted = set(key_ids)
+        for key_id, row in rows.items():
+            if key_id not in wanted:
+                session.delete(row)
+        seen: dict[str, datetime] = {}
+        for key_id in wanted:
+            row = rows.get(key_id)
+            if row is None:
+                row = ProviderKeySighting(provider=provider, provider_key_id=key_id, first_seen_at=now)
+                session.add(row)
+            seen[key_id] = as_utc(row.first_seen_at) or now
+    return seen
+
+
 def revoke_orphans(
     engine: Engine,
     *,
@@ -209,7 +239,13 @@ def revoke_orphans(
     provider_factory: ProviderFactory | None = None,
     providers: Iterable[str] | None = None,
 ) -> list[RevokedOrphan]:
-    """List each provider's keys and revoke those named after a run that owns no live version."""
+    """List each provider's keys and revoke those named after a run that no live version holds.
+
+    Each key is judged against the database right before it is revoked (the list may be minutes
+    old by then: ``retire`` may have revoked it meanwhile). Only a revocation the provider confirms
+    is an ``orphan_revoked`` event, stamped when it happened; a 404 (already gone) is not. Keys the
+    list marks as revoked/inactive (``response.revoked``) are skipped.
+    """
     now = now or utcnow()
     factory = provider_factory or default_provider_factory()
     with session_scope(engine) as session:
@@ -222,38 +258,58 @@ def revoke_orphans(
         try:
             provider = factory(record)
             if not (getattr(provider, "can_list", False) and getattr(provider, "can_revoke", False)):
-                continue  # nothing to find or nothing we could do: skip quietly
+                continue  # nothing to find or nothing we could do (plan/status say so)
             listed = provider.list_keys()
         except Exception as exc:  # one provider down must not stop the others
             log.warning("orphan_scan_failed", provider=record.name, error=type(exc).__name__, detail=str(exc)[:200])
             continue
+        ours = []
         for info in listed:
-            name = getattr(info, "name", None) or ""
-            match = ORPHAN_NAME.match(name)
+            match = ORPHAN_NAME.match(getattr(info, "name", None) or "")
             if not match:
                 continue  # not ours: keys made by people or other tools are never touched
-            created_at = as_utc(getattr(info, "created_at", None))
-            if created_at is not None and now - created_at < timedelta(seconds=min_age_s):
-                continue
             key_id = getattr(info, "key_id", None)
-            run_id = match["run_id"]
-            with session_scope(engine) as session:
-                orphan, credential_type = _is_orphan(session, record.name, key_id, name, run_id)
-            if not orphan:
+            if not key_id:
+                log.warning("orphan_without_id", provider=record.name, name=info.name,
+                            detail="the list gives no key id; it cannot be judged or revoked by id")
                 continue
-            try:
-                provider.revoke(key_id=key_id, secret=None, credential_type=credential_type or "")
-            except Exception as exc:
-                log.warning("orphan_revoke_failed", provider=record.name, provider_key_id=key_id, name=name,
-                            error=type(exc).__name__, detail=str(exc)[:200])
+            ours.append((info, str(key_id), match["run_id"]))
+        seen = first_seen(engine, record.name, [key_id for _, key_id, _ in ours], now)
+        for info, key_id, run_id in ours:
+            if getattr(info, "live", None) is False:
+                continue  # the provider says it is revoked already
+            born = as_utc(getattr(info, "created_at", None)) or seen[key_id]
+            if now - born < timedelta(seconds=min_age_s):
                 continue
-            with session_scope(engine) as session:
-                run = session.get(RotationRun, run_id)
-                session.add(AuditEvent(at=now, run_id=run_id if run is not None else None,
-                                       key_id=run.key_id if run is not None else None, actor=ACTOR,
-                                       event="orphan_revoked",
-                                       detail={"provider": record.name, "provider_key_id": key_id, "name": name,
-                                               "run_known": run is not None}))
-            revoked.append(RevokedOrphan(record.name, key_id, name, run_id))
-            log.warning("orphan_revoked", provider=record.name, provider_key_id=key_id, name=name, run_id=run_id)
+            found = _revoke_orphan(engine, provider, record.name, info.name, key_id, run_id)
+            if found is not None:
+                revoked.append(found)
     return revoked
+
+
+def _revoke_orphan(engine: Engine, provider: Any, provider_name: str, name: str, key_id: str,
+                   run_id: str) -> RevokedOrphan | None:
+    """Re-check the key against the database now, revoke it, and record what the provider said."""
+    from worker.providers.base import RevokeOutcome, revoke_outcome
+
+    with session_scope(engine) as session:
+        orphan, credential_type = _is_orphan(session, provider_name, key_id, run_id)
+    if not orphan:
+        return None
+    try:
+        outcome = revoke_outcome(provider.revoke(key_id=key_id, secret=None, credential_type=credential_type or ""))
+    except Exception as exc:
+        log.warning("orphan_revoke_failed", provider=provider_name, provider_key_id=key_id, name=name,
+                    error=type(exc).__name__, detail=str(exc)[:200])
+        return None
+    if outcome is RevokeOutcome.already_gone:
+        log.info("orphan_already_gone", provider=provider_name, provider_key_id=key_id, name=name)
+        return None
+    with session_scope(engine) as session:
+        run = session.get(RotationRun, run_id)
+        session.add(AuditEvent(at=utcnow(), run_id=run_id if run is not None else None,
+                               key_id=run.key_id if run is not None else None, actor=ACTOR, event="orphan_revoked",
+                               detail={"provider": provider_name, "provider_key_id": key_id, "name": name,
+                                       "revocation": outcome.value, "run_known": run is not None}))
+    log.warning("orphan_revoked", provider=provider_name, provider_key_id=key_id, name=name, run_id=run_id)
+    return RevokedOrphan(provider_name, key_id, name, run_id)

@@ -18,7 +18,7 @@ from worker.db.session import make_engine, session_scope
 from worker.errors import DeprecatedCredential, PermanentError
 from worker.integrations.base import Announcement, VerifyResult, VerifyStatus
 from worker.pipeline.context import PipelineContext, StepPolicy
-from worker.providers.base import CheckOutcome, IssuedCredential, ProviderKeyInfo, RotationMode
+from worker.providers.base import CheckOutcome, IssuedCredential, ProviderKeyInfo, RevokeOutcome, RotationMode
 from worker.secret import Secret
 from worker.vault.errors import VaultCheckAndSetMismatch, VaultNotFound
 from worker.vault.store import KEY_ID_FIELD, StoredSecret
@@ -232,15 +232,17 @@ class FakeProvider:
             return CheckOutcome.invalid
         return CheckOutcome.valid
 
-    def revoke(self, *, key_id: Optional[str], secret: Optional[Secret], credential_type: str) -> None:
+    def revoke(self, *, key_id: Optional[str], secret: Optional[Secret], credential_type: str) -> RevokeOutcome:
         self.faults.hit("revoke")
         key = self.keys.get(key_id or "") or (self._find(secret.reveal()) if secret else None)
         if key is not None and key.key_id in self.revoke_refused_deprecated:
             self.calls.append(("revoke_refused", key.key_id))
             raise DeprecatedCredential("434: this credential type is deprecated")
         self.calls.append(("revoke", key.key_id if key else key_id))
-        if key is not None:
-            key.valid = False
+        if key is None or not key.valid:
+            return RevokeOutcome.already_gone
+        key.valid = False
+        return RevokeOutcome.revoked
 
     def list_keys(self) -> list[ProviderKeyInfo]:
         self.faults.hit("list")

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from worker import log
 from worker.connectivity import check_database, check_redis, open_vault
-from worker.errors import ConfigError, KeyrotorError
+from worker.errors import ConfigError
 from worker.secret import Secret
 from worker.secret_refs import SecretRef, SecretResolver, make_resolver, unresolvable
 

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     vault_timeout_s: float = Field(10.0, gt=0)
 
     queue_namespace: str = Field("keyrotor", description="Dramatiq namespace (Redis key prefix)")
+    broker_heartbeat_timeout_s: float = Field(15.0, ge=2, le=3600, description="A worker silent this long is dead: its unacknowledged and delayed messages go back to live workers")
     http_timeout_s: float = Field(15.0, gt=0, description="Timeout of one call to a provider or integration")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"

@@ -71,10 +71,10 @@ def test_sigkill_mid_precheck_then_a_new_worker_completes_the_run(make_world: Wo
     _assert_clean_completion(world, run_id, monitor)
 
 
-def test_sigkill_while_the_provider_mints_fails_cleanly_and_the_next_run_completes(make_world: WorldFactory) -> None:
+def test_sigkill_while_the_provider_mints_revokes_the_lost_key_before_issuing_again(make_world: WorldFactory) -> None:
     """Killed inside the issue call: the provider minted a key whose secret nobody received. The
-    redelivered step must not mint a second one; it finds the lost key by its name, revokes it and
-    fails, and the old key stays current. A fresh run then rotates normally."""
+    redelivered step waits until that call cannot be in flight any more, finds the lost key by the
+    run's name, revokes it, and only then issues the key the run goes on with."""
     world = make_world(grace_s=1, probe_ms=30)
     monitor = world.monitor()
     world.provider.add_fault("issue", delay=1.5, count=1)
@@ -85,23 +85,24 @@ def test_sigkill_while_the_provider_mints_fails_cleanly_and_the_next_run_complet
     first.kill(signal.SIGKILL)
     # The provider finishes the request the dead worker made: the key exists, its secret is lost.
     _wait(lambda: len(world.keys_of_run(run_id)) == 1, "the provider to mint the key", world, run_id)
+    lost = world.keys_of_run(run_id)[0]
     assert world.state(run_id) == "requested"
 
     world.start_worker(threads=2)
     # What Dramatiq does once the dead worker's heartbeat times out: redeliver its unacked message.
-    # (The reconciler cannot: a run still in `requested` has no step deadline — see
-    # test_reconciler_recovers_a_requested_run_whose_message_was_lost.)
     world.enqueue(run_id)
-    world.wait_state(run_id, ["failed"], timeout=30)
-    assert world.transitions(run_id) == ["requested", "compensating", "failed"], world.trail(run_id)
-    lost = world.keys_of_run(run_id)
-    assert len(lost) == 1 and lost[0].revoked, "the lost key is revoked, and no second key was minted"
-    assert "lost before it reached Vault" in (world.run(run_id).last_error or ""), world.trail(run_id)
-    assert world.current_secret() == world.seed_secret and world.provider.is_live(world.seed_secret)
-
-    second = world.request()
-    world.wait_state(second, ["completed"], timeout=30)
-    _assert_clean_completion(world, second, monitor)
+    world.wait_state(run_id, ["completed"], timeout=40)
+    assert world.transitions(run_id) == CLEAN_PATH, world.trail(run_id)
+    minted = world.keys_of_run(run_id)
+    assert len(minted) == 2 and world.provider.key(lost.id).revoked, world.trail(run_id)
+    fresh = next(k for k in minted if k.id != lost.id)
+    assert world.current_secret() == fresh.secret and not fresh.revoked
+    strays = [e.detail for e in world.audit(run_id) if e.event == "stray_key_found"]
+    assert [(d["provider_key_id"], d["revocation"]) for d in strays] == [(lost.id, "revoked")], world.trail(run_id)
+    monitor.stop()
+    assert not monitor.violations, monitor.violations[:5]
+    _, revoked = world.reconcile()
+    assert revoked == [] and world.orphans_at_provider() == []
 
 
 def test_reconciler_recovers_a_requested_run_whose_message_was_lost(make_world: WorldFactory) -> None:

@@ -16,7 +16,8 @@ def test_transient_provider_failures_are_retried_boundedly_and_the_run_completes
     world = make_world(grace_s=1, probe_ms=30)
     monitor = world.monitor()
     provider, faults = world.provider, world.run_key_faults
-    provider.add_fault("list", garbage=True, count=1)                 # issue attempt 1: HTML instead of JSON
+    provider.add_fault("issue", garbage=True, count=1)               # issue attempt 1: HTML instead of JSON
+    provider.add_fault("list", garbage=True, count=1)                # its settling look-up: garbage too
     provider.add_fault("issue", status=429, retry_after="2", count=1)  # issue attempt 2: rate limited
     faults.add_check_fault(status=503, count=2)                        # precheck: two 5xx, then fine
     provider.add_fault("revoke", status=500, count=1)                 # retire: one 5xx
@@ -29,18 +30,20 @@ def test_transient_provider_failures_are_retried_boundedly_and_the_run_completes
     assert len(world.keys_of_run(run_id)) == 1
     # Every injected fault was met, and each call was repeated only as often as it failed.
     issue = [status for _, status in faults.calls("issue")]
-    assert issue == [429, 201], issue
+    assert issue == [200, 429, 201], issue
     lists = [status for _, status in faults.calls("list")]
-    assert len(lists) == 3, lists  # garbage, then one look-up per further issue attempt
+    assert lists == [200, 200], lists  # only after the garbage answer (outcome unknown): garbage, then the look
     revokes = [status for _, status in faults.calls("revoke")]
     assert revokes == [500, 204], revokes
     checks = [status for _, status in faults.calls("check")]
     assert checks[:3] == [503, 503, 200] and len(checks) <= 6, checks
     # Step-level retries are recorded, bounded, and the one after the 429 waited its Retry-After.
     retries = [e for e in world.audit(run_id) if e.event == "step_retry"]
-    assert [e.detail["step"] for e in retries] == ["issue", "issue"], world.trail(run_id)
-    assert retries[1].detail["retry_in_s"] >= 2.0
-    (t_429, _), (t_201, _) = faults.calls("issue")
+    assert [e.detail["step"] for e in retries] == ["issue", "issue", "issue"], world.trail(run_id)
+    assert retries[2].detail["retry_in_s"] >= 2.0
+    unknown = [e for e in world.audit(run_id) if e.event == "issue_outcome_unknown"]
+    assert len(unknown) == 1, world.trail(run_id)
+    (_, _), (t_429, _), (t_201, _) = faults.calls("issue")
     assert t_201 - t_429 >= 2.0, f"re-issued {t_201 - t_429:.2f}s after a 429 with Retry-After: 2"
     assert not monitor.violations and world.consumer.stats()["probe_failures"] == 0
 

@@ -614,6 +614,8 @@ def render_inventory(world_bits: dict[str, Any], *, grace_s: int, activation_tim
         world_bits["provider_url"], admin_token_ref={"env": PROVIDER_TOKEN_ENV},
         rate_limit={"requests": rate_limit, "per": "1s"},
         activation={"poll_interval": "1s", "timeout": f"{activation_timeout_s}s"})
+    # An issue call without an answer is settled 2 x this after it started (list, revoke strays).
+    provider["calls"]["issue"]["timeout"] = "2s"
     integrations: dict[str, Any] = {}
     if with_consumer:
         integrations["app-consumer"] = {

@@ -235,8 +235,9 @@ def test_stuck_runs_are_reenqueued_then_go_to_needs_attention(engine, pipeline) 
     assert alerts == [("needs_attention", "alloy/stuck", "run-stuck")]
     with session_scope(engine) as s:
         stuck = s.get(RotationRun, "run-stuck")
-        assert stuck.state == RunState.needs_attention.value and stuck.attempts == 3 and "3 re-enqueues" in stuck.last_error
-        assert s.get(RotationRun, "run-deposit").attempts == 0  # a person acts next: left alone
+        assert stuck.state == RunState.needs_attention.value and stuck.requeues == 3 and "3 re-enqueues" in stuck.last_error
+        assert stuck.attempts == 0  # the step's own retry count is not the reconciler's
+        assert s.get(RotationRun, "run-deposit").requeues == 0  # a person acts next: left alone
         events = s.exec(select(AuditEvent.event).where(AuditEvent.run_id == "run-stuck").order_by(AuditEvent.id)).all()
     assert events == ["requeued", "requeued", "requeued", "state_changed"]
     # needs_attention is left alone from now on
@@ -269,12 +270,12 @@ def test_orphans_are_found_through_the_list_call_and_revoked(engine, standin) ->
                           requested_by="scheduler", created_at=clock.at, finished_at=clock.at))
         s.add(RotationRun(id="runlive0001", key_id=key.id, state=RunState.completed.value, trigger="schedule",
                           requested_by="scheduler", created_at=clock.at, finished_at=clock.at))
-        s.add(RotationRun(id="runopen0001", key_id=key.id, state=RunState.issued.value, trigger="schedule",
+        s.add(RotationRun(id="runopen0001", key_id=key.id, state=RunState.requested.value, trigger="schedule",
                           requested_by="scheduler", created_at=clock.at))
     failed = standin.seed_key(issued_name("runfailed01"))      # compensation did not get to revoke it
     unknown = standin.seed_key(issued_name("ghostrun0001"))    # the DB has never heard of this run
     live = standin.seed_key(issued_name("runlive0001"))        # current version: must stay
-    in_flight = standin.seed_key(issued_name("runopen0001"))   # its run is still working: must stay
+    in_flight = standin.seed_key(issued_name("runopen0001"))   # its run is still issuing: must stay
     human = standin.seed_key("ci-token-made-by-a-person")      # not ours: never touched
     with session_scope(engine) as s:
         s.add(KeyVersion(key_id=key.id, run_id="runlive0001", credential_type="api_key", stage=VersionStage.current.value,

@@ -9,7 +9,7 @@ from sqlmodel import Session, select
 
 from tests.fakes_pipeline import FakeProvider, World, all_rows_text, states_in_audit
 from worker.clock import as_utc
-from worker.db.models import KeyVersion, ManagedKey, RotationRun, RunState, SinkDelivery, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, RunState, SinkDelivery, VersionStage
 from worker.db.session import session_scope
 from worker.errors import PermanentError, RateLimited, StateConflict, TransientError
 from worker.pipeline import steps
@@ -176,13 +176,19 @@ def test_retire_refuses_when_vault_serves_something_else(world: World) -> None:
     assert "no longer serves the new credential" in (get_run(world, run_id).last_error or "")
 
 
-def test_crash_after_issue_before_staging_revokes_orphan_and_fails(world: World) -> None:
+def test_crash_after_issue_before_staging_revokes_the_stray_before_issuing_again(world: World) -> None:
     world.provider.faults.add("after_issue", RuntimeError("worker killed"))  # key exists, secret lost
     run_id = world.request()
-    assert world.drive(run_id) == RunState.failed
-    assert len(world.provider.issued_secrets) == 1  # never issued twice for one run
-    assert not world.provider.is_valid(world.provider.issued_secrets[0])
-    assert world.provider.is_valid(world.old.secret) and world.vault_value() == world.old.secret
+    assert world.drive(run_id) == RunState.completed
+    stray, fresh = world.provider.issued_secrets
+    assert not world.provider.is_valid(stray) and world.provider.is_valid(fresh)
+    assert world.vault_value() == fresh
+    calls = [c for c, _ in world.provider.calls if c in ("issue", "revoke")]
+    assert calls[:3] == ["issue", "revoke", "issue"]  # the stray is revoked before the run issues again
+    with Session(world.engine) as session:
+        events = {e.event: e.detail for e in session.exec(select(AuditEvent).where(AuditEvent.run_id == run_id)).all()}
+    assert events["issue_outcome_unknown"]["name"] == f"keyrotor-{run_id}"
+    assert events["stray_key_found"]["revocation"] == "revoked"
 
 
 def test_crash_after_vault_promote_is_recovered(world: World) -> None:

@@ -94,3 +94,36 @@ def test_plan_command_table(engine, sqlite_url, monkeypatch, capsys) -> None:  #
         get_settings.cache_clear()
     out = capsys.readouterr().out
     assert "alloy/old" in out and "overdue" in out and "manual → personal_access_token" in out
+
+
+def test_plan_and_status_say_what_is_left_for_a_provider_without_a_list_call(engine, sqlite_url, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Without a list call, a key minted by an issue call whose answer was lost cannot be found:
+    plan and status say so instead of implying the orphan scan covers it."""
+    import copy
+
+    from worker.cli.main import main
+    from worker.settings import get_settings
+
+    seeing = copy.deepcopy(ALLOY_SPEC)  # ALLOY_SPEC declares no list call; this one does
+    seeing["calls"]["list"] = {"method": "GET", "url": "{base_url}/api/api-key",
+                               "response": {"items": "$.keys", "key_id": "$.id", "name": "$.name"}}
+    with session_scope(engine) as s:
+        add_provider(s, "seeing", seeing)
+        s.flush()
+        add_key(s, "seeing/key", "seeing", next_due_at=NOW + timedelta(days=1), due_reason="expiry")
+    with session_scope(engine) as s:
+        items = {i.key: i for i in build_plan(s, now=NOW, days=30)}
+    assert "no orphan scan (the provider has no list call)" in items["alloy/expiring"].note
+    assert "orphan scan" not in items["seeing/key"].note
+    monkeypatch.setenv("KEYROTOR_DATABASE_URL", sqlite_url)
+    get_settings.cache_clear()
+    try:
+        assert main(["status", "--json"]) == 0
+        rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)["keys"]}
+        assert "issue_outcome_unknown" in rows["alloy/expiring"]["orphan_guard"]
+        assert rows["seeing/key"]["orphan_guard"] is None
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        assert "provider alloy: no orphan scan" in out and "provider seeing:" not in out
+    finally:
+        get_settings.cache_clear()

@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 from typing import NoReturn
-from urllib.parse import urlparse, urlsplit, urlunsplit
+from urllib.parse import urlparse
 
 import typer
 from sqlalchemy.engine import Engine

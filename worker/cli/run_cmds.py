@@ -41,6 +41,8 @@ def status(json_out: bool = typer.Option(False, "--json", help="Print one JSON d
         ])
     print_table(["key", "provider", "stage", "current", "expires", "next due", "last run", "run id"], table,
                 empty="no managed keys; load an inventory with `keyrotor config apply FILE`")
+    for provider, guard in sorted({(r["provider"], r["orphan_guard"]) for r in rows if r["orphan_guard"]}):
+        typer.echo(f"provider {provider}: {guard}")
 
 
 def history(

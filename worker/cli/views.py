@@ -13,11 +13,13 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from worker.clock import as_utc
+from worker.providers.guarantees import orphan_guard
 from worker.db.models import (
     TERMINAL_STATES,
     AuditEvent,
     KeyVersion,
     ManagedKey,
+    ProviderRecord,
     RotationRun,
     RunState,
     SinkDelivery,
@@ -127,6 +129,7 @@ def key_status(session: Session) -> list[dict[str, Any]]:
     keys = session.exec(select(ManagedKey).order_by(col(ManagedKey.name))).all()
     runs = _latest_runs(session)
     versions = _live_versions(session)
+    records = {r.name: r for r in session.exec(select(ProviderRecord)).all()}
     out = []
     for key in keys:
         run = runs.get(key.id or -1)
@@ -158,6 +161,8 @@ def key_status(session: Session) -> list[dict[str, Any]]:
             "next_due_at": as_utc(key.next_due_at),
             "due_reason": key.due_reason,
             "last_run": run_dict(run, key.name) if run is not None else None,
+            # None: every key minted under a run's name is accounted for; else what is left.
+            "orphan_guard": orphan_guard(records.get(key.provider)),
         })
     return out
 

@@ -143,7 +143,16 @@ class RotationRun(SQLModel, table=True):
     idempotency_key: Optional[str] = Field(default=None, max_length=200)
     emergency: bool = False
     target_credential_type: Optional[str] = Field(default=None, max_length=64)
+    #: Failed executions of the current step (its retry budget, whoever re-enqueues it); reset
+    #: by every transition.
     attempts: int = 0
+    #: Reconciler re-enqueues in the current state without progress (migration 0004); reset by
+    #: every transition. Separate from ``attempts``, which counts the step's own failures.
+    requeues: int = 0
+    #: Set before the provider's issue call and cleared once its answer is known: while set, a key
+    #: named after the run may exist that nobody recorded, so the next issue attempt lists the
+    #: provider's keys first (migration 0004).
+    issue_unknown_since: Optional[datetime] = _ts()
     old_version_id: Optional[int] = Field(default=None, foreign_key="key_version.id")
     new_version_id: Optional[int] = Field(default=None, foreign_key="key_version.id")
     not_before: Optional[datetime] = _ts()
@@ -186,6 +195,17 @@ class AuditEvent(SQLModel, table=True):
     from_state: Optional[str] = Field(default=None, max_length=24)
     to_state: Optional[str] = Field(default=None, max_length=24)
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class ProviderKeySighting(SQLModel, table=True):
+    """When the orphan scan first saw a provider key named after a run (migration 0004): the
+    minimum-age guard uses it when the provider's list gives no creation time."""
+
+    __tablename__ = "provider_key_sighting"
+
+    provider: str = Field(primary_key=True, max_length=128)
+    provider_key_id: str = Field(primary_key=True, max_length=200)
+    first_seen_at: Optional[datetime] = _ts(nullable=False)
 
 
 class InventorySnapshot(SQLModel, table=True):

@@ -189,7 +189,8 @@ class DemoEnvironment:
 
         settings = get_settings()
         if self.broker_kind == "redis":
-            broker = make_redis_broker(settings.redis_url, self.queue_namespace)
+            broker = make_redis_broker(settings.redis_url, self.queue_namespace,
+                                       heartbeat_timeout_s=settings.broker_heartbeat_timeout_s)
         else:
             broker = make_stub_broker()
         setup_broker(broker=broker)

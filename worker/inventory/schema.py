@@ -32,7 +32,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from worker.inventory.literals import CREDENTIAL_HEADERS, header_problem, url_problem
+from worker.inventory.literals import header_problem, url_problem
 from worker.secret_refs import SecretRef
 
 __all__ = [
@@ -268,8 +268,9 @@ class ResponseSpec(_Model):
     items: Optional[str] = None   # list calls: where the list is; key_id/name are then relative to one item
     name: Optional[str] = None
     created_at: Optional[str] = None  # list calls: when the provider created the key (relative to one item)
+    revoked: Optional[str] = None  # list calls: a flag that is true for a revoked/inactive key (relative to one item)
 
-    @field_validator("secret", "key_id", "expires_at", "items", "name", "created_at")
+    @field_validator("secret", "key_id", "expires_at", "items", "name", "created_at", "revoked")
     @classmethod
     def _json_path(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and not re.match(r"^\$(\.[A-Za-z0-9_-]+|\[\d+\])*$", value):

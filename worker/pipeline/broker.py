@@ -18,14 +18,26 @@ REQUEST_QUEUE = "rotation_requests"
 _broker: Optional[dramatiq.Broker] = None
 
 
-def make_redis_broker(url: str, namespace: str) -> dramatiq.Broker:
+#: Out of a million broker commands, how many also look for dead workers' messages (Dramatiq's
+#: default is 1000: with few commands a killed worker's messages waited minutes). The look is one
+#: sorted-set range query when nobody died.
+MAINTENANCE_CHANCE = 100_000
+DEFAULT_HEARTBEAT_TIMEOUT_S = 15.0
+
+
+def make_redis_broker(url: str, namespace: str, *, heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> dramatiq.Broker:
     from worker.pipeline.poison import PoisonSafeRedisBroker
 
     # Bounded socket waits: a hung Redis must surface as an error (retried, then reported) rather
     # than freeze a worker thread or the CLI forever. Dramatiq's consumer polls with Lua scripts and
     # never blocks on a socket read, so 30 s is far above any healthy answer.
+    # A worker holds the delayed messages it fetched (retire after grace, polls, retries) in memory
+    # until due, acknowledged only then; when it is killed, they go back to live workers once its
+    # heartbeat (every broker command, at least every second while it runs) is older than
+    # ``heartbeat_timeout_s`` and a maintenance pass runs, instead of waiting for the reconciler.
     return PoisonSafeRedisBroker(url=url, namespace=namespace, socket_connect_timeout=5, socket_timeout=30,
-                                 health_check_interval=30)
+                                 health_check_interval=30, heartbeat_timeout=int(heartbeat_timeout_s * 1000),
+                                 maintenance_chance=MAINTENANCE_CHANCE)
 
 
 def make_stub_broker() -> StubBroker:
@@ -39,7 +51,8 @@ def setup_broker(settings: Any = None, *, broker: Optional[dramatiq.Broker] = No
         from worker.settings import get_settings
 
         settings = settings or get_settings()
-        broker = make_redis_broker(settings.redis_url, settings.queue_namespace)
+        broker = make_redis_broker(settings.redis_url, settings.queue_namespace,
+                                   heartbeat_timeout_s=settings.broker_heartbeat_timeout_s)
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
     import worker.ops_metrics  # noqa: F401  (keyrotor_build_info in every process that has a broker)

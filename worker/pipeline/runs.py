@@ -67,7 +67,7 @@ def transition(
     check_transition(run.mode, expected, to)
     now = utcnow()
     # Moving on ends the current execution's lease (worker/pipeline/lease.py) in the same UPDATE.
-    values: dict[str, Any] = {"state": to.value, "updated_at": now, "attempts": 0, "lease_owner": None,
+    values: dict[str, Any] = {"state": to.value, "updated_at": now, "attempts": 0, "requeues": 0, "lease_owner": None,
                               "lease_until": None, **fields}
     values["step_deadline_at"] = now + timedelta(seconds=deadline_s) if deadline_s is not None else None
     if to in TERMINAL_STATES:

@@ -28,6 +28,18 @@ class CheckOutcome(str, Enum):
     deprecated = "deprecated"
 
 
+class RevokeOutcome(str, Enum):
+    """What the provider answered to a revocation: audit trails report this, not an assumption."""
+
+    revoked = "revoked"            # the provider confirmed it revoked the key now
+    already_gone = "already_gone"  # the provider answered that the key does not exist (404)
+
+
+def revoke_outcome(answer: object) -> RevokeOutcome:
+    """A ``revoke`` result as a ``RevokeOutcome`` (adapters that return nothing confirmed it)."""
+    return answer if isinstance(answer, RevokeOutcome) else RevokeOutcome(str(getattr(answer, "value", answer) or "revoked"))
+
+
 @dataclass(frozen=True)
 class IssuedCredential:
     secret: Secret
@@ -42,6 +54,8 @@ class ProviderKeyInfo:
     name: str | None
     created_at: datetime | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    #: ``False`` when the list says the key is revoked/inactive, ``None`` when it does not say.
+    live: bool | None = None
 
 
 @runtime_checkable
@@ -56,7 +70,7 @@ class Provider(Protocol):
 
     def check(self, secret: Secret, *, credential_type: str) -> CheckOutcome: ...
 
-    def revoke(self, *, key_id: str | None, secret: Secret | None, credential_type: str) -> None: ...
+    def revoke(self, *, key_id: str | None, secret: Secret | None, credential_type: str) -> RevokeOutcome: ...
 
     def list_keys(self) -> list[ProviderKeyInfo]: ...
 

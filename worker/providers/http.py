@@ -49,7 +49,14 @@ from worker.inventory.schema import (
     MtlsAuthSpec,
 )
 from worker.log import get_logger
-from worker.providers.base import CheckOutcome, IssuedCredential, ProviderKeyInfo, RotationMode, wait_until_live
+from worker.providers.base import (
+    CheckOutcome,
+    IssuedCredential,
+    ProviderKeyInfo,
+    RevokeOutcome,
+    RotationMode,
+    wait_until_live,
+)
 from worker.providers.jsonpath import JsonPathError, extract
 from worker.providers.ratelimit import RateLimit, RateLimiter
 from worker.providers.templating import render, render_json, render_url
@@ -197,12 +204,14 @@ class HttpProvider:
         self._json(response, "check", allow_empty=True)  # a 200 HTML page from a proxy is not "valid"
         return CheckOutcome.valid
 
-    def revoke(self, *, key_id: str | None, secret: Secret | None, credential_type: str) -> None:
+    def revoke(self, *, key_id: str | None, secret: Secret | None, credential_type: str) -> RevokeOutcome:
         call = self._need("revoke")
         variables = self._variables(credential_type=credential_type, key_id=key_id, secret=secret)
         response = self._request("revoke", call, variables, credential_type=credential_type, not_found_ok=True)
-        if response.status_code != 404:
-            self._json(response, "revoke", allow_empty=True)
+        if response.status_code == 404:
+            return RevokeOutcome.already_gone
+        self._json(response, "revoke", allow_empty=True)
+        return RevokeOutcome.revoked
 
     def list_keys(self) -> list[ProviderKeyInfo]:
         call = self._need("list")
@@ -221,8 +230,27 @@ class HttpProvider:
                 key_id=None if key_id is None else str(key_id),
                 name=None if name is None else str(name),
                 created_at=created,
+                live=self._listed_live(item, paths.revoked),
             ))
         return keys
+
+    @property
+    def issue_timeout_s(self) -> float:
+        """How long an issue call may take before the client gives up (its answer is then unknown)."""
+        call = self.spec.calls.issue
+        return call.timeout.total_seconds() if call is not None and call.timeout else self._timeout
+
+    def _listed_live(self, item: Any, revoked_path: str | None) -> bool | None:
+        """``response.revoked`` names a flag in each listed item (true/"revoked"/"inactive"… = not
+        live); without it, or when the item has no such field, liveness is unknown (``None``)."""
+        if not revoked_path:
+            return None
+        flag = self._optional_field(item, revoked_path)
+        if flag is None:
+            return None
+        if isinstance(flag, str):
+            return flag.strip().lower() not in ("true", "1", "yes", "revoked", "inactive", "disabled", "deleted")
+        return not bool(flag)
 
     def wait_until_live(self, secret: Secret, credential_type: str, timeout: float | None = None,
                         poll_interval: float | None = None, sleep: Callable[[float], None] | None = None) -> CheckOutcome:

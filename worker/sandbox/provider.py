@@ -5,13 +5,15 @@ keyrotor must survive from the other seeds: Asana's deprecation timeline and 434
 API (Bearer auth with the admin token or a live key):
   POST   /api/api-key        {"name", "credentialType"?, "username"?} → 201 {id, name, apiKey, createdAt, expiresAt}
   GET    /api/user/me        200 {"user": {...}, "apiKeyId"} for a live key, 401 otherwise
-  GET    /api/api-key        {"keys": [{id, name, createdAt, expiresAt, credentialType}]} (never the secret)
+  GET    /api/api-key        {"keys": [{id, name, createdAt, expiresAt, credentialType, revoked}]} (never the
+                             secret; revoked keys only with the ``list_revoked`` setting)
   DELETE /api/api-key/{id}   204, or 404 when unknown / already revoked
 Control (Bearer admin token):
   POST /_sandbox/faults {"route": "issue|check|revoke|list|any", "status"?, "count"?, "delay"?,
                          "garbage"?, "retry_after"?}
   POST /_sandbox/deprecation {"credential_type", "phase": "none|no_new_credentials|amnesty|rejected"}
-  POST /_sandbox/config {"activation_delay"?, "key_ttl"?, "rate_limit"?: {"requests", "per"} | null, "cutover"?}
+  POST /_sandbox/config {"activation_delay"?, "key_ttl"?, "rate_limit"?: {"requests", "per"} | null, "cutover"?,
+                         "list_revoked"?}
   POST /_sandbox/keys {"name", "credentialType"?, "username"?, "active"?} → the key, *with* apiKey (seeding)
   GET  /_sandbox/stats → {"routes": {route: {status: count}}, "requests": n}
   POST /_sandbox/stats/reset
@@ -77,6 +79,8 @@ class ProviderState:
     key_ttl: float | None = None
     rate_limit: tuple[int, float] | None = None
     cutover: bool = False
+    #: List revoked keys too (flagged ``"revoked": true``), as some providers do.
+    list_revoked: bool = False
     amnesty_header: str = DEFAULT_AMNESTY_HEADER
     clock: Callable[[], float] = time.time
     keys: dict[str, SandboxKey] = field(default_factory=dict)
@@ -279,7 +283,8 @@ class ProviderApp:
         if failure is not None:
             return failure
         with self.state.lock:
-            keys = [k.public() for k in self.state.keys.values() if not k.revoked]
+            keys = [{**k.public(), "revoked": k.revoked} for k in self.state.keys.values()
+                    if self.state.list_revoked or not k.revoked]
         return Response.json(200, {"keys": keys})
 
     def _revoke(self, request: Request) -> Response:
@@ -366,8 +371,8 @@ def configure(state: ProviderState, **values: Any) -> None:
                 state.requests_seen.clear()
             elif name in ("activation_delay", "key_ttl"):
                 setattr(state, name, None if value is None else float(value))
-            elif name == "cutover":
-                state.cutover = bool(value)
+            elif name in ("cutover", "list_revoked"):
+                setattr(state, name, bool(value))
             else:
                 raise ValueError(f"unknown setting {name!r}")
 

@@ -106,10 +106,16 @@ def _versions(session: Session, old_id: Optional[int], new_id: Optional[int]) ->
 
 
 def _require_staged(ctx: PipelineContext, snap: Snapshot, action: str) -> tuple[Secret, Optional[str]]:
-    """The run's staged secret and provider key id; a permanent error when staging is gone."""
+    """The run's staged secret and provider key id, checked against the fingerprint recorded at
+    issue (staging is never trusted: a staging write that timed out may land later and replace it);
+    a permanent error when staging is gone or holds another secret."""
     staged = read_pending(ctx.vault, snap.run.id)
     if staged is None:
         raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot {action} it")
+    recorded = snap.new.fingerprint if snap.new is not None else None
+    if recorded is None or staged[0].fingerprint != recorded:
+        raise PermanentError(f"staging of run {snap.run.id} holds a secret (fingerprint {staged[0].fingerprint}) other "
+                             f"than the one recorded at issue ({recorded}); refusing to {action} it")
     return staged
 
 

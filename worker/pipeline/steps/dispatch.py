@@ -24,7 +24,7 @@ from worker.pipeline.steps.promotion import precheck, promote
 from worker.pipeline.steps.recovery import compensate, fail_run, rollback
 from worker.pipeline.steps.retirement import finish, retire
 from worker.pipeline.steps.sinks import propagate, verify
-from worker.protocol import FailureKind, Mode, Step, expected_state, next_step, parse_mode
+from worker.protocol import FailureKind, Step, expected_state, next_step, parse_mode
 
 logger = log.get_logger("keyrotor.pipeline")
 
@@ -114,21 +114,26 @@ def _on_lease_held(step: Step, exc: LeaseHeld) -> Action:
 
 
 def _on_error(ctx: PipelineContext, step: Step, run_id: str, exc: BaseException, retry_count: int) -> Action:
+    """Retry within the step's budget, or take the failure path. The budget is the run's persisted
+    ``attempts`` (failed executions of its current step), not the message's own retry count: a
+    reconciler re-enqueue or a duplicate message is a fresh Dramatiq message, and must not start a
+    fresh budget."""
     STEP_FAILURES.labels(step=step.value, error=retries.error_label(exc)).inc()
-    decision = retries.decide(exc, retry_count, ctx.policy)
-    if decision.retry:
-        with session_scope(ctx.engine) as session:
-            run = load_run(session, run_id)
-            if run is None or run_state(run) != expected_state(step):
-                return Action()
-            note_attempt(session, run, actor=ctx.actor, step=step.value, error=safe_error(exc),
-                         delay_s=decision.delay_ms / 1000, time_limit_s=ctx.policy.time_limit_ms / 1000)
-        logger.warning("step.retry", error=safe_error(exc), retry_in_ms=decision.delay_ms, retries=retry_count)
-        return Action(step=step, delay_ms=decision.delay_ms, retry=True)
-    kind = FailureKind.permanent if retries.is_permanent(exc) else FailureKind.exhausted
     with session_scope(ctx.engine) as session:
         run = load_run(session, run_id)
-        mode = parse_mode(run.mode) if run is not None else Mode.overlap
+        if run is None or run_state(run) != expected_state(step):
+            return Action()
+        mode = parse_mode(run.mode)
+        failures = run.attempts
+        decision = retries.decide(exc, failures, ctx.policy)
+        if decision.retry:
+            note_attempt(session, run, actor=ctx.actor, step=step.value, error=safe_error(exc),
+                         delay_s=decision.delay_ms / 1000, time_limit_s=ctx.policy.time_limit_ms / 1000)
+    if decision.retry:
+        logger.warning("step.retry", error=safe_error(exc), retry_in_ms=decision.delay_ms, retries=failures,
+                       message_retries=retry_count)
+        return Action(step=step, delay_ms=decision.delay_ms, retry=True)
+    kind = FailureKind.permanent if retries.is_permanent(exc) else FailureKind.exhausted
     target = fail_run(ctx, run_id, step, exc, kind)
     following = next_step(mode, target) if target is not None else None
     return Action(step=following) if following else Action()

@@ -3,22 +3,29 @@ assisted mode, ``request_deposit`` asks the owner for it. Both wait for the run'
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any, Optional
+
+from sqlalchemy import update
 
 from worker import log
 from worker.clock import as_utc, utcnow
+from worker.db.models import RotationRun
 from worker.db.session import session_scope
-from worker.errors import DeprecatedCredential, PermanentError, StateConflict
+from worker.errors import DeprecatedCredential, PermanentError, RateLimited, StateConflict, is_permanent
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, safe_error, seconds_between
 from worker.pipeline.lease import transitioned
 from worker.pipeline.preflight import check_run_references
-from worker.pipeline.runs import load_run, run_state, transition
+from worker.pipeline.runs import audit, load_run, run_state, transition
 from worker.pipeline.steps.common import Snapshot, StepOutcome, _deadline_s, _notify, _snapshot
-from worker.pipeline.steps.provider import _new_deprecated, _provider
+from worker.pipeline.steps.minted import MintedKey, minted_keys, record_discarded, record_minted
+from worker.pipeline.steps.provider import _new_deprecated, _provider, revoke_key
+from worker.providers.base import issued_name
 from worker.pipeline.steps.versions import _ensure_old_version, _record_new_version
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
+from worker.vault.errors import VaultError, VaultUnavailable
 
 logger = log.get_logger("keyrotor.pipeline")
 S = RunState
@@ -32,48 +39,40 @@ def _not_before_delay(snap: Snapshot) -> Optional[float]:
 
 
 def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
-    """requested → issued: mint the new credential (never twice per run) and stage it in Vault."""
+    """requested → issued: mint the new credential and stage it in Vault. Calls whose outcome is
+    unknown are settled first: staging is adopted only when it holds a key this run minted and
+    did not discard; minted keys whose secret never reached staging are revoked; and after an
+    issue call that failed without a definite answer, the provider's keys named after the run are
+    listed (once the call can no longer be in flight) and revoked before issuing again."""
     snap = _snapshot(ctx, run_id, Step.issue)
     if snap is None:
         return None
     wait = _not_before_delay(snap)
     if wait is not None:
         return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
-    staged = read_pending(ctx.vault, snap.run.id)
+    name = issued_name(snap.run.id)
+    with session_scope(ctx.engine) as session:
+        minted = minted_keys(session, snap.run.id)
+    staged = _trusted_staging(ctx, snap, minted)
     if staged is None:  # nothing issued yet: a broken reference fails the run before any effect
         check_run_references(ctx, snap.key, snap.provider_record)
     provider = _provider(ctx, snap)
-    name = f"keyrotor-{snap.run.id}"
     expires_at = None
     recovered = staged is not None
     if staged is not None:  # a previous attempt issued and staged, then crashed before recording
         secret, key_id = staged
         expires_at = ctx.vault.pending_expiry(snap.run.id)
     else:
-        if getattr(provider, "can_list", False):
-            orphan = next((k for k in provider.list_keys() if getattr(k, "name", None) == name), None)
-            if orphan is not None:
-                _record_lost_orphan(ctx, snap, getattr(orphan, "key_id", None), name)
+        _discard_lost(ctx, snap, provider, minted, name)
+        wait = _settle_unknown_issue(ctx, snap, provider, minted, name)
+        if wait is not None:
+            return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
         if not getattr(provider, "can_issue", True):
             raise PermanentError(f"provider {snap.key.provider!r} cannot issue keys; set its mode to 'assisted'")
-        try:
-            issued = provider.issue(name=name, credential_type=snap.credential_type, labels=dict(snap.key.labels or {}))
-        except DeprecatedCredential:
-            raise _new_deprecated(ctx, snap, "issue") from None
+        issued = _mint(ctx, snap, provider, name)
         secret, key_id, expires_at = issued.secret, issued.key_id, issued.expires_at
         with holding(secret):
-            try:
-                # The secret exists only in this process's memory until staged. The store already
-                # retries transient Vault errors (bounded, backoff, jitter, Retry-After); a second
-                # layer here would multiply its attempts, so one call, and on failure the key is
-                # revoked and the step's own (Dramatiq) retry issues a fresh one.
-                ctx.vault.stage_pending(snap.run.id, secret, key_id, expires_at)
-            except BaseException:
-                # Never staged = never usable: revoke it now rather than leave an orphan behind
-                # (not in cutover: there it is the only valid key, so a person must look).
-                if snap.mode != Mode.cutover:
-                    _revoke_quietly(provider, key_id=key_id, secret=secret, credential_type=snap.credential_type)
-                raise
+            _stage(ctx, snap, provider, secret, key_id, expires_at)
 
     detail = {"fingerprint": secret.fingerprint, "provider_key_id": key_id, "recovered_from_staging": recovered}
     if snap.mode == Mode.cutover:
@@ -86,6 +85,173 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     transitioned()
     logger.info("run.transition", from_state="requested", to_state="issued", fingerprint=secret.fingerprint)
     return StepOutcome(state=S.issued, mode=snap.mode)
+
+
+def _trusted_staging(ctx: PipelineContext, snap: Snapshot, minted: list[MintedKey]) -> Optional[tuple[Secret, Optional[str]]]:
+    """What staging holds, if it is a key this run minted and has not discarded. Anything else (a
+    timed-out staging write of a key revoked since, landing late) is cleared and recorded."""
+    staged = read_pending(ctx.vault, snap.run.id)
+    if staged is None:
+        return None
+    secret, key_id = staged
+    known = next((m for m in minted if m.fingerprint == secret.fingerprint), None)
+    if known is not None and not known.discarded:
+        return staged
+    reason = "a key this run discarded" if known is not None else "not a key this run minted"
+    ctx.vault.discard_pending(snap.run.id)
+    with session_scope(ctx.engine) as session:
+        audit(session, snap.run, actor=ctx.actor, event="staging_rejected",
+              detail={"fingerprint": secret.fingerprint, "provider_key_id": key_id, "reason": reason})
+    logger.warning("staging.rejected", fingerprint=secret.fingerprint, provider_key_id=key_id, reason=reason)
+    return None
+
+
+def _discard_lost(ctx: PipelineContext, snap: Snapshot, provider: Any, minted: list[MintedKey], name: str) -> None:
+    """Keys this run minted whose secret is not in staging can never be used: clear staging first
+    (a held write landing later is then rejected by its fingerprint), then revoke them."""
+    lost = [m for m in minted if not m.discarded]
+    if not lost:
+        return
+    ctx.vault.discard_pending(snap.run.id)
+    for key in lost:
+        revocation = "manual"
+        if key.provider_key_id is not None:
+            revocation = revoke_key(provider, key_id=key.provider_key_id, secret=None, credential_type=snap.credential_type)
+        if revocation == "manual":
+            _record_lost_orphan(ctx, snap, key.provider_key_id, name)
+        with session_scope(ctx.engine) as session:
+            record_discarded(session, snap.run, actor=ctx.actor, fingerprint=key.fingerprint,
+                             provider_key_id=key.provider_key_id, revocation=revocation,
+                             reason="its secret never reached staging")
+
+
+def _settle_unknown_issue(ctx: PipelineContext, snap: Snapshot, provider: Any, minted: list[MintedKey],
+                          name: str) -> Optional[float]:
+    """After an issue call without a definite answer: wait until it can no longer be in flight
+    (twice the provider's request timeout from its start), then list the keys named after the run
+    and revoke each (its secret is lost). Returns seconds to wait, or ``None`` to go on. Without a
+    list call nothing can be found: the call was recorded (``issue_outcome_unknown``, with the
+    name) when it failed, and ``plan``/``status`` say that this provider has no orphan scan."""
+    since = as_utc(snap.run.issue_unknown_since)
+    if since is None or not getattr(provider, "can_list", False):
+        return None
+    settle_at = since + timedelta(seconds=2 * float(getattr(provider, "issue_timeout_s", 0.0) or 0.0))
+    wait = seconds_between(settle_at, utcnow())
+    if wait > 0:
+        return wait
+    settled = {m.provider_key_id for m in minted if m.discarded}
+    for info in provider.list_keys():
+        key_id = getattr(info, "key_id", None)
+        if getattr(info, "name", None) != name or getattr(info, "live", None) is False or key_id in settled:
+            continue
+        revocation = "manual"
+        if key_id is not None:
+            revocation = revoke_key(provider, key_id=key_id, secret=None, credential_type=snap.credential_type)
+        if revocation == "manual":
+            _record_lost_orphan(ctx, snap, key_id, name)
+        with session_scope(ctx.engine) as session:
+            audit(session, snap.run, actor=ctx.actor, event="stray_key_found",
+                  detail={"name": name, "provider_key_id": key_id, "revocation": revocation,
+                          "reason": "minted by an issue call whose answer was lost"})
+        logger.warning("issue.stray_key", provider_key_id=key_id, revocation=revocation)
+    return None
+
+
+def _set_issue_unknown(ctx: PipelineContext, run_id: str, since: Optional[datetime],
+                       event: Optional[dict[str, Any]] = None) -> None:
+    """Mark (or clear) "an issue call's outcome is unknown since …" on the run; with ``event``,
+    also record the failed call in the audit trail."""
+    with session_scope(ctx.engine) as session:
+        session.execute(update(RotationRun).where(RotationRun.id == run_id, RotationRun.state == S.requested.value)  # type: ignore[arg-type]
+                        .values(issue_unknown_since=since).execution_options(synchronize_session=False))
+        if event is not None:
+            run = load_run(session, run_id)
+            if run is not None:
+                audit(session, run, actor=ctx.actor, event="issue_outcome_unknown", detail=event)
+
+
+def _answer_is_definite(exc: BaseException) -> bool:
+    """The provider answered and refused (4xx, 429, deprecated): no key was minted. Timeouts,
+    connection errors, 5xx, garbage answers, interrupts: a key may have been minted."""
+    return is_permanent(exc) or isinstance(exc, RateLimited)
+
+
+def _mint(ctx: PipelineContext, snap: Snapshot, provider: Any, name: str) -> Any:
+    """The issue call, bracketed: the run is marked before it (a crash mid-call leaves the mark),
+    and its answer is recorded (``new_key_minted``) before the secret goes anywhere else."""
+    started = utcnow()
+    _set_issue_unknown(ctx, snap.run.id, started)
+    try:
+        issued = provider.issue(name=name, credential_type=snap.credential_type, labels=dict(snap.key.labels or {}))
+    except BaseException as exc:
+        if _answer_is_definite(exc):
+            _set_issue_unknown(ctx, snap.run.id, None)
+            if isinstance(exc, DeprecatedCredential):
+                raise _new_deprecated(ctx, snap, "issue") from None
+        else:
+            _set_issue_unknown(ctx, snap.run.id, started, event={
+                "name": name, "error": safe_error(exc), "listable": bool(getattr(provider, "can_list", False))})
+        raise
+    with holding(issued.secret), session_scope(ctx.engine) as session:
+        record_minted(session, snap.run, actor=ctx.actor, name=name, fingerprint=issued.secret.fingerprint,
+                      provider_key_id=issued.key_id)
+        session.execute(update(RotationRun).where(RotationRun.id == snap.run.id)  # type: ignore[arg-type]
+                        .values(issue_unknown_since=None).execution_options(synchronize_session=False))
+    return issued
+
+
+def _stage(ctx: PipelineContext, snap: Snapshot, provider: Any, secret: Secret, key_id: Optional[str],
+           expires_at: Optional[datetime]) -> None:
+    """Stage the new secret. The store already retries transient Vault errors (bounded, backoff,
+    jitter, Retry-After); a second layer here would multiply its attempts. On failure the key is
+    revoked only when the write is known not to have landed: Vault refused it, or staging was read
+    back without it and cleared. Otherwise the next attempt adopts it from staging or settles it."""
+    try:
+        ctx.vault.stage_pending(snap.run.id, secret, key_id, expires_at)
+        return
+    except BaseException as exc:
+        if not _refused(exc):
+            landed = _staging_landed(ctx, snap.run.id, secret)
+            if landed:
+                logger.info("staging.landed_despite_error", error=safe_error(exc))
+                return
+            if landed is None:
+                raise
+        # Not in cutover: there the new key is the only valid one, so the next attempt settles it.
+        if snap.mode != Mode.cutover:
+            _revoke_unstaged(ctx, snap, provider, secret, key_id)
+        raise
+
+
+def _refused(exc: BaseException) -> bool:
+    """Vault answered and refused the write (4xx): it did not land."""
+    return isinstance(exc, VaultError) and not isinstance(exc, VaultUnavailable)
+
+
+def _staging_landed(ctx: PipelineContext, run_id: str, secret: Secret) -> Optional[bool]:
+    """After a staging write without a definite answer: ``True`` if staging holds it, ``False`` if
+    staging was read without it and then cleared, ``None`` if Vault cannot tell us now."""
+    try:
+        staged = read_pending(ctx.vault, run_id)
+        if staged is not None and staged[0].fingerprint == secret.fingerprint:
+            return True
+        ctx.vault.discard_pending(run_id)
+        return False
+    except Exception as exc:
+        logger.warning("staging.outcome_unknown", error=safe_error(exc))
+        return None
+
+
+def _revoke_unstaged(ctx: PipelineContext, snap: Snapshot, provider: Any, secret: Secret, key_id: Optional[str]) -> None:
+    """Revoke a key that never reached staging and record it as discarded (best effort: if this
+    fails, the next attempt finds it minted and not discarded, and revokes it then)."""
+    try:
+        revocation = revoke_key(provider, key_id=key_id, secret=secret, credential_type=snap.credential_type)
+        with session_scope(ctx.engine) as session:
+            record_discarded(session, snap.run, actor=ctx.actor, fingerprint=secret.fingerprint, provider_key_id=key_id,
+                             revocation=revocation, reason="staging the secret failed")
+    except Exception as exc:
+        logger.error("revoke.failed", provider_key_id=key_id, error=safe_error(exc))
 
 
 def _record_lost_orphan(ctx: PipelineContext, snap: Snapshot, key_id: Optional[str], name: str) -> None:
@@ -101,12 +267,6 @@ def _record_lost_orphan(ctx: PipelineContext, snap: Snapshot, key_id: Optional[s
     raise PermanentError(f"the provider already holds key {name} (id {key_id}) but its secret was lost before "
                          "it reached Vault; compensating revokes it and the next run issues a fresh key")
 
-
-def _revoke_quietly(provider: Any, *, key_id: Optional[str], secret: Optional[Secret], credential_type: str) -> None:
-    try:
-        provider.revoke(key_id=key_id, secret=secret, credential_type=credential_type)
-    except Exception as exc:
-        logger.error("revoke.failed", provider_key_id=key_id, error=safe_error(exc))
 
 
 def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:

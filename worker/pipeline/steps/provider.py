@@ -4,13 +4,14 @@ credential type the provider reports as deprecated. (The adapter counts each req
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from worker.db.session import session_scope
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.deprecation import NewCredentialDeprecated, new_credential_deprecated
 from worker.pipeline.effects import enum_value
 from worker.pipeline.steps.common import Snapshot
+from worker.providers.base import revoke_outcome
 from worker.secret import Secret
 
 
@@ -24,6 +25,15 @@ def _provider(ctx: PipelineContext, snap: Snapshot) -> Any:
         provider = ctx.provider_factory(session, snap.key)
         del record
         return provider
+
+
+def revoke_key(provider: Any, *, key_id: Optional[str], secret: Optional[Secret], credential_type: str) -> str:
+    """Revoke a key and say what the provider answered: ``revoked``, ``already_gone`` (404), or
+    ``manual`` when the provider has no revoke call (a person must)."""
+    if not getattr(provider, "can_revoke", True):
+        return "manual"
+    answer = provider.revoke(key_id=key_id, secret=secret, credential_type=credential_type)
+    return revoke_outcome(answer).value
 
 
 def _check(provider: Any, secret: Secret, credential_type: str) -> str:

@@ -26,7 +26,8 @@ from worker.pipeline.effects import holding, read_pending, safe_error
 from worker.pipeline.lease import transitioned
 from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
 from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _deadline_s, _notify, _snapshot
-from worker.pipeline.steps.provider import _provider
+from worker.pipeline.steps.minted import MintedKey, minted_keys, record_discarded
+from worker.pipeline.steps.provider import _provider, revoke_key
 from worker.pipeline.steps.sinks import _announcement, _push_all, _raise_sink_failures
 from worker.protocol import FailureKind, Mode, RunState, Step, expected_state, failure_target, parse_mode
 from worker.protocol.states import OUTCOME_STATES
@@ -42,8 +43,7 @@ def compensate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if snap is None:
         return None
     key, new, old = snap.key, snap.new, snap.old
-    staged = read_pending(ctx.vault, snap.run.id)
-    new_secret, staged_key_id = staged if staged else (None, None)
+    new_secret, staged_key_id = _staged_new(ctx, snap)
     new_key_id = (new.provider_key_id if new is not None else None) or staged_key_id
     new_fp = (new.fingerprint if new is not None else None) or (new_secret.fingerprint if new_secret else None)
     detail: dict[str, Any] = {"new_fingerprint": new_fp, "new_provider_key_id": new_key_id}
@@ -60,12 +60,18 @@ def compensate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             detail["revocation"] = _revoke_new_key(ctx, snap, key_id=new_key_id, secret=new_secret,
                                                    credential_type=snap.credential_type)
         ctx.vault.discard_pending(snap.run.id)
+        others = _revoke_other_minted(ctx, snap, exclude=new_key_id)
+        if others:
+            detail["other_minted_keys"] = {m.provider_key_id: revocation for m, revocation in others}
 
     def apply(session: Session) -> None:
         row = load_version(session, snap.run.new_version_id)
         if row is not None:
             row.stage, row.retired_at = VersionStage.failed, utcnow()
             session.add(row)
+        for minted, revocation in others:
+            record_discarded(session, snap.run, actor=ctx.actor, fingerprint=minted.fingerprint,
+                             provider_key_id=minted.provider_key_id, revocation=revocation, reason="compensation")
 
     outcome = _advance(ctx, snap, S.failed, detail=detail, apply=apply)
     _notify(ctx, "failed", snap, {"reason": snap.run.last_error, **detail})
@@ -82,8 +88,7 @@ def rollback(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if old is None or old.vault_version is None:
         raise PermanentError("there is no previous credential to restore (first rotation of this key)")
     old_secret = ctx.vault.read_version(key.vault_mount, key.vault_path, key.vault_field, old.vault_version).secret
-    staged = read_pending(ctx.vault, snap.run.id)
-    new_secret = staged[0] if staged else None
+    new_secret, _ = _staged_new(ctx, snap)
     detail: dict[str, Any] = {"restored_fingerprint": old_secret.fingerprint}
     with holding(old_secret, new_secret):
         current = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
@@ -121,13 +126,35 @@ def rollback(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
 
 def _revoke_new_key(ctx: PipelineContext, snap: Snapshot, *, key_id: Optional[str], secret: Optional[Secret],
                     credential_type: str) -> str:
-    """Revoke the run's new key at the provider: "revoked", or "manual" when the provider cannot
-    revoke (a person must)."""
+    """Revoke the run's new key at the provider and report its answer: "revoked", "already_gone"
+    (404), or "manual" when the provider cannot revoke (a person must)."""
+    return revoke_key(_provider(ctx, snap), key_id=key_id, secret=secret, credential_type=credential_type)
+
+
+def _staged_new(ctx: PipelineContext, snap: Snapshot) -> tuple[Optional[Secret], Optional[str]]:
+    """The staged secret and key id, if staging holds the run's new key (its fingerprint matches
+    the one recorded at issue, or no new version was recorded yet); else ``(None, None)``."""
+    staged = read_pending(ctx.vault, snap.run.id)
+    if staged is None:
+        return None, None
+    recorded = snap.new.fingerprint if snap.new is not None else None
+    if recorded is not None and staged[0].fingerprint != recorded:
+        logger.warning("staging.mismatch", staged_fingerprint=staged[0].fingerprint, recorded_fingerprint=recorded)
+        return None, None
+    return staged
+
+
+def _revoke_other_minted(ctx: PipelineContext, snap: Snapshot, *, exclude: Optional[str]) -> list[tuple[MintedKey, str]]:
+    """Keys the run's issue calls minted that are neither its new key nor discarded already (their
+    secret never reached staging): revoked too, so a failed run leaves none behind."""
+    with session_scope(ctx.engine) as session:
+        pending = [m for m in minted_keys(session, snap.run.id)
+                   if not m.discarded and m.provider_key_id and m.provider_key_id != exclude]
+    if not pending or snap.mode == Mode.cutover:
+        return []
     provider = _provider(ctx, snap)
-    if not getattr(provider, "can_revoke", True):
-        return "manual"
-    provider.revoke(key_id=key_id, secret=secret, credential_type=credential_type)
-    return "revoked"
+    return [(m, revoke_key(provider, key_id=m.provider_key_id, secret=None, credential_type=snap.credential_type))
+            for m in pending]
 
 
 def _follow_deprecation(ctx: PipelineContext, snap: Snapshot) -> None:

@@ -15,7 +15,7 @@ from worker.pipeline.deprecation import report_deprecated
 from worker.pipeline.effects import holding, seconds_between
 from worker.pipeline.runs import load_version
 from worker.pipeline.steps.common import StepOutcome, _advance, _notify, _snapshot
-from worker.pipeline.steps.provider import _check, _new_deprecated, _provider
+from worker.pipeline.steps.provider import _check, _new_deprecated, _provider, revoke_key
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
 
@@ -60,17 +60,15 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         old_deprecated = False
         if snap.mode == Mode.cutover:
             detail["revocation"] = "invalidated by issuing the new key"
-        elif getattr(provider, "can_revoke", True):
+        else:
             try:
-                provider.revoke(key_id=old.provider_key_id, secret=old_secret, credential_type=old.credential_type)
-                detail["revocation"] = "revoked"
+                detail["revocation"] = revoke_key(provider, key_id=old.provider_key_id, secret=old_secret,
+                                                  credential_type=old.credential_type)
             except DeprecatedCredential:
                 # The call authenticated with the old credential and the provider rejected it as
                 # deprecated: it cannot revoke itself. The check below decides whether it still works.
                 old_deprecated = True
                 detail["revocation"] = "rejected as deprecated by the provider"
-        else:
-            detail["revocation"] = "manual"
         if old_secret is not None:
             outcome = _check(provider, old_secret, old.credential_type)
             detail["old_check"] = outcome
