@@ -124,7 +124,7 @@ def rig(pg_url: str, vault: Any, vault_mount: str) -> Iterator[Rig]:
         raise AssertionError(f"no integration expected, asked for {name}")
 
     ctx = PipelineContext(engine=engine, vault=store, provider_factory=provider_factory,
-                          integration_factory=no_integrations, actor="worker:test",
+                          integration_factory=no_integrations, actor="worker:test", resolve=resolve,
                           policy=StepPolicy(max_retries=3, min_backoff_ms=50, max_backoff_ms=200, time_limit_ms=20_000,
                                             activation_poll_s=0.5, activation_timeout_s=3, revocation_timeout_s=3))
     try:

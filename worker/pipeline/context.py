@@ -76,6 +76,16 @@ class PipelineContext:
     policy: StepPolicy = field(default_factory=StepPolicy)
     actor: str = field(default_factory=lambda: f"worker:{socket.gethostname()}")
     notify: Optional[NotifyFn] = None
+    #: How secret references are resolved; the factories of ``context_from_settings`` use the same
+    #: one. ``None``: environment variables and this context's Vault.
+    resolve: Optional[Callable[[Any], Any]] = None
+
+    def resolver(self) -> Callable[[Any], Any]:
+        if self.resolve is None:
+            from worker.secret_refs import make_resolver
+
+            self.resolve = make_resolver(self.vault)
+        return self.resolve
 
 
 _lock = threading.Lock()
@@ -108,13 +118,17 @@ def context_from_settings(settings: Any = None) -> PipelineContext:
 
     from worker.notify import notify_function
 
+    from worker.secret_refs import make_resolver
+
     vault = VaultStore.from_settings(settings)
     engine = engine_for(settings.database_url)
+    resolve = make_resolver(vault)
     return PipelineContext(
         engine=engine,
         vault=vault,
-        provider_factory=_registry_provider_factory(vault, settings),
-        integration_factory=_registry_integration_factory(vault, settings),
+        provider_factory=_registry_provider_factory(vault, settings, resolve),
+        integration_factory=_registry_integration_factory(vault, settings, resolve),
+        resolve=resolve,
         policy=StepPolicy.from_settings(settings),
         # Sinks of the inventory applied to *this* context's database, references resolved via
         # its Vault: never the process's default settings (a context for another database).
@@ -159,10 +173,10 @@ def _close_quietly(adapter: Any) -> None:
         pass
 
 
-def _registry_provider_factory(vault: Any, settings: Any) -> ProviderFactory:
+def _registry_provider_factory(vault: Any, settings: Any, resolve: Optional[Callable[[Any], Any]] = None) -> ProviderFactory:
     from worker.secret_refs import make_resolver
 
-    resolve = make_resolver(vault)
+    resolve = resolve or make_resolver(vault)
     cache: dict[str, Any] = {}
     built = _BuiltCache()
 
@@ -195,10 +209,10 @@ def _limiter(settings: Any, cache: dict[str, Any]) -> Any:
         return cache["limiter"]
 
 
-def _registry_integration_factory(vault: Any, settings: Any) -> IntegrationFactory:
+def _registry_integration_factory(vault: Any, settings: Any, resolve: Optional[Callable[[Any], Any]] = None) -> IntegrationFactory:
     from worker.secret_refs import make_resolver
 
-    resolve = make_resolver(vault)
+    resolve = resolve or make_resolver(vault)
     built = _BuiltCache()
 
     def factory(session: Session, name: str) -> Any:

@@ -14,7 +14,7 @@ from worker.db.models import IntegrationRecord, ManagedKey, ProviderRecord
 from worker.db.session import session_scope
 from worker.errors import ConfigError, TransientError
 from worker.pipeline.context import PipelineContext
-from worker.secret_refs import iter_refs, make_resolver
+from worker.secret_refs import iter_refs
 
 
 def run_specs(session: Any, key: ManagedKey, provider_record: ProviderRecord | None = None) -> list[tuple[str, Any]]:
@@ -33,7 +33,7 @@ def check_run_references(ctx: PipelineContext, key: ManagedKey, provider_record:
     does not resolve (the values read are dropped at once)."""
     with session_scope(ctx.engine) as session:
         specs = run_specs(session, key, provider_record)
-    resolve = make_resolver(ctx.vault)
+    resolve = ctx.resolver()
     problems: list[str] = []
     for owner, spec in specs:
         for _loc, ref in iter_refs(spec):
