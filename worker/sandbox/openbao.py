@@ -12,6 +12,7 @@ line); the server's output, which repeats it, goes to a private temp dir removed
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import secrets
 import shutil
@@ -24,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -112,7 +114,7 @@ def _start_once(binary: str, host: str, timeout_s: float) -> DevServer:
         process = subprocess.Popen(
             [binary, "server", "-dev", "-dev-no-store-token", f"-dev-listen-address={host}:{port}"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
-            preexec_fn=_die_with_parent if _can_tie_to_parent() else None,
+            preexec_fn=_parent_death_signal(),
         )
     finally:
         log.close()
@@ -159,17 +161,20 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def _can_tie_to_parent() -> bool:
-    # PR_SET_PDEATHSIG fires when the *thread* that forked exits: only tie to the main thread.
-    return sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the parent dies (even by SIGKILL), so no server is orphaned."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A pre-exec hook giving the child SIGTERM when its parent dies (even by SIGKILL), so no
+    server is orphaned; None where that is not available. Linux's PR_SET_PDEATHSIG fires when the
+    *thread* that forked exits, so only the main thread ties the server to itself. Everything is
+    looked up here, in the parent: the hook runs between fork and exec and must take no locks."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
     try:
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return hook
