@@ -473,6 +473,32 @@ def test_kubernetes_renewal_refused_by_the_cluster_logs_in_with_the_rotated_jwt(
     assert k8s.reviewer.reviews == [True, False, True]  # login, refused renewal, login with the new JWT
 
 
+def test_kubernetes_token_near_its_max_ttl_is_replaced_by_a_login_not_renewed_again(  # type: ignore[no-untyped-def]
+        vault, root: hvac.Client, vault_mount: str, k8s: K8sSetup) -> None:
+    """Near the role's max TTL the real server cuts a renewal short; renewing again could only
+    shrink the token further (and past max TTL answers 500), so the next renewal is a login."""
+    root.write_data(f"auth/{k8s.mount}/role/short", data={
+        "bound_service_account_names": ["keyrotor"], "bound_service_account_namespaces": ["platform"],
+        "token_policies": [k8s.policy], "token_ttl": "6s", "token_max_ttl": "8s"})
+    store = make_store(vault.addr, vault_mount, vault_k8s_role="short", vault_k8s_mount=k8s.mount,
+                       vault_k8s_jwt_path=str(k8s.jwt_path))
+    p = path()
+    store.write(vault_mount, p, {"api_key": "value-c"})
+    start = datetime.now(timezone.utc)
+    time.sleep(3.5)  # real time on the server, so that a renewal now runs into the 8 s max TTL
+    set_clock(lambda: start + timedelta(seconds=4.5))  # our view: under a third of 6 s left, renew
+    store.read_field(vault_mount, p, "api_key")
+    assert (store.auth.logins, store.auth.renewals) == (1, 1)
+    lease = store.auth.lease
+    assert lease is not None and lease.capped and lease.remaining_s < 6
+    first_token = store.client.token
+    # Due again (under a third of the period left) but not expired: a capped token is not renewed.
+    set_clock(lambda: lease.obtained_at + timedelta(seconds=lease.remaining_s - 1.5))
+    assert store.read_field(vault_mount, p, "api_key") == Secret("value-c")
+    assert (store.auth.logins, store.auth.renewals) == (2, 1) and store.client.token != first_token
+    assert not store.auth.lease.capped
+
+
 def test_kubernetes_login_refused_says_why(vault, vault_mount: str, k8s: K8sSetup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     bad_jwt = tmp_path / "bad-token"
     bad_jwt.write_text(service_account_jwt(new_signing_key(), "platform", "keyrotor"))  # not the cluster's key
@@ -544,6 +570,28 @@ def test_token_auth_renews_below_a_third_of_ttl(vault, root: hvac.Client, vault_
     s.read_field(vault_mount, p, "api_key")
     assert proxy.count("POST", "/auth/token/renew-self") == 1 and s.auth.renewals == 1
     assert proxy.count("GET", "/auth/token/lookup-self") == 1  # looked up once, not per call
+
+
+def test_token_capped_at_its_max_ttl_is_not_renewed_again_and_its_end_is_reported(  # type: ignore[no-untyped-def]
+        vault, root: hvac.Client, vault_mount: str, proxy: FaultProxy) -> None:
+    token = root.auth.token.create(policies=["root"], ttl="6s", explicit_max_ttl="8s",
+                                   renewable=True)["auth"]["client_token"]
+    s = make_store(proxy.url, vault_mount, token=token)
+    p = path()
+    s.write(vault_mount, p, {"api_key": "value-m"})
+    start = datetime.now(timezone.utc)
+    time.sleep(3.5)  # real time on the server, so that a renewal now runs into the 8 s max TTL
+    set_clock(lambda: start + timedelta(seconds=4.5))
+    s.read_field(vault_mount, p, "api_key")
+    assert proxy.count("POST", "/auth/token/renew-self") == 1
+    lease = s.auth.lease
+    assert lease is not None and lease.capped
+    set_clock(lambda: lease.obtained_at + timedelta(seconds=lease.remaining_s - 1.5))  # due, renewing cannot help
+    s.read_field(vault_mount, p, "api_key")
+    assert proxy.count("POST", "/auth/token/renew-self") == 1
+    set_clock(lambda: lease.obtained_at + timedelta(seconds=lease.remaining_s + 1))
+    with pytest.raises(VaultPermissionDenied, match="VAULT_TOKEN has reached its max TTL"):
+        s.read_field(vault_mount, p, "api_key")
 
 
 def test_expired_non_renewable_token_is_reported(vault, root: hvac.Client, vault_mount: str) -> None:  # type: ignore[no-untyped-def]
