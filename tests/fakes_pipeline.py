@@ -1,6 +1,6 @@
 """In-memory fakes implementing the VaultStore / Provider / Integration contracts, and helpers
 to build a PipelineContext and a managed key on a test database. For pipeline unit tests only;
-integration tests use the real VaultStore against the Vault stand-in over HTTP."""
+integration tests use the real VaultStore against a real OpenBao server."""
 
 from __future__ import annotations
 

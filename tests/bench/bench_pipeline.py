@@ -1,8 +1,8 @@
 """Pipeline throughput and latency: N keys rotated concurrently in-process.
 
-The real step code runs against PostgreSQL, the Redis rate limiter, and the Vault and provider
-stand-ins over HTTP, each in its own process (`keyrotor sandbox vault|provider`), so the
-benchmarked process does only keyrotor's own work; one vault_copy integration per key, so
+The real step code runs against PostgreSQL, the Redis rate limiter, the suite's real OpenBao
+server and the provider stand-in over HTTP, each in its own process (`bao server -dev`,
+`keyrotor sandbox provider`), so the benchmarked process does only keyrotor's own work; one vault_copy integration per key, so
 propagate and verify do real work. Three phases, same process, same keys:
 
 1. baseline — the N rotations one after the other, each driven step by step in this thread with
@@ -102,9 +102,8 @@ def _standin(args: list[str], tmp_path: Path, name: str, stack: ExitStack) -> st
 
 
 @pytest.fixture
-def bench(pg_url: str, redis_url: str, redis_namespace: str, tmp_path: Path,
+def bench(pg_url: str, redis_url: str, redis_namespace: str, vault: Any, vault_mount: str, tmp_path: Path,
           monkeypatch: pytest.MonkeyPatch) -> Iterator[Bench]:
-    import hvac
     import httpx
 
     from worker.inventory.apply import apply_inventory
@@ -117,14 +116,12 @@ def bench(pg_url: str, redis_url: str, redis_namespace: str, tmp_path: Path,
     stack = ExitStack()
     devnull = stack.enter_context(open(os.devnull, "w"))
     configure_logging("WARNING", "json", stream=devnull)  # a benchmark of the pipeline, not of logging
-    root_token, admin_token = f"root-{uuid.uuid4().hex}", f"admin-{uuid.uuid4().hex}"
-    vault_url = _standin(["vault", "--root-token", root_token], tmp_path, "vault", stack)
+    admin_token = f"admin-{uuid.uuid4().hex}"
     provider_url = _standin(["provider", "--admin-token", admin_token], tmp_path, "provider", stack)
-    mount = "bench"
-    hvac.Client(url=vault_url, token=root_token).sys.enable_secrets_engine("kv", path=mount, options={"version": "2"})
+    mount = vault_mount
     monkeypatch.setenv(TOKEN_ENV, admin_token)
     settings = load_settings(database_url=pg_url, redis_url=redis_url, queue_namespace=redis_namespace,
-                             VAULT_ADDR=vault_url, VAULT_TOKEN=root_token, vault_mount=mount, metrics_port=0)
+                             VAULT_ADDR=vault.addr, VAULT_TOKEN=vault.token, vault_mount=mount, metrics_port=0)
     ctx = dataclasses.replace(context_from_settings(settings), notify=None, actor="bench")
     configure(ctx)
     store = VaultStore.from_settings(settings)
@@ -259,7 +256,7 @@ def test_pipeline_throughput_and_latency(bench: Bench) -> None:
 
     n = len(bench.keys)
     seq_rate, conc_rate = n / seq_s, n / conc_s
-    print(f"\n--- rotation pipeline, {n} keys, PostgreSQL + Redis rate limiter + Vault/provider stand-ins "
+    print(f"\n--- rotation pipeline, {n} keys, PostgreSQL + Redis rate limiter + OpenBao + provider stand-in "
           "(own processes) over HTTP ---")
     print(f"baseline (inline, sequential, no broker): {seq_rate:7.2f} rotations/s   {seq_s:6.2f} s total   "
           f"per rotation p50 {statistics.median(seq_lat) * 1000:7.1f} ms  p95 {_pct(seq_lat, 0.95) * 1000:7.1f} ms")

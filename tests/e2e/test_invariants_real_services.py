@@ -1,5 +1,5 @@
 """The invariants, proven with real processes: keyrotor workers as subprocesses on real Redis and
-PostgreSQL, the Vault stand-in, a provider stand-in and a consumer stand-in over real HTTP.
+PostgreSQL, a real OpenBao server, a provider stand-in and a consumer stand-in over real HTTP.
 
 Every check is made from the outside: what the provider stand-in minted and revoked, what Vault
 serves, what the consumer holds and whether its probes failed, the audit trail in the database,

@@ -22,7 +22,7 @@ def stuck_run(tmp_path, monkeypatch, redis_url, redis_namespace, vault):  # type
     """A run that ran out of retries while requested: nothing was issued, the old key is untouched.
 
     Resolving reads Vault's staging area (a crashed issue step may have staged a key it never
-    recorded), so the command gets the Vault stand-in — or a real Vault via VAULT_ADDR.
+    recorded), so the command gets the suite's OpenBao server (or the Vault VAULT_ADDR names).
     """
     monkeypatch.setenv("VAULT_ADDR", vault.addr)
     monkeypatch.setenv("VAULT_TOKEN", vault.token)

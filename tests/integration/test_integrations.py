@@ -1,5 +1,5 @@
-"""Integrations over real HTTP: the signed webhook against the consumer stand-in (reload from the
-Vault stand-in, health fingerprint, tampered/stale signatures refused) and vault_copy against Vault."""
+"""Integrations over real HTTP: the signed webhook against the consumer stand-in (reload from
+OpenBao, health fingerprint, tampered/stale signatures refused) and vault_copy against Vault."""
 
 from __future__ import annotations
 

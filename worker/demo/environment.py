@@ -1,6 +1,6 @@
-"""The embedded world `keyrotor demo` runs in: a temp dir with a SQLite file, stand-ins on free
-ports (Vault unless VAULT_ADDR is set, the provider, the consumer), and an in-process Dramatiq
-worker (StubBroker, or Redis when KEYROTOR_REDIS_URL answers).
+"""The embedded world `keyrotor demo` runs in: a temp dir with a SQLite file, a real OpenBao dev
+server on a free port (unless VAULT_ADDR names a Vault), provider and consumer stand-ins on free
+ports, and an in-process Dramatiq worker (StubBroker, or Redis when KEYROTOR_REDIS_URL answers).
 
 The demo configures keyrotor exactly as an operator would — through KEYROTOR_* environment
 variables read by ``get_settings()`` — so the pipeline runs its production code paths.
@@ -71,7 +71,7 @@ class DemoEnvironment:
     db_path: Path
     log_path: Path
     vault_url: str
-    vault_real: bool
+    vault_external: bool          # True: the Vault VAULT_ADDR names; False: our own OpenBao dev server
     vault_mount: str
     provider: Any                 # worker.sandbox.provider.ProviderHandle
     webhook_secret: str
@@ -100,6 +100,27 @@ class DemoEnvironment:
         stack.callback(_restore_env, saved)
         stack.callback(get_settings.cache_clear)
 
+        # Vault first (without one there is nothing to show): the one VAULT_ADDR names, else an
+        # OpenBao dev server of our own; a fresh KV v2 mount either way.
+        vault_external = bool(os.environ.get("VAULT_ADDR"))
+        if vault_external:
+            vault_url = os.environ["VAULT_ADDR"].rstrip("/")
+            vault_token = os.environ.get("VAULT_TOKEN") or ""
+            if not vault_token:
+                from worker.errors import ConfigError
+
+                raise ConfigError("VAULT_ADDR is set but VAULT_TOKEN is not; the demo needs a token that can enable a KV mount")
+        else:
+            from worker.sandbox.openbao import start_dev_server
+
+            vault = start_dev_server()  # OpenBaoNotFound (a ConfigError) says in one line how to get `bao`
+            stack.callback(vault.stop)
+            vault_url, vault_token = vault.addr, vault.token
+        vault_mount = f"kr-demo-{uuid.uuid4().hex[:8]}"
+        _enable_kv2(vault_url, vault_token, vault_mount)
+        if vault_external and not keep:  # leave the operator's Vault as we found it
+            stack.callback(_disable_mount, vault_url, vault_token, vault_mount)
+
         workdir = Path(tempfile.mkdtemp(prefix="keyrotor-demo-"))
         if not keep:
             stack.callback(shutil.rmtree, workdir, True)
@@ -108,27 +129,6 @@ class DemoEnvironment:
         log_file = stack.enter_context(open(log_path, "w", encoding="utf-8"))
         # Every log line of the service goes to a file the leak check scans afterwards.
         configure_logging("INFO", "json", stream=log_stream or log_file)
-
-        # Vault: a real one when VAULT_ADDR is set, else the stand-in; a fresh KV v2 mount either way.
-        vault_real = bool(os.environ.get("VAULT_ADDR"))
-        if vault_real:
-            vault_url = os.environ["VAULT_ADDR"].rstrip("/")
-            vault_token = os.environ.get("VAULT_TOKEN") or ""
-            if not vault_token:
-                from worker.errors import ConfigError
-
-                raise ConfigError("VAULT_ADDR is set but VAULT_TOKEN is not; the demo needs a token that can enable a KV mount")
-        else:
-            from worker.sandbox.vault.server import start_in_thread
-
-            vault_token = f"demo-root-{secrets.token_hex(12)}"
-            vault = start_in_thread(host="127.0.0.1", port=0, root_token=vault_token)
-            stack.callback(vault.stop)
-            vault_url = vault.url
-        vault_mount = f"kr-demo-{uuid.uuid4().hex[:8]}"
-        _enable_kv2(vault_url, vault_token, vault_mount)
-        if vault_real and not keep:  # leave a real Vault as we found it
-            stack.callback(_disable_mount, vault_url, vault_token, vault_mount)
 
         from worker.sandbox.provider import start_provider_in_thread
 
@@ -160,7 +160,7 @@ class DemoEnvironment:
 
         env = cls(
             workdir=workdir, keep_workdir=keep, database_url=database_url, db_path=db_path, log_path=log_path,
-            vault_url=vault_url, vault_real=vault_real, vault_mount=vault_mount, provider=provider,
+            vault_url=vault_url, vault_external=vault_external, vault_mount=vault_mount, provider=provider,
             webhook_secret=webhook_secret, broker_kind=broker_kind, queue_namespace=queue_namespace,
             engine=engine, stack=stack, vault_store=VaultStore.from_settings(get_settings()), _saved_env=saved,
         )

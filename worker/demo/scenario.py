@@ -96,7 +96,7 @@ def run_demo(*, keep: bool = False, json_out: bool = False, out: Optional[TextIO
 def _run(env: DemoEnvironment, narrator: Narrator, *, keep: bool, json_out: bool, out: TextIO, started: float) -> int:
     say = narrator.say
     say(f"workdir {env.workdir} (SQLite {env.db_path.name})")
-    say(f"vault: {'real Vault' if env.vault_real else 'Vault stand-in'} at {env.vault_url}, mount {env.vault_mount}")
+    say(f"vault: {'VAULT_ADDR' if env.vault_external else 'OpenBao dev server'} at {env.vault_url}, mount {env.vault_mount}")
     say(f"provider stand-in at {env.provider.url} (new keys go live after a short delay)")
     env.start_worker()
     say(f"broker: {'Redis' if env.broker_kind == 'redis' else 'in-process StubBroker'}, namespace {env.queue_namespace}; "
@@ -163,7 +163,7 @@ def _run(env: DemoEnvironment, narrator: Narrator, *, keep: bool, json_out: bool
     ok = all(c.ok for c in checks)
     if json_out:
         print_json({"ok": ok, "elapsed_s": round(elapsed, 2), "broker": env.broker_kind,
-                    "vault": "real" if env.vault_real else "stand-in", "vault_addr": env.vault_url,
+                    "vault": "external" if env.vault_external else "openbao-dev", "vault_addr": env.vault_url,
                     "vault_mount": env.vault_mount, "provider_url": env.provider.url,
                     "workdir": str(env.workdir), "database_url": env.database_url, "runs": summary,
                     "checks": [c.__dict__ for c in checks]}, out)
@@ -235,7 +235,7 @@ def run_checks(env: DemoEnvironment, run_ids: dict[str, str], probe: dict[str, d
 
 
 def _wait_for_interrupt(env: DemoEnvironment, out: TextIO) -> None:
-    out.write(f"\n--keep: stand-ins stay up until Ctrl-C.\n"
+    out.write(f"\n--keep: Vault and the stand-ins stay up until Ctrl-C.\n"
               f"  KEYROTOR_DATABASE_URL={env.database_url} keyrotor status\n"
               f"  provider {env.provider.url}  vault {env.vault_url} (mount {env.vault_mount})\n"
               + (f"  the in-process worker serves Redis namespace {env.queue_namespace}: "

@@ -1,2 +1,2 @@
-"""Local stand-ins used by the demo and the test-suite: a Vault HTTP API (``vault/``), a provider
-and a consumer. They listen on loopback only and keep their state in memory."""
+"""Local stand-ins used by the demo and the test-suite: a provider and a consumer (loopback only,
+state in memory), and ``openbao``, which starts a real OpenBao dev server in place of Vault."""

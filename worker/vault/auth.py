@@ -4,7 +4,10 @@ lazy token renewal.
 Before each Vault call the store asks the auth to ``prepare`` the client: the token's lease is
 tracked (from ``lookup-self`` or the login's ``lease_duration``); when less than a third of its
 period is left it is renewed (``renew-self``), and with Kubernetes auth a failed renewal, a
-non-renewable or an expired token leads to a fresh login. No polling loop: work happens only
+non-renewable or an expired token leads to a fresh login. Near the token's max TTL Vault cuts a
+renewal short (a shorter ``lease_duration`` and a warning) and, past it, answers 500 "past the max
+TTL, cannot renew": a cut-short lease is marked ``capped`` and never renewed again — Kubernetes
+auth logs in afresh instead, a static token is used until it expires. No polling loop: work happens only
 when a call is about to be made (or, optionally, on a daemon thread's timed wait).
 """
 
@@ -45,12 +48,14 @@ RETRY_LATER = timedelta(seconds=15)
 
 @dataclass(frozen=True)
 class TokenLease:
-    """What we know about the current token's lifetime. ``period_s == 0``: it never expires."""
+    """What we know about the current token's lifetime. ``period_s == 0``: it never expires.
+    ``capped``: Vault cut the last renewal short at the token's max TTL; renewing cannot extend it."""
 
     period_s: float
     obtained_at: datetime
     remaining_s: float
     renewable: bool
+    capped: bool = False
 
     @property
     def expires_at(self) -> datetime | None:
@@ -112,10 +117,18 @@ class VaultAuth(ABC):
         except requests.RequestException as exc:
             raise map_transport_error(exc, op, addr) from None
         auth = _auth_block(response, op)
-        period = float(auth.get("lease_duration") or 0)
-        self.lease = TokenLease(period, utcnow(), period, bool(auth.get("renewable")))
+        granted = float(auth.get("lease_duration") or 0)
+        previous = self.lease
+        # The renewal window stays a third of the token's usual period; a renewal granting less
+        # than that period was capped by the token's max TTL.
+        period = previous.period_s if previous is not None and previous.period_s > 0 else granted
+        capped = granted < period
+        self.lease = TokenLease(period, utcnow(), granted, bool(auth.get("renewable")), capped=capped)
         self.renewals += 1
-        log.info("vault.token_renewed", vault_token_source=self.source, token_ttl=period)
+        if capped:
+            log.warning("vault.token_near_max_ttl", vault_token_source=self.source, token_ttl=granted)
+        else:
+            log.info("vault.token_renewed", vault_token_source=self.source, token_ttl=granted)
 
 
 class TokenAuth(VaultAuth):
@@ -140,7 +153,7 @@ class TokenAuth(VaultAuth):
             if self.lease is None:
                 return
         lease = self.lease
-        if lease.due_for_renewal(now) and lease.renewable:
+        if lease.due_for_renewal(now) and lease.renewable and not lease.capped:
             try:
                 self._renew(client, addr)
             except VaultError as exc:
@@ -151,9 +164,9 @@ class TokenAuth(VaultAuth):
                         "Kubernetes auth (KEYROTOR_VAULT_K8S_ROLE)") from None
                 log.warning("vault.token_renewal_failed", vault_token_source=self.source, error=str(exc))
         elif lease.expired(now):
+            why = "has reached its max TTL" if lease.capped else "has expired and is not renewable"
             raise VaultPermissionDenied(
-                "VAULT_TOKEN has expired and is not renewable: issue a new token or use Kubernetes auth "
-                "(KEYROTOR_VAULT_K8S_ROLE)")
+                f"VAULT_TOKEN {why}: issue a new token or use Kubernetes auth (KEYROTOR_VAULT_K8S_ROLE)")
 
     def _lookup(self, client: hvac.Client, addr: str, now: datetime) -> None:
         op = Operation("look up the token (auth/token/lookup-self)", capabilities=("read",))
@@ -236,7 +249,7 @@ class KubernetesAuth(VaultAuth):
             return
         if not lease.due_for_renewal(now) or self._quiet(now):
             return
-        if lease.renewable:
+        if lease.renewable and not lease.capped:  # a capped token cannot be extended: log in afresh
             try:
                 self._renew(client, addr)
                 return

@@ -129,6 +129,9 @@ def map_hvac_error(exc: hvac_exc.VaultError, op: Operation) -> VaultError:
                                 retry_after=retry_after)
     if status == 503 and "sealed" in detail.lower():
         return VaultUnavailable(f"Vault is sealed ({op.verb} {where}): unseal it", status=503, retry_after=retry_after)
+    if "past the max TTL" in detail:  # Vault answers 500 to renewing a token beyond its max TTL: not transient
+        return VaultInvalidRequest(f"cannot {op.verb}: the token is past its max TTL and Vault renews it no "
+                                   f"further; log in again or issue a new token{said}", status=status)
     if status == 501:
         return VaultUnavailable(f"Vault is not initialised ({op.verb} {where}): initialise and unseal it", status=501)
     if status is not None and status >= 500:
