@@ -1,7 +1,8 @@
 """``keyrotor config check FILE`` and ``keyrotor config apply FILE [--prune] [--dry-run]``.
 
 ``check`` prints every problem as ``FILE:LINE: field.path: message`` and exits 2; it never shows
-a traceback. ``apply`` migrates the database to head, then syncs the inventory into it.
+a traceback. ``apply`` syncs the inventory into the database, whose schema must be current
+(``keyrotor db upgrade`` first; an SQLite file upgrades itself).
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ def apply(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Sync the inventory into the database (idempotent; removes nothing without --prune)."""
-    from worker.db.migrate import upgrade
+    from worker.db.migrate import ensure_current
     from worker.db.session import make_engine, session_scope
+    from worker.cli.common import cli_settings
     from worker.inventory.apply import apply_inventory, default_actor
-    from worker.settings import get_settings
 
     inventory, problems = check_file(file)
     if problems or inventory is None:
@@ -63,10 +64,10 @@ def apply(
         typer.echo(f"not applied: {len(problems)} problem{'s' if len(problems) != 1 else ''} in {file}", err=True)
         raise typer.Exit(EXIT_INVALID)
 
-    settings = get_settings()
-    upgrade(settings.database_url)
+    settings = cli_settings()  # logs (a schema-ahead warning) to stderr: stdout is the report
     engine = make_engine(settings.database_url)
     try:
+        ensure_current(engine)
         with session_scope(engine) as session:
             report = apply_inventory(session, inventory, prune=prune, dry_run=dry_run,
                                      actor=default_actor(), source=str(file))
