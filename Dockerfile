@@ -15,14 +15,21 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 
-# Every dependency of keyrotor ships manylinux wheels (psycopg[binary], cryptography, ...), so
-# no build toolchain is installed. The wheel is built first, then installed with the dependencies
-# pyproject.toml declares: the source tree never reaches the runtime stage.
+# The dependencies come from the lock file (`make lock`): exact versions, every file's hash
+# checked, so an image built today and one built next month hold the same code. Every one of them
+# ships manylinux wheels (psycopg[binary], ...), so no build toolchain is installed. Installed
+# before the source is copied, this layer is rebuilt only when the lock changes.
+COPY requirements/runtime.txt ./requirements/runtime.txt
+RUN pip install --no-cache-dir --require-hashes -r requirements/runtime.txt
+
+# Then keyrotor's own wheel, without resolving anything (--no-deps): the source tree never reaches
+# the runtime stage, and `pip check` proves the locked set satisfies what pyproject.toml declares.
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY jobs ./jobs
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
-    && pip install --no-cache-dir /wheels/*.whl \
+    && pip install --no-cache-dir --no-deps /wheels/*.whl \
+    && pip check \
     && keyrotor --version
 
 # ---------------------------------------------------------------------------------------- runtime

@@ -40,6 +40,12 @@ return 0
 """
 
 
+def leader_lock_key(namespace: str) -> str:
+    """The scheduler's lock key inside ``namespace`` (``KEYROTOR_QUEUE_NAMESPACE``): deployments
+    sharing one Redis under different namespaces elect one leader each."""
+    return f"{namespace}:scheduler:leader"
+
+
 def make_token() -> str:
     """host:pid:random — unique per lock holder, and says who holds it when read by a person."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"

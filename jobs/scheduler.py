@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from jobs.detection import detect_due
-from jobs.leader import LeaderLock
+from jobs.leader import LeaderLock, leader_lock_key
 from jobs.pipeline_hooks import Pipeline, default_pipeline
 from jobs.reconcile import ProviderFactory, default_provider_factory, recover_stuck_runs, revoke_orphans
 from jobs.reminders import send_reminders
@@ -49,7 +49,7 @@ class SchedulerConfig:
     orphans_s: float = 900.0
     reminders_s: float = 3600.0
     lock_ttl_s: float = 30.0
-    lock_name: str = "keyrotor:scheduler:leader"
+    lock_name: str = leader_lock_key("keyrotor")
     batch: int = 500
     max_attempts: int = 5
     step_timeout_s: float = 900.0
@@ -66,7 +66,7 @@ class SchedulerConfig:
             orphans_s=settings.scheduler_orphan_interval_s,
             reminders_s=settings.scheduler_reminder_interval_s,
             lock_ttl_s=settings.scheduler_lock_ttl_s,
-            lock_name=settings.scheduler_lock_name,
+            lock_name=leader_lock_key(settings.queue_namespace),
             batch=settings.scheduler_batch_size,
             max_attempts=settings.reconcile_max_attempts,
             step_timeout_s=settings.reconcile_step_timeout_s,

@@ -95,6 +95,21 @@ def pg_database_url() -> Iterator[str]:
     admin.dispose()
 
 
+@pytest.fixture
+def empty_pg_url() -> Iterator[str]:
+    """A new, *unmigrated* PostgreSQL database for one test (what `keyrotor db upgrade` meets first)."""
+    if not _answers(PG_ADMIN_URL):
+        service_missing(f"PostgreSQL at {PG_ADMIN_URL}")
+    name = f"keyrotor_empty_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 def _truncate_all(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:

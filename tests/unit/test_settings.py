@@ -50,6 +50,37 @@ def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://h:6379/abc", "the database 'abc' is not a number"),
+        ("redis://:pw-s3cret@h:6379/1x", "the database '1x' is not a number"),
+        ("redis://h:6379/0/extra", "is not a number"),
+        ("rediss://h:port/0", "the port is not a number"),
+        ("redis://h:6379/0?db=two", "the db query parameter must be one number"),
+        ("redis://h:6379/1?db=2", "two databases: 1 in the path and 2 in ?db="),
+        ("unix://", "a unix:// URL needs the socket's path"),
+        ("http://h:6379/0", "expected redis://HOST:PORT/DB"),
+        ("redis:///0", "expected redis://HOST:PORT/DB"),
+    ],
+)
+def test_redis_url_is_read_exactly_or_refused(monkeypatch: pytest.MonkeyPatch, url: str, expected: str) -> None:
+    # redis-py reads redis://h/abc as database 0: two deployments meant to be apart would share one.
+    monkeypatch.setenv("KEYROTOR_REDIS_URL", url)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith("KEYROTOR_REDIS_URL: ") and expected in message
+    assert "\n" not in message and "s3cret" not in message
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/15", "rediss://:pw@redis.example:6380", "redis://h?db=3",
+                                 "redis://h/3?db=3", "unix:///run/redis.sock?db=2", "redis://h:6379/"])
+def test_redis_url_forms_that_redis_reads_as_written(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("KEYROTOR_REDIS_URL", url)
+    assert load_settings().redis_url == url
+
+
 def test_vault_addr_without_auth_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAULT_ADDR", "http://127.0.0.1:8200")
     with pytest.raises(ConfigError, match="neither VAULT_TOKEN nor KEYROTOR_VAULT_K8S_ROLE"):

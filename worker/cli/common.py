@@ -1,8 +1,9 @@
-"""What every operator command needs: settings, logging to stderr, a migrated database, and
-user errors that print one line and exit with a meaningful code (no traceback).
+"""What every operator command needs: settings, logging to stderr, a database whose schema is
+current, and user errors that print one line and exit with a meaningful code (no traceback).
 
 Exit codes (all operator commands):
-    0 ok · 1 the operation failed · 2 usage or configuration error · 3 timed out waiting
+    0 ok · 1 the operation failed · 2 usage or configuration error (a database schema older than
+    this release included: run `keyrotor db upgrade`) · 3 timed out waiting
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import typer
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from worker.urls import display_url
-
-from worker.db.migrate import upgrade
+from worker.db.migrate import ensure_current
 from worker.db.models import ManagedKey
 from worker.db.session import engine_for
 from worker.log import configure_logging
 from worker.settings import Settings, get_settings
+from worker.urls import display_url
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -49,9 +49,11 @@ def cli_settings() -> Settings:
 
 
 def open_database(settings: Settings) -> Engine:
-    """The engine for KEYROTOR_DATABASE_URL, migrated to head first (cheap when up to date)."""
-    upgrade(settings.database_url)
-    return engine_for(settings.database_url)
+    """The engine for KEYROTOR_DATABASE_URL once its schema is this release's (``ensure_current``:
+    behind → ``SchemaBehind``, exit 2; ahead → a warning; SQLite upgrades itself)."""
+    engine = engine_for(settings.database_url)
+    ensure_current(engine)
+    return engine
 
 
 def find_key(session: Session, name: str) -> ManagedKey:

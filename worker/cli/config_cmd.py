@@ -2,8 +2,9 @@
 
 ``check`` prints every problem as ``FILE:LINE: field.path: message`` and exits 2; it never shows
 a traceback. With ``--resolve`` it also resolves every secret reference (env and Vault) and
-checks that the database, Redis and Vault answer (``database: …`` lines). ``apply`` migrates the
-database to head, then syncs the inventory into it.
+checks that the database, Redis and Vault answer (``database: …`` lines). ``apply`` syncs the
+inventory into the database, whose schema must be current (``keyrotor db upgrade`` first; an
+SQLite file upgrades itself).
 """
 
 from __future__ import annotations
@@ -77,10 +78,10 @@ def apply(
                                  "and the database, Redis and Vault answer (as `config check --resolve`)."),
 ) -> None:
     """Sync the inventory into the database (idempotent; removes nothing without --prune)."""
-    from worker.db.migrate import upgrade
+    from worker.db.migrate import ensure_current
     from worker.db.session import make_engine, session_scope
+    from worker.cli.common import cli_settings
     from worker.inventory.apply import apply_inventory, default_actor
-    from worker.settings import get_settings
 
     inventory, problems = check_file(file)
     if resolve and not problems:
@@ -91,10 +92,10 @@ def apply(
         typer.echo(f"not applied: {len(problems)} problem{'s' if len(problems) != 1 else ''} in {file}", err=True)
         raise typer.Exit(EXIT_INVALID)
 
-    settings = get_settings()
-    upgrade(settings.database_url)
+    settings = cli_settings()  # logs (a schema-ahead warning) to stderr: stdout is the report
     engine = make_engine(settings.database_url)
     try:
+        ensure_current(engine)
         with session_scope(engine) as session:
             report = apply_inventory(session, inventory, prune=prune, dry_run=dry_run,
                                      actor=default_actor(), source=str(file))
