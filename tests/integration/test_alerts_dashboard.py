@@ -102,13 +102,14 @@ def exported() -> set[str]:
     scheduler, the Dramatiq message metrics, and the scheduler's scrape-time collectors."""
     from prometheus_client import REGISTRY
 
-    import worker.metrics  # noqa: F401
+    import worker.metrics
     import worker.ops_metrics  # noqa: F401
     import worker.pipeline.message_metrics  # noqa: F401
     from worker.key_metrics import KeyCollector
     from worker.queue_metrics import QueueCollector
     from worker.scrape_metrics import ScrapeTimeCollector
 
+    worker.metrics.scheduler_metrics()  # created only in the scheduler process
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
                 "summary": ("_count", "_sum", "_created"), "gauge": ("",), "info": ("_info",), "unknown": ("",)}
     families = list(REGISTRY.collect()) + ScrapeTimeCollector([QueueCollector(None, "x"), KeyCollector(None, max_series=1)]).describe()  # type: ignore[arg-type]
