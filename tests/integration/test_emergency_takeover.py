@@ -134,9 +134,9 @@ def test_resolve_cancels_a_run_awaiting_a_deposit(db_url: str) -> None:
 
 
 def test_an_emergency_that_fails_before_promotion_needs_attention_not_failed(world: World) -> None:
-    """An independent provider answers 400 to the pre-issue list call: the key keeps its exposed
-    credential, so the run stops in needs_attention with an emergency alert (was: compensated → failed)."""
-    world.provider.faults.always("list", PermanentError("400 Bad Request"))
+    """An independent provider answers 400 to the issue call: the key keeps its exposed credential,
+    so the run stops in needs_attention with an emergency alert (was: compensated → failed)."""
+    world.provider.faults.always("issue", PermanentError("400 Bad Request"))
     [(run, created)] = emergency(world)
     assert created
     assert world.drive(run.id) == RunState.needs_attention
@@ -147,7 +147,7 @@ def test_an_emergency_that_fails_before_promotion_needs_attention_not_failed(wor
     with Session(world.engine) as session:
         assert set(allowed_actions(session, run.id, vault=world.vault)) >= {"retry", "cancel"}
     # Fixed, the person retries and the emergency completes.
-    world.provider.faults.clear("list")
+    world.provider.faults.clear("issue")
     with session_scope(world.engine) as session:
         resolve_run(session, run.id, "retry", "user:alice", vault=world.vault)
     assert world.drive(run.id) == RunState.completed

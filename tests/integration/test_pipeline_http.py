@@ -374,13 +374,13 @@ def test_missing_vault_reference_fails_the_run_before_the_provider_issues(stack:
     _assert_failed_before_any_effect(stack, run_id, state, f"vault:{stack.mount}/nowhere/signing#secret")
 
 
-def test_emergency_with_a_rejected_list_call_needs_attention_not_failed(stack: Stack) -> None:
-    """Emergency against an independent provider whose pre-issue list call answers 400: the key
-    keeps the exposed credential, so the run ends in needs_attention with an alert (never a
-    quiet `failed`), and nothing was issued."""
+def test_emergency_with_a_rejected_issue_call_needs_attention_not_failed(stack: Stack) -> None:
+    """Emergency against an independent provider whose issue call answers 400: the key keeps the
+    exposed credential, so the run ends in needs_attention with an alert (never a quiet `failed`),
+    and nothing was issued."""
     from worker.pipeline.messages import send_request
 
-    stack.provider.add_fault("list", status=400, count=10_000)
+    stack.provider.add_fault("issue", status=400, count=10_000)
     send_request({"version": 1, "provider": PROVIDER, "all": True, "emergency": True, "reason": "breach",
                   "requested_by": "test:security", "idempotency_key": uuid.uuid4().hex})
     deadline = time.monotonic() + 30
@@ -399,5 +399,4 @@ def test_emergency_with_a_rejected_list_call_needs_attention_not_failed(stack: S
     while not stack.notifications and time.monotonic() < deadline:
         time.sleep(0.02)
     assert stack.notifications == [("needs_attention", run.id)]
-    assert "issue" not in stack.provider.stats()["routes"]
     assert stack.provider.is_live(stack.old_secret) and stack.current().secret.reveal() == stack.old_secret
