@@ -231,11 +231,13 @@ def test_missing_json_path_is_garbage_response(standin: ProviderHandle, fake_tim
 
 
 def test_timeout_is_transient(standin: ProviderHandle, fake_time: FakeTime) -> None:
-    standin.add_fault("check", delay=1.0)
+    standin.add_fault("check", delay=5.0)
     started = time.monotonic()
     with pytest.raises(TransientError, match="timed out"):
         make_provider(standin, fake_time, timeout=0.2).check(Secret("k" * 20), credential_type="api_key")
-    assert time.monotonic() - started < 1.0
+    # The client gave up before the stand-in answered (not a speed target: a correctness bound,
+    # generous so a loaded machine cannot fail it).
+    assert time.monotonic() - started < 5.0
 
 
 def test_connection_refused_is_transient(fake_time: FakeTime) -> None:
