@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 RUNTIME_LOCK = ROOT / "requirements" / "runtime.txt"
 TEST_LOCK = ROOT / "requirements" / "test.txt"
-#: Imported only by the stand-ins (worker/sandbox) and the tests: never in the runtime set.
-STANDIN_ONLY = {"cryptography": "cryptography", "jwt": "pyjwt", "hcl": "pyhcl"}
+#: Imported only by the tests (service-account JWTs for the TokenReview stand-in): never in the runtime set.
+STANDIN_ONLY = {"cryptography": "cryptography", "jwt": "pyjwt"}
 
 
 def locked(path: Path) -> dict[str, tuple[str, int]]:
