@@ -56,6 +56,8 @@ class ChaosParams:
     fault_rate: float = 0.03          # share of proxied requests that meet a fault
     redis_restarts: bool = True       # one keeping its data, one losing it
     grace_s: int = 2
+    min_uptime_s: float = 10.0        # a worker is only killed once it has run this long
+    log_level: str = "INFO"
     phase_timeout_s: float = 600.0
     drain_timeout_s: float = 240.0
     seed: int = 14
@@ -71,9 +73,10 @@ class ChaosParams:
         return ChaosParams(**{**base.__dict__, **values})
 
 
-SHORT = ChaosParams()
+SHORT = ChaosParams(keys=10, workers=2, baseline_rounds=1, rounds=2, worker_kill_s=8.0, scheduler_kill_s=30.0,
+                    db_kill_s=8.0, phase_timeout_s=400.0)
 FULL = ChaosParams(keys=60, workers=4, baseline_rounds=1, rounds=5, worker_kill_s=3.0, scheduler_kill_s=20.0,
-                   db_kill_s=4.0, phase_timeout_s=1500.0, drain_timeout_s=300.0)
+                   db_kill_s=4.0, phase_timeout_s=2400.0, drain_timeout_s=300.0, min_uptime_s=8.0, log_level="DEBUG")
 
 
 @dataclass
@@ -158,6 +161,7 @@ class ChaosRun:
         self.metrics_scrapes: dict[str, bytes] = {}
         self.schedulers: list[WorkerProcess] = []
         self.active: list[WorkerProcess] = []
+        self.started: dict[str, float] = {}
         self.lock = threading.Lock()
         self.key_names = [f"chaos/k{i:02d}" for i in range(params.keys)]
 
@@ -228,7 +232,7 @@ class ChaosRun:
         self.killer = ConnectionKiller(self.pg_admin_url, self.pg_url.rsplit("/", 1)[1], APP_PREFIX)
         self.stack.callback(self.killer.close)
         for _ in range(p.workers):
-            self.active.append(self.world.start_worker(threads=p.threads, log_level="DEBUG", wait=True))
+            self.active.append(self.world.start_worker(threads=p.threads, log_level=p.log_level, wait=True))
         self.start_scheduler()
 
     def path(self, name: str) -> str:
@@ -240,7 +244,7 @@ class ChaosRun:
         index = len(self.schedulers)
         out, err = self.tmp_path / f"scheduler-{index}.out", self.tmp_path / f"scheduler-{index}.err"
         port = free_port()
-        env = self.world.worker_env("DEBUG")
+        env = self.world.worker_env(self.params.log_level)
         env.update({"KEYROTOR_DB_APPLICATION_NAME": f"{APP_PREFIX}-scheduler", "KEYROTOR_METRICS_PORT": str(port)})
         with open(out, "wb") as stdout, open(err, "wb") as stderr:
             proc = subprocess.Popen(
@@ -317,8 +321,9 @@ class ChaosRun:
         while not self.stop_chaos.wait(0.2):
             now = time.monotonic()
             self.supervise()
-            if now >= next_worker:
-                victim = self.rng.choice(self.active)
+            grown = [w for w in self.active if now - self.ready_since(w, now) >= p.min_uptime_s]
+            if now >= next_worker and grown:
+                victim = self.rng.choice(grown)
                 victim.kill(signal.SIGKILL)
                 self.fig.kills["worker_sigkill"] += 1
                 self.replace(victim)
@@ -341,11 +346,24 @@ class ChaosRun:
                 self.redis.restart(keep_data=keep)
                 self.fig.kills["redis_restart_kept_data" if keep else "redis_restart_lost_data"] += 1
 
+    def ready_since(self, proc: WorkerProcess, now: float) -> float:
+        """When the worker logged ``worker.started`` (it consumes), as this loop first saw it;
+        ``now`` until then: a worker still importing is never the victim (start-up takes many
+        seconds on a loaded machine, and killing it then would test nothing)."""
+        if proc.name not in self.started:
+            try:
+                if b"worker.started" in proc.stdout_path.read_bytes():
+                    self.started[proc.name] = now
+            except OSError:
+                pass
+        return self.started.get(proc.name, now)
+
     def replace(self, proc: WorkerProcess) -> None:
         with self.lock:
             if proc in self.active:
                 self.active.remove(proc)
-            self.active.append(self.world.start_worker(threads=self.params.threads, log_level="DEBUG", wait=False))
+            self.active.append(self.world.start_worker(threads=self.params.threads, log_level=self.params.log_level,
+                                                       wait=False))
 
     def supervise(self) -> None:
         """Processes that exited on their own (e.g. Redis went away) are restarted and counted."""
