@@ -73,7 +73,7 @@ class ChaosParams:
         return ChaosParams(**{**base.__dict__, **values})
 
 
-SHORT = ChaosParams(keys=10, workers=2, baseline_rounds=1, rounds=2, worker_kill_s=8.0, scheduler_kill_s=30.0,
+SHORT = ChaosParams(keys=8, workers=2, baseline_rounds=1, rounds=1, worker_kill_s=8.0, scheduler_kill_s=30.0,
                     db_kill_s=8.0, phase_timeout_s=400.0)
 FULL = ChaosParams(keys=60, workers=4, baseline_rounds=1, rounds=5, worker_kill_s=3.0, scheduler_kill_s=20.0,
                    db_kill_s=4.0, phase_timeout_s=2400.0, drain_timeout_s=300.0, min_uptime_s=8.0, log_level="DEBUG")
@@ -229,11 +229,31 @@ class ChaosRun:
                 "KEYROTOR_DB_POOL_TIMEOUT_S": "10",
             })
         self.stack.callback(self._stop_processes)
+        self.producer_settings()
         self.killer = ConnectionKiller(self.pg_admin_url, self.pg_url.rsplit("/", 1)[1], APP_PREFIX)
         self.stack.callback(self.killer.close)
         for _ in range(p.workers):
             self.active.append(self.world.start_worker(threads=p.threads, log_level=p.log_level, wait=True))
         self.start_scheduler()
+
+    def producer_settings(self) -> None:
+        """This process requests the rotations (as `keyrotor rotate` would): with the processes'
+        settings, so a new run's first deadline is theirs (2 x the step time limit)."""
+        from worker.settings import get_settings
+
+        saved = {k: os.environ.get(k) for k in self.world.extra_env}
+        os.environ.update(self.world.extra_env)
+        get_settings.cache_clear()
+
+        def restore() -> None:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            get_settings.cache_clear()
+
+        self.stack.callback(restore)
 
     def path(self, name: str) -> str:
         return "apps/" + name
@@ -548,6 +568,7 @@ class ChaosRun:
         blobs = self.outputs()
         self.fig.scanned = Counter()
         for where, blob in blobs.items():
-            kind = "logs" if where.startswith(("worker", "scheduler")) else where.split(" ")[0]
+            kind = ("metrics" if where.endswith("/metrics") else "logs" if where.startswith(("worker", "scheduler"))
+                    else where.split(" ")[0])
             self.fig.scanned[kind] += len(blob)
         self.fig.leaks = find_leaks(secrets_, blobs)
