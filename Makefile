@@ -15,7 +15,7 @@ UV         := $(BIN)/uv
 LOCK_FLAGS := --quiet --generate-hashes --universal --python-version 3.11 --no-header
 LOWEST_VENV ?= .venv-lowest
 
-.PHONY: install demo test unit bench lint services clean lock test-lowest
+.PHONY: install demo test unit bench chaos lint services clean lock test-lowest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ unit: $(STAMP)
 
 bench: $(STAMP) services
 	$(BIN)/python -m pytest tests/bench -m bench -s $(PYTEST_ARGS)
+
+## The full chaos soak (docs/chaos.md): 60 keys, 300+ rotations, workers and the scheduler
+## SIGKILLed, a private Redis restarted, database connections killed, faults in front of Vault and
+## the provider; prints its figures. KEYROTOR_CHAOS_* variables change its parameters.
+chaos: $(STAMP) services
+	$(BIN)/python -m pytest tests/chaos/soak -m chaos_full -s -p no:cacheprovider $(PYTEST_ARGS)
 
 services:
 	@bash scripts/ensure-services.sh
