@@ -59,10 +59,10 @@ def check_database(settings: Settings, timeout_s: float = 5.0) -> Check:
 
 
 def check_redis(settings: Settings, timeout_s: float = 5.0) -> Check:
-    import redis
+    from worker.redis_conn import redis_client
 
     where = display_url(settings.redis_url)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    client = redis_client(settings.redis_url, socket_timeout=timeout_s)
     try:
         client.ping()
         version = client.info("server").get("redis_version", "?")
