@@ -78,7 +78,7 @@ def test_master_killed_mid_rotation_every_run_completes(make_world: WorldFactory
     world.start_worker(threads=2)
 
     runs: list[str] = []
-    recovered: list[str] = []
+    recovered: list[str] = []   # "run id@state it waited in"
     failover_s = -1.0
     unreplicated = -1
     for index in range(ROTATIONS):
@@ -110,7 +110,7 @@ def test_master_killed_mid_rotation_every_run_completes(make_world: WorldFactory
 
             _retrying(reconcile, "the reconciler")
             assert stuck is not None and run_id in stuck.requeued, world.trail(run_id)
-            recovered.append(run_id)
+            recovered.append(f"{run_id[:8]}@{state}")
             state = _settle(world, run_id)
         assert state == "completed", world.trail(run_id) + "\n" + world.worker_logs()[-3000:]
     monitor.stop()
@@ -130,9 +130,12 @@ def test_master_killed_mid_rotation_every_run_completes(make_world: WorldFactory
     assert world.leaks(world.issued_secrets()) == []
 
     stats = world.consumer.stats()
+    logs = world.worker_logs()
     print(f"\nsentinel failover: rotations={len(runs)} completed={len(runs)} "
           f"failover_s={failover_s:.1f} (SIGKILL to a promoted master that accepts writes) "
-          f"recovered_by_reconciler={len(recovered)} "
+          f"recovered_by_reconciler={len(recovered)} {recovered} "
+          f"consumer_reconnects={logs.count('Consumer encountered a connection error')} "
+          f"acks_retried={logs.count('Failed to post_process_message')} "
           f"unreplicated_bytes_at_kill={unreplicated} "
           f"consumer_probe_failures={stats['probe_failures']} vault_samples={monitor.samples}")
     assert stats["probe_failures"] == 0, stats
