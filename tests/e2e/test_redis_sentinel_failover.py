@@ -19,7 +19,8 @@ import pytest
 from tests.e2e.conftest import TERMINAL, World, WorldFactory
 from tests.sentinel_cluster import SentinelCluster, sentinel_cluster  # noqa: F401  (fixture)
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Two worker subprocesses, a Sentinel deployment and six rotations: minutes on a loaded machine.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROTATIONS = 6
 KILL_DURING = 2          # the rotation (0-based) during which the master dies
