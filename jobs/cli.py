@@ -22,12 +22,11 @@ def scheduler(
     lock_ttl: Optional[float] = typer.Option(None, "--lock-ttl", min=1, help="Leader lock TTL in seconds [KEYROTOR_SCHEDULER_LOCK_TTL_S]."),
 ) -> None:
     """Run the detection, reconciliation and retirement jobs; one scheduler acts at a time."""
-    import redis
-
     from jobs.scheduler import KeyrotorScheduler, SchedulerConfig
     from worker.log import configure_logging
     from worker.metrics import start_metrics_server
     from worker.pipeline.broker import setup_broker
+    from worker.redis_conn import redis_client
 
     settings = cli_settings()
     configure_logging(settings.log_level, settings.log_format)  # a service: JSON lines on stdout
@@ -44,7 +43,7 @@ def scheduler(
         start_metrics_server(settings.metrics_port)
     from worker.notify import notify_function
 
-    sched = KeyrotorScheduler(engine, redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5), config,
+    sched = KeyrotorScheduler(engine, redis_client(settings.redis_url, socket_timeout=5), config,
                               notify=notify_function(engine, settings))
 
     def _stop(signum: int, _frame: Any) -> None:

@@ -57,11 +57,11 @@ def redis_url() -> str:
 @pytest.fixture
 def redis_namespace(redis_url: str) -> Iterator[str]:
     """A key prefix unique to this test; its keys are deleted afterwards."""
-    import redis
+    from worker.redis_conn import redis_client as connect
 
     namespace = f"krtest-{uuid.uuid4().hex[:10]}"
     yield namespace
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url, socket_timeout=10)  # redis_url may name a Sentinel deployment
     for key in client.scan_iter(match=f"{namespace}*", count=1000):
         client.delete(key)
     client.close()
@@ -69,9 +69,9 @@ def redis_namespace(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def redis_client(redis_url: str):  # type: ignore[no-untyped-def]
-    import redis
+    from worker.redis_conn import redis_client as connect
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url, socket_timeout=10)
     yield client
     client.close()
 

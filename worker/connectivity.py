@@ -59,17 +59,23 @@ def check_database(settings: Settings, timeout_s: float = 5.0) -> Check:
 
 
 def check_redis(settings: Settings, timeout_s: float = 5.0) -> Check:
-    import redis
+    from worker.redis_conn import is_sentinel_url, redis_client
 
     where = display_url(settings.redis_url)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    client = redis_client(settings.redis_url, socket_timeout=timeout_s)
     try:
         client.ping()
         version = client.info("server").get("redis_version", "?")
+        master = None
+        if is_sentinel_url(settings.redis_url):  # which master the sentinels named
+            host, port = client.connection_pool.get_master_address()
+            master = f"{host}:{port}"
     except Exception as exc:
         return Check("redis", False, f"{where} does not answer PING: {_first_line(exc)}")
     finally:
         client.close()
+    if master:
+        return Check("redis", True, f"{where}: PING answered by master {master}, Redis {version}")
     return Check("redis", True, f"{where}: PING answered, Redis {version}")
 
 

@@ -38,15 +38,14 @@ def register_scheduler_collectors(settings: Any, engine: Engine, *, registry: Co
                                   redis_client: Any = None) -> Any:
     """Register the queue-depth and per-key collectors (the scheduler's /metrics); returns the
     registered collector."""
-    import redis
-
     from worker.key_metrics import KeyCollector
     from worker.queue_metrics import QueueCollector
+    from worker.redis_conn import redis_client as make_redis_client
     from worker.scrape_metrics import ScrapeTimeCollector
 
     timeout = settings.metrics_collect_timeout_s
     if redis_client is None:
-        redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        redis_client = make_redis_client(settings.redis_url, socket_timeout=timeout)
     collector = ScrapeTimeCollector([QueueCollector(redis_client, settings.queue_namespace),
                                      KeyCollector(engine, max_series=settings.metrics_max_key_series, timeout_s=timeout)])
     registry.register(collector)

@@ -16,12 +16,14 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
+from worker.redis_conn import RedisUrlError, is_sentinel_url, parse_sentinel_url
 
 DEFAULT_DATABASE_URL = "sqlite:///keyrotor.db"
 
 
 _DIGITS = re.compile(r"[0-9]+")
-REDIS_URL_FORMS = "expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH?db=DB"
+REDIS_URL_FORMS = ("expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB, unix:///PATH?db=DB or "
+                   "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME/DB")
 
 
 def redis_url_problem(url: str) -> str | None:
@@ -29,8 +31,14 @@ def redis_url_problem(url: str) -> str | None:
 
     redis-py quietly falls back to database 0 when the path is not a number (``redis://h/abc``):
     two deployments meant to be apart would then share one database, so anything it would not read
-    exactly as written is refused here.
+    exactly as written is refused here. Sentinel URLs are checked by ``parse_sentinel_url``.
     """
+    if is_sentinel_url(url):
+        try:
+            parse_sentinel_url(url)
+        except RedisUrlError as exc:
+            return str(exc)
+        return None
     parsed = urlparse(url)
     if parsed.scheme not in {"redis", "rediss", "unix"}:
         return REDIS_URL_FORMS

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 
 def display_url(url: str) -> str:
-    """``url`` fit for a message: a password in it (``redis://:PASS@host``) is shown as ``***``."""
+    """``url`` fit for a message: a password in it (``redis://:PASS@host``, or a query parameter
+    naming a password such as ``?sentinel_password=PASS``) is shown as ``***``."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:  # rpartition: a list of sentinels after the @ is kept whole
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any("password" in name.lower() for name, _ in pairs):
+        query = urlencode([(n, "***" if "password" in n.lower() else v) for n, v in pairs], safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

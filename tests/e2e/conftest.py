@@ -339,11 +339,9 @@ class World:
 
     def start_worker(self, *, threads: int = 2, log_level: str = "DEBUG", wait: bool = True) -> WorkerProcess:
         """A `keyrotor worker --processes 1 --threads N` subprocess; waits until it consumes."""
-        import redis
-
         index = len(self.workers)
         out, err = self.tmp_path / f"worker-{index}.out", self.tmp_path / f"worker-{index}.err"
-        client = redis.Redis.from_url(self.redis_url)
+        client = self.redis()
         beats_key = f"{self.namespace}:__heartbeats__"
         before = set(client.zrange(beats_key, 0, -1))
         with open(out, "wb") as stdout, open(err, "wb") as stderr:
@@ -368,6 +366,12 @@ class World:
 
     def worker_logs(self) -> str:
         return "\n".join(w.output() for w in self.workers)
+
+    def redis(self) -> Any:
+        """A client of the world's Redis (``redis_url`` may name a Sentinel deployment)."""
+        from worker.redis_conn import redis_client
+
+        return redis_client(self.redis_url, socket_timeout=10)
 
     # ------------------------------------------------------------------ producing
     @property
@@ -544,9 +548,7 @@ class World:
     def redis_dump(self) -> dict[str, bytes]:
         """Every key under the namespace with its value, read by type (strings, hashes, lists,
         sets, zsets, streams) plus its DUMP serialisation."""
-        import redis
-
-        client = redis.Redis.from_url(self.redis_url)
+        client = self.redis()
         out: dict[str, bytes] = {}
         try:
             for raw in client.scan_iter(match=f"{self.namespace}*", count=1000):

@@ -167,6 +167,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                    "readiness": {"enabled": False}},
         "database": {"pool": {"workerSize": 6}, "maxConnections": 200, "pgbouncer": True},
     },
+    # Redis Sentinel: the URL names the sentinels and the master; KEDA scales on redis-sentinel triggers.
+    "sentinel": {
+        "redis": {"url": "redis+sentinel://redis-node-0.redis-headless:26379,redis-node-1.redis-headless/mymaster/3"},
+        "worker": {"keda": {"enabled": True, "authenticationRef": "redis-auth"}},
+        "networkPolicy": {"egress": {"redis": {"ports": [6379, 26379]}}},
+    },
 }
 
 
@@ -239,8 +245,10 @@ SCALEDOBJECT_SCHEMA = {
                      "pollingInterval": {"type": "integer"}, "cooldownPeriod": {"type": "integer"},
                      "triggers": {"type": "array", "minItems": 1, "items": {
                          "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
-                         "properties": {"type": {"const": "redis"},
-                                        "metadata": {"type": "object", "required": ["address", "listName", "listLength"],
+                         "properties": {"type": {"enum": ["redis", "redis-sentinel"]},
+                                        "metadata": {"type": "object", "required": ["listName", "listLength"],
+                                                     "anyOf": [{"required": ["address"]},
+                                                               {"required": ["addresses", "sentinelMaster"]}],
                                                      "additionalProperties": {"type": "string"}},
                                         "authenticationRef": {"type": "object", "required": ["name"]}}}}}},
     },
@@ -471,6 +479,9 @@ def test_inventory_configmap_carries_references_only(chart: Any) -> None:
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"redis": {"url": "redis://:hunter2@redis:6379/0"}}, "redis.existingSecret"),
+    ({"redis": {"url": "redis+sentinel://:hunter2@s1:26379,s2:26379/mymaster/0"}}, "redis.existingSecret"),
+    ({"redis": {"url": "redis+sentinel://s1:26379,s2:26379/mymaster/0?sentinel_password=hunter2"}},
+     "redis.existingSecret"),
     ({"extraEnv": [{"name": "PROVIDER_API_TOKEN", "value": "hunter2"}]}, "valueFrom.secretKeyRef"),
     ({"vault": {"auth": {"method": "token"}}}, "vault.auth.token.existingSecret"),
     ({"vault": {"auth": {"kubernetes": {"role": ""}}}}, "vault.auth.kubernetes.role"),
@@ -720,6 +731,33 @@ def test_keda_scales_workers_on_the_dramatiq_queue_lists(chart: Any, helm: Any) 
         with pytest.raises(helm.HelmError) as err:
             render(chart, bad)
         assert message in str(err.value)
+
+
+def test_keda_with_redis_sentinel_uses_redis_sentinel_triggers(chart: Any, helm: Any) -> None:
+    docs = render(chart, scenario("sentinel"))
+    so = one(docs, "ScaledObject", f"{FULLNAME}-worker")
+    for trigger, queue in zip(so["spec"]["triggers"], ["rotation", "rotation_requests"]):
+        assert trigger["type"] == "redis-sentinel"
+        assert trigger["metadata"]["addresses"] == "redis-node-0.redis-headless:26379,redis-node-1.redis-headless:26379"
+        assert trigger["metadata"]["sentinelMaster"] == "mymaster"
+        assert trigger["metadata"]["databaseIndex"] == "3"
+        assert trigger["metadata"]["listName"] == f"keyrotor:{queue}"
+        assert "address" not in trigger["metadata"] and trigger["authenticationRef"] == {"name": "redis-auth"}
+    env = {e["name"]: e for e in one(docs, "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KEYROTOR_REDIS_URL"]["value"] == scenario("sentinel")["redis"]["url"]
+    # No database in the URL: 0. From a Secret the URL is unknown: the sentinels and master are given.
+    plain = render(chart, {"redis": {"url": "redis+sentinel://s1/mymaster"}, "worker": {"keda": {"enabled": True}}})
+    metadata = one(plain, "ScaledObject", f"{FULLNAME}-worker")["spec"]["triggers"][0]["metadata"]
+    assert (metadata["addresses"], metadata["sentinelMaster"], metadata["databaseIndex"]) == ("s1:26379", "mymaster", "0")
+    given = render(chart, {"redis": {"existingSecret": "redis-url"},
+                           "worker": {"keda": {"enabled": True, "address": "s1:26379,s2:26379", "sentinelMaster": "m1",
+                                               "databaseIndex": 1}}})
+    metadata = one(given, "ScaledObject", f"{FULLNAME}-worker")["spec"]["triggers"][0]["metadata"]
+    assert (metadata["addresses"], metadata["sentinelMaster"], metadata["databaseIndex"]) == ("s1:26379,s2:26379", "m1", "1")
+    for bad in ({"redis": {"url": "sentinel://s1/m"}}, {"worker": {"keda": {"sentinelMaster": "a b"}}},
+                {"worker": {"keda": {"address": "s1:26379,"}}}):
+        with pytest.raises(helm.HelmError):
+            render(chart, bad)
 
 
 def test_prometheus_rule_and_dashboard_are_the_repository_files(chart: Any) -> None:

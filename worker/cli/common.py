@@ -74,13 +74,14 @@ def operator() -> str:
 
 def redis_reachable(url: str, timeout: float = 0.5) -> bool:
     """True when something answers PING at ``url`` (the demo then uses the Redis broker)."""
+    from worker.redis_conn import redis_client
+
     parsed = urlparse(url)
     try:
-        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=timeout):
-            pass
-        import redis
-
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        if parsed.scheme in ("redis", "rediss"):  # fail fast, before redis-py's retries with backoff
+            with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=timeout):
+                pass
+        client = redis_client(url, socket_timeout=timeout)
         try:
             return bool(client.ping())
         finally:

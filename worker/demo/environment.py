@@ -228,9 +228,9 @@ def _disable_mount(url: str, token: str, mount: str) -> None:
 
 
 def _delete_namespace(url: str, namespace: str) -> None:
-    import redis
+    from worker.redis_conn import redis_client
 
-    client = redis.Redis.from_url(url)
+    client = redis_client(url, socket_timeout=10)
     try:
         for key in client.scan_iter(match=f"{namespace}*", count=500):
             client.delete(key)

@@ -119,10 +119,10 @@ return 0
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisRateLimiter":
-        import redis
+        from worker.redis_conn import redis_client
 
         # A hung Redis must not hang a rotation step: every call gives up after a few seconds.
-        return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5), **kwargs)
+        return cls(redis_client(url, socket_timeout=5), **kwargs)
 
     def _key(self, provider: str, suffix: str) -> str:
         return f"{self._namespace}:ratelimit:{provider}:{suffix}"

@@ -101,6 +101,9 @@ what to do instead. (The schema checks shapes; these are the checks it cannot ex
 {{- if regexMatch "://[^/@]*:[^/@]*@" .Values.redis.url -}}
 {{- fail "redis.url contains a password: store the URL in a Secret and set redis.existingSecret (and redis.key) instead" -}}
 {{- end -}}
+{{- if regexMatch "[?&]sentinel_password=" .Values.redis.url -}}
+{{- fail "redis.url contains the sentinels' password: store the URL in a Secret and set redis.existingSecret (and redis.key) instead" -}}
+{{- end -}}
 {{- if and .Values.vault.address (eq .Values.vault.auth.method "token") (not .Values.vault.auth.token.existingSecret) -}}
 {{- fail "vault.auth.method is token but vault.auth.token.existingSecret is empty: name the Secret holding VAULT_TOKEN" -}}
 {{- end -}}
@@ -114,7 +117,7 @@ what to do instead. (The schema checks shapes; these are the checks it cannot ex
 {{- fail "worker.keda.enabled and worker.autoscaling.enabled both scale the workers: enable only one (KEDA creates its own HPA)" -}}
 {{- end -}}
 {{- if and .Values.worker.keda.enabled .Values.redis.existingSecret (not .Values.worker.keda.address) -}}
-{{- fail "worker.keda.enabled with redis.existingSecret: set worker.keda.address (host:port) and, for a password, worker.keda.authenticationRef" -}}
+{{- fail "worker.keda.enabled with redis.existingSecret: set worker.keda.address (host:port, or the sentinels' list with worker.keda.sentinelMaster) and, for a password, worker.keda.authenticationRef" -}}
 {{- end -}}
 {{- if and .Values.database.maxConnections (gt (include "keyrotor.maxConnections" . | int) (int .Values.database.maxConnections)) -}}
 {{- fail (printf "up to %s PostgreSQL connections at the replica maximum exceed database.maxConnections (%d): lower worker processes/threads, database.pool sizes or the replica maximum, or put PgBouncer in front (docs/scaling.md)" (include "keyrotor.maxConnections" .) (int .Values.database.maxConnections)) -}}
