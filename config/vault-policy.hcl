@@ -41,6 +41,19 @@ path "secret/metadata/keyrotor/staging/*" {
   capabilities = ["read", "delete"]
 }
 
+# --- Owners' deposits (assisted mode) ---------------------------------------------------------
+# A person writes a credential they created in a vendor's UI to secret/keyrotor/deposits/<key
+# slug> (their policy: config/vault-owner-deposit-policy.hcl, write-only). keyrotor reads it,
+# reads the version's creation time from the metadata, and destroys the deposit with every
+# version (DELETE on metadata) once it was accepted or rejected (KEYROTOR_VAULT_DEPOSIT_PREFIX).
+path "secret/data/keyrotor/deposits/*" {
+  capabilities = ["read"]
+}
+
+path "secret/metadata/keyrotor/deposits/*" {
+  capabilities = ["read", "delete"]
+}
+
 # --- Credentials keyrotor uses but never writes ----------------------------------------------
 # Provider admin tokens (to issue/revoke keys) and integration signing secrets, referenced in
 # the inventory as {vault: "secret/keyrotor/providers/<name>#<field>"}.

@@ -42,9 +42,11 @@ def scheduler(
         register_scheduler_collectors(settings, engine)  # queue depth and per-key expiry, read per scrape
         start_metrics_server(settings.metrics_port)
     from worker.notify import notify_function
+    from worker.pipeline.context import context_from_settings
 
     sched = KeyrotorScheduler(engine, redis_client(settings.redis_url, socket_timeout=5), config,
-                              notify=notify_function(engine, settings))
+                              notify=notify_function(engine, settings),
+                              deposit_context=lambda: context_from_settings(settings))
 
     def _stop(signum: int, _frame: Any) -> None:
         sched.shutdown(release=True)

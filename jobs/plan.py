@@ -93,7 +93,7 @@ def build_plan(session: Session, *, now: datetime | None = None, days: float = 3
         if phase:
             notes.append(f"{key.credential_type} is in phase {phase} at that time; migrates to {target}")
         if not automatic:
-            notes.append("cannot be rotated automatically: the owner must create the new credential and run `keyrotor deposit`")
+            notes.append("cannot be rotated automatically: the owner creates the new credential and writes it to the key's deposit path in Vault (or an operator runs `keyrotor deposit`)")
         guard = orphan_guard(record)
         if guard:
             notes.append(guard)

@@ -1,8 +1,9 @@
 """Expiry reminders for keys that cannot be rotated automatically (``assisted`` providers).
 
-Detection opens their run (it waits for ``keyrotor deposit``); this job tells the owner ahead
-of time and keeps telling them, at most once per ``repeat_s`` per key, until the key is rotated
-(its due time moves on). Each reminder is recorded in the audit trail, which is also how the
+Detection opens their run (it waits for the owner's deposit); this job tells the owner ahead
+of time and keeps telling them, at most once per ``repeat_s`` per key, until the key's run is
+waiting for the deposit — from then on the ``deposits`` job (``jobs/deposits.py``) reminds them
+at the key's ``assisted.remind_every`` until the deposit or its deadline. Each reminder is recorded in the audit trail, which is also how the
 "once per repeat_s" rule survives a scheduler restart or a leader change.
 """
 
@@ -66,6 +67,8 @@ def send_reminders(
             if last is not None and now - as_utc(last) < timedelta(seconds=repeat_s):  # type: ignore[operator]
                 continue
             run = session.exec(select(RotationRun).where(RotationRun.key_id == key.id, RotationRun.finished_at.is_(None))).first()  # type: ignore[union-attr,attr-defined]
+            if run is not None and run.state == "awaiting_deposit":
+                continue  # the deposits job reminds the owner of a run waiting for their deposit
             due = as_utc(key.next_due_at)
             target = replacement_type(record, key.credential_type) if key.due_reason == "deprecation" else None
             detail = {
@@ -74,7 +77,9 @@ def send_reminders(
                 "due_at": due.isoformat() if due else None, "overdue": bool(due and due <= now),
                 "expires_at": as_utc(key.expires_at).isoformat() if key.expires_at else None,  # type: ignore[union-attr]
                 "run_state": run.state if run else None,
-                "action": f"create a new {target or key.credential_type} at {key.provider} and run `keyrotor deposit {key.name}`",
+                "action": (f"create a new {target or key.credential_type} at {key.provider} when keyrotor asks for it "
+                           "(a notice names your deposit path in Vault); operators: "
+                           f"`keyrotor deposit {key.name}` once the key's run awaits a deposit"),
             }
             todo.append((key.id, key.name, run.id if run else None, detail))
     for key_id, name, run_id, detail in todo:

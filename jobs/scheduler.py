@@ -38,7 +38,7 @@ from worker.log import get_logger
 
 log = get_logger(__name__)
 
-JOB_NAMES = ("detection", "reconcile", "retirement", "orphans", "reminders")
+JOB_NAMES = ("detection", "reconcile", "retirement", "orphans", "reminders", "deposits")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class SchedulerConfig:
     retirement_s: float = 60.0
     orphans_s: float = 900.0
     reminders_s: float = 3600.0
+    deposits_s: float = 60.0
     lock_ttl_s: float = 30.0
     lock_name: str = leader_lock_key("keyrotor")
     batch: int = 500
@@ -65,6 +66,7 @@ class SchedulerConfig:
             retirement_s=settings.scheduler_retirement_interval_s,
             orphans_s=settings.scheduler_orphan_interval_s,
             reminders_s=settings.scheduler_reminder_interval_s,
+            deposits_s=settings.scheduler_deposit_interval_s,
             lock_ttl_s=settings.scheduler_lock_ttl_s,
             lock_name=leader_lock_key(settings.queue_namespace),
             batch=settings.scheduler_batch_size,
@@ -96,6 +98,7 @@ class KeyrotorScheduler:
         provider_factory: ProviderFactory | None = None,
         notify: Callable[..., None] | None = None,
         token: str | None = None,
+        deposit_context: Callable[[], Any] | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -103,6 +106,8 @@ class KeyrotorScheduler:
         self._pipeline = pipeline
         self._provider_factory = provider_factory
         self._notify = notify
+        self._deposit_context = deposit_context   # () -> PipelineContext, built on the first deposits pass
+        self._deposit_ctx: Any = None
         self.passes: Counter[str] = Counter()   # completed passes per job (status, tests)
         self.errors: Counter[str] = Counter()
         self.became_leader_at: float | None = None
@@ -115,7 +120,7 @@ class KeyrotorScheduler:
         self._aps.add_job(self._lock_tick, "interval", seconds=config.lock_tick_s, id="leader-lock", next_run_time=start,
                           misfire_grace_time=max(1, int(config.lock_tick_s)))
         intervals = {"detection": config.detection_s, "reconcile": config.reconcile_s, "retirement": config.retirement_s,
-                     "orphans": config.orphans_s, "reminders": config.reminders_s}
+                     "orphans": config.orphans_s, "reminders": config.reminders_s, "deposits": config.deposits_s}
         for name in JOB_NAMES:
             self._aps.add_job(self._guarded, "interval", args=[name], seconds=intervals[name], id=name,
                               misfire_grace_time=max(1, int(intervals[name] / 2)))
@@ -194,6 +199,16 @@ class KeyrotorScheduler:
         if name == "reminders":
             return {"reminded": len(send_reminders(self.engine, now=now, lead_s=cfg.reminder_lead_s,
                                                    repeat_s=cfg.reminder_repeat_s, notify=self._notify, batch=cfg.batch))}
+        if name == "deposits":
+            from jobs.deposits import collect_deposits
+
+            if self._deposit_ctx is None:
+                from worker.pipeline.context import context_from_settings
+
+                self._deposit_ctx = self._deposit_context() if self._deposit_context else context_from_settings()
+            done = collect_deposits(self._deposit_ctx, now=now, batch=cfg.batch)
+            return {"accepted": len(done.accepted), "rejected": len(done.rejected), "reminded": len(done.reminded),
+                    "expired": len(done.expired)}
         raise ValueError(f"unknown job {name!r} (known: {', '.join(JOB_NAMES)})")
 
     # ------------------------------------------------------------------ helpers

@@ -131,6 +131,18 @@ class FakeVault:
         self.faults.hit("discard_pending")
         self.staging.pop(run_id, None)
 
+    # owners' deposits (assisted mode)
+    staging_mount = "secret"
+
+    def deposit_path(self, key_name: str) -> str:
+        return "keyrotor/deposits/" + key_name.replace("/", "-")
+
+    def read_deposit(self, key_name: str) -> Any:
+        return getattr(self, "deposits", {}).get(key_name)
+
+    def destroy_deposit(self, key_name: str) -> None:
+        getattr(self, "deposits", {}).pop(key_name, None)
+
     def promote(self, mount: str, path: str, field: str, secret: Secret, provider_key_id: Optional[str],
                 expected_version: Optional[int]) -> int:
         self.faults.hit("promote")

@@ -31,6 +31,8 @@ SENSITIVE_VALUE = re.compile(
     r"(?i)(bearer\s+[a-z0-9._~+/=-]{8,}|basic\s+[a-z0-9+/=]{8,}|hvs\.[a-z0-9_-]{10,}|-----BEGIN [A-Z ]*PRIVATE KEY-----)"
 )
 _SAFE_KEYS = {"fingerprint", "token_ttl", "key_id", "provider_key_id", "secret_field", "vault_token_source"}
+#: Names of a *kind* of credential (``credential_type``, ``target_credential_type``), not a value.
+_KIND_KEY = re.compile(r"_types?$", re.IGNORECASE)
 
 
 def _redact_value(value: Any, depth: int = 0) -> Any:
@@ -48,7 +50,8 @@ def _redact_value(value: Any, depth: int = 0) -> Any:
 
 
 def _is_sensitive_key(key: Any) -> bool:
-    return isinstance(key, str) and key not in _SAFE_KEYS and bool(SENSITIVE_KEY.search(key))
+    return (isinstance(key, str) and key not in _SAFE_KEYS and not _KIND_KEY.search(key)
+            and bool(SENSITIVE_KEY.search(key)))
 
 
 def redact(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:

@@ -31,6 +31,11 @@ from worker.secret import Secret
 log = get_logger(__name__)
 
 EVENTS = frozenset({"started", "succeeded", "failed", "rolled_back", "needs_attention", "reminder"})
+#: Notices to a key's owner in assisted mode (``worker/owner_notices.py``); shared sinks get them
+#: only when they list them.
+OWNER_EVENTS = frozenset({"deposit_requested", "deposit_reminder", "deposit_rejected", "deposit_accepted",
+                          "revoke_requested", "needs_attention", "succeeded"})
+ALL_EVENTS = EVENTS | OWNER_EVENTS
 SIGNATURE_HEADER = "X-Keyrotor-Signature"
 EVENT_HEADER = "X-Keyrotor-Event"
 
@@ -47,15 +52,22 @@ _SLACK_LINES = {
     "rolled_back": "rotation rolled back to the previous key",
     "needs_attention": "rotation NEEDS ATTENTION (old key untouched)",
     "reminder": "reminder: this key must be rotated by a person",
+    "deposit_requested": "a new credential is needed from you",
+    "deposit_reminder": "reminder: a new credential is still needed from you",
+    "deposit_rejected": "the credential you deposited does NOT work; deposit another",
+    "deposit_accepted": "thank you: the credential you deposited works and is being rolled out",
+    "revoke_requested": "please revoke the old credential",
 }
 
 
 @dataclass(frozen=True)
 class Sink:
-    kind: str                       # "slack" | "webhook"
+    kind: str                       # "slack" | "webhook" | "slack_api" | "email" (the last two: owners)
     url: Secret                     # Slack webhook URLs are credentials: never logged
-    signing_secret: Secret | None = None
+    signing_secret: Secret | None = None   # webhook: HMAC key; slack_api: the bot token
     events: frozenset[str] = EVENTS
+    target: str | None = None       # slack_api: channel or user; email: the address
+    send_mail: Callable[[str, str, str], None] | None = None   # email: (to, subject, body)
 
     def wants(self, event: str) -> bool:
         return event in self.events
@@ -112,8 +124,8 @@ class Notifier:
 
     def notify(self, event: str, *, key_name: str, run_id: str | None, detail: dict[str, Any]) -> int:
         """Returns how many sinks accepted the event. Raises nothing a delivery can cause."""
-        if event not in EVENTS:
-            log.warning("notify_unknown_event", notify_event=event, known=sorted(EVENTS))
+        if event not in ALL_EVENTS:
+            log.warning("notify_unknown_event", notify_event=event, known=sorted(ALL_EVENTS))
             return 0
         payload = build_payload(event, key_name=key_name, run_id=run_id, detail=detail)
         delivered = 0
@@ -133,6 +145,15 @@ class Notifier:
         return delivered
 
     def _deliver(self, sink: Sink, payload: dict[str, Any]) -> None:
+        if sink.kind == "email":
+            assert sink.send_mail is not None and sink.target is not None
+            from worker.owner_notices import notice_subject, notice_text
+
+            sink.send_mail(sink.target, notice_subject(payload), notice_text(payload))
+            return
+        if sink.kind == "slack_api":
+            self._post_slack_api(sink, payload)
+            return
         if sink.kind == "slack":
             body = json.dumps({"text": slack_text(payload)}).encode()
             headers = {"Content-Type": "application/json"}
@@ -150,6 +171,30 @@ class Notifier:
                                  retry_after=parse_retry_after(response.headers.get("Retry-After")))
         if response.status_code >= 400:
             raise PermanentError(f"{sink.kind} sink refused the notification with {response.status_code}")
+
+
+    def _post_slack_api(self, sink: Sink, payload: dict[str, Any]) -> None:
+        """``chat.postMessage``: Slack answers 200 with ``{"ok": false, "error": …}`` on refusal."""
+        from worker.owner_notices import notice_text
+
+        assert sink.signing_secret is not None
+        body = json.dumps({"channel": sink.target, "text": notice_text(payload)}).encode()
+        headers = {"Content-Type": "application/json; charset=utf-8",
+                   "Authorization": f"Bearer {sink.signing_secret.reveal()}"}
+        try:
+            response = self._http.post(sink.url.reveal().rstrip("/") + "/chat.postMessage", content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise TransientError(f"slack API unreachable: {type(exc).__name__}") from None
+        if response.status_code == 429 or response.status_code >= 500:
+            raise TransientError(f"slack API answered {response.status_code}",
+                                 retry_after=parse_retry_after(response.headers.get("Retry-After")))
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = {}
+        if response.status_code >= 400 or not isinstance(answer, dict) or answer.get("ok") is not True:
+            error = answer.get("error") if isinstance(answer, dict) else None
+            raise PermanentError(f"slack API refused the message ({response.status_code}, {str(error)[:80]})")
 
 
 # --------------------------------------------------------------------------- sinks from the inventory
@@ -172,21 +217,9 @@ def sinks_from_specs(specs: Iterable[Any], resolve: Callable[[Any], Secret]) -> 
 
 def snapshot_notifications(engine: Any) -> list[dict[str, Any]]:
     """The ``notifications`` section of the last applied inventory, or [] if none was applied."""
-    from sqlalchemy import text
-    from sqlalchemy.exc import DBAPIError
+    from worker.inventory.snapshot import applied_document
 
-    try:
-        with engine.connect() as conn:
-            row = conn.execute(text("SELECT document FROM inventory_snapshot ORDER BY id DESC LIMIT 1")).first()
-    except DBAPIError as exc:  # table missing (migration 0002 not applied) or DB down
-        log.warning("notification_sinks_unavailable", error=type(exc).__name__)
-        return []
-    if row is None:
-        return []
-    document = row[0]
-    if isinstance(document, str):
-        document = json.loads(document)
-    return list((document or {}).get("notifications") or [])
+    return list(applied_document(engine).get("notifications") or [])
 
 
 _lock = threading.Lock()

@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     vault_k8s_jwt_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     vault_mount: str = Field("secret", description="KV v2 mount holding managed keys")
     vault_staging_prefix: str = Field("keyrotor/staging", description="Where issued keys wait before promotion")
+    vault_deposit_prefix: str = Field("keyrotor/deposits", description="Where owners write credentials they created (assisted mode), one path per key: <prefix>/<key slug> on KEYROTOR_VAULT_MOUNT")
     vault_timeout_s: float = Field(10.0, gt=0)
 
     queue_namespace: str = Field("keyrotor", description="Dramatiq namespace (Redis key prefix)")
@@ -120,6 +121,7 @@ class Settings(BaseSettings):
     orphan_min_age_s: float = Field(600.0, ge=0, description="A provider key named after a run is only revoked once this old")
     reminder_lead_time_s: float = Field(14 * 86400.0, ge=0, description="Remind owners of manually rotated keys this long before due")
     reminder_repeat_s: float = Field(86400.0, gt=0, description="Least time between two reminders for one key")
+    scheduler_deposit_interval_s: float = Field(60.0, gt=0, description="How often owners' deposit paths in Vault are read (assisted mode); reminders and deposit deadlines are checked then too")
     notify_timeout_s: float = Field(10.0, gt=0, description="Timeout of one notification delivery")
     notify_attempts: int = Field(3, ge=1, le=10, description="Delivery attempts per notification sink")
 

@@ -111,7 +111,7 @@ def test_deposit_refuses_a_run_that_is_not_waiting(engine, capsys) -> None:  # t
     err = capsys.readouterr().err
     assert code == 2 and "not awaiting_deposit" in err
     code = main(["deposit", "nope"])
-    assert code == 2 and "no run 'nope'" in capsys.readouterr().err
+    assert code == 2 and "no run or key 'nope'" in capsys.readouterr().err
 
 
 def test_deposit_secret_comes_from_stdin_never_argv(monkeypatch) -> None:
@@ -205,3 +205,22 @@ def test_emergency_reports_keys_it_could_not_rotate_and_exits_1(engine, capsys, 
         assert code == EXIT_FAILED and [i["run_id"] for i in doc["not_rotated"]] == ["r1"]
     finally:
         broker_mod.reset_broker()
+
+
+def test_deposit_takes_the_key_name_and_finds_its_waiting_run(engine) -> None:  # type: ignore[no-untyped-def]
+    """The reminder names the key; `keyrotor deposit KEY` finds the key's run awaiting a deposit."""
+    import typer
+
+    from worker.cli.act_cmds import find_awaiting_run
+
+    with session_scope(engine) as s:
+        s.get(RotationRun, "r1").state = RunState.awaiting_deposit
+    with session_scope(engine) as s:
+        assert find_awaiting_run(s, "alloy/a").id == "r1"
+        assert find_awaiting_run(s, "r1").id == "r1"
+    with session_scope(engine) as s:
+        run = s.get(RotationRun, "r1")
+        run.state, run.finished_at = RunState.cancelled, datetime.now(timezone.utc)
+    with session_scope(engine) as s, pytest.raises(typer.Exit) as exc:
+        find_awaiting_run(s, "alloy/a")
+    assert exc.value.exit_code == 2

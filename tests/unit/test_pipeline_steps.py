@@ -334,3 +334,66 @@ def test_one_open_run_per_key_and_idempotency(world: World) -> None:
     assert world.request() == first  # joins the open run
     world.drive(first)
     assert world.request() != first  # a finished run does not block a new one
+
+
+def test_assisted_old_credential_the_provider_cannot_revoke_is_waited_for_with_a_deadline(sqlite_url: str) -> None:
+    """No revoke API: the owner is asked to revoke the old credential; keyrotor polls, re-asks at the
+    reminder interval, and past the revoke deadline (default 3 days) the run needs attention."""
+    from worker.pipeline.deposit import deposit
+    from worker.secret import Secret
+
+    world = World(url=sqlite_url, provider=FakeProvider(mode="assisted", can_revoke=False)).build()
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.awaiting_deposit
+    new = world.provider.add_existing("made-by-a-person")
+    deposit(run_id=run_id, secret=Secret(new.secret), deposited_by="cli:alice", ctx=world.ctx, enqueue=False)
+    world.drive(run_id, stop_at={RunState.verified})
+    world.clock.advance(3600)                                   # past the grace period
+    action = steps.execute(world.ctx, Step.retire, run_id)
+    assert action.step == Step.retire and action.delay_ms == 60_000   # polls every revoke_check_every
+    assert get_run(world, run_id).state == RunState.verified
+    asked = [d for e, d in world.notifications if e == "reminder" and d.get("action") == "revoke_old_credential"]
+    assert len(asked) == 1 and asked[0]["credential_type"] == "api_key"
+    world.clock.advance(86400)                                  # a day later: asked again
+    steps.execute(world.ctx, Step.retire, run_id)
+    assert len([d for e, d in world.notifications if d.get("action") == "revoke_old_credential"]) == 2
+    world.clock.advance(2 * 86400)                              # 3 days after the first request
+    steps.execute(world.ctx, Step.retire, run_id)
+    run = get_run(world, run_id)
+    assert run.state == RunState.needs_attention and "still authenticates" in (run.last_error or "")
+    assert world.provider.is_valid(world.old.secret)           # nothing pretended it was revoked
+
+
+def test_assisted_old_credential_revoked_by_the_owner_completes_the_run(sqlite_url: str) -> None:
+    from worker.pipeline.deposit import deposit
+    from worker.secret import Secret
+
+    world = World(url=sqlite_url, provider=FakeProvider(mode="assisted", can_revoke=False)).build()
+    run_id = world.request()
+    world.drive(run_id)
+    new = world.provider.add_existing("made-by-a-person")
+    deposit(run_id=run_id, secret=Secret(new.secret), deposited_by="cli:alice", ctx=world.ctx, enqueue=False)
+    world.drive(run_id, stop_at={RunState.verified})
+    world.clock.advance(3600)
+    steps.execute(world.ctx, Step.retire, run_id)
+    world.provider.keys[world.old.key_id].valid = False         # the owner revoked it in the UI
+    assert world.drive(run_id) == RunState.completed
+
+
+def test_a_deposit_the_provider_rejects_is_refused_and_the_run_keeps_waiting(sqlite_url: str) -> None:
+    from worker.pipeline.deposit import DepositRejected, deposit
+    from worker.secret import Secret
+
+    from worker.db.models import ProviderRecord
+
+    world = World(url=sqlite_url, provider=FakeProvider(mode="assisted")).build()
+    with session_scope(world.engine) as session:   # a deposit not live is re-checked up to the activation timeout
+        record = session.exec(select(ProviderRecord)).one()
+        record.spec = {"activation": {"poll_interval": "1s", "timeout": "2s"}}
+        session.add(record)
+    run_id = world.request()
+    world.drive(run_id)
+    with pytest.raises(DepositRejected, match="rejects this credential"):
+        deposit(run_id=run_id, secret=Secret("typo-not-a-key"), deposited_by="cli:alice", ctx=world.ctx, enqueue=False)
+    assert get_run(world, run_id).state == RunState.awaiting_deposit
+    assert run_id not in world.vault.staging

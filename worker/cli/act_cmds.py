@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import typer
 
-from worker.cli.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, cli_settings, fail, open_database, operator
+from worker.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, cli_settings, fail, open_database, operator,
+                               operator_at_host)
 from worker.cli.follow import STOP_STATES, AuditFollower, run_states, state_of
 from worker.cli.output import print_json
 from worker.db.models import ManagedKey, RunState
@@ -193,35 +194,62 @@ def read_deposit_secret(prompt: str) -> Secret:
 
 
 def deposit(
-    run_id: str = typer.Argument(..., help="The run waiting for a deposit (see `keyrotor runs --state awaiting_deposit`)."),
+    target: str = typer.Argument(..., metavar="RUN|KEY",
+                                 help="The run waiting for a deposit, or its key's name (see `keyrotor runs --state awaiting_deposit`)."),
+    as_name: Optional[str] = typer.Option(None, "--as", help="Who created the credential (recorded in the audit trail "
+                                          "next to the OS user and host); owners deposit through Vault instead."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Assisted mode: hand over the new credential for a run (read from stdin or a hidden prompt)."""
-    from worker.db.models import RotationRun
+    """Assisted mode (operators): hand over the new credential for a run (stdin or a hidden prompt).
 
+    The credential is checked at the provider first; one that does not work is refused (exit 1)
+    and the run keeps waiting."""
     settings = cli_settings()
     engine = open_database(settings)
     with session_scope(engine) as session:
-        run = session.get(RotationRun, run_id)
-        if run is None:
-            fail(f"no run {run_id!r}; see `keyrotor runs --state awaiting_deposit`")
-        if state_of(run) != RunState.awaiting_deposit.value:
-            fail(f"run {run_id} is {state_of(run)}, not awaiting_deposit; nothing to deposit")
-        key_name = _key_names(session, [run.key_id]).get(run.key_id, "?")
+        run = find_awaiting_run(session, target)
+        run_id, key_name = run.id, _key_names(session, [run.key_id]).get(run.key_id, "?")
     secret = read_deposit_secret(f"New credential for {key_name} (input hidden): ")
     _require_redis(settings.redis_url)
     from worker.pipeline.broker import setup_broker
 
     setup_broker(settings)
+    from worker.pipeline.deposit import DepositRejected
     from worker.pipeline.deposit import deposit as pipeline_deposit
 
-    result = pipeline_deposit(run_id=run_id, secret=secret, deposited_by=operator())
+    actor = operator_at_host() + (f" as {as_name.strip()[:100]}" if as_name and as_name.strip() else "")
+    try:
+        result = pipeline_deposit(run_id=run_id, secret=secret, deposited_by=actor,
+                                  detail={"source": "cli", "claimed_by": as_name})
+    except DepositRejected as exc:
+        fail(f"{key_name}: not deposited: {exc}; run {run_id} still awaits a deposit", EXIT_FAILED)
     doc = {"run_id": run_id, "key": key_name, "fingerprint": secret.fingerprint, "result": str(result) if result is not None else None}
     if json_out:
         print_json(doc)
     else:
-        typer.echo(f"{key_name}: deposited credential {secret.fingerprint} for run {run_id}; the run continues")
+        typer.echo(f"{key_name}: deposited credential {secret.fingerprint} for run {run_id}; it works at the provider "
+                   "and the run continues")
     raise typer.Exit(EXIT_OK)
+
+
+def find_awaiting_run(session: Any, target: str) -> Any:
+    """The run named ``target``, or the open run of the key named ``target``; it must await a deposit."""
+    from sqlmodel import select
+
+    from worker.db.models import RotationRun
+
+    run = session.get(RotationRun, target)
+    if run is None:
+        key = session.exec(_key_query(target)).first()
+        if key is None:
+            fail(f"no run or key {target!r}; see `keyrotor runs --state awaiting_deposit`")
+        run = session.exec(select(RotationRun).where(RotationRun.key_id == key.id,
+                                                     RotationRun.finished_at.is_(None))).first()  # type: ignore[union-attr]
+        if run is None:
+            fail(f"key {target} has no open run; request one with `keyrotor rotate {target}`")
+    if state_of(run) != RunState.awaiting_deposit.value:
+        fail(f"run {run.id} is {state_of(run)}, not awaiting_deposit; nothing to deposit")
+    return run
 
 
 def resolve(

@@ -72,6 +72,12 @@ def operator() -> str:
     return f"cli:{user}"
 
 
+def operator_at_host() -> str:
+    """``cli:<user>@<host>``: the OS user and host, for actions a person takes on a keyrotor host
+    (weak evidence: whoever holds the service's credentials there; see docs/assisted-rotation.md)."""
+    return f"{operator()}@{socket.gethostname()}"
+
+
 def redis_reachable(url: str, timeout: float = 0.5) -> bool:
     """True when something answers PING at ``url`` (the demo then uses the Redis broker)."""
     from worker.redis_conn import redis_client

@@ -35,7 +35,7 @@ class VersionStage(str, enum.Enum):
 
 class RunState(str, enum.Enum):
     requested = "requested"
-    awaiting_deposit = "awaiting_deposit"  # assisted mode: waits for `keyrotor deposit`
+    awaiting_deposit = "awaiting_deposit"  # assisted mode: waits for the owner's deposit (Vault, or `keyrotor deposit`)
     issued = "issued"
     prechecked = "prechecked"
     promoted = "promoted"

@@ -387,6 +387,8 @@ class CredentialTypeSpec(_Model):
     """A kind of credential a provider issues; may be deprecated in dated phases."""
 
     replacement: Optional[str] = None
+    #: assisted mode: the vendor's page where a person creates this kind of credential (told to owners)
+    create_url: Optional[Annotated[str, BeforeValidator(lambda v: _http_url(v) if isinstance(v, str) else v)]] = None
     deprecation: list[DeprecationPhase] = Field(default_factory=list)
 
     @field_validator("deprecation")
@@ -559,6 +561,89 @@ class VaultCopyIntegrationSpec(_Model):
 IntegrationSpec = Annotated[Union[WebhookIntegrationSpec, VaultCopyIntegrationSpec], Field(discriminator="kind")]
 
 
+# --------------------------------------------------------------------------- owners' contacts
+SLACK_TARGET = r"^(#[a-z0-9][a-z0-9._-]{0,79}|@[A-Za-z0-9._-]{1,80}|[CDGUW][A-Z0-9]{6,20})$"
+EMAIL_ADDRESS = r"^[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$"
+
+
+class WebhookContactSpec(_Model):
+    url: Annotated[Union[Annotated[HttpUrl, Tag("literal")], Annotated[SecretRef, Tag("ref")]], Discriminator(lambda v: "literal" if isinstance(v, str) else "ref")]
+    signing_secret: Optional[SecretRefOnly] = None
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _no_literal_webhook_url(cls, value: Any) -> Any:
+        return _refuse_literal_in_url(value) if isinstance(value, str) else value
+
+
+class ContactSpec(_Model):
+    """Where a key's owner is told what to do (exactly one): a Slack channel (``#team-x``, a
+    channel id) or user (``@alice``, a user id), an email address, or a signed webhook."""
+
+    slack: Optional[Annotated[str, Field(pattern=SLACK_TARGET)]] = None
+    email: Optional[Annotated[str, Field(pattern=EMAIL_ADDRESS, max_length=254)]] = None
+    webhook: Optional[WebhookContactSpec] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ContactSpec":
+        given = [name for name in ("slack", "email", "webhook") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError("contact", "give exactly one of slack, email, webhook (got {given})",
+                                      {"given": ", ".join(given) or "none"})
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "slack" if self.slack else "email" if self.email else "webhook"
+
+    def describe(self) -> str:
+        """The contact as shown in notices and audit details (a webhook URL may be a credential)."""
+        return f"slack {self.slack}" if self.slack else f"email {self.email}" if self.email else "webhook"
+
+
+class SlackDeliverySpec(_Model):
+    """Slack Web API (``chat.postMessage``) with a bot token; posting to a user id sends a DM."""
+
+    token: SecretRefOnly
+    api_url: HttpUrl = "https://slack.com/api"
+
+
+class EmailDeliverySpec(_Model):
+    """SMTP submission for owners' email notices."""
+
+    smtp_host: str = Field(min_length=1, max_length=253)
+    smtp_port: int = Field(587, ge=1, le=65535)
+    sender: str = Field(alias="from", pattern=EMAIL_ADDRESS)
+    starttls: bool = True
+    username: Optional[str] = None
+    password: Optional[SecretRefOnly] = None
+    timeout: Duration = timedelta(seconds=10)
+
+
+class OwnerDeliverySpec(_Model):
+    """How notices reach owners' contacts (``slack`` and ``email`` contacts need their section)."""
+
+    slack: Optional[SlackDeliverySpec] = None
+    email: Optional[EmailDeliverySpec] = None
+
+
+class AssistedSpec(_Model):
+    """Timings of an assisted rotation (a person creates the credential): remind the owner every
+    ``remind_every`` until the deposit; after ``deposit_deadline`` (from the request) the run needs
+    attention. Where the provider cannot revoke, the owner revokes the old credential and keyrotor
+    polls until it is rejected, at most ``revoke_deadline`` after the grace period."""
+
+    remind_every: Duration = timedelta(days=1)
+    deposit_deadline: Duration = timedelta(days=7)
+    revoke_deadline: Duration = timedelta(days=3)
+    revoke_check_every: Duration = timedelta(minutes=1)
+
+    @field_validator("remind_every", "deposit_deadline", "revoke_deadline", "revoke_check_every")
+    @classmethod
+    def _pos(cls, value: timedelta) -> timedelta:
+        return _positive(value)
+
+
 # --------------------------------------------------------------------------- notifications
 def _url_tag(value: Any) -> str:
     return "literal" if isinstance(value, str) else "ref"
@@ -623,6 +708,8 @@ class KeySpec(_Model):
     provider: str
     credential_type: str
     owner: str = Field(min_length=1, max_length=200)
+    contact: Optional[ContactSpec] = None
+    assisted: AssistedSpec = Field(default_factory=AssistedSpec)
     vault: VaultLocation
     policy: Optional[str] = None
     expiry_lead_time: Optional[Duration] = None
@@ -657,6 +744,7 @@ class Inventory(_Model):
     providers: dict[Name, ProviderSpec] = Field(default_factory=dict)
     integrations: dict[Name, IntegrationSpec] = Field(default_factory=dict)
     notifications: list[NotificationSpec] = Field(default_factory=list)
+    owner_delivery: OwnerDeliverySpec = Field(default_factory=OwnerDeliverySpec)
     keys: dict[KeyName, KeySpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -732,6 +820,13 @@ def reference_problems(data: Any) -> list[tuple[tuple[str | int, ...], str]]:
         policy = key.get("policy")
         if isinstance(policy, str) and policy not in policies:
             problems.append((("keys", kname, "policy"), f"unknown policy {policy!r} (known: {_known(policies)})"))
+        contact = key.get("contact")
+        delivery = data.get("owner_delivery") if isinstance(data.get("owner_delivery"), Mapping) else {}
+        if isinstance(contact, Mapping):
+            for kind in ("slack", "email"):
+                if contact.get(kind) and not delivery.get(kind):
+                    problems.append((("keys", kname, "contact", kind),
+                                     f"a {kind} contact needs owner_delivery.{kind} (how keyrotor reaches {kind})"))
         used = key.get("integrations")
         if isinstance(used, list):
             for index, iname in enumerate(used):

@@ -60,6 +60,21 @@ class StoredSecret:
 
 
 @dataclass(frozen=True)
+class Deposit:
+    """What an owner wrote at a key's deposit path: the credential and, if they gave one, the
+    name they signed with (``deposited_by``: *claimed* — KV v2 does not record the writer)."""
+
+    secret: Secret
+    claimed_by: str | None
+    version: int
+    created_at: datetime | None
+
+
+#: Fields an owner writes at a deposit path.
+DEPOSIT_FIELD, DEPOSIT_BY_FIELD = "credential", "deposited_by"
+
+
+@dataclass(frozen=True)
 class VersionInfo:
     version: int
     created_at: datetime | None
@@ -137,6 +152,7 @@ class VaultStore:
         addr: str,
         staging_mount: str = "secret",
         staging_prefix: str = "keyrotor/staging",
+        deposit_prefix: str = "keyrotor/deposits",
         retry_attempts: int = 4,
         retry_base_delay: float = 0.2,
         retry_max_delay: float = 3.0,
@@ -147,6 +163,7 @@ class VaultStore:
         self._addr = addr
         self.staging_mount = staging_mount.strip("/")
         self.staging_prefix = _clean_path(staging_prefix, "staging prefix")
+        self.deposit_prefix = _clean_path(deposit_prefix, "deposit prefix")
         self._attempts = retry_attempts
         self._base_delay = retry_base_delay
         self._max_delay = retry_max_delay
@@ -169,7 +186,8 @@ class VaultStore:
         client = build_client(settings.vault_addr, namespace=settings.vault_namespace, cacert=settings.vault_cacert,
                               timeout=settings.vault_timeout_s, session=session)
         return cls(client, auth, addr=settings.vault_addr, staging_mount=settings.vault_mount,
-                   staging_prefix=settings.vault_staging_prefix, **kwargs)
+                   staging_prefix=settings.vault_staging_prefix, deposit_prefix=settings.vault_deposit_prefix,
+                   **kwargs)
 
     @property
     def auth(self) -> VaultAuth:
@@ -353,6 +371,40 @@ class VaultStore:
         except VaultNotFound:
             pass
         log.info("vault.discarded", run_id=run_id)
+
+    # ------------------------------------------------------------------ owners' deposits
+    def deposit_path(self, key_name: str) -> str:
+        """Where the owner of ``key_name`` writes its new credential (on the staging mount)."""
+        from worker.inventory.schema import key_slug
+
+        return f"{self.deposit_prefix}/{key_slug(key_name)}"
+
+    def read_deposit(self, key_name: str) -> Deposit | None:
+        """The newest deposit for ``key_name``; ``None`` when there is none (absent, deleted, or
+        without a non-empty ``credential`` field — a malformed write is treated as no deposit)."""
+        path = self.deposit_path(key_name)
+        read = self._read(self.staging_mount, path, None)
+        if read is None or read.data is None:
+            return None
+        value = read.data.get(DEPOSIT_FIELD)
+        if not isinstance(value, str) or not value.strip():
+            return None
+        claimed = read.data.get(DEPOSIT_BY_FIELD)
+        created = next((v.created_at for v in self.list_versions(self.staging_mount, path) if v.version == read.version),
+                       None)
+        return Deposit(Secret(value.strip()), claimed.strip()[:200] if isinstance(claimed, str) and claimed.strip() else None,
+                       read.version, created)
+
+    def destroy_deposit(self, key_name: str) -> None:
+        """Delete a deposit with every version and its metadata (nothing of it stays). Idempotent."""
+        path = self.deposit_path(key_name)
+        op = Operation("destroy deposit", self.staging_mount, "metadata", path, ("delete",))
+        try:
+            self._call(op, lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(
+                path=path, mount_point=self.staging_mount))
+        except VaultNotFound:
+            pass
+        log.info("vault.deposit_destroyed", key=key_name)
 
     # ------------------------------------------------------------------ health
     def health(self) -> VaultHealth:

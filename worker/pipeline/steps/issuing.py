@@ -270,7 +270,11 @@ def _record_lost_orphan(ctx: PipelineContext, snap: Snapshot, key_id: Optional[s
 
 
 def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
-    """assisted: requested → awaiting_deposit; the owner is asked to run ``keyrotor deposit``."""
+    """assisted: requested → awaiting_deposit; the key's owner is told what to create, where, and
+    how to hand it over (their deposit path in Vault; ``jobs/deposits.py`` picks it up)."""
+    from worker.inventory.snapshot import applied_document, assisted_timings, create_url
+    from worker.owner_notices import contact_of, deposit_detail, notify_owner
+
     snap = _snapshot(ctx, run_id, Step.request_deposit)
     if snap is None:
         return None
@@ -278,12 +282,22 @@ def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if wait is not None:
         return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
     check_run_references(ctx, snap.key)
+    document = applied_document(ctx.engine)
+    deadline = utcnow() + assisted_timings(document, snap.key.name).deposit_deadline
+    path = ctx.vault.deposit_path(snap.key.name)
+    detail = deposit_detail(provider=snap.key.provider, credential_type=snap.credential_type, owner=snap.key.owner,
+                            contact=contact_of(document, snap.key.name), mount=ctx.vault.staging_mount, path=path,
+                            create_url=create_url(document, snap.key.provider, snap.credential_type), run_id=snap.run.id,
+                            deadline_at=deadline.isoformat())
     with session_scope(ctx.engine) as session:
         old_id = _ensure_old_version(ctx, snap, session)
         transition(session, snap.run, S.awaiting_deposit, actor=ctx.actor, deadline_s=None, old_version_id=old_id,
-                   detail={"owner": snap.key.owner, "command": f"keyrotor deposit {snap.run.id}"}, refresh=False)
+                   detail={"owner": snap.key.owner, "contact": detail["contact"],
+                           "deposit_path": f"{ctx.vault.staging_mount}/{path}",
+                           "command": f"keyrotor deposit {snap.run.id}"}, refresh=False)
     transitioned()
     _notify(ctx, "started", snap, {"action": "deposit_required", "owner": snap.key.owner,
-                                   "command": f"keyrotor deposit {snap.run.id}",
-                                   "credential_type": snap.credential_type})
+                                   "credential_type": snap.credential_type, "next_step": detail["next_step"]})
+    notify_owner(ctx.engine, "deposit_requested", key_name=snap.key.name, run_id=snap.run.id, detail=detail,
+                 vault=ctx.vault)
     return StepOutcome(state=S.awaiting_deposit, mode=snap.mode)

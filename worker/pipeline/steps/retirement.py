@@ -3,17 +3,20 @@ it is rejected, ``finish`` records the rotation on the key."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any, Optional
 
-from sqlmodel import Session
+from sqlalchemy import update
+from sqlmodel import Session, col, select
 
 from worker.clock import as_utc, utcnow
-from worker.db.models import ManagedKey, VersionStage
+from worker.db.models import AuditEvent, ManagedKey, RotationRun, VersionStage
+from worker.db.session import session_scope
 from worker.errors import DeprecatedCredential, PermanentError, TransientError
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.deprecation import report_deprecated
 from worker.pipeline.effects import holding, seconds_between
-from worker.pipeline.runs import load_version
+from worker.pipeline.runs import audit, load_run, load_version
 from worker.pipeline.steps.common import StepOutcome, _advance, _notify, _snapshot
 from worker.pipeline.steps.provider import _check, _new_deprecated, _provider, revoke_key
 from worker.protocol import Mode, RunState, Step
@@ -80,8 +83,13 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                     raise TransientError(message)
                 raise PermanentError(message + "; revoke it at the provider by hand")
     if detail["revocation"] == "manual":
-        _notify(ctx, "reminder", snap, {"action": "revoke_old_credential", "owner": key.owner,
-                                        "old_fingerprint": old.fingerprint})
+        if old_secret is None:  # nothing to check with: ask once, and say so in the audit trail
+            detail["old_check"] = "impossible: the old credential is not in Vault"
+            ask_owner_to_revoke(ctx, snap, old.fingerprint, first=True)
+        elif detail["old_check"] == "invalid":
+            detail["revocation"] = "revoked by the owner (the provider rejects it)"
+        else:
+            return wait_for_owner_revocation(ctx, snap, old.fingerprint, now)
 
     def apply(session: Session) -> None:
         row = load_version(session, old.id)
@@ -94,6 +102,53 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if old_deprecated:  # after the commit: it joins this (still open) run, or is stale once it completes
         report_deprecated(ctx.engine, key_name=key.name, credential_type=old.credential_type, requested_by=ctx.actor)
     return outcome_
+
+
+def ask_owner_to_revoke(ctx: PipelineContext, snap: Any, old_fingerprint: Optional[str], *, first: bool,
+                        deadline: Optional[datetime] = None) -> None:
+    """Tell the owner to revoke the old credential (``revoke_requested``) and record it."""
+    from worker.owner_notices import notify_owner
+
+    detail = {"provider": snap.key.provider, "credential_type": snap.credential_type, "owner": snap.key.owner,
+              "old_fingerprint": old_fingerprint,
+              "next_step": f"revoke the old {snap.credential_type} (fingerprint {old_fingerprint}) at "
+                           f"{snap.key.provider}; the new one is in service. keyrotor checks that the old one is "
+                           "rejected and then completes the rotation",
+              "deadline_at": deadline.isoformat() if deadline else None}
+    _notify(ctx, "reminder", snap, {"action": "revoke_old_credential", **detail})
+    notify_owner(ctx.engine, "revoke_requested", key_name=snap.key.name, run_id=snap.run.id, detail=detail, vault=ctx.vault)
+    with session_scope(ctx.engine) as session:
+        run = load_run(session, snap.run.id)
+        if run is not None:
+            audit(session, run, actor=ctx.actor, event="revoke_requested",
+                  detail={"old_fingerprint": old_fingerprint, "first": first,
+                          "deadline_at": deadline.isoformat() if deadline else None})
+
+
+def wait_for_owner_revocation(ctx: PipelineContext, snap: Any, old_fingerprint: Optional[str], now: datetime) -> StepOutcome:
+    """The provider cannot revoke by API and the old credential still works: ask the owner (again
+    every ``assisted.remind_every``), poll every ``assisted.revoke_check_every``, and past
+    ``assisted.revoke_deadline`` (from the first request) fail → needs_attention. Never forever."""
+    from worker.inventory.snapshot import applied_document, assisted_timings
+
+    timings = assisted_timings(applied_document(ctx.engine), snap.key.name)
+    with session_scope(ctx.engine) as session:
+        asked = [as_utc(at) for at in session.exec(
+            select(AuditEvent.at).where(AuditEvent.run_id == snap.run.id, AuditEvent.event == "revoke_requested")
+            .order_by(col(AuditEvent.id))).all()]
+    deadline = (asked[0] if asked else now) + timings.revoke_deadline
+    if now >= deadline:
+        raise PermanentError(f"the old credential (fingerprint {old_fingerprint}) still authenticates "
+                             f"{timings.revoke_deadline} after the owner was asked to revoke it; revoke it at the "
+                             "provider by hand, then retry the run")
+    if not asked or now - asked[-1] >= timings.remind_every:
+        ask_owner_to_revoke(ctx, snap, old_fingerprint, first=not asked, deadline=deadline)
+    wait = min(timings.revoke_check_every.total_seconds(), seconds_between(deadline, now))
+    with session_scope(ctx.engine) as session:  # a person is being waited for: not stuck (reconciler)
+        session.execute(update(RotationRun).where(RotationRun.id == snap.run.id, RotationRun.state == S.verified.value)  # type: ignore[arg-type]
+                        .values(step_deadline_at=now + timedelta(seconds=wait + 2 * ctx.policy.time_limit_ms / 1000))
+                        .execution_options(synchronize_session=False))
+    return StepOutcome(state=S.verified, mode=snap.mode, again_in_s=max(wait, 0.1))
 
 
 def finish(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
