@@ -79,3 +79,17 @@ def test_adopt_refuses_a_key_the_provider_rejects(make_world) -> None:  # type: 
     world.store.write(world.mount, KEY_PATH, {KEY_FIELD: "sbx_not-a-key-the-provider-knows"})
     answer = keyrotor(world, "adopt", KEY_NAME)
     assert answer.returncode == 1 and "answers invalid" in answer.stderr and answer.stderr.count("\n") == 1
+
+
+def test_a_queued_rotation_of_a_key_that_could_never_be_revoked_fails_before_issuing(make_world) -> None:  # type: ignore[no-untyped-def]
+    """Producers other than the CLI (scheduler, request stream) are refused by the issue step: the
+    run fails at once, names `keyrotor adopt`, and nothing was minted at the provider."""
+    world = make_world(grace_s=1, with_consumer=False, with_copy=False)
+    old = hand_made_key(world)
+    world.start_worker()
+    run_id = world.request()
+    world.wait_state(run_id, ("failed",), timeout=60)
+    run = world.run(run_id)
+    assert f"keyrotor adopt {KEY_NAME}" in (run.last_error or ""), world.trail(run_id)
+    assert world.keys_of_run(run_id) == []
+    assert world.provider.is_live(old.secret) and world.current_secret() == old.secret
