@@ -87,6 +87,7 @@ class Settings(BaseSettings):
 
     queue_namespace: str = Field("keyrotor", description="Dramatiq namespace (Redis key prefix)")
     broker_heartbeat_timeout_s: float = Field(15.0, ge=2, le=3600, description="A worker silent this long is dead: its unacknowledged and delayed messages go back to live workers")
+    request_stream_claim_idle_s: float = Field(30.0, ge=1, le=86400, description="A rotation request a worker read from the stream but has not acknowledged for this long (it died) is claimed by another worker")
     http_timeout_s: float = Field(15.0, gt=0, description="Timeout of one call to a provider or integration")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"

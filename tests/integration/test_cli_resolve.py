@@ -73,3 +73,33 @@ def test_cancel_ends_the_run_and_audits_the_operator(stuck_run, capsys) -> None:
         assert last.to_state == "cancelled" and last.actor.startswith("cli:")
     # A finished run has nothing left to resolve.
     assert main(["resolve", "r1", "--action", "retry"]) == 2
+
+
+def test_revoked_by_person_completes_a_run_stuck_retiring(stuck_run, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The old key could not be revoked (no provider key id): a person revoked it at the provider,
+    says so, and the run completes with the old version recorded as retired."""
+    from worker.db.models import KeyVersion, VersionStage
+
+    now = datetime.now(timezone.utc)
+    with session_scope(stuck_run) as s:
+        s.add(ManagedKey(name="alloy/b", provider="alloy", credential_type="api_key", owner="o", vault_path="b"))
+        s.flush()
+        old = KeyVersion(key_id=2, credential_type="api_key", stage=VersionStage.current, fingerprint="fp-old")
+        s.add(old)
+        s.flush()
+        s.add(RotationRun(id="r2", key_id=2, state=RunState.needs_attention, trigger="manual", requested_by="cli:t",
+                          created_at=now, old_version_id=old.id,
+                          last_error="revoke: template '{base_url}/api/api-key/{key_id}': {key_id} has no value"))
+        s.add(AuditEvent(at=now, run_id="r2", key_id=2, actor="worker:t", event="state_changed",
+                         from_state="verified", to_state="needs_attention", detail={}))
+    assert main(["resolve", "r2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["allowed"].get("revoked-by-person") == "retired"
+    assert main(["resolve", "r1", "--action", "revoked-by-person"]) == 2  # r1 stopped before anything was issued
+    capsys.readouterr()
+    assert main(["resolve", "r2", "--action", "revoked-by-person", "--note", "deleted in the console"]) == 0
+    with session_scope(stuck_run) as s:
+        run = s.get(RotationRun, "r2")
+        assert run.state == RunState.retired and run.last_error is None
+        assert s.get(KeyVersion, run.old_version_id).stage == VersionStage.retired.value
+        event = s.exec(select(AuditEvent).where(AuditEvent.run_id == "r2", AuditEvent.to_state == "retired")).one()
+        assert event.detail["revocation"] == "revoked_by_person" and event.actor.startswith("cli:")

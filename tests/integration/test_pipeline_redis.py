@@ -138,7 +138,8 @@ def test_racing_transitions_one_wins(live) -> None:  # type: ignore[no-untyped-d
 
 
 def test_external_producer_envelope_via_raw_redis(live, redis_client, redis_namespace) -> None:  # type: ignore[no-untyped-def]
-    """The exact HSET + RPUSH documented in docs/queue-message.md is consumed by the worker."""
+    """A Dramatiq envelope written by hand (the recipe docs/queue-message.md used to give, before the
+    request stream) is still consumed by the worker."""
     import json
     import uuid
 
@@ -161,3 +162,115 @@ def test_external_producer_envelope_via_raw_redis(live, redis_client, redis_name
         time.sleep(0.05)
     assert run is not None, "the worker did not consume the raw envelope"
     assert wait_for(world, run.id, {RunState.completed}) == RunState.completed
+
+
+# --------------------------------------------------------------------------- the request stream
+def _stream_consumer(redis_url, namespace, engine, name="live", claim_idle_ms=30_000):  # type: ignore[no-untyped-def]
+    import redis
+
+    from worker.pipeline.stream import RequestStreamConsumer, StreamSettings
+
+    client = redis.Redis.from_url(redis_url)
+    return RequestStreamConsumer(client, namespace=namespace, engine=engine, name=name,
+                                 options=StreamSettings(claim_idle_ms=claim_idle_ms, block_ms=100))
+
+
+def _documented_xadd() -> str:
+    """The redis-cli line docs/queue-message.md shows producers (the test runs exactly that)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "queue-message.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", doc, re.S)
+    lines = [line for block in blocks for line in block.splitlines() if line.startswith("redis-cli") and " XADD " in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _runs_for(world: World) -> list[RotationRun]:
+    from sqlmodel import select
+
+    with Session(world.engine) as session:
+        return list(session.exec(select(RotationRun).where(RotationRun.key_id == world.key.id)).all())
+
+
+def test_request_published_with_redis_cli_as_documented_completes(live, redis_url, redis_namespace) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import uuid
+
+    from worker.pipeline.stream import StreamThread
+
+    world, store, broker = live
+    command = _documented_xadd()
+    idem = f"ops-{uuid.uuid4().hex}"
+    # The documented line names the default namespace and the example key; this test's differ.
+    command = (command.replace("keyrotor:rotation-requests", f"{redis_namespace}:rotation-requests")
+               .replace("alloy/reporting", world.key.name).replace("ops-2026-06-01-1", idem))
+    thread = StreamThread(_stream_consumer(redis_url, redis_namespace, world.engine)).start()
+    try:
+        published = subprocess.run(["bash", "-c", command], env={**os.environ, "KEYROTOR_REDIS_URL": redis_url},
+                                   capture_output=True, text=True, timeout=30)
+        assert published.returncode == 0, published.stderr
+        deadline = time.monotonic() + 20
+        while not _runs_for(world) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        runs = _runs_for(world)
+        assert len(runs) == 1 and runs[0].idempotency_key == idem and runs[0].trigger == "queue"
+        assert wait_for(world, runs[0].id, {RunState.completed, RunState.failed, RunState.needs_attention}) == RunState.completed
+    finally:
+        thread.stop()
+
+
+def test_request_held_by_a_dead_consumer_is_applied_once(live, redis_url, redis_client, redis_namespace) -> None:  # type: ignore[no-untyped-def]
+    """One consumer read the entry and died before acknowledging; another, after applying it and
+    dying too; a live consumer claims it: one run, completed, nothing left pending."""
+    import json
+
+    from worker.pipeline.messages import consume
+    from worker.pipeline.stream import GROUP, stream_key
+
+    world, store, broker = live
+    stream = stream_key(redis_namespace)
+    live_consumer = _stream_consumer(redis_url, redis_namespace, world.engine, claim_idle_ms=200)
+    live_consumer.ensure_group()
+    body = {"version": 1, "key": world.key.name, "requested_by": "ci:job-7"}  # no idempotency key
+    entry = redis_client.xadd(stream, {"request": json.dumps(body)})
+    # Consumer "a" reads it and dies; after the idle time "b" claims it, applies it, dies before XACK.
+    read = redis_client.xreadgroup(GROUP, "a", {stream: ">"}, count=1)
+    assert read[0][1][0][0] == entry
+    time.sleep(0.3)
+    claimed = redis_client.xautoclaim(stream, GROUP, "b", 200, start_id="0-0", count=1)
+    assert claimed[1][0][0] == entry
+    consume(claimed[1][0][1][b"request"], engine=world.engine, message_id=f"stream:{entry.decode()}",
+            default_idempotency_key=f"stream:{entry.decode()}")
+    first = _runs_for(world)
+    assert len(first) == 1
+    # The run it started completes; only then does a live consumer find the entry still pending.
+    assert wait_for(world, first[0].id, {RunState.completed, RunState.failed, RunState.needs_attention}) == RunState.completed
+    assert live_consumer.poll(block_ms=100) == 1  # it claims and applies the entry again ...
+    runs = _runs_for(world)
+    assert [r.id for r in runs] == [first[0].id], "a redelivered entry must not rotate the key a second time"
+    assert redis_client.xpending(stream, GROUP)["pending"] == 0
+
+
+def test_rejected_stream_entries_are_dead_lettered_and_acknowledged(live, redis_url, redis_client, redis_namespace) -> None:  # type: ignore[no-untyped-def]
+    from worker.pipeline.stream import GROUP, dead_letter_key, stream_key
+
+    world, store, broker = live
+    consumer = _stream_consumer(redis_url, redis_namespace, world.engine)
+    consumer.ensure_group()
+    stream = stream_key(redis_namespace)
+    bad = [redis_client.xadd(stream, {"request": "not json"}),
+           redis_client.xadd(stream, {"request": '{"version": 1, "key": "no/such-key", "requested_by": "x"}'}),
+           redis_client.xadd(stream, {"body": "{}"})]
+    handled = 0
+    deadline = time.monotonic() + 10
+    while handled < 3 and time.monotonic() < deadline:
+        handled += consumer.poll(block_ms=100)
+    letters = redis_client.xrange(dead_letter_key(redis_namespace))
+    assert [fields[b"entry"] for _, fields in letters] == bad
+    assert [fields[b"code"] for _, fields in letters] == [b"not_json", b"refused", b"no_request_field"]
+    assert redis_client.xpending(stream, GROUP)["pending"] == 0
+    assert consumer.poll(block_ms=100) == 0  # nothing loops
+    assert _runs_for(world) == []

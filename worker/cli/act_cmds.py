@@ -70,8 +70,12 @@ def rotate(
     requested_by = operator()
     with session_scope(engine) as session:
         if key:
-            if session.exec(_key_query(key)).first() is None:
+            managed = session.exec(_key_query(key)).first()
+            if managed is None:
                 fail(f"no managed key named {key!r}; see `keyrotor status`")
+            blocker = _rotation_blocker(session, managed, settings)
+            if blocker is not None:
+                fail(blocker)
             run, created = request_rotation(
                 session, key_name=key, reason=reason, trigger="emergency" if emergency else "manual",
                 requested_by=requested_by, idempotency_key=idempotency_key, emergency=emergency)
@@ -154,6 +158,19 @@ def _wait(engine: Any, summary: list[dict[str, Any]], *, until: WaitUntil, timeo
                 typer.echo("timed out waiting: " + ", ".join(f"{i['key']} {i['state']}" for i in summary), err=True)
             return EXIT_TIMEOUT
         time.sleep(interval)
+
+
+def _rotation_blocker(session: Any, key: ManagedKey, settings: Any) -> Optional[str]:
+    """Why this key cannot be rotated yet (its current key could never be revoked), if Vault can
+    tell now; an unreachable Vault is left to the issue step, which checks the same."""
+    from worker.adoption import rotation_blocker
+    from worker.errors import KeyrotorError
+    from worker.vault.store import VaultStore
+
+    try:
+        return rotation_blocker(session, key, VaultStore.from_settings(settings))
+    except KeyrotorError:
+        return None
 
 
 def _key_query(name: str):  # type: ignore[no-untyped-def]
@@ -255,11 +272,13 @@ def find_awaiting_run(session: Any, target: str) -> Any:
 def resolve(
     run_id: str = typer.Argument(..., help="A run in needs_attention (see `keyrotor runs --state needs_attention`)."),
     action: Optional[str] = typer.Option(
-        None, "--action", help="retry | compensate | rollback | cancel. Omit to list what this run allows."),
+        None, "--action",
+        help="retry | compensate | rollback | cancel | revoked-by-person. Omit to list what this run allows."),
     note: Optional[str] = typer.Option(None, "--note", help="Why (recorded in the audit trail)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Resolve a run that needs attention: retry it, compensate, roll back, or cancel it."""
+    """Resolve a run that needs attention: retry it, compensate, roll back, cancel it, or record that a
+    person revoked the old key (revoked-by-person)."""
     from worker.pipeline.resolve import allowed_actions, resolve_run
 
     settings = cli_settings()

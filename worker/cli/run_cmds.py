@@ -43,6 +43,10 @@ def status(json_out: bool = typer.Option(False, "--json", help="Print one JSON d
                 empty="no managed keys; load an inventory with `keyrotor config apply FILE`")
     for provider, guard in sorted({(r["provider"], r["orphan_guard"]) for r in rows if r["orphan_guard"]}):
         typer.echo(f"provider {provider}: {guard}")
+    unseeded = [r["key"] for r in rows if r["stage"] == "unseeded"]
+    if unseeded:
+        typer.echo(f"unseeded ({', '.join(unseeded)}): keyrotor has no current key on record; if the key exists "
+                   "(at the provider and in Vault) run `keyrotor adopt KEY`, else `keyrotor rotate KEY` issues the first one")
 
 
 def history(
@@ -130,7 +134,8 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
     app.command("history")(history)
     app.command("runs")(runs)
-    from worker.cli import act_cmds, worker_cmd
+    from worker.cli import act_cmds, adopt_cmd, worker_cmd
 
     act_cmds.register(app)
+    adopt_cmd.register(app)
     worker_cmd.register(app)

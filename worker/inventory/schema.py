@@ -269,8 +269,10 @@ class ResponseSpec(_Model):
     name: Optional[str] = None
     created_at: Optional[str] = None  # list calls: when the provider created the key (relative to one item)
     revoked: Optional[str] = None  # list calls: a flag that is true for a revoked/inactive key (relative to one item)
+    # list calls: the part of the key the provider shows, e.g. "sk_live_…4f2a" (keyrotor adopt matches it)
+    secret_hint: Optional[str] = None
 
-    @field_validator("secret", "key_id", "expires_at", "items", "name", "created_at", "revoked")
+    @field_validator("secret", "key_id", "expires_at", "items", "name", "created_at", "revoked", "secret_hint")
     @classmethod
     def _json_path(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and not re.match(r"^\$(\.[A-Za-z0-9_-]+|\[\d+\])*$", value):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import dramatiq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -139,19 +139,30 @@ def reject(engine: Any, reason: str, code: str, message_id: Optional[str] = None
         logger.error("queue_message.audit_failed", error=type(exc).__name__)
 
 
-def consume(raw: Any, *, engine: Any, message_id: Optional[str] = None) -> list[tuple[RotationRun, bool]]:
-    """Validate and act on one message; malformed or unknown → rejected (returns [])."""
+def consume(raw: Any, *, engine: Any, message_id: Optional[str] = None, default_idempotency_key: Optional[str] = None,
+            on_reject: Optional[Callable[[str, str], None]] = None) -> list[tuple[RotationRun, bool]]:
+    """Validate and act on one message; malformed or unknown → rejected (returns []).
+
+    ``default_idempotency_key``: used when the request has none, so a redelivered message (the
+    stream's entry id) maps to the run its first delivery created. ``on_reject(reason, code)`` is
+    told about a rejection (the stream consumer dead-letters it)."""
     from worker.pipeline.requests import enqueue_run
 
     try:
         request = parse_request(raw)
     except MalformedMessage as exc:
         reject(engine, exc.reason, exc.code, message_id)
+        if on_reject is not None:
+            on_reject(exc.reason, exc.code)
         return []
+    if request.idempotency_key is None and default_idempotency_key is not None:
+        request = request.model_copy(update={"idempotency_key": default_idempotency_key})
     try:
         results = handle_request(engine, request)
     except KeyrotorError as exc:  # unknown/disabled key, reused idempotency key: permanent
         reject(engine, str(exc), "refused", message_id)
+        if on_reject is not None:
+            on_reject(str(exc), "refused")
         return []
     for run, created in results:
         if created:

@@ -15,6 +15,10 @@ an alert went out. After fixing the cause, the operator picks one way out:
                  trail); once Vault serves the new key (or in a cutover, where the new key is the
                  only valid one) it is refused — use ``retry`` or ``rollback``.
 
+- ``revoked-by-person`` (stopped retiring: the old key could not be revoked, e.g. its provider key
+                 id was never known) a person revoked the old key at the provider; it is recorded
+                 as revoked by them and the run completes (retired → completed).
+
 Every choice is checked against the protocol's state machine and written to the audit trail with
 the operator as actor. The step message is sent only after the caller's transaction commits, so
 a worker never sees the run in its old state.
@@ -34,8 +38,9 @@ from worker.pipeline.runs import load_run, load_version, run_state, transition
 from worker.protocol import Mode, can_transition, next_step, parse_mode
 
 S = RunState
-Action = Literal["retry", "compensate", "rollback", "cancel"]
-ACTIONS: tuple[Action, ...] = ("retry", "compensate", "rollback", "cancel")
+Action = Literal["retry", "compensate", "rollback", "cancel", "revoked-by-person"]
+ACTIONS: tuple[Action, ...] = ("retry", "compensate", "rollback", "cancel", "revoked-by-person")
+REVOKED_BY_PERSON: Action = "revoked-by-person"
 
 _BEFORE_PROMOTION = frozenset({S.requested, S.awaiting_deposit, S.issued, S.prechecked, S.compensating})
 _AFTER_PROMOTION = frozenset({S.promoted, S.propagated, S.verified, S.rolling_back})
@@ -125,6 +130,13 @@ def _options(session: Session, run: RotationRun, vault: Any) -> _Options:
     else:
         targets["cancel"] = S.cancelled
 
+    if stopped != S.verified:
+        refusals[REVOKED_BY_PERSON] = "only a run that stopped retiring the old key (verified) can record it as revoked by a person"
+    elif mode == Mode.cutover:
+        refusals[REVOKED_BY_PERSON] = "cutover: issuing the new key already invalidated the old one (use retry)"
+    else:
+        targets[REVOKED_BY_PERSON] = S.retired
+
     for action, target in list(targets.items()):  # the state machine has the last word
         if not can_transition(mode, S.needs_attention, target):
             del targets[action]
@@ -178,7 +190,7 @@ def discard_deposit(run: RotationRun, vault: Any) -> None:
 def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note: Optional[str] = None,
                 vault: Any = None, enqueue: bool = True) -> RotationRun:
     """Resolve a ``needs_attention`` run with ``action`` (``retry`` | ``compensate`` | ``rollback`` |
-    ``cancel``) on behalf of ``actor`` (a person: ``"user:alice"``); returns the updated run.
+    ``cancel`` | ``revoked-by-person``) on behalf of ``actor`` (a person: ``"user:alice"``); returns the updated run.
 
     Validates against the state machine and the run's history, moves the run with a conditional
     update (attempts reset, ``last_error`` cleared on retry), writes the ``state_changed`` audit
@@ -221,8 +233,11 @@ def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note:
     if action == "cancel" and target == S.compensating:
         detail["compensating_first"] = "a new key was issued; it is revoked before the run ends"
     fields: dict[str, Any] = {"attempts": 0}
-    if action == "retry":
+    if action in ("retry", REVOKED_BY_PERSON):
         fields["last_error"] = None
+    if action == REVOKED_BY_PERSON:
+        detail["revocation"] = "revoked_by_person"
+        _retire_old_version(session, run)
     policy = default_policy()
     deadline = None if target in (S.cancelled,) else 2 * policy.time_limit_ms / 1000
     moved = transition(session, run, target, actor=actor, detail=detail, deadline_s=deadline, **fields)
@@ -232,3 +247,13 @@ def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note:
 
         enqueue_after_commit(session, moved, enqueue_run)
     return moved
+
+
+def _retire_old_version(session: Session, run: RotationRun) -> None:
+    """The old key is recorded as revoked (by the person resolving), as ``retire`` would have."""
+    from worker.clock import utcnow
+
+    old = load_version(session, run.old_version_id)
+    if old is not None and old.stage != VersionStage.retired.value:
+        old.stage, old.retired_at = VersionStage.retired, utcnow()
+        session.add(old)

@@ -23,6 +23,8 @@ from dramatiq import Worker
 
 from worker import log
 from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE, setup_broker
+from worker.pipeline.stream import start_request_stream
+from worker.settings import get_settings
 
 logger = log.get_logger("keyrotor.pipeline.workers")
 
@@ -44,14 +46,17 @@ def _serve(threads: int, settings: Any = None) -> None:
     from worker.pipeline.context import configure, context_from_settings
 
     broker = setup_broker(settings)
-    configure(context_from_settings(settings))
+    context = context_from_settings(settings)
+    configure(context)
     worker = start_worker(broker, threads=threads)
+    requests = start_request_stream(settings or get_settings(), context.engine)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     logger.info("worker.started", threads=threads)
     stop.wait()
     logger.info("worker.stopping")
+    requests.stop()  # an entry read but not acknowledged is claimed by another worker
     worker.stop(timeout=SHUTDOWN_TIMEOUT_S * 1000)  # in-flight steps finish; unacked messages are redelivered anyway
 
 
@@ -61,15 +66,17 @@ def boot_process() -> None:
     Logging is configured first, like every keyrotor process: JSON by default, level, redaction,
     third-party loggers. Lines go to this process's stdout, which Dramatiq points at its log pipe.
     A failure is logged as one line and ends the process (no plain-text traceback)."""
-    from worker.settings import get_settings
-
     settings = get_settings()
     log.configure_logging(settings.log_level, settings.log_format, stream=sys.stdout)
     try:
         from worker.pipeline.context import configure, context_from_settings
 
         setup_broker(settings)
-        configure(context_from_settings(settings))
+        context = context_from_settings(settings)
+        configure(context)
+        # Each process reads the request stream in a daemon thread: what a killed process held is
+        # claimed by the others (XAUTOCLAIM), so nothing needs a clean stop here.
+        start_request_stream(settings, context.engine)
     except Exception as exc:
         logger.critical("worker.boot_failed", error=type(exc).__name__, detail=str(exc)[:300])
         raise SystemExit(EXIT_BOOT_FAILED) from None

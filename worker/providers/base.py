@@ -56,6 +56,8 @@ class ProviderKeyInfo:
     extra: dict[str, str] = field(default_factory=dict)
     #: ``False`` when the list says the key is revoked/inactive, ``None`` when it does not say.
     live: bool | None = None
+    #: The part of the key the list shows (``"sk_…4f2a"``), when it shows one; never the key.
+    hint: str | None = None
 
 
 @runtime_checkable

@@ -193,16 +193,22 @@ class HttpProvider:
         )
 
     def check(self, secret: Secret, *, credential_type: str) -> CheckOutcome:
+        return self.identify(secret, credential_type=credential_type)[0]
+
+    def identify(self, secret: Secret, *, credential_type: str) -> tuple[CheckOutcome, str | None]:
+        """``check``, plus the provider's id of the key when the verify call's answer names it
+        (``calls.verify.response.key_id``, e.g. ``$.apiKeyId``); used by ``keyrotor adopt``."""
         call = self._need("verify")
         variables = self._variables(credential_type=credential_type, secret=secret)
         try:
             response = self._request("check", call, variables, credential_type=credential_type)
         except DeprecatedCredential:
-            return CheckOutcome.deprecated
+            return CheckOutcome.deprecated, None
         except InvalidCredential:
-            return CheckOutcome.invalid
-        self._json(response, "check", allow_empty=True)  # a 200 HTML page from a proxy is not "valid"
-        return CheckOutcome.valid
+            return CheckOutcome.invalid, None
+        document = self._json(response, "check", allow_empty=True)  # a 200 HTML page from a proxy is not "valid"
+        key_id = self._optional_field(document, call.response.key_id) if call.response.key_id and document else None
+        return CheckOutcome.valid, None if key_id in (None, "") else str(key_id)
 
     def revoke(self, *, key_id: str | None, secret: Secret | None, credential_type: str) -> RevokeOutcome:
         call = self._need("revoke")
@@ -226,11 +232,13 @@ class HttpProvider:
             key_id = self._optional_field(item, paths.key_id) if paths.key_id else None
             name = self._optional_field(item, paths.name) if paths.name else None
             created = _parse_time(self._optional_field(item, paths.created_at)) if paths.created_at else None
+            hint = self._optional_field(item, paths.secret_hint) if paths.secret_hint else None
             keys.append(ProviderKeyInfo(
                 key_id=None if key_id is None else str(key_id),
                 name=None if name is None else str(name),
                 created_at=created,
                 live=self._listed_live(item, paths.revoked),
+                hint=hint if isinstance(hint, str) and hint else None,
             ))
         return keys
 

@@ -5,7 +5,7 @@ keyrotor must survive from the other seeds: Asana's deprecation timeline and 434
 API (Bearer auth with the admin token or a live key):
   POST   /api/api-key        {"name", "credentialType"?, "username"?} → 201 {id, name, apiKey, createdAt, expiresAt}
   GET    /api/user/me        200 {"user": {...}, "apiKeyId"} for a live key, 401 otherwise
-  GET    /api/api-key        {"keys": [{id, name, createdAt, expiresAt, credentialType, revoked}]} (never the
+  GET    /api/api-key        {"keys": [{id, name, createdAt, expiresAt, credentialType, hint, revoked}]} (never the
                              secret; revoked keys only with the ``list_revoked`` setting)
   DELETE /api/api-key/{id}   204, or 404 when unknown / already revoked
 Control (Bearer admin token):
@@ -57,6 +57,8 @@ class SandboxKey:
             "createdAt": _iso(self.created_at),
             "expiresAt": _iso(self.expires_at) if self.expires_at is not None else None,
             "credentialType": self.credential_type,
+            # What dashboards show of a key (its prefix and last four characters), never the key.
+            "hint": f"{self.secret[:4]}…{self.secret[-4:]}",
         }
 
 
@@ -476,9 +478,12 @@ def standin_provider_spec(base_url: str, *, admin_token_ref: dict[str, str], mod
             "issue": {"method": "POST", "url": "{base_url}/api/api-key",
                       "body": {"name": "{key_name}", "credentialType": "{credential_type}"},
                       "response": {"secret": "$.apiKey", "key_id": "$.id", "expires_at": "$.expiresAt"}},
-            "verify": {"method": "GET", "url": "{base_url}/api/user/me", "auth": {"type": "bearer", "token": "{secret}"}},
+            # The answer names the key's id: `keyrotor adopt` learns the id of a key made by hand.
+            "verify": {"method": "GET", "url": "{base_url}/api/user/me", "auth": {"type": "bearer", "token": "{secret}"},
+                       "response": {"key_id": "$.apiKeyId"}},
             "revoke": {"method": "DELETE", "url": "{base_url}/api/api-key/{key_id}"},
             "list": {"method": "GET", "url": "{base_url}/api/api-key",
-                     "response": {"items": "$.keys", "key_id": "$.id", "name": "$.name", "created_at": "$.createdAt"}},
+                     "response": {"items": "$.keys", "key_id": "$.id", "name": "$.name", "created_at": "$.createdAt",
+                                  "secret_hint": "$.hint"}},
         },
     }

@@ -12,7 +12,7 @@ from worker import log
 from worker.clock import as_utc, utcnow
 from worker.db.models import RotationRun
 from worker.db.session import session_scope
-from worker.errors import DeprecatedCredential, PermanentError, RateLimited, StateConflict, is_permanent
+from worker.errors import ConfigError, DeprecatedCredential, PermanentError, RateLimited, StateConflict, is_permanent
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, safe_error, seconds_between
 from worker.pipeline.lease import transitioned
@@ -56,6 +56,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     staged = _trusted_staging(ctx, snap, minted)
     if staged is None:  # nothing issued yet: a broken reference fails the run before any effect
         check_run_references(ctx, snap.key, snap.provider_record)
+        _refuse_unrevocable(ctx, snap)
     provider = _provider(ctx, snap)
     expires_at = None
     recovered = staged is not None
@@ -85,6 +86,17 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     transitioned()
     logger.info("run.transition", from_state="requested", to_state="issued", fingerprint=secret.fingerprint)
     return StepOutcome(state=S.issued, mode=snap.mode)
+
+
+def _refuse_unrevocable(ctx: PipelineContext, snap: Snapshot) -> None:
+    """Issue nothing when the current key could never be revoked afterwards (no provider key id
+    and the provider revokes by id): the run fails at once, naming `keyrotor adopt`."""
+    from worker.adoption import rotation_blocker
+
+    with session_scope(ctx.engine) as session:
+        blocker = rotation_blocker(session, snap.key, ctx.vault)
+    if blocker is not None:
+        raise ConfigError(blocker + "; nothing was issued")
 
 
 def _trusted_staging(ctx: PipelineContext, snap: Snapshot, minted: list[MintedKey]) -> Optional[tuple[Secret, Optional[str]]]:
