@@ -45,6 +45,8 @@ class KubernetesSecretIntegration:
 
     def push(self, announcement: Announcement) -> None:
         written_at = self._write(announcement)
+        if written_at is None:  # the Secret already held the value and keyrotor never wrote it: no pod to restart
+            return
         for workload in self.workloads:
             if announcement.event == "rolled_back":
                 self.restarts.restart_now(workload, written_at)  # no verify step follows a rollback
@@ -74,14 +76,16 @@ class KubernetesSecretIntegration:
         return VerifyResult(VerifyStatus.ok, reported)
 
     # ----------------------------------------------------------------- the Secret
-    def _write(self, announcement: Announcement) -> datetime:
-        """Put the value under the data key; the Secret's (new or existing) ``written-at``."""
+    def _write(self, announcement: Announcement) -> Optional[datetime]:
+        """Put the value under the data key; the Secret's (new or existing) ``written-at``, or None
+        when the value was already there without one (nothing written: a rollback before the
+        new value ever landed needs no write, nor the permission to make one)."""
         encoded = encode_value(announcement.secret.reveal())
         for _ in range(self._attempts):
             secret = self._api.read_secret(self.secret_ref)
             annotations = (secret.get("metadata") or {}).get("annotations") or {}
             existing = parse_stamp(annotations.get(WRITTEN_AT))
-            if (secret.get("data") or {}).get(self.spec.data_key) == encoded and existing is not None:
+            if (secret.get("data") or {}).get(self.spec.data_key) == encoded:
                 log.info("k8s.secret_already_current", integration=self.name, secret=str(self.secret_ref),
                          data_key=self.spec.data_key, fingerprint=announcement.fingerprint)
                 return existing
@@ -93,7 +97,7 @@ class KubernetesSecretIntegration:
                 log.info("k8s.secret_conflict", integration=self.name, secret=str(self.secret_ref))
                 continue
             log.info("k8s.secret_written", integration=self.name, secret=str(self.secret_ref),
-                     data_key=self.spec.data_key, fingerprint=announcement.fingerprint, event=announcement.event,
+                     data_key=self.spec.data_key, fingerprint=announcement.fingerprint, announcement=announcement.event,
                      resource_version=(written.get("metadata") or {}).get("resourceVersion"))
             return now
         raise TransientError(f"Kubernetes API: {self.secret_ref} changed under every one of {self._attempts} writes "

@@ -216,8 +216,9 @@ class KubernetesStandIn:
             return _status(404, "NotFound", f'secrets "{name}" not found', name=name, kind="secrets")
         if verb == "get":
             answer = Response.json(200, obj)
-            for hook in self._after_read.pop((namespace, name), []):
-                hook(obj)
+            hooks = self._after_read.get((namespace, name))
+            if hooks:  # one concurrent write per read
+                hooks.pop(0)(obj)
             return answer
         body = self._body(request, verb)
         if isinstance(body, Response):
