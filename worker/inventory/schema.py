@@ -563,11 +563,25 @@ K8S_NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
+def _k8s_name(pattern: str, limit: int, what: str) -> Any:
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and (len(value) > limit or not re.match(pattern, value)):
+            raise PydanticCustomError("k8s_name", "not a valid Kubernetes {what}: lower-case letters, digits and '-'{dots}, "
+                                      "starting and ending with a letter or digit, at most {limit} characters",
+                                      {"what": what, "dots": "" if what == "namespace" else " or '.'", "limit": limit})
+        return value
+    return BeforeValidator(check)
+
+
+K8sNamespace = Annotated[str, _k8s_name(K8S_NAMESPACE_PATTERN, 63, "namespace")]
+K8sName = Annotated[str, _k8s_name(K8S_NAME_PATTERN, 253, "object name")]
+
+
 class WorkloadRef(_Model):
     """A Deployment or StatefulSet (in the Secret's namespace) restarted after the Secret changes."""
 
     kind: Literal["Deployment", "StatefulSet"]
-    name: str = Field(min_length=1, max_length=253, pattern=K8S_NAME_PATTERN)
+    name: K8sName
 
 
 class KubernetesSecretIntegrationSpec(_Model):
@@ -575,9 +589,9 @@ class KubernetesSecretIntegrationSpec(_Model):
     optionally, restarts the workloads that read it, once per batch (docs/internals.md)."""
 
     kind: Literal["kubernetes_secret"]
-    namespace: str = Field(min_length=1, max_length=63, pattern=K8S_NAMESPACE_PATTERN)
-    secret: str = Field(min_length=1, max_length=253, pattern=K8S_NAME_PATTERN)
-    data_key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    namespace: K8sNamespace
+    secret: K8sName
+    data_key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")  # a Secret's data key
     workloads: list[WorkloadRef] = Field(default_factory=list)
     rollout_timeout: Duration = timedelta(minutes=5)
 
