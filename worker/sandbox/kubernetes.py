@@ -50,6 +50,7 @@ class Rollout:
 
     generation: int
     started: float                      # monotonic
+    started_at: datetime                # wall clock (to compare with audit times)
     restarted_at: Optional[str]         # the template's kubectl.kubernetes.io/restartedAt
 
 
@@ -262,7 +263,7 @@ class KubernetesStandIn:
             if patched["spec"]["template"] != before:
                 patched["metadata"]["generation"] = int(workload.obj["metadata"]["generation"]) + 1
                 annotations = (patched["spec"]["template"].get("metadata") or {}).get("annotations") or {}
-                workload.rollouts.append(Rollout(patched["metadata"]["generation"], self._clock(),
+                workload.rollouts.append(Rollout(patched["metadata"]["generation"], self._clock(), datetime.now(timezone.utc),
                                                  annotations.get("kubectl.kubernetes.io/restartedAt")))
             workload.obj = patched
         return Response.json(200, self._with_status(workload))
