@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable
 
 from worker.errors import ConfigError, PermanentError, TransientError
 from worker.retry import parse_retry_after, retry_call
@@ -23,9 +23,7 @@ from worker.retry import parse_retry_after, retry_call
 if TYPE_CHECKING:
     from worker.settings import Settings
 
-T = TypeVar("T")
-
-#: (API group/version path, plural resource) per workload kind.
+#: The plural resource name of each workload kind.
 WORKLOAD_RESOURCES = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
 MERGE_PATCH = "application/merge-patch+json"
 

@@ -197,7 +197,7 @@ class KubernetesStandIn:
             return _status(404, "NotFound", "the server could not find the requested resource")
         verb = {"GET": "get", "PUT": "update", "PATCH": "patch"}.get(request.method)
         if verb is None:
-            return _status(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource")
+            return _status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
         user, rules = identity
         if not any(r.namespace == namespace and r.resource == resource and verb in r.verbs
                    and (r.names is None or name in r.names) for r in rules):
