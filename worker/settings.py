@@ -85,6 +85,17 @@ class Settings(BaseSettings):
     vault_deposit_prefix: str = Field("keyrotor/deposits", description="Where owners write credentials they created (assisted mode), one path per key: <prefix>/<key slug> on KEYROTOR_VAULT_MOUNT")
     vault_timeout_s: float = Field(10.0, gt=0)
 
+    # Kubernetes API (integrations of kind kubernetes_secret). Unset API server: in-cluster config
+    # (the pod's service account). The override exists for tests and for a worker outside the cluster.
+    k8s_api_server: str | None = Field(None, description="Kubernetes API server URL; unset = in-cluster service account")
+    k8s_token: str | None = Field(None, repr=False, description="Bearer token with KEYROTOR_K8S_API_SERVER")
+    k8s_token_path: Path | None = Field(None, description="File holding the bearer token (read on every client build)")
+    k8s_ca_cert: Path | None = Field(None, description="CA bundle of the API server with KEYROTOR_K8S_API_SERVER")
+    k8s_timeout_s: float = Field(10.0, gt=0, description="Timeout of one Kubernetes API request")
+    k8s_restart_settle_s: float = Field(5.0, ge=0, description="Quiet time after the last Secret write before a workload is restarted")
+    k8s_batch_max_wait_s: float = Field(600.0, gt=0, description="Longest a workload restart waits for other runs of its batch to write their Secrets")
+    k8s_rollout_poll_s: float = Field(5.0, gt=0, description="How often verification looks at a restart's rollout")
+
     queue_namespace: str = Field("keyrotor", description="Dramatiq namespace (Redis key prefix)")
     broker_heartbeat_timeout_s: float = Field(15.0, ge=2, le=3600, description="A worker silent this long is dead: its unacknowledged and delayed messages go back to live workers")
     request_stream_claim_idle_s: float = Field(30.0, ge=1, le=86400, description="A rotation request a worker read from the stream but has not acknowledged for this long (it died) is claimed by another worker")
@@ -165,6 +176,22 @@ class Settings(BaseSettings):
     def _backoff_order(self) -> "Settings":
         if self.step_min_backoff_s > self.step_max_backoff_s:
             raise ValueError("KEYROTOR_STEP_MIN_BACKOFF_S must not exceed KEYROTOR_STEP_MAX_BACKOFF_S")
+        return self
+
+    @field_validator("k8s_api_server")
+    @classmethod
+    def _k8s_api_server(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in {"http", "https"} or not parsed.hostname:
+            raise ValueError("expected https://HOST:PORT")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _k8s_auth(self) -> "Settings":
+        if self.k8s_api_server and not (self.k8s_token or self.k8s_token_path):
+            raise ValueError("KEYROTOR_K8S_API_SERVER is set but neither KEYROTOR_K8S_TOKEN nor KEYROTOR_K8S_TOKEN_PATH is")
         return self
 
     @model_validator(mode="after")

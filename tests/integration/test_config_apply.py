@@ -60,7 +60,7 @@ def test_first_apply_creates_everything_then_reapply_changes_nothing(engine, doc
     first = apply(engine, doc)
     assert first.counts() == {
         "provider": {"created": 3, "updated": 0, "unchanged": 0, "removed": 0},
-        "integration": {"created": 3, "updated": 0, "unchanged": 0, "removed": 0},
+        "integration": {"created": 4, "updated": 0, "unchanged": 0, "removed": 0},
         "key": {"created": 4, "updated": 0, "unchanged": 0, "removed": 0},
     }
     assert first.snapshot_stored and first.changed
@@ -70,7 +70,7 @@ def test_first_apply_creates_everything_then_reapply_changes_nothing(engine, doc
 
     billing = get_key(engine, "alloy/billing")
     assert (billing.expiry_lead_time_s, billing.max_age_s, billing.grace_period_s) == (3 * 86400, 30 * 86400, 1800)
-    assert billing.integrations == ["billing-app-copy"] and billing.vault_path == "apps/billing/alloy"
+    assert billing.integrations == ["billing-app-copy", "billing-k8s"] and billing.vault_path == "apps/billing/alloy"
     assert (as_utc(billing.next_due_at), billing.due_reason) == (NOW + timedelta(days=30), "max_age")
     asana = get_key(engine, "asana/automation")
     assert (as_utc(asana.next_due_at), asana.due_reason) == (datetime(2017, 1, 1, tzinfo=timezone.utc) - timedelta(days=14), "deprecation")

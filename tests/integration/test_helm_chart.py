@@ -173,6 +173,16 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "worker": {"keda": {"enabled": True, "authenticationRef": "redis-auth"}},
         "networkPolicy": {"egress": {"redis": {"ports": [6379, 26379]}}},
     },
+    # kubernetes_secret integrations: per namespace a Role + RoleBinding, an API-server token for
+    # the worker, egress to the API server.
+    "kubernetes-secrets": {
+        "kubernetesSecrets": [
+            {"namespace": "billing", "secrets": ["billing-api-keys", "billing-extra"],
+             "workloads": [{"kind": "Deployment", "name": "billing-api"}, {"kind": "StatefulSet", "name": "billing-worker"}]},
+            {"namespace": "reports", "secrets": ["reports-keys"]},
+        ],
+        "networkPolicy": {"apiServer": {"cidrs": ["10.96.0.1/32", "172.20.0.0/28"], "ports": [443, 6443]}},
+    },
 }
 
 
@@ -294,7 +304,8 @@ def test_every_rendered_document_is_valid_kubernetes(chart: Any, kv: Any) -> Non
                                 f"{'.'.join(map(str, exc.path))}")
                 validated += 1
     expected = {"Deployment", "Job", "ConfigMap", "Service", "ServiceAccount", "PodDisruptionBudget",
-                "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor", "ScaledObject", "PrometheusRule", "Pod"}
+                "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor", "ScaledObject", "PrometheusRule", "Pod",
+                "Role", "RoleBinding"}
     assert expected <= kinds, f"scenarios never rendered {expected - kinds}"
     assert validated > 80, validated
 
@@ -651,7 +662,10 @@ def test_standard_labels_on_every_object(chart: Any) -> None:
             for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                         "app.kubernetes.io/managed-by", "helm.sh/chart"):
                 assert key in labels, f"{name}: {d['kind']}/{d['metadata']['name']} lacks {key}"
-            assert d["metadata"]["namespace"] == NAMESPACE
+            if d["kind"] in ("Role", "RoleBinding"):  # kubernetesSecrets: in the Secrets' namespaces
+                assert d["metadata"]["namespace"] in {e["namespace"] for e in scenario(name)["kubernetesSecrets"]}
+            else:
+                assert d["metadata"]["namespace"] == NAMESPACE
             assert len(d["metadata"]["name"]) <= 63
 
 
@@ -867,3 +881,76 @@ def test_database_pools_are_sized_per_process_and_budgeted(chart: Any, helm: Any
     assert "up to 154 PostgreSQL connections" in str(err.value)
     too_many["database"]["maxConnections"] = 154
     assert find(render(chart, too_many), "HorizontalPodAutoscaler")
+
+
+# ------------------------------------------------------------------------------ Kubernetes Secrets
+def test_kubernetes_secrets_get_a_role_per_namespace_limited_to_the_declared_names(chart: Any) -> None:
+    docs = render(chart, scenario("kubernetes-secrets"))
+    roles = {d["metadata"]["namespace"]: d for d in find(docs, "Role")}
+    assert set(roles) == {"billing", "reports"}
+    assert roles["billing"]["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["billing-api-keys", "billing-extra"],
+         "verbs": ["get", "update", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["billing-api"], "verbs": ["get", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["statefulsets"], "resourceNames": ["billing-worker"], "verbs": ["get", "patch"]},
+    ]
+    assert roles["reports"]["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["reports-keys"],
+                                          "verbs": ["get", "update", "patch"]}]
+    for rule in (r for role in roles.values() for r in role["rules"]):
+        assert rule["resourceNames"] and "*" not in rule["verbs"] and "list" not in rule["verbs"]
+    account = one(docs, "ServiceAccount", FULLNAME)
+    for binding in find(docs, "RoleBinding"):
+        namespace = binding["metadata"]["namespace"]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": roles[namespace]["metadata"]["name"]}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                        "namespace": NAMESPACE}]
+    assert not find(render(chart, {}), "Role") and not find(render(chart, {}), "RoleBinding")
+
+
+def test_only_the_worker_gets_an_api_server_token_and_only_with_kubernetes_secrets(chart: Any) -> None:
+    def mounts(values: dict[str, Any]) -> dict[str, list[str]]:
+        found = {}
+        for where, _, spec in pod_specs(render(chart, values)):
+            names = [m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts", [])]
+            found[where] = [m for m in names if m.startswith("/var/run/secrets/kubernetes.io")]
+        return found
+
+    with_secrets = mounts(scenario("kubernetes-secrets"))
+    assert [w for w, m in with_secrets.items() if m] == [w for w in with_secrets if "worker" in w and "Deployment" in w]
+    assert not any(mounts({}).values())
+    docs = render(chart, scenario("kubernetes-secrets"))
+    worker = one(docs, "Deployment", f"{FULLNAME}-worker")["spec"]["template"]["spec"]
+    assert worker["automountServiceAccountToken"] is False
+    projected = next(v for v in worker["volumes"] if v["name"] == "kube-api-token")["projected"]["sources"]
+    assert projected[0]["serviceAccountToken"]["expirationSeconds"] == 3600
+    assert "audience" not in projected[0]["serviceAccountToken"]       # the API server's own audience
+    assert projected[1]["configMap"]["name"] == "kube-root-ca.crt"
+
+
+def test_network_policy_allows_the_api_server_only_with_kubernetes_secrets(chart: Any) -> None:
+    spec = one(render(chart, scenario("kubernetes-secrets")), "NetworkPolicy", FULLNAME)["spec"]
+    api = [r for r in spec["egress"] if {"port": 6443, "protocol": "TCP"} in r["ports"]]
+    assert api == [{"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
+                    "to": [{"ipBlock": {"cidr": "10.96.0.1/32"}}, {"ipBlock": {"cidr": "172.20.0.0/28"}}]}]
+    defaults = one(render(chart, {}), "NetworkPolicy", FULLNAME)["spec"]
+    assert not [r for r in defaults["egress"] if {"port": 6443, "protocol": "TCP"} in r["ports"]]
+
+
+@pytest.mark.parametrize(("bad", "where"), [
+    ({"kubernetesSecrets": [{"namespace": "Billing", "secrets": ["a"]}]}, "namespace"),
+    ({"kubernetesSecrets": [{"namespace": "billing", "secrets": []}]}, "secrets"),
+    ({"kubernetesSecrets": [{"namespace": "billing", "secrets": ["a"], "workloads": [{"kind": "DaemonSet", "name": "x"}]}]}, "kind"),
+    ({"kubernetesSecrets": [{"namespace": "billing", "secrets": ["a"], "verbs": ["list"]}]}, "verbs"),
+    ({"networkPolicy": {"apiServer": {"cidrs": ["api.example"]}}}, "cidrs"),
+])
+def test_schema_refuses_bad_kubernetes_secrets_values(chart: Any, helm: Any, bad: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as err:
+        render(chart, bad)
+    assert where in str(err.value), str(err.value)
+
+
+def test_a_namespace_listed_twice_fails_with_a_clear_message(chart: Any) -> None:
+    values = {"kubernetesSecrets": [{"namespace": "billing", "secrets": ["a"]}, {"namespace": "billing", "secrets": ["b"]}]}
+    with pytest.raises(Exception, match="namespace billing is listed twice"):
+        render(chart, values)

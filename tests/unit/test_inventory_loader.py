@@ -44,13 +44,13 @@ def check(runner: CliRunner, path: Path, *extra: str):  # type: ignore[no-untype
 def test_example_passes(runner: CliRunner) -> None:
     result = check(runner, EXAMPLE)
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == "ok: 3 providers, 4 keys, 3 integrations"
+    assert result.output.strip() == "ok: 3 providers, 4 keys, 4 integrations"
 
 
 def test_example_json(runner: CliRunner) -> None:
     result = check(runner, EXAMPLE, "--json")
     assert result.exit_code == 0
-    assert json.loads(result.output) == {"ok": True, "file": str(EXAMPLE), "summary": "3 providers, 4 keys, 3 integrations", "problems": []}
+    assert json.loads(result.output) == {"ok": True, "file": str(EXAMPLE), "summary": "3 providers, 4 keys, 4 integrations", "problems": []}
 
 
 def test_syntax_error_has_its_line(runner: CliRunner, tmp_path: Path) -> None:
@@ -169,7 +169,7 @@ def test_load_inventory_raises_with_problems(tmp_path: Path) -> None:
     with pytest.raises(InventoryError) as info:
         load_inventory(path)
     assert len(info.value.problems) == 1 and str(path) in str(info.value)
-    assert load_inventory(EXAMPLE).summary() == "3 providers, 4 keys, 3 integrations"
+    assert load_inventory(EXAMPLE).summary() == "3 providers, 4 keys, 4 integrations"
 
 
 def test_installed_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
@@ -195,3 +195,23 @@ def test_a_malformed_notification_url_is_not_echoed(runner: CliRunner, tmp_path:
     assert result.exit_code == 2
     assert "expected an absolute http(s) URL" in result.output
     assert "sekrit-token-123" not in result.output
+
+
+def test_kubernetes_secret_problems_have_their_lines(runner: CliRunner, tmp_path: Path) -> None:
+    text = (TEXT.replace("    secret: billing-api-keys\n", "    secret: Billing_Keys\n")
+                .replace("      - {kind: StatefulSet, name: billing-worker}\n", "      - {kind: DaemonSet, name: billing-worker}\n")
+                .replace("    rollout_timeout: 10m\n", "    rollout_timeout: 0s\n"))
+    path = write(tmp_path, text)
+    result = check(runner, path)
+    assert result.exit_code == 2
+    assert f"{path}:{line_of(text, 'secret: Billing_Keys')}: integrations.billing-k8s.secret: not a valid Kubernetes object name" in result.output
+    assert f"{path}:{line_of(text, 'kind: DaemonSet')}: integrations.billing-k8s.workloads[1].kind:" in result.output
+    assert "'Deployment' or 'StatefulSet'" in result.output
+    assert f"{path}:{line_of(text, 'rollout_timeout: 0s')}: integrations.billing-k8s.rollout_timeout: must be longer than zero" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_kubernetes_secret_workloads_listed_twice_are_refused(tmp_path: Path) -> None:
+    text = TEXT.replace("      - {kind: StatefulSet, name: billing-worker}\n", "      - {kind: Deployment, name: billing-api}\n")
+    with pytest.raises(InventoryError, match="listed more than once: Deployment/billing-api"):
+        load_inventory(write(tmp_path, text))

@@ -397,3 +397,28 @@ def test_a_deposit_the_provider_rejects_is_refused_and_the_run_keeps_waiting(sql
         deposit(run_id=run_id, secret=Secret("typo-not-a-key"), deposited_by="cli:alice", ctx=world.ctx, enqueue=False)
     assert get_run(world, run_id).state == RunState.awaiting_deposit
     assert run_id not in world.vault.staging
+
+
+def test_a_pending_integration_polls_verify_without_using_retries_or_asking_the_provider(world: World) -> None:
+    """A sink still taking the key up (a Kubernetes rollout) answers ``pending``: verify comes back
+    after ``retry_in_s`` as a fresh message, attempts stay 0, the reconciler's deadline moves past
+    the next look, and the provider is asked only once every sink is ok."""
+    from worker.integrations.base import VerifyResult, VerifyStatus
+
+    run_id = world.request()
+    world.drive(run_id, stop_at={RunState.propagated})
+    sink = next(iter(world.integrations.values()))
+    answers = [VerifyResult(VerifyStatus.pending, None, "rolling out", retry_in_s=7.0)] * 3
+    real_verify = sink.verify
+    sink.verify = lambda ann: answers.pop() if answers else real_verify(ann)  # type: ignore[method-assign]
+    checks_before = sum(1 for call, _ in world.provider.calls if call == "check")
+    for _ in range(3):
+        action = steps.execute(world.ctx, Step.verify, run_id)
+        assert (action.step, action.delay_ms, action.retry) == (Step.verify, 7000, False)
+        run = get_run(world, run_id)
+        assert RunState(run.state) == RunState.propagated and run.attempts == 0
+        assert as_utc(run.step_deadline_at) > world.clock.now + timedelta(seconds=7)  # type: ignore[operator]
+    assert sum(1 for call, _ in world.provider.calls if call == "check") == checks_before
+    steps.execute(world.ctx, Step.verify, run_id)
+    assert RunState(get_run(world, run_id).state) == RunState.verified
+    assert sum(1 for call, _ in world.provider.calls if call == "check") == checks_before + 1

@@ -47,6 +47,7 @@ class VerifyStatus(str, Enum):
     ok = "ok"  # the sink reports (or holds) the announced fingerprint
     mismatch = "mismatch"  # it reports another one
     unchecked = "unchecked"  # it has no way to tell (no health URL)
+    pending = "pending"  # it holds the key but is still taking it up (a rollout): ask again later
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class VerifyResult:
     status: VerifyStatus
     reported_fingerprint: str | None = None
     detail: str | None = None
+    retry_in_s: float | None = None  # pending: when to ask again
 
     @property
     def ok(self) -> bool:

@@ -51,6 +51,7 @@ __all__ = [
     "IntegrationSpec",
     "Inventory",
     "KeySpec",
+    "KubernetesSecretIntegrationSpec",
     "MtlsAuthSpec",
     "NotificationSpec",
     "PolicySpec",
@@ -61,6 +62,7 @@ __all__ = [
     "VaultCopyIntegrationSpec",
     "VaultLocation",
     "WebhookIntegrationSpec",
+    "WorkloadRef",
     "key_slug",
     "parse_duration",
     "reference_problems",
@@ -560,7 +562,61 @@ class VaultCopyIntegrationSpec(_Model):
     field: Optional[str] = None   # None: the key's own field name
 
 
-IntegrationSpec = Annotated[Union[WebhookIntegrationSpec, VaultCopyIntegrationSpec], Field(discriminator="kind")]
+#: Kubernetes object names: a namespace is a DNS-1123 label, a Secret or workload a DNS-1123 subdomain.
+K8S_NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+def _k8s_name(pattern: str, limit: int, what: str) -> Any:
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and (len(value) > limit or not re.match(pattern, value)):
+            raise PydanticCustomError("k8s_name", "not a valid Kubernetes {what}: lower-case letters, digits and '-'{dots}, "
+                                      "starting and ending with a letter or digit, at most {limit} characters",
+                                      {"what": what, "dots": "" if what == "namespace" else " or '.'", "limit": limit})
+        return value
+    return BeforeValidator(check)
+
+
+K8sNamespace = Annotated[str, _k8s_name(K8S_NAMESPACE_PATTERN, 63, "namespace")]
+K8sName = Annotated[str, _k8s_name(K8S_NAME_PATTERN, 253, "object name")]
+
+
+class WorkloadRef(_Model):
+    """A Deployment or StatefulSet (in the Secret's namespace) restarted after the Secret changes."""
+
+    kind: Literal["Deployment", "StatefulSet"]
+    name: K8sName
+
+
+class KubernetesSecretIntegrationSpec(_Model):
+    """Writes the new value under one data key of a Kubernetes Secret (other keys untouched) and,
+    optionally, restarts the workloads that read it, once per batch (docs/internals.md)."""
+
+    kind: Literal["kubernetes_secret"]
+    namespace: K8sNamespace
+    secret: K8sName
+    data_key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")  # a Secret's data key
+    workloads: list[WorkloadRef] = Field(default_factory=list)
+    rollout_timeout: Duration = timedelta(minutes=5)
+
+    @field_validator("workloads")
+    @classmethod
+    def _unique_workloads(cls, workloads: list[WorkloadRef]) -> list[WorkloadRef]:
+        seen = [(w.kind, w.name) for w in workloads]
+        duplicates = sorted({f"{k}/{n}" for k, n in seen if seen.count((k, n)) > 1})
+        if duplicates:
+            raise PydanticCustomError("duplicate", "listed more than once: {names}", {"names": ", ".join(duplicates)})
+        return workloads
+
+    @field_validator("rollout_timeout")
+    @classmethod
+    def _positive_timeout(cls, value: timedelta) -> timedelta:
+        return _positive(value)
+
+
+IntegrationSpec = Annotated[
+    Union[WebhookIntegrationSpec, VaultCopyIntegrationSpec, KubernetesSecretIntegrationSpec], Field(discriminator="kind")
+]
 
 
 # --------------------------------------------------------------------------- owners' contacts

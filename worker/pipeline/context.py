@@ -127,7 +127,7 @@ def context_from_settings(settings: Any = None) -> PipelineContext:
         engine=engine,
         vault=vault,
         provider_factory=_registry_provider_factory(vault, settings, resolve),
-        integration_factory=_registry_integration_factory(vault, settings, resolve),
+        integration_factory=_registry_integration_factory(vault, settings, resolve, engine=engine),
         resolve=resolve,
         policy=StepPolicy.from_settings(settings),
         # Sinks of the inventory applied to *this* context's database, references resolved via
@@ -209,7 +209,9 @@ def _limiter(settings: Any, cache: dict[str, Any]) -> Any:
         return cache["limiter"]
 
 
-def _registry_integration_factory(vault: Any, settings: Any, resolve: Optional[Callable[[Any], Any]] = None) -> IntegrationFactory:
+def _registry_integration_factory(vault: Any, settings: Any, resolve: Optional[Callable[[Any], Any]] = None,
+                                  *, engine: Optional[Engine] = None) -> IntegrationFactory:
+    from worker.pipeline.restart_batch import DatabaseBatchView
     from worker.secret_refs import make_resolver
 
     resolve = resolve or make_resolver(vault)
@@ -224,6 +226,8 @@ def _registry_integration_factory(vault: Any, settings: Any, resolve: Optional[C
             from worker.errors import PermanentError
 
             raise PermanentError(f"integration {name!r} is not in the applied inventory; run `keyrotor config apply`")
-        return built.get(record.name, record.spec, lambda: build_integration(record, vault=vault, resolve=resolve))
+        batch = DatabaseBatchView(engine if engine is not None else session.get_bind())  # type: ignore[arg-type]
+        return built.get(record.name, record.spec, lambda: build_integration(record, vault=vault, resolve=resolve,
+                                                                             batch=batch, settings=settings))
 
     return factory

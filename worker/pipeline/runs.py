@@ -120,3 +120,15 @@ def sink_statuses(session: Session, run_id: str) -> dict[str, Any]:
 
     rows = session.exec(select(SinkDelivery).where(SinkDelivery.run_id == run_id)).all()
     return {row.integration: row for row in rows}
+
+
+def extend_deadline(session: Session, run: RotationRun, *, delay_s: float, time_limit_s: float) -> bool:
+    """A step that polls (``again_in_s``) moves the reconciler's deadline past its next look, so a
+    long but bounded wait (a rollout) is not taken for a lost message; ``False`` if the run moved."""
+    result = session.execute(
+        update(RotationRun)
+        .where(RotationRun.id == run.id, RotationRun.state == run_state(run).value)  # type: ignore[arg-type]
+        .values(step_deadline_at=utcnow() + timedelta(seconds=delay_s + time_limit_s))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]

@@ -37,7 +37,8 @@ spec:
       {{- end }}
     spec:
       serviceAccountName: {{ include "keyrotor.serviceAccountName" $root }}
-      # The API-server token is never mounted; Vault Kubernetes auth gets its own projected token.
+      # The API-server token is not automounted: Vault Kubernetes auth gets its own projected token,
+      # and only a worker that writes Kubernetes Secrets (kubernetesSecrets) gets an API-server one.
       automountServiceAccountToken: false
       enableServiceLinks: false
       terminationGracePeriodSeconds: {{ $c.terminationGracePeriodSeconds }}
@@ -72,10 +73,10 @@ spec:
           securityContext:
             {{- toYaml $v.containerSecurityContext | nindent 12 }}
           volumeMounts:
-            {{- include "keyrotor.volumeMounts" (dict "root" $root "vault" true "inventory" true "metrics" true) | nindent 12 }}
+            {{- include "keyrotor.volumeMounts" (dict "root" $root "vault" true "inventory" true "metrics" true "kubeApi" (and (eq .component "worker") (not (empty $v.kubernetesSecrets)))) | nindent 12 }}
         {{- with $v.extraContainers }}
         {{- include "keyrotor.userContainers" (dict "root" $root "containers" .) | nindent 8 }}
         {{- end }}
       volumes:
-        {{- include "keyrotor.volumes" (dict "root" $root "vault" true "inventory" true "metrics" true) | nindent 8 }}
+        {{- include "keyrotor.volumes" (dict "root" $root "vault" true "inventory" true "metrics" true "kubeApi" (and (eq .component "worker") (not (empty $v.kubernetesSecrets)))) | nindent 8 }}
 {{- end -}}

@@ -226,6 +226,12 @@ metrics server (one-shot commands).
   mountPath: /etc/keyrotor/vault-ca
   readOnly: true
 {{- end }}
+{{- if .kubeApi }}
+{{- /* Where the kubernetes client's in-cluster configuration looks (load_incluster_config). */}}
+- name: kube-api-token
+  mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+  readOnly: true
+{{- end }}
 {{- with $v.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
@@ -274,6 +280,23 @@ ConfigMap (the hook Jobs read a hook copy that exists before the release's own o
     items:
       - key: {{ $v.vault.tls.caKey }}
         path: {{ $v.vault.tls.caKey }}
+{{- end }}
+{{- if .kubeApi }}
+{{- /* An API-server token for the kubernetes_secret integration: short-lived, refreshed by the kubelet. */}}
+- name: kube-api-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3600
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - {key: ca.crt, path: ca.crt}
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}
 {{- end }}
 {{- with $v.extraVolumes }}
 {{ toYaml . }}

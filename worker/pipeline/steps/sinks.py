@@ -16,6 +16,7 @@ from worker.errors import ConfigError, PermanentError, TransientError, is_perman
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import announcement, holding, safe_error, verify_status
 from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _require_staged, _snapshot
+from worker.pipeline.runs import extend_deadline
 from worker.pipeline.steps.provider import _check, _new_deprecated, _provider
 from worker.protocol import RunState, Step, has_grace_period
 from worker.secret import Secret
@@ -103,13 +104,9 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     provider = _provider(ctx, snap)
     results: dict[str, str] = {}
     with holding(secret):
-        outcome = _check(provider, secret, snap.credential_type)
-        if outcome == "deprecated":
-            raise _new_deprecated(ctx, snap, "verify")
-        if outcome != "valid":
-            raise PermanentError(f"the provider now answers {outcome!r} for the new credential it accepted at precheck")
         ann = _announcement(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
         mismatched: list[str] = []
+        pending: list[tuple[str, float]] = []
         for name in snap.key.integrations or []:
             with session_scope(ctx.engine) as session:
                 result = ctx.integration_factory(session, name).verify(ann)
@@ -118,13 +115,29 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                 if status == "mismatch":
                     mismatched.append(f"{name} reports {reported or 'another key'}")
                     row.last_error = f"verify: reports {reported}"
+                elif status == "pending":  # holds the key, still taking it up (a rollout): poll
+                    pending.append((name, getattr(result, "retry_in_s", None) or ctx.policy.activation_poll_s))
+                    row.last_error = f"verify: pending: {getattr(result, 'detail', None) or 'not ready'}"
                 else:
                     row.status, row.last_error = "verified", None
                 row.updated_at = utcnow()
                 session.add(row)
                 results[name] = status
+        if not mismatched and not pending:  # the provider is asked once, not at every poll of a rollout
+            outcome = _check(provider, secret, snap.credential_type)
+            if outcome == "deprecated":
+                raise _new_deprecated(ctx, snap, "verify")
+            if outcome != "valid":
+                raise PermanentError(f"the provider now answers {outcome!r} for the new credential it accepted at precheck")
     if mismatched:
         raise TransientError("integrations do not serve the new key yet: " + "; ".join(mismatched))
+    if pending:
+        # Not a failure: no retry is used up; the integration bounds the wait (rollout timeout).
+        again_s = min(wait for _, wait in pending)
+        with session_scope(ctx.engine) as session:
+            extend_deadline(session, snap.run, delay_s=again_s, time_limit_s=ctx.policy.time_limit_ms / 1000)
+        logger.info("verify.pending", sinks=[name for name, _ in pending], again_in_s=again_s)
+        return StepOutcome(state=S.propagated, mode=snap.mode, again_in_s=again_s)
     grace_s = float(snap.key.grace_period_s) if has_grace_period(snap.mode, emergency=snap.run.emergency) else 0.0
     grace_until = utcnow() + timedelta(seconds=grace_s)
     return _advance(ctx, snap, S.verified, delay_s=grace_s, grace_until=grace_until,
