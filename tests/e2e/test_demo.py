@@ -56,8 +56,11 @@ def test_demo_json_and_no_secret_in_output_logs_or_db(tmp_path: Path, vault) -> 
     read every version of every secret the demo stored, then look for each in the demo's stdout,
     stderr, log file and database ourselves."""
     env = _env(VAULT_ADDR=vault.addr, VAULT_TOKEN=vault.token)
+    # Started with SIGINT ignored, as a background job of a non-interactive shell is (`make test &`):
+    # Ctrl-C (SIGINT) must still end --keep.
     proc = subprocess.Popen([*KEYROTOR, "demo", "--json", "--keep"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     workdir: Path | None = None
     try:
         document = _read_json_document(proc, timeout=90)

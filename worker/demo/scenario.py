@@ -235,6 +235,11 @@ def run_checks(env: DemoEnvironment, run_ids: dict[str, str], probe: dict[str, d
 
 
 def _wait_for_interrupt(env: DemoEnvironment, out: TextIO) -> None:
+    # Our own handlers, set before the message: a process started with SIGINT ignored (a background
+    # job of a non-interactive shell) would otherwise never see the Ctrl-C this waits for.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     out.write(f"\n--keep: Vault and the stand-ins stay up until Ctrl-C.\n"
               f"  KEYROTOR_DATABASE_URL={env.database_url} keyrotor status\n"
               f"  provider {env.provider.url}  vault {env.vault_url} (mount {env.vault_mount})\n"
@@ -242,10 +247,5 @@ def _wait_for_interrupt(env: DemoEnvironment, out: TextIO) -> None:
                  f"KEYROTOR_QUEUE_NAMESPACE={env.queue_namespace} keyrotor rotate KEY --wait\n"
                  if env.broker_kind == "redis" else ""))
     out.flush()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
+    while not stop.wait(1.0):
         pass
