@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from worker.cli.common import cli_settings, fail, open_database, require_redis
+from worker.cli.common import cli_settings, fail, open_database, require_redis, serve_metrics
 from worker.cli.output import OutputFormat, emit, iso, json_option, output_option, pick_format, print_table, relative
 from worker.clock import utcnow
 from worker.db.session import session_scope
@@ -27,7 +27,6 @@ def scheduler(
 
     from jobs.scheduler import KeyrotorScheduler, SchedulerConfig
     from worker.log import configure_logging
-    from worker.metrics import start_metrics_server
     from worker.pipeline.broker import setup_broker
 
     settings = cli_settings()
@@ -38,11 +37,11 @@ def scheduler(
     config = SchedulerConfig.from_settings(
         settings, detection_s=detection_interval, reconcile_s=reconcile_interval, retirement_s=retirement_interval,
         orphans_s=orphan_interval, reminders_s=reminder_interval, lock_ttl_s=lock_ttl)
-    if settings.metrics_port:
+    if settings.metrics_port_for("scheduler"):
         from worker.ops_metrics import register_scheduler_collectors
 
         register_scheduler_collectors(settings, engine)  # queue depth and per-key expiry, read per scrape
-        start_metrics_server(settings.metrics_port)
+        serve_metrics(settings, "scheduler")
     from worker.notify import notify_function
 
     sched = KeyrotorScheduler(engine, redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5), config,

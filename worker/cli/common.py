@@ -10,11 +10,13 @@ Exit codes (all operator commands; the table in README.md and `keyrotor --help`)
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import getpass
 import os
 import socket
 import sys
-from typing import NoReturn
+from typing import Iterator, NoReturn
 from urllib.parse import urlparse
 
 import typer
@@ -144,3 +146,34 @@ def require_redis(url: str, consequence: str = "") -> None:
     """Exit 1 with one line (password masked) when nothing answers PING at ``url``."""
     if not redis_reachable(url, timeout=2.0):
         fail(f"Redis at {display_url(url)} does not answer{consequence}; check KEYROTOR_REDIS_URL", EXIT_FAILED)
+
+
+def serve_metrics(settings: Settings, role: str) -> int:
+    """Start /metrics and /healthz on the role's port (0: off). A port in use is one line naming
+    the setting to change (exit 2), not a traceback."""
+    from worker.metrics import start_metrics_server
+
+    port = settings.metrics_port_for(role)
+    if not port:
+        return 0
+    with port_in_use_fails(port, f"(another keyrotor {role} on this host?); set KEYROTOR_METRICS_PORT to a free "
+                                 "port, or 0 to turn metrics off"):
+        return start_metrics_server(port)
+
+
+@contextlib.contextmanager
+def port_in_use_fails(port: int, advice: str) -> Iterator[None]:
+    """Turn "address already in use" while binding ``port`` into one line with ``advice`` (exit 2)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        fail(f"port {port} is already in use {advice}")
+
+
+def masked_database_url(url: str) -> str:
+    """The database URL with its password masked (for start-up lines and messages)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
