@@ -73,3 +73,12 @@ def test_cancel_ends_the_run_and_audits_the_operator(stuck_run, capsys) -> None:
         assert last.to_state == "cancelled" and last.actor.startswith("cli:")
     # A finished run has nothing left to resolve.
     assert main(["resolve", "r1", "--action", "retry"]) == 2
+
+
+def test_cancel_is_resolve_cancel_and_takes_a_run_id_prefix(stuck_run, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["cancel", "r", "--note", "not needed", "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"run_id": "r1", "action": "cancel", "state": "cancelled"}
+    with session_scope(stuck_run) as s:
+        assert s.get(RotationRun, "r1").state == RunState.cancelled
+    assert main(["cancel", "r1"]) == 2  # nothing left to cancel: refused like resolve --action cancel
+    assert "not needs_attention" in capsys.readouterr().err
