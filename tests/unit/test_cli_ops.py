@@ -126,3 +126,12 @@ def test_apscheduler_job_lines_only_at_debug(level, shown) -> None:  # type: ign
     events = [json.loads(line)["event"] for line in buf.getvalue().splitlines()]
     assert ("Job \"leader-lock\" executed successfully" in events) is shown
     assert "Run time of job was missed" in events
+
+
+def test_config_apply_json_on_a_bad_file_prints_a_json_refusal(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("KEYROTOR_DATABASE_URL", f"sqlite:///{tmp_path}/k.db")
+    bad = tmp_path / "inv.yaml"
+    bad.write_text("providers: {}\nkeys:\n  - nope\n")
+    assert main(["config", "apply", str(bad), "--json"]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["applied"] is False and doc["problems"]
