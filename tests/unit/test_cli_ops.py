@@ -101,7 +101,12 @@ def test_worker_start_line_names_where_it_reads_and_writes(monkeypatch, capsys) 
     monkeypatch.setattr(worker_cmd, "require_redis", lambda url: None)
     monkeypatch.setattr("worker.doctor.log_unresolvable_references", lambda engine, settings: None)
     monkeypatch.setattr(workers, "run_worker", lambda **kwargs: 0)
-    assert main(["worker"]) == 0
+    from worker import metrics
+
+    try:
+        assert main(["worker"]) == 0
+    finally:
+        metrics.set_health_check(None)
     out = capsys.readouterr().out
     start = next(json.loads(line) for line in out.splitlines() if '"worker_started"' in line)
     assert start["database"].endswith("://keyrotor:***@db.internal:5432/keyrotor")

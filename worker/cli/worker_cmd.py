@@ -30,10 +30,12 @@ def worker(
     from worker.pipeline.workers import run_worker, worker_problems
 
     log_unresolvable_references(engine, settings)  # one warning per broken reference, no values
-    from worker.metrics import set_health_check
+    metrics_port = 0
+    if settings.metrics_port_for("worker"):
+        from worker.metrics import set_health_check
 
-    set_health_check(lambda: worker_problems(processes, lambda: redis_reachable(settings.redis_url, timeout=1.0)))
-    metrics_port = serve_metrics(settings, "worker")
+        set_health_check(lambda: worker_problems(processes, lambda: redis_reachable(settings.redis_url, timeout=1.0)))
+        metrics_port = serve_metrics(settings, "worker")
     from worker.log import get_logger
     from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE
 
