@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import signal
 from typing import Any, Optional
 
 import typer
 
-from worker.cli.common import cli_settings, open_database, require_redis
-from worker.cli.output import iso, print_json, print_table, relative
+from worker.cli.common import cli_settings, fail, open_database, require_redis, serve_metrics
+from worker.cli.output import OutputFormat, emit, iso, json_option, output_option, pick_format, print_table, relative
 from worker.clock import utcnow
 from worker.db.session import session_scope
 
@@ -24,7 +25,6 @@ def scheduler(
     """Run the detection, reconciliation and retirement jobs; one scheduler acts at a time."""
     from jobs.scheduler import KeyrotorScheduler, SchedulerConfig
     from worker.log import configure_logging
-    from worker.metrics import start_metrics_server
     from worker.pipeline.broker import setup_broker
     from worker.redis_conn import redis_client
 
@@ -36,11 +36,11 @@ def scheduler(
     config = SchedulerConfig.from_settings(
         settings, detection_s=detection_interval, reconcile_s=reconcile_interval, retirement_s=retirement_interval,
         orphans_s=orphan_interval, reminders_s=reminder_interval, lock_ttl_s=lock_ttl)
-    if settings.metrics_port:
+    if settings.metrics_port_for("scheduler"):
         from worker.ops_metrics import register_scheduler_collectors
 
         register_scheduler_collectors(settings, engine)  # queue depth and per-key expiry, read per scrape
-        start_metrics_server(settings.metrics_port)
+        serve_metrics(settings, "scheduler")
     from worker.notify import notify_function
     from worker.pipeline.context import context_from_settings
 
@@ -57,20 +57,28 @@ def scheduler(
     sched.wait()
 
 
+#: ``plan --days`` upper bound: a century ahead is already far past any key's lifetime.
+PLAN_MAX_DAYS = 36_500
+
+
 def plan(
-    days: float = typer.Option(30.0, "--days", min=0, help="How far ahead to look."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
+    days: float = typer.Option(30.0, "--days", min=0, help=f"How far ahead to look (at most {PLAN_MAX_DAYS})."),
+    output: Optional[OutputFormat] = output_option(),
+    json_out: bool = json_option(),
 ) -> None:
     """What will rotate when, and why (expiry, age, deprecation), incl. keys a person must rotate."""
     from jobs.plan import build_plan
 
+    if not math.isfinite(days) or days > PLAN_MAX_DAYS:
+        fail(f"--days {days:g} is too far ahead; give at most {PLAN_MAX_DAYS}")
+    fmt = pick_format(output, json_out)
     settings = cli_settings()
-    engine = open_database(settings)
+    engine = open_database(settings, read_only=True)
     now = utcnow()
     with session_scope(engine) as session:
         items = build_plan(session, now=now, days=days)
-    if json_out:
-        print_json({"generated_at": now, "days": days, "items": [item.as_dict() for item in items]})
+    if fmt in (OutputFormat.json, OutputFormat.yaml):
+        emit({"generated_at": now, "days": days, "items": [item.as_dict() for item in items]}, fmt)
         return
     rows, notes = [], []
     for item in items:
@@ -81,7 +89,7 @@ def plan(
         rows.append([iso(item.when), when, item.key, item.provider, item.reason, what])
         if item.note:
             notes.append(f"  {item.key}: {item.note}")
-    print_table(["when", "due", "key", "provider", "why", "action"], rows,
+    print_table(["when", "due", "key", "provider", "why", "action"], rows, wide=fmt is OutputFormat.wide,
                 title=f"Rotations in the next {days:g} days", empty=f"Nothing rotates in the next {days:g} days.")
     if notes:
         typer.echo("\nNotes:\n" + "\n".join(notes))

@@ -203,6 +203,11 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | N
     # SQLAlchemy and httpx are chatty at INFO (every statement / request); keep them at WARNING.
     for name in ("sqlalchemy.engine", "httpx", "httpcore", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # APScheduler logs "Running job" / "executed successfully" at INFO for every run of every job:
+    # the scheduler's one-second leader-lock tick alone is two lines a second. Only at DEBUG.
+    quiet = logging.DEBUG if logging.getLevelName(level) <= logging.DEBUG else logging.WARNING
+    for name in ("apscheduler.executors", "apscheduler.scheduler"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 def bind(**values: Any) -> None:

@@ -64,6 +64,10 @@ def redis_url_problem(url: str) -> str | None:
     return None
 
 
+#: Default metrics ports by process role (KEYROTOR_METRICS_PORT overrides both).
+DEFAULT_METRICS_PORTS = {"worker": 9108, "scheduler": 9109}
+
+
 class Settings(BaseSettings):
     """Every knob keyrotor reads from the environment. See ``config/settings.md``."""
 
@@ -102,7 +106,7 @@ class Settings(BaseSettings):
     http_timeout_s: float = Field(15.0, gt=0, description="Timeout of one call to a provider or integration")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
-    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port for worker and scheduler (0 = off)")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (0 = off); unset: worker 9108, scheduler 9109")
     metrics_max_key_series: int = Field(500, ge=0, le=100_000, description="Most keys the scheduler exports per-key expiry/due series for (soonest due first)")
     metrics_collect_timeout_s: float = Field(2.0, gt=0, le=30, description="Timeout of the Redis/database reads behind the queue and key metrics at scrape time")
 
@@ -136,6 +140,13 @@ class Settings(BaseSettings):
     scheduler_deposit_interval_s: float = Field(60.0, gt=0, description="How often owners' deposit paths in Vault are read (assisted mode); reminders and deposit deadlines are checked then too")
     notify_timeout_s: float = Field(10.0, gt=0, description="Timeout of one notification delivery")
     notify_attempts: int = Field(3, ge=1, le=10, description="Delivery attempts per notification sink")
+
+    def metrics_port_for(self, role: str) -> int:
+        """KEYROTOR_METRICS_PORT when set; otherwise the role's own default, so a worker and a
+        scheduler started side by side on one host do not both ask for the same port."""
+        if self.metrics_port is not None:
+            return self.metrics_port
+        return DEFAULT_METRICS_PORTS[role]
 
     @field_validator("log_level", mode="before")
     @classmethod

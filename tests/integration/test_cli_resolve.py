@@ -103,3 +103,12 @@ def test_revoked_by_person_completes_a_run_stuck_retiring(stuck_run, capsys) -> 
         assert s.get(KeyVersion, run.old_version_id).stage == VersionStage.retired.value
         event = s.exec(select(AuditEvent).where(AuditEvent.run_id == "r2", AuditEvent.to_state == "retired")).one()
         assert event.detail["revocation"] == "revoked_by_person" and event.actor.startswith("cli:")
+
+
+def test_cancel_is_resolve_cancel_and_takes_a_run_id_prefix(stuck_run, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["cancel", "r", "--note", "not needed", "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"run_id": "r1", "action": "cancel", "state": "cancelled"}
+    with session_scope(stuck_run) as s:
+        assert s.get(RotationRun, "r1").state == RunState.cancelled
+    assert main(["cancel", "r1"]) == 2  # nothing left to cancel: refused like resolve --action cancel
+    assert "not needs_attention" in capsys.readouterr().err

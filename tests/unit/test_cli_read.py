@@ -129,7 +129,8 @@ def test_runs_rejects_unknown_state(db, capsys) -> None:  # type: ignore[no-unty
 
 
 def test_status_on_an_empty_database_says_what_to_do(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("KEYROTOR_DATABASE_URL", f"sqlite:///{tmp_path}/fresh.db")  # not migrated: status migrates
+    (tmp_path / "fresh.db").touch()  # an empty file, not migrated: status migrates (a missing one is refused)
+    monkeypatch.setenv("KEYROTOR_DATABASE_URL", f"sqlite:///{tmp_path}/fresh.db")
     get_settings.cache_clear()
     try:
         code, out, _ = run_cli(capsys, "status")

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from worker.cli.act_cmds import WaitUntil, _wait, read_deposit_secret
+from worker.cli.act_cmds import WaitUntil, wait_for_runs, read_deposit_secret
 from worker.cli.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
 from worker.cli.main import main
 from worker.db.migrate import upgrade
@@ -64,7 +64,7 @@ def _summary() -> list[dict]:
 
 def test_wait_succeeds_on_completed_and_narrates_each_change(engine, capsys) -> None:  # type: ignore[no-untyped-def]
     t = _move(engine, ["issued", "prechecked", "promoted", "propagated", "verified", "retired", "completed"], 0.01)
-    code = _wait(engine, _summary(), until=WaitUntil.completed, timeout=10, narrate=True, interval=0.02)
+    code = wait_for_runs(engine, _summary(), until=WaitUntil.completed, timeout=10, narrate=True, interval=0.02)
     t.join()
     out = capsys.readouterr().out
     assert code == EXIT_OK
@@ -75,7 +75,7 @@ def test_wait_succeeds_on_completed_and_narrates_each_change(engine, capsys) -> 
 @pytest.mark.parametrize("end", ["rolled_back", "failed", "needs_attention"])
 def test_wait_fails_when_the_run_did_not_succeed(engine, capsys, end) -> None:  # type: ignore[no-untyped-def]
     t = _move(engine, ["issued", end])
-    code = _wait(engine, _summary(), until=WaitUntil.completed, timeout=10, narrate=False, interval=0.02)
+    code = wait_for_runs(engine, _summary(), until=WaitUntil.completed, timeout=10, narrate=False, interval=0.02)
     t.join()
     assert code == EXIT_FAILED
     assert capsys.readouterr().out == ""
@@ -83,14 +83,14 @@ def test_wait_fails_when_the_run_did_not_succeed(engine, capsys, end) -> None:  
 
 def test_wait_until_verified_stops_before_the_grace_period(engine) -> None:  # type: ignore[no-untyped-def]
     t = _move(engine, ["issued", "prechecked", "promoted", "propagated", "verified"])
-    code = _wait(engine, _summary(), until=WaitUntil.verified, timeout=10, narrate=False, interval=0.02)
+    code = wait_for_runs(engine, _summary(), until=WaitUntil.verified, timeout=10, narrate=False, interval=0.02)
     t.join()
     assert code == EXIT_OK
 
 
 def test_wait_times_out_with_exit_3(engine) -> None:  # type: ignore[no-untyped-def]
     t0 = time.monotonic()
-    code = _wait(engine, _summary(), until=WaitUntil.completed, timeout=0.2, narrate=False, interval=0.05)
+    code = wait_for_runs(engine, _summary(), until=WaitUntil.completed, timeout=0.2, narrate=False, interval=0.05)
     assert code == EXIT_TIMEOUT and time.monotonic() - t0 < 2
 
 

@@ -87,9 +87,13 @@ def apply(
     if resolve and not problems:
         problems = _live_problems(file, inventory)
     if problems or inventory is None:
-        for problem in problems:
-            typer.echo(problem.format(), err=True)
-        typer.echo(f"not applied: {len(problems)} problem{'s' if len(problems) != 1 else ''} in {file}", err=True)
+        if as_json:  # a script asked for JSON: the refusal is a document too (exit 2 all the same)
+            typer.echo(json.dumps({"applied": False, "file": str(file),
+                                   "problems": json.loads(problems_json(problems))}, indent=2))
+        else:
+            for problem in problems:
+                typer.echo(problem.format(), err=True)
+            typer.echo(f"not applied: {len(problems)} problem{'s' if len(problems) != 1 else ''} in {file}", err=True)
         raise typer.Exit(EXIT_INVALID)
 
     settings = cli_settings()  # logs (a schema-ahead warning) to stderr: stdout is the report

@@ -1,7 +1,8 @@
 """``keyrotor``: the single entry point. Each command group lives in its own module.
 
 Errors a user can cause (bad settings, bad inventory, bad arguments) print one line on stderr and
-exit 2, with no traceback; an unexpected failure exits 1.
+exit 2, with no traceback; a failed operation or a service that does not answer exits 1 (the
+table is EXIT_CODES below, shown by ``keyrotor --help`` and in README.md).
 """
 
 from __future__ import annotations
@@ -15,12 +16,26 @@ from worker import __version__
 from worker.errors import ConfigError, KeyrotorError
 from worker.settings import get_settings
 
+#: The exit codes of every command (README.md carries the same table).
+EXIT_CODES = (
+    (0, "ok"),
+    (1, "the operation failed, or a service it needs (database, Redis, Vault, a worker) did not answer"),
+    (2, "usage or configuration error: bad arguments or settings, unknown key or run, ambiguous run-id "
+        "prefix, no database file, schema older than this release (run `keyrotor db upgrade`)"),
+    (3, "timed out waiting (rotate --wait)"),
+    (130, "interrupted (Ctrl-C); a requested run continues in the workers"),
+)
+
 app = typer.Typer(
     name="keyrotor",
     help="Rotate API keys: issue at the provider, store in Vault, propagate, verify, retire.",
+    epilog="Exit codes: " + " · ".join(f"{code} {text}" for code, text in EXIT_CODES)
+    + ". Output: -o table|wide|json|yaml on read commands; colour only on a terminal, never with NO_COLOR or --no-color.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    # Plain click help: typer's rich panels print flags as `--json <bool>`, as if they took a value.
+    rich_markup_mode=None,
 )
 
 
@@ -33,8 +48,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    no_color: bool = typer.Option(False, "--no-color", help="No colour (also: NO_COLOR set, or stdout not a terminal)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Log INFO (-v) or DEBUG (-vv) lines on stderr."),
 ) -> None:
     """keyrotor command line."""
+    from worker.cli.common import set_verbosity
+    from worker.cli.output import disable_colour
+
+    if no_color:
+        disable_colour()
+    set_verbosity(verbose)
 
 
 def _register() -> None:
@@ -57,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     _register()
     try:
         # Without standalone mode, click *returns* the code of a `raise typer.Exit(n)` instead of raising.
-        result = app(args=argv, standalone_mode=False)
+        result = app(args=argv, prog_name="keyrotor", standalone_mode=False)
         if isinstance(result, int):
             return result
     except ConfigError as exc:
@@ -73,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:
         return 130
+    except SystemExit as exc:  # typer's --show-completion / --install-completion end with sys.exit
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except OperationalError as exc:  # the database does not answer (down, wrong host/port, bad login)
         typer.echo(f"keyrotor: error: {_database_unreachable(exc)}", err=True)
-        return 2
+        return 1  # like Redis: a service that did not answer, not a usage error
     except Exception as exc:
         # Click usage errors carry their own message and exit code. Recent typer vendors click
         # (typer._click), so the class is recognised by its methods, not by importing click.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import typer
 
+from worker.cli.common import port_in_use_fails
 from worker.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True)
@@ -57,9 +58,10 @@ def provider(
     def ready(url: str, _token: str) -> None:
         typer.echo(f"provider stand-in listening on {url}")
 
-    run_provider_forever(host=host, port=port, admin_token=admin_token, activation_delay=activation_delay,
-                         rate_limit=limit, key_ttl=key_ttl or None, cutover=cutover, ready=ready,
-                         deprecations=deprecations)
+    with port_in_use_fails(port, "; pass --port with a free one (0 picks one)"):
+        run_provider_forever(host=host, port=port, admin_token=admin_token, activation_delay=activation_delay,
+                             rate_limit=limit, key_ttl=key_ttl or None, cutover=cutover, ready=ready,
+                             deprecations=deprecations)
 
 
 # --------------------------------------------------------------------------- consumer
@@ -88,4 +90,5 @@ def consumer(
     def ready(url: str) -> None:
         typer.echo(f"consumer stand-in listening on {url} (webhook {url}/hooks/keyrotor)")
 
-    run_consumer_forever(config, host=host, port=port, ready=ready)
+    with port_in_use_fails(port, "; pass --port with a free one (0 picks one)"):
+        run_consumer_forever(config, host=host, port=port, ready=ready)

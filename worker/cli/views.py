@@ -124,9 +124,28 @@ def _live_versions(session: Session) -> dict[int, dict[str, KeyVersion]]:
     return out
 
 
-def key_status(session: Session) -> list[dict[str, Any]]:
+#: Stages ``status`` shows besides the run states (a key with an open run shows the run's state).
+KEY_STAGES = ("idle", "in_grace", "unseeded", "disabled")
+
+
+def parse_stage_filter(value: str | None) -> str | None:
+    """Validate ``status --stage``; raise ValueError naming the accepted values."""
+    if value is None:
+        return None
+    value = value.strip().lower()
+    accepted = list(KEY_STAGES) + [s.value for s in RunState]
+    if value not in accepted:
+        raise ValueError(f"unknown stage {value!r}; expected one of: {', '.join(accepted)}")
+    return value
+
+
+def key_status(session: Session, *, provider: str | None = None, stage: str | None = None) -> list[dict[str, Any]]:
     """One entry per managed key: where it stands, when it is due, how its last run went."""
-    keys = session.exec(select(ManagedKey).order_by(col(ManagedKey.name))).all()
+    query = select(ManagedKey).order_by(col(ManagedKey.name))
+    if provider is not None:
+        query = query.where(ManagedKey.provider == provider)
+    keys = session.exec(query).all()
+    stage_arg = stage
     runs = _latest_runs(session)
     versions = _live_versions(session)
     records = {r.name: r for r in session.exec(select(ProviderRecord)).all()}
@@ -146,6 +165,8 @@ def key_status(session: Session) -> list[dict[str, Any]]:
             stage = "unseeded"
         else:
             stage = "idle"
+        if stage_arg is not None and stage != stage_arg:
+            continue
         out.append({
             "key": key.name,
             "provider": key.provider,
@@ -168,12 +189,12 @@ def key_status(session: Session) -> list[dict[str, Any]]:
 
 
 def key_history(session: Session, key: ManagedKey, limit: int = 50) -> dict[str, Any]:
-    """Runs (newest first), the audit trail (in order) and the versions of one key."""
+    """The ``limit`` newest runs (newest first) and audit events (in order), and every version of one key."""
     runs = session.exec(
         select(RotationRun).where(RotationRun.key_id == key.id).order_by(col(RotationRun.created_at).desc()).limit(limit)
     ).all()
     events = session.exec(
-        select(AuditEvent).where(AuditEvent.key_id == key.id).order_by(col(AuditEvent.id).desc()).limit(limit * 20)
+        select(AuditEvent).where(AuditEvent.key_id == key.id).order_by(col(AuditEvent.id).desc()).limit(limit)
     ).all()
     versions = session.exec(select(KeyVersion).where(KeyVersion.key_id == key.id).order_by(col(KeyVersion.id))).all()
     return {
@@ -221,3 +242,28 @@ def run_sinks(session: Session, run_id: str) -> list[dict[str, Any]]:
     rows = session.exec(select(SinkDelivery).where(SinkDelivery.run_id == run_id).order_by(col(SinkDelivery.integration))).all()
     return [{"integration": d.integration, "status": d.status, "fingerprint": d.fingerprint,
              "attempts": d.attempts, "last_error": d.last_error, "updated_at": as_utc(d.updated_at)} for d in rows]
+
+
+def describe_run(session: Session, run: RotationRun) -> dict[str, Any]:
+    """One run in full: the run, its whole audit trail, its deliveries and what ``resolve`` allows."""
+    key = session.get(ManagedKey, run.key_id)
+    events = session.exec(select(AuditEvent).where(AuditEvent.run_id == run.id).order_by(col(AuditEvent.id))).all()
+    return {
+        "run": run_dict(run, key.name if key else None),
+        "events": [event_dict(e) for e in events],
+        "sinks": run_sinks(session, run.id),
+        "allowed_actions": _allowed_actions(session, run),
+    }
+
+
+def _allowed_actions(session: Session, run: RotationRun) -> list[str]:
+    """What ``resolve`` allows; [] for a run no person needs to act on. Deciding may read Vault
+    (a staged key of a run that recorded none): when it does not answer, describe still works."""
+    if _state(run.state) not in (RunState.needs_attention.value, RunState.awaiting_deposit.value):
+        return []
+    from worker.pipeline.resolve import allowed_actions
+
+    try:
+        return sorted(allowed_actions(session, run.id))
+    except Exception:  # noqa: BLE001 - the rest of the description matters more
+        return []

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from worker.cli.common import cli_settings, open_database, redis_reachable, require_redis
+from worker.urls import display_url
+
+from worker.cli.common import cli_settings, masked_database_url, open_database, redis_reachable, require_redis, serve_metrics
 
 
 def worker(
@@ -13,7 +15,7 @@ def worker(
 ) -> None:
     """Consume rotation steps and rotation requests from Redis (KEYROTOR_REDIS_URL).
 
-    Serves /metrics and /healthz on KEYROTOR_METRICS_PORT (0 = off); /healthz answers 503 while a
+    Serves /metrics and /healthz on KEYROTOR_METRICS_PORT (default 9108; 0 = off); /healthz answers 503 while a
     worker process is missing or Redis does not answer. Stops cleanly on SIGTERM: in-flight steps
     finish; anything unacknowledged is redelivered to another worker. When a worker process dies,
     the others are stopped and the command exits non-zero (the pod is restarted).
@@ -28,11 +30,20 @@ def worker(
     from worker.pipeline.workers import run_worker, worker_problems
 
     log_unresolvable_references(engine, settings)  # one warning per broken reference, no values
-    if settings.metrics_port:
-        from worker.metrics import set_health_check, start_metrics_server
+    metrics_port = 0
+    if settings.metrics_port_for("worker"):
+        from worker.metrics import set_health_check
 
         set_health_check(lambda: worker_problems(processes, lambda: redis_reachable(settings.redis_url, timeout=1.0)))
-        start_metrics_server(settings.metrics_port)
+        metrics_port = serve_metrics(settings, "worker")
+    from worker.log import get_logger
+    from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE
+
+    # Where this worker reads and writes, so a misdirected one is obvious from its first line.
+    get_logger("keyrotor.worker").info(
+        "worker_started", database=masked_database_url(settings.database_url), redis=display_url(settings.redis_url),
+        namespace=settings.queue_namespace, queues=[STEP_QUEUE, REQUEST_QUEUE], vault=settings.vault_addr or "(not set)",
+        processes=processes, threads=threads, metrics_port=metrics_port or "off")
     code = run_worker(processes=processes, threads=threads, settings=settings)
     if code:
         raise typer.Exit(code)

@@ -171,7 +171,7 @@ def _run(env: DemoEnvironment, narrator: Narrator, *, keep: bool, json_out: bool
         out.write("\n")
         print_table(["key", "result", "old → new", "duration", "steps"],
                     [[s["key"], s["result"], f"{short_fp(s['old_fingerprint'])} → {short_fp(s['new_fingerprint'])}",
-                      duration(s["duration_s"]), s["steps"]] for s in summary], stream=out)
+                      duration(s["duration_s"]), s["steps"]] for s in summary], stream=out, prose=["steps"])
         out.write("\n")
         for c in checks:
             out.write(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}\n")

@@ -818,7 +818,10 @@ class Inventory(_Model):
         return provider.credential_types.get(key.credential_type) if provider else None
 
     def summary(self) -> str:
-        return f"{len(self.providers)} providers, {len(self.keys)} keys, {len(self.integrations)} integrations"
+        from worker.text import count
+
+        return ", ".join((count(len(self.providers), "provider"), count(len(self.keys), "key"),
+                          count(len(self.integrations), "integration")))
 
 
 def _raise(problems: list[tuple[tuple[str | int, ...], str]], value: Any) -> None:
