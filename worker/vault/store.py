@@ -363,14 +363,17 @@ class VaultStore:
 
     def discard_pending(self, run_id: str) -> None:
         """Remove the staged key and every version of it (KV v2 metadata delete). Idempotent."""
-        path = self.staging_path(run_id)
-        op = Operation("discard", self.staging_mount, "metadata", path, ("delete",))
+        self._destroy_all("discard", self.staging_path(run_id))
+        log.info("vault.discarded", run_id=run_id)
+
+    def _destroy_all(self, what: str, path: str) -> None:
+        """Delete ``path`` on the staging mount with every version and its metadata; absent is fine."""
+        op = Operation(what, self.staging_mount, "metadata", path, ("delete",))
         try:
             self._call(op, lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(
                 path=path, mount_point=self.staging_mount))
         except VaultNotFound:
             pass
-        log.info("vault.discarded", run_id=run_id)
 
     # ------------------------------------------------------------------ owners' deposits
     def deposit_path(self, key_name: str) -> str:
@@ -397,13 +400,7 @@ class VaultStore:
 
     def destroy_deposit(self, key_name: str) -> None:
         """Delete a deposit with every version and its metadata (nothing of it stays). Idempotent."""
-        path = self.deposit_path(key_name)
-        op = Operation("destroy deposit", self.staging_mount, "metadata", path, ("delete",))
-        try:
-            self._call(op, lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(
-                path=path, mount_point=self.staging_mount))
-        except VaultNotFound:
-            pass
+        self._destroy_all("destroy deposit", self.deposit_path(key_name))
         log.info("vault.deposit_destroyed", key=key_name)
 
     # ------------------------------------------------------------------ health
