@@ -444,7 +444,8 @@ def find_awaiting_run(session: Any, target: str) -> Any:
     if run is None:
         key = session.exec(_key_query(target)).first()
         if key is None:
-            run = find_run(session, target)  # a run-id prefix; unknown or ambiguous: one line, exit 2
+            run = find_run(session, target,  # a run-id prefix; unknown or ambiguous: one line, exit 2
+                           missing=f"no run or key {target!r}; see `keyrotor runs --state awaiting_deposit`")
         else:
             run = session.exec(select(RotationRun).where(RotationRun.key_id == key.id,
                                                          RotationRun.finished_at.is_(None))).first()  # type: ignore[union-attr]

@@ -16,7 +16,7 @@ import getpass
 import os
 import socket
 import sys
-from typing import Iterator, NoReturn
+from typing import Iterator, NoReturn, Optional
 from urllib.parse import urlparse
 
 import typer
@@ -93,8 +93,9 @@ def missing_sqlite_file(url: str) -> str | None:
     return None if os.path.exists(path) else path
 
 
-def find_run(session: Session, run_id: str) -> RotationRun:
-    """The run with this id, or with this unambiguous prefix of an id (usage error otherwise)."""
+def find_run(session: Session, run_id: str, missing: Optional[str] = None) -> RotationRun:
+    """The run with this id, or with this unambiguous prefix of an id (usage error otherwise;
+    ``missing`` replaces the message when nothing matches)."""
     text = run_id.strip().lower()
     run = session.get(RotationRun, text) if text else None
     if run is not None:
@@ -102,7 +103,7 @@ def find_run(session: Session, run_id: str) -> RotationRun:
     matches = session.exec(select(RotationRun).where(col(RotationRun.id).startswith(text, autoescape=True))
                            .order_by(col(RotationRun.created_at).desc()).limit(6)).all() if text else []
     if not matches:
-        fail(f"no run {run_id!r}; list runs with `keyrotor runs`")
+        fail(missing or f"no run {run_id!r}; list runs with `keyrotor runs`")
     if len(matches) > 1:
         shown = ", ".join(m.id for m in matches[:5]) + (", …" if len(matches) > 5 else "")
         fail(f"run id prefix {run_id!r} is ambiguous: {shown}; give more characters")
