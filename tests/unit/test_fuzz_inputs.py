@@ -178,3 +178,27 @@ def test_parser_never_echoes_a_secret_planted_in_a_request(field: str, where: st
         message[field + "_"] = secret
     _parse(message, secret)
     _parse(json.dumps(message).encode(), secret)
+
+
+# --------------------------------------------------------------------------- what the fuzzers found
+def test_a_control_character_is_one_problem_line_with_its_line_number() -> None:
+    _, problems = check_text("version: 1\nproviders: {}\n\x1f\n", "inv.yaml")
+    assert [p.format() for p in problems] == [
+        "inv.yaml:3: YAML error: unacceptable character #x001f (special characters are not allowed); remove it"]
+
+
+def test_a_credential_shaped_version_or_field_name_is_not_echoed() -> None:
+    token = "sk_live_a9Fq2LmX7vR4kT8zW1pN6yB3"
+    for message in ({**VALID, "version": token}, {**VALID, token: 1}):
+        try:
+            parse_request(message)
+        except MalformedMessage as exc:
+            assert token not in exc.reason
+        else:
+            raise AssertionError("accepted")
+
+
+def test_a_credential_shaped_policy_name_is_not_echoed() -> None:
+    token = "Bearer a9Fq2LmX7vR4kT8zW1pN6yB3"
+    _, problems = check_text(EXAMPLE_TEXT.replace("policy: short-lived", f'policy: "{token}"'), "inv.yaml")
+    assert problems and all(token not in p.format() for p in problems)
