@@ -202,3 +202,10 @@ def test_a_credential_shaped_policy_name_is_not_echoed() -> None:
     token = "Bearer a9Fq2LmX7vR4kT8zW1pN6yB3"
     _, problems = check_text(EXAMPLE_TEXT.replace("policy: short-lived", f'policy: "{token}"'), "inv.yaml")
     assert problems and all(token not in p.format() for p in problems)
+
+
+def test_a_credential_shaped_value_after_another_quoted_name_is_not_echoed() -> None:
+    token = "sk_live_00000000000000000000000A"
+    text = EXAMPLE_TEXT.replace("credential_type: api_key               # deprecated", f"credential_type: {token}  #")
+    _, problems = check_text(text, "inv.yaml")
+    assert problems and all(token not in p.format() for p in problems)

@@ -229,7 +229,7 @@ def _message(error: dict[str, Any], path: str) -> str:
     return message
 
 
-_QUOTED = re.compile(r"'([^'\n]{8,300})'")
+_QUOTED = re.compile(r"'([^'\n]{0,300})'")
 
 
 def _scrub_quoted(message: str) -> str:
