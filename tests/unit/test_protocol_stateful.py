@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 from sqlmodel import Session, select
 
 import tests.hypothesis_profiles  # noqa: F401  (loads the settings profile)
@@ -262,6 +262,11 @@ class RotationProtocol(RuleBasedStateMachine):
             self._enqueue(Message(step, run_id))
 
     # ------------------------------------------------------------------ rules
+    @initialize()
+    def first_request(self) -> None:
+        """Every example starts with a rotation under way (more rules then act on a live run)."""
+        self.request()
+
     @rule()
     def request(self) -> None:
         before = {r.id for r in self._runs()}
