@@ -23,6 +23,7 @@ from prometheus_client import Counter
 
 from worker.clock import utcnow
 from worker.errors import PermanentError, TransientError
+from worker.http_security import insecure_http_problem, note_insecure_http
 from worker.integrations import signing
 from worker.log import get_logger, redact
 from worker.retry import parse_retry_after, retry_call
@@ -68,6 +69,7 @@ class Sink:
     events: frozenset[str] = EVENTS
     target: str | None = None       # slack_api: channel or user; email: the address
     send_mail: Callable[[str, str, str], None] | None = None   # email: (to, subject, body)
+    allow_insecure_http: bool = False   # the inventory's allow_insecure_http for this sink
 
     def wants(self, event: str) -> bool:
         return event in self.events
@@ -151,6 +153,11 @@ class Notifier:
 
             sink.send_mail(sink.target, notice_subject(payload), notice_text(payload))
             return
+        # A URL from a reference is only known here: the same rule as the inventory's literal URLs.
+        problem = insecure_http_problem(sink.url.reveal(), sink.allow_insecure_http, "notifications")
+        if problem is not None:
+            raise PermanentError(f"{sink.kind} sink: {problem}")
+        note_insecure_http("notification", sink.kind, [sink.url.reveal()])
         if sink.kind == "slack_api":
             self._post_slack_api(sink, payload)
             return
@@ -211,7 +218,8 @@ def sinks_from_specs(specs: Iterable[Any], resolve: Callable[[Any], Secret]) -> 
         except Exception as exc:  # one bad sink must not silence the others
             log.error("notification_sink_unusable", sink=index, error=type(exc).__name__, detail=str(exc)[:200])
             continue
-        sinks.append(Sink(kind=spec.kind, url=url, signing_secret=signing, events=frozenset(spec.events)))
+        sinks.append(Sink(kind=spec.kind, url=url, signing_secret=signing, events=frozenset(spec.events),
+                          allow_insecure_http=spec.allow_insecure_http))
     return sinks
 
 

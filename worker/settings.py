@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     vault_token: str | None = Field(None, validation_alias=AliasChoices("VAULT_TOKEN", "KEYROTOR_VAULT_TOKEN"), repr=False)
     vault_namespace: str | None = Field(None, validation_alias=AliasChoices("VAULT_NAMESPACE", "KEYROTOR_VAULT_NAMESPACE"))
     vault_cacert: Path | None = Field(None, validation_alias=AliasChoices("VAULT_CACERT", "KEYROTOR_VAULT_CACERT"))
+    vault_skip_verify: bool = Field(False, validation_alias=AliasChoices("VAULT_SKIP_VERIFY", "KEYROTOR_VAULT_SKIP_VERIFY"),
+                                    description="turn off TLS verification of Vault (refused in production)")
+    env: Literal["production", "development"] = Field(
+        "production", description="production refuses turning TLS verification off (Vault, providers, integrations)")
     vault_k8s_role: str | None = Field(None, description="Kubernetes auth role; used when VAULT_TOKEN is unset")
     vault_k8s_mount: str = "kubernetes"
     vault_k8s_jwt_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
@@ -206,6 +210,14 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _tls_verification(self) -> "Settings":
+        if self.vault_skip_verify and self.env == "production":
+            raise ValueError("VAULT_SKIP_VERIFY turns off TLS verification of Vault, which is refused when "
+                             "KEYROTOR_ENV=production (the default): give Vault's CA with VAULT_CACERT instead, or set "
+                             "KEYROTOR_ENV=development on a test system")
+        return self
+
+    @model_validator(mode="after")
     def _vault_auth(self) -> "Settings":
         if self.vault_addr and not (self.vault_token or self.vault_k8s_role):
             raise ValueError("VAULT_ADDR is set but neither VAULT_TOKEN nor KEYROTOR_VAULT_K8S_ROLE is")
@@ -217,6 +229,7 @@ _ENV_NAMES = {
     "vault_token": "VAULT_TOKEN",
     "vault_namespace": "VAULT_NAMESPACE",
     "vault_cacert": "VAULT_CACERT",
+    "vault_skip_verify": "VAULT_SKIP_VERIFY",
 }
 
 

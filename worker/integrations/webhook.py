@@ -16,6 +16,7 @@ import httpx
 
 from worker.errors import GarbageResponse, PermanentError, RateLimited, TransientError
 from worker.integrations.base import Announcement, VerifyResult, VerifyStatus
+from worker.http_security import check_tls_verify, note_insecure_http
 from worker.integrations.signing import EVENT_HEADER, SIGNATURE_HEADER, sign
 from worker.inventory.schema import WebhookIntegrationSpec
 from worker.log import get_logger
@@ -45,7 +46,11 @@ class WebhookIntegration:
         self.name = name
         self.spec = spec
         self._resolve = resolve
-        self._http = http or httpx.Client(follow_redirects=False)
+        if http is None:
+            verify = check_tls_verify("integration", name, spec.tls_verify)
+            note_insecure_http("integration", name, [spec.url, spec.health_url])
+            http = httpx.Client(follow_redirects=False, verify=verify)
+        self._http = http
         self._attempts = max(1, attempts)
         self._sleep = sleep
         self._now = now

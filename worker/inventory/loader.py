@@ -9,6 +9,7 @@ zone), and duplicate mapping keys — which YAML would otherwise silently overwr
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from worker.errors import ConfigError
+from worker.inventory.literals import looks_like_credential
 from worker.inventory.schema import Inventory, reference_problems
 
 Loc = tuple[Any, ...]
@@ -93,8 +95,12 @@ def check_text(text: str, filename: str = "<inventory>") -> tuple[Inventory | No
         if exc.context_mark is not None and mark is not None and exc.context_mark.line != mark.line:
             detail += f" (the construct starts on line {exc.context_mark.line + 1})"
         return None, [Problem(line, "", f"YAML syntax error: {detail or exc}", filename)]
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (a control character, say)
+        line = text[:max(exc.position, 0)].count("\n") + 1
+        what = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        return None, [Problem(line, "", f"YAML error: unacceptable character {what} ({exc.reason}); remove it", filename)]
     except yaml.YAMLError as exc:
-        return None, [Problem(0, "", f"YAML error: {exc}", filename)]
+        return None, [Problem(0, "", "YAML error: " + " ".join(str(exc).split()), filename)]
 
     if root is None:
         return None, [Problem(1, "", "the file is empty; expected a mapping with version, providers, keys, ...", filename)]
@@ -113,6 +119,7 @@ def check_text(text: str, filename: str = "<inventory>") -> tuple[Inventory | No
         for loc, message in reference_problems(data):
             line, path = locate(root, loc)
             problems.append(Problem(line, path, message, filename))
+    problems = [Problem(p.line, p.path, _scrub_quoted(p.message), p.file) for p in problems]
     problems = sorted(set(problems), key=lambda p: (p.line, p.path, p.message))
     return (inventory if not problems else None), problems
 
@@ -217,6 +224,26 @@ def _message(error: dict[str, Any], path: str) -> str:
     for prefix in ("Value error, ", "Assertion failed, "):
         if message.startswith(prefix):
             message = message[len(prefix):]
+    for value in (error.get("input"), *(error.get("ctx") or {}).values()):
+        message = _without_secret_value(message, value)
+    return message
+
+
+_QUOTED = re.compile(r"'([^'\n]{0,300})'")
+
+
+def _scrub_quoted(message: str) -> str:
+    """Cross-reference messages quote names ("unknown policy '…'"): not a credential-shaped one."""
+    return _QUOTED.sub(lambda m: "(a credential-shaped value, not shown)" if looks_like_credential(m[1]) else m[0], message)
+
+
+def _without_secret_value(message: str, value: Any) -> str:
+    """Messages that quote the offending value ("got '…'", "Input tag '…'") must not quote a
+    credential-shaped one."""
+    if not isinstance(value, str) or not value.strip() or not looks_like_credential(value):
+        return message
+    for shown in (repr(value), value):
+        message = message.replace(shown, "(a credential-shaped value, not shown)")
     return message
 
 

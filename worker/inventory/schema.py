@@ -32,6 +32,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from worker.http_security import insecure_http_problem
 from worker.inventory.literals import header_problem, url_problem
 from worker.secret_refs import SecretRef
 
@@ -488,6 +489,8 @@ class HttpProviderSpec(_Model):
     credential_types: dict[str, CredentialTypeSpec] = Field(min_length=1)
     calls: CallsSpec
     timeout: Optional[Duration] = None
+    allow_insecure_http: bool = False  # plain http:// to a non-loopback host (refused otherwise)
+    tls_verify: bool = True            # false is refused when KEYROTOR_ENV=production
 
     @field_validator("base_url")
     @classmethod
@@ -512,8 +515,23 @@ class HttpProviderSpec(_Model):
                 problems.append((("calls", name), f"the '{name}' call has no auth: set the provider's 'auth' or this call's 'auth'"))
         if self.calls.issue is not None and self.calls.issue.response.secret is None:
             problems.append((("calls", "issue", "response"), "issue needs response.secret: the JSON path of the new credential"))
+        problems.extend(self._plain_http_problems())
         _raise(problems, self)
         return self
+
+    def call_urls(self) -> dict[tuple[str | int, ...], str]:
+        """Every URL this provider calls, ``{base_url}`` filled in, by its location."""
+        urls: dict[tuple[str | int, ...], str] = {("base_url",): self.base_url}
+        for name in ("issue", "verify", "revoke", "list"):
+            call = getattr(self.calls, name)
+            if call is not None:
+                urls[("calls", name, "url")] = call.url.replace("{base_url}", self.base_url)
+        return urls
+
+    def _plain_http_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        found = ((loc, insecure_http_problem(url, self.allow_insecure_http, "admin tokens and new keys"))
+                 for loc, url in self.call_urls().items())
+        return [(loc, problem) for loc, problem in found if problem is not None]
 
     def credential_type(self, name: str) -> CredentialTypeSpec | None:
         return self.credential_types.get(name)
@@ -551,6 +569,16 @@ class WebhookIntegrationSpec(_Model):
     include_secret: bool = False
     health_url: Optional[HttpUrl] = None
     timeout: Duration = timedelta(seconds=10)
+    allow_insecure_http: bool = False  # plain http:// to a non-loopback host (refused otherwise)
+    tls_verify: bool = True            # false is refused when KEYROTOR_ENV=production
+
+    @model_validator(mode="after")
+    def _plain_http(self) -> "WebhookIntegrationSpec":
+        found = ((("url",), self.url), (("health_url",), self.health_url))
+        _raise([(loc, problem) for loc, url in found if url is not None
+                for problem in [insecure_http_problem(url, self.allow_insecure_http, "signatures and secrets")]
+                if problem is not None], self)
+        return self
 
 
 class VaultCopyIntegrationSpec(_Model):
@@ -716,6 +744,14 @@ class NotificationSpec(_Model):
     events: list[Literal["started", "succeeded", "failed", "rolled_back", "needs_attention", "reminder"]] = Field(
         default_factory=lambda: list(NOTIFICATION_EVENTS)
     )
+    allow_insecure_http: bool = False  # plain http:// to a non-loopback host (refused otherwise)
+
+    @model_validator(mode="after")
+    def _plain_http(self) -> "NotificationSpec":
+        if isinstance(self.url, str):
+            problem = insecure_http_problem(self.url, self.allow_insecure_http, "notifications")
+            _raise([(("url",), problem)] if problem else [], self)
+        return self
 
     @field_validator("url", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ same run; a request for a key with an open run joins it.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any, Callable, Literal, Optional
 
@@ -28,11 +29,13 @@ from worker.clock import utcnow
 from worker.db.models import AuditEvent, RotationRun
 from worker.db.session import session_scope
 from worker.errors import KeyrotorError
+from worker.inventory.literals import looks_like_credential
 from worker.metrics import QUEUE_MESSAGES_REJECTED
 
 logger = log.get_logger("keyrotor.pipeline.messages")
 
 SCHEMA_VERSION = 1
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}")
 MAX_MESSAGE_BYTES = 16_384
 
 
@@ -93,18 +96,30 @@ def parse_request(raw: Any) -> RotationRequestV1:
             raise MalformedMessage(f"not JSON: {exc.msg} at position {exc.pos}", "not_json") from None
     if not isinstance(raw, dict):
         raise MalformedMessage(f"expected a JSON object, got {type(raw).__name__}", "not_object")
-    if raw.get("version") != SCHEMA_VERSION:
-        raise MalformedMessage(f"unsupported version {raw.get('version')!r}; this worker reads version {SCHEMA_VERSION}",
-                               "bad_version")
+    version = raw.get("version")
+    if version != SCHEMA_VERSION:
+        # The value is shown only when it is a plain number: a string there could be anything.
+        shown = repr(version) if isinstance(version, int) and not isinstance(version, bool) and abs(version) < 10**6 \
+            else ("missing" if version is None else f"a {type(version).__name__}")
+        raise MalformedMessage(f"unsupported version ({shown}); this worker reads version {SCHEMA_VERSION}", "bad_version")
     try:
         return RotationRequestV1.model_validate(raw)
     except ValidationError as exc:
         # Only field paths and messages: the input values could hold anything (even a secret).
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg'].removeprefix('Value error, ')}"
+            f"{'.'.join(_field_name(p) for p in err['loc']) or 'message'}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors(include_input=False, include_url=False)
         )
         raise MalformedMessage(problems, "invalid") from None
+
+
+def _field_name(part: Any) -> str:
+    """A location part as shown in a rejection: the schema's own names as they are; an unknown
+    field's name only when it looks like a name (a credential sent as a key is not echoed)."""
+    name = str(part)
+    if name in RotationRequestV1.model_fields or (_PLAIN_NAME.fullmatch(name) and not looks_like_credential(name)):
+        return name
+    return "<unknown field, name not shown>"
 
 
 def handle_request(engine: Any, request: RotationRequestV1) -> list[tuple[RotationRun, bool]]:

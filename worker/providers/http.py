@@ -39,6 +39,7 @@ from worker.errors import (
     RateLimited,
     TransientError,
 )
+from worker.http_security import check_tls_verify, note_insecure_http
 from worker.inventory.schema import (
     SECRET_TEMPLATE,
     BasicAuthSpec,
@@ -149,8 +150,13 @@ class HttpProvider:
 
     # ------------------------------------------------------------------ lifecycle
     def _make_client(self) -> httpx.Client:
+        tls_verify = check_tls_verify("provider", self.name, self.spec.tls_verify)
+        note_insecure_http("provider", self.name, list(self.spec.call_urls().values()))
         mtls = self.spec.auth if isinstance(self.spec.auth, MtlsAuthSpec) else None
-        verify: Any = _mtls_context(mtls, self._resolve) if mtls else True
+        verify: Any = _mtls_context(mtls, self._resolve) if mtls else tls_verify
+        if mtls and not tls_verify:
+            verify.check_hostname = False
+            verify.verify_mode = ssl.CERT_NONE
         return httpx.Client(verify=verify, follow_redirects=False, timeout=self._timeout)
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import httpx
 import hvac
 
-from worker.integrations.signing import SIGNATURE_HEADER, SignatureError, verify
+from worker.integrations.signing import ReplayedDelivery, SignatureError, WebhookVerifier
 from worker.sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread, serve_until_signalled
 from worker.secret import fingerprint
 
@@ -68,6 +68,7 @@ class Consumer:
         self.config = config
         self.stats = ConsumerStats()
         self._lock = threading.Lock()
+        self._verifier = WebhookVerifier(config.signing_secret, clock=config.now)
         self._key: str | None = None
         self._version: int | None = None
         self._vault = hvac.Client(url=config.vault_addr, token=config.vault_token, timeout=5)
@@ -186,8 +187,9 @@ class Consumer:
 
     def _webhook(self, request: Request) -> Response:
         try:
-            verify(self.config.signing_secret, request.body, request.headers.get(SIGNATURE_HEADER.lower()),
-                   now=self.config.now())
+            self._verifier.verify(request.body, request.headers)
+        except ReplayedDelivery:  # keyrotor re-sends a delivery whose answer it lost: done already
+            return Response.json(200, {"fingerprint": self.fingerprint, "replayed": True})
         except SignatureError as exc:
             with self._lock:
                 self.stats.webhooks_rejected += 1
@@ -207,7 +209,8 @@ class Consumer:
             return Response.json(200, {"fingerprint": self.fingerprint, "matches": False})
         try:
             held = self.reload()
-        except Exception as exc:  # keyrotor retries a 503
+        except Exception as exc:  # keyrotor retries a 503: that re-delivery must be accepted
+            self._verifier.forget(request.headers)
             return Response.json(503, {"error": f"could not reload from Vault: {type(exc).__name__}"})
         with self._lock:
             self.stats.webhooks_accepted += 1

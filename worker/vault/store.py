@@ -184,7 +184,7 @@ class VaultStore:
         else:
             raise VaultAuthConfigError("no Vault credentials: set VAULT_TOKEN or KEYROTOR_VAULT_K8S_ROLE")
         client = build_client(settings.vault_addr, namespace=settings.vault_namespace, cacert=settings.vault_cacert,
-                              timeout=settings.vault_timeout_s, session=session)
+                              timeout=settings.vault_timeout_s, session=session, skip_verify=settings.vault_skip_verify)
         return cls(client, auth, addr=settings.vault_addr, staging_mount=settings.vault_mount,
                    staging_prefix=settings.vault_staging_prefix, deposit_prefix=settings.vault_deposit_prefix,
                    **kwargs)

@@ -14,6 +14,7 @@ import hvac.exceptions as hvac_exc
 import requests
 from hvac.adapters import JSONAdapter
 
+from worker import log
 from worker.retry import parse_retry_after
 
 
@@ -37,9 +38,18 @@ def build_client(
     cacert: Path | str | None = None,
     timeout: float = 10.0,
     session: requests.Session | None = None,
+    skip_verify: bool = False,
 ) -> hvac.Client:
-    """An hvac client for ``addr``; ``cacert`` verifies TLS with that bundle, else system CAs."""
+    """An hvac client for ``addr``; ``cacert`` verifies TLS with that bundle, else system CAs.
+    ``skip_verify`` (VAULT_SKIP_VERIFY, refused in production by the settings) turns verification
+    off, logged as an error every time a client is built."""
     verify: bool | str = str(cacert) if cacert else True
+    if skip_verify:
+        verify = False
+        log.get_logger("keyrotor.vault").error(
+            "tls_verification_disabled", target="vault", addr=addr,
+            detail="VAULT_SKIP_VERIFY: Vault's certificate is not checked; anyone on the path can read the tokens "
+                   "and secrets; never do this in production")
     return hvac.Client(
         url=addr,
         token=token,

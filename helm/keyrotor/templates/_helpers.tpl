@@ -152,6 +152,8 @@ metrics server (one-shot commands).
 - name: KEYROTOR_REDIS_URL
   value: {{ $v.redis.url | quote }}
 {{- end }}
+- name: KEYROTOR_ENV
+  value: {{ $v.environment | default "production" | quote }}
 - name: KEYROTOR_LOG_LEVEL
   value: {{ $v.logLevel | quote }}
 - name: KEYROTOR_LOG_FORMAT
