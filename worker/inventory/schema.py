@@ -374,6 +374,19 @@ _PHASE_ORDER = {"no_new_credentials": 0, "amnesty": 1, "rejected": 2}
 CUTOFF_PHASES = frozenset({"amnesty", "rejected"})
 
 
+# Defined before the first model that uses it: pydantic < 2.7 evaluates string annotations in a
+# snapshot of the module namespace, so a validator named later is missing there.
+def _http_url(value: str) -> str:
+    _refuse_literal_in_url(value)  # webhook URLs (Slack's, say) and tokens in a query are credentials
+    if not re.match(r"^https?://[^/\s]+", value):
+        # The value is not echoed: a webhook URL (Slack's, say) is itself a credential.
+        raise PydanticCustomError("url", "expected an absolute http(s) URL such as https://host/path")
+    return value
+
+
+HttpUrl = Annotated[str, BeforeValidator(lambda v: _http_url(v) if isinstance(v, str) else v)]
+
+
 class DeprecationPhase(_Model):
     """From ``from`` on: no new credentials can be issued / calls need ``headers`` / calls are rejected."""
 
@@ -393,7 +406,7 @@ class CredentialTypeSpec(_Model):
 
     replacement: Optional[str] = None
     #: assisted mode: the vendor's page where a person creates this kind of credential (told to owners)
-    create_url: Optional[Annotated[str, BeforeValidator(lambda v: _http_url(v) if isinstance(v, str) else v)]] = None
+    create_url: Optional[HttpUrl] = None
     deprecation: list[DeprecationPhase] = Field(default_factory=list)
 
     @field_validator("deprecation")
@@ -549,15 +562,6 @@ ProviderSpec = HttpProviderSpec
 
 
 # --------------------------------------------------------------------------- integrations
-def _http_url(value: str) -> str:
-    _refuse_literal_in_url(value)  # webhook URLs (Slack's, say) and tokens in a query are credentials
-    if not re.match(r"^https?://[^/\s]+", value):
-        # The value is not echoed: a webhook URL (Slack's, say) is itself a credential.
-        raise PydanticCustomError("url", "expected an absolute http(s) URL such as https://host/path")
-    return value
-
-
-HttpUrl = Annotated[str, BeforeValidator(lambda v: _http_url(v) if isinstance(v, str) else v)]
 
 
 class WebhookIntegrationSpec(_Model):
