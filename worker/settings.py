@@ -71,7 +71,9 @@ DEFAULT_METRICS_PORTS = {"worker": 9108, "scheduler": 9109}
 class Settings(BaseSettings):
     """Every knob keyrotor reads from the environment. See ``config/settings.md``."""
 
-    model_config = SettingsConfigDict(env_prefix="KEYROTOR_", extra="ignore", frozen=True)
+    # populate_by_name: overrides by field name (load_settings(vault_addr=...)) work on every
+    # pydantic-settings the range allows, not only on those that accept them without it.
+    model_config = SettingsConfigDict(env_prefix="KEYROTOR_", extra="ignore", frozen=True, populate_by_name=True)
 
     database_url: str = Field(DEFAULT_DATABASE_URL, description="SQLAlchemy URL: sqlite:///FILE or postgresql://...")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the Dramatiq broker, locks and rate limits")
