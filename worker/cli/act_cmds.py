@@ -204,8 +204,9 @@ def _worker_listening(settings: Any, own_id: str | None, settle_s: float = 3.0) 
     import redis
 
     from worker.pipeline.consumers import live_consumers
+    from worker.redis_conn import redis_client
 
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis_client(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     deadline = time.monotonic() + settle_s
     try:
         while True:

@@ -30,6 +30,7 @@ import redis
 
 from worker import log
 from worker.clock import utcnow
+from worker.redis_conn import redis_client
 
 logger = log.get_logger("keyrotor.pipeline.stream")
 
@@ -179,7 +180,7 @@ class StreamThread:
 
 def start_request_stream(settings: Any, engine: Any) -> StreamThread:
     """The consumer thread of one worker process, from settings."""
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    client = redis_client(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
     options = StreamSettings(claim_idle_ms=int(settings.request_stream_claim_idle_s * 1000))
     return StreamThread(RequestStreamConsumer(client, namespace=settings.queue_namespace, engine=engine,
                                               options=options)).start()
