@@ -93,7 +93,9 @@ def test_a_database_ahead_of_this_release_starts_worker_and_cli_with_a_warning(e
     # After `helm rollback` to an image older than a (backward-compatible) migration.
     upgrade(empty_pg_url)
     _stamp(empty_pg_url, FUTURE)
-    env = _env(empty_pg_url, KEYROTOR_REDIS_URL=redis_url, KEYROTOR_QUEUE_NAMESPACE=redis_namespace)
+    # A worker needs a Vault address to start (nothing here talks to it).
+    env = _env(empty_pg_url, KEYROTOR_REDIS_URL=redis_url, KEYROTOR_QUEUE_NAMESPACE=redis_namespace,
+               VAULT_ADDR="http://127.0.0.1:9", VAULT_TOKEN="unused")
 
     status = _keyrotor("status", env=env)
     out, err = status.communicate(timeout=60)
