@@ -557,8 +557,11 @@ class HttpProviderSpec(_Model):
         return credential_type
 
 
-#: Only the generic HTTP provider exists; new kinds join this union with their own ``kind``.
-ProviderSpec = HttpProviderSpec
+# Imported here, after the building blocks it uses are defined (it imports them from this module).
+from worker.inventory.oauth_schema import OAuthClientProviderSpec  # noqa: E402
+
+#: Provider kinds, told apart by ``kind``: the generic HTTP provider and OAuth 2.0 clients.
+ProviderSpec = Annotated[Union[HttpProviderSpec, OAuthClientProviderSpec], Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------- integrations
@@ -844,6 +847,21 @@ class Inventory(_Model):
     notifications: list[NotificationSpec] = Field(default_factory=list)
     owner_delivery: OwnerDeliverySpec = Field(default_factory=OwnerDeliverySpec)
     keys: dict[KeyName, KeySpec] = Field(default_factory=dict)
+
+    @field_validator("providers", mode="wrap")
+    @classmethod
+    def _provider_locations(cls, value: Any, handler: Any) -> Any:
+        """Error locations as before there were provider kinds: without the ``kind`` tag pydantic
+        inserts after the provider's name (``providers.alloy.calls``, not ``providers.alloy.http.calls``)."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            kinds = {"http", "oauth_client"}
+            details = [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]),
+                                        loc=tuple(p for i, p in enumerate(e["loc"]) if not (i == 1 and p in kinds)),
+                                        input=e.get("input"))
+                       for e in exc.errors()]
+            raise ValidationError.from_exception_data(exc.title, details) from None
 
     @model_validator(mode="after")
     def _references(self) -> "Inventory":
