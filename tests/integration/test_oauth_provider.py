@@ -131,3 +131,10 @@ def test_a_third_secret_is_refused_permanently(server: AuthServerHandle) -> None
     with pytest.raises(PermanentError) as refused:
         oauth.issue(name="keyrotor-run8", credential_type="client_secret", labels={})
     assert "409" in str(refused.value)
+
+
+def test_an_orphan_of_unknown_type_is_removed_from_the_list_that_holds_it(server: AuthServerHandle) -> None:
+    oauth = provider(server)
+    issued = oauth.issue(name="keyrotor-run9", credential_type="client_secret", labels={})
+    assert oauth.revoke(key_id=issued.key_id, secret=None, credential_type="") is RevokeOutcome.revoked
+    assert server.client(CLIENT).secrets == {}

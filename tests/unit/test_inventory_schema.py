@@ -37,7 +37,7 @@ def errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
 
 def test_example_validates_and_resolves_policies(doc: dict[str, Any]) -> None:
     inv = Inventory.model_validate(doc)
-    assert inv.summary() == "3 providers, 4 keys, 4 integrations"
+    assert inv.summary() == "4 providers, 5 keys, 4 integrations"
     billing = inv.keys["alloy/billing"]
     policy = inv.policy_for(billing)
     assert policy.grace_period == timedelta(minutes=30)      # key override

@@ -179,6 +179,8 @@ class OAuthClientProvider:
         return CheckOutcome.valid
 
     def revoke(self, *, key_id: str | None, secret: Secret | None, credential_type: str) -> RevokeOutcome:
+        if not credential_type and key_id is not None:
+            credential_type = self._type_of(key_id)  # an orphan whose run no longer says (the scan passes "")
         self._known_type(credential_type)
         if key_id is None and secret is not None and credential_type == PRIVATE_KEY_JWT:
             key_id = key_pair_from_pem(secret, self.spec.key_pair.algorithm).kid
@@ -195,6 +197,13 @@ class OAuthClientProvider:
             if ctype in self.spec.credential_types:
                 keys.extend(self._list(call_name))
         return keys
+
+    def _type_of(self, key_id: str) -> str:
+        """Which list holds ``key_id`` (JWKs first); ``""`` when neither does."""
+        for ctype, call_name in ((PRIVATE_KEY_JWT, "list_jwks"), (CLIENT_SECRET, "list_secrets")):
+            if ctype in self.spec.credential_types and any(k.key_id == key_id for k in self._list(call_name)):
+                return ctype
+        return ""
 
     @property
     def issue_timeout_s(self) -> float:
