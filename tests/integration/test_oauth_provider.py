@@ -55,6 +55,7 @@ def test_a_key_pair_is_generated_its_jwk_registered_checked_and_removed(server: 
     assert oauth.check(issued.secret, credential_type="private_key_jwt") is CheckOutcome.valid
     assert oauth.check(issued.secret, credential_type="private_key_jwt") is CheckOutcome.valid  # fresh jti each time
     assert [(k.key_id, k.name) for k in oauth.list_keys()] == [(issued.key_id, "keyrotor-run1")]
+    assert oauth.identify(issued.secret, credential_type="private_key_jwt") == (CheckOutcome.valid, issued.key_id)
     assert oauth.revoke(key_id=issued.key_id, secret=None, credential_type="private_key_jwt") is RevokeOutcome.revoked
     assert oauth.check(issued.secret, credential_type="private_key_jwt") is CheckOutcome.invalid
     assert oauth.revoke(key_id=issued.key_id, secret=None, credential_type="private_key_jwt") is RevokeOutcome.already_gone

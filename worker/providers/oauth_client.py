@@ -178,6 +178,14 @@ class OAuthClientProvider:
                 scopes=missing)
         return CheckOutcome.valid
 
+    def identify(self, secret: Secret, *, credential_type: str) -> tuple[CheckOutcome, str | None]:
+        """``check``, plus the key's id where it follows from the credential: a private key's ``kid``
+        (``keyrotor adopt`` records it; a client secret's id must be given with ``--key-id``)."""
+        outcome = self.check(secret, credential_type=credential_type)
+        if outcome is CheckOutcome.valid and credential_type == PRIVATE_KEY_JWT:
+            return outcome, key_pair_from_pem(secret, self.spec.key_pair.algorithm).kid
+        return outcome, None
+
     def revoke(self, *, key_id: str | None, secret: Secret | None, credential_type: str) -> RevokeOutcome:
         if not credential_type and key_id is not None:
             credential_type = self._type_of(key_id)  # an orphan whose run no longer says (the scan passes "")
