@@ -23,7 +23,7 @@ import ssl
 import tempfile
 import time
 from base64 import b64encode
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
@@ -58,7 +58,9 @@ from worker.providers.base import (
     RotationMode,
     wait_until_live,
 )
-from worker.providers.jsonpath import JsonPathError, extract
+from worker.providers.answers import count_request as _metric
+from worker.providers.answers import field_at, listed_live, optional_at
+from worker.providers.answers import parse_time as _parse_time
 from worker.providers.ratelimit import RateLimit, RateLimiter
 from worker.providers.templating import render, render_json, render_url
 from worker.retry import parse_retry_after, retry_call
@@ -71,30 +73,6 @@ DEFAULT_TIMEOUT_S = 15.0
 #: When a 429 carries no usable Retry-After, everyone still backs off this long.
 DEFAULT_RATE_LIMIT_BACKOFF_S = 1.0
 _REDACTED = "[REDACTED]"
-
-
-def _metric(provider: str, call: str, status: str) -> None:
-    try:
-        from worker.metrics import PROVIDER_REQUESTS
-
-        PROVIDER_REQUESTS.labels(provider=provider, call=call, status=status).inc()
-    except Exception:  # metrics must never break a rotation
-        pass
-
-
-def _parse_time(value: Any) -> datetime | None:
-    """ISO-8601 (``Z`` allowed) or epoch seconds → aware UTC datetime; None if absent/unreadable."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(float(value), tz=timezone.utc)
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
-    return None
 
 
 def _mtls_context(auth: MtlsAuthSpec, resolve: SecretResolver) -> ssl.SSLContext:
@@ -259,12 +237,7 @@ class HttpProvider:
         live); without it, or when the item has no such field, liveness is unknown (``None``)."""
         if not revoked_path:
             return None
-        flag = self._optional_field(item, revoked_path)
-        if flag is None:
-            return None
-        if isinstance(flag, str):
-            return flag.strip().lower() not in ("true", "1", "yes", "revoked", "inactive", "disabled", "deleted")
-        return not bool(flag)
+        return listed_live(self._optional_field(item, revoked_path))
 
     def wait_until_live(self, secret: Secret, credential_type: str, timeout: float | None = None,
                         poll_interval: float | None = None, sleep: Callable[[float], None] | None = None) -> CheckOutcome:
@@ -437,16 +410,8 @@ class HttpProvider:
     def _field(self, document: Any, path: str | None, call_name: str, what: str) -> Any:
         if path is None:
             raise PermanentError(f"provider {self.name!r} {call_name}: no response.{what} path is configured")
-        try:
-            return extract(document, path)
-        except JsonPathError as exc:
-            raise GarbageResponse(f"provider {self.name!r} {call_name}: {exc}") from None
+        return field_at(document, path, f"provider {self.name!r} {call_name}")
 
     @staticmethod
     def _optional_field(document: Any, path: str | None) -> Any:
-        if path is None:
-            return None
-        try:
-            return extract(document, path)
-        except JsonPathError:
-            return None
+        return optional_at(document, path)

@@ -41,7 +41,7 @@ from worker.inventory.oauth_schema import (
 from worker.inventory.schema import BasicAuthSpec, BearerAuthSpec, HeaderAuthSpec
 from worker.log import get_logger
 from worker.providers.base import CheckOutcome, IssuedCredential, ProviderKeyInfo, RevokeOutcome, RotationMode
-from worker.providers.jsonpath import JsonPathError, extract
+from worker.providers.answers import count_request, field_at, listed_live, optional_at, parse_time
 from worker.providers.oauth_keys import JWT_BEARER_ASSERTION, KeyPair, client_assertion, generate_key_pair, key_pair_from_pem
 from worker.providers.ratelimit import RateLimit, RateLimiter
 from worker.providers.templating import render, render_url
@@ -65,27 +65,6 @@ class MissingScope(PermanentError):
 
 class _Rejected(Exception):
     """The token endpoint refused the client's credential (``invalid_client``/401)."""
-
-
-def _metric(provider: str, call: str, status: str) -> None:
-    try:
-        from worker.metrics import PROVIDER_REQUESTS
-
-        PROVIDER_REQUESTS.labels(provider=provider, call=call, status=status).inc()
-    except Exception:  # metrics must never break a rotation
-        pass
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(float(value), tz=timezone.utc)
-    if isinstance(value, str) and value:
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
-    return None
 
 
 def insufficient_scope(header: str | None) -> list[str]:
@@ -154,7 +133,7 @@ class OAuthClientProvider:
             raise GarbageResponse(f"provider {self.name!r} issue: the answer has no new secret and id at "
                                   f"{call.response.secret} / {call.response.key_id}")
         if call.response.expires_at:
-            expires_at = _parse_time(self._optional(document, call.response.expires_at)) or expires_at
+            expires_at = parse_time(optional_at(document, call.response.expires_at)) or expires_at
         return IssuedCredential(secret=Secret(value), key_id=str(key_id), name=name, expires_at=expires_at)
 
     def check(self, secret: Secret, *, credential_type: str) -> CheckOutcome:
@@ -249,21 +228,13 @@ class OAuthClientProvider:
             raise GarbageResponse(f"provider {self.name!r} list: the answer at {paths.items or '$'} is not a list")
         found: list[ProviderKeyInfo] = []
         for item in items:
-            key_id = self._optional(item, paths.key_id)
-            name = self._optional(item, paths.name)
+            key_id = optional_at(item, paths.key_id)
+            name = optional_at(item, paths.name)
             found.append(ProviderKeyInfo(key_id=None if key_id is None else str(key_id),
                                          name=None if name is None else str(name),
-                                         created_at=_parse_time(self._optional(item, paths.created_at)),
-                                         live=self._live(item, paths.revoked)))
+                                         created_at=parse_time(optional_at(item, paths.created_at)),
+                                         live=listed_live(optional_at(item, paths.revoked))))
         return found
-
-    def _live(self, item: Any, path: str | None) -> bool | None:
-        flag = self._optional(item, path)
-        if flag is None:
-            return None
-        if isinstance(flag, str):
-            return flag.strip().lower() not in ("true", "1", "yes", "revoked", "inactive", "disabled", "deleted", "expired")
-        return not bool(flag)
 
     # ------------------------------------------------------------------ tokens
     def _token(self, secret: Secret, credential_type: str) -> tuple[str, list[str] | None]:
@@ -378,7 +349,7 @@ class OAuthClientProvider:
         raise PermanentError(f"provider {self.name!r}: admin.auth type {auth.type!r} is not supported for the admin API")
 
     def _log(self, call_name: str, method: str, url: str, status: int | None, started: float, error: str | None) -> None:
-        _metric(self.name, call_name, str(status) if status is not None else (error or "error"))
+        count_request(self.name, call_name, str(status) if status is not None else (error or "error"))
         log.info("provider_request", provider=self.name, call=call_name, method=method, url=url, status=status,
                  error=error, duration_ms=round((time.monotonic() - started) * 1000, 1))
 
@@ -437,21 +408,7 @@ class OAuthClientProvider:
                                   f"that is not JSON") from None
 
     def _field(self, document: Any, path: str | None, call_name: str) -> Any:
-        if path is None:
-            raise PermanentError(f"provider {self.name!r} {call_name}: no response path is configured")
-        try:
-            return extract(document, path)
-        except JsonPathError as exc:
-            raise GarbageResponse(f"provider {self.name!r} {call_name}: {exc}") from None
-
-    @staticmethod
-    def _optional(document: Any, path: str | None) -> Any:
-        if path is None:
-            return None
-        try:
-            return extract(document, path)
-        except JsonPathError:
-            return None
+        return field_at(document, path, f"provider {self.name!r} {call_name}")
 
 
 def _safe(url: str) -> str:
