@@ -105,8 +105,9 @@ def oauth_world(pg_url: str, redis_url: str, redis_namespace: str, vault: Any, v
     stack = ExitStack()
     built: list[World] = []
 
-    def build(*, grace_s: int = 1, seed_jwk_expired: bool = False) -> OAuthWorld:
-        server = start_auth_server_in_thread(resource_scopes={"/api/reports": SCOPE})
+    def build(*, grace_s: int = 1, seed_jwk_expired: bool = False,
+              server_rate_limit: tuple[int, float] | None = None) -> OAuthWorld:
+        server = start_auth_server_in_thread(resource_scopes={"/api/reports": SCOPE}, rate_limit=server_rate_limit)
         stack.callback(server.stop)
         server.add_client(CLIENT, {SCOPE, OTHER_SCOPE})
         monkeypatch.setenv(PROVIDER_TOKEN_ENV, server.admin_token)
@@ -274,3 +275,25 @@ def test_a_client_secret_rotation_keeps_two_active_secrets_through_grace(oauth_w
     assert list(remaining) == [served.provider_key_id] and remaining[served.provider_key_id].name == f"keyrotor-{run_id}"
     assert served.secret.reveal() == remaining[served.provider_key_id].value != o.seed_secret.value
     _check_leaks(o, sampler, [o.seed_secret.value, served.secret.reveal()])
+
+
+def test_two_workers_under_the_server_s_rate_limit_honour_every_retry_after(oauth_world: Any) -> None:
+    """The server allows 4 requests per 2 s, fewer than the inventory declares: its 429s come with
+    Retry-After, one worker's 429 blocks every worker (shared in Redis), and both rotations finish."""
+    o: OAuthWorld = oauth_world(server_rate_limit=(4, 2.0))
+    o.world.start_worker(threads=2)
+    o.world.start_worker(threads=2)
+    runs = [o.world.request(JWT_KEY), o.world.request(SECRET_KEY)]
+    for run_id in runs:
+        o.world.wait_state(run_id, ["completed"], timeout=120)
+    log = sorted(o.server.state.log)
+    limited = [(at, retry_after) for at, _route, status, retry_after in log if status == 429]
+    print(f"\nserver limit 4/2s, 2 workers, 2 rotations: {len(log)} requests, {len(limited)} answered 429")
+    assert limited, "the test needs the server's limit to bite"
+    # Requests already in flight when a 429 went out may arrive just after it; nothing else may
+    # arrive before its Retry-After has passed.
+    in_flight_s, skew_s = 0.3, 0.2
+    early = [(round(at - t429, 2), route) for t429, wait in limited for at, route, _status, _ra in log
+             if t429 + in_flight_s < at < t429 + (wait or 0) - skew_s]
+    assert not early, f"requests inside a Retry-After window: {early[:5]} (429s at {limited[:5]})"
+    assert len(limited) <= len(log) // 3, f"{len(limited)} 429s for {len(log)} requests"

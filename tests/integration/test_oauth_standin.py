@@ -169,3 +169,14 @@ def test_client_secrets_two_active_at_most_basic_and_post(server: AuthServerHand
     assert admin(server, "DELETE", f"/secrets/{first['id']}").status_code == 204
     assert httpx.post(server.token_url, data={"grant_type": "client_credentials"},
                       auth=(CLIENT, first["secret"])).status_code == 401
+
+
+def test_past_its_rate_limit_the_server_answers_429_with_retry_after() -> None:
+    server = start_auth_server_in_thread(rate_limit=(3, 2.0))
+    try:
+        statuses = [httpx.get(f"{server.url}/api/reports") for _ in range(4)]
+        assert [r.status_code for r in statuses] == [401, 401, 401, 429]
+        assert statuses[-1].headers["Retry-After"] in ("1", "2")
+        assert [entry[2:] for entry in server.state.log][-1] == (429, float(statuses[-1].headers["Retry-After"]))
+    finally:
+        server.stop()

@@ -25,6 +25,8 @@ Admin API (Bearer admin token), per client:
                                              409 when two secrets are already active (the server's limit)
   DELETE /admin/clients/{id}/secrets/{sid}   204 / 404
   A private JWK (one with ``d``) is refused (400): the server must never receive a private key.
+Rate limit (``rate_limit=(requests, per_s)``): over every route, a sliding window; past it 429 with
+``Retry-After`` (whole seconds until a slot frees). Every answer is logged with its arrival time.
 Faults (``AuthServerHandle.add_fault``): per route (``token``, ``resource``, ``add_jwk``, ``list_jwks``,
 ``remove_jwk``, ``add_secret``, ``list_secrets``, ``remove_secret``): a status (with ``Retry-After``),
 or ``after_effect_delay`` (do the work, then answer too late: a client timeout with the effect landed).
@@ -34,9 +36,11 @@ from __future__ import annotations
 
 import base64
 import hmac
+import math
 import secrets
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -109,6 +113,11 @@ class AuthServerState:
     tokens: dict[str, tuple[str, frozenset[str], float]] = field(default_factory=dict, repr=False)
     seen_jti: dict[str, float] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
+    #: the server's own limit over every route: (requests, per seconds); excess → 429 + Retry-After
+    rate_limit: tuple[int, float] | None = None
+    recent: deque[float] = field(default_factory=deque)
+    #: every answer: (arrival time, route, status, Retry-After seconds or None)
+    log: list[tuple[float, str, int, float | None]] = field(default_factory=list)
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     #: why each refused client authentication was refused (for tests; never a secret)
     refusals: list[str] = field(default_factory=list)
@@ -118,6 +127,19 @@ class AuthServerState:
         with self.lock:
             per = self.stats.setdefault(route, {})
             per[str(status)] = per.get(str(status), 0) + 1
+
+    def take_rate_slot(self, now: float) -> float | None:
+        """None when the request may go ahead, else seconds until a slot frees (sliding window)."""
+        if self.rate_limit is None:
+            return None
+        requests, per = self.rate_limit
+        with self.lock:
+            while self.recent and self.recent[0] <= now - per:
+                self.recent.popleft()
+            if len(self.recent) >= requests:
+                return self.recent[0] + per - now
+            self.recent.append(now)
+        return None
 
     def take_fault(self, route: str) -> Fault | None:
         with self.lock:
@@ -164,16 +186,27 @@ class AuthServerApp:
         route, handler = self._route(request)
         if handler is None:
             return Response.json(404, {"error": "not_found"})
+        arrived = time.time()
+        wait = self.state.take_rate_slot(arrived)
+        if wait is not None:
+            retry_after = max(1, math.ceil(wait))
+            self._record(arrived, route, 429, retry_after)
+            return Response.json(429, {"error": "rate limited"}, {"Retry-After": str(retry_after)})
         fault = self.state.take_fault(route)
         if fault is not None and fault.status is not None:
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-            self.state.count(route, fault.status)
+            self._record(arrived, route, fault.status, float(fault.retry_after) if fault.retry_after else None)
             return Response.json(fault.status, {"error": "injected fault"}, headers)
         response = handler(request)
-        self.state.count(route, response.status)
+        self._record(arrived, route, response.status, None)
         if fault is not None and fault.after_effect_delay:
             time.sleep(fault.after_effect_delay)  # the effect happened; the answer comes too late
         return response
+
+    def _record(self, arrived: float, route: str, status: int, retry_after: float | None) -> None:
+        self.state.count(route, status)
+        with self.state.lock:
+            self.state.log.append((arrived, route, status, retry_after))
 
     def _route(self, request: Request) -> tuple[str, Callable[[Request], Response] | None]:
         parts = [unquote(p) for p in request.path.strip("/").split("/")]
@@ -433,10 +466,11 @@ class AuthServerHandle:
 
 
 def start_auth_server_in_thread(*, resource_scopes: dict[str, str] | None = None, token_ttl_s: int = 300,
-                                clock: Callable[[], float] = time.time, admin_token: str | None = None) -> AuthServerHandle:
+                                clock: Callable[[], float] = time.time, admin_token: str | None = None,
+                                rate_limit: tuple[int, float] | None = None) -> AuthServerHandle:
     """Serve on a free loopback port; ``token_url`` is the ``aud`` assertions must carry."""
     state = AuthServerState(admin_token=admin_token or "adm_" + secrets.token_urlsafe(24), token_ttl_s=token_ttl_s,
-                            resource_scopes=dict(resource_scopes or {}), clock=clock)
+                            resource_scopes=dict(resource_scopes or {}), clock=clock, rate_limit=rate_limit)
     server = serve_in_thread(AuthServerApp(state), name="oauth-standin")
     state.token_url = f"{server.url}/oauth/token"
     return AuthServerHandle(server, state)
