@@ -17,3 +17,14 @@ def test_no_secret_in_standin_reprs() -> None:
     for thing in (key, state, config):
         assert SECRET not in repr(thing), type(thing).__name__
     assert "keyrotor-r1" in repr(key)  # the rest still prints
+
+
+def test_no_secret_in_the_authorization_server_stand_in_s_reprs() -> None:
+    from worker.sandbox.oauth_server import AuthServerState, Client, ClientSecret
+
+    secret = ClientSecret(id="cs_1", value=SECRET, name="keyrotor-r1")
+    client = Client(client_id="c", allowed_scopes={"read"}, secrets={"cs_1": secret})
+    state = AuthServerState(admin_token=SECRET, clients={"c": client}, tokens={SECRET: ("c", frozenset(), 0.0)})
+    for thing in (secret, client, state):
+        assert SECRET not in repr(thing), type(thing).__name__
+    assert "keyrotor-r1" in repr(secret)
