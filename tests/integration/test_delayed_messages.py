@@ -5,6 +5,7 @@ same way, and a killed worker's death costs no delayed message anything."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -142,3 +143,27 @@ def test_move_due_is_atomic_and_moves_only_due_messages(live_broker: Any, redis_
     assert moved["args"] == ["soon"]
     delayed, envelopes = delayed_keys(redis_namespace, STEP_QUEUE)
     assert redis_client.zcard(delayed) == 1 and redis_client.hlen(envelopes) == 1
+
+
+def test_a_worker_fetches_one_message_per_thread(live_broker: Any, redis_namespace: str, redis_client: Any) -> None:
+    """What a killed worker takes with it is bounded by its threads: with every thread busy, the
+    rest of the queue stays ready for other workers."""
+    release = threading.Event()
+    started: list[str] = []
+
+    def slow(run_id: str) -> None:
+        started.append(run_id)
+        release.wait(10)
+
+    actor = dramatiq.actor(slow, actor_name="probe_prefetch", queue_name=STEP_QUEUE, broker=live_broker)
+    for i in range(8):
+        actor.send(f"run-{i}")
+    worker = dramatiq.Worker(live_broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        assert _wait_for(lambda: len(started) == 2)
+        time.sleep(0.5)
+        assert redis_client.llen(f"{redis_namespace}:{STEP_QUEUE}") == 6  # only 2 fetched
+    finally:
+        release.set()
+        worker.stop()

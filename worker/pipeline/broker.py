@@ -25,6 +25,14 @@ MAINTENANCE_CHANCE = 100_000
 DEFAULT_HEARTBEAT_TIMEOUT_S = 15.0
 
 
+class FetchOnlyWhatThreadsRun(dramatiq.Middleware):
+    """Each worker fetches at most one message per thread (Dramatiq's default is two): a message
+    fetched but not started is lost with the worker when it is killed, until its heartbeat lapses."""
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        worker.queue_prefetch = worker.worker_threads
+
+
 def make_redis_broker(url: str, namespace: str, *, heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> dramatiq.Broker:
     from worker.pipeline.delayed import DelayedMessageMover, DelayInRedisBroker
     from worker.redis_conn import redis_client
@@ -44,6 +52,7 @@ def make_redis_broker(url: str, namespace: str, *, heartbeat_timeout_s: float = 
                                 heartbeat_timeout=int(heartbeat_timeout_s * 1000),
                                 maintenance_chance=MAINTENANCE_CHANCE)
     broker.add_middleware(DelayedMessageMover())
+    broker.add_middleware(FetchOnlyWhatThreadsRun())
     return broker
 
 
