@@ -48,6 +48,7 @@ def inventory(server: Any, mount: str, *, grace_s: int) -> dict[str, Any]:
                                   rate_limit={"requests": 50, "per": "1s"},
                                   activation={"poll_interval": "1s", "timeout": "5s"}, key_lifetime="30d")
     provider["admin"]["calls"]["add_jwk"]["timeout"] = "2s"
+    provider["admin"]["calls"]["add_secret"]["timeout"] = "2s"
     provider["admin"]["calls"]["add_jwk"]["body"]["expires_at"] = "{expires_at}"
     return {
         "version": 1,
@@ -297,3 +298,18 @@ def test_two_workers_under_the_server_s_rate_limit_honour_every_retry_after(oaut
              if t429 + in_flight_s < at < t429 + (wait or 0) - skew_s]
     assert not early, f"requests inside a Retry-After window: {early[:5]} (429s at {limited[:5]})"
     assert len(limited) <= len(log) // 3, f"{len(limited)} 429s for {len(log)} requests"
+
+
+def test_a_lost_client_secret_answer_leaves_no_stray_secret(oauth_world: Any) -> None:
+    """The server made a secret but its answer came after the 2 s timeout: the value is lost, so the
+    issue step's next attempt removes the secret named after the run, then asks for a new one."""
+    o: OAuthWorld = oauth_world()
+    o.server.add_fault("add_secret", after_effect_delay=3.0)
+    o.world.start_worker(threads=2)
+    run_id = o.world.request(SECRET_KEY)
+    o.world.wait_state(run_id, ["completed"], timeout=90)
+    served = o.served(SECRET_PATH, SECRET_FIELD)
+    assert list(o.client_secrets()) == [served.provider_key_id], o.world.trail(run_id)
+    assert o.server.stats()["add_secret"] == {"201": 2} and o.server.stats()["remove_secret"] == {"204": 2}
+    events = [e.event for e in o.world.audit(run_id)]
+    assert "issue_outcome_unknown" in events and "stray_key_found" in events, o.world.trail(run_id)

@@ -562,6 +562,7 @@ from worker.inventory.oauth_schema import OAuthClientProviderSpec  # noqa: E402
 
 #: Provider kinds, told apart by ``kind``: the generic HTTP provider and OAuth 2.0 clients.
 ProviderSpec = Annotated[Union[HttpProviderSpec, OAuthClientProviderSpec], Field(discriminator="kind")]
+PROVIDER_KINDS = ("http", "oauth_client")
 
 
 # --------------------------------------------------------------------------- integrations
@@ -856,7 +857,7 @@ class Inventory(_Model):
         try:
             return handler(value)
         except ValidationError as exc:
-            kinds = {"http", "oauth_client"}
+            kinds = set(PROVIDER_KINDS)
             details = [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]),
                                         loc=tuple(p for i, p in enumerate(e["loc"]) if not (i == 1 and p in kinds)),
                                         input=e.get("input"))

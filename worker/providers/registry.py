@@ -13,7 +13,7 @@ import httpx
 from worker.clock import utcnow
 from worker.errors import ConfigError
 from worker.inventory.oauth_schema import OAuthClientProviderSpec
-from worker.inventory.schema import HttpProviderSpec
+from worker.inventory.schema import PROVIDER_KINDS, HttpProviderSpec
 from worker.inventory.stored import spec_of
 from worker.providers.base import Provider
 from worker.providers.http import HttpProvider
@@ -52,4 +52,4 @@ def build_provider(
         return OAuthClientProvider(provider_name, spec, resolve=resolve, limiter=limiter, http=http, clock=clock, **options)
     if spec.kind == "http":
         return HttpProvider(provider_name, spec, resolve=resolve, limiter=limiter, http=http, clock=clock, **options)
-    raise ConfigError(f"provider {provider_name!r}: unknown kind {spec.kind!r} (known: http, oauth_client)")
+    raise ConfigError(f"provider {provider_name!r}: unknown kind {spec.kind!r} (known: {', '.join(PROVIDER_KINDS)})")
