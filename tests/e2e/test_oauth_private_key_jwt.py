@@ -313,3 +313,21 @@ def test_a_lost_client_secret_answer_leaves_no_stray_secret(oauth_world: Any) ->
     assert o.server.stats()["add_secret"] == {"201": 2} and o.server.stats()["remove_secret"] == {"204": 2}
     events = [e.event for e in o.world.audit(run_id)]
     assert "issue_outcome_unknown" in events and "stray_key_found" in events, o.world.trail(run_id)
+
+
+def test_a_scope_lost_after_promotion_rolls_back_to_the_old_key_and_removes_the_new_jwk(oauth_world: Any) -> None:
+    """precheck passes (first scoped call), verify gets 403 insufficient_scope: the run rolls back,
+    Vault serves the old key again, the old JWK stays and the new one is removed."""
+    o: OAuthWorld = oauth_world()
+    o.server.add_fault("resource", status=403, skip=1, count=100)
+    o.world.start_worker(threads=2)
+    run_id = o.world.request(JWT_KEY)
+    o.world.wait_state(run_id, ["rolled_back"], timeout=60)
+    states = o.world.transitions(run_id)
+    assert "promoted" in states and "verified" not in states and states[-1] == "rolled_back", o.world.trail(run_id)
+    failure = [e for e in o.world.audit(run_id) if e.event == "state_changed" and e.to_state == "rolling_back"]
+    assert "lacks the scope 'read:reports'" in str(failure[0].detail) or \
+        "lacks the scope 'read:reports'" in (o.world.run(run_id).last_error or ""), o.world.trail(run_id)
+    served = o.served(JWT_PATH, JWT_FIELD)
+    assert served.secret == o.seed_pem and served.provider_key_id == o.seed_kid and served.version == 3
+    assert list(o.jwks()) == [o.seed_kid]

@@ -55,6 +55,7 @@ __all__ = [
     "KubernetesSecretIntegrationSpec",
     "MtlsAuthSpec",
     "NotificationSpec",
+    "PROVIDER_KINDS",
     "PolicySpec",
     "ProviderSpec",
     "ResolvedPolicy",

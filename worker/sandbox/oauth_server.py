@@ -29,7 +29,8 @@ Rate limit (``rate_limit=(requests, per_s)``): over every route, a sliding windo
 ``Retry-After`` (whole seconds until a slot frees). Every answer is logged with its arrival time.
 Faults (``AuthServerHandle.add_fault``): per route (``token``, ``resource``, ``add_jwk``, ``list_jwks``,
 ``remove_jwk``, ``add_secret``, ``list_secrets``, ``remove_secret``): a status (with ``Retry-After``),
-or ``after_effect_delay`` (do the work, then answer too late: a client timeout with the effect landed).
+or ``after_effect_delay`` (do the work, then answer too late: a client timeout with the effect landed),
+after ``skip`` matching requests; an injected 403 on the resource API is an ``insufficient_scope`` answer.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class Fault:
     count: int = 1
     retry_after: str | None = None
     after_effect_delay: float = 0.0
+    skip: int = 0       # let this many matching requests through first
 
 
 @dataclass
@@ -145,6 +147,9 @@ class AuthServerState:
         with self.lock:
             for fault in self.faults:
                 if fault.route == route and fault.count > 0:
+                    if fault.skip > 0:
+                        fault.skip -= 1
+                        return None
                     fault.count -= 1
                     return fault
         return None
@@ -195,6 +200,9 @@ class AuthServerApp:
         fault = self.state.take_fault(route)
         if fault is not None and fault.status is not None:
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+            needed = self.state.resource_scopes.get(request.path)
+            if route == "resource" and fault.status == 403 and needed:  # the scope was taken away for this call
+                headers["WWW-Authenticate"] = f'Bearer error="insufficient_scope", scope="{needed}"'
             self._record(arrived, route, fault.status, float(fault.retry_after) if fault.retry_after else None)
             return Response.json(fault.status, {"error": "injected fault"}, headers)
         response = handler(request)
@@ -451,11 +459,11 @@ class AuthServerHandle:
             self.state.clients[client_id].allowed_scopes = set(scopes)
 
     def add_fault(self, route: str, *, status: int | None = None, count: int = 1, retry_after: str | None = None,
-                  after_effect_delay: float = 0.0) -> None:
+                  after_effect_delay: float = 0.0, skip: int = 0) -> None:
         if route not in ROUTES:
             raise ValueError(f"unknown route {route!r} (known: {', '.join(ROUTES)})")
         with self.state.lock:
-            self.state.faults.append(Fault(route, status, count, retry_after, after_effect_delay))
+            self.state.faults.append(Fault(route, status, count, retry_after, after_effect_delay, skip))
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self.state.lock:
