@@ -173,6 +173,16 @@ def test_a_private_key_jwt_rotation_registers_verifies_promotes_and_retires_afte
     # The key lifetime reached the server and keyrotor's due time alike.
     expires = jwks[served.provider_key_id].expires_at
     assert expires is not None and abs(expires - (started + timedelta(days=30)).timestamp()) < 120
+    from sqlmodel import select
+
+    from worker.clock import as_utc
+    from worker.db.models import ManagedKey
+
+    with session_scope(o.world.engine) as session:
+        key = session.exec(select(ManagedKey).where(ManagedKey.name == JWT_KEY)).one()
+        key_expiry, due = as_utc(key.expires_at), as_utc(key.next_due_at)
+    assert key_expiry is not None and abs(key_expiry.timestamp() - expires) < 2
+    assert due is not None and abs((key_expiry - due) - timedelta(days=7)) < timedelta(seconds=2)  # the lead time
     # The old JWK was removed only after verification and the grace period.
     at = {e.to_state: e.at for e in o.world.audit(run_id) if e.event == "state_changed"}
     assert (at["retired"] - at["verified"]).total_seconds() >= 2
