@@ -149,8 +149,11 @@ def oauth_world(pg_url: str, redis_url: str, redis_namespace: str, vault: Any, v
 def _check_leaks(o: OAuthWorld, sampler: Any, extra_secrets: list[str]) -> None:
     handled = o.vault_values(JWT_PATH, JWT_FIELD) + o.vault_values(SECRET_PATH, SECRET_FIELD)
     assert len(handled) >= 2
-    needles = handled + extra_secrets + [o.server.admin_token]
-    assert not o.world.leaks(needles, extra=sampler.blobs()), "a private key, client secret or admin token leaked"
+    with o.server.state.lock:
+        access_tokens = list(o.server.state.tokens)  # every token the checks obtained
+    needles = handled + extra_secrets + [o.server.admin_token] + access_tokens
+    assert not o.world.leaks(needles, extra=sampler.blobs()), \
+        "a private key, client secret, access token or admin token leaked"
 
 
 def test_a_private_key_jwt_rotation_registers_verifies_promotes_and_retires_after_grace(oauth_world: Any) -> None:

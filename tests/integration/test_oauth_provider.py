@@ -10,7 +10,7 @@ import pytest
 
 from worker.errors import RateLimited, TransientError
 from worker.inventory.oauth_schema import OAuthClientProviderSpec
-from worker.providers.base import CheckOutcome, RevokeOutcome
+from worker.providers.base import CheckOutcome, Provider, RevokeOutcome
 from worker.providers.oauth_client import MissingScope, OAuthClientProvider
 from worker.providers.oauth_keys import key_pair_from_pem
 from worker.providers.ratelimit import InMemoryRateLimiter
@@ -40,7 +40,7 @@ def provider(server: AuthServerHandle, *, types: tuple[str, ...] = ("private_key
     built = build_provider(OAuthClientProviderSpec.model_validate(data), name="partner-oauth",
                            resolve=make_resolver(None, {ADMIN_ENV: server.admin_token}),
                            limiter=InMemoryRateLimiter(max_wait=0.5), timeout=1.0, sleep=lambda _s: None)
-    assert isinstance(built, OAuthClientProvider)
+    assert isinstance(built, OAuthClientProvider) and isinstance(built, Provider)
     return built
 
 
