@@ -70,6 +70,10 @@ def test_the_example_declares_an_oauth_client_with_both_credential_types() -> No
      "providers.partner-oauth.admin.calls.list_jwks.response", "needs response.key_id and response.name"),
     ("    key_pair: {algorithm: RS256, rsa_bits: 2048}", "    key_pair: {algorithm: HS256}", "algorithm: HS256",
      "providers.partner-oauth.key_pair.algorithm", "RS256"),
+    ("    scopes: [read:reports]\n", "    scopes: [read:reports]\n    token_params: {scope: admin}\n", "token_params:",
+     "providers.partner-oauth.token_params", "scope is set by keyrotor itself"),
+    ("    scopes: [read:reports]\n", "    scopes: [read:reports]\n    token_params: {client_secret_extra: x}\n",
+     "token_params:", "providers.partner-oauth.token_params", "token parameter client_secret_extra looks like it holds"),
 ])
 def test_each_mistake_is_one_file_line_error(runner: CliRunner, tmp_path: Path, old: str, new: str, at: str,
                                              path: str, message: str) -> None:
@@ -82,3 +86,30 @@ def test_each_mistake_is_one_file_line_error(runner: CliRunner, tmp_path: Path, 
     assert first.startswith(f"{file}:{line}: {path}: "), output
     assert message in first, output
     assert "Traceback" not in output
+
+
+def test_token_params_go_into_the_token_request_next_to_what_keyrotor_sets() -> None:
+    import httpx
+
+    from worker.providers.oauth_client import OAuthClientProvider
+    from worker.providers.oauth_keys import generate_key_pair
+    from worker.providers.ratelimit import InMemoryRateLimiter
+
+    seen: list[dict[str, str]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/token"):
+            from urllib.parse import parse_qsl
+
+            seen.append(dict(parse_qsl(request.content.decode())))
+            return httpx.Response(200, json={"access_token": "t", "token_type": "Bearer", "expires_in": 60})
+        return httpx.Response(200, json={})
+
+    spec = load_inventory(EXAMPLE).providers["partner-oauth"]
+    assert isinstance(spec, OAuthClientProviderSpec)
+    spec = spec.model_copy(update={"token_params": {"audience": "https://api.partner.example"}})
+    oauth = OAuthClientProvider("partner-oauth", spec, resolve=lambda ref: None, limiter=InMemoryRateLimiter(),  # type: ignore[arg-type,return-value]
+                                http=httpx.Client(transport=httpx.MockTransport(answer)))
+    assert oauth.check(generate_key_pair("RS256").private_pem, credential_type="private_key_jwt").value == "valid"
+    assert seen[0]["audience"] == "https://api.partner.example" and seen[0]["grant_type"] == "client_credentials"
+    assert seen[0]["scope"] == "read:reports" and seen[0]["client_assertion"].count(".") == 2

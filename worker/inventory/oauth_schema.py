@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from worker.http_security import insecure_http_problem
-from worker.inventory.literals import url_problem
+from worker.inventory.literals import looks_like_credential, secret_name, url_problem
 from worker.inventory.schema import (
     SECRET_TEMPLATE,
     ActivationSpec,
@@ -47,6 +47,10 @@ ADMIN_PLACEHOLDERS = frozenset({"base_url", "client_id", "key_id", "key_name", "
 JWK_VALUE = "{jwk}"
 PUBLIC_KEY_PEM_VALUE = "{public_key_pem}"
 _BODY_VALUES = frozenset({JWK_VALUE, PUBLIC_KEY_PEM_VALUE})
+
+#: Token request parameters keyrotor sets (client authentication, grant, scopes).
+RESERVED_TOKEN_PARAMS = frozenset({"grant_type", "scope", "client_id", "client_secret", "client_assertion",
+                                   "client_assertion_type"})
 
 #: Admin calls each credential type needs: add, list (by kid/id, for unknown outcomes and the
 #: orphan scan) and remove.
@@ -170,6 +174,8 @@ class OAuthClientProviderSpec(_Strict):
     client_id: str = Field(min_length=1, max_length=256)
     token_url: HttpUrl
     audience: Optional[str] = None          # the assertion's `aud`; default: token_url
+    #: extra, non-secret form parameters of the token request (e.g. Auth0's `audience`, RFC 8707 `resource`)
+    token_params: dict[str, str] = Field(default_factory=dict)
     scopes: list[str] = Field(min_length=1)
     scoped_call: ScopedCallSpec
     admin: AdminApiSpec
@@ -191,6 +197,20 @@ class OAuthClientProviderSpec(_Strict):
             if not re.match(r'^[\x21\x23-\x5b\x5d-\x7e]+$', scope):
                 raise PydanticCustomError("scope", "{scope} is not a scope token (no spaces, quotes or backslashes)", {"scope": repr(scope)})
         return scopes
+
+    @field_validator("token_params")
+    @classmethod
+    def _token_params(cls, params: dict[str, str]) -> dict[str, str]:
+        taken = sorted(set(params) & RESERVED_TOKEN_PARAMS)
+        if taken:
+            raise PydanticCustomError("token_params", "{names} set by keyrotor itself; remove it here",
+                                      {"names": ", ".join(taken) + (" is" if len(taken) == 1 else " are")})
+        for name, value in params.items():
+            if secret_name(name) or looks_like_credential(value):
+                raise PydanticCustomError("literal_secret", "token parameter {name} looks like it holds a literal "
+                                          "credential (the value is not shown); token_params are for non-secret "
+                                          "values such as audience or resource", {"name": name})
+        return params
 
     @field_validator("assertion_lifetime", "key_lifetime")
     @classmethod

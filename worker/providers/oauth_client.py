@@ -239,7 +239,7 @@ class OAuthClientProvider:
     # ------------------------------------------------------------------ tokens
     def _token(self, secret: Secret, credential_type: str) -> tuple[str, list[str] | None]:
         """(access token, granted scopes or None when the answer does not say) for the configured scopes."""
-        form = {"grant_type": "client_credentials", "scope": " ".join(self.spec.scopes)}
+        form = {**self.spec.token_params, "grant_type": "client_credentials", "scope": " ".join(self.spec.scopes)}
         basic: tuple[str, str] | None = None
         if credential_type == PRIVATE_KEY_JWT:
             form.update(client_id=self.spec.client_id, client_assertion_type=JWT_BEARER_ASSERTION,
