@@ -113,3 +113,13 @@ def test_token_params_go_into_the_token_request_next_to_what_keyrotor_sets() -> 
     assert oauth.check(generate_key_pair("RS256").private_pem, credential_type="private_key_jwt").value == "valid"
     assert seen[0]["audience"] == "https://api.partner.example" and seen[0]["grant_type"] == "client_credentials"
     assert seen[0]["scope"] == "read:reports" and seen[0]["client_assertion"].count(".") == 2
+
+
+@pytest.mark.parametrize(("credential_type", "needed"), [("client_secret", True), ("private_key_jwt", False)])
+def test_a_rotation_needs_the_old_secret_s_id_but_a_private_key_s_kid_follows_from_the_key(
+        credential_type: str, needed: bool) -> None:
+    from worker.adoption import revoke_needs_key_id
+    from worker.db.models import ProviderRecord
+
+    record = ProviderRecord(name="partner-oauth", kind="oauth_client", mode="overlap", spec={})
+    assert revoke_needs_key_id(record, credential_type) is needed
