@@ -19,7 +19,9 @@ from worker.secret import Secret
 if TYPE_CHECKING:
     from worker.vault.store import VaultStore
 
-_VAULT_REF = re.compile(r"^(?P<mount>[A-Za-z0-9_.-]+)/(?P<path>[A-Za-z0-9_./{}-]+)#(?P<field>[A-Za-z0-9_.-]+)$")
+# A path may hold placeholders (``users/{labels[user]}``, filled in by the HTTP provider before
+# reading) and an ``@`` (user names that are email addresses).
+_VAULT_REF = re.compile(r"^(?P<mount>[A-Za-z0-9_.-]+)/(?P<path>[A-Za-z0-9_./{}\[\]@-]+)#(?P<field>[A-Za-z0-9_.-]+)$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
