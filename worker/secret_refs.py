@@ -108,12 +108,19 @@ def iter_refs(data: Any, loc: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any,
             yield from iter_refs(value, (*loc, index))
 
 
+def is_per_key(ref: SecretRef) -> bool:
+    """Whether the reference's Vault path holds placeholders (``users/{labels[user]}``)."""
+    return ref.vault is not None and "{" in ref.vault
+
+
 def unresolvable(data: Any, resolve: SecretResolver) -> list[tuple[tuple[Any, ...], SecretRef, str]]:
     """``(location, reference, why)`` for each reference in ``data`` that does not resolve now.
 
     The values read are dropped at once; ``why`` never holds one (error texts carry no secret)."""
     problems: list[tuple[tuple[Any, ...], SecretRef, str]] = []
     for loc, ref in iter_refs(data):
+        if is_per_key(ref):
+            continue  # its path depends on the key (labels): checked per key (doctor, run preflight)
         try:
             resolve(ref)
         except Exception as exc:  # noqa: BLE001 - report every kind of failure, one line each

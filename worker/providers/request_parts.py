@@ -56,8 +56,18 @@ def resolve_ref(ref: SecretRef, variables: Mapping[str, Any], resolve: SecretRes
     """Read a reference; placeholders in a Vault path (``users/{labels[user]}#password``) are
     filled in from the call's variables first."""
     if ref.vault is not None and "{" in ref.vault:
-        ref = SecretRef(vault=render(ref.vault, {k: v for k, v in variables.items() if not isinstance(v, Secret)}))
+        try:
+            ref = SecretRef(vault=render(ref.vault, {k: v for k, v in variables.items() if not isinstance(v, Secret)}))
+        except ValueError as exc:  # a label whose value cannot be part of a Vault path
+            raise ConfigError(f"secret reference vault:{ref.vault}: {exc}") from None
     return resolve(ref)
+
+
+def key_variables(key_name: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    """What a per-key reference's path may name outside a call: the key's labels and slug."""
+    from worker.inventory.schema import key_slug
+
+    return {"labels": dict(labels), "key_slug": key_slug(key_name)}
 
 
 def fill(value: Any, variables: Mapping[str, Any], resolve: SecretResolver, revealed: Revealed) -> Any:
@@ -121,4 +131,4 @@ def matched_error(matcher: ErrorMatcherSpec, where: str, message: str, retry_aft
     return TransientError(f"{said} (retried later{hint})", retry_after=retry_after)
 
 
-__all__ = ["MESSAGE_LIMIT", "Revealed", "fill", "matched_error", "resolve_ref", "vendor_message"]
+__all__ = ["MESSAGE_LIMIT", "Revealed", "fill", "key_variables", "matched_error", "resolve_ref", "vendor_message"]

@@ -72,6 +72,8 @@ class WorkfrontState:
     rate_limit: tuple[int, float] | None = None
     users: dict[str, WorkfrontUser] = field(default_factory=dict)  # by username
     sessions: dict[str, str] = field(default_factory=dict, repr=False)  # sessionID → username
+    #: Every key ever generated (tests search what keyrotor wrote for them).
+    issued: list[str] = field(default_factory=list, repr=False)
     requests_seen: deque[float] = field(default_factory=deque)
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -89,6 +91,7 @@ class WorkfrontState:
         with self.lock:
             user.api_key = "wf_" + secrets.token_urlsafe(24)
             user.key_created_at = self.clock()
+            self.issued.append(user.api_key)
             return user.api_key
 
     def clear_key(self, user: WorkfrontUser) -> None:
