@@ -70,6 +70,8 @@ class WorkfrontState:
     remove_on_password_expiry: bool = False
     certificate: str | None = field(default=None, repr=False)  # None: no certificate required
     rate_limit: tuple[int, float] | None = None
+    #: Until when every request is answered 429 (a throttle the vendor imposes for a while).
+    throttled_until: float = 0.0
     users: dict[str, WorkfrontUser] = field(default_factory=dict)  # by username
     sessions: dict[str, str] = field(default_factory=dict, repr=False)  # sessionID → username
     #: Every key ever generated (tests search what keyrotor wrote for them).
@@ -140,6 +142,9 @@ class WorkfrontState:
 
     # ------------------------------------------------------------------ rate limit and stats
     def take_rate_slot(self) -> float | None:
+        throttled = self.throttled_until - self.clock()
+        if throttled > 0:
+            return throttled
         if self.rate_limit is None:
             return None
         limit, per = self.rate_limit
@@ -343,6 +348,11 @@ class WorkfrontHandle:
                 self.state.set_key_ttl(key_ttl)  # type: ignore[arg-type]
             if remove_on_password_expiry is not None:
                 self.state.remove_on_password_expiry = remove_on_password_expiry
+
+    def throttle(self, seconds: float) -> None:
+        """Answer every request 429 (Retry-After: the time left) for the next ``seconds``."""
+        with self.state.lock:
+            self.state.throttled_until = self.state.clock() + seconds
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self.state.lock:
