@@ -60,7 +60,7 @@ def test_a_literal_password_in_a_form_is_refused_at_its_line() -> None:
     problems = check(password='"Tr0ub4dor-and-3"')
     assert len(problems) == 1
     assert problems[0].startswith("inv.yaml:20: providers.wf.calls.issue.before[0].form.password")
-    assert "literal credential" in problems[0] and "Tr0ub4dor" not in problems[0]
+    assert "a literal secret is not allowed here" in problems[0] and "Tr0ub4dor" not in problems[0]
 
 
 def test_a_malformed_reference_is_refused() -> None:

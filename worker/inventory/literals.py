@@ -106,8 +106,8 @@ def value_problem(name: str, value: str) -> Optional[str]:
     """Why a body, form or query field ``name`` would carry a literal credential, or None."""
     literal = strip_placeholders(value).strip()
     if looks_like_credential(literal) or (secret_name(name) and _more_than_a_flag(literal)):
-        return (f"{name!r} looks like a literal credential; {REFERENCE_HINT} as its value, or a placeholder "
-                "(the value is not shown)")
+        return (f"{name!r} looks like a credential: a literal secret is not allowed here; {REFERENCE_HINT} as its "
+                "value, or a placeholder (the value is not shown)")
     return None
 
 
