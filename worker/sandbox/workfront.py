@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
-from worker.sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread
+from worker.sandbox.standin_http import Request, Response, ServerHandle, same_secret, serve_in_thread, window_wait
 
 UNTRUSTED = "Untrusted request. Please contact your system administrator and attach certificate."
 DEFAULT_KEY_TTL_S = 30 * 86400.0  # "By default, API Keys expire each month."
@@ -127,7 +127,7 @@ class WorkfrontState:
         if not api_key:
             return None
         with self.lock:
-            user = next((u for u in self.users.values() if u.api_key is not None and _same(u.api_key, api_key)), None)
+            user = next((u for u in self.users.values() if u.api_key is not None and same_secret(u.api_key, api_key)), None)
             if user is None:
                 return None
             expires = self.key_expires_at(user)
@@ -149,22 +149,12 @@ class WorkfrontState:
             return None
         limit, per = self.rate_limit
         with self.lock:
-            now = self.clock()
-            while self.requests_seen and self.requests_seen[0] <= now - per:
-                self.requests_seen.popleft()
-            if len(self.requests_seen) >= limit:
-                return max(0.0, self.requests_seen[0] + per - now)
-            self.requests_seen.append(now)
-            return None
+            return window_wait(self.requests_seen, limit, per, self.clock())
 
     def count(self, route: str, status: int) -> None:
         with self.lock:
             per_route = self.stats.setdefault(route, {})
             per_route[str(status)] = per_route.get(str(status), 0) + 1
-
-
-def _same(given: str, expected: str) -> bool:
-    return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 
 def _error(status: int, message: str, cls: str = "com.attask.common.AuthenticationException",
@@ -234,10 +224,10 @@ class WorkfrontApp:
         """A username+password login (``/login``, or ``generateApiKey`` called with them)."""
         if self.state.certificate is not None:
             given = params.get("apiCertificate")
-            if not given or not _same(given.strip(), self.state.certificate.strip()):
+            if not given or not same_secret(given.strip(), self.state.certificate.strip()):
                 return None, _error(500, UNTRUSTED, "com.attask.common.UntrustedRequestException")
         user = self.state.users.get(params.get("username", ""))
-        if user is None or not _same(params.get("password", ""), user.password):
+        if user is None or not same_secret(params.get("password", ""), user.password):
             return None, _error(401, "Invalid username or password.")
         if self.state.password_expired(user):
             return None, _error(401, "Your password has expired. Please reset your password.")
@@ -248,7 +238,7 @@ class WorkfrontApp:
         session_id = request.headers.get("sessionid") or params.get("sessionID")
         if session_id:
             with self.state.lock:
-                username = next((u for s, u in self.state.sessions.items() if _same(s, session_id)), None)
+                username = next((u for s, u in self.state.sessions.items() if same_secret(s, session_id)), None)
             if username is None:
                 return None, _error(401, "You are not currently logged in")
             return self.state.users[username], None
