@@ -121,3 +121,39 @@ def test_form_and_body_together_are_refused() -> None:
         '        method: PUT\n', '        method: PUT\n        form: {a: "b"}\n        body: {c: "d"}\n')
     _inv, problems = check_text(text, "inv.yaml")
     assert any("give either 'form'" in p.format() for p in problems)
+
+
+def test_a_key_that_expires_needs_a_way_to_know_its_next_expiry() -> None:
+    text = textwrap.dedent("""\
+        version: 1
+        providers:
+          p:
+            kind: http
+            mode: cutover
+            base_url: https://p.example
+            auth: {type: bearer, token: {env: P_TOKEN}}
+            credential_types: {t: {}, timed: {lifetime: 30d}}
+            calls:
+              issue: {method: POST, url: "{base_url}/k", response: {secret: "$.k"}}
+              verify: {method: GET, url: "{base_url}/me", auth: {type: bearer, token: "{secret}"}}
+        keys:
+          p/a:
+            provider: p
+            credential_type: t
+            owner: o
+            vault: {path: apps/a}
+            expires_at: "2026-12-20T00:00:00Z"
+          p/b:
+            provider: p
+            credential_type: timed
+            owner: o
+            vault: {path: apps/b}
+            expires_at: "2026-12-20T00:00:00Z"
+        """)
+    _inv, problems = check_text(text, "inv.yaml")
+    assert [p.format() for p in problems] == [
+        "inv.yaml:18: keys.p/a.expires_at: this key expires, but neither the issue answer (response.expires_at) nor "
+        "credential type 't' (lifetime) says when its next credential will: after the first rotation keyrotor would "
+        "not know; declare 'lifetime' on the credential type (e.g. 30d)"]
+    _inv, problems = check_text(text.replace('response: {secret: "$.k"}', 'response: {secret: "$.k", expires_at: "$.exp"}'), "inv.yaml")
+    assert problems == []

@@ -34,6 +34,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from worker.http_security import insecure_http_problem
 from worker.inventory.error_matchers import ErrorMatcherSpec
+from worker.inventory.expiry_rules import lost_expiry_problems
 from worker.inventory.literals import header_problem, url_problem, value_problem
 from worker.secret_refs import SecretRef
 
@@ -1071,6 +1072,7 @@ def reference_problems(data: Any) -> list[tuple[tuple[str | int, ...], str]]:
                 problems.append((("providers", pname, "credential_types", tname),
                                  "a credential type with an amnesty or rejected phase needs a 'replacement' type to rotate to"))
 
+    problems.extend(lost_expiry_problems(providers, keys))
     for kname, key in keys.items():
         if not isinstance(key, Mapping):
             continue
