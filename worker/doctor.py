@@ -69,7 +69,7 @@ def per_key_reference_problems(document: Mapping[str, Any], resolve: SecretResol
         provider = providers.get(key.get("provider")) if isinstance(key, Mapping) else None
         if not isinstance(provider, Mapping):
             continue
-        variables = key_variables(str(name), key.get("labels") or {})
+        variables = key_variables(key.get("labels") or {})
         for _loc, ref in iter_refs(provider):
             if not is_per_key(ref):
                 continue

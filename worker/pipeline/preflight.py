@@ -36,7 +36,7 @@ def check_run_references(ctx: PipelineContext, key: ManagedKey, provider_record:
         specs = run_specs(session, key, provider_record)
     resolve = ctx.resolver()
     problems: list[str] = []
-    variables = key_variables(key.name, key.labels or {})
+    variables = key_variables(key.labels or {})
     for owner, spec in specs:
         for _loc, ref in iter_refs(spec):
             try:

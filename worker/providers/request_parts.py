@@ -63,11 +63,9 @@ def resolve_ref(ref: SecretRef, variables: Mapping[str, Any], resolve: SecretRes
     return resolve(ref)
 
 
-def key_variables(key_name: str, labels: Mapping[str, str]) -> dict[str, Any]:
-    """What a per-key reference's path may name outside a call: the key's labels and slug."""
-    from worker.inventory.schema import key_slug
-
-    return {"labels": dict(labels), "key_slug": key_slug(key_name)}
+def key_variables(labels: Mapping[str, str]) -> dict[str, Any]:
+    """What a per-key reference's Vault path may name, as a call sees it: the key's labels."""
+    return {"labels": dict(labels)}
 
 
 def fill(value: Any, variables: Mapping[str, Any], resolve: SecretResolver, revealed: Revealed) -> Any:
