@@ -157,3 +157,42 @@ def test_a_key_that_expires_needs_a_way_to_know_its_next_expiry() -> None:
         "not know; declare 'lifetime' on the credential type (e.g. 30d)"]
     _inv, problems = check_text(text.replace('response: {secret: "$.k"}', 'response: {secret: "$.k", expires_at: "$.exp"}'), "inv.yaml")
     assert problems == []
+
+
+def test_resolve_checks_per_key_references_for_each_key_at_the_keys_line() -> None:
+    """`config check --resolve`: a reference whose Vault path names a key's label is resolved for
+    every key of its provider; a missing one is reported at that key, naming the path."""
+    from worker.doctor import reference_problems
+    from worker.errors import ConfigError
+    from worker.secret import Secret
+
+    text = BASE.format(errors=GOOD_ERRORS, lifetime="30d", override="", captured="session_id",
+                       password='{vault: "secret/wf/users/{labels[user]}#password"}').replace(
+        "keys: {}\n", textwrap.dedent("""\
+            keys:
+              wf/alice:
+                provider: wf
+                credential_type: user_api_key
+                owner: o
+                vault: {path: apps/alice}
+                labels: {user: alice@example.com}
+              wf/bob:
+                provider: wf
+                credential_type: user_api_key
+                owner: o
+                vault: {path: apps/bob}
+                labels: {user: bob@example.com}
+            """))
+    inventory, problems = check_text(text, "inv.yaml")
+    assert problems == [] and inventory is not None
+    stored = {"secret/wf/users/alice@example.com#password": "pw"}
+
+    def resolve(ref: object) -> Secret:
+        vault = getattr(ref, "vault")
+        if vault not in stored:
+            raise ConfigError(f"secret reference vault:{vault}: no such field")
+        return Secret(stored[vault])
+
+    found = reference_problems(inventory.model_dump(mode="json", by_alias=True), resolve)
+    assert found == [(("keys", "wf/bob"), "provider 'wf' for this key: secret reference "
+                      "vault:secret/wf/users/bob@example.com#password: no such field")]
