@@ -419,7 +419,9 @@ class HttpProvider:
                     "provider_call_retry", provider=self.name, call=where, attempt=n,
                     error=type(exc).__name__, delay_s=round(delay, 3)),
             )
-            document = self._json(response, where, allow_empty=not step.capture)
+            if not step.capture:
+                continue  # its answer feeds nothing: any 2xx will do
+            document = self._json(response, where)
             for name, path in step.capture.items():
                 value = self._field(document, path, where, f"capture.{name}")
                 if value is None or value == "" or isinstance(value, (dict, list)):
