@@ -40,11 +40,12 @@ LIFETIME = timedelta(days=30)
 
 
 def example_workfront(base_url: str, mount: str) -> dict[str, Any]:
-    """The shipped example's Workfront entry; only addresses changed."""
+    """The shipped example's Workfront entry; only addresses (and test-sized timeouts) changed."""
     example = yaml.safe_load((REPO / "config" / "keyrotor.example.yaml").read_text())
     spec = copy.deepcopy(example["providers"]["workfront"])
     spec["base_url"] = base_url
     spec["activation"] = {"poll_interval": "1s", "timeout": "20s"}
+    spec["calls"]["issue"]["timeout"] = "2s"  # so that a lost answer is noticed within the test
     text = yaml.safe_dump(spec).replace('vault: secret/', f"vault: {mount}/")
     return yaml.safe_load(text)  # type: ignore[no-any-return]
 
@@ -196,6 +197,21 @@ def test_a_429_reaches_one_worker_once_then_every_worker_waits(workfront: Workfr
            if line.get("event") == "provider_request" and line.get("status") == 429]
     assert len(met) == refused and all(met.count(run_id) <= 1 for run_id in runs), met
     assert wf.is_live(workfront.vault_key()) and wf.is_live(workfront.vault_key(ADMIN_KEY))
+    assert workfront.never_written() == []
+
+
+def test_a_lost_generate_answer_is_recovered_by_generating_again(workfront: Workfront) -> None:
+    """Workfront generated the key (the old one is dead) but the answer never arrived: the run
+    retries, generates another (which resets the lost one) and completes; one live key."""
+    wf = workfront.wf
+    old = workfront.vault_key()
+    wf.slow_answer("generate", 4.0)  # beyond the issue call's 2 s timeout
+    workfront.rotate(timeout=90)
+    new = workfront.vault_key()
+    assert wf.is_live(new) and not wf.is_live(old)
+    assert len(wf.state.issued) == 4  # the two seeded keys, the lost one, the one in use
+    assert not wf.is_live(wf.state.issued[2])
+    assert wf.stats()["generate"] == {"200": 2}
     assert workfront.never_written() == []
 
 

@@ -72,6 +72,8 @@ class WorkfrontState:
     rate_limit: tuple[int, float] | None = None
     #: Until when every request is answered 429 (a throttle the vendor imposes for a while).
     throttled_until: float = 0.0
+    #: Seconds to hold the next answers of a route *after* acting (an answer the client gives up on).
+    slow_answers: dict[str, list[float]] = field(default_factory=dict)
     users: dict[str, WorkfrontUser] = field(default_factory=dict)  # by username
     sessions: dict[str, str] = field(default_factory=dict, repr=False)  # sessionID → username
     #: Every key ever generated (tests search what keyrotor wrote for them).
@@ -204,6 +206,11 @@ class WorkfrontApp:
             else:
                 response = handler(request, params)
         self.state.count(route, response.status)
+        with self.state.lock:
+            pending = self.state.slow_answers.get(route)
+            delay = pending.pop(0) if pending else 0.0
+        if delay:
+            time.sleep(delay)  # the work is done; only the answer is late
         return response
 
     def _route(self, method: str, rest: str) -> tuple[str, Callable[[Request, dict[str, str]], Response] | None]:
@@ -343,6 +350,11 @@ class WorkfrontHandle:
         """Answer every request 429 (Retry-After: the time left) for the next ``seconds``."""
         with self.state.lock:
             self.state.throttled_until = self.state.clock() + seconds
+
+    def slow_answer(self, route: str, seconds: float) -> None:
+        """Hold the next answer of ``route`` (``generate``, ``login``, …) this long, after acting."""
+        with self.state.lock:
+            self.state.slow_answers.setdefault(route, []).append(seconds)
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self.state.lock:
