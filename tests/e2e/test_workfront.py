@@ -8,9 +8,10 @@ generates the key with the session (the old key stops working: cutover), and rec
 expiry from the declared lifetime, since Workfront's answer carries none.
 
 Cases: three consecutive rotations each leave the right expiry; an expired key is replaced; a
-missing certificate fails the run at once with Workfront's message (one login, no retries); a
-rate limit below the declared one costs at most one 429; admin keys show as admin in status and
-plan; nothing issued, no password and no certificate appear in logs, Redis or the database.
+lost generateApiKey answer is recovered by generating again; a missing certificate fails the run
+at once with Workfront's message (one login, no retries); a 429 reaches each run at most once;
+admin keys show as admin in status and plan; nothing issued, no password, no certificate and no
+session id appear in worker logs, Redis or the database.
 """
 
 from __future__ import annotations
