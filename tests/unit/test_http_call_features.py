@@ -1,5 +1,6 @@
-"""Error matchers of the generic HTTP provider: each outcome maps to the error class the steps act
-on; the call's matchers come before the provider's; unmatched answers keep the status rules."""
+"""The generic HTTP provider's declared call features on a mock transport. Error matchers: each
+outcome maps to the error class the steps act on; the call's matchers come before the provider's;
+unmatched answers keep the status rules. Requests before a call: a token request feeding it."""
 
 from __future__ import annotations
 
@@ -110,3 +111,38 @@ def test_the_message_is_scrubbed_and_cut() -> None:
         issue(provider(answer, errors=[{"status": 400, "outcome": "permanent", "message": "$.error.message"}]))
     text = str(caught.value)
     assert "admin-token-123456" not in text and "[REDACTED]" in text and "x" * 301 not in text
+
+
+def test_a_token_request_feeds_the_api_call() -> None:
+    """The other common chain: an OAuth 2.0 client-credentials token request (client secret from a
+    reference, in the form body) whose access token authorises the call itself."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/oauth/token":
+            return httpx.Response(200, json={"access_token": "at-5e6f7a8b9c0d", "token_type": "Bearer"})
+        return httpx.Response(201, json={"key": "new-key-abcdef"})
+
+    spec = HttpProviderSpec.model_validate({
+        "kind": "http", "mode": "cutover", "base_url": "https://api.example",
+        "credential_types": {"t": {}},
+        "calls": {
+            "issue": {
+                "before": [{"name": "token", "method": "POST", "url": "{base_url}/oauth/token",
+                            "form": {"grant_type": "client_credentials", "client_id": "keyrotor",
+                                     "client_secret": {"env": "CLIENT_SECRET"}},
+                            "capture": {"access_token": "$.access_token"}}],
+                "method": "POST", "url": "{base_url}/keys",
+                "headers": {"Authorization": "Bearer {captured[access_token]}"},
+                "response": {"secret": "$.key"}},
+            "verify": {"method": "GET", "url": "{base_url}/me", "auth": {"type": "bearer", "token": "{secret}"}},
+        },
+    })
+    p = HttpProvider("p", spec, resolve=lambda _ref: Secret("cs-1a2b3c4d5e6f"), limiter=InMemoryRateLimiter(max_wait=0),
+                     http=httpx.Client(transport=httpx.MockTransport(handler)), sleep=lambda _s: None)
+    assert issue(p).secret.reveal() == "new-key-abcdef"
+    token, call = seen
+    assert dict(httpx.QueryParams(token.content.decode())) == {
+        "grant_type": "client_credentials", "client_id": "keyrotor", "client_secret": "cs-1a2b3c4d5e6f"}
+    assert call.headers["Authorization"] == "Bearer at-5e6f7a8b9c0d"
