@@ -181,12 +181,12 @@ def test_missing_certificate_fails_at_once_with_workfronts_message(workfront: Wo
 
 
 def test_a_429_reaches_one_worker_once_then_every_worker_waits(workfront: Workfront) -> None:
-    """Two rotations at once on two worker processes; Workfront throttles for 3 s. A request that
+    """Two rotations at once on two worker processes; Workfront throttles for 5 s. A request that
     meets it gets the 429 and its Retry-After; the shared limiter then holds every worker's
     requests until it has passed: no run meets a 429 twice."""
     wf, world = workfront.wf, workfront.world
     world.start_worker(threads=2)
-    wf.throttle(3.0)
+    wf.throttle(5.0)  # long enough that the first requests meet it even on a busy machine
     runs = [world.request(KEY), world.request(ADMIN_KEY)]
     for run_id in runs:
         world.wait_state(run_id, ("completed",), timeout=90)
