@@ -180,7 +180,7 @@ def test_missing_certificate_fails_at_once_with_workfronts_message(workfront: Wo
     assert workfront.never_written() == []
 
 
-def test_a_429_reaches_one_worker_once_then_every_worker_waits(workfront: Workfront) -> None:
+def test_a_429_reaches_each_run_at_most_once_then_every_worker_waits(workfront: Workfront) -> None:
     """Two rotations at once on two worker processes; Workfront throttles for 5 s. A request that
     meets it gets the 429 and its Retry-After; the shared limiter then holds every worker's
     requests until it has passed: no run meets a 429 twice."""
