@@ -74,12 +74,12 @@ def test_bad_durations_are_refused(value: Any) -> None:
     "path,value",
     [
         (("providers", "alloy", "auth", "token"), "sk_live_abcdef"),
-        (("providers", "workfront", "auth", "key"), "-----BEGIN PRIVATE KEY-----"),
+        (("providers", "workfront", "calls", "issue", "before", 0, "form", "password"), "hunter2-correct-horse"),
         (("integrations", "mesh-workflows", "signing_secret"), "whsec_123"),
         (("providers", "alloy", "calls", "verify", "auth", "token"), "a-real-token"),
     ],
 )
-def test_literal_secrets_are_refused(doc: dict[str, Any], path: tuple[str, ...], value: str) -> None:
+def test_literal_secrets_are_refused(doc: dict[str, Any], path: tuple[Any, ...], value: str) -> None:
     node = doc
     for part in path[:-1]:
         node = node[part]

@@ -31,7 +31,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from worker.sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread, serve_until_signalled
+from worker.sandbox.standin_http import (
+    Request,
+    Response,
+    ServerHandle,
+    same_secret,
+    serve_in_thread,
+    serve_until_signalled,
+    window_wait,
+)
 
 ROUTES = ("issue", "check", "revoke", "list")
 PHASES = ("none", "no_new_credentials", "amnesty", "rejected")
@@ -119,7 +127,7 @@ class ProviderState:
             return None
         with self.lock:
             for key in self.keys.values():
-                if _same(key.secret, secret):
+                if same_secret(key.secret, secret):
                     return key
         return None
 
@@ -155,13 +163,7 @@ class ProviderState:
             return None
         limit, per = self.rate_limit
         with self.lock:
-            now = self.clock()
-            while self.requests_seen and self.requests_seen[0] <= now - per:
-                self.requests_seen.popleft()
-            if len(self.requests_seen) >= limit:
-                return max(0.0, self.requests_seen[0] + per - now)
-            self.requests_seen.append(now)
-            return None
+            return window_wait(self.requests_seen, limit, per, self.clock())
 
     def take_fault(self, route: str) -> Fault | None:
         with self.lock:
@@ -172,12 +174,6 @@ class ProviderState:
                         self.faults.remove(fault)
                     return fault
         return None
-
-
-def _same(given: str, expected: str) -> bool:
-    """Constant-time comparison that also copes with non-ASCII tokens (``compare_digest`` raises
-    TypeError on such ``str``s: a garbage header would have been a 500 instead of a 401)."""
-    return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 
 def _iso(ts: float) -> str:
@@ -238,7 +234,7 @@ class ProviderApp:
         token = request.bearer()
         if token is None:
             return None, _error(401, "missing Bearer token (Authorization: Bearer <api key>)")
-        if _same(token, self.state.admin_token):
+        if same_secret(token, self.state.admin_token):
             return "admin", None
         key = self.state.find_secret(token)
         if key is None or not self.state.key_is_live(key):
@@ -306,7 +302,7 @@ class ProviderApp:
     # --------------------------------------------------------------- control
     def _control(self, request: Request) -> Response:
         token = request.bearer()
-        if token is None or not _same(token, self.state.admin_token):
+        if token is None or not same_secret(token, self.state.admin_token):
             return _error(401, "the sandbox control API needs the admin token")
         try:
             body = request.json() or {}
