@@ -55,6 +55,7 @@ Handler = Callable[[Request], Response]
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128   # many clients connecting at once are queued, not reset
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # client hung up mid-answer
         pass
