@@ -71,6 +71,9 @@ class AsanaState:
     plan: str = "free"
     today: datetime | None = None          # None: the real date
     window_s: float = 60.0                 # "a minute" (tests may shorten it)
+    #: Requests per window by plan, and search's (the documented figures; tests may scale them down).
+    plan_limits: dict[str, int] = field(default_factory=lambda: dict(PLAN_LIMITS))
+    search_limit: int = SEARCH_LIMIT
     monotonic: Callable[[], float] = time.monotonic
     credentials: dict[str, Credential] = field(default_factory=dict)
     users: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -221,9 +224,9 @@ class AsanaApp:
         if failure is not None:
             return failure
         assert cred is not None
-        wait = self.state.take(cred.user, PLAN_LIMITS[self.state.plan])
+        wait = self.state.take(cred.user, self.state.plan_limits[self.state.plan])
         if wait is None and route == "search":
-            wait = self.state.take(f"{cred.user}:search", SEARCH_LIMIT)
+            wait = self.state.take(f"{cred.user}:search", self.state.search_limit)
         if wait is not None:
             return _error(429, "You have made too many requests recently", {"Retry-After": str(max(1, math.ceil(wait)))})
         with self.state.slot(cred.user, request.method) as taken:

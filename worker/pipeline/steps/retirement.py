@@ -88,6 +88,8 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             ask_owner_to_revoke(ctx, snap, old.fingerprint, first=True)
         elif detail["old_check"] == "invalid":
             detail["revocation"] = "revoked by the owner (the provider rejects it)"
+        elif detail["old_check"] == "deprecated":  # e.g. Asana's 434 after the cutoff: nobody can use it
+            detail["revocation"] = "rejected by the provider as deprecated (it can no longer authenticate)"
         else:
             return wait_for_owner_revocation(ctx, snap, old.fingerprint, now)
 
