@@ -13,7 +13,7 @@ from worker.db.migrate import upgrade
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import make_engine, session_scope
 from worker.pipeline.requests import request_rotation
-from worker.pipeline.targets import UnknownTargetType, rotation_target
+from worker.pipeline.targets import UnknownTargetType, rejected_at, rotation_target
 from worker.settings import get_settings
 
 NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
@@ -46,6 +46,13 @@ def test_an_explicit_type_is_checked() -> None:
         target("api_key", "pat")
     with pytest.raises(UnknownTargetType, match=r"no longer issues 'api_key'.*rotated?.*'personal_access_token' instead"):
         target("personal_access_token", "api_key")
+
+
+def test_rejected_only_once_the_rejected_phase_has_started() -> None:
+    assert rejected_at(ASANA, "api_key", NOW)
+    assert not rejected_at(ASANA, "api_key", datetime(2017, 1, 15, tzinfo=timezone.utc))   # amnesty
+    assert not rejected_at(ASANA, "old_pat", NOW) and not rejected_at(ASANA, "personal_access_token", NOW)
+    assert not rejected_at(ASANA, "unknown", NOW) and not rejected_at(None, "api_key", NOW)
 
 
 @pytest.fixture

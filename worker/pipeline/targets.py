@@ -58,3 +58,12 @@ def rotation_target(*, provider: str, provider_spec: Any, current_type: str, req
         target = spec.replacement
         seen.add(target)
     return None if target == current_type else target
+
+
+def rejected_at(provider_spec: Any, credential_type: str, now: datetime) -> bool:
+    """Whether the provider rejects every credential of ``credential_type`` at ``now`` (its
+    ``rejected`` phase has started): such a credential can never authenticate again, so there
+    is nothing left to revoke (Alloy's old keys after 26 January 2023)."""
+    spec = _spec(_types(provider_spec), credential_type)
+    phase = spec.phase_at(now) if spec is not None else None
+    return phase is not None and phase.phase == "rejected"
