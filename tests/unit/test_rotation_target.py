@@ -109,3 +109,17 @@ def test_rotate_to_names_the_type_and_refuses_unknown_ones(engine, capsys, monke
             assert s.get(RotationRun, run_id).target_credential_type == "personal_access_token"
     finally:
         broker_mod.reset_broker()
+
+
+def test_an_owners_reminder_names_the_type_the_run_will_ask_for(engine) -> None:  # type: ignore[no-untyped-def]
+    from jobs.due import refresh_next_due
+    from jobs.reminders import send_reminders
+
+    with session_scope(engine) as s:
+        for key in s.exec(__import__("sqlmodel").select(ManagedKey)).all():
+            refresh_next_due(s, key)
+    sent: list[tuple[str, dict]] = []
+    send_reminders(engine, now=NOW, notify=lambda event, *, key_name, run_id, detail: sent.append((key_name, detail)))
+    detail = dict(sent)["asana/a"]
+    assert detail["credential_type"] == "api_key" and detail["target_credential_type"] == "personal_access_token"
+    assert "create a new personal_access_token" in detail["action"]
