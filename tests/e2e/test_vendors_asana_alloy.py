@@ -275,7 +275,8 @@ def test_asana_rate_limit_declared_many_rotations_at_once_no_429(
         for run_id in runs.values():
             world.wait_state(run_id, ["verified", "completed"], timeout=90)
         assert asana.state.answered(429) == 0
-        assert asana.state.answered(200) >= 2 * len(names)
+        # More requests than one window allows were needed, and no window held more than 8.
+        assert asana.state.answered(200) > 8 and asana.state.busiest_window() <= 8
     finally:
         asana.stop()
 

@@ -81,6 +81,7 @@ class AsanaState:
     in_flight: Counter[str] = field(default_factory=Counter)        # "user:read|write" → count
     peak: Counter[str] = field(default_factory=Counter)             # the most ever in flight at once
     statuses: Counter[str] = field(default_factory=Counter)         # "route status" → count
+    history: list[tuple[float, str, int]] = field(default_factory=list)   # (monotonic, route, status)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def now(self) -> datetime:
@@ -158,6 +159,18 @@ class AsanaState:
     def count(self, route: str, status: int) -> None:
         with self.lock:
             self.statuses[f"{route} {status}"] += 1
+            self.history.append((self.monotonic(), route, status))
+
+    def busiest_window(self) -> int:
+        """The most requests answered within any one window (what the limit is about)."""
+        with self.lock:
+            times = sorted(t for t, _route, _status in self.history)
+        most, start = 0, 0
+        for end, at in enumerate(times):
+            while times[start] <= at - self.window_s:
+                start += 1
+            most = max(most, end - start + 1)
+        return most
 
     def answered(self, status: int, route: str | None = None) -> int:
         with self.lock:
