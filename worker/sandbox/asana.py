@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 from contextlib import contextmanager
 
-from worker.sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread
+from worker.sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread, serve_until_signalled
 
 AMNESTY_HEADER = "Asana-Amnesty-Api-Key"
 #: The documented timeline (000): no new API keys; amnesty header needed; API keys rejected.
@@ -328,6 +328,15 @@ def start_asana_in_thread(*, plan: str = "free", today: datetime | None = None, 
                        window_s=window_s, monotonic=monotonic or time.monotonic)
     server = serve_in_thread(AsanaApp(state, slow=slow), name="asana-standin")
     return AsanaHandle(server, state)
+
+
+def run_asana_forever(*, host: str, port: int, control_token: str, plan: str, today: datetime | None,
+                      ready: Callable[[str], None]) -> None:
+    """Foreground server for ``keyrotor sandbox asana``; ``ready(url)`` once bound."""
+    if plan not in PLAN_LIMITS:
+        raise ValueError(f"plan must be one of {', '.join(PLAN_LIMITS)}")
+    state = AsanaState(control_token=control_token, plan=plan, today=today)
+    serve_until_signalled(AsanaApp(state), host, port, lambda handle: ready(handle.url))
 
 
 def asana_provider_spec(base_url: str, *, rate_limit: dict[str, Any] | None = None,
