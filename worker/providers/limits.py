@@ -12,11 +12,10 @@ A 429 blocks the provider's bucket, so every worker waits out the Retry-After be
 from __future__ import annotations
 
 import re
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from typing import Iterator
 from urllib.parse import urlsplit
-from contextlib import contextmanager
 
 from worker.inventory.schema import EndpointGroupSpec, HttpProviderSpec
 from worker.providers.ratelimit import RateLimit, RateLimiter

@@ -30,10 +30,10 @@ import secrets
 import threading
 import time
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
-from contextlib import contextmanager
 
 from worker.sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread, serve_until_signalled
 
