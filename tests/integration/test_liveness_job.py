@@ -118,3 +118,19 @@ def test_the_cursor_is_shared_through_redis(redis_client: Any, redis_namespace: 
     assert a.get() == 0
     a.set(42)
     assert b.get() == 42
+
+
+def test_the_scheduler_runs_it_as_the_liveness_job(ctx: Ctx, redis_client: Any, redis_namespace: str) -> None:
+    from jobs.leader import leader_lock_key
+    from jobs.scheduler import JOB_NAMES, KeyrotorScheduler, SchedulerConfig
+
+    assert "liveness" in JOB_NAMES
+    pipeline = RecordingPipeline()
+    config = SchedulerConfig(namespace=redis_namespace, lock_name=leader_lock_key(redis_namespace), liveness_per_pass=3)
+    scheduler = KeyrotorScheduler(ctx.engine, redis_client, config, pipeline=pipeline.as_pipeline(),
+                                  deposit_context=lambda: ctx)
+    ctx.provider.answers = {"secret-4": CheckOutcome.invalid}
+    assert scheduler.run_job("liveness") == {"checked": 3, "rotations": 0, "deferred": 0, "errors": 0}
+    assert RedisCursor(redis_client, redis_namespace).get() > 0          # the next leader goes on from here
+    assert scheduler.run_job("liveness")["rotations"] == 1               # k3, k4 (dead), k0
+    assert [r["key"] for r in pipeline.requests] == ["alloy/k4"]
