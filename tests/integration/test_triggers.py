@@ -419,3 +419,21 @@ def test_detection_with_the_real_request_rotation(engine) -> None:  # type: igno
     with session_scope(engine) as s:
         events = s.exec(select(AuditEvent.event).where(AuditEvent.run_id == run.id)).all()
     assert events == ["state_changed"]
+
+
+def test_a_failed_due_run_is_tried_again_through_the_real_request_rotation(engine) -> None:  # type: ignore[no-untyped-def]
+    """The retry's idempotency key is new (``…:retry1``), so the real request_rotation creates a
+    run instead of returning the failed one; while it is open, no further run."""
+    from jobs.pipeline_hooks import Pipeline
+    from worker.pipeline.requests import request_rotation
+
+    sent: list[str] = []
+    real = Pipeline(request_rotation=request_rotation, enqueue_run=lambda run: sent.append(run.id))
+    clock = Clock(T0)
+    _setup_key(engine, "alloy/retry", expires_at=T0 + 10 * DAY, expiry_lead_time_s=7 * 86400)
+    [first] = detect_due(engine, now=clock.go(T0 + 3 * DAY), pipeline=real).requested
+    _fail(engine, first, T0 + 3 * DAY + timedelta(minutes=2))
+    assert detect_due(engine, now=clock.go(T0 + 3 * DAY + timedelta(minutes=10)), pipeline=real).requested == []
+    [second] = detect_due(engine, now=clock.go(T0 + 3 * DAY + timedelta(minutes=17)), pipeline=real).requested
+    assert second != first and sent == [first, second]
+    assert detect_due(engine, now=clock.go(T0 + 3 * DAY + timedelta(minutes=18)), pipeline=real).requested == []
