@@ -27,13 +27,15 @@ def asana() -> Iterator[AsanaHandle]:
 
 
 def workers(asana: AsanaHandle, redis_client: Any, namespace: str, n: int = 2, max_wait: float = 0.0,
-            **spec_changes: Any) -> list[HttpProvider]:
+            limiters: list[RedisRateLimiter] | None = None, **spec_changes: Any) -> list[HttpProvider]:
+    """``n`` provider instances (workers), each with its own limiter object on one Redis namespace."""
     data = asana_provider_spec(asana.url)
     data.update(spec_changes)
     spec = HttpProviderSpec.model_validate(data)
-    return [HttpProvider("asana", spec, resolve=lambda ref: Secret("unused"), attempts=1,
-                         limiter=RedisRateLimiter(redis_client, namespace=namespace, max_wait=max_wait))
-            for _ in range(n)]
+    own = limiters if limiters is not None else [RedisRateLimiter(redis_client, namespace=namespace, max_wait=max_wait)
+                                                 for _ in range(n)]
+    return [HttpProvider("asana", spec, resolve=lambda ref: Secret("unused"), attempts=1, limiter=limiter)
+            for limiter in own]
 
 
 def check(provider: HttpProvider, token: str) -> str:
@@ -69,12 +71,12 @@ def test_concurrency_is_shared_by_every_worker(redis_client: Any, redis_namespac
     asana = start_asana_in_thread(plan="paid", slow=0.3)
     try:
         pat = asana.state.create_pat("alice", "keyrotor")
-        providers = workers(asana, redis_client, redis_namespace, n=3, max_wait=10.0, concurrency=2,
-                            endpoint_groups={})
+        limiters = [RedisRateLimiter(redis_client, namespace=redis_namespace, max_wait=10.0) for _ in range(3)]
+        providers = workers(asana, redis_client, redis_namespace, limiters=limiters, concurrency=2, endpoint_groups={})
         with ThreadPoolExecutor(9) as pool:
             outcomes = list(pool.map(lambda i: check(providers[i % 3], pat.token), range(18)))
         assert set(outcomes) == {"valid"}
         assert asana.state.peak["alice:read"] == 2
-        assert all(p._limits._limiter.in_flight("asana") == 0 for p in providers)  # type: ignore[attr-defined]
+        assert [limiter.in_flight("asana") for limiter in limiters] == [0, 0, 0]   # every lease given back
     finally:
         asana.stop()

@@ -139,7 +139,6 @@ class HttpProvider:
         self.can_revoke = spec.calls.revoke is not None
         self.can_list = spec.calls.list is not None
         self._resolve = resolve
-        self._limiter = limiter
         self._clock = clock
         self._sleep = sleep
         self._monotonic = monotonic
