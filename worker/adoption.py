@@ -100,6 +100,11 @@ def rotation_blocker(session: Session, key: ManagedKey, vault: Any) -> Optional[
     record = session.get(ProviderRecord, key.provider)
     if not revoke_needs_key_id(record, key.credential_type):
         return None
+    from worker.clock import utcnow
+    from worker.pipeline.targets import rejected_at
+
+    if record is not None and rejected_at(record.spec, key.credential_type, utcnow()):
+        return None  # past its type's cutoff the key cannot authenticate: nothing to revoke
     stored = vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
     if stored is None:
         return None

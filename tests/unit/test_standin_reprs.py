@@ -28,3 +28,15 @@ def test_no_secret_in_the_authorization_server_stand_in_s_reprs() -> None:
     for thing in (secret, client, state):
         assert SECRET not in repr(thing), type(thing).__name__
     assert "keyrotor-r1" in repr(secret)
+
+
+def test_no_secret_in_the_asana_standins_reprs() -> None:
+    from worker.sandbox.asana import AsanaState
+
+    state = AsanaState(control_token=SECRET)
+    pat = state.create_pat("alice", "ci")
+    key = state.generate_api_key("bob", before_deprecation=True)
+    for thing in (state, pat, key):
+        text = repr(thing)
+        assert SECRET not in text and pat.token not in text and key.token not in text, type(thing).__name__
+    assert "'ci'" in repr(pat)

@@ -48,6 +48,7 @@ __all__ = [
     "CredentialTypeSpec",
     "DeprecationPhase",
     "Duration",
+    "EndpointGroupSpec",
     "HeaderAuthSpec",
     "HttpCallSpec",
     "HttpProviderSpec",
@@ -596,6 +597,44 @@ class RateLimitSpec(_Model):
         return _positive(value)
 
 
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_PATH_GLOB = re.compile(r"^/[A-Za-z0-9._~!$&'()+,;=:@%*/{}-]*$")
+
+
+class EndpointGroupSpec(_Model):
+    """Requests whose path matches one of ``paths`` (``*`` one segment, ``**`` any number; none
+    given: every path) and whose method is in ``methods`` (none given: every method) also count
+    against this group's own ``rate_limit`` and ``concurrency`` (besides the provider's)."""
+
+    paths: list[str] = Field(default_factory=list)
+    methods: list[Literal["GET", "POST", "PUT", "PATCH", "DELETE"]] = Field(default_factory=list)
+    rate_limit: Optional[RateLimitSpec] = None
+    concurrency: Optional[int] = Field(None, gt=0)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return [m.upper() if isinstance(m, str) else m for m in value] if isinstance(value, list) else value
+
+    @field_validator("paths")
+    @classmethod
+    def _globs(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not _PATH_GLOB.match(path) or "?" in path:
+                raise PydanticCustomError("path_glob", "expected a URL path such as /api/1.0/workspaces/*/tasks/search "
+                                          "(starting with /, no query; * is one segment, ** any), got {value}",
+                                          {"value": repr(path)})
+        return paths
+
+    @model_validator(mode="after")
+    def _useful(self) -> "EndpointGroupSpec":
+        if not self.paths and not self.methods:
+            raise PydanticCustomError("endpoint_group", "give paths, methods or both: which requests belong to the group")
+        if self.rate_limit is None and self.concurrency is None:
+            raise PydanticCustomError("endpoint_group", "give rate_limit, concurrency or both: what limits the group")
+        return self
+
+
 class ActivationSpec(_Model):
     """New credentials may go live with a delay: poll ``verify`` this often, for at most ``timeout``."""
 
@@ -628,6 +667,10 @@ class HttpProviderSpec(_Model):
     mode: Literal["overlap", "cutover", "assisted"] = "overlap"
     base_url: str
     rate_limit: RateLimitSpec = Field(default_factory=lambda: RateLimitSpec(requests=10, per=timedelta(seconds=1)))
+    #: At most this many requests in flight at once, every worker together (None: no limit).
+    concurrency: Optional[int] = Field(None, gt=0)
+    #: Limits of their own for some endpoints or methods (search: 60/min; writes: 15 at once).
+    endpoint_groups: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)], EndpointGroupSpec] = Field(default_factory=dict)
     auth: Optional[AuthSpec] = None   # management calls (issue, revoke, list)
     activation: ActivationSpec = Field(default_factory=ActivationSpec)
     status_codes: StatusCodesSpec = Field(default_factory=StatusCodesSpec)
@@ -656,8 +699,19 @@ class HttpProviderSpec(_Model):
         for loc, name, call in self._declared_calls():
             problems.extend(self._call_problems(loc, name, call))
         problems.extend(self._plain_http_problems())
+        problems.extend(self._endpoint_group_problems())
         _raise(problems, self)
         return self
+
+    def _endpoint_group_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """A group's concurrency above the provider's could never be reached."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for name, group in self.endpoint_groups.items():
+            if group.concurrency is not None and self.concurrency is not None and group.concurrency > self.concurrency:
+                problems.append((("endpoint_groups", name, "concurrency"),
+                                 f"{group.concurrency} is more than the provider's concurrency ({self.concurrency}); "
+                                 "it could never be reached"))
+        return problems
 
     def _declared_calls(self) -> list[tuple[tuple[str | int, ...], str, HttpCallSpec]]:
         """``(location, call name, call)`` for the provider's calls and every type's overrides."""

@@ -63,7 +63,8 @@ from worker.providers.base import (
 from worker.providers.answers import count_request as _metric
 from worker.providers.answers import field_at, listed_live, optional_at
 from worker.providers.answers import parse_time as _parse_time
-from worker.providers.ratelimit import RateLimit, RateLimiter
+from worker.providers.limits import ProviderLimits
+from worker.providers.ratelimit import LEASE_MARGIN_S, RateLimiter
 from worker.providers.request_parts import Revealed, fill, matched_error, vendor_message
 from worker.providers.templating import render_url
 from worker.retry import parse_retry_after, retry_call
@@ -119,15 +120,18 @@ class HttpProvider:
         self.can_revoke = self._declares("revoke")
         self.can_list = spec.calls.list is not None
         self._resolve = resolve
-        self._limiter = limiter
         self._clock = clock
         self._sleep = sleep
         self._monotonic = monotonic
         self._attempts = max(1, attempts)
         self._timeout = timeout or (spec.timeout.total_seconds() if spec.timeout else DEFAULT_TIMEOUT_S)
-        limiter.register(name, RateLimit(spec.rate_limit.requests, spec.rate_limit.per.total_seconds()))
+        self._limits = ProviderLimits(name, spec, limiter, lease_s=self._longest_call_s() + LEASE_MARGIN_S)
         self._owns_http = http is None
         self._http = http if http is not None else self._make_client()
+
+    def _longest_call_s(self) -> float:
+        calls = [getattr(self.spec.calls, n) for n in ("issue", "verify", "revoke", "list")]
+        return max([self._timeout] + [c.timeout.total_seconds() for c in calls if c is not None and c.timeout])
 
     # ------------------------------------------------------------------ lifecycle
     def _make_client(self) -> httpx.Client:
@@ -405,13 +409,14 @@ class HttpProvider:
     def _send_once(self, call_name: str, call: HttpCallSpec | RequestStepSpec, variables: Mapping[str, Any],
                    credential_type: str | None, not_found_ok: bool) -> httpx.Response:
         safe_url = self._safe_url(call, variables)
-        self._limiter.acquire(self.name)
+        self._limits.acquire(call.method, safe_url)
         revealed = Revealed()
         request = self._build(call_name, call, variables, credential_type, revealed)
         started = time.monotonic()
         try:
-            response = self._http.send(request)
-            response.read()
+            with self._limits.in_flight(call.method, safe_url):
+                response = self._http.send(request)
+                response.read()
         except httpx.TimeoutException:
             self._log(call_name, call.method, safe_url, None, started, "timeout")
             raise TransientError(f"provider {self.name!r} {call_name}: {call.method} {safe_url} timed out") from None
@@ -429,13 +434,13 @@ class HttpProvider:
             if error is None:
                 return response
             if isinstance(error, RateLimited):
-                self._limiter.block(self.name, retry_after if retry_after is not None else DEFAULT_RATE_LIMIT_BACKOFF_S)
+                self._limits.block(retry_after if retry_after is not None else DEFAULT_RATE_LIMIT_BACKOFF_S)
             raise error
         if 200 <= status < 300:
             return response
         if status == 429:
             retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
-            self._limiter.block(self.name, retry_after if retry_after is not None else DEFAULT_RATE_LIMIT_BACKOFF_S)
+            self._limits.block(retry_after if retry_after is not None else DEFAULT_RATE_LIMIT_BACKOFF_S)
             raise RateLimited(f"{where} (rate limited)", retry_after=retry_after)
         if status in self.spec.status_codes.deprecated:
             raise DeprecatedCredential(f"{where}: the {credential_type or 'credential'} type is deprecated at the provider")

@@ -13,7 +13,7 @@ Control (Bearer admin token):
                          "garbage"?, "retry_after"?}
   POST /_sandbox/deprecation {"credential_type", "phase": "none|no_new_credentials|amnesty|rejected"}
   POST /_sandbox/config {"activation_delay"?, "key_ttl"?, "rate_limit"?: {"requests", "per"} | null, "cutover"?,
-                         "list_revoked"?}
+                         "list_revoked"?, "rejected_status"?}
   POST /_sandbox/keys {"name", "credentialType"?, "username"?, "active"?} → the key, *with* apiKey (seeding)
   GET  /_sandbox/stats → {"routes": {route: {status: count}}, "requests": n}
   POST /_sandbox/stats/reset
@@ -92,6 +92,9 @@ class ProviderState:
     #: List revoked keys too (flagged ``"revoked": true``), as some providers do.
     list_revoked: bool = False
     amnesty_header: str = DEFAULT_AMNESTY_HEADER
+    #: What a credential of a type in its ``rejected`` phase gets: 434 (Asana-style) or 401
+    #: (Alloy's old keys after January 2023 were simply no longer valid).
+    rejected_status: int = 434
     clock: Callable[[], float] = time.time
     keys: dict[str, SandboxKey] = field(default_factory=dict)
     deprecation: dict[str, str] = field(default_factory=dict)  # credential type → phase
@@ -241,7 +244,7 @@ class ProviderApp:
             return None, _error(401, "Not Authorized")
         phase = self.state.deprecation.get(key.credential_type, "none")
         if phase == "rejected":
-            return None, _error(434, f"{key.credential_type} credentials are no longer accepted")
+            return None, _error(self.state.rejected_status, f"{key.credential_type} credentials are no longer accepted")
         if phase == "amnesty" and request.headers.get(self.state.amnesty_header.lower(), "").lower() != "true":
             return None, _error(434, f"{key.credential_type} credentials need the {self.state.amnesty_header}: true header")
         return key.owner, None
@@ -371,6 +374,8 @@ def configure(state: ProviderState, **values: Any) -> None:
                 setattr(state, name, None if value is None else float(value))
             elif name in ("cutover", "list_revoked"):
                 setattr(state, name, bool(value))
+            elif name == "rejected_status":
+                state.rejected_status = int(value)
             else:
                 raise ValueError(f"unknown setting {name!r}")
 

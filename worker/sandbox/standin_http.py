@@ -75,6 +75,7 @@ def window_wait(seen: deque[float], limit: int, per: float, now: float) -> float
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128   # many clients connecting at once are queued, not reset
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # client hung up mid-answer
         pass
