@@ -20,7 +20,8 @@ from typing import Any, Optional
 from sqlmodel import col, select
 
 from worker.clock import as_utc, utcnow
-from worker.db.models import AuditEvent, ManagedKey, RotationRun, RunState
+from worker.db.models import AuditEvent, ManagedKey, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import StateConflict
 from worker.inventory.snapshot import applied_document, assisted_timings, create_url

@@ -75,7 +75,7 @@ def request_provider_rotation(
 def not_rotated(runs: list[RotationRun]) -> list[RotationRun]:
     """Runs an emergency left waiting for a person (not taken over): their keys are not rotated."""
     from worker.pipeline.takeover import TAKEOVER_STATES
-    from worker.db.models import RunState
+    from worker.protocol.states import RunState
 
     return [run for run in runs if RunState(run.state) in TAKEOVER_STATES]
 

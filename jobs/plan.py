@@ -18,7 +18,8 @@ from sqlmodel import Session, select
 
 from jobs.deprecation import replacement_type
 from worker.clock import as_utc, utcnow
-from worker.db.models import ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.providers.guarantees import orphan_guard
 
 

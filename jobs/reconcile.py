@@ -29,16 +29,15 @@ from sqlalchemy.engine import Engine
 from jobs.pipeline_hooks import Pipeline, default_pipeline, enqueue_after_commit
 from worker.clock import as_utc, utcnow
 from worker.db.models import (
-    TERMINAL_STATES,
     AuditEvent,
     KeyVersion,
     ManagedKey,
     ProviderKeySighting,
     ProviderRecord,
     RotationRun,
-    RunState,
     VersionStage,
 )
+from worker.protocol.states import TERMINAL_STATES, RunState
 from worker.db.session import session_scope
 from worker.log import get_logger
 

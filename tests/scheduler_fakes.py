@@ -17,7 +17,8 @@ from sqlmodel import Session, select
 
 from jobs.pipeline_hooks import Pipeline
 from worker.clock import utcnow
-from worker.db.models import ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 
 
 class RecordingPipeline:

@@ -9,7 +9,8 @@ import pytest
 from sqlmodel import Session, select
 
 from tests.fakes_pipeline import FakeProvider, World, states_in_audit
-from worker.db.models import AuditEvent, KeyVersion, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, RotationRun, VersionStage
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError, TransientError
 from worker.pipeline.resolve import allowed_actions, resolve_run

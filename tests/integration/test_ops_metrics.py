@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
 from worker.clock import utcnow
-from worker.db.models import ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 from worker.key_metrics import KeyCollector
 from worker.pipeline.broker import make_redis_broker

@@ -12,7 +12,8 @@ from sqlmodel import select
 from jobs.reconcile import revoke_orphans
 from tests.scheduler_fakes import add_key, add_provider
 from worker.clock import as_utc, set_clock, utcnow
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, RotationRun, VersionStage
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.providers.base import issued_name
 from worker.providers.ratelimit import InMemoryRateLimiter

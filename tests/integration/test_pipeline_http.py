@@ -25,7 +25,8 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, VersionStage
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.inventory.schema import key_slug
 from worker.secret import Secret, fingerprint

@@ -12,7 +12,8 @@ from sqlmodel import Session
 
 from tests.fakes_pipeline import FakeProvider, World, all_rows_text
 from worker.clock import set_clock
-from worker.db.models import RotationRun, RunState
+from worker.db.models import RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict
 from worker.pipeline.broker import make_redis_broker, setup_broker

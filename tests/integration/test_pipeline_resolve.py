@@ -9,7 +9,8 @@ from dramatiq import Message, get_broker
 from sqlmodel import Session, select
 
 from tests.fakes_pipeline import FakeProvider, World
-from worker.db.models import AuditEvent, RotationRun, RunState
+from worker.db.models import AuditEvent, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError, TransientError
 from worker.pipeline.resolve import ResolveRefused, allowed_actions, resolve_run

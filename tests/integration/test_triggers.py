@@ -25,7 +25,8 @@ from jobs.reconcile import recover_stuck_runs, revoke_orphans
 from jobs.retirement import retire_due
 from tests.scheduler_fakes import ALLOY_SPEC, RecordingPipeline, add_key, add_provider
 from worker.clock import set_clock
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, RotationRun, VersionStage
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.providers.base import CheckOutcome, issued_name
 from worker.providers.ratelimit import InMemoryRateLimiter, RedisRateLimiter

@@ -15,7 +15,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from sqlmodel import Session, select
 
-from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RunState
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord
+from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 from worker.pipeline.context import PipelineContext, StepPolicy
 from worker.pipeline.inline import drive

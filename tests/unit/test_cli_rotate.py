@@ -14,7 +14,8 @@ from worker.cli.act_cmds import WaitUntil, wait_for_runs, read_deposit_secret
 from worker.cli.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
 from worker.cli.main import main
 from worker.db.migrate import upgrade
-from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 from worker.settings import get_settings
 

@@ -16,7 +16,8 @@ from worker.cli import act_cmds
 from worker.cli.act_cmds import STEP_ALLOWANCE_S, WaitUntil, wait_budget, wait_for_runs
 from worker.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TIMEOUT
 from worker.cli.main import main
-from worker.db.models import AuditEvent, RotationRun, RunState
+from worker.db.models import AuditEvent, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.settings import get_settings
 

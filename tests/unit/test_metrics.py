@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from tests.fakes_pipeline import FakeProvider, World
 from worker import metrics
-from worker.db.models import RunState
+from worker.protocol.states import RunState
 from worker.inventory.schema import HttpProviderSpec
 from worker.providers.ratelimit import InMemoryRateLimiter
 from worker.providers.registry import build_provider

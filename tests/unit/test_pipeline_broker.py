@@ -8,7 +8,8 @@ import pytest
 from sqlmodel import Session
 
 from tests.fakes_pipeline import FakeProvider, World
-from worker.db.models import RotationRun, RunState
+from worker.db.models import RotationRun
+from worker.protocol.states import RunState
 from worker.errors import TransientError
 from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE, make_stub_broker, setup_broker
 from worker.pipeline.context import StepPolicy, configure

@@ -10,7 +10,8 @@ import pytest
 from sqlmodel import Session, select
 
 from tests.fakes_pipeline import FakeProvider, World
-from worker.db.models import AuditEvent, ProviderRecord, RotationRun, RunState
+from worker.db.models import AuditEvent, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.pipeline import steps
 from worker.protocol import Step

@@ -14,7 +14,8 @@ from sqlmodel import Session
 
 from tests.fakes_pipeline import FakeProvider, World
 from worker.clock import as_utc
-from worker.db.models import RotationRun, RunState
+from worker.db.models import RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.pipeline import steps
 from worker.pipeline.context import StepPolicy

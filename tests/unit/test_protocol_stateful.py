@@ -30,7 +30,8 @@ from tests.fakes_pipeline import FakeIntegration, FakeProvider, FakeVault, World
 from tests.scheduler_fakes import RecordingPipeline
 from worker.clock import set_clock
 from worker.db.migrate import upgrade
-from worker.db.models import TERMINAL_STATES, AuditEvent, KeyVersion, RotationRun
+from worker.db.models import AuditEvent, KeyVersion, RotationRun
+from worker.protocol.states import TERMINAL_STATES
 from worker.errors import TransientError
 from worker.pipeline.context import StepPolicy
 from worker.pipeline.steps import execute

@@ -30,7 +30,8 @@ from worker.cli.common import (
 )
 from worker.cli.follow import STOP_STATES, AuditFollower, run_states, state_of
 from worker.cli.output import OutputFormat, duration, emit, json_option, output_option, pick_format, relative
-from worker.db.models import ManagedKey, RotationRun, RunState
+from worker.db.models import ManagedKey, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict
 from worker.secret import Secret

@@ -15,16 +15,15 @@ from sqlmodel import Session, col, select
 from worker.clock import as_utc
 from worker.providers.guarantees import orphan_guard
 from worker.db.models import (
-    TERMINAL_STATES,
     AuditEvent,
     KeyVersion,
     ManagedKey,
     ProviderRecord,
     RotationRun,
-    RunState,
     SinkDelivery,
     VersionStage,
 )
+from worker.protocol.states import TERMINAL_STATES, RunState
 
 
 def _state(value: Any) -> str:

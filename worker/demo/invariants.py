@@ -15,7 +15,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from worker.clock import as_utc
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, VersionStage
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 
 

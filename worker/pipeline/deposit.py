@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from worker.db.models import RunState
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError
 from worker.pipeline.context import PipelineContext, get_context

@@ -21,7 +21,8 @@ from typing import Any, Optional
 from sqlmodel import Session, select
 
 from worker import log
-from worker.db.models import AuditEvent, ProviderRecord, RunState
+from worker.db.models import AuditEvent, ProviderRecord
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError
 

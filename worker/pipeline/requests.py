@@ -16,7 +16,8 @@ from sqlmodel import Session, select
 
 from worker import log
 from worker.clock import as_utc, utcnow
-from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.errors import PermanentError
 from worker.pipeline.runs import open_run_for_key
 from worker.protocol import next_step, parse_mode

@@ -31,7 +31,8 @@ from typing import Any, Literal, Optional
 
 from sqlmodel import Session, select
 
-from worker.db.models import AuditEvent, KeyVersion, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, RotationRun, VersionStage
+from worker.protocol.states import RunState
 from worker.errors import PermanentError
 from worker.pipeline.context import default_policy
 from worker.pipeline.runs import load_run, load_version, run_state, transition

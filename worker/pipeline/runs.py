@@ -15,7 +15,8 @@ from sqlalchemy import update
 from sqlmodel import Session, select
 
 from worker.clock import utcnow
-from worker.db.models import TERMINAL_STATES, AuditEvent, KeyVersion, ManagedKey, RotationRun, RunState
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun
+from worker.protocol.states import RunState, TERMINAL_STATES
 from worker.errors import StateConflict
 from worker.protocol import check_transition
 

@@ -21,7 +21,8 @@ from typing import Any, Literal, Optional
 from sqlmodel import Session
 
 from worker.clock import utcnow
-from worker.db.models import RotationRun, RunState
+from worker.db.models import RotationRun
+from worker.protocol.states import RunState
 from worker.pipeline.resolve import discard_deposit, resolution_options, stopped_in
 from worker.pipeline.runs import run_state, transition
 

@@ -13,13 +13,8 @@ from datetime import datetime
 from enum import Enum
 from typing import Callable, Protocol, runtime_checkable
 
+from worker.protocol.states import Mode
 from worker.secret import Secret
-
-
-class RotationMode(str, Enum):
-    overlap = "overlap"  # old and new valid together (default)
-    cutover = "cutover"  # issuing invalidates the old credential
-    assisted = "assisted"  # a person mints the key; keyrotor verifies, propagates, retires
 
 
 class CheckOutcome(str, Enum):
@@ -63,7 +58,7 @@ class ProviderKeyInfo:
 @runtime_checkable
 class Provider(Protocol):
     name: str
-    mode: RotationMode
+    mode: Mode
     can_issue: bool
     can_revoke: bool
     can_list: bool

@@ -55,9 +55,9 @@ from worker.providers.base import (
     IssuedCredential,
     ProviderKeyInfo,
     RevokeOutcome,
-    RotationMode,
     wait_until_live,
 )
+from worker.protocol.states import Mode
 from worker.providers.jsonpath import JsonPathError, extract
 from worker.providers.ratelimit import RateLimit, RateLimiter
 from worker.providers.templating import render, render_json, render_url
@@ -133,8 +133,8 @@ class HttpProvider:
     ) -> None:
         self.name = name
         self.spec = spec
-        self.mode = RotationMode(spec.mode)
-        self.can_issue = spec.calls.issue is not None and self.mode is not RotationMode.assisted
+        self.mode = Mode(spec.mode)
+        self.can_issue = spec.calls.issue is not None and self.mode is not Mode.assisted
         self.can_revoke = spec.calls.revoke is not None
         self.can_list = spec.calls.list is not None
         self._resolve = resolve
@@ -172,7 +172,7 @@ class HttpProvider:
     # ------------------------------------------------------------------ the Provider protocol
     def issue(self, *, name: str, credential_type: str, labels: dict[str, str]) -> IssuedCredential:
         call = self._need("issue")
-        if self.mode is RotationMode.assisted:
+        if self.mode is Mode.assisted:
             raise PermanentError(f"provider {self.name!r} is assisted: a person mints its keys (keyrotor deposit), keyrotor cannot issue them")
         self._check_can_issue(credential_type)
         variables = self._variables(credential_type=credential_type, key_name=name, labels=labels)
