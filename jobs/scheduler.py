@@ -25,12 +25,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from jobs.detection import detect_due
+from worker.service.detection import detect_due
 from jobs.leader import LeaderLock, leader_lock_key
-from jobs.pipeline_hooks import Pipeline, default_pipeline
-from jobs.reconcile import ProviderFactory, default_provider_factory, recover_stuck_runs, revoke_orphans
-from jobs.reminders import send_reminders
-from jobs.retirement import retire_due
+from worker.pipeline.outbox import Pipeline, default_pipeline
+from worker.service.reconcile import ProviderFactory, default_provider_factory, recover_stuck_runs, revoke_orphans
+from worker.service.reminders import send_reminders
+from worker.service.retirement import retire_due
 from worker.clock import utcnow
 from worker.db.models import ManagedKey, RotationRun
 from worker.db.session import session_scope
@@ -200,7 +200,7 @@ class KeyrotorScheduler:
             return {"reminded": len(send_reminders(self.engine, now=now, lead_s=cfg.reminder_lead_s,
                                                    repeat_s=cfg.reminder_repeat_s, notify=self._notify, batch=cfg.batch))}
         if name == "deposits":
-            from jobs.deposits import collect_deposits
+            from worker.service.deposits import collect_deposits
 
             if self._deposit_ctx is None:
                 from worker.pipeline.context import context_from_settings

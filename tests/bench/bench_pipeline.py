@@ -59,7 +59,7 @@ class Bench:
 
 
 def _inventory(provider_url: str, mount: str) -> dict[str, Any]:
-    from worker.sandbox.provider import standin_provider_spec
+    from keyrotor_sandbox.provider import standin_provider_spec
 
     spec = standin_provider_spec(provider_url, admin_token_ref={"env": TOKEN_ENV},
                                  rate_limit={"requests": 10_000, "per": "1s"},

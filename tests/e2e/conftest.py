@@ -177,7 +177,7 @@ class RunKeyFaults:
         return response
 
     def _answer(self, request: Any) -> Any:
-        from worker.sandbox.standin_http import Response
+        from keyrotor_sandbox.standin_http import Response
 
         if request.method == "GET" and request.path.rstrip("/") == "/api/user/me":
             key = self.state.find_secret(request.bearer())
@@ -212,8 +212,8 @@ def _route(request: Any) -> str:
 
 def start_provider(activation_delay: float) -> tuple[Any, RunKeyFaults]:
     """The provider stand-in (``ProviderHandle``) behind ``RunKeyFaults``."""
-    from worker.sandbox.provider import ProviderApp, ProviderHandle, ProviderState
-    from worker.sandbox.standin_http import serve_in_thread
+    from keyrotor_sandbox.provider import ProviderApp, ProviderHandle, ProviderState
+    from keyrotor_sandbox.standin_http import serve_in_thread
 
     state = ProviderState(admin_token="sbx-admin-" + secrets.token_urlsafe(16), activation_delay=activation_delay)
     faults = RunKeyFaults(ProviderApp(state), state)
@@ -304,9 +304,9 @@ class World:
     vault_addr: str
     vault_token: str
     mount: str
-    provider: Any            # worker.sandbox.provider.ProviderHandle
+    provider: Any            # keyrotor_sandbox.provider.ProviderHandle
     run_key_faults: RunKeyFaults
-    consumer: Any            # worker.sandbox.consumer.ConsumerHandle
+    consumer: Any            # keyrotor_sandbox.consumer.ConsumerHandle
     webhook_secret: str
     engine: sa.engine.Engine
     store: Any               # worker.vault.store.VaultStore (this process's view of Vault)
@@ -518,7 +518,7 @@ class World:
     def reconcile(self, *, ahead_s: float = 3600.0, orphan_min_age_s: float = 0.0) -> tuple[Any, list[Any]]:
         """Run the reconciler's two jobs as the scheduler would, with its clock ``ahead_s`` in the
         future so step deadlines have passed (we do not wait minutes for them)."""
-        from jobs.reconcile import recover_stuck_runs, revoke_orphans
+        from worker.service.reconcile import recover_stuck_runs, revoke_orphans
         from worker.providers.ratelimit import InMemoryRateLimiter
         from worker.providers.registry import build_provider
         from worker.secret_refs import make_resolver
@@ -610,7 +610,7 @@ class World:
 def render_inventory(world_bits: dict[str, Any], *, grace_s: int, activation_timeout_s: int,
                      rate_limit: int = 200, with_consumer: bool = True, with_copy: bool = True,
                      check_attempts_note: str = "") -> dict[str, Any]:
-    from worker.sandbox.provider import standin_provider_spec
+    from keyrotor_sandbox.provider import standin_provider_spec
 
     provider = standin_provider_spec(
         world_bits["provider_url"], admin_token_ref={"env": PROVIDER_TOKEN_ENV},
@@ -647,7 +647,7 @@ def make_world(pg_url: str, redis_url: str, redis_namespace: str, vault: Any, va
     """``make_world(grace_s=1, activation_delay=0.0, probe_ms=40, ...)`` → a ready ``World``."""
     from worker.inventory.apply import apply_inventory
     from worker.inventory.loader import load_inventory
-    from worker.sandbox.consumer import start_consumer_in_thread
+    from keyrotor_sandbox.consumer import start_consumer_in_thread
     from worker.settings import get_settings, load_settings
     from worker.vault.store import VaultStore
 

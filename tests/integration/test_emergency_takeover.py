@@ -45,7 +45,7 @@ def world(db_url: str) -> World:
 
 
 def emergency(world: World, batch: str = "b1") -> list[tuple[RotationRun, bool]]:
-    from jobs.emergency import request_provider_rotation
+    from worker.service.emergency import request_provider_rotation
 
     with session_scope(world.engine) as session:
         runs = request_provider_rotation(session, provider=world.provider.name, requested_by=SECURITY, batch_id=batch)
@@ -172,7 +172,7 @@ def test_a_run_that_cannot_be_taken_over_is_reported(world: World, monkeypatch: 
         session.flush()
         session.add(RotationRun(id="stuck1", key_id=world.key.id, state=RunState.needs_attention, trigger="manual",
                                 requested_by="t", created_at=now, new_version_id=version.id, last_error="?"))
-    from jobs.emergency import not_rotated
+    from worker.service.emergency import not_rotated
 
     runs = emergency(world)
     assert [(r.id, c) for r, c in runs] == [("stuck1", False)]

@@ -154,8 +154,8 @@ def stack(db_url: str, redis_url: str, redis_namespace: str, vault: Any, layout:
     from worker.pipeline.broker import make_stub_broker, reset_broker, setup_broker
     from worker.pipeline.context import StepPolicy, configure, context_from_settings
     from worker.pipeline.workers import start_worker
-    from worker.sandbox.consumer import start_consumer_in_thread
-    from worker.sandbox.provider import start_provider_in_thread
+    from keyrotor_sandbox.consumer import start_consumer_in_thread
+    from keyrotor_sandbox.provider import start_provider_in_thread
     from worker.settings import load_settings
 
     set_clock(None)

@@ -25,7 +25,7 @@ from worker.pipeline.steps import execute
 from worker.protocol import Step
 from worker.providers.ratelimit import InMemoryRateLimiter
 from worker.providers.registry import build_provider
-from worker.sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
+from keyrotor_sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
 from worker.secret import Secret
 from worker.secret_refs import make_resolver
 from worker.settings import load_settings

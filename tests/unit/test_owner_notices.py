@@ -144,7 +144,7 @@ def test_an_unreachable_smtp_server_is_transient() -> None:
 
 
 def test_slack_notices_use_the_web_api_with_the_bot_token() -> None:
-    from worker.sandbox.standin_http import Response, serve_in_thread
+    from keyrotor_sandbox.standin_http import Response, serve_in_thread
 
     seen: list[Any] = []
 

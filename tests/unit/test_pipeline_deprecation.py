@@ -1,6 +1,6 @@
 """Deprecated credentials in the pipeline (Asana's 434): the new credential deprecated → the run
 fails at once with the replacement named; the key's current credential deprecated → a rotation
-to the replacement type is requested (jobs.deprecation.on_deprecated_response)."""
+to the replacement type is requested (worker.service.deprecation.on_deprecated_response)."""
 
 from __future__ import annotations
 
@@ -162,12 +162,12 @@ def test_old_credential_check_deprecated_after_revoke_reports_it(world: World) -
 
 
 def test_deprecation_report_never_breaks_the_step(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    import jobs.deprecation
+    import worker.service.deprecation
 
     def broken(*_a: Any, **_k: Any) -> None:
         raise RuntimeError("database hiccup")
 
-    monkeypatch.setattr(jobs.deprecation, "on_deprecated_response", broken)
+    monkeypatch.setattr(worker.service.deprecation, "on_deprecated_response", broken)
     world.provider.deprecated_keys.add(world.old.key_id)
     world.provider.revoke_refused_deprecated.add(world.old.key_id)
     run_id = world.request()

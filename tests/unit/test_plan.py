@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from jobs.plan import build_plan
+from worker.service.plan import build_plan
 from tests.scheduler_fakes import ALLOY_SPEC, ASANA_SPEC, add_key, add_provider
 from worker.clock import set_clock
 from worker.db.models import RotationRun

@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlmodel import Session, select
 
 import tests.hypothesis_profiles  # noqa: F401  (loads the settings profile)
-from jobs.reconcile import recover_stuck_runs, revoke_orphans
+from worker.service.reconcile import recover_stuck_runs, revoke_orphans
 from tests.fakes_pipeline import FakeIntegration, FakeProvider, FakeVault, World
 from tests.scheduler_fakes import RecordingPipeline
 from worker.clock import set_clock

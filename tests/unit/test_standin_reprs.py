@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from worker.sandbox.consumer import ConsumerConfig
-from worker.sandbox.provider import ProviderState, SandboxKey
+from keyrotor_sandbox.consumer import ConsumerConfig
+from keyrotor_sandbox.provider import ProviderState, SandboxKey
 
 SECRET = "s3cr3t-value-that-must-not-print"
 

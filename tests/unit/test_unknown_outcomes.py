@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from sqlmodel import Session, select
 
-from jobs.reconcile import recover_stuck_runs
+from worker.service.reconcile import recover_stuck_runs
 from tests.fakes_pipeline import FakeProvider, World
 from tests.scheduler_fakes import RecordingPipeline
 from worker.clock import utcnow

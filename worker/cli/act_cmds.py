@@ -113,7 +113,7 @@ def rotate(
                 requested_by=requested_by, idempotency_key=idempotency_key, emergency=emergency)
             runs = [(run, created)]
         else:
-            from jobs.emergency import request_provider_rotation
+            from worker.service.emergency import request_provider_rotation
 
             provider_runs = request_provider_rotation(session, provider=provider or "", requested_by=requested_by,
                                                       reason=reason if reason != "manual" else "breach")

@@ -1,7 +1,7 @@
 """Assisted mode: a person hands over the new credential.
 
 Two ways in, one acceptance: the owner writes it to the key's deposit path in Vault (picked up by
-the scheduler's ``deposits`` job, ``jobs/deposits.py``), or an operator runs ``keyrotor deposit``.
+the scheduler's ``deposits`` job, ``worker/service/deposits.py``), or an operator runs ``keyrotor deposit``.
 Either way the credential is checked at the provider *before* it is accepted (``DepositRejected``
 names the reason and the run keeps waiting), then goes to the run's Vault staging path; the run
 moves awaiting_deposit → issued and continues as usual (precheck, promote, propagate, verify,

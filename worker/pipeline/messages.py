@@ -134,7 +134,7 @@ def handle_request(engine: Any, request: RotationRequestV1) -> list[tuple[Rotati
                 not_before=request.not_before, emergency=request.emergency,
                 target_credential_type=request.target_credential_type)
             return [(run, created)]
-        from jobs.emergency import request_provider_rotation  # type: ignore[import-not-found]
+        from worker.service.emergency import request_provider_rotation  # type: ignore[import-not-found]
 
         # The message's idempotency key is the batch id: a redelivered (or re-sent) emergency
         # joins the runs it created the first time instead of starting a second emergency.

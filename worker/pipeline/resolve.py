@@ -243,7 +243,7 @@ def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note:
     deadline = None if target in (S.cancelled,) else 2 * policy.time_limit_ms / 1000
     moved = transition(session, run, target, actor=actor, detail=detail, deadline_s=deadline, **fields)
     if enqueue and next_step(moved.mode, target) is not None:
-        from jobs.pipeline_hooks import enqueue_after_commit
+        from worker.pipeline.outbox import enqueue_after_commit
         from worker.pipeline.requests import enqueue_run
 
         enqueue_after_commit(session, moved, enqueue_run)

@@ -59,7 +59,7 @@ def take_over(session: Session, run: RotationRun, *, requested_by: str, reason: 
     moved = transition(session, run, target, actor=requested_by, emergency=True, last_error=None, **extra,
                        deadline_s=2 * default_policy().time_limit_ms / 1000,
                        detail={**detail, "resumed_as_emergency": True})
-    from jobs.pipeline_hooks import enqueue_after_commit
+    from worker.pipeline.outbox import enqueue_after_commit
     from worker.pipeline.requests import enqueue_run
 
     enqueue_after_commit(session, moved, enqueue_run)

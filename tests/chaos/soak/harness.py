@@ -170,7 +170,7 @@ class ChaosRun:
         from worker.db.session import make_engine, session_scope
         from worker.inventory.apply import apply_inventory
         from worker.inventory.loader import load_inventory
-        from worker.sandbox.provider import standin_provider_spec
+        from keyrotor_sandbox.provider import standin_provider_spec
         from worker.settings import load_settings
         from worker.vault.store import VaultStore
 

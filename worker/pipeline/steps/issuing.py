@@ -283,7 +283,7 @@ def _record_lost_orphan(ctx: PipelineContext, snap: Snapshot, key_id: Optional[s
 
 def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """assisted: requested → awaiting_deposit; the key's owner is told what to create, where, and
-    how to hand it over (their deposit path in Vault; ``jobs/deposits.py`` picks it up)."""
+    how to hand it over (their deposit path in Vault; ``worker/service/deposits.py`` picks it up)."""
     from worker.inventory.snapshot import applied_document, assisted_timings, create_url
     from worker.owner_notices import contact_of, deposit_detail, notify_owner
 

@@ -169,7 +169,7 @@ def finish(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         session.add(key)
         session.flush()
         try:
-            from jobs.due import refresh_next_due  # type: ignore[import-not-found]
+            from worker.service.due import refresh_next_due  # type: ignore[import-not-found]
         except ImportError:
             return
         refresh_next_due(session, key)

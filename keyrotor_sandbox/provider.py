@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from worker.sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread, serve_until_signalled
+from keyrotor_sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread, serve_until_signalled
 
 ROUTES = ("issue", "check", "revoke", "list")
 PHASES = ("none", "no_new_credentials", "amnesty", "rejected")

@@ -20,8 +20,8 @@ from worker.cli.follow import STOP_STATES, AuditFollower, state_of
 from worker.cli.output import duration, print_json, print_table, short_fp
 from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun
 from worker.db.session import session_scope
-from worker.demo import invariants
-from worker.demo.environment import DemoEnvironment
+from keyrotor_sandbox.demo import invariants
+from keyrotor_sandbox.demo.environment import DemoEnvironment
 from worker.secret import Secret
 
 GRACE_S = 2
@@ -51,7 +51,7 @@ class Narrator:
 
 def render_inventory(env: DemoEnvironment) -> str:
     """The embedded inventory with the stand-ins' addresses filled in (``<<name>>`` placeholders)."""
-    template = resources.files("worker.demo").joinpath("inventory.yaml").read_text(encoding="utf-8")
+    template = resources.files("keyrotor_sandbox.demo").joinpath("inventory.yaml").read_text(encoding="utf-8")
     values = {
         "provider_url": env.provider.url, "vault_mount": env.vault_mount, "grace_period": str(GRACE_S),
         "reporting_consumer_url": env.consumers["reporting-consumer"].url,
@@ -134,7 +134,7 @@ def _run(env: DemoEnvironment, narrator: Narrator, *, keep: bool, json_out: bool
         run_ids[key.name] = run.id
     say(f"rotation requested for {len(run_ids)} keys (grace period {GRACE_S}s)")
 
-    from jobs.retirement import retire_due
+    from worker.service.retirement import retire_due
 
     deadline = time.monotonic() + 45.0
     states: dict[str, str] = {}

@@ -2,7 +2,7 @@
 
 Detection opens their run (it waits for the owner's deposit); this job tells the owner ahead
 of time and keeps telling them, at most once per ``repeat_s`` per key, until the key's run is
-waiting for the deposit — from then on the ``deposits`` job (``jobs/deposits.py``) reminds them
+waiting for the deposit — from then on the ``deposits`` job (``worker/service/deposits.py``) reminds them
 at the key's ``assisted.remind_every`` until the deposit or its deadline. Each reminder is recorded in the audit trail, which is also how the
 "once per repeat_s" rule survives a scheduler restart or a leader change.
 """
@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 from sqlmodel import select
 
-from jobs.plan import can_rotate_automatically
-from jobs.deprecation import replacement_type
+from worker.service.plan import can_rotate_automatically
+from worker.service.deprecation import replacement_type
 from worker.clock import as_utc, utcnow
 from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope

@@ -18,7 +18,7 @@ import uuid
 
 from sqlmodel import Session, select
 
-from jobs.pipeline_hooks import Pipeline, default_pipeline
+from worker.pipeline.outbox import Pipeline, default_pipeline
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
 from worker.errors import ConfigError
 from worker.log import get_logger

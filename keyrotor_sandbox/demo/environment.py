@@ -73,7 +73,7 @@ class DemoEnvironment:
     vault_url: str
     vault_external: bool          # True: the Vault VAULT_ADDR names; False: our own OpenBao dev server
     vault_mount: str
-    provider: Any                 # worker.sandbox.provider.ProviderHandle
+    provider: Any                 # keyrotor_sandbox.provider.ProviderHandle
     webhook_secret: str
     broker_kind: str              # "stub" | "redis"
     queue_namespace: str
@@ -111,7 +111,7 @@ class DemoEnvironment:
 
                 raise ConfigError("VAULT_ADDR is set but VAULT_TOKEN is not; the demo needs a token that can enable a KV mount")
         else:
-            from worker.sandbox.openbao import start_dev_server
+            from keyrotor_sandbox.openbao import start_dev_server
 
             vault = start_dev_server()  # OpenBaoNotFound (a ConfigError) says in one line how to get `bao`
             stack.callback(vault.stop)
@@ -130,7 +130,7 @@ class DemoEnvironment:
         # Every log line of the service goes to a file the leak check scans afterwards.
         configure_logging("INFO", "json", stream=log_stream or log_file)
 
-        from worker.sandbox.provider import start_provider_in_thread
+        from keyrotor_sandbox.provider import start_provider_in_thread
 
         provider = start_provider_in_thread(host="127.0.0.1", port=0, activation_delay=activation_delay_s)
         stack.callback(provider.stop)
@@ -170,7 +170,7 @@ class DemoEnvironment:
 
     def start_consumer(self, integration: str, *, key_path: str, key_field: str, probe_interval_s: float = 0.1) -> Any:
         """A consumer stand-in that reads its key from Vault and probes the provider with it."""
-        from worker.sandbox.consumer import start_consumer_in_thread
+        from keyrotor_sandbox.consumer import start_consumer_in_thread
 
         consumer = start_consumer_in_thread(
             host="127.0.0.1", port=0, vault_addr=self.vault_url, vault_token=os.environ["VAULT_TOKEN"],
