@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 
 from worker.service.detection import detect_due
 from jobs.leader import LeaderLock, leader_lock_key
-from worker.pipeline.outbox import Pipeline, default_pipeline
+from worker.service.hooks import Pipeline, default_pipeline
 from worker.service.reconcile import ProviderFactory, default_provider_factory, recover_stuck_runs, revoke_orphans
 from worker.service.reminders import send_reminders
 from worker.service.retirement import retire_due

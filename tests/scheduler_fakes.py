@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from worker.pipeline.outbox import Pipeline
+from worker.service.hooks import Pipeline
 from worker.clock import utcnow
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
 from worker.protocol.states import RunState

@@ -26,6 +26,7 @@ from worker.errors import PermanentError, TransientError
 from worker.http_security import insecure_http_problem, note_insecure_http
 from worker.integrations import signing
 from worker.log import get_logger, redact
+from worker.notice_text import notice_subject, notice_text
 from worker.retry import parse_retry_after, retry_call
 from worker.secret import Secret
 
@@ -149,8 +150,6 @@ class Notifier:
     def _deliver(self, sink: Sink, payload: dict[str, Any]) -> None:
         if sink.kind == "email":
             assert sink.send_mail is not None and sink.target is not None
-            from worker.owner_notices import notice_subject, notice_text
-
             sink.send_mail(sink.target, notice_subject(payload), notice_text(payload))
             return
         # A URL from a reference is only known here: the same rule as the inventory's literal URLs.
@@ -182,8 +181,6 @@ class Notifier:
 
     def _post_slack_api(self, sink: Sink, payload: dict[str, Any]) -> None:
         """``chat.postMessage``: Slack answers 200 with ``{"ok": false, "error": …}`` on refusal."""
-        from worker.owner_notices import notice_text
-
         assert sink.signing_secret is not None
         body = json.dumps({"channel": sink.target, "text": notice_text(payload)}).encode()
         headers = {"Content-Type": "application/json; charset=utf-8",

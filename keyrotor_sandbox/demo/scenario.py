@@ -121,7 +121,8 @@ def _run(env: DemoEnvironment, narrator: Narrator, *, keep: bool, json_out: bool
     env.consumers[FAULTY_INTEGRATION].ignore_updates(True)
     say(f"fault injected: {FAULTY_INTEGRATION} will keep using the old key, so {FAULTY_KEY} must fail verification")
 
-    from worker.pipeline.requests import enqueue_run, request_rotation
+    from worker.pipeline.outbox import enqueue_run
+    from worker.pipeline.requests import request_rotation
 
     follower = AuditFollower(env.engine)
     follower.start_from_now()

@@ -196,7 +196,7 @@ def _sequential(b: Bench) -> tuple[float, list[float]]:
 
 def _concurrent(b: Bench, tag: str) -> tuple[float, list[float]]:
     from worker.pipeline.broker import make_stub_broker, reset_broker, setup_broker
-    from worker.pipeline.requests import enqueue_run
+    from worker.pipeline.outbox import enqueue_run
     from worker.pipeline.workers import start_worker
 
     broker = setup_broker(broker=make_stub_broker())

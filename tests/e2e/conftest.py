@@ -386,7 +386,8 @@ class World:
         return self._broker
 
     def request(self, key_name: str = KEY_NAME, *, enqueue: bool = True, reason: str = "e2e") -> str:
-        from worker.pipeline.requests import enqueue_run, request_rotation
+        from worker.pipeline.outbox import enqueue_run
+        from worker.pipeline.requests import request_rotation
 
         self.broker  # noqa: B018 - actors declared on the test namespace before enqueueing
         with session_scope(self.engine) as session:
@@ -399,7 +400,7 @@ class World:
         return run_id
 
     def enqueue(self, run_id: str) -> None:
-        from worker.pipeline.requests import enqueue_run
+        from worker.pipeline.outbox import enqueue_run
 
         self.broker  # noqa: B018
         with session_scope(self.engine) as session:
@@ -408,7 +409,7 @@ class World:
             enqueue_run(run)
 
     def send_step(self, step: str, run_id: str) -> None:
-        from worker.pipeline.actors import send_step
+        from worker.pipeline.queue import send_step
         from worker.protocol import Step
 
         self.broker  # noqa: B018

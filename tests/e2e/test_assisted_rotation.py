@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import KEY_NAME, PROVIDER, REPO, World, render_inventory
-from worker.inventory.schema import key_slug
+from worker.text import key_slug
 
 CREATE_URL = "https://standin.example/settings/api-keys"
 

@@ -18,7 +18,7 @@ from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict
 from worker.pipeline.broker import make_redis_broker, setup_broker
 from worker.pipeline.context import StepPolicy, configure
-from worker.pipeline.requests import enqueue_run
+from worker.pipeline.outbox import enqueue_run
 from worker.pipeline.runs import load_run, transition
 from worker.pipeline.workers import start_worker
 from worker.settings import load_settings

@@ -383,7 +383,7 @@ def test_emergency_for_an_unknown_provider_says_what_to_do(sqlite_url, pipeline)
 
 def test_detection_with_the_real_request_rotation(engine) -> None:  # type: ignore[no-untyped-def]
     """Same expiry trigger through worker.pipeline.requests (audit trail included); messages recorded."""
-    from worker.pipeline.outbox import Pipeline
+    from worker.service.hooks import Pipeline
     from worker.pipeline.requests import request_rotation
 
     sent: list[str] = []

@@ -135,7 +135,7 @@ def test_a_new_run_has_a_step_deadline_so_a_lost_first_message_is_recovered(worl
     run = _run(world, run_id)
     assert as_utc(run.step_deadline_at) == world.clock.now + timedelta(seconds=2 * StepPolicy().time_limit_ms / 1000)
     from worker.service.reconcile import recover_stuck_runs
-    from worker.pipeline.outbox import Pipeline
+    from worker.service.hooks import Pipeline
 
     sent: list[str] = []
     pipeline = Pipeline(request_rotation=lambda *a, **k: None, enqueue_run=lambda r: sent.append(r.id))  # type: ignore[arg-type,return-value]

@@ -97,7 +97,8 @@ def rotate(
     from worker.pipeline.broker import setup_broker
 
     broker = setup_broker(settings)
-    from worker.pipeline.requests import enqueue_run, request_rotation
+    from worker.pipeline.outbox import enqueue_run
+    from worker.pipeline.requests import request_rotation
 
     requested_by = operator()
     with session_scope(engine) as session:

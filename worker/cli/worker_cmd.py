@@ -37,7 +37,7 @@ def worker(
         set_health_check(lambda: worker_problems(processes, lambda: redis_reachable(settings.redis_url, timeout=1.0)))
         metrics_port = serve_metrics(settings, "worker")
     from worker.log import get_logger
-    from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE
+    from worker.pipeline.queue import REQUEST_QUEUE, STEP_QUEUE
 
     # Where this worker reads and writes, so a misdirected one is obvious from its first line.
     get_logger("keyrotor.worker").info(

@@ -184,11 +184,6 @@ TemplateStr = Annotated[str, BeforeValidator(_stringify_scalar), BeforeValidator
 HeaderValue = Annotated[str, BeforeValidator(lambda v: _check_template(_stringify_scalar(v)) if isinstance(_stringify_scalar(v), str) else v)]
 
 
-def key_slug(name: str) -> str:
-    """A key name made safe for a path segment or an identifier: ``alloy/billing`` → ``alloy-billing``."""
-    return re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-")
-
-
 # --------------------------------------------------------------------------- secret fields
 def _refuse_literal(value: Any) -> Any:
     if isinstance(value, str) and value != SECRET_TEMPLATE:

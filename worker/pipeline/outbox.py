@@ -1,40 +1,30 @@
-"""The two pipeline calls the scheduled jobs need, behind one seam so jobs can be tested alone.
+"""The outbox: putting a run on the queue, only once the transaction that moved it commits.
 
-The real ones are ``worker.pipeline.requests.request_rotation`` and ``enqueue_run`` (see
-docs/internals.md, "Rotation requests"). A run is enqueued only *after* the transaction that
-created it commits, so a worker never receives a run id it cannot read yet.
+``enqueue_run`` asks the protocol for the step that moves the run on from its state (none when it
+waits for a person or is over) and sends it, delayed until ``not_before`` or the end of the grace
+period. ``enqueue_after_commit`` sends the run's step once ``session`` commits, so a worker never
+receives a run id it cannot read yet, and nothing is sent for a transaction that rolled back.
+Every producer (requests, the scheduler's jobs, resolve, takeover, deposits) goes through here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from sqlalchemy import event
 from sqlmodel import Session
 
+from worker.clock import as_utc, utcnow
 from worker.db.models import RotationRun
 from worker.log import get_logger
+from worker.pipeline.queue import send_step
+from worker.protocol import RunState, next_step
 
 log = get_logger(__name__)
 
-RequestFn = Callable[..., "tuple[RotationRun, bool]"]
 EnqueueFn = Callable[[RotationRun], None]
 
 _PENDING = "keyrotor_enqueue_after_commit"
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    request_rotation: RequestFn
-    enqueue_run: EnqueueFn
-
-
-def default_pipeline() -> Pipeline:
-    """The real pipeline (imported late: the scheduler must start even if a worker module is slow to import)."""
-    from worker.pipeline.requests import enqueue_run, request_rotation
-
-    return Pipeline(request_rotation=request_rotation, enqueue_run=enqueue_run)
 
 
 def enqueue_after_commit(session: Session, run: RotationRun, enqueue: EnqueueFn) -> None:
@@ -58,3 +48,17 @@ def enqueue_after_commit(session: Session, run: RotationRun, enqueue: EnqueueFn)
         event.listen(session, "after_commit", _after_commit)
         event.listen(session, "after_soft_rollback", lambda sess, _tx: _after_rollback(sess))
     pending.append((run, enqueue))
+
+
+def enqueue_run(run: RotationRun) -> None:
+    """Send the actor for the run's current state (no-op when the run waits or is over)."""
+    state = run.state if isinstance(run.state, RunState) else RunState(run.state)
+    step = next_step(run.mode, state)
+    if step is None:
+        return
+    delay_s = 0.0
+    now = utcnow()
+    when = run.not_before if state == RunState.requested else run.grace_until if state == RunState.verified else None
+    if when is not None:
+        delay_s = max(0.0, (as_utc(when) - now).total_seconds())  # type: ignore[operator]
+    send_step(step, run.id, delay_ms=int(delay_s * 1000))

@@ -22,7 +22,8 @@ import dramatiq
 from dramatiq import Worker
 
 from worker import log
-from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE, setup_broker
+from worker.pipeline.broker import setup_broker
+from worker.pipeline.queue import REQUEST_QUEUE, STEP_QUEUE
 from worker.pipeline.stream import start_request_stream
 from worker.settings import get_settings
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from worker.pipeline.outbox import Pipeline, default_pipeline, enqueue_after_commit
+from worker.pipeline.outbox import enqueue_after_commit
+from worker.service.hooks import Pipeline, default_pipeline
 from worker.clock import utcnow
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
 from worker.log import get_logger

@@ -18,7 +18,7 @@ import uuid
 
 from sqlmodel import Session, select
 
-from worker.pipeline.outbox import Pipeline, default_pipeline
+from worker.service.hooks import Pipeline, default_pipeline
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
 from worker.errors import ConfigError
 from worker.log import get_logger

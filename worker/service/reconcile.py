@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Engine
 
-from worker.pipeline.outbox import Pipeline, default_pipeline, enqueue_after_commit
+from worker.pipeline.outbox import enqueue_after_commit
+from worker.service.hooks import Pipeline, default_pipeline
 from worker.clock import as_utc, utcnow
 from worker.db.models import (
     AuditEvent,

@@ -400,7 +400,8 @@ class ChaosRun:
         """Request ``rounds`` rotations of every key (one at a time per key) and wait until every
         run settled."""
         from worker.db.session import session_scope
-        from worker.pipeline.requests import enqueue_run, request_rotation
+        from worker.pipeline.outbox import enqueue_run
+        from worker.pipeline.requests import request_rotation
 
         self.world.broker  # noqa: B018 - this process produces on the private Redis
         done: Counter[str] = Counter()

@@ -285,7 +285,8 @@ def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """assisted: requested → awaiting_deposit; the key's owner is told what to create, where, and
     how to hand it over (their deposit path in Vault; ``worker/service/deposits.py`` picks it up)."""
     from worker.inventory.snapshot import applied_document, assisted_timings, create_url
-    from worker.owner_notices import contact_of, deposit_detail, notify_owner
+    from worker.notice_text import deposit_detail
+    from worker.owner_notices import contact_of, notify_owner
 
     snap = _snapshot(ctx, run_id, Step.request_deposit)
     if snap is None:
