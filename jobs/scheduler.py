@@ -187,7 +187,8 @@ class KeyrotorScheduler:
         if name == "reconcile":
             stuck = recover_stuck_runs(self.engine, now=now, max_attempts=cfg.max_attempts, step_timeout_s=cfg.step_timeout_s,
                                        batch=cfg.batch, pipeline=self._get_pipeline(), notify=self._notify)
-            return {"requeued": len(stuck.requeued), "needs_attention": len(stuck.needs_attention)}
+            return {"requeued": len(stuck.requeued), "needs_attention": len(stuck.needs_attention),
+                    "failed_over": len(stuck.failed_over)}
         if name == "retirement":
             return {"enqueued": len(retire_due(self.engine, now=now, step_timeout_s=cfg.step_timeout_s, batch=cfg.batch,
                                                pipeline=self._get_pipeline()))}

@@ -9,13 +9,13 @@ Every producer (requests, the scheduler's jobs, resolve, takeover, deposits) goe
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
-from sqlalchemy import event
 from sqlmodel import Session
 
 from worker.clock import as_utc, utcnow
 from worker.db.models import RotationRun
+from worker.db.session import after_commit
 from worker.log import get_logger
 from worker.pipeline.queue import send_step
 from worker.protocol import RunState, next_step
@@ -24,30 +24,17 @@ log = get_logger(__name__)
 
 EnqueueFn = Callable[[RotationRun], None]
 
-_PENDING = "keyrotor_enqueue_after_commit"
-
 
 def enqueue_after_commit(session: Session, run: RotationRun, enqueue: EnqueueFn) -> None:
     """Send the run's step message once ``session`` commits (dropped if it rolls back)."""
-    pending: list[tuple[RotationRun, EnqueueFn]] | None = session.info.get(_PENDING)
-    if pending is None:
-        pending = session.info[_PENDING] = []
 
-        def _after_commit(sess: Any) -> None:
-            todo = list(sess.info.get(_PENDING) or [])
-            sess.info[_PENDING] = []
-            for queued_run, send in todo:
-                try:
-                    send(queued_run)
-                except Exception as exc:  # the reconciler re-enqueues runs whose message was lost
-                    log.error("enqueue_failed", run_id=queued_run.id, error=type(exc).__name__, detail=str(exc)[:200])
+    def send() -> None:
+        try:
+            enqueue(run)
+        except Exception as exc:  # the reconciler re-enqueues runs whose message was lost
+            log.error("enqueue_failed", run_id=run.id, error=type(exc).__name__, detail=str(exc)[:200])
 
-        def _after_rollback(sess: Any) -> None:
-            sess.info[_PENDING] = []
-
-        event.listen(session, "after_commit", _after_commit)
-        event.listen(session, "after_soft_rollback", lambda sess, _tx: _after_rollback(sess))
-    pending.append((run, enqueue))
+    after_commit(session, send)
 
 
 def enqueue_run(run: RotationRun) -> None:

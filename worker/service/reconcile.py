@@ -38,7 +38,10 @@ from worker.db.models import (
     RotationRun,
     VersionStage,
 )
-from worker.protocol.states import TERMINAL_STATES, RunState
+from worker.errors import StateConflict
+from worker.pipeline.runs import run_state, transition
+from worker.protocol import FailureKind, failure_target, next_step
+from worker.protocol.states import TERMINAL_STATES, WAITING_STATES, RunState
 from worker.db.session import session_scope
 from worker.log import get_logger
 
@@ -46,8 +49,6 @@ log = get_logger(__name__)
 
 ACTOR = "reconciler"
 ORPHAN_NAME = re.compile(r"^keyrotor-(?P<run_id>[A-Za-z0-9_.:-]{4,64})$")
-#: Open states the reconciler leaves alone: a person acts next.
-WAITING_FOR_PERSON = frozenset({RunState.awaiting_deposit, RunState.needs_attention})
 LIVE_STAGES = (VersionStage.pending.value, VersionStage.current.value, VersionStage.previous.value)
 
 NotifyFn = Callable[..., None]
@@ -66,10 +67,12 @@ def _default_notify(engine: Any) -> NotifyFn:
 class StuckResult:
     requeued: list[str] = field(default_factory=list)
     needs_attention: list[str] = field(default_factory=list)
+    #: Out of re-enqueues and sent down the protocol's failure path (rolling back, compensating).
+    failed_over: list[str] = field(default_factory=list)
 
 
 def stuck_runs_query(now: datetime, batch: int):  # type: ignore[no-untyped-def]
-    skip = [s.value for s in (*TERMINAL_STATES, *WAITING_FOR_PERSON)]
+    skip = [s.value for s in (*TERMINAL_STATES, *WAITING_STATES)]  # over, or a person acts next
     in_grace = and_(RotationRun.state == RunState.verified.value, RotationRun.grace_until > now)  # type: ignore[arg-type,operator]
     return (
         select(RotationRun)
@@ -106,18 +109,28 @@ def recover_stuck_runs(
         )
         with session_scope(engine) as session:
             if requeues + 1 > max_attempts:
-                reason = f"no progress in state {state_value} after {requeues} re-enqueues; a person has to look"
-                moved = session.exec(  # type: ignore[call-overload]
-                    update(RotationRun).where(still_stuck)
-                    .values(state=RunState.needs_attention.value, last_error=reason, updated_at=now)
-                ).rowcount
-                if moved != 1:
-                    continue
                 run = session.get(RotationRun, run_id)
-                assert run is not None
-                session.add(AuditEvent(at=now, run_id=run_id, key_id=run.key_id, actor=ACTOR, event="state_changed",
-                                       from_state=state_value, to_state=RunState.needs_attention.value,
-                                       detail={"reason": reason, "requeues": requeues}))
+                if run is None or run_state(run).value != state_value:
+                    continue
+                # Out of re-enqueues: the step failed for good ("exhausted"); the protocol says where
+                # that leads in this run's mode (rolling_back after promotion in overlap/assisted,
+                # needs_attention elsewhere), and transition() refuses anything it forbids.
+                target = failure_target(run.mode, RunState(state_value), FailureKind.exhausted,
+                                        emergency=bool(run.emergency))
+                reason = (f"no progress in state {state_value} after {requeues} re-enqueues"
+                          + ("; a person has to look" if target == RunState.needs_attention else f"; {target.value}"))
+                waits = next_step(run.mode, target) is None
+                # Waiting for a person keeps the step's own attempt count for whoever looks (as fail_run).
+                kept = {"attempts": run.attempts} if waits else {}
+                try:
+                    moved = transition(session, run, target, actor=ACTOR, last_error=reason, requeues=requeues, **kept,
+                                       deadline_s=None if waits else step_timeout_s, still=(still_stuck,),
+                                       detail={"reason": reason, "requeues": requeues})
+                except StateConflict:  # a worker moved it meanwhile: nothing to do
+                    session.rollback()
+                    continue
+                if not waits:
+                    enqueue_after_commit(session, moved, pipeline.enqueue_run)
                 key = session.get(ManagedKey, run.key_id)
                 key_name = key.name if key else str(run.key_id)
             else:
@@ -136,6 +149,10 @@ def recover_stuck_runs(
         if key_name is None:
             result.requeued.append(run_id)
             log.warning("stuck_run_requeued", run_id=run_id, state=state_value, requeue=requeues + 1)
+        elif target != RunState.needs_attention:
+            result.failed_over.append(run_id)
+            log.error("stuck_run_failed", run_id=run_id, state=state_value, to_state=target.value, requeues=requeues,
+                      key=key_name)
         else:
             result.needs_attention.append(run_id)
             log.error("stuck_run_needs_attention", run_id=run_id, state=state_value, requeues=requeues, key=key_name)

@@ -12,10 +12,9 @@ from worker import log
 from worker.db.models import KeyVersion, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict, TransientError
-from worker.metrics import ROTATIONS
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import read_pending, safe_error
-from worker.pipeline.lease import current_lease, transitioned
+from worker.pipeline.lease import current_lease
 from worker.pipeline.runs import load_key, load_run, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
@@ -134,10 +133,7 @@ def _advance(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: Opti
             apply(session)
         transition(session, snap.run, to, actor=ctx.actor, detail=detail,
                    deadline_s=_deadline_s(ctx, to, delay_s), refresh=False, **fields)
-    transitioned()
     logger.info("run.transition", from_state=run_state(snap.run).value, to_state=to.value, **(detail or {}))
-    if to in OUTCOME_STATES:
-        ROTATIONS.labels(provider=snap.key.provider, outcome=to.value).inc()
     return StepOutcome(state=to, mode=snap.mode, next_in_s=delay_s)
 
 

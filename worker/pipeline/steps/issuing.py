@@ -15,7 +15,6 @@ from worker.db.session import session_scope
 from worker.errors import ConfigError, DeprecatedCredential, PermanentError, RateLimited, StateConflict, is_permanent
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, safe_error, seconds_between
-from worker.pipeline.lease import transitioned
 from worker.pipeline.preflight import check_run_references
 from worker.pipeline.runs import audit, load_run, run_state, transition
 from worker.pipeline.steps.common import Snapshot, StepOutcome, _deadline_s, _notify, _snapshot
@@ -83,7 +82,6 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         new_id = _record_new_version(session, snap, secret=secret, key_id=key_id, name=name, expires_at=expires_at)
         transition(session, snap.run, S.issued, actor=ctx.actor, detail=detail,
                    deadline_s=_deadline_s(ctx, S.issued), old_version_id=old_id, new_version_id=new_id, refresh=False)
-    transitioned()
     logger.info("run.transition", from_state="requested", to_state="issued", fingerprint=secret.fingerprint)
     return StepOutcome(state=S.issued, mode=snap.mode)
 
@@ -308,7 +306,6 @@ def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                    detail={"owner": snap.key.owner, "contact": detail["contact"],
                            "deposit_path": f"{ctx.vault.staging_mount}/{path}",
                            "command": f"keyrotor deposit {snap.run.id}"}, refresh=False)
-    transitioned()
     _notify(ctx, "started", snap, {"action": "deposit_required", "owner": snap.key.owner,
                                    "credential_type": snap.credential_type, "next_step": detail["next_step"]})
     notify_owner(ctx.engine, "deposit_requested", key_name=snap.key.name, run_id=snap.run.id, detail=detail,

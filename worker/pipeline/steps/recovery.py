@@ -13,7 +13,6 @@ from worker.clock import utcnow
 from worker.db.models import ManagedKey, VersionStage
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict
-from worker.metrics import ROTATIONS
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.deprecation import (
     DEPRECATED_TYPE_FIELD,
@@ -23,14 +22,12 @@ from worker.pipeline.deprecation import (
     report_deprecated,
 )
 from worker.pipeline.effects import holding, read_pending, safe_error
-from worker.pipeline.lease import transitioned
 from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
 from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _deadline_s, _notify, _snapshot
 from worker.pipeline.steps.minted import MintedKey, minted_keys, record_discarded
 from worker.pipeline.steps.provider import _provider, revoke_key
 from worker.pipeline.steps.sinks import _announcement, _push_all, _raise_sink_failures
 from worker.protocol import FailureKind, Mode, RunState, Step, expected_state, failure_target, parse_mode
-from worker.protocol.states import OUTCOME_STATES
 from worker.secret import Secret
 
 logger = log.get_logger("keyrotor.pipeline")
@@ -193,10 +190,7 @@ def fail_run(ctx: PipelineContext, run_id: str, step: Step, exc: BaseException, 
         except StateConflict:
             session.rollback()
             return None
-    transitioned()
     logger.warning("run.failed_step", failure=kind.value, to_state=target.value, error=error)
-    if target in OUTCOME_STATES:
-        ROTATIONS.labels(provider=key.provider, outcome=target.value).inc()
     if target == S.needs_attention:
         snap = Snapshot(run=run, key=key, old=None, new=None, mode=parse_mode(run.mode))
         alert: dict[str, Any] = {"step": step.value, "error": error, "failure": kind.value}
