@@ -16,7 +16,7 @@ from worker.cli.common import cli_settings, open_database, require_redis, serve_
 from worker.log import configure_logging
 from worker.notify import notify_function
 from worker.ops_metrics import register_scheduler_collectors
-from worker.pipeline.broker import setup_broker
+from worker.runtime.broker import setup_broker
 from worker.pipeline.context import context_from_settings
 from worker.redis_conn import redis_client
 

@@ -363,7 +363,7 @@ class World:
             return run.id
 
     def drive(self, run_id: str, **kwargs: Any) -> Any:
-        from worker.pipeline.inline import drive
+        from worker.runtime.inline import drive
 
         assert self.ctx is not None
         return drive(self.ctx, run_id, advance=self.clock.advance, **kwargs)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 from prometheus_client.core import GaugeMetricFamily
 
-from worker.pipeline.queue import REQUEST_QUEUE, STEP_QUEUE
+from worker.queues import REQUEST_QUEUE, STEP_QUEUE
 
 QUEUES = (STEP_QUEUE, REQUEST_QUEUE)
 

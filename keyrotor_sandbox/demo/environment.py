@@ -183,9 +183,9 @@ class DemoEnvironment:
 
     def start_worker(self, *, threads: int = 4) -> None:
         """The pipeline's actors on the demo's broker, served by an in-process Dramatiq worker."""
-        from worker.pipeline.broker import make_redis_broker, make_stub_broker, reset_broker, setup_broker
+        from worker.runtime.broker import make_redis_broker, make_stub_broker, reset_broker, setup_broker
         from worker.pipeline.context import configure, context_from_settings
-        from worker.pipeline.workers import start_worker
+        from worker.runtime.workers import start_worker
 
         settings = get_settings()
         if self.broker_kind == "redis":

@@ -59,7 +59,7 @@ _FALLBACK_WORKER = (
     "from worker.settings import get_settings\n"
     "s = get_settings()\n"
     "configure_logging(s.log_level, s.log_format)\n"
-    "from worker.pipeline.workers import run_worker\n"
+    "from worker.runtime.workers import run_worker\n"
     "run_worker(processes=int(sys.argv[1]), threads=int(sys.argv[2]))\n"
 )
 _worker_cli: Optional[bool] = None
@@ -378,7 +378,7 @@ class World:
     def broker(self) -> Any:
         """This process's Redis broker on the test namespace (a producer, like the CLI)."""
         if self._broker is None:
-            from worker.pipeline.broker import make_redis_broker, reset_broker, setup_broker
+            from worker.runtime.broker import make_redis_broker, reset_broker, setup_broker
 
             self._broker = setup_broker(broker=make_redis_broker(self.redis_url, self.namespace))
             self.stack.callback(reset_broker)
@@ -409,7 +409,7 @@ class World:
             enqueue_run(run)
 
     def send_step(self, step: str, run_id: str) -> None:
-        from worker.pipeline.queue import send_step
+        from worker.queues import send_step
         from worker.protocol import Step
 
         self.broker  # noqa: B018

@@ -22,7 +22,7 @@ SECURITY = "cli:security"
 
 def make_world(db_url: str, mode: str = "overlap") -> World:
     """A world whose context is the process's (as in a worker: the takeover reads its Vault's staging)."""
-    from worker.pipeline.broker import make_stub_broker, setup_broker
+    from worker.runtime.broker import make_stub_broker, setup_broker
     from worker.pipeline.context import configure
 
     setup_broker(broker=make_stub_broker())

@@ -19,7 +19,7 @@ from worker.db.models import AuditEvent, ManagedKey, ProviderRecord
 from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 from worker.pipeline.context import PipelineContext, StepPolicy
-from worker.pipeline.inline import drive
+from worker.runtime.inline import drive
 from worker.pipeline.requests import request_rotation
 from worker.pipeline.steps import execute
 from worker.protocol import Step

@@ -18,7 +18,7 @@ VALID = {"version": 1, "key": "acme/reporting", "reason": "manual", "requested_b
 
 @pytest.fixture
 def world(sqlite_url: str) -> World:
-    from worker.pipeline.broker import make_stub_broker, setup_broker
+    from worker.runtime.broker import make_stub_broker, setup_broker
 
     setup_broker(broker=make_stub_broker())
     return World(url=sqlite_url, provider=FakeProvider()).build()

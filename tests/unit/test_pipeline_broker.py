@@ -11,12 +11,12 @@ from tests.fakes_pipeline import FakeProvider, World
 from worker.db.models import RotationRun
 from worker.protocol.states import RunState
 from worker.errors import TransientError
-from worker.pipeline.broker import make_stub_broker, setup_broker
-from worker.pipeline.queue import REQUEST_QUEUE, STEP_QUEUE
+from worker.runtime.broker import make_stub_broker, setup_broker
+from worker.queues import REQUEST_QUEUE, STEP_QUEUE
 from worker.pipeline.context import StepPolicy, configure
-from worker.pipeline.queue import send_request
+from worker.queues import send_request
 from worker.pipeline.outbox import enqueue_run
-from worker.pipeline.workers import start_worker
+from worker.runtime.workers import start_worker
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ SPEC = {"activation": {"poll_interval": "2s", "timeout": "60s"},
 
 @pytest.fixture
 def world(sqlite_url: str) -> World:
-    from worker.pipeline.broker import make_stub_broker, setup_broker
+    from worker.runtime.broker import make_stub_broker, setup_broker
 
     setup_broker(broker=make_stub_broker())
     w = World(url=sqlite_url, provider=FakeProvider()).build()

@@ -94,7 +94,7 @@ def rotate(
         return
     engine = open_database(settings)
     _require_redis(settings.redis_url)
-    from worker.pipeline.broker import setup_broker
+    from worker.runtime.broker import setup_broker
 
     broker = setup_broker(settings)
     from worker.pipeline.outbox import enqueue_run
@@ -415,7 +415,7 @@ def deposit(
         run_id, key_name = run.id, _key_names(session, [run.key_id]).get(run.key_id, "?")
     secret = read_deposit_secret(f"New credential for {key_name} (input hidden): ")
     _require_redis(settings.redis_url)
-    from worker.pipeline.broker import setup_broker
+    from worker.runtime.broker import setup_broker
 
     setup_broker(settings)
     from worker.pipeline.deposit import DepositRejected
@@ -495,7 +495,7 @@ def resolve(
                 typer.echo(f"{name:<11} → {target}")
         raise typer.Exit(EXIT_OK if options else EXIT_FAILED)
     _require_redis(settings.redis_url)
-    from worker.pipeline.broker import setup_broker
+    from worker.runtime.broker import setup_broker
 
     setup_broker(settings)
     try:

@@ -1,4 +1,5 @@
-"""The versioned rotation-request message any producer can enqueue, and the actor consuming it.
+"""The versioned rotation-request message any producer can enqueue: parsing, validation, acting on it
+(the actor consuming it is ``worker.runtime.actors.rotation_requests``).
 
 Schema (version 1; see docs/queue-message.md)::
 
@@ -21,8 +22,6 @@ import re
 from datetime import datetime
 from typing import Any, Callable, Literal, Optional
 
-import dramatiq
-from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker import log
@@ -32,9 +31,7 @@ from worker.db.session import session_scope
 from worker.errors import KeyrotorError
 from worker.inventory.literals import looks_like_credential
 from worker.metrics import QUEUE_MESSAGES_REJECTED
-from worker.pipeline.context import get_context
 from worker.pipeline.outbox import enqueue_run
-from worker.pipeline.queue import REQUEST_ACTOR, REQUEST_QUEUE
 from worker.pipeline.requests import request_rotation
 from worker.service.emergency import request_provider_rotation
 
@@ -184,20 +181,3 @@ def consume(raw: Any, *, engine: Any, message_id: Optional[str] = None, default_
             enqueue_run(run)
         logger.info("queue_message.accepted", run_id=run.id, joined=not created, requested_by=request.requested_by)
     return results
-
-
-def rotation_requests(payload: Any = None, *args: Any, **kwargs: Any) -> None:
-    """Actor: one rotation request. Any shape is accepted at the Dramatiq level so that a
-    malformed message is rejected by us, with a reason, rather than crash the worker."""
-    message = CurrentMessage.get_current_message()
-    message_id = message.message_id if message is not None else None
-    if args or kwargs:
-        reject(get_context().engine, "expected exactly one argument: the request object", "bad_envelope", message_id)
-        return
-    consume(payload, engine=get_context().engine, message_id=message_id)
-
-
-def declare_request_actor(broker: dramatiq.Broker) -> dramatiq.Actor:
-    # Transient errors (database down) are retried by Dramatiq; validation failures never raise.
-    return dramatiq.actor(rotation_requests, actor_name=REQUEST_ACTOR, queue_name=REQUEST_QUEUE,
-                          broker=broker, max_retries=10, min_backoff=1000, max_backoff=60_000)

@@ -17,7 +17,7 @@ from worker.clock import as_utc, utcnow
 from worker.db.models import RotationRun
 from worker.db.session import after_commit
 from worker.log import get_logger
-from worker.pipeline.queue import send_step
+from worker.queues import send_step
 from worker.protocol import RunState, next_step
 
 log = get_logger(__name__)

@@ -22,9 +22,9 @@ import dramatiq
 from dramatiq import Worker
 
 from worker import log
-from worker.pipeline.broker import setup_broker
-from worker.pipeline.queue import REQUEST_QUEUE, STEP_QUEUE
-from worker.pipeline.stream import start_request_stream
+from worker.runtime.broker import setup_broker
+from worker.queues import REQUEST_QUEUE, STEP_QUEUE
+from worker.runtime.stream import start_request_stream
 from worker.settings import get_settings
 
 logger = log.get_logger("keyrotor.pipeline.workers")

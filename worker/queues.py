@@ -1,7 +1,7 @@
 """The queue as the service layer sees it: queue and actor names, and sending a message.
 
-The actors (``worker/pipeline/actors.py``, an entry point) are declared on a broker by
-``worker.pipeline.broker.setup_broker``, which registers them here with ``register_actors``.
+The actors (``worker/runtime/actors.py``, an entry point) are declared on a broker by
+``worker.runtime.broker.setup_broker``, which registers them here with ``register_actors``.
 Everything that enqueues (the outbox, the CLI, the stream consumer, the actors themselves) sends
 through ``send_step``/``send_request``, so the service layer never imports the actors.
 """
@@ -49,7 +49,7 @@ def declared_actor(name: str) -> dramatiq.Actor:
     try:
         return _declared[name]
     except KeyError:
-        raise BrokerNotSetUp(f"no actor {name!r} is declared: call worker.pipeline.broker.setup_broker "
+        raise BrokerNotSetUp(f"no actor {name!r} is declared: call worker.runtime.broker.setup_broker "
                              "before sending messages") from None
 
 

@@ -10,9 +10,9 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import CurrentMessage
 
-from worker.pipeline import actors
-from worker.pipeline.message_metrics import MessageMetrics
-from worker.pipeline.poison import PoisonSafeRedisBroker
+from worker.runtime import actors
+from worker.runtime.message_metrics import MessageMetrics
+from worker.runtime.poison import PoisonSafeRedisBroker
 from worker.redis_conn import redis_client
 from worker.settings import get_settings
 

@@ -1,4 +1,4 @@
-"""One Dramatiq actor per protocol step, plus the dead-letter actor.
+"""One Dramatiq actor per protocol step, the dead-letter actor and the rotation-request actor.
 
 An actor is a thin shell: read the retry count of the current message, run ``steps.execute``,
 then either send the next step, or raise ``dramatiq.Retry`` with the computed delay (Dramatiq
@@ -17,8 +17,8 @@ from worker import log
 from worker.db.session import session_scope
 from worker.metrics import DEAD_LETTERS
 from worker.pipeline.context import default_policy, get_context
-from worker.pipeline.messages import declare_request_actor
-from worker.pipeline.queue import STEP_QUEUE, actor_name, register_actors, send_step
+from worker.pipeline.messages import consume, reject
+from worker.queues import REQUEST_ACTOR, REQUEST_QUEUE, STEP_QUEUE, actor_name, register_actors, send_step
 from worker.pipeline.runs import load_run
 from worker.pipeline.steps import execute, fail_run
 from worker.protocol import FailureKind, Step, next_step
@@ -65,6 +65,23 @@ def dead_letter(message_data: dict[str, Any], retry_info: dict[str, Any]) -> Non
             following = next_step(run.mode, target) if run is not None else None
         if following is not None:
             send_step(following, str(args[0]))
+
+
+def rotation_requests(payload: Any = None, *args: Any, **kwargs: Any) -> None:
+    """Actor: one rotation request. Any shape is accepted at the Dramatiq level so that a
+    malformed message is rejected by us, with a reason, rather than crash the worker."""
+    message = CurrentMessage.get_current_message()
+    message_id = message.message_id if message is not None else None
+    if args or kwargs:
+        reject(get_context().engine, "expected exactly one argument: the request object", "bad_envelope", message_id)
+        return
+    consume(payload, engine=get_context().engine, message_id=message_id)
+
+
+def declare_request_actor(broker: dramatiq.Broker) -> dramatiq.Actor:
+    # Transient errors (database down) are retried by Dramatiq; validation failures never raise.
+    return dramatiq.actor(rotation_requests, actor_name=REQUEST_ACTOR, queue_name=REQUEST_QUEUE,
+                          broker=broker, max_retries=10, min_backoff=1000, max_backoff=60_000)
 
 
 def declare_actors(broker: dramatiq.Broker) -> dict[str, dramatiq.Actor]:
