@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -238,8 +238,3 @@ class KeyrotorScheduler:
             ).all()
         if self.lock.is_leader:  # lost the lock during the query: a standby exports no backlog
             scheduler_metrics().set_backlog(due, open_runs)
-
-
-def handover_deadline(config: SchedulerConfig) -> timedelta:
-    """Worst case from the holder's death to a standby acting: the TTL plus one lock tick."""
-    return timedelta(seconds=config.lock_ttl_s + config.lock_tick_s)

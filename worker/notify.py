@@ -238,28 +238,6 @@ def configure(notifier: Notifier | None) -> None:
         _notifier = notifier
 
 
-def _default_notifier() -> Notifier:
-    global _notifier
-    with _lock:
-        if _notifier is None:
-            from worker.db.session import engine_for
-            from worker.secret_refs import make_resolver
-            from worker.settings import get_settings
-
-            settings = get_settings()
-
-            def load() -> list[Sink]:
-                vault = None
-                if settings.vault_addr:
-                    from worker.vault.store import VaultStore
-
-                    vault = VaultStore.from_settings(settings)
-                return sinks_from_specs(snapshot_notifications(engine_for(settings.database_url)), make_resolver(vault))
-
-            _notifier = Notifier(load, attempts=settings.notify_attempts, timeout_s=settings.notify_timeout_s)
-        return _notifier
-
-
 def configured_notifier() -> Notifier | None:
     """The notifier installed with ``configure()`` (tests, demo), if any."""
     with _lock:
@@ -311,14 +289,3 @@ def notify_function(engine: Any, settings: Any = None, *, vault: Any = None) -> 
             log.error("notification_failed", notify_event=event, key=key_name, run_id=run_id, error=type(exc).__name__)
 
     return bound
-
-
-def notify(event: str, *, key_name: str, run_id: str | None, detail: dict[str, Any] | None = None) -> None:
-    """Announce ``event`` for a key/run to the configured sinks; never raises.
-
-    Uses the *process default* settings' database. Code that has an engine or a pipeline context
-    uses ``notify_function(engine, …)`` / ``PipelineContext.notify`` instead."""
-    try:
-        _default_notifier().notify(event, key_name=key_name, run_id=run_id, detail=detail or {})
-    except Exception as exc:
-        log.error("notification_failed", notify_event=event, key=key_name, run_id=run_id, error=type(exc).__name__)

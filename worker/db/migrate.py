@@ -111,14 +111,6 @@ def downgrade(url: str, revision: str) -> None:
     _run(url, "downgrade", revision)
 
 
-def upgrade_engine(engine: Engine) -> None:
-    """Upgrade using an existing engine (shares an in-memory SQLite connection in tests)."""
-    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
-
-
 def schema_status(engine: Engine) -> SchemaStatus:
     """Where the database's schema stands relative to this release's migrations."""
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))

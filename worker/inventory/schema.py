@@ -848,10 +848,6 @@ class Inventory(_Model):
     def policy_for(self, key: KeySpec) -> ResolvedPolicy:
         return key.resolved(self.policies.get(key.policy) if key.policy else None)
 
-    def credential_type_for(self, key: KeySpec) -> CredentialTypeSpec | None:
-        provider = self.providers.get(key.provider)
-        return provider.credential_types.get(key.credential_type) if provider else None
-
     def summary(self) -> str:
         from worker.text import count
 

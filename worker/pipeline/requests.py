@@ -20,7 +20,7 @@ from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
 from worker.protocol.states import RunState
 from worker.errors import PermanentError
 from worker.pipeline.runs import open_run_for_key
-from worker.protocol import next_step, parse_mode
+from worker.protocol import parse_mode
 from worker.pipeline.context import default_policy
 from worker.pipeline.takeover import TAKEOVER_STATES, take_over
 

@@ -19,7 +19,6 @@ Failure policy (DESIGN.md):
 from __future__ import annotations
 
 from worker.protocol.states import (
-    PROMOTED_STATES,
     TERMINAL_STATES,
     FailureKind,
     Mode,
@@ -160,11 +159,6 @@ def success_target(mode: Mode | str, state: RunState) -> RunState:
     if state not in path or state == path[-1]:
         raise InvalidTransition(f"no step moves a {mode.value} run on from {state.value}")
     return path[path.index(state) + 1]
-
-
-def is_after_promotion(state: RunState) -> bool:
-    """True once Vault (may) serve the new key: failures must roll back, not compensate."""
-    return state in PROMOTED_STATES
 
 
 def has_grace_period(mode: Mode | str, *, emergency: bool) -> bool:

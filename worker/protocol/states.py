@@ -80,9 +80,5 @@ def parse_mode(value: str | Mode | None) -> Mode:
         raise ValueError(f"unknown rotation mode {value!r}; expected overlap, cutover or assisted") from None
 
 
-def is_terminal(state: RunState) -> bool:
-    return state in TERMINAL_STATES
-
-
 __all__ = ["RunState", "TERMINAL_STATES", "Mode", "Step", "FailureKind", "PROMOTED_STATES", "WAITING_STATES",
-           "OUTCOME_STATES", "parse_mode", "is_terminal"]
+           "OUTCOME_STATES", "parse_mode"]

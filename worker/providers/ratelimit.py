@@ -55,19 +55,6 @@ class RateLimiter(Protocol):
         """The provider answered 429: nobody calls it for ``retry_after`` seconds."""
 
 
-class NoRateLimit:
-    """For one-off CLI calls with no limiter configured: never waits."""
-
-    def register(self, provider: str, limit: RateLimit | None) -> None:
-        pass
-
-    def acquire(self, provider: str) -> None:
-        pass
-
-    def block(self, provider: str, retry_after: float) -> None:
-        pass
-
-
 class RedisRateLimiter:
     """Shared across processes through Redis: a sliding-window log per provider."""
 

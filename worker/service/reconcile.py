@@ -121,7 +121,7 @@ def recover_stuck_runs(
                           + ("; a person has to look" if target == RunState.needs_attention else f"; {target.value}"))
                 waits = next_step(run.mode, target) is None
                 # Waiting for a person keeps the step's own attempt count for whoever looks (as fail_run).
-                kept = {"attempts": run.attempts} if waits else {}
+                kept: dict[str, Any] = {"attempts": run.attempts} if waits else {}
                 try:
                     moved = transition(session, run, target, actor=ACTOR, last_error=reason, requeues=requeues, **kept,
                                        deadline_s=None if waits else step_timeout_s, still=(still_stuck,),

@@ -184,7 +184,7 @@ def fail_run(ctx: PipelineContext, run_id: str, step: Step, exc: BaseException, 
             detail["replacement"] = exc.replacement
         try:
             # needs_attention keeps the attempt count for the person who looks (resolve resets it).
-            kept = {"attempts": run.attempts} if target == S.needs_attention else {}
+            kept: dict[str, Any] = {"attempts": run.attempts} if target == S.needs_attention else {}
             transition(session, run, target, actor=ctx.actor, last_error=error, deadline_s=_deadline_s(ctx, target),
                        detail=detail, **kept)
         except StateConflict:
