@@ -35,6 +35,10 @@ from worker.clock import utcnow
 from worker.db.models import ManagedKey, RotationRun
 from worker.db.session import session_scope
 from worker.log import get_logger
+from worker.metrics import scheduler_metrics
+from worker.ops_metrics import job_succeeded
+from worker.pipeline.context import context_from_settings
+from worker.service.deposits import collect_deposits
 
 log = get_logger(__name__)
 
@@ -171,7 +175,6 @@ class KeyrotorScheduler:
             log.error("scheduler_job_failed", job=name, error=type(exc).__name__, detail=str(exc)[:300])
             return
         self.passes[name] += 1
-        from worker.ops_metrics import job_succeeded
 
         job_succeeded(name)
         log.info("scheduler_job_done", job=name, seconds=round(time.monotonic() - started, 3), outcome=outcome)
@@ -201,11 +204,7 @@ class KeyrotorScheduler:
             return {"reminded": len(send_reminders(self.engine, now=now, lead_s=cfg.reminder_lead_s,
                                                    repeat_s=cfg.reminder_repeat_s, notify=self._notify, batch=cfg.batch))}
         if name == "deposits":
-            from worker.service.deposits import collect_deposits
-
             if self._deposit_ctx is None:
-                from worker.pipeline.context import context_from_settings
-
                 self._deposit_ctx = self._deposit_context() if self._deposit_context else context_from_settings()
             done = collect_deposits(self._deposit_ctx, now=now, batch=cfg.batch)
             return {"accepted": len(done.accepted), "rejected": len(done.rejected), "reminded": len(done.reminded),
@@ -219,14 +218,10 @@ class KeyrotorScheduler:
         return self._pipeline
 
     def _set_leader_metric(self, leads: bool) -> None:
-        from worker.metrics import scheduler_metrics
-
         scheduler_metrics().set_leader(leads)  # a standby drops the leader-only gauges
 
     def _update_gauges(self, now: datetime) -> None:
         """keys_due{provider} (an index range, O(keys due)) and open_runs{state}."""
-        from worker.metrics import scheduler_metrics
-
         with session_scope(self.engine) as session:
             due = session.exec(  # type: ignore[call-overload]
                 select(ManagedKey.provider, func.count())

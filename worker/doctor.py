@@ -17,6 +17,9 @@ from worker.connectivity import check_database, check_redis, open_vault
 from worker.errors import ConfigError
 from worker.secret import Secret
 from worker.secret_refs import SecretRef, SecretResolver, make_resolver, unresolvable
+from worker.db.session import session_scope
+from worker.inventory.apply import latest_snapshot
+from worker.inventory.loader import format_path
 
 logger = log.get_logger("keyrotor.doctor")
 
@@ -68,10 +71,6 @@ def service_problems(settings: Any, vault_problem: Optional[ServiceProblem]) -> 
 def log_unresolvable_references(engine: Any, settings: Any) -> int:
     """At worker start: one warning per secret reference of the applied inventory that does not
     resolve (a rotation needing it would fail); returns how many."""
-    from worker.db.session import session_scope
-    from worker.inventory.apply import latest_snapshot
-    from worker.inventory.loader import format_path
-
     with session_scope(engine) as session:
         snapshot = latest_snapshot(session)
         document = dict(snapshot.document) if snapshot is not None else {}

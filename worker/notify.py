@@ -29,6 +29,10 @@ from worker.log import get_logger, redact
 from worker.notice_text import notice_subject, notice_text
 from worker.retry import parse_retry_after, retry_call
 from worker.secret import Secret
+from worker.inventory.schema import NotificationSpec
+from worker.inventory.snapshot import applied_document
+from worker.secret_refs import make_resolver
+from worker.vault.store import VaultStore
 
 log = get_logger(__name__)
 
@@ -204,8 +208,6 @@ class Notifier:
 # --------------------------------------------------------------------------- sinks from the inventory
 def sinks_from_specs(specs: Iterable[Any], resolve: Callable[[Any], Secret]) -> list[Sink]:
     """``NotificationSpec``s (or their dicts) → sinks, resolving URL and signing-secret references."""
-    from worker.inventory.schema import NotificationSpec
-
     sinks: list[Sink] = []
     for index, raw in enumerate(specs):
         try:
@@ -222,8 +224,6 @@ def sinks_from_specs(specs: Iterable[Any], resolve: Callable[[Any], Secret]) -> 
 
 def snapshot_notifications(engine: Any) -> list[dict[str, Any]]:
     """The ``notifications`` section of the last applied inventory, or [] if none was applied."""
-    from worker.inventory.snapshot import applied_document
-
     return list(applied_document(engine).get("notifications") or [])
 
 
@@ -249,14 +249,10 @@ def notifier_for(engine: Any, settings: Any = None, *, vault: Any = None) -> Not
     secret references resolved through ``vault`` (else one built from ``settings`` when it names a
     Vault; else only ``env:`` references resolve). Nothing here reads the process's default
     settings: a context built for another database notifies that database's sinks."""
-    from worker.secret_refs import make_resolver
-
     state: dict[str, Any] = {"vault": vault}
 
     def load() -> list[Sink]:
         if state["vault"] is None and settings is not None and getattr(settings, "vault_addr", None):
-            from worker.vault.store import VaultStore
-
             state["vault"] = VaultStore.from_settings(settings)
         return sinks_from_specs(snapshot_notifications(engine), make_resolver(state["vault"]))
 

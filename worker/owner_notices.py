@@ -20,6 +20,9 @@ from worker.errors import PermanentError, TransientError
 from worker.log import get_logger
 from worker.notify import ALL_EVENTS, Notifier, Sink, notify_function
 from worker.secret import Secret
+from worker.inventory.schema import ContactSpec, OwnerDeliverySpec
+from worker.inventory.snapshot import applied_document
+from worker.secret_refs import make_resolver
 
 log = get_logger(__name__)
 
@@ -51,8 +54,6 @@ def smtp_sender(spec: Any, password: Optional[Secret], timeout_s: float) -> Call
 
 def owner_sink(document: dict[str, Any], key_name: str, resolve: Callable[[Any], Secret]) -> Optional[Sink]:
     """The sink for ``key_name``'s contact in an applied inventory document, or ``None``."""
-    from worker.inventory.schema import ContactSpec, OwnerDeliverySpec
-
     raw = ((document.get("keys") or {}).get(key_name) or {}).get("contact")
     if not raw:
         return None
@@ -77,8 +78,6 @@ def owner_sink(document: dict[str, Any], key_name: str, resolve: Callable[[Any],
 
 def contact_of(document: dict[str, Any], key_name: str) -> Optional[str]:
     """How the key's contact is shown in notices and the audit trail (no webhook URL)."""
-    from worker.inventory.schema import ContactSpec
-
     raw = ((document.get("keys") or {}).get(key_name) or {}).get("contact")
     return ContactSpec.model_validate(raw).describe() if raw else None
 
@@ -87,9 +86,6 @@ def notify_owner(engine: Any, event: str, *, key_name: str, run_id: Optional[str
                  vault: Any = None, settings: Any = None) -> bool:
     """Send ``event`` to the key's owner; without a contact, to the shared sinks (as ``reminder``,
     or ``needs_attention``). True when the owner's contact accepted it. Never raises."""
-    from worker.inventory.snapshot import applied_document
-    from worker.secret_refs import make_resolver
-
     try:
         document = applied_document(engine)
         sink = owner_sink(document, key_name, make_resolver(vault))

@@ -14,6 +14,7 @@ from email.utils import parsedate_to_datetime
 from typing import Callable, Protocol, TypeVar
 
 from worker.errors import TransientError
+from worker.clock import utcnow
 
 T = TypeVar("T")
 
@@ -76,8 +77,6 @@ def parse_retry_after(header_value: str | None, now: datetime | None = None) -> 
     if when.tzinfo is None:  # RFC 9110 dates are GMT
         when = when.replace(tzinfo=timezone.utc)
     if now is None:
-        from worker.clock import utcnow
-
         now = utcnow()
     return max(0.0, (when - now).total_seconds())
 

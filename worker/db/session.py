@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
+from worker.settings import get_settings
 
 
 def make_engine(url: str, **kwargs: object) -> Engine:
@@ -46,8 +47,6 @@ def postgres_engine_options(pooled: bool = True, settings: Any = None) -> dict[s
     (``KEYROTOR_DB_*``). ``pooled=False`` for a caller that brings its own pool class (NullPool
     takes no size arguments). See docs/scaling.md for the connection arithmetic."""
     if settings is None:
-        from worker.settings import get_settings
-
         settings = get_settings()
     connect_args: dict[str, Any] = {"application_name": settings.db_application_name}
     if not settings.db_prepared_statements:

@@ -35,6 +35,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from worker.http_security import insecure_http_problem
 from worker.inventory.literals import header_problem, url_problem
 from worker.secret_refs import SecretRef
+from worker.text import count
 
 __all__ = [
     "SECRET_TEMPLATE",
@@ -849,8 +850,6 @@ class Inventory(_Model):
         return key.resolved(self.policies.get(key.policy) if key.policy else None)
 
     def summary(self) -> str:
-        from worker.text import count
-
         return ", ".join((count(len(self.providers), "provider"), count(len(self.keys), "key"),
                           count(len(self.integrations), "integration")))
 

@@ -23,8 +23,8 @@ from worker.pipeline.runs import load_key, load_run, run_state, transition
 from worker.protocol import parse_mode
 from worker.secret import Secret
 from worker.db.models import ProviderRecord
-from worker.pipeline.steps.common import Snapshot, _deadline_s
-from worker.pipeline.steps.versions import _record_new_version
+from worker.pipeline.steps.common import Snapshot, step_deadline_s
+from worker.pipeline.steps.versions import record_new_version
 from worker.providers.base import wait_until_live
 
 
@@ -79,9 +79,9 @@ def deposit(*, run_id: str, secret: Secret, deposited_by: str, ctx: Optional[Pip
         ctx.vault.stage_pending(run_id, secret, None)
     snap = Snapshot(run=run, key=key, old=None, new=None, mode=parse_mode(run.mode))
     with session_scope(ctx.engine) as session:
-        new_id = _record_new_version(session, snap, secret=secret, key_id=None, name=None, expires_at=None)
+        new_id = record_new_version(session, snap, secret=secret, key_id=None, name=None, expires_at=None)
         moved = transition(session, run, RunState.issued, actor=deposited_by, new_version_id=new_id,
-                   deadline_s=_deadline_s(ctx, RunState.issued),
+                   deadline_s=step_deadline_s(ctx, RunState.issued),
                    detail={"fingerprint": secret.fingerprint, "deposited_by": deposited_by,
                            "checked_at_provider": check, **(detail or {})})
         if enqueue:  # the protocol's next step for the deposited run, once this commits

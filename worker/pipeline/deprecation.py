@@ -25,6 +25,7 @@ from worker.db.models import AuditEvent, ProviderRecord
 from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError
+from worker.service.deprecation import on_deprecated_response, replacement_type
 
 logger = log.get_logger("keyrotor.pipeline.deprecation")
 
@@ -43,8 +44,6 @@ class NewCredentialDeprecated(PermanentError):
 
 def replacement_of(session: Session, provider: str, credential_type: str) -> Optional[str]:
     """The replacement the provider's policy names for ``credential_type`` (None if none)."""
-    from worker.service.deprecation import replacement_type
-
     return replacement_type(session.get(ProviderRecord, provider), credential_type)
 
 
@@ -69,8 +68,6 @@ def report_deprecated(engine: Any, *, key_name: str, credential_type: str, reque
     rejected as deprecated; returns the id of the run that will move it (None: stale, or the
     report failed — it is logged and never breaks the step that noticed)."""
     try:
-        from worker.service.deprecation import on_deprecated_response
-
         with session_scope(engine) as session:
             run = on_deprecated_response(session, key_name=key_name, credential_type=credential_type,
                                          requested_by=requested_by)

@@ -12,6 +12,7 @@ from worker import log
 from worker.integrations.base import Announcement
 from worker.vault.errors import VaultNotFound
 from worker.secret import Secret
+from worker.clock import as_utc
 
 _held = threading.local()
 
@@ -89,8 +90,6 @@ def parse_seconds(value: Any, default: float) -> float:
 
 
 def seconds_between(later: datetime, earlier: Optional[datetime]) -> float:
-    from worker.clock import as_utc
-
     if earlier is None:
         return 0.0
     return (as_utc(later) - as_utc(earlier)).total_seconds()  # type: ignore[operator]

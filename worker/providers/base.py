@@ -15,6 +15,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 from worker.protocol.states import Mode
 from worker.secret import Secret
+from worker.errors import TransientError
 
 
 class CheckOutcome(str, Enum):
@@ -95,8 +96,6 @@ def wait_until_live(
     Transient errors (5xx, 429, timeouts) count as "not yet" while time remains; the last one is
     re-raised if the deadline passes with no definite answer.
     """
-    from worker.errors import TransientError
-
     deadline = monotonic() + timeout
     while True:
         error: TransientError | None = None

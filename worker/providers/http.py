@@ -64,6 +64,7 @@ from worker.providers.templating import render, render_json, render_url
 from worker.retry import parse_retry_after, retry_call
 from worker.secret import Secret
 from worker.secret_refs import SecretResolver
+from worker.metrics import PROVIDER_REQUESTS
 
 log = get_logger(__name__)
 
@@ -75,8 +76,6 @@ _REDACTED = "[REDACTED]"
 
 def _metric(provider: str, call: str, status: str) -> None:
     try:
-        from worker.metrics import PROVIDER_REQUESTS
-
         PROVIDER_REQUESTS.labels(provider=provider, call=call, status=status).inc()
     except Exception:  # metrics must never break a rotation
         pass

@@ -25,6 +25,7 @@ from typing import Any, Callable, Protocol
 
 from worker.errors import RateLimited
 from worker.log import get_logger
+from worker.redis_conn import redis_client
 
 log = get_logger(__name__)
 
@@ -106,8 +107,6 @@ return 0
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisRateLimiter":
-        from worker.redis_conn import redis_client
-
         # A hung Redis must not hang a rotation step: every call gives up after a few seconds.
         return cls(redis_client(url, socket_timeout=5), **kwargs)
 

@@ -44,6 +44,13 @@ from worker.protocol import FailureKind, failure_target, next_step
 from worker.protocol.states import TERMINAL_STATES, WAITING_STATES, RunState
 from worker.db.session import session_scope
 from worker.log import get_logger
+from worker.notify import notify_function
+from worker.providers.base import RevokeOutcome, revoke_outcome
+from worker.providers.ratelimit import RedisRateLimiter
+from worker.providers.registry import build_provider
+from worker.secret_refs import make_resolver
+from worker.settings import get_settings
+from worker.vault.store import VaultStore
 
 log = get_logger(__name__)
 
@@ -57,8 +64,6 @@ NotifyFn = Callable[..., None]
 def _default_notify(engine: Any) -> NotifyFn:
     """Notifications to the sinks of the inventory applied to ``engine`` (not the process's
     default database); the scheduler passes one with its settings (Vault references)."""
-    from worker.notify import notify_function
-
     return notify_function(engine)
 
 
@@ -178,11 +183,6 @@ ProviderFactory = Callable[[ProviderRecord], Any]  # → worker.providers.base.P
 
 def default_provider_factory() -> ProviderFactory:
     """Build providers the way workers do: secret references resolved via Vault, shared rate limit."""
-    from worker.providers.registry import build_provider
-    from worker.secret_refs import make_resolver
-    from worker.settings import get_settings
-    from worker.vault.store import VaultStore
-
     settings = get_settings()
     vault = VaultStore.from_settings(settings) if settings.vault_addr else None
     resolve = make_resolver(vault)
@@ -195,8 +195,6 @@ def default_provider_factory() -> ProviderFactory:
 
 
 def _shared_limiter(settings: Any) -> Any:
-    from worker.providers.ratelimit import RedisRateLimiter
-
     return RedisRateLimiter.from_url(settings.redis_url, namespace=settings.queue_namespace)
 
 
@@ -307,8 +305,6 @@ def revoke_orphans(
 def _revoke_orphan(engine: Engine, provider: Any, provider_name: str, name: str, key_id: str,
                    run_id: str) -> RevokedOrphan | None:
     """Re-check the key against the database now, revoke it, and record what the provider said."""
-    from worker.providers.base import RevokeOutcome, revoke_outcome
-
     with session_scope(engine) as session:
         orphan, credential_type = _is_orphan(session, provider_name, key_id, run_id)
     if not orphan:

@@ -20,6 +20,7 @@ from worker.clock import as_utc, utcnow
 from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
 from worker.log import get_logger
+from worker.notify import notify_function
 
 log = get_logger(__name__)
 
@@ -29,8 +30,6 @@ NotifyFn = Callable[..., None]
 def _default_notify(engine: Any) -> NotifyFn:
     """Notifications to the sinks of the inventory applied to ``engine`` (not the process's
     default database); the scheduler passes one with its settings (Vault references)."""
-    from worker.notify import notify_function
-
     return notify_function(engine)
 
 

@@ -17,14 +17,18 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, safe_error, seconds_between
 from worker.pipeline.preflight import check_run_references
 from worker.pipeline.runs import audit, load_run, run_state, transition
-from worker.pipeline.steps.common import Snapshot, StepOutcome, _deadline_s, _notify, _snapshot
+from worker.pipeline.steps.common import Snapshot, StepOutcome, step_deadline_s, notify_run, load_snapshot
 from worker.pipeline.steps.minted import MintedKey, minted_keys, record_discarded, record_minted
-from worker.pipeline.steps.provider import _new_deprecated, _provider, revoke_key
+from worker.pipeline.steps.provider import deprecated_error, provider_for, revoke_key
 from worker.providers.base import issued_name
-from worker.pipeline.steps.versions import _ensure_old_version, _record_new_version
+from worker.pipeline.steps.versions import ensure_old_version, record_new_version
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
 from worker.vault.errors import VaultError, VaultUnavailable
+from worker.adoption import rotation_blocker
+from worker.inventory.snapshot import applied_document, assisted_timings, create_url
+from worker.notice_text import deposit_detail
+from worker.owner_notices import contact_of, notify_owner
 
 logger = log.get_logger("keyrotor.pipeline")
 S = RunState
@@ -43,7 +47,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     did not discard; minted keys whose secret never reached staging are revoked; and after an
     issue call that failed without a definite answer, the provider's keys named after the run are
     listed (once the call can no longer be in flight) and revoked before issuing again."""
-    snap = _snapshot(ctx, run_id, Step.issue)
+    snap = load_snapshot(ctx, run_id, Step.issue)
     if snap is None:
         return None
     wait = _not_before_delay(snap)
@@ -56,7 +60,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if staged is None:  # nothing issued yet: a broken reference fails the run before any effect
         check_run_references(ctx, snap.key, snap.provider_record)
         _refuse_unrevocable(ctx, snap)
-    provider = _provider(ctx, snap)
+    provider = provider_for(ctx, snap)
     expires_at = None
     recovered = staged is not None
     if staged is not None:  # a previous attempt issued and staged, then crashed before recording
@@ -78,10 +82,10 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if snap.mode == Mode.cutover:
         detail["cutover_window"] = "opened: the provider invalidated the previous key"
     with session_scope(ctx.engine) as session:
-        old_id = _ensure_old_version(ctx, snap, session)
-        new_id = _record_new_version(session, snap, secret=secret, key_id=key_id, name=name, expires_at=expires_at)
+        old_id = ensure_old_version(ctx, snap, session)
+        new_id = record_new_version(session, snap, secret=secret, key_id=key_id, name=name, expires_at=expires_at)
         transition(session, snap.run, S.issued, actor=ctx.actor, detail=detail,
-                   deadline_s=_deadline_s(ctx, S.issued), old_version_id=old_id, new_version_id=new_id, refresh=False)
+                   deadline_s=step_deadline_s(ctx, S.issued), old_version_id=old_id, new_version_id=new_id, refresh=False)
     logger.info("run.transition", from_state="requested", to_state="issued", fingerprint=secret.fingerprint)
     return StepOutcome(state=S.issued, mode=snap.mode)
 
@@ -89,8 +93,6 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
 def _refuse_unrevocable(ctx: PipelineContext, snap: Snapshot) -> None:
     """Issue nothing when the current key could never be revoked afterwards (no provider key id
     and the provider revokes by id): the run fails at once, naming `keyrotor adopt`."""
-    from worker.adoption import rotation_blocker
-
     with session_scope(ctx.engine) as session:
         blocker = rotation_blocker(session, snap.key, ctx.vault)
     if blocker is not None:
@@ -197,7 +199,7 @@ def _mint(ctx: PipelineContext, snap: Snapshot, provider: Any, name: str) -> Any
         if _answer_is_definite(exc):
             _set_issue_unknown(ctx, snap.run.id, None)
             if isinstance(exc, DeprecatedCredential):
-                raise _new_deprecated(ctx, snap, "issue") from None
+                raise deprecated_error(ctx, snap, "issue") from None
         else:
             _set_issue_unknown(ctx, snap.run.id, started, event={
                 "name": name, "error": safe_error(exc), "listable": bool(getattr(provider, "can_list", False))})
@@ -272,7 +274,7 @@ def _record_lost_orphan(ctx: PipelineContext, snap: Snapshot, key_id: Optional[s
         if run is None or run_state(run) != S.requested:
             raise StateConflict(f"run {snap.run.id} moved on while recovering its issued key")
         if run.new_version_id is None:
-            run.new_version_id = _record_new_version(session, snap, secret=None, key_id=key_id, name=name, expires_at=None)
+            run.new_version_id = record_new_version(session, snap, secret=None, key_id=key_id, name=name, expires_at=None)
             session.add(run)
     raise PermanentError(f"the provider already holds key {name} (id {key_id}) but its secret was lost before "
                          "it reached Vault; compensating revokes it and the next run issues a fresh key")
@@ -282,11 +284,7 @@ def _record_lost_orphan(ctx: PipelineContext, snap: Snapshot, key_id: Optional[s
 def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """assisted: requested → awaiting_deposit; the key's owner is told what to create, where, and
     how to hand it over (their deposit path in Vault; ``worker/service/deposits.py`` picks it up)."""
-    from worker.inventory.snapshot import applied_document, assisted_timings, create_url
-    from worker.notice_text import deposit_detail
-    from worker.owner_notices import contact_of, notify_owner
-
-    snap = _snapshot(ctx, run_id, Step.request_deposit)
+    snap = load_snapshot(ctx, run_id, Step.request_deposit)
     if snap is None:
         return None
     wait = _not_before_delay(snap)
@@ -301,12 +299,12 @@ def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                             create_url=create_url(document, snap.key.provider, snap.credential_type), run_id=snap.run.id,
                             deadline_at=deadline.isoformat())
     with session_scope(ctx.engine) as session:
-        old_id = _ensure_old_version(ctx, snap, session)
+        old_id = ensure_old_version(ctx, snap, session)
         transition(session, snap.run, S.awaiting_deposit, actor=ctx.actor, deadline_s=None, old_version_id=old_id,
                    detail={"owner": snap.key.owner, "contact": detail["contact"],
                            "deposit_path": f"{ctx.vault.staging_mount}/{path}",
                            "command": f"keyrotor deposit {snap.run.id}"}, refresh=False)
-    _notify(ctx, "started", snap, {"action": "deposit_required", "owner": snap.key.owner,
+    notify_run(ctx, "started", snap, {"action": "deposit_required", "owner": snap.key.owner,
                                    "credential_type": snap.credential_type, "next_step": detail["next_step"]})
     notify_owner(ctx.engine, "deposit_requested", key_name=snap.key.name, run_id=snap.run.id, detail=detail,
                  vault=ctx.vault)

@@ -15,7 +15,7 @@ from worker.providers.base import revoke_outcome
 from worker.secret import Secret
 
 
-def _provider(ctx: PipelineContext, snap: Snapshot) -> Any:
+def provider_for(ctx: PipelineContext, snap: Snapshot) -> Any:
     """The key's provider from the factory. The record the snapshot read is put into the factory's
     session, so its lookup is answered without a query (and without taking a connection); a
     record changed by ``config apply`` is seen by the next step's snapshot."""
@@ -36,10 +36,10 @@ def revoke_key(provider: Any, *, key_id: Optional[str], secret: Optional[Secret]
     return revoke_outcome(answer).value
 
 
-def _check(provider: Any, secret: Secret, credential_type: str) -> str:
+def check_credential(provider: Any, secret: Secret, credential_type: str) -> str:
     return enum_value(provider.check(secret, credential_type=credential_type))
 
 
-def _new_deprecated(ctx: PipelineContext, snap: Snapshot, where: str) -> NewCredentialDeprecated:
+def deprecated_error(ctx: PipelineContext, snap: Snapshot, where: str) -> NewCredentialDeprecated:
     return new_credential_deprecated(ctx.engine, provider=snap.key.provider, key_name=snap.key.name,
                                      credential_type=snap.credential_type, where=where)

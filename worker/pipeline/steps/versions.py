@@ -15,7 +15,7 @@ from worker.pipeline.steps.common import Snapshot
 from worker.secret import Secret
 
 
-def _ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session) -> Optional[int]:
+def ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session) -> Optional[int]:
     """The version Vault serves now, as a ``current`` KeyVersion (adopted if the DB has none)."""
     key = snap.key
     stored = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
@@ -50,7 +50,7 @@ def _select_versions(key_id: int, stage: VersionStage) -> Any:
     return select(KeyVersion).where(KeyVersion.key_id == key_id, KeyVersion.stage == stage.value)
 
 
-def _record_new_version(session: Session, snap: Snapshot, *, secret: Optional[Secret], key_id: Optional[str],
+def record_new_version(session: Session, snap: Snapshot, *, secret: Optional[Secret], key_id: Optional[str],
                         name: Optional[str], expires_at: Any) -> int:
     version = KeyVersion(key_id=snap.key.id, run_id=snap.run.id, credential_type=snap.credential_type,
                          stage=VersionStage.pending, provider_key_id=key_id, provider_key_name=name,
