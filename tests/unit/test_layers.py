@@ -5,6 +5,7 @@ The layer contracts live in pyproject.toml ([tool.importlinter]); `make lint` ru
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -82,3 +83,42 @@ def test_cycle_finder_finds_a_cycle() -> None:
 def test_layer_contracts_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # lint-imports reads [tool.importlinter] from ./pyproject.toml
     assert lint_imports(config_filename=os.fspath(ROOT / "pyproject.toml"), no_cache=True) == 0
+
+
+def _unexplained_function_level_imports(source: str) -> list[int]:
+    """Lines of imports of keyrotor's own modules made inside a function with no reason given: a
+    comment on the line or the one above, or a module-wide note about start-up cost (the CLI)."""
+    if "start-up cost" in source:
+        return []
+    lines = source.splitlines()
+    found: list[int] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if in_function and isinstance(child, (ast.Import, ast.ImportFrom)):
+                names = [child.module or ""] if isinstance(child, ast.ImportFrom) else [a.name for a in child.names]
+                own = getattr(child, "level", 0) or any(n.split(".")[0] in PACKAGES for n in names)
+                text = lines[child.lineno - 1] + (lines[child.lineno - 2] if child.lineno > 1 else "")
+                if own and "#" not in text:
+                    found.append(child.lineno)
+            visit(child, inside)
+
+    visit(ast.parse(source), False)
+    return found
+
+
+def test_no_unexplained_function_level_import_of_our_own_modules() -> None:
+    offenders = {
+        str(path.relative_to(ROOT)): lines
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if "migrations" not in path.parts
+        and (lines := _unexplained_function_level_imports(path.read_text(encoding="utf-8")))
+    }
+    assert offenders == {}
+
+
+def test_function_level_import_check_can_fail() -> None:
+    assert _unexplained_function_level_imports("def f():\n    from worker.clock import utcnow\n") == [2]
+    assert _unexplained_function_level_imports("def f():\n    # optional dependency\n    import worker.x\n") == []

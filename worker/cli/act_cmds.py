@@ -38,6 +38,9 @@ from worker.secret import Secret
 from worker.text import count
 from worker.urls import display_url
 
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
+
 #: Column limits, checked before anything is recorded (PostgreSQL would refuse a longer value).
 REASON_MAX = RotationRun.__table__.c.reason.type.length
 IDEMPOTENCY_KEY_MAX = RotationRun.__table__.c.idempotency_key.type.length

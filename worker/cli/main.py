@@ -17,6 +17,9 @@ from worker import __version__
 from worker.errors import ConfigError, KeyrotorError
 from worker.settings import get_settings
 
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
+
 #: The exit codes of every command (README.md carries the same table).
 EXIT_CODES = (
     (0, "ok"),

@@ -25,6 +25,9 @@ from worker.db.models import (
 )
 from worker.protocol.states import TERMINAL_STATES, RunState
 
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
+
 
 def _state(value: Any) -> str:
     return value.value if hasattr(value, "value") else str(value)

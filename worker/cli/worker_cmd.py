@@ -8,6 +8,9 @@ from worker.urls import display_url
 
 from worker.cli.common import cli_settings, masked_database_url, open_database, redis_reachable, require_redis, serve_metrics
 
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
+
 
 def worker(
     processes: int = typer.Option(1, "--processes", "-p", min=1, max=64, help="Worker processes."),
