@@ -11,8 +11,10 @@ out of that scrape and ``keyrotor_collector_up{collector="queues"}`` is 0.
 
 Dramatiq's Redis layout (``<ns>`` = ``KEYROTOR_QUEUE_NAMESPACE``): ``<ns>:<queue>`` list of
 message ids waiting for a worker, ``<ns>:<queue>.msgs`` hash of those plus the ones workers hold
-unacknowledged, the same pair for the delay queue ``<queue>.DQ`` (retries waiting out their
-backoff, messages with a ``not_before``), and the dead-letter sorted set ``<ns>:<queue>.XQ``.
+unacknowledged, the same pair for the delay queue ``<queue>.DQ``, and the dead-letter sorted set
+``<ns>:<queue>.XQ``. keyrotor's delayed messages (retries waiting out their backoff, polls, retire
+after grace) wait in ``<ns>:<queue>.delayed`` instead (worker/runtime/delayed.py); "delayed"
+counts both.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 from prometheus_client.core import GaugeMetricFamily
 
-from worker.queues import REQUEST_QUEUE, STEP_QUEUE
+from worker.queues import REQUEST_QUEUE, STEP_QUEUE, delayed_keys
 
 QUEUES = (STEP_QUEUE, REQUEST_QUEUE)
 
@@ -31,7 +33,8 @@ QUEUES = (STEP_QUEUE, REQUEST_QUEUE)
 def queue_keys(namespace: str, queue: str) -> dict[str, str]:
     """The Redis keys Dramatiq's Redis broker keeps for ``queue`` (KEDA's listName is ``ready``)."""
     base = f"{namespace}:{queue}"
-    return {"ready": base, "msgs": f"{base}.msgs", "delayed_msgs": f"{base}.DQ.msgs", "dead": f"{base}.XQ"}
+    return {"ready": base, "msgs": f"{base}.msgs", "delayed_msgs": f"{base}.DQ.msgs",
+            "delayed_in_redis": delayed_keys(namespace, queue)[0], "dead": f"{base}.XQ"}
 
 
 class QueueCollector:
@@ -67,16 +70,17 @@ class QueueCollector:
             pipe.llen(keys["ready"])
             pipe.hlen(keys["msgs"])
             pipe.hlen(keys["delayed_msgs"])
+            pipe.zcard(keys["delayed_in_redis"])
             pipe.zcard(keys["dead"])
             pipe.lindex(keys["ready"], 0)  # dramatiq RPUSHes and takes from the left: the oldest
         answers = pipe.execute()
         depth, age = self.families()
         heads = []
         for i, queue in enumerate(self._queues):
-            ready, held, delayed, dead, head = answers[5 * i:5 * i + 5]
+            ready, held, delayed, delayed_in_redis, dead, head = answers[6 * i:6 * i + 6]
             depth.add_metric([queue, "ready"], ready)
             depth.add_metric([queue, "unacked"], max(0, held - ready))
-            depth.add_metric([queue, "delayed"], delayed)
+            depth.add_metric([queue, "delayed"], delayed + delayed_in_redis)
             depth.add_metric([queue, "dead"], dead)
             heads.append(head)
         pipe = self._redis.pipeline(transaction=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import dramatiq
+from dramatiq.common import q_name
 
 from worker.protocol import Step
 
@@ -25,6 +26,12 @@ REQUEST_ACTOR = "rotation_requests"
 MAX_DELAY_MS = 6 * 86_400_000
 
 _declared: dict[str, dramatiq.Actor] = {}
+
+
+def delayed_keys(namespace: str, queue_name: str) -> tuple[str, str]:
+    """The sorted set of due times and the hash of envelopes of ``queue_name``'s delayed messages."""
+    base = f"{namespace}:{q_name(queue_name)}.delayed"
+    return base, f"{base}.msgs"
 
 
 class BrokerNotSetUp(RuntimeError):

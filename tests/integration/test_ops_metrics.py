@@ -64,7 +64,7 @@ def test_queue_depth_delayed_dead_and_age_from_real_redis(redis_url: str, redis_
     for n in range(3):
         ok.send(n)
     boom.send()
-    ok.send_with_options(args=(99,), delay=3_600_000)  # an hour away: stays in the delay queue
+    ok.send_with_options(args=(99,), delay=3_600_000)  # an hour away: stays delayed
     collector = QueueCollector(redis_client, redis_namespace, clock=lambda: time.time() + 120)
     reg = collected(collector)
     assert sample(reg, "keyrotor_collector_up", collector="queues") == 1
@@ -91,7 +91,7 @@ def test_queue_depth_delayed_dead_and_age_from_real_redis(redis_url: str, redis_
         reg = collected(collector)
         assert sample(reg, "keyrotor_queue_messages", queue="rotation", state="dead") == 1
         assert sample(reg, "keyrotor_queue_oldest_message_age_seconds", queue="rotation") == 0
-        # The delayed message is held by the worker (unacked on the delay queue), still counted.
+        # The delayed message waits in Redis (not in the worker), still counted.
         assert sample(reg, "keyrotor_queue_messages", queue="rotation", state="delayed") == 1
     finally:
         worker.stop()

@@ -12,7 +12,7 @@ from dramatiq.middleware import CurrentMessage
 
 from worker.runtime import actors
 from worker.runtime.message_metrics import MessageMetrics
-from worker.runtime.poison import PoisonSafeRedisBroker
+from worker.runtime.delayed import DelayedMessageMover, DelayInRedisBroker
 from worker.redis_conn import redis_client
 from worker.settings import get_settings
 
@@ -26,20 +26,32 @@ MAINTENANCE_CHANCE = 100_000
 DEFAULT_HEARTBEAT_TIMEOUT_S = 15.0
 
 
+class FetchOnlyWhatThreadsRun(dramatiq.Middleware):
+    """Each worker fetches at most one message per thread (Dramatiq's default is two): a message
+    fetched but not started is lost with the worker when it is killed, until its heartbeat lapses."""
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        worker.queue_prefetch = worker.worker_threads
+
+
 def make_redis_broker(url: str, namespace: str, *, heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> dramatiq.Broker:
     # Bounded socket waits: a hung Redis must surface as an error (retried, then reported) rather
     # than freeze a worker thread or the CLI forever. Dramatiq's consumer polls with Lua scripts and
     # never blocks on a socket read, so 30 s is far above any healthy answer.
-    # A worker holds the delayed messages it fetched (retire after grace, polls, retries) in memory
-    # until due, acknowledged only then; when it is killed, they go back to live workers once its
-    # heartbeat (every broker command, at least every second while it runs) is older than
-    # ``heartbeat_timeout_s`` and a maintenance pass runs, instead of waiting for the reconciler.
+    # Delayed messages (retire after grace, polls, retries) wait in Redis until due
+    # (worker/runtime/delayed.py). What a killed worker held (the messages it was working on) goes
+    # back to live workers once its heartbeat (every broker command, at least every second while it
+    # runs) is older than ``heartbeat_timeout_s`` and a maintenance pass runs, instead of waiting
+    # for the reconciler.
     # The client is built here (not from ``url=``, where Dramatiq drops the socket options) so a
     # ``redis+sentinel://`` URL works too: after a failover it reconnects to the promoted master.
     client = redis_client(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
-    return PoisonSafeRedisBroker(client=client, namespace=namespace,
-                                 heartbeat_timeout=int(heartbeat_timeout_s * 1000),
-                                 maintenance_chance=MAINTENANCE_CHANCE)
+    broker = DelayInRedisBroker(client=client, namespace=namespace,
+                                heartbeat_timeout=int(heartbeat_timeout_s * 1000),
+                                maintenance_chance=MAINTENANCE_CHANCE)
+    broker.add_middleware(DelayedMessageMover())
+    broker.add_middleware(FetchOnlyWhatThreadsRun())
+    return broker
 
 
 def make_stub_broker() -> StubBroker:

@@ -1,0 +1,170 @@
+"""Delayed messages wait in Redis until due (worker/runtime/delayed.py), on the real Redis: no
+worker holds them, a real Dramatiq worker consumes what the mover moved, retries' backoffs go the
+same way, and a killed worker's death costs no delayed message anything."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import dramatiq
+import pytest
+
+from worker.queues import STEP_QUEUE, delayed_keys
+from worker.runtime.broker import reset_broker, setup_broker
+from worker.runtime.delayed import DelayInRedisBroker
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+
+def _wait_for(predicate: Any, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+@pytest.fixture()
+def live_broker(redis_url: str, redis_namespace: str) -> Any:
+    settings = load_settings(redis_url=redis_url, queue_namespace=redis_namespace, broker_heartbeat_timeout_s=3)
+    broker = setup_broker(settings)
+    yield broker
+    broker.close()
+    reset_broker()
+
+
+def test_a_delayed_message_waits_in_redis_not_in_a_worker(live_broker: Any, redis_namespace: str,
+                                                           redis_client: Any) -> None:
+    assert isinstance(live_broker, DelayInRedisBroker)
+    seen: list[tuple[str, float]] = []
+
+    def probe(run_id: str) -> None:
+        seen.append((run_id, time.monotonic()))
+
+    actor = dramatiq.actor(probe, actor_name="probe_delayed_in_redis", queue_name=STEP_QUEUE, broker=live_broker)
+    sent_at = time.monotonic()
+    actor.send_with_options(args=("run-1",), delay=800)
+
+    delayed, envelopes = delayed_keys(redis_namespace, STEP_QUEUE)
+    assert redis_client.zcard(delayed) == 1
+    (message_id,) = redis_client.hkeys(envelopes)
+    envelope = json.loads(redis_client.hget(envelopes, message_id))
+    assert envelope["queue_name"] == STEP_QUEUE and "eta" not in envelope["options"]
+    assert envelope["args"] == ["run-1"]
+    # Nothing on Dramatiq's own delay queue, nothing ready yet.
+    assert redis_client.hlen(f"{redis_namespace}:{STEP_QUEUE}.DQ.msgs") == 0
+    assert redis_client.llen(f"{redis_namespace}:{STEP_QUEUE}") == 0
+
+    worker = dramatiq.Worker(live_broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        time.sleep(0.4)
+        assert seen == [] and redis_client.zcard(delayed) == 1, "moved before it was due"
+        assert _wait_for(lambda: seen, timeout_s=10), "the due message never reached the worker"
+        assert seen[0][0] == "run-1"
+        assert seen[0][1] - sent_at >= 0.8
+        assert redis_client.zcard(delayed) == 0 and redis_client.hlen(envelopes) == 0
+    finally:
+        worker.stop()
+
+
+def test_a_retry_backoff_waits_in_redis_and_the_retry_runs(live_broker: Any, redis_namespace: str,
+                                                            redis_client: Any) -> None:
+    calls: list[int] = []
+    delayed, _ = delayed_keys(redis_namespace, STEP_QUEUE)
+    delayed_counts: list[int] = []
+
+    def flaky(run_id: str) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise dramatiq.Retry("not yet", delay=500)
+
+    dramatiq.actor(flaky, actor_name="probe_flaky", queue_name=STEP_QUEUE, broker=live_broker,
+                   max_retries=3).send("run-2")
+    worker = dramatiq.Worker(live_broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        assert _wait_for(lambda: (delayed_counts.append(redis_client.zcard(delayed)) or len(calls) >= 2), 10)
+        assert max(delayed_counts) == 1, "the retry's backoff did not wait in the delayed set"
+        assert redis_client.hlen(f"{redis_namespace}:{STEP_QUEUE}.DQ.msgs") == 0
+    finally:
+        worker.stop()
+
+
+def test_delayed_messages_survive_the_death_of_every_worker(redis_url: str, redis_namespace: str,
+                                                            redis_client: Any) -> None:
+    """A worker that sent delayed messages dies before they are due: a worker started later gets
+    every one of them on time (nothing was ever held by the dead process)."""
+    settings = load_settings(redis_url=redis_url, queue_namespace=redis_namespace)
+    done_key = f"{redis_namespace}:probe-done"
+
+    def probe(run_id: str) -> None:
+        redis_client.rpush(done_key, run_id)
+
+    first = setup_broker(settings)
+    sender = dramatiq.actor(probe, actor_name="probe_survive", queue_name=STEP_QUEUE, broker=first)
+    dying = dramatiq.Worker(first, worker_threads=1, worker_timeout=100)
+    dying.start()
+    for i in range(20):
+        sender.send_with_options(args=(f"run-{i}",), delay=300 + 20 * i)
+    dying.stop()  # (a SIGKILL holds nothing more: the delayed messages are not in its memory)
+    first.close()
+    reset_broker()
+
+    second = setup_broker(settings)
+    dramatiq.actor(probe, actor_name="probe_survive", queue_name=STEP_QUEUE, broker=second)
+    worker = dramatiq.Worker(second, worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        assert _wait_for(lambda: redis_client.llen(done_key) == 20, timeout_s=15)
+        assert sorted(x.decode() for x in redis_client.lrange(done_key, 0, -1)) == sorted(f"run-{i}" for i in range(20))
+    finally:
+        worker.stop()
+        second.close()
+        reset_broker()
+
+
+def test_move_due_is_atomic_and_moves_only_due_messages(live_broker: Any, redis_namespace: str,
+                                                         redis_client: Any) -> None:
+    dramatiq.actor(lambda run_id: None, actor_name="probe_move", queue_name=STEP_QUEUE, broker=live_broker)
+    actor = live_broker.get_actor("probe_move")
+    actor.send_with_options(args=("soon",), delay=100)
+    actor.send_with_options(args=("later",), delay=3_600_000)
+    now = int(time.time() * 1000)
+    assert live_broker.move_due(now_ms=now) == 0
+    assert live_broker.move_due(now_ms=now + 200) == 1
+    ready = redis_client.lrange(f"{redis_namespace}:{STEP_QUEUE}", 0, -1)
+    assert len(ready) == 1
+    moved = json.loads(redis_client.hget(f"{redis_namespace}:{STEP_QUEUE}.msgs", ready[0]))
+    assert moved["args"] == ["soon"]
+    delayed, envelopes = delayed_keys(redis_namespace, STEP_QUEUE)
+    assert redis_client.zcard(delayed) == 1 and redis_client.hlen(envelopes) == 1
+
+
+def test_a_worker_fetches_one_message_per_thread(live_broker: Any, redis_namespace: str, redis_client: Any) -> None:
+    """What a killed worker takes with it is bounded by its threads: with every thread busy, the
+    rest of the queue stays ready for other workers."""
+    release = threading.Event()
+    started: list[str] = []
+
+    def slow(run_id: str) -> None:
+        started.append(run_id)
+        release.wait(10)
+
+    actor = dramatiq.actor(slow, actor_name="probe_prefetch", queue_name=STEP_QUEUE, broker=live_broker)
+    for i in range(8):
+        actor.send(f"run-{i}")
+    worker = dramatiq.Worker(live_broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        assert _wait_for(lambda: len(started) == 2)
+        time.sleep(0.5)
+        assert redis_client.llen(f"{redis_namespace}:{STEP_QUEUE}") == 6  # only 2 fetched
+    finally:
+        release.set()
+        worker.stop()

@@ -1,0 +1,135 @@
+"""Delayed messages held in Redis until they are due, not in a worker's memory.
+
+Dramatiq's Redis broker puts a delayed message (a retry's backoff, an activation poll, retire
+after grace) on the queue's delay queue ``<queue>.DQ``; a worker fetches up to a thousand of them
+per thread and holds them in memory, unacknowledged, until each is due. When that worker is
+SIGKILLed, every message it held waits for its heartbeat to time out and a maintenance pass to
+requeue it: under frequent kills that wait dominated rotation time (the chaos soak, docs/chaos.md).
+
+Here a delayed message stays in Redis until due: a sorted set ``<ns>:<queue>.delayed`` (member: the
+message's Redis id, score: when it is due, in epoch milliseconds) and a hash
+``<ns>:<queue>.delayed.msgs`` (id -> envelope). Every worker process runs a mover thread that, a
+few times a second, moves the due ones onto the queue itself in one Lua script (atomic: a message
+is either still delayed or ready, never lost or doubled by a kill). A killed worker then loses
+only the handful of messages it was working on, which come back after its heartbeat times out.
+
+The move writes the queue as Dramatiq's own ``enqueue`` command does (``HSET <queue>.msgs id
+envelope`` + ``RPUSH <queue> id``); tests/integration/test_delayed_messages.py proves a real
+Dramatiq worker consumes what it moved, so a change of that layout fails the suite.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any, Optional
+from uuid import uuid4
+
+import dramatiq
+from dramatiq.common import current_millis, q_name
+from dramatiq.message import Message
+
+from worker import log
+from worker.queues import delayed_keys
+from worker.runtime.poison import PoisonSafeRedisBroker
+
+logger = log.get_logger("keyrotor.pipeline.delayed")
+
+#: Seconds between two looks for due messages (with ±20 % jitter so workers spread their looks):
+#: the lateness a delayed message can have on top of its delay.
+MOVE_INTERVAL_S = 0.1
+#: At most this many messages per queue move in one script call (the next look takes the rest).
+MOVE_BATCH = 200
+
+# KEYS: the delayed set, the delayed envelopes, the queue's list, the queue's envelopes.
+# ARGV: now (epoch ms), batch size. Returns how many moved.
+_MOVE_DUE = """
+local due = redis.call("zrangebyscore", KEYS[1], "-inf", ARGV[1], "LIMIT", 0, tonumber(ARGV[2]))
+for _, message_id in ipairs(due) do
+    local envelope = redis.call("hget", KEYS[2], message_id)
+    if envelope then
+        redis.call("hset", KEYS[4], message_id, envelope)
+        redis.call("rpush", KEYS[3], message_id)
+        redis.call("hdel", KEYS[2], message_id)
+    end
+    redis.call("zrem", KEYS[1], message_id)
+end
+return #due
+"""
+
+
+class DelayInRedisBroker(PoisonSafeRedisBroker):
+    """The Redis broker whose delayed messages wait in Redis (see the module's docstring)."""
+
+    def enqueue(self, message: Message, *, delay: Optional[int] = None) -> Message:  # type: ignore[type-arg]
+        if not delay:
+            return super().enqueue(message)
+        queue_name = q_name(message.queue_name)  # a retry of a message fetched from a .DQ
+        options = {key: value for key, value in message.options.items() if key != "eta"}
+        due_ms = current_millis() + int(delay)
+        # A fresh Redis id for every enqueue, as Dramatiq does (a retried message keeps its id).
+        redis_message_id = str(uuid4())
+        message = message.copy(queue_name=queue_name, options={**options, "redis_message_id": redis_message_id})
+        self.emit_before("enqueue", message, delay)
+        delayed, envelopes = delayed_keys(self.namespace, queue_name)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(envelopes, redis_message_id, message.encode())
+        pipe.zadd(delayed, {redis_message_id: due_ms})
+        pipe.execute()
+        self.emit_after("enqueue", message, delay)
+        return message
+
+    def move_due(self, now_ms: Optional[int] = None, batch: int = MOVE_BATCH) -> int:
+        """Move every due delayed message of the declared queues onto its queue; how many moved."""
+        now_ms = current_millis() if now_ms is None else now_ms
+        moved = 0
+        for queue_name in sorted(self.get_declared_queues()):
+            delayed, envelopes = delayed_keys(self.namespace, queue_name)
+            ready = f"{self.namespace}:{queue_name}"
+            moved += int(self._move_script(keys=[delayed, envelopes, ready, f"{ready}.msgs"],
+                                           args=[now_ms, batch]))
+        return moved
+
+    @property
+    def _move_script(self) -> Any:
+        script = getattr(self, "_registered_move_script", None)
+        if script is None:
+            script = self._registered_move_script = self.client.register_script(_MOVE_DUE)
+        return script
+
+
+class DelayedMessageMover(dramatiq.Middleware):
+    """Runs ``DelayInRedisBroker.move_due`` on a thread of every worker process."""
+
+    def __init__(self, interval_s: float = MOVE_INTERVAL_S) -> None:
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        if not isinstance(broker, DelayInRedisBroker):
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(broker,), name="keyrotor-delayed-mover",
+                                        daemon=True)
+        self._thread.start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self, broker: DelayInRedisBroker) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                broker.move_due()
+                failures = 0
+            except Exception as exc:  # Redis down or failing over: log once per outage, keep trying
+                if failures == 0:
+                    logger.warning("delayed_messages.move_failed", error=type(exc).__name__,
+                                   action="retrying; delayed messages stay in Redis until moved")
+                failures += 1
+            pause = self._interval_s * random.uniform(0.8, 1.2) * min(2 ** failures, 50)
+            self._stop.wait(pause)
