@@ -161,14 +161,14 @@ def _find_key_id(provider: Any, key: ManagedKey, secret: Secret, *, given: Optio
         if verified and verified != given:
             raise AdoptionRefused(f"provider {key.provider!r} says this credential is key {verified}, not {given}; "
                                   f"rerun with --key-id {verified} (or without --key-id)")
-        if getattr(provider, "can_list", False):
+        if provider.can_list:
             listed = {k.key_id: k for k in provider.list_keys()}
             if given not in listed or listed[given].live is False:
                 raise AdoptionRefused(f"provider {key.provider!r} lists no live key with id {given}; check the id")
         return given, "given"
     if verified:
         return verified, "verify"
-    if getattr(provider, "can_list", False):
+    if provider.can_list:
         keys = [k for k in provider.list_keys() if k.live is not False and k.key_id]
         hinted = [k for k in keys if k.hint]
         matches = [k for k in hinted if hint_matches(k.hint or "", secret)]

@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional, Protocol
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from worker.integrations.base import Integration
+from worker.providers.base import Provider
 from worker.db.models import IntegrationRecord, ManagedKey, ProviderRecord
 from worker.db.session import engine_for
 from worker.errors import PermanentError
@@ -30,10 +32,10 @@ class NotifyFn(Protocol):
     def __call__(self, event: str, *, key_name: str, run_id: Optional[str], detail: dict[str, Any]) -> None: ...
 
 
-#: (session, key) → a Provider (``worker.providers.base.Provider``)
-ProviderFactory = Callable[[Session, ManagedKey], Any]
-#: (session, integration name) → an Integration (``worker.integrations.base.Integration``)
-IntegrationFactory = Callable[[Session, str], Any]
+#: (session, key) → the key's provider
+ProviderFactory = Callable[[Session, ManagedKey], Provider]
+#: (session, integration name) → the integration
+IntegrationFactory = Callable[[Session, str], Integration]
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from worker.protocol.states import TERMINAL_STATES, WAITING_STATES, RunState
 from worker.db.session import session_scope
 from worker.log import get_logger
 from worker.notify import notify_function
-from worker.providers.base import RevokeOutcome, revoke_outcome
+from worker.providers.base import Provider, RevokeOutcome, revoke_outcome
 from worker.providers.ratelimit import RedisRateLimiter
 from worker.providers.registry import build_provider
 from worker.secret_refs import make_resolver
@@ -178,7 +178,7 @@ class RevokedOrphan:
     run_id: str
 
 
-ProviderFactory = Callable[[ProviderRecord], Any]  # → worker.providers.base.Provider
+ProviderFactory = Callable[[ProviderRecord], Provider]
 
 
 def default_provider_factory() -> ProviderFactory:
@@ -272,7 +272,7 @@ def revoke_orphans(
     for record in records:
         try:
             provider = factory(record)
-            if not (getattr(provider, "can_list", False) and getattr(provider, "can_revoke", False)):
+            if not (provider.can_list and provider.can_revoke):
                 continue  # nothing to find or nothing we could do (plan/status say so)
             listed = provider.list_keys()
         except Exception as exc:  # one provider down must not stop the others

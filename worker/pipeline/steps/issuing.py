@@ -20,7 +20,7 @@ from worker.pipeline.runs import audit, load_run, run_state, transition
 from worker.pipeline.steps.common import Snapshot, StepOutcome, step_deadline_s, notify_run, load_snapshot
 from worker.pipeline.steps.minted import MintedKey, minted_keys, record_discarded, record_minted
 from worker.pipeline.steps.provider import deprecated_error, provider_for, revoke_key
-from worker.providers.base import issued_name
+from worker.providers.base import Provider, issued_name
 from worker.pipeline.steps.versions import ensure_old_version, record_new_version
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
@@ -71,7 +71,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         wait = _settle_unknown_issue(ctx, snap, provider, minted, name)
         if wait is not None:
             return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
-        if not getattr(provider, "can_issue", True):
+        if not provider.can_issue:
             raise PermanentError(f"provider {snap.key.provider!r} cannot issue keys; set its mode to 'assisted'")
         issued = _mint(ctx, snap, provider, name)
         secret, key_id, expires_at = issued.secret, issued.key_id, issued.expires_at
@@ -118,7 +118,7 @@ def _trusted_staging(ctx: PipelineContext, snap: Snapshot, minted: list[MintedKe
     return None
 
 
-def _discard_lost(ctx: PipelineContext, snap: Snapshot, provider: Any, minted: list[MintedKey], name: str) -> None:
+def _discard_lost(ctx: PipelineContext, snap: Snapshot, provider: Provider, minted: list[MintedKey], name: str) -> None:
     """Keys this run minted whose secret is not in staging can never be used: clear staging first
     (a held write landing later is then rejected by its fingerprint), then revoke them."""
     lost = [m for m in minted if not m.discarded]
@@ -137,7 +137,7 @@ def _discard_lost(ctx: PipelineContext, snap: Snapshot, provider: Any, minted: l
                              reason="its secret never reached staging")
 
 
-def _settle_unknown_issue(ctx: PipelineContext, snap: Snapshot, provider: Any, minted: list[MintedKey],
+def _settle_unknown_issue(ctx: PipelineContext, snap: Snapshot, provider: Provider, minted: list[MintedKey],
                           name: str) -> Optional[float]:
     """After an issue call without a definite answer: wait until it can no longer be in flight
     (twice the provider's request timeout from its start), then list the keys named after the run
@@ -145,7 +145,7 @@ def _settle_unknown_issue(ctx: PipelineContext, snap: Snapshot, provider: Any, m
     list call nothing can be found: the call was recorded (``issue_outcome_unknown``, with the
     name) when it failed, and ``plan``/``status`` say that this provider has no orphan scan."""
     since = as_utc(snap.run.issue_unknown_since)
-    if since is None or not getattr(provider, "can_list", False):
+    if since is None or not provider.can_list:
         return None
     settle_at = since + timedelta(seconds=2 * float(getattr(provider, "issue_timeout_s", 0.0) or 0.0))
     wait = seconds_between(settle_at, utcnow())
@@ -188,7 +188,7 @@ def _answer_is_definite(exc: BaseException) -> bool:
     return is_permanent(exc) or isinstance(exc, RateLimited)
 
 
-def _mint(ctx: PipelineContext, snap: Snapshot, provider: Any, name: str) -> Any:
+def _mint(ctx: PipelineContext, snap: Snapshot, provider: Provider, name: str) -> Any:
     """The issue call, bracketed: the run is marked before it (a crash mid-call leaves the mark),
     and its answer is recorded (``new_key_minted``) before the secret goes anywhere else."""
     started = utcnow()
@@ -202,7 +202,7 @@ def _mint(ctx: PipelineContext, snap: Snapshot, provider: Any, name: str) -> Any
                 raise deprecated_error(ctx, snap, "issue") from None
         else:
             _set_issue_unknown(ctx, snap.run.id, started, event={
-                "name": name, "error": safe_error(exc), "listable": bool(getattr(provider, "can_list", False))})
+                "name": name, "error": safe_error(exc), "listable": provider.can_list})
         raise
     with holding(issued.secret), session_scope(ctx.engine) as session:
         record_minted(session, snap.run, actor=ctx.actor, name=name, fingerprint=issued.secret.fingerprint,
@@ -212,7 +212,7 @@ def _mint(ctx: PipelineContext, snap: Snapshot, provider: Any, name: str) -> Any
     return issued
 
 
-def _stage(ctx: PipelineContext, snap: Snapshot, provider: Any, secret: Secret, key_id: Optional[str],
+def _stage(ctx: PipelineContext, snap: Snapshot, provider: Provider, secret: Secret, key_id: Optional[str],
            expires_at: Optional[datetime]) -> None:
     """Stage the new secret. The store already retries transient Vault errors (bounded, backoff,
     jitter, Retry-After); a second layer here would multiply its attempts. On failure the key is
@@ -254,7 +254,7 @@ def _staging_landed(ctx: PipelineContext, run_id: str, secret: Secret) -> Option
         return None
 
 
-def _revoke_unstaged(ctx: PipelineContext, snap: Snapshot, provider: Any, secret: Secret, key_id: Optional[str]) -> None:
+def _revoke_unstaged(ctx: PipelineContext, snap: Snapshot, provider: Provider, secret: Secret, key_id: Optional[str]) -> None:
     """Revoke a key that never reached staging and record it as discarded (best effort: if this
     fails, the next attempt finds it minted and not discarded, and revokes it then)."""
     try:
