@@ -32,7 +32,7 @@ from worker.db.models import ProviderRecord
 from worker.errors import ConfigError
 from worker.pipeline.context import StepPolicy, configure, context_from_settings
 from worker.providers.ratelimit import InMemoryRateLimiter
-from worker.providers.registry import build_provider
+from worker.providers.registry import provider_builder
 from worker.redis_conn import redis_client
 from worker.runtime.broker import make_redis_broker, make_stub_broker, reset_broker, setup_broker
 from worker.runtime.workers import start_worker
@@ -57,14 +57,13 @@ def _demo_policy() -> Any:
 def _in_memory_limited_providers(vault: Any) -> Any:
     """Providers from the applied inventory, rate-limited by one in-process limiter (the demo's
     single worker process is the only caller, so Redis is not needed to share the limit)."""
-    resolve = make_resolver(vault)
-    limiter = InMemoryRateLimiter()
+    build = provider_builder(make_resolver(vault), InMemoryRateLimiter())
 
     def factory(session: Any, key: Any) -> Any:
         record = session.get(ProviderRecord, key.provider)
         if record is None:
             raise LookupError(f"provider {key.provider!r} of key {key.name!r} is not in the applied inventory")
-        return build_provider(record, resolve=resolve, limiter=limiter)
+        return build(record)
 
     return factory
 

@@ -22,7 +22,7 @@ from worker.integrations.registry import build_integration
 from worker.notify import notify_function
 from worker.pipeline.restart_batch import DatabaseBatchView
 from worker.providers.ratelimit import shared_limiter
-from worker.providers.registry import build_provider
+from worker.providers.registry import provider_builder
 from worker.secret_refs import make_resolver
 from worker.settings import get_settings
 from worker.vault.store import VaultStore
@@ -186,7 +186,7 @@ def _registry_provider_factory(vault: Any, settings: Any, resolve: Optional[Call
             raise PermanentError(f"provider {key.provider!r} of key {key.name!r} is not in the applied inventory; "
                                  "run `keyrotor config apply`")
         return built.get(record.name, {"mode": record.mode, "spec": record.spec},
-                         lambda: build_provider(record, resolve=resolve, limiter=_limiter(settings, cache)))
+                         lambda: provider_builder(resolve, _limiter(settings, cache))(record))
 
     return factory
 

@@ -46,8 +46,8 @@ from worker.db.session import session_scope
 from worker.log import get_logger
 from worker.notify import notify_function
 from worker.providers.base import Provider, RevokeOutcome, revoke_outcome
-from worker.providers.ratelimit import RedisRateLimiter
-from worker.providers.registry import build_provider
+from worker.providers.ratelimit import shared_limiter
+from worker.providers.registry import provider_builder
 from worker.secret_refs import make_resolver
 from worker.settings import get_settings
 from worker.vault.store import VaultStore
@@ -186,16 +186,7 @@ def default_provider_factory() -> ProviderFactory:
     settings = get_settings()
     vault = VaultStore.from_settings(settings) if settings.vault_addr else None
     resolve = make_resolver(vault)
-    limiter = _shared_limiter(settings)
-
-    def build(record: ProviderRecord) -> Any:
-        return build_provider(record, resolve=resolve, limiter=limiter)
-
-    return build
-
-
-def _shared_limiter(settings: Any) -> Any:
-    return RedisRateLimiter.from_url(settings.redis_url, namespace=settings.queue_namespace)
+    return provider_builder(resolve, shared_limiter(settings.redis_url, namespace=settings.queue_namespace))
 
 
 def _is_orphan(session: Any, provider: str, key_id: str, run_id: str) -> tuple[bool, str | None]:
