@@ -27,6 +27,7 @@ def scheduler(
     retirement_interval: Optional[float] = typer.Option(None, "--retirement-interval", help="Seconds between retirement passes [KEYROTOR_SCHEDULER_RETIREMENT_INTERVAL_S]."),
     orphan_interval: Optional[float] = typer.Option(None, "--orphan-interval", help="Seconds between orphan scans [KEYROTOR_SCHEDULER_ORPHAN_INTERVAL_S]."),
     reminder_interval: Optional[float] = typer.Option(None, "--reminder-interval", help="Seconds between reminder passes [KEYROTOR_SCHEDULER_REMINDER_INTERVAL_S]."),
+    liveness_interval: Optional[float] = typer.Option(None, "--liveness-interval", min=1, help="Seconds between liveness passes (a few keys checked at their provider) [KEYROTOR_SCHEDULER_LIVENESS_INTERVAL_S]."),
     lock_ttl: Optional[float] = typer.Option(None, "--lock-ttl", min=1, help="Leader lock TTL in seconds [KEYROTOR_SCHEDULER_LOCK_TTL_S]."),
 ) -> None:
     """Run the detection, reconciliation and retirement jobs; one scheduler acts at a time."""
@@ -37,7 +38,7 @@ def scheduler(
     setup_broker(settings)
     config = SchedulerConfig.from_settings(
         settings, detection_s=detection_interval, reconcile_s=reconcile_interval, retirement_s=retirement_interval,
-        orphans_s=orphan_interval, reminders_s=reminder_interval, lock_ttl_s=lock_ttl)
+        orphans_s=orphan_interval, reminders_s=reminder_interval, liveness_s=liveness_interval, lock_ttl_s=lock_ttl)
     if settings.metrics_port_for("scheduler"):
         register_scheduler_collectors(settings, engine)  # queue depth and per-key expiry, read per scrape
         serve_metrics(settings, "scheduler")

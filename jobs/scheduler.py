@@ -6,7 +6,7 @@ freed lock quickly); each other job checks ``lock.fence()`` (local validity + a 
 trip) right before it touches anything. Jobs only enqueue, and every request carries an
 idempotency key, so even a leader that lost its lock mid-pass cannot cause a second run.
 
-Jobs: detection, stuck-run recovery, retirement, orphan scan, reminders — each at its own
+Jobs: detection, stuck-run recovery, retirement, orphan scan, reminders, deposits, liveness — each at its own
 interval (settings ``KEYROTOR_SCHEDULER_*_INTERVAL_S`` or CLI options), ``coalesce=True`` and
 ``max_instances=1`` (a slow pass is never run twice at once, missed runs collapse into one),
 with a misfire grace so a briefly busy process still runs the pass late instead of skipping it.
@@ -39,10 +39,11 @@ from worker.metrics import scheduler_metrics
 from worker.ops_metrics import job_succeeded
 from worker.pipeline.context import context_from_settings
 from worker.service.deposits import collect_deposits
+from worker.service.liveness import RedisCursor, check_liveness
 
 log = get_logger(__name__)
 
-JOB_NAMES = ("detection", "reconcile", "retirement", "orphans", "reminders", "deposits")
+JOB_NAMES = ("detection", "reconcile", "retirement", "orphans", "reminders", "deposits", "liveness")
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,13 @@ class SchedulerConfig:
     orphans_s: float = 900.0
     reminders_s: float = 3600.0
     deposits_s: float = 60.0
+    liveness_s: float = 300.0
+    liveness_per_pass: int = 10
+    retry_base_s: float = 900.0
+    retry_max_s: float = 6 * 3600.0
     lock_ttl_s: float = 30.0
     lock_name: str = leader_lock_key("keyrotor")
+    namespace: str = "keyrotor"
     batch: int = 500
     max_attempts: int = 5
     step_timeout_s: float = 900.0
@@ -71,8 +77,13 @@ class SchedulerConfig:
             orphans_s=settings.scheduler_orphan_interval_s,
             reminders_s=settings.scheduler_reminder_interval_s,
             deposits_s=settings.scheduler_deposit_interval_s,
+            liveness_s=settings.scheduler_liveness_interval_s,
+            liveness_per_pass=settings.scheduler_liveness_per_pass,
+            retry_base_s=settings.scheduler_retry_base_s,
+            retry_max_s=settings.scheduler_retry_max_s,
             lock_ttl_s=settings.scheduler_lock_ttl_s,
             lock_name=leader_lock_key(settings.queue_namespace),
+            namespace=settings.queue_namespace,
             batch=settings.scheduler_batch_size,
             max_attempts=settings.reconcile_max_attempts,
             step_timeout_s=settings.reconcile_step_timeout_s,
@@ -112,6 +123,7 @@ class KeyrotorScheduler:
         self._notify = notify
         self._deposit_context = deposit_context   # () -> PipelineContext, built on the first deposits pass
         self._deposit_ctx: Any = None
+        self._redis = redis_client
         self.passes: Counter[str] = Counter()   # completed passes per job (status, tests)
         self.errors: Counter[str] = Counter()
         self.became_leader_at: float | None = None
@@ -124,7 +136,8 @@ class KeyrotorScheduler:
         self._aps.add_job(self._lock_tick, "interval", seconds=config.lock_tick_s, id="leader-lock", next_run_time=start,
                           misfire_grace_time=max(1, int(config.lock_tick_s)))
         intervals = {"detection": config.detection_s, "reconcile": config.reconcile_s, "retirement": config.retirement_s,
-                     "orphans": config.orphans_s, "reminders": config.reminders_s, "deposits": config.deposits_s}
+                     "orphans": config.orphans_s, "reminders": config.reminders_s, "deposits": config.deposits_s,
+                     "liveness": config.liveness_s}
         for name in JOB_NAMES:
             self._aps.add_job(self._guarded, "interval", args=[name], seconds=intervals[name], id=name,
                               misfire_grace_time=max(1, int(intervals[name] / 2)))
@@ -184,7 +197,8 @@ class KeyrotorScheduler:
         cfg = self.config
         now = utcnow()
         if name == "detection":
-            result = detect_due(self.engine, now=now, batch=cfg.batch, pipeline=self._get_pipeline())
+            result = detect_due(self.engine, now=now, batch=cfg.batch, pipeline=self._get_pipeline(),
+                                retry_base=timedelta(seconds=cfg.retry_base_s), retry_max=timedelta(seconds=cfg.retry_max_s))
             self._update_gauges(now)
             return {"requested": len(result.requested), "joined": len(result.joined), "errors": len(result.errors)}
         if name == "reconcile":
@@ -204,14 +218,23 @@ class KeyrotorScheduler:
             return {"reminded": len(send_reminders(self.engine, now=now, lead_s=cfg.reminder_lead_s,
                                                    repeat_s=cfg.reminder_repeat_s, notify=self._notify, batch=cfg.batch))}
         if name == "deposits":
-            if self._deposit_ctx is None:
-                self._deposit_ctx = self._deposit_context() if self._deposit_context else context_from_settings()
-            done = collect_deposits(self._deposit_ctx, now=now, batch=cfg.batch)
+            done = collect_deposits(self._pipeline_context(), now=now, batch=cfg.batch)
             return {"accepted": len(done.accepted), "rejected": len(done.rejected), "reminded": len(done.reminded),
                     "expired": len(done.expired)}
+        if name == "liveness":
+            checked = check_liveness(self._pipeline_context(), cursor=RedisCursor(self._redis, cfg.namespace),
+                                     per_pass=cfg.liveness_per_pass, now=now, pipeline=self._get_pipeline())
+            return {"checked": len(checked.checked), "rotations": len(checked.rotations),
+                    "deferred": len(checked.deferred), "errors": len(checked.errors)}
         raise ValueError(f"unknown job {name!r} (known: {', '.join(JOB_NAMES)})")
 
     # ------------------------------------------------------------------ helpers
+    def _pipeline_context(self) -> Any:
+        """The PipelineContext of the deposits and liveness jobs (built on first use)."""
+        if self._deposit_ctx is None:
+            self._deposit_ctx = self._deposit_context() if self._deposit_context else context_from_settings()
+        return self._deposit_ctx
+
     def _get_pipeline(self) -> Pipeline:
         if self._pipeline is None:
             self._pipeline = default_pipeline()

@@ -13,7 +13,7 @@ Control (Bearer admin token):
                          "garbage"?, "retry_after"?}
   POST /_sandbox/deprecation {"credential_type", "phase": "none|no_new_credentials|amnesty|rejected"}
   POST /_sandbox/config {"activation_delay"?, "key_ttl"?, "rate_limit"?: {"requests", "per"} | null, "cutover"?,
-                         "list_revoked"?}
+                         "list_revoked"?, "rejected_status"?}
   POST /_sandbox/keys {"name", "credentialType"?, "username"?, "active"?} → the key, *with* apiKey (seeding)
   GET  /_sandbox/stats → {"routes": {route: {status: count}}, "requests": n}
   POST /_sandbox/stats/reset
@@ -31,7 +31,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from keyrotor_sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread, serve_until_signalled
+from keyrotor_sandbox.standin_http import (
+    Request,
+    Response,
+    ServerHandle,
+    same_secret,
+    serve_in_thread,
+    serve_until_signalled,
+    window_wait,
+)
 
 ROUTES = ("issue", "check", "revoke", "list")
 PHASES = ("none", "no_new_credentials", "amnesty", "rejected")
@@ -84,6 +92,9 @@ class ProviderState:
     #: List revoked keys too (flagged ``"revoked": true``), as some providers do.
     list_revoked: bool = False
     amnesty_header: str = DEFAULT_AMNESTY_HEADER
+    #: What a credential of a type in its ``rejected`` phase gets: 434 (Asana-style) or 401
+    #: (Alloy's old keys after January 2023 were simply no longer valid).
+    rejected_status: int = 434
     clock: Callable[[], float] = time.time
     keys: dict[str, SandboxKey] = field(default_factory=dict)
     deprecation: dict[str, str] = field(default_factory=dict)  # credential type → phase
@@ -119,7 +130,7 @@ class ProviderState:
             return None
         with self.lock:
             for key in self.keys.values():
-                if _same(key.secret, secret):
+                if same_secret(key.secret, secret):
                     return key
         return None
 
@@ -155,13 +166,7 @@ class ProviderState:
             return None
         limit, per = self.rate_limit
         with self.lock:
-            now = self.clock()
-            while self.requests_seen and self.requests_seen[0] <= now - per:
-                self.requests_seen.popleft()
-            if len(self.requests_seen) >= limit:
-                return max(0.0, self.requests_seen[0] + per - now)
-            self.requests_seen.append(now)
-            return None
+            return window_wait(self.requests_seen, limit, per, self.clock())
 
     def take_fault(self, route: str) -> Fault | None:
         with self.lock:
@@ -172,12 +177,6 @@ class ProviderState:
                         self.faults.remove(fault)
                     return fault
         return None
-
-
-def _same(given: str, expected: str) -> bool:
-    """Constant-time comparison that also copes with non-ASCII tokens (``compare_digest`` raises
-    TypeError on such ``str``s: a garbage header would have been a 500 instead of a 401)."""
-    return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 
 def _iso(ts: float) -> str:
@@ -238,14 +237,14 @@ class ProviderApp:
         token = request.bearer()
         if token is None:
             return None, _error(401, "missing Bearer token (Authorization: Bearer <api key>)")
-        if _same(token, self.state.admin_token):
+        if same_secret(token, self.state.admin_token):
             return "admin", None
         key = self.state.find_secret(token)
         if key is None or not self.state.key_is_live(key):
             return None, _error(401, "Not Authorized")
         phase = self.state.deprecation.get(key.credential_type, "none")
         if phase == "rejected":
-            return None, _error(434, f"{key.credential_type} credentials are no longer accepted")
+            return None, _error(self.state.rejected_status, f"{key.credential_type} credentials are no longer accepted")
         if phase == "amnesty" and request.headers.get(self.state.amnesty_header.lower(), "").lower() != "true":
             return None, _error(434, f"{key.credential_type} credentials need the {self.state.amnesty_header}: true header")
         return key.owner, None
@@ -306,7 +305,7 @@ class ProviderApp:
     # --------------------------------------------------------------- control
     def _control(self, request: Request) -> Response:
         token = request.bearer()
-        if token is None or not _same(token, self.state.admin_token):
+        if token is None or not same_secret(token, self.state.admin_token):
             return _error(401, "the sandbox control API needs the admin token")
         try:
             body = request.json() or {}
@@ -375,6 +374,8 @@ def configure(state: ProviderState, **values: Any) -> None:
                 setattr(state, name, None if value is None else float(value))
             elif name in ("cutover", "list_revoked"):
                 setattr(state, name, bool(value))
+            elif name == "rejected_status":
+                state.rejected_status = int(value)
             else:
                 raise ValueError(f"unknown setting {name!r}")
 

@@ -7,7 +7,9 @@ The stand-ins speak real HTTP so the real clients (httpx, hvac) are exercised en
 from __future__ import annotations
 
 import json
+import secrets
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -52,9 +54,28 @@ class Response:
 Handler = Callable[[Request], Response]
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison that also copes with non-ASCII tokens (``compare_digest`` raises
+    TypeError on such ``str``s: a garbage header would have been a 500 instead of a 401)."""
+    return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
+
+
+def window_wait(seen: deque[float], limit: int, per: float, now: float) -> float | None:
+    """A sliding-window rate limit over the times in ``seen``: None (and ``now`` recorded) when a
+    request may proceed, else the seconds until a slot frees (the Retry-After). Callers hold
+    their lock."""
+    while seen and seen[0] <= now - per:
+        seen.popleft()
+    if len(seen) >= limit:
+        return max(0.0, seen[0] + per - now)
+    seen.append(now)
+    return None
+
+
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128   # many clients connecting at once are queued, not reset
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # client hung up mid-answer
         pass

@@ -33,6 +33,7 @@ from worker.errors import ConfigError, PermanentError
 from worker.inventory.schema import template_placeholders
 from worker.pipeline.runs import open_run_for_key
 from worker.secret import Secret
+from worker.pipeline.targets import rejected_at
 
 ELLIPSES = ("…", "...", "***", "**", "*")
 
@@ -54,8 +55,11 @@ class Adopted:
     vault_version: int
 
 
-def revoke_needs_key_id(record: Optional[ProviderRecord]) -> bool:
-    """Whether the provider's revoke call names the key by ``{key_id}`` (URL, headers or body)."""
+def revoke_needs_key_id(record: Optional[ProviderRecord], credential_type: Optional[str] = None) -> bool:
+    """Whether the provider's revoke call names the key by ``{key_id}`` (URL, headers or body).
+    An OAuth client removes a secret by its id; a private key's ``kid`` follows from the key."""
+    if record is not None and record.kind == "oauth_client":
+        return credential_type == "client_secret"
     if record is None or record.kind != "http" or (record.mode or "overlap") == "cutover":
         return False
     revoke = ((record.spec or {}).get("calls") or {}).get("revoke")
@@ -95,8 +99,10 @@ def rotation_blocker(session: Session, key: ManagedKey, vault: Any) -> Optional[
     provider key id and the provider revokes by id, so it could never be revoked afterwards.
     A key with no value in Vault yet is a first rotation (nothing to revoke)."""
     record = session.get(ProviderRecord, key.provider)
-    if not revoke_needs_key_id(record):
+    if not revoke_needs_key_id(record, key.credential_type):
         return None
+    if record is not None and rejected_at(record.spec, key.credential_type, utcnow()):
+        return None  # past its type's cutoff the key cannot authenticate: nothing to revoke
     stored = vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
     if stored is None:
         return None
@@ -144,7 +150,7 @@ def adopt(ctx: Any, key_name: str, *, actor: str, secret: Optional[Secret] = Non
         raise CredentialRejected(f"provider {key.provider!r} answers {outcome} for the credential "
                                  f"{value.fingerprint} of {key_name!r}; adopt a key that works")
     found_id, found_by = _find_key_id(provider, key, value, given=key_id, verified=verified_id,
-                                      needed=revoke_needs_key_id(record))
+                                      needed=revoke_needs_key_id(record, key.credential_type))
     version = stored.version if stored is not None else None
     if stored is None or (found_id and stored.provider_key_id != found_id):
         # The same value again, now with its id next to it (check-and-set on what was read).

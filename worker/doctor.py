@@ -14,12 +14,13 @@ from typing import Any, Optional
 
 from worker import log
 from worker.connectivity import check_database, check_redis, open_vault
-from worker.errors import ConfigError
+from worker.errors import ConfigError, KeyrotorError
 from worker.secret import Secret
-from worker.secret_refs import SecretRef, SecretResolver, make_resolver, unresolvable
+from worker.secret_refs import SecretRef, SecretResolver, is_per_key, iter_refs, make_resolver, unresolvable
 from worker.db.session import session_scope
 from worker.inventory.apply import latest_snapshot
 from worker.inventory.loader import format_path
+from worker.providers.request_parts import key_variables, resolve_ref
 
 logger = log.get_logger("keyrotor.doctor")
 
@@ -55,7 +56,30 @@ def resolver_for(store: Any, vault_problem: Optional[ServiceProblem]) -> SecretR
 
 def reference_problems(document: Mapping[str, Any], resolve: SecretResolver) -> list[tuple[tuple[Any, ...], str]]:
     """``(location in document, message)`` for every secret reference that does not resolve."""
-    return [(loc, why) for loc, _ref, why in unresolvable(document, resolve)]
+    problems = [(loc, why) for loc, _ref, why in unresolvable(document, resolve)]
+    return problems + per_key_reference_problems(document, resolve)
+
+
+def per_key_reference_problems(document: Mapping[str, Any], resolve: SecretResolver) -> list[tuple[tuple[Any, ...], str]]:
+    """References whose Vault path depends on the key (``users/{labels[user]}``), resolved for
+    each key of their provider; located at the key, naming the reference."""
+    providers = document.get("providers") if isinstance(document.get("providers"), Mapping) else {}
+    keys = document.get("keys") if isinstance(document.get("keys"), Mapping) else {}
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    for name, key in keys.items():
+        provider = providers.get(key.get("provider")) if isinstance(key, Mapping) else None
+        if not isinstance(provider, Mapping):
+            continue
+        variables = key_variables(key.get("labels") or {})
+        for _loc, ref in iter_refs(provider):
+            if not is_per_key(ref):
+                continue
+            try:
+                resolve_ref(ref, variables, resolve)
+            except Exception as exc:  # noqa: BLE001 - report every kind of failure, one line each
+                why = str(exc) if isinstance(exc, KeyrotorError) else f"{ref.describe()}: {type(exc).__name__}"
+                problems.append((("keys", name), f"provider {key.get('provider')!r} for this key: {why}"))
+    return problems
 
 
 def service_problems(settings: Any, vault_problem: Optional[ServiceProblem]) -> list[ServiceProblem]:

@@ -19,7 +19,9 @@ from worker.secret import Secret
 if TYPE_CHECKING:
     from worker.vault.store import VaultStore
 
-_VAULT_REF = re.compile(r"^(?P<mount>[A-Za-z0-9_.-]+)/(?P<path>[A-Za-z0-9_./{}-]+)#(?P<field>[A-Za-z0-9_.-]+)$")
+# A path may hold placeholders (``users/{labels[user]}``, filled in by the HTTP provider before
+# reading) and an ``@`` (user names that are email addresses).
+_VAULT_REF = re.compile(r"^(?P<mount>[A-Za-z0-9_.-]+)/(?P<path>[A-Za-z0-9_./{}\[\]@-]+)#(?P<field>[A-Za-z0-9_.-]+)$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -106,12 +108,19 @@ def iter_refs(data: Any, loc: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any,
             yield from iter_refs(value, (*loc, index))
 
 
+def is_per_key(ref: SecretRef) -> bool:
+    """Whether the reference's Vault path holds placeholders (``users/{labels[user]}``)."""
+    return ref.vault is not None and "{" in ref.vault
+
+
 def unresolvable(data: Any, resolve: SecretResolver) -> list[tuple[tuple[Any, ...], SecretRef, str]]:
     """``(location, reference, why)`` for each reference in ``data`` that does not resolve now.
 
     The values read are dropped at once; ``why`` never holds one (error texts carry no secret)."""
     problems: list[tuple[tuple[Any, ...], SecretRef, str]] = []
     for loc, ref in iter_refs(data):
+        if is_per_key(ref):
+            continue  # its path depends on the key (labels): checked per key (doctor, run preflight)
         try:
             resolve(ref)
         except Exception as exc:  # noqa: BLE001 - report every kind of failure, one line each

@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     reminder_lead_time_s: float = Field(14 * 86400.0, ge=0, description="Remind owners of manually rotated keys this long before due")
     reminder_repeat_s: float = Field(86400.0, gt=0, description="Least time between two reminders for one key")
     scheduler_deposit_interval_s: float = Field(60.0, gt=0, description="How often owners' deposit paths in Vault are read (assisted mode); reminders and deposit deadlines are checked then too")
+    scheduler_liveness_interval_s: float = Field(300.0, gt=0, description="How often the liveness job checks a few keys' current credentials at their provider")
+    scheduler_liveness_per_pass: int = Field(10, ge=1, description="Most keys one liveness pass checks")
+    scheduler_retry_base_s: float = Field(900.0, gt=0, description="A still-due key whose run ended is tried again this long after (doubling per further run)")
+    scheduler_retry_max_s: float = Field(6 * 3600.0, gt=0, description="Longest wait before a still-due key is tried again")
     notify_timeout_s: float = Field(10.0, gt=0, description="Timeout of one notification delivery")
     notify_attempts: int = Field(3, ge=1, le=10, description="Delivery attempts per notification sink")
 

@@ -60,13 +60,13 @@ def get_key(engine, name: str) -> ManagedKey:  # type: ignore[no-untyped-def]
 def test_first_apply_creates_everything_then_reapply_changes_nothing(engine, doc) -> None:  # type: ignore[no-untyped-def]
     first = apply(engine, doc)
     assert first.counts() == {
-        "provider": {"created": 3, "updated": 0, "unchanged": 0, "removed": 0},
+        "provider": {"created": 4, "updated": 0, "unchanged": 0, "removed": 0},
         "integration": {"created": 4, "updated": 0, "unchanged": 0, "removed": 0},
-        "key": {"created": 4, "updated": 0, "unchanged": 0, "removed": 0},
+        "key": {"created": 5, "updated": 0, "unchanged": 0, "removed": 0},
     }
     assert first.snapshot_stored and first.changed
     kinds = [e[0] for e in events(engine)]
-    assert kinds.count("key_declared") == 4 and kinds[-1] == "inventory_applied"
+    assert kinds.count("key_declared") == 5 and kinds[-1] == "inventory_applied"
     assert all(actor == ACTOR for _, actor, _ in events(engine))
 
     billing = get_key(engine, "alloy/billing")
@@ -86,7 +86,7 @@ def test_first_apply_creates_everything_then_reapply_changes_nothing(engine, doc
     audit_before, snapshots_before = count(engine, AuditEvent), count(engine, InventorySnapshot)
     second = apply(engine, doc, now=NOW + timedelta(hours=5))
     assert not second.changed and not second.snapshot_stored
-    assert second.counts()["key"] == {"created": 0, "updated": 0, "unchanged": 4, "removed": 0}
+    assert second.counts()["key"] == {"created": 0, "updated": 0, "unchanged": 5, "removed": 0}
     assert "nothing changed" in second.summary_lines()[-1]
     assert (count(engine, AuditEvent), count(engine, InventorySnapshot)) == (audit_before, snapshots_before)
 
@@ -140,7 +140,7 @@ def test_nothing_is_removed_without_prune(engine, doc) -> None:  # type: ignore[
     pruned = apply(engine, doc, prune=True)
     assert pruned.changes["key"]["removed"] == ["alloy/billing"]
     assert pruned.changes["integration"]["removed"] == ["billing-app-copy"]
-    assert count(engine, ManagedKey) == 3
+    assert count(engine, ManagedKey) == 4
     assert [d for e, _, d in events(engine) if e == "key_removed"] == [{"key": "alloy/billing"}]
 
 
@@ -155,7 +155,7 @@ def test_prune_refuses_keys_with_an_open_run(engine, doc) -> None:  # type: igno
     with pytest.raises(PruneBlocked) as info:
         apply(engine, doc, prune=True)
     assert "alloy/billing" in str(info.value)
-    assert count(engine, ManagedKey) == 4 and count(engine, AuditEvent) == audit_before
+    assert count(engine, ManagedKey) == 5 and count(engine, AuditEvent) == audit_before
 
     with session_scope(engine) as session:   # once the run has finished, the key (and its history) can go
         run = session.get(RotationRun, "run-open-1")
@@ -177,7 +177,7 @@ def test_prune_removes_an_undeclared_provider(engine, doc) -> None:  # type: ign
 
 def test_dry_run_writes_nothing(engine, doc) -> None:  # type: ignore[no-untyped-def]
     report = apply(engine, doc, dry_run=True)
-    assert report.dry_run and report.counts()["key"]["created"] == 4
+    assert report.dry_run and report.counts()["key"]["created"] == 5
     assert (count(engine, ManagedKey), count(engine, ProviderRecord), count(engine, AuditEvent), count(engine, InventorySnapshot)) == (0, 0, 0, 0)
 
 
@@ -193,7 +193,7 @@ def test_cli_apply_on_a_fresh_sqlite_file(tmp_path, monkeypatch) -> None:  # typ
     try:
         first = runner.invoke(cli_main.app, ["config", "apply", str(EXAMPLE)])
         assert first.exit_code == 0, first.output
-        assert "keys: 4 created" in first.output
+        assert "keys: 5 created" in first.output
         second = runner.invoke(cli_main.app, ["config", "apply", str(EXAMPLE)])
         assert second.exit_code == 0 and "nothing changed" in second.output
         bad = tmp_path / "bad.yaml"
@@ -203,7 +203,7 @@ def test_cli_apply_on_a_fresh_sqlite_file(tmp_path, monkeypatch) -> None:  # typ
     finally:
         get_settings.cache_clear()
     engine = make_engine(url)
-    assert count(engine, ManagedKey) == 4
+    assert count(engine, ManagedKey) == 5
     engine.dispose()
 
 

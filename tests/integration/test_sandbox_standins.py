@@ -117,6 +117,23 @@ def test_cli_provider_prints_one_ready_line_and_serves(tmp_path) -> None:  # typ
         assert _stop(proc) == 0
 
 
+def test_cli_asana_prints_one_ready_line_and_serves_its_timeline() -> None:
+    token = "asana-ctl-" + uuid.uuid4().hex
+    proc, line = _start(["asana", "--port", "0", "--today", "2017-01-15"], {"KEYROTOR_SANDBOX_ASANA_CONTROL_TOKEN": token})
+    try:
+        assert line.startswith("asana stand-in listening on http://127.0.0.1:") and token not in line, line
+        url = line.rsplit(" ", 1)[-1]
+        made = httpx.post(f"{url}/_sandbox/ui/pat", json={"user": "alice", "name": "cli"},
+                          headers={"Authorization": f"Bearer {token}"}).json()
+        assert httpx.get(f"{url}/api/1.0/users/me", headers={"Authorization": f"Bearer {made['token']}"}).status_code == 200
+        assert httpx.get(f"{url}/api/1.0/users/me").status_code == 401
+    finally:
+        assert _stop(proc) == 0
+    bad = subprocess.run([sys.executable, "-m", "worker.cli.main", "sandbox", "asana", "--control-token", "x",
+                          "--plan", "gold"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--plan 'gold'" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_cli_rejects_bad_rate_limit() -> None:
     result = subprocess.run([sys.executable, "-m", "worker.cli.main", "sandbox", "provider", "--admin-token", "x",
                              "--rate-limit", "lots"], capture_output=True, text=True, timeout=30)

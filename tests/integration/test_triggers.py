@@ -111,17 +111,38 @@ def test_key_rotates_to_the_replacement_before_a_deprecation_cutoff(engine, pipe
     assert run.reason == "deprecation" and run.target_credential_type == "pat"
 
 
-def test_a_failed_scheduled_run_is_not_retried_in_a_loop_but_does_not_block_others(engine, pipeline) -> None:  # type: ignore[no-untyped-def]
+def _fail(engine: Any, run_id: str, at: datetime) -> None:
+    with session_scope(engine) as s:  # the pipeline failed it (and alerted)
+        r = s.get(RotationRun, run_id)
+        r.state, r.finished_at = RunState.failed.value, at
+
+
+def test_a_failed_scheduled_run_is_retried_with_backoff_while_the_key_stays_due(engine, pipeline) -> None:  # type: ignore[no-untyped-def]
+    """Not in a loop (15 min, then 30, 60… at most 6 h after the last run ended), never given up
+    while the key is due, and a backing-off key does not hold back the others."""
     clock = Clock(T0)
     _setup_key(engine, "alloy/a", expires_at=T0 + 8 * DAY)
-    _setup_key(engine, "alloy/b", expires_at=T0 + 9 * DAY)
-    detect_due(engine, now=clock.go(T0 + 1 * DAY + timedelta(minutes=1)), pipeline=pipeline.as_pipeline())
-    [run_a] = _runs(engine, "alloy/a")
-    with session_scope(engine) as s:  # the pipeline failed it (and alerted)
-        r = s.get(RotationRun, run_a.id)
-        r.state, r.finished_at = RunState.failed.value, clock.at
-    result = detect_due(engine, now=clock.go(T0 + 2 * DAY + timedelta(minutes=1)), pipeline=pipeline.as_pipeline(), batch=1)
-    assert len(result.requested) == 1 and len(_runs(engine, "alloy/a")) == 1 and len(_runs(engine, "alloy/b")) == 1
+    _setup_key(engine, "alloy/b", expires_at=T0 + 8 * DAY + timedelta(minutes=5))
+    start = T0 + 1 * DAY + timedelta(minutes=1)
+    detect_due(engine, now=clock.go(start), pipeline=pipeline.as_pipeline())
+    [first] = _runs(engine, "alloy/a")
+    _fail(engine, first.id, start)
+    # 14 minutes later: still backing off; b (due now) is not held back by it, even with batch=1.
+    result = detect_due(engine, now=clock.go(start + timedelta(minutes=14)), pipeline=pipeline.as_pipeline(), batch=1)
+    assert len(_runs(engine, "alloy/b")) == 1 and len(_runs(engine, "alloy/a")) == 1
+    ended = start
+    for attempt, wait in enumerate([timedelta(minutes=15), timedelta(minutes=30), timedelta(hours=1)], start=1):
+        assert detect_due(engine, now=clock.go(ended + wait - timedelta(seconds=1)), pipeline=pipeline.as_pipeline()).requested == []
+        result = detect_due(engine, now=clock.go(ended + wait), pipeline=pipeline.as_pipeline())
+        runs = sorted(_runs(engine, "alloy/a"), key=lambda r: r.created_at)
+        assert len(result.requested) == 1 and len(runs) == attempt + 1
+        assert runs[-1].idempotency_key.endswith(f":retry{attempt}") and runs[-1].reason == "expiry"
+        ended = clock.at + timedelta(minutes=1)
+        _fail(engine, runs[-1].id, ended)
+    # Capped at 6 hours, however many runs failed.
+    from worker.service.detection import retry_backoff
+
+    assert retry_backoff(20) == timedelta(hours=6) and retry_backoff(1) == timedelta(minutes=15)
 
 
 def test_two_detection_passes_at_once_make_one_run_per_key(engine) -> None:  # type: ignore[no-untyped-def]
@@ -399,3 +420,21 @@ def test_detection_with_the_real_request_rotation(engine) -> None:  # type: igno
     with session_scope(engine) as s:
         events = s.exec(select(AuditEvent.event).where(AuditEvent.run_id == run.id)).all()
     assert events == ["state_changed"]
+
+
+def test_a_failed_due_run_is_tried_again_through_the_real_request_rotation(engine) -> None:  # type: ignore[no-untyped-def]
+    """The retry's idempotency key is new (``…:retry1``), so the real request_rotation creates a
+    run instead of returning the failed one; while it is open, no further run."""
+    from worker.service.hooks import Pipeline
+    from worker.pipeline.requests import request_rotation
+
+    sent: list[str] = []
+    real = Pipeline(request_rotation=request_rotation, enqueue_run=lambda run: sent.append(run.id))
+    clock = Clock(T0)
+    _setup_key(engine, "alloy/retry", expires_at=T0 + 10 * DAY, expiry_lead_time_s=7 * 86400)
+    [first] = detect_due(engine, now=clock.go(T0 + 3 * DAY), pipeline=real).requested
+    _fail(engine, first, T0 + 3 * DAY + timedelta(minutes=2))
+    assert detect_due(engine, now=clock.go(T0 + 3 * DAY + timedelta(minutes=10)), pipeline=real).requested == []
+    [second] = detect_due(engine, now=clock.go(T0 + 3 * DAY + timedelta(minutes=17)), pipeline=real).requested
+    assert second != first and sent == [first, second]
+    assert detect_due(engine, now=clock.go(T0 + 3 * DAY + timedelta(minutes=18)), pipeline=real).requested == []

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 RUNTIME_LOCK = ROOT / "requirements" / "runtime.txt"
 TEST_LOCK = ROOT / "requirements" / "test.txt"
-#: Imported only by the tests (service-account JWTs for the TokenReview stand-in): never in the runtime set.
-STANDIN_ONLY = {"cryptography": "cryptography", "jwt": "pyjwt"}
+#: Imported only by the tests and the stand-ins: never in the runtime set. (cryptography and PyJWT
+#: joined the runtime set with the OAuth private-key JWT provider.)
+STANDIN_ONLY: dict[str, str] = {}
 
 
 def locked(path: Path) -> dict[str, tuple[str, int]]:
@@ -70,6 +71,12 @@ def test_the_runtime_set_holds_no_standin_only_package() -> None:
     assert not runtime & set(STANDIN_ONLY.values())
     assert not set(locked(RUNTIME_LOCK)) & set(STANDIN_ONLY.values())
     assert set(STANDIN_ONLY.values()) <= set(locked(TEST_LOCK))
+
+
+def test_the_oauth_provider_s_jose_and_key_libraries_are_runtime_dependencies() -> None:
+    runtime = {canonicalize_name(r.name): r for r in declared()}
+    assert "crypto" in runtime["pyjwt"].extras and "cryptography" in runtime
+    assert {"pyjwt", "cryptography"} <= set(locked(RUNTIME_LOCK))
 
 
 def test_license_is_an_spdx_expression_the_build_backend_understands() -> None:

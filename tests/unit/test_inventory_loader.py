@@ -44,13 +44,13 @@ def check(runner: CliRunner, path: Path, *extra: str):  # type: ignore[no-untype
 def test_example_passes(runner: CliRunner) -> None:
     result = check(runner, EXAMPLE)
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == "ok: 3 providers, 4 keys, 4 integrations"
+    assert result.output.strip() == "ok: 4 providers, 5 keys, 4 integrations"
 
 
 def test_example_json(runner: CliRunner) -> None:
     result = check(runner, EXAMPLE, "--json")
     assert result.exit_code == 0
-    assert json.loads(result.output) == {"ok": True, "file": str(EXAMPLE), "summary": "3 providers, 4 keys, 4 integrations", "problems": []}
+    assert json.loads(result.output) == {"ok": True, "file": str(EXAMPLE), "summary": "4 providers, 5 keys, 4 integrations", "problems": []}
 
 
 def test_syntax_error_has_its_line(runner: CliRunner, tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_missing_provider(runner: CliRunner, tmp_path: Path) -> None:
     path = write(tmp_path, text)
     result = check(runner, path)
     assert result.exit_code == 2
-    expected = f"{path}:{line_of(text, 'provider: asanna')}: keys.asana/automation.provider: unknown provider 'asanna' (known: alloy, asana, workfront)"
+    expected = f"{path}:{line_of(text, 'provider: asanna')}: keys.asana/automation.provider: unknown provider 'asanna' (known: alloy, asana, partner-oauth, workfront)"
     assert expected in result.output
 
 
@@ -169,7 +169,7 @@ def test_load_inventory_raises_with_problems(tmp_path: Path) -> None:
     with pytest.raises(InventoryError) as info:
         load_inventory(path)
     assert len(info.value.problems) == 1 and str(path) in str(info.value)
-    assert load_inventory(EXAMPLE).summary() == "3 providers, 4 keys, 4 integrations"
+    assert load_inventory(EXAMPLE).summary() == "4 providers, 5 keys, 4 integrations"
 
 
 def test_installed_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def errors(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
 
 def test_example_validates_and_resolves_policies(doc: dict[str, Any]) -> None:
     inv = Inventory.model_validate(doc)
-    assert inv.summary() == "3 providers, 4 keys, 4 integrations"
+    assert inv.summary() == "4 providers, 5 keys, 4 integrations"
     billing = inv.keys["alloy/billing"]
     policy = inv.policy_for(billing)
     assert policy.grace_period == timedelta(minutes=30)      # key override
@@ -74,12 +74,12 @@ def test_bad_durations_are_refused(value: Any) -> None:
     "path,value",
     [
         (("providers", "alloy", "auth", "token"), "sk_live_abcdef"),
-        (("providers", "workfront", "auth", "key"), "-----BEGIN PRIVATE KEY-----"),
+        (("providers", "workfront", "calls", "issue", "before", 0, "form", "password"), "hunter2-correct-horse"),
         (("integrations", "mesh-workflows", "signing_secret"), "whsec_123"),
         (("providers", "alloy", "calls", "verify", "auth", "token"), "a-real-token"),
     ],
 )
-def test_literal_secrets_are_refused(doc: dict[str, Any], path: tuple[str, ...], value: str) -> None:
+def test_literal_secrets_are_refused(doc: dict[str, Any], path: tuple[Any, ...], value: str) -> None:
     node = doc
     for part in path[:-1]:
         node = node[part]

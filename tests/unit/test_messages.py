@@ -149,3 +149,11 @@ def test_emergency_joining_an_ordinary_run_in_grace_cuts_the_grace_short(world: 
         assert [(e.actor, e.detail["grace_cut_short"]) for e in events] == [("secops:incident-7", True)]
     assert world.drive(run.id) == RunState.completed
     assert not world.provider.is_valid(world.old.secret)
+
+
+def test_a_target_type_the_provider_does_not_declare_is_refused_with_the_reason(world: World) -> None:
+    assert consume({**VALID, "target_credential_type": "nope"}, engine=world.engine, message_id="m3") == []
+    with Session(world.engine) as session:
+        [event] = session.exec(select(AuditEvent).where(AuditEvent.event == "queue_message_rejected")).all()
+        assert session.exec(select(RotationRun)).all() == []
+    assert event.detail["code"] == "refused" and "no credential type 'nope'" in event.detail["reason"]

@@ -128,3 +128,38 @@ def test_plan_and_status_say_what_is_left_for_a_provider_without_a_list_call(eng
         assert "provider alloy: no orphan scan" in out and "provider seeing:" not in out
     finally:
         get_settings.cache_clear()
+
+
+def test_plan_and_status_mark_keys_carrying_admin_rights(engine, sqlite_url, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A credential type declared ``admin: true`` (a Workfront administrator's key) is shown as
+    such in plan and status; other keys are not."""
+    import copy
+
+    from worker.cli.main import main
+    from worker.settings import get_settings
+
+    spec = copy.deepcopy(ALLOY_SPEC)
+    spec["credential_types"] = {"user_api_key": {"lifetime": 30 * 86400}, "admin_api_key": {"lifetime": 30 * 86400, "admin": True}}
+    with session_scope(engine) as s:
+        add_provider(s, "wf", spec)
+        s.flush()
+        add_key(s, "wf/admin", "wf", credential_type="admin_api_key", next_due_at=NOW + timedelta(days=2), due_reason="expiry")
+        add_key(s, "wf/user", "wf", credential_type="user_api_key", next_due_at=NOW + timedelta(days=2), due_reason="expiry")
+    with session_scope(engine) as s:
+        items = {i.key: i for i in build_plan(s, now=NOW, days=30)}
+    assert items["wf/admin"].admin is True and items["wf/user"].admin is False and items["alloy/expiring"].admin is False
+    monkeypatch.setenv("KEYROTOR_DATABASE_URL", sqlite_url)
+    get_settings.cache_clear()
+    try:
+        assert main(["plan"]) == 0
+        out = capsys.readouterr().out
+        assert "wf/admin [admin]" in out and "wf/user [admin]" not in out
+        assert main(["status", "--json"]) == 0
+        rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)["keys"]}
+        assert rows["wf/admin"]["admin"] is True and rows["wf/user"]["admin"] is False
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+        assert "wf/admin [admin]" in out and "wf/user [admin]" not in out
+        assert "carry administrator rights" in out
+    finally:
+        get_settings.cache_clear()

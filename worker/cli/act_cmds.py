@@ -34,6 +34,7 @@ from worker.db.models import ManagedKey, RotationRun
 from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict
+from worker.pipeline.targets import UnknownTargetType
 from worker.secret import Secret
 from worker.text import count
 from worker.urls import display_url
@@ -68,6 +69,10 @@ def rotate(
     provider: Optional[str] = typer.Option(None, "--provider", help="With --all: the provider whose keys to rotate."),
     all_keys: bool = typer.Option(False, "--all", help="Every enabled key of --provider."),
     emergency: bool = typer.Option(False, "--emergency", help="No grace period: revoke old keys as soon as the new ones verify."),
+    to: Optional[str] = typer.Option(
+        None, "--to", metavar="TYPE",
+        help="Issue this credential type (one the provider declares) instead of the key's own; "
+             "without it a deprecated type moves to its replacement by itself."),
     idempotency_key: Optional[str] = typer.Option(
         None, "--idempotency-key", help=f"Same value → same run (safe to repeat; at most {IDEMPOTENCY_KEY_MAX} characters)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen (key, provider, mode, grace); change nothing."),
@@ -82,6 +87,8 @@ def rotate(
             fail("rotating a whole provider needs both --provider P and --all")
         if not emergency:
             fail("--provider P --all rotates every key with no grace period; add --emergency to confirm")
+        if to is not None:
+            fail("--to names the credential type of one key: give KEY, not --provider P --all")
     elif not key:
         fail("which key? give KEY, or --provider P --all --emergency; see `keyrotor status`")
     if len(reason) > REASON_MAX:
@@ -93,7 +100,7 @@ def rotate(
 
     settings = cli_settings()
     if dry_run:
-        _dry_run(settings, key=key, provider=provider, emergency=emergency, fmt=fmt)
+        _dry_run(settings, key=key, provider=provider, emergency=emergency, fmt=fmt, to=to)
         return
     engine = open_database(settings)
     _require_redis(settings.redis_url)
@@ -112,9 +119,13 @@ def rotate(
             blocker = _rotation_blocker(session, managed, settings)
             if blocker is not None:
                 fail(blocker)
-            run, created = request_rotation(
-                session, key_name=key, reason=reason, trigger="emergency" if emergency else "manual",
-                requested_by=requested_by, idempotency_key=idempotency_key, emergency=emergency)
+            try:
+                run, created = request_rotation(
+                    session, key_name=key, reason=reason, trigger="emergency" if emergency else "manual",
+                    requested_by=requested_by, idempotency_key=idempotency_key, emergency=emergency,
+                    target_credential_type=to)
+            except UnknownTargetType as exc:
+                fail(f"--to {to}: {exc}")
             runs = [(run, created)]
         else:
             from worker.service.emergency import request_provider_rotation
@@ -227,11 +238,14 @@ def _worker_listening(settings: Any, own_id: str | None, settle_s: float = 3.0) 
         client.close()
 
 
-def _dry_run(settings: Any, *, key: str | None, provider: str | None, emergency: bool, fmt: OutputFormat) -> None:
+def _dry_run(settings: Any, *, key: str | None, provider: str | None, emergency: bool, fmt: OutputFormat,
+             to: str | None = None) -> None:
     """What ``rotate`` would do: which keys, at which provider, in which mode, with what grace."""
     from sqlmodel import col, select
 
+    from worker.clock import utcnow
     from worker.db.models import ProviderRecord, RotationRun
+    from worker.pipeline.targets import rotation_target
     from worker.protocol import parse_mode
 
     engine = open_database(settings, read_only=True)
@@ -254,8 +268,13 @@ def _dry_run(settings: Any, *, key: str | None, provider: str | None, emergency:
                 action = f"join open run {open_run.id} ({state_of(open_run)})"
             else:
                 action = "start a new run"
+            try:
+                target = rotation_target(provider=k.provider, provider_spec=record.spec if record else None,
+                                         current_type=k.credential_type, requested=to, now=utcnow()) or k.credential_type
+            except UnknownTargetType as exc:
+                fail(f"--to {to}: {exc}")
             plan.append({
-                "key": k.name, "provider": k.provider, "credential_type": k.credential_type,
+                "key": k.name, "provider": k.provider, "credential_type": k.credential_type, "target_credential_type": target,
                 "mode": parse_mode(record.mode if record else None).value,
                 "grace_period_s": 0 if emergency else k.grace_period_s, "emergency": emergency,
                 "vault": f"{k.vault_mount}/{k.vault_path}#{k.vault_field}",
@@ -267,8 +286,13 @@ def _dry_run(settings: Any, *, key: str | None, provider: str | None, emergency:
     for item in plan:
         grace = "none (emergency)" if emergency else duration(item["grace_period_s"])
         typer.echo(f"{item['key']}: would {item['would']} — provider {item['provider']}, mode {item['mode']}, "
-                   f"type {item['credential_type']}, grace {grace}, vault {item['vault']}")
+                   f"type {_type_change(item)}, grace {grace}, vault {item['vault']}")
     typer.echo("dry run: nothing was recorded or queued")
+
+
+def _type_change(item: dict[str, Any]) -> str:
+    old, new = item["credential_type"], item["target_credential_type"]
+    return old if old == new else f"{old} → {new}"
 
 
 def _report_not_rotated(items: list[dict[str, Any]], json_out: bool) -> None:

@@ -41,7 +41,7 @@ def plan(
         what = item.action if item.target_credential_type == item.credential_type else f"{item.action} → {item.target_credential_type}"
         if item.run_state:
             what += f" ({item.run_state})"
-        rows.append([iso(item.when), when, item.key, item.provider, item.reason, what])
+        rows.append([iso(item.when), when, item.key + (" [admin]" if item.admin else ""), item.provider, item.reason, what])
         if item.note:
             notes.append(f"  {item.key}: {item.note}")
     print_table(["when", "due", "key", "provider", "why", "action"], rows, wide=fmt is OutputFormat.wide,

@@ -62,7 +62,7 @@ def status(
         run = r["last_run"]
         due = relative(r["next_due_at"], now) + (f" ({r['due_reason']})" if r["due_reason"] else "")
         row = [
-            r["key"], r["provider"], state_text(r["stage"]), short_fp(r["current_fingerprint"]),
+            r["key"] + (" [admin]" if r.get("admin") else ""), r["provider"], state_text(r["stage"]), short_fp(r["current_fingerprint"]),
             relative(r["expires_at"], now) if r["expires_at"] else "-",
             due if r["next_due_at"] else "-",
             f"{run['state']} {relative(run['finished_at'] or run['updated_at'] or run['created_at'], now)}" if run else "-",
@@ -80,6 +80,10 @@ def status(
                 empty="no managed keys match" if filtered else "no managed keys; load an inventory with `keyrotor config apply FILE`")
     for name, guard in sorted({(r["provider"], r["orphan_guard"]) for r in rows if r["orphan_guard"]}):
         typer.echo(f"provider {name}: {guard}")
+    admins = [r["key"] for r in rows if r.get("admin")]
+    if admins:
+        typer.echo(f"[admin] ({', '.join(admins)}): these keys carry administrator rights at their provider; "
+                   "whoever holds one acts as an administrator")
     unseeded = [r["key"] for r in rows if r["stage"] == "unseeded"]
     if unseeded:
         typer.echo(f"unseeded ({', '.join(unseeded)}): keyrotor has no current key on record; if the key exists "

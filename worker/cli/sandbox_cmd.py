@@ -66,6 +66,36 @@ def provider(
                              deprecations=deprecations)
 
 
+# --------------------------------------------------------------------------- asana
+@app.command("asana")
+def asana(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (keep it on loopback)."),
+    port: int = typer.Option(8310, help="Port to listen on; 0 picks a free one."),
+    control_token: str = typer.Option(..., "--control-token", envvar="KEYROTOR_SANDBOX_ASANA_CONTROL_TOKEN",
+                                      help="Token of the /_sandbox control routes (the stand-in's web UI and calendar)."),
+    plan: str = typer.Option("free", help="free (150 requests a minute per user) or paid (1,500; search allowed)."),
+    today: str = typer.Option("", help="The stand-in's date, e.g. 2017-01-15 (default: the real one)."),
+) -> None:
+    """An Asana API stand-in: the API key deprecation timeline (amnesty header, 434), personal access
+    tokens made and revoked only through its UI routes, limits by plan, search, concurrency."""
+    from datetime import datetime, timezone
+
+    from keyrotor_sandbox.asana import PLAN_LIMITS, run_asana_forever  # not shipped in the image: see the module docstring
+
+    if plan not in PLAN_LIMITS:
+        raise ConfigError(f"--plan {plan!r}: expected one of {', '.join(PLAN_LIMITS)}")
+    try:
+        when = datetime.fromisoformat(today).replace(tzinfo=timezone.utc) if today else None
+    except ValueError:
+        raise ConfigError(f"--today {today!r}: expected a date such as 2017-01-15") from None
+
+    def ready(url: str) -> None:
+        typer.echo(f"asana stand-in listening on {url}")
+
+    with port_in_use_fails(port, "; pass --port with a free one (0 picks one)"):
+        run_asana_forever(host=host, port=port, control_token=control_token, plan=plan, today=when, ready=ready)
+
+
 # --------------------------------------------------------------------------- consumer
 @app.command("consumer")
 def consumer(

@@ -14,6 +14,7 @@ from sqlmodel import Session, col, select
 
 from worker.clock import as_utc
 from worker.providers.guarantees import orphan_guard
+from worker.inventory.credential_facts import carries_admin_rights
 from worker.db.models import (
     AuditEvent,
     KeyVersion,
@@ -173,6 +174,8 @@ def key_status(session: Session, *, provider: str | None = None, stage: str | No
             "key": key.name,
             "provider": key.provider,
             "credential_type": key.credential_type,
+            # The key's credentials carry administrator rights at the provider (Workfront admins).
+            "admin": carries_admin_rights(records.get(key.provider), key.credential_type),
             "owner": key.owner,
             "enabled": key.enabled,
             "stage": stage,

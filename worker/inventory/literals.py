@@ -102,6 +102,15 @@ def header_problem(name: str, value: str) -> Optional[str]:
     return None
 
 
+def value_problem(name: str, value: str) -> Optional[str]:
+    """Why a body, form or query field ``name`` would carry a literal credential, or None."""
+    literal = strip_placeholders(value).strip()
+    if looks_like_credential(literal) or (secret_name(name) and _more_than_a_flag(literal)):
+        return (f"{name!r} looks like a credential: a literal secret is not allowed here; {REFERENCE_HINT} as its "
+                "value, or a placeholder (the value is not shown)")
+    return None
+
+
 def webhook_url_kind(url: str) -> Optional[str]:
     """``"Slack"`` etc. when ``url`` is an incoming-webhook URL that is itself a credential."""
     return next((kind for kind, pattern in _WEBHOOK_URLS if pattern.match(url.strip())), None)

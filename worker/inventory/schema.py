@@ -33,8 +33,10 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from worker.http_security import insecure_http_problem
-from worker.inventory.literals import header_problem, url_problem
-from worker.secret_refs import SecretRef
+from worker.inventory.error_matchers import ErrorMatcherSpec
+from worker.inventory.expiry_rules import lost_expiry_problems
+from worker.inventory.literals import header_problem, url_problem, value_problem
+from worker.secret_refs import SecretRef, iter_refs
 from worker.text import count
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "CredentialTypeSpec",
     "DeprecationPhase",
     "Duration",
+    "EndpointGroupSpec",
     "HeaderAuthSpec",
     "HttpCallSpec",
     "HttpProviderSpec",
@@ -56,6 +59,7 @@ __all__ = [
     "KubernetesSecretIntegrationSpec",
     "MtlsAuthSpec",
     "NotificationSpec",
+    "PROVIDER_KINDS",
     "PolicySpec",
     "ProviderSpec",
     "ResolvedPolicy",
@@ -76,7 +80,7 @@ SECRET_TEMPLATE = "{secret}"
 
 #: Placeholders a URL, header, body or Vault path template may use.
 URL_PLACEHOLDERS = frozenset(
-    {"base_url", "key_name", "key_id", "secret", "run_id", "credential_type", "labels", "key_slug"}
+    {"base_url", "key_name", "key_id", "secret", "run_id", "credential_type", "labels", "key_slug", "captured"}
 )
 
 LITERAL_SECRET_MESSAGE = 'a literal secret is not allowed here; use {vault: "MOUNT/PATH#FIELD"} or {env: NAME}'
@@ -160,10 +164,14 @@ def _check_template(template: str) -> str:
 
 
 def _check_body(value: Any) -> Any:
-    """Every string inside a JSON body template must use known placeholders only."""
+    """Every string inside a JSON body template must use known placeholders only; a mapping that
+    is a secret reference (``{vault: …}`` / ``{env: …}``) must be a valid one."""
     if isinstance(value, str):
         _check_template(value)
     elif isinstance(value, Mapping):
+        if is_ref_shaped(value):
+            SecretRef.model_validate(value)
+            return value
         for item in value.values():
             _check_body(item)
     elif isinstance(value, list):
@@ -183,6 +191,22 @@ def _stringify_scalar(value: Any) -> Any:
 
 TemplateStr = Annotated[str, BeforeValidator(_stringify_scalar), BeforeValidator(lambda v: _check_template(v) if isinstance(v, str) else v)]
 HeaderValue = Annotated[str, BeforeValidator(lambda v: _check_template(_stringify_scalar(v)) if isinstance(_stringify_scalar(v), str) else v)]
+
+
+def _template_or_ref_tag(value: Any) -> str:
+    return "ref" if isinstance(value, (Mapping, SecretRef)) else "template"
+
+
+#: A header, query or form value: a template, or a secret reference resolved when the call is sent.
+TemplateOrRef = Annotated[
+    Union[Annotated[HeaderValue, Tag("template")], Annotated[SecretRef, Tag("ref")]],
+    Discriminator(_template_or_ref_tag),
+]
+
+
+def is_ref_shaped(value: Any) -> bool:
+    """A mapping whose only entry is ``vault`` or ``env`` (the convention of ``worker.secret_refs``)."""
+    return isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in ("vault", "env")
 
 
 # --------------------------------------------------------------------------- secret fields
@@ -279,15 +303,23 @@ class ResponseSpec(_Model):
         return value
 
 
-class HttpCallSpec(_Model):
-    """One HTTP call at a provider; strings are templates over :data:`URL_PLACEHOLDERS`."""
+class _RequestSpec(_Model):
+    """One HTTP request; strings are templates over :data:`URL_PLACEHOLDERS`. Header, query and
+    form values, and any value inside a JSON body, may instead be a secret reference
+    (``{vault: "MOUNT/PATH#FIELD"}`` or ``{env: NAME}``; a Vault path may hold placeholders such as
+    ``{labels[user]}``), read when the request is sent and never logged."""
 
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
     url: TemplateStr
-    headers: dict[str, HeaderValue] = Field(default_factory=dict)
+    headers: dict[str, TemplateOrRef] = Field(default_factory=dict)
+    #: Query parameters, URL-encoded; the query string is never logged.
+    query: dict[str, TemplateOrRef] = Field(default_factory=dict)
+    #: A form-encoded body (``application/x-www-form-urlencoded``); not together with ``body``.
+    form: dict[str, TemplateOrRef] = Field(default_factory=dict)
     body: Optional[Union[dict[str, Any], list[Any], str]] = None
     auth: Optional[AuthSpec] = None   # overrides the provider's management auth for this call
-    response: ResponseSpec = Field(default_factory=ResponseSpec)
+    #: Matchers tried before the provider's own ``errors`` (see worker/inventory/error_matchers.py).
+    errors: list[ErrorMatcherSpec] = Field(default_factory=list)
     timeout: Optional[Duration] = None
 
     @field_validator("method", mode="before")
@@ -298,7 +330,9 @@ class HttpCallSpec(_Model):
     @field_validator("body")
     @classmethod
     def _body(cls, value: Any) -> Any:
-        return _check_body(value)
+        _check_body(value)
+        _raise(_value_problems(value, ()), value)
+        return value
 
     @field_validator("url")
     @classmethod
@@ -307,21 +341,108 @@ class HttpCallSpec(_Model):
 
     @field_validator("headers")
     @classmethod
-    def _no_literal_credentials(cls, headers: dict[str, str]) -> dict[str, str]:
+    def _no_literal_credentials(cls, headers: dict[str, Any]) -> dict[str, Any]:
         # A header that carries a credential takes it from a placeholder, never spells it out.
         _raise(_header_problems(headers), headers)
         return headers
+
+    @field_validator("query", "form")
+    @classmethod
+    def _no_literal_values(cls, values: dict[str, Any]) -> dict[str, Any]:
+        _raise(_value_problems(values, ()), values)
+        return values
+
+    @model_validator(mode="after")
+    def _one_body(self) -> "_RequestSpec":
+        if self.form and self.body is not None:
+            _raise([(("form",), "give either 'form' (form-encoded) or 'body' (JSON or text), not both")], self)
+        return self
+
+    def templates(self) -> list[str]:
+        """Every template string of the request (URL, headers, query, form, body)."""
+        texts = [self.url, *(v for v in (*self.headers.values(), *self.query.values(), *self.form.values()) if isinstance(v, str))]
+        if isinstance(self.body, str):
+            texts.append(self.body)
+        elif self.body is not None:
+            texts.extend(_strings(self.body))
+        return texts
+
+    def captured_names(self) -> set[str]:
+        """The ``{captured[NAME]}`` names the request uses."""
+        names: set[str] = set()
+        for text in self.templates():
+            names.update(re.findall(r"\{captured\[([^\]]+)\]\}", text))
+        return names
+
+
+class RequestStepSpec(_RequestSpec):
+    """A request made before a call (a login, a token request); ``capture`` names values of its
+    answer (JSON paths) that later requests use as ``{captured[NAME]}``. Captured values are
+    treated as secrets (a session id is one): never logged, rendered only when sent."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    capture: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")], str] = Field(default_factory=dict)
+
+    @field_validator("capture")
+    @classmethod
+    def _paths(cls, capture: dict[str, str]) -> dict[str, str]:
+        for path in capture.values():
+            ResponseSpec._json_path(path)
+        return capture
+
+
+class HttpCallSpec(_RequestSpec):
+    """One call at a provider: optional requests ``before`` it (their captures feed the later
+    ones), then the request itself, whose answer ``response`` reads."""
+
+    before: list[RequestStepSpec] = Field(default_factory=list)
+    response: ResponseSpec = Field(default_factory=ResponseSpec)
+
+    @model_validator(mode="after")
+    def _captures_in_order(self) -> "HttpCallSpec":
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        known: set[str] = set()
+        seen_steps: set[str] = set()
+        for index, step in enumerate(self.before):
+            if step.name in seen_steps:
+                problems.append((("before", index, "name"), f"step name {step.name!r} is used twice"))
+            seen_steps.add(step.name)
+            for name in sorted(step.captured_names() - known):
+                problems.append((("before", index), f"{{captured[{name}]}} is not captured by an earlier step "
+                                 f"(captured so far: {', '.join(sorted(known)) or 'nothing'})"))
+            known.update(step.capture)
+        for name in sorted(self.captured_names() - known):
+            problems.append(((), f"{{captured[{name}]}} is not captured by a step in 'before' "
+                             f"(captured: {', '.join(sorted(known)) or 'nothing'})"))
+        _raise(problems, self)
+        return self
 
     def uses_secret(self) -> bool:
         """Whether the call carries the credential being checked (``{secret}`` anywhere)."""
         if self.auth is not None and _auth_uses_secret_template(self.auth):
             return True
-        texts = [self.url, *self.headers.values()]
-        if isinstance(self.body, str):
-            texts.append(self.body)
-        elif self.body is not None:
-            texts.extend(_strings(self.body))
-        return any("secret" in template_placeholders(t) for t in texts)
+        return any("secret" in template_placeholders(t) for t in self.templates())
+
+    def requests(self) -> list[_RequestSpec]:
+        """The steps, then the call itself."""
+        return [*self.before, self]
+
+
+def _value_problems(value: Any, loc: tuple[str | int, ...]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Literal credentials under secret-sounding names in a body, form or query (never the value)."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    if isinstance(value, Mapping) and not is_ref_shaped(value):
+        for name, item in value.items():
+            if isinstance(item, str):
+                problem = value_problem(str(name), item)
+                if problem is not None:
+                    problems.append(((*loc, name), problem))
+            else:
+                problems.extend(_value_problems(item, (*loc, name)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            problems.extend(_value_problems(item, (*loc, index)))
+    return problems
 
 
 def _refuse_literal_in_url(value: str) -> str:
@@ -331,9 +452,9 @@ def _refuse_literal_in_url(value: str) -> str:
     return value
 
 
-def _header_problems(headers: Mapping[str, str]) -> list[tuple[tuple[str | int, ...], str]]:
+def _header_problems(headers: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
     """One problem per header that would carry a literal credential, located at that header."""
-    found = ((name, header_problem(name, value)) for name, value in headers.items())
+    found = ((name, header_problem(name, value)) for name, value in headers.items() if isinstance(value, str))
     return [((name,), problem) for name, problem in found if problem is not None]
 
 
@@ -404,6 +525,18 @@ class CredentialTypeSpec(_Model):
     #: assisted mode: the vendor's page where a person creates this kind of credential (told to owners)
     create_url: Optional[HttpUrl] = None
     deprecation: list[DeprecationPhase] = Field(default_factory=list)
+    #: How long a new credential of this type lives when the provider's answer does not say
+    #: (e.g. Workfront's keys: 30d); its expiry is then the issue time plus this.
+    lifetime: Optional[Duration] = None
+    #: Credentials of this type carry administrator rights (shown as such in status and plan).
+    admin: bool = False
+    #: Calls of this type that differ from the provider's (each replaces the provider's call).
+    calls: Optional[CallsSpec] = None
+
+    @field_validator("lifetime")
+    @classmethod
+    def _lifetime(cls, value: Optional[timedelta]) -> Optional[timedelta]:
+        return None if value is None else _positive(value)
 
     @field_validator("deprecation")
     @classmethod
@@ -460,6 +593,44 @@ class RateLimitSpec(_Model):
         return _positive(value)
 
 
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_PATH_GLOB = re.compile(r"^/[A-Za-z0-9._~!$&'()+,;=:@%*/{}-]*$")
+
+
+class EndpointGroupSpec(_Model):
+    """Requests whose path matches one of ``paths`` (``*`` one segment, ``**`` any number; none
+    given: every path) and whose method is in ``methods`` (none given: every method) also count
+    against this group's own ``rate_limit`` and ``concurrency`` (besides the provider's)."""
+
+    paths: list[str] = Field(default_factory=list)
+    methods: list[Literal["GET", "POST", "PUT", "PATCH", "DELETE"]] = Field(default_factory=list)
+    rate_limit: Optional[RateLimitSpec] = None
+    concurrency: Optional[int] = Field(None, gt=0)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return [m.upper() if isinstance(m, str) else m for m in value] if isinstance(value, list) else value
+
+    @field_validator("paths")
+    @classmethod
+    def _globs(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not _PATH_GLOB.match(path) or "?" in path:
+                raise PydanticCustomError("path_glob", "expected a URL path such as /api/1.0/workspaces/*/tasks/search "
+                                          "(starting with /, no query; * is one segment, ** any), got {value}",
+                                          {"value": repr(path)})
+        return paths
+
+    @model_validator(mode="after")
+    def _useful(self) -> "EndpointGroupSpec":
+        if not self.paths and not self.methods:
+            raise PydanticCustomError("endpoint_group", "give paths, methods or both: which requests belong to the group")
+        if self.rate_limit is None and self.concurrency is None:
+            raise PydanticCustomError("endpoint_group", "give rate_limit, concurrency or both: what limits the group")
+        return self
+
+
 class ActivationSpec(_Model):
     """New credentials may go live with a delay: poll ``verify`` this often, for at most ``timeout``."""
 
@@ -492,11 +663,17 @@ class HttpProviderSpec(_Model):
     mode: Literal["overlap", "cutover", "assisted"] = "overlap"
     base_url: str
     rate_limit: RateLimitSpec = Field(default_factory=lambda: RateLimitSpec(requests=10, per=timedelta(seconds=1)))
+    #: At most this many requests in flight at once, every worker together (None: no limit).
+    concurrency: Optional[int] = Field(None, gt=0)
+    #: Limits of their own for some endpoints or methods (search: 60/min; writes: 15 at once).
+    endpoint_groups: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)], EndpointGroupSpec] = Field(default_factory=dict)
     auth: Optional[AuthSpec] = None   # management calls (issue, revoke, list)
     activation: ActivationSpec = Field(default_factory=ActivationSpec)
     status_codes: StatusCodesSpec = Field(default_factory=StatusCodesSpec)
     credential_types: dict[str, CredentialTypeSpec] = Field(min_length=1)
     calls: CallsSpec
+    #: Answers classified by status and body before the status rules (see error_matchers.py).
+    errors: list[ErrorMatcherSpec] = Field(default_factory=list)
     timeout: Optional[Duration] = None
     allow_insecure_http: bool = False  # plain http:// to a non-loopback host (refused otherwise)
     tls_verify: bool = True            # false is refused when KEYROTOR_ENV=production
@@ -515,26 +692,61 @@ class HttpProviderSpec(_Model):
         for call in REQUIRED_CALLS[self.mode]:
             if getattr(self.calls, call) is None:
                 problems.append((("calls",), f"mode {self.mode} needs the calls {', '.join(REQUIRED_CALLS[self.mode])}; '{call}' is missing"))
-        verify = self.calls.verify
-        if verify is not None and not verify.uses_secret():
-            problems.append((("calls", "verify"), 'verify must authenticate with the credential being checked: auth {type: bearer, token: "{secret}"} or a {secret} placeholder'))
-        for name in ("issue", "revoke", "list"):
-            call = getattr(self.calls, name)
-            if call is not None and call.auth is None and self.auth is None:
-                problems.append((("calls", name), f"the '{name}' call has no auth: set the provider's 'auth' or this call's 'auth'"))
-        if self.calls.issue is not None and self.calls.issue.response.secret is None:
-            problems.append((("calls", "issue", "response"), "issue needs response.secret: the JSON path of the new credential"))
+        for loc, name, call in self._declared_calls():
+            problems.extend(self._call_problems(loc, name, call))
         problems.extend(self._plain_http_problems())
+        problems.extend(self._endpoint_group_problems())
         _raise(problems, self)
         return self
+
+    def _endpoint_group_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """A group's concurrency above the provider's could never be reached."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for name, group in self.endpoint_groups.items():
+            if group.concurrency is not None and self.concurrency is not None and group.concurrency > self.concurrency:
+                problems.append((("endpoint_groups", name, "concurrency"),
+                                 f"{group.concurrency} is more than the provider's concurrency ({self.concurrency}); "
+                                 "it could never be reached"))
+        return problems
+
+    def _declared_calls(self) -> list[tuple[tuple[str | int, ...], str, HttpCallSpec]]:
+        """``(location, call name, call)`` for the provider's calls and every type's overrides."""
+        found: list[tuple[tuple[str | int, ...], str, HttpCallSpec]] = []
+        for name in ("issue", "verify", "revoke", "list"):
+            call = getattr(self.calls, name)
+            if call is not None:
+                found.append((("calls", name), name, call))
+        for tname, ctype in self.credential_types.items():
+            for name in ("issue", "verify", "revoke", "list"):
+                call = getattr(ctype.calls, name) if ctype.calls is not None else None
+                if call is not None:
+                    found.append((("credential_types", tname, "calls", name), name, call))
+        return found
+
+    def _call_problems(self, loc: tuple[str | int, ...], name: str, call: HttpCallSpec) -> list[tuple[tuple[str | int, ...], str]]:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if name == "verify" and not call.uses_secret():
+            problems.append((loc, 'verify must authenticate with the credential being checked: auth {type: bearer, token: "{secret}"} or a {secret} placeholder'))
+        if name in ("issue", "revoke", "list") and call.auth is None and self.auth is None and not _carries_refs(call):
+            problems.append((loc, f"the '{name}' call has no auth: set the provider's 'auth' or this call's 'auth' "
+                             "(or send a secret reference in its headers, query, form or body)"))
+        if name == "issue" and call.response.secret is None:
+            problems.append(((*loc, "response"), "issue needs response.secret: the JSON path of the new credential"))
+        return problems
+
+    def call_for(self, name: str, credential_type: str | None) -> HttpCallSpec | None:
+        """The call ``name`` for ``credential_type``: the type's override, else the provider's."""
+        ctype = self.credential_types.get(credential_type) if credential_type else None
+        override = getattr(ctype.calls, name) if ctype is not None and ctype.calls is not None else None
+        return override if override is not None else getattr(self.calls, name)
 
     def call_urls(self) -> dict[tuple[str | int, ...], str]:
         """Every URL this provider calls, ``{base_url}`` filled in, by its location."""
         urls: dict[tuple[str | int, ...], str] = {("base_url",): self.base_url}
-        for name in ("issue", "verify", "revoke", "list"):
-            call = getattr(self.calls, name)
-            if call is not None:
-                urls[("calls", name, "url")] = call.url.replace("{base_url}", self.base_url)
+        for loc, _name, call in self._declared_calls():
+            for index, step in enumerate(call.before):
+                urls[(*loc, "before", index, "url")] = step.url.replace("{base_url}", self.base_url)
+            urls[(*loc, "url")] = call.url.replace("{base_url}", self.base_url)
         return urls
 
     def _plain_http_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
@@ -553,8 +765,19 @@ class HttpProviderSpec(_Model):
         return credential_type
 
 
-#: Only the generic HTTP provider exists; new kinds join this union with their own ``kind``.
-ProviderSpec = HttpProviderSpec
+def _carries_refs(call: HttpCallSpec) -> bool:
+    """Whether a request of the call sends a secret reference (a login with a password, say)."""
+    return any(next(iter_refs([r.headers, r.query, r.form, r.body]), None) is not None
+               or any(isinstance(v, SecretRef) for v in (*r.headers.values(), *r.query.values(), *r.form.values()))
+               for r in call.requests())
+
+
+# Imported here, after the building blocks it uses are defined (it imports them from this module).
+from worker.inventory.oauth_schema import OAuthClientProviderSpec  # noqa: E402
+
+#: Provider kinds, told apart by ``kind``: the generic HTTP provider and OAuth 2.0 clients.
+ProviderSpec = Annotated[Union[HttpProviderSpec, OAuthClientProviderSpec], Field(discriminator="kind")]
+PROVIDER_KINDS = ("http", "oauth_client")
 
 
 # --------------------------------------------------------------------------- integrations
@@ -841,6 +1064,21 @@ class Inventory(_Model):
     owner_delivery: OwnerDeliverySpec = Field(default_factory=OwnerDeliverySpec)
     keys: dict[KeyName, KeySpec] = Field(default_factory=dict)
 
+    @field_validator("providers", mode="wrap")
+    @classmethod
+    def _provider_locations(cls, value: Any, handler: Any) -> Any:
+        """Error locations as before there were provider kinds: without the ``kind`` tag pydantic
+        inserts after the provider's name (``providers.alloy.calls``, not ``providers.alloy.http.calls``)."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            kinds = set(PROVIDER_KINDS)
+            details = [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]),
+                                        loc=tuple(p for i, p in enumerate(e["loc"]) if not (i == 1 and p in kinds)),
+                                        input=e.get("input"))
+                       for e in exc.errors()]
+            raise ValidationError.from_exception_data(exc.title, details) from None
+
     @model_validator(mode="after")
     def _references(self) -> "Inventory":
         _raise(reference_problems(self.model_dump(mode="json", by_alias=True)), self)
@@ -896,6 +1134,7 @@ def reference_problems(data: Any) -> list[tuple[tuple[str | int, ...], str]]:
                 problems.append((("providers", pname, "credential_types", tname),
                                  "a credential type with an amnesty or rejected phase needs a 'replacement' type to rotate to"))
 
+    problems.extend(lost_expiry_problems(providers, keys))
     for kname, key in keys.items():
         if not isinstance(key, Mapping):
             continue

@@ -14,6 +14,7 @@ from worker.db.models import IntegrationRecord, ManagedKey, ProviderRecord
 from worker.db.session import session_scope
 from worker.errors import ConfigError, TransientError
 from worker.pipeline.context import PipelineContext
+from worker.providers.request_parts import key_variables, resolve_ref
 from worker.secret_refs import iter_refs
 
 
@@ -35,10 +36,11 @@ def check_run_references(ctx: PipelineContext, key: ManagedKey, provider_record:
         specs = run_specs(session, key, provider_record)
     resolve = ctx.resolver()
     problems: list[str] = []
+    variables = key_variables(key.labels or {})
     for owner, spec in specs:
         for _loc, ref in iter_refs(spec):
             try:
-                resolve(ref)
+                resolve_ref(ref, variables, resolve)
             except TransientError:
                 raise
             except Exception as exc:  # noqa: BLE001 - collect every broken reference

@@ -23,6 +23,7 @@ from worker.pipeline.runs import open_run_for_key
 from worker.protocol import parse_mode
 from worker.pipeline.context import default_policy
 from worker.pipeline.takeover import TAKEOVER_STATES, take_over
+from worker.pipeline.targets import rotation_target
 
 logger = log.get_logger("keyrotor.pipeline.requests")
 
@@ -70,6 +71,13 @@ def request_rotation(
         raise UnknownKey(f"no managed key named {key_name!r}; check the name with `keyrotor status`")
     if not key.enabled:
         raise PermanentError(f"key {key_name!r} is disabled in the inventory; enable it to rotate it")
+    provider = session.get(ProviderRecord, key.provider)
+
+    # A deprecated type moves to its replacement whoever asked (CLI, queue, emergency, scheduler);
+    # a type named explicitly is checked here, before anything is recorded.
+    target_credential_type = rotation_target(
+        provider=key.provider, provider_spec=provider.spec if provider else None, current_type=key.credential_type,
+        requested=target_credential_type, now=utcnow())
     existing = _existing(session, key, idempotency_key)
     superseded: Optional[str] = None
     if existing is not None and emergency and _takes_over(existing, idempotency_key):
@@ -80,7 +88,6 @@ def request_rotation(
         if emergency:
             _escalate(session, existing, requested_by)
         return existing, False
-    provider = session.get(ProviderRecord, key.provider)
     now = utcnow()
     run = RotationRun(
         id=new_run_id(), key_id=key.id, state=RunState.requested, mode=parse_mode(provider.mode if provider else None).value,

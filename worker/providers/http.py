@@ -23,9 +23,9 @@ import ssl
 import tempfile
 import time
 from base64 import b64encode
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
 
@@ -40,6 +40,7 @@ from worker.errors import (
     TransientError,
 )
 from worker.http_security import check_tls_verify, note_insecure_http
+from worker.inventory.error_matchers import first_match
 from worker.inventory.schema import (
     SECRET_TEMPLATE,
     BasicAuthSpec,
@@ -48,6 +49,7 @@ from worker.inventory.schema import (
     HttpCallSpec,
     HttpProviderSpec,
     MtlsAuthSpec,
+    RequestStepSpec,
 )
 from worker.log import get_logger
 from worker.providers.base import (
@@ -58,13 +60,16 @@ from worker.providers.base import (
     wait_until_live,
 )
 from worker.protocol.states import Mode
-from worker.providers.jsonpath import JsonPathError, extract
-from worker.providers.ratelimit import RateLimit, RateLimiter
-from worker.providers.templating import render, render_json, render_url
+from worker.providers.answers import count_request as _metric
+from worker.providers.answers import field_at, listed_live, optional_at
+from worker.providers.answers import parse_time as _parse_time
+from worker.providers.limits import ProviderLimits
+from worker.providers.ratelimit import LEASE_MARGIN_S, RateLimiter
+from worker.providers.request_parts import Revealed, fill, matched_error, vendor_message
+from worker.providers.templating import render_url
 from worker.retry import parse_retry_after, retry_call
 from worker.secret import Secret
 from worker.secret_refs import SecretResolver
-from worker.metrics import PROVIDER_REQUESTS
 
 log = get_logger(__name__)
 
@@ -72,28 +77,6 @@ DEFAULT_TIMEOUT_S = 15.0
 #: When a 429 carries no usable Retry-After, everyone still backs off this long.
 DEFAULT_RATE_LIMIT_BACKOFF_S = 1.0
 _REDACTED = "[REDACTED]"
-
-
-def _metric(provider: str, call: str, status: str) -> None:
-    try:
-        PROVIDER_REQUESTS.labels(provider=provider, call=call, status=status).inc()
-    except Exception:  # metrics must never break a rotation
-        pass
-
-
-def _parse_time(value: Any) -> datetime | None:
-    """ISO-8601 (``Z`` allowed) or epoch seconds → aware UTC datetime; None if absent/unreadable."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(float(value), tz=timezone.utc)
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
-    return None
 
 
 def _mtls_context(auth: MtlsAuthSpec, resolve: SecretResolver) -> ssl.SSLContext:
@@ -133,19 +116,22 @@ class HttpProvider:
         self.name = name
         self.spec = spec
         self.mode = Mode(spec.mode)
-        self.can_issue = spec.calls.issue is not None and self.mode is not Mode.assisted
-        self.can_revoke = spec.calls.revoke is not None
+        self.can_issue = self._declares("issue") and self.mode is not Mode.assisted
+        self.can_revoke = self._declares("revoke")
         self.can_list = spec.calls.list is not None
         self._resolve = resolve
-        self._limiter = limiter
         self._clock = clock
         self._sleep = sleep
         self._monotonic = monotonic
         self._attempts = max(1, attempts)
         self._timeout = timeout or (spec.timeout.total_seconds() if spec.timeout else DEFAULT_TIMEOUT_S)
-        limiter.register(name, RateLimit(spec.rate_limit.requests, spec.rate_limit.per.total_seconds()))
+        self._limits = ProviderLimits(name, spec, limiter, lease_s=self._longest_call_s() + LEASE_MARGIN_S)
         self._owns_http = http is None
         self._http = http if http is not None else self._make_client()
+
+    def _longest_call_s(self) -> float:
+        calls = [getattr(self.spec.calls, n) for n in ("issue", "verify", "revoke", "list")]
+        return max([self._timeout] + [c.timeout.total_seconds() for c in calls if c is not None and c.timeout])
 
     # ------------------------------------------------------------------ lifecycle
     def _make_client(self) -> httpx.Client:
@@ -170,7 +156,7 @@ class HttpProvider:
 
     # ------------------------------------------------------------------ the Provider protocol
     def issue(self, *, name: str, credential_type: str, labels: dict[str, str]) -> IssuedCredential:
-        call = self._need("issue")
+        call = self._need("issue", credential_type)
         if self.mode is Mode.assisted:
             raise PermanentError(f"provider {self.name!r} is assisted: a person mints its keys (keyrotor deposit), keyrotor cannot issue them")
         self._check_can_issue(credential_type)
@@ -203,7 +189,7 @@ class HttpProvider:
     def identify(self, secret: Secret, *, credential_type: str) -> tuple[CheckOutcome, str | None]:
         """``check``, plus the provider's id of the key when the verify call's answer names it
         (``calls.verify.response.key_id``, e.g. ``$.apiKeyId``); used by ``keyrotor adopt``."""
-        call = self._need("verify")
+        call = self._need("verify", credential_type)
         variables = self._variables(credential_type=credential_type, secret=secret)
         try:
             response = self._request("check", call, variables, credential_type=credential_type)
@@ -216,7 +202,7 @@ class HttpProvider:
         return CheckOutcome.valid, None if key_id in (None, "") else str(key_id)
 
     def revoke(self, *, key_id: str | None, secret: Secret | None, credential_type: str) -> RevokeOutcome:
-        call = self._need("revoke")
+        call = self._need("revoke", credential_type)
         variables = self._variables(credential_type=credential_type, key_id=key_id, secret=secret)
         response = self._request("revoke", call, variables, credential_type=credential_type, not_found_ok=True)
         if response.status_code == 404:
@@ -225,7 +211,7 @@ class HttpProvider:
         return RevokeOutcome.revoked
 
     def list_keys(self) -> list[ProviderKeyInfo]:
-        call = self._need("list")
+        call = self._need("list", None)
         response = self._request("list", call, self._variables(credential_type=None), credential_type=None)
         document = self._json(response, "list")
         paths = call.response
@@ -258,12 +244,7 @@ class HttpProvider:
         live); without it, or when the item has no such field, liveness is unknown (``None``)."""
         if not revoked_path:
             return None
-        flag = self._optional_field(item, revoked_path)
-        if flag is None:
-            return None
-        if isinstance(flag, str):
-            return flag.strip().lower() not in ("true", "1", "yes", "revoked", "inactive", "disabled", "deleted")
-        return not bool(flag)
+        return listed_live(self._optional_field(item, revoked_path))
 
     def wait_until_live(self, secret: Secret, credential_type: str, timeout: float | None = None,
                         poll_interval: float | None = None, sleep: Callable[[float], None] | None = None) -> CheckOutcome:
@@ -277,8 +258,12 @@ class HttpProvider:
         )
 
     # ------------------------------------------------------------------ helpers
-    def _need(self, call: str) -> HttpCallSpec:
-        spec = getattr(self.spec.calls, call)
+    def _declares(self, call: str) -> bool:
+        return getattr(self.spec.calls, call) is not None or any(
+            t.calls is not None and getattr(t.calls, call) is not None for t in self.spec.credential_types.values())
+
+    def _need(self, call: str, credential_type: str | None) -> HttpCallSpec:
+        spec = self.spec.call_for(call, credential_type)
         if spec is None:
             raise PermanentError(f"provider {self.name!r} declares no '{call}' call (add calls.{call} to the inventory)")
         return spec
@@ -307,24 +292,27 @@ class HttpProvider:
             "credential_type": credential_type,
             "labels": dict(labels or {}),
             "key_slug": None,
+            "captured": {},
         }
 
-    def _credential(self, value: Any, variables: Mapping[str, Any]) -> Secret:
+    def _credential(self, value: Any, variables: Mapping[str, Any], revealed: Revealed) -> Secret:
         if value == SECRET_TEMPLATE:
             secret = variables.get("secret")
             if not isinstance(secret, Secret):
                 raise PermanentError(f"provider {self.name!r}: this call authenticates with the credential, but none was given")
             return secret
-        return self._resolve(value)
+        secret = self._resolve(value)
+        revealed.add(secret.reveal())
+        return secret
 
-    def _auth_headers(self, call: HttpCallSpec, variables: Mapping[str, Any]) -> dict[str, str]:
+    def _auth_headers(self, call: HttpCallSpec | RequestStepSpec, variables: Mapping[str, Any], revealed: Revealed) -> dict[str, str]:
         auth = call.auth or self.spec.auth
         if isinstance(auth, BearerAuthSpec):
-            return {"Authorization": f"Bearer {self._credential(auth.token, variables).reveal()}"}
+            return {"Authorization": f"Bearer {self._credential(auth.token, variables, revealed).reveal()}"}
         if isinstance(auth, HeaderAuthSpec):
-            return {auth.name: self._credential(auth.value, variables).reveal()}
+            return {auth.name: self._credential(auth.value, variables, revealed).reveal()}
         if isinstance(auth, BasicAuthSpec):
-            password = self._credential(auth.password, variables).reveal()
+            password = self._credential(auth.password, variables, revealed).reveal()
             return {"Authorization": "Basic " + b64encode(f"{auth.username}:{password}".encode()).decode("ascii")}
         return {}  # mTLS is the client's certificate; no auth: nothing to add
 
@@ -339,34 +327,46 @@ class HttpProvider:
                         headers=sorted(headers))
         return headers
 
-    def _safe_url(self, call: HttpCallSpec, variables: Mapping[str, Any]) -> str:
-        shown = dict(variables, secret=_REDACTED if variables.get("secret") is not None else None)
+    def _safe_url(self, call: HttpCallSpec | RequestStepSpec, variables: Mapping[str, Any]) -> str:
+        captured = variables.get("captured") or {}
+        shown = dict(variables, secret=_REDACTED if variables.get("secret") is not None else None,
+                     captured={name: _REDACTED for name in captured})
         try:
             parts = urlsplit(render_url(call.url, shown))
         except ConfigError:
             return call.url
         return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
-    def _build(self, call_name: str, call: HttpCallSpec, variables: Mapping[str, Any], credential_type: str | None) -> httpx.Request:
+    def _build(self, call_name: str, call: HttpCallSpec | RequestStepSpec, variables: Mapping[str, Any],
+               credential_type: str | None, revealed: Revealed) -> httpx.Request:
         try:
             url = render_url(call.url, variables)
-            headers = {name: render(value, variables) for name, value in call.headers.items()}
+            headers = {name: fill(value, variables, self._resolve, revealed) for name, value in call.headers.items()}
+            params = {name: fill(value, variables, self._resolve, revealed) for name, value in call.query.items()}
             content: bytes | None = None
-            if isinstance(call.body, str):
-                content = render(call.body, variables).encode("utf-8")
+            if call.form:
+                content = urlencode({name: fill(v, variables, self._resolve, revealed) for name, v in call.form.items()}).encode("ascii")
+                headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+            elif isinstance(call.body, str):
+                content = fill(call.body, variables, self._resolve, revealed).encode("utf-8")
             elif call.body is not None:
-                content = json.dumps(render_json(call.body, variables)).encode("utf-8")
+                content = json.dumps(fill(call.body, variables, self._resolve, revealed)).encode("utf-8")
                 headers.setdefault("Content-Type", "application/json")
         except ConfigError as exc:
             raise PermanentError(f"provider {self.name!r} {call_name}: {exc}") from None
         headers.setdefault("Accept", "application/json")
         headers.update(self._deprecation_headers(call_name, credential_type))
-        headers.update(self._auth_headers(call, variables))
+        headers.update(self._auth_headers(call, variables, revealed))
         timeout = call.timeout.total_seconds() if call.timeout else self._timeout
-        return self._http.build_request(call.method, url, headers=headers, content=content, timeout=timeout)
+        return self._http.build_request(call.method, url, params=params or None, headers=headers, content=content, timeout=timeout)
 
     def _request(self, call_name: str, call: HttpCallSpec, variables: Mapping[str, Any], *,
                  credential_type: str | None, attempts: int | None = None, not_found_ok: bool = False) -> httpx.Response:
+        """The call's ``before`` steps in order (each retried on its own: a login is idempotent),
+        their captures feeding the later requests, then the call itself."""
+        if call.before:
+            variables = self._run_steps(call_name, call, variables, credential_type)
+
         def once() -> httpx.Response:
             return self._send_once(call_name, call, variables, credential_type, not_found_ok)
 
@@ -380,15 +380,43 @@ class HttpProvider:
                                                     attempt=n, error=type(exc).__name__, delay_s=round(delay, 3)),
         )
 
-    def _send_once(self, call_name: str, call: HttpCallSpec, variables: Mapping[str, Any],
+    def _run_steps(self, call_name: str, call: HttpCallSpec, variables: Mapping[str, Any],
+                   credential_type: str | None) -> dict[str, Any]:
+        captured: dict[str, Secret] = {}
+        filled = dict(variables, captured=captured)
+        for step in call.before:
+            where = f"{call_name}/{step.name}"
+
+            def once(step: RequestStepSpec = step, where: str = where) -> httpx.Response:
+                return self._send_once(where, step, filled, credential_type, False)
+
+            response = retry_call(
+                once, attempts=self._attempts, base_delay=0.2, max_delay=5.0, sleep=self._sleep,
+                on_retry=lambda n, exc, delay, where=where: log.info(
+                    "provider_call_retry", provider=self.name, call=where, attempt=n,
+                    error=type(exc).__name__, delay_s=round(delay, 3)),
+            )
+            if not step.capture:
+                continue  # its answer feeds nothing: any 2xx will do
+            document = self._json(response, where)
+            for name, path in step.capture.items():
+                value = self._field(document, path, where, f"capture.{name}")
+                if value is None or value == "" or isinstance(value, (dict, list)):
+                    raise GarbageResponse(f"provider {self.name!r} {where}: the answer at {path} is not a value to capture")
+                captured[name] = Secret(str(value))
+        return filled
+
+    def _send_once(self, call_name: str, call: HttpCallSpec | RequestStepSpec, variables: Mapping[str, Any],
                    credential_type: str | None, not_found_ok: bool) -> httpx.Response:
         safe_url = self._safe_url(call, variables)
-        self._limiter.acquire(self.name)
-        request = self._build(call_name, call, variables, credential_type)
+        self._limits.acquire(call.method, safe_url)
+        revealed = Revealed()
+        request = self._build(call_name, call, variables, credential_type, revealed)
         started = time.monotonic()
         try:
-            response = self._http.send(request)
-            response.read()
+            with self._limits.in_flight(call.method, safe_url):
+                response = self._http.send(request)
+                response.read()
         except httpx.TimeoutException:
             self._log(call_name, call.method, safe_url, None, started, "timeout")
             raise TransientError(f"provider {self.name!r} {call_name}: {call.method} {safe_url} timed out") from None
@@ -398,11 +426,21 @@ class HttpProvider:
         status = response.status_code
         self._log(call_name, call.method, safe_url, status, started, None)
         where = f"provider {self.name!r} {call_name}: {call.method} {safe_url} answered {status}"
+        matcher = first_match([*call.errors, *self.spec.errors], status, response.text) if (call.errors or self.spec.errors) else None
+        if matcher is not None:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
+            error = matched_error(matcher, where, vendor_message(response, matcher, revealed), retry_after)
+            log.info("provider_answer_matched", provider=self.name, call=call_name, status=status, outcome=matcher.outcome)
+            if error is None:
+                return response
+            if isinstance(error, RateLimited):
+                self._limits.block(retry_after if retry_after is not None else DEFAULT_RATE_LIMIT_BACKOFF_S)
+            raise error
         if 200 <= status < 300:
             return response
         if status == 429:
             retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
-            self._limiter.block(self.name, retry_after if retry_after is not None else DEFAULT_RATE_LIMIT_BACKOFF_S)
+            self._limits.block(retry_after if retry_after is not None else DEFAULT_RATE_LIMIT_BACKOFF_S)
             raise RateLimited(f"{where} (rate limited)", retry_after=retry_after)
         if status in self.spec.status_codes.deprecated:
             raise DeprecatedCredential(f"{where}: the {credential_type or 'credential'} type is deprecated at the provider")
@@ -436,16 +474,8 @@ class HttpProvider:
     def _field(self, document: Any, path: str | None, call_name: str, what: str) -> Any:
         if path is None:
             raise PermanentError(f"provider {self.name!r} {call_name}: no response.{what} path is configured")
-        try:
-            return extract(document, path)
-        except JsonPathError as exc:
-            raise GarbageResponse(f"provider {self.name!r} {call_name}: {exc}") from None
+        return field_at(document, path, f"provider {self.name!r} {call_name}")
 
     @staticmethod
     def _optional_field(document: Any, path: str | None) -> Any:
-        if path is None:
-            return None
-        try:
-            return extract(document, path)
-        except JsonPathError:
-            return None
+        return optional_at(document, path)

@@ -10,6 +10,12 @@ sliding window, so that burst came back as 429s.) When a provider still answers 
 every worker's ``acquire`` waits it out. ``acquire`` waits at most ``max_wait`` seconds, then
 raises ``RateLimited(retry_after=…)`` so a Dramatiq step reschedules instead of parking a thread.
 
+A provider's limits are *buckets*: the provider's own name, and ``provider/group`` for each
+endpoint group the inventory declares (``worker/providers/limits.py`` maps a request to its
+buckets). Each bucket may also have a concurrency limit: ``hold(bucket)`` takes one of N leases
+shared by every worker (a Redis sorted set of lease ids scored by their expiry, so a worker that
+dies mid-request frees its lease when it expires) and gives it back when the request ends.
+
 ``InMemoryRateLimiter`` has the same behaviour in one process (demo, unit tests).
 """
 
@@ -19,9 +25,11 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from worker.errors import RateLimited
 from worker.log import get_logger
@@ -33,6 +41,10 @@ log = get_logger(__name__)
 MAX_BLOCK_S = 3600.0
 #: Largest safety margin added to a rate-limit period (see ``RedisRateLimiter._try_slot``).
 WINDOW_MARGIN_S = 0.25
+#: A concurrency lease outlives the longest request by this much (a dead worker's lease expires).
+LEASE_MARGIN_S = 5.0
+#: How long to wait before looking again for a free concurrency lease.
+LEASE_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,19 @@ class RateLimiter(Protocol):
 
     def block(self, provider: str, retry_after: float) -> None:
         """The provider answered 429: nobody calls it for ``retry_after`` seconds."""
+
+    def register_concurrency(self, bucket: str, limit: int | None, lease_s: float) -> None:
+        """At most ``limit`` requests of ``bucket`` in flight at once, all workers together; a
+        lease is held at most ``lease_s`` seconds (longer than any request may take)."""
+
+    def hold(self, bucket: str) -> Any:
+        """Context manager: wait (bounded) for a concurrency lease of ``bucket``, release on exit;
+        raises ``RateLimited`` when none frees in time. No limit registered: never waits."""
+
+
+def _concurrency_exhausted(bucket: str, limit: int, retry_after: float) -> RateLimited:
+    return RateLimited(f"concurrency limit of {bucket!r} ({limit} requests in flight) reached; "
+                       f"retry in {retry_after:.1f}s", retry_after=retry_after)
 
 
 class RedisRateLimiter:
@@ -85,6 +110,20 @@ end
 return 0
 """
 
+    #: KEYS[1] the bucket's leases (ZSET lease id → expiry, µs); ARGV: limit, lease (µs), lease id.
+    #: Returns 1 when the lease was taken, else 0.
+    _LEASE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) / 1000) + 1000)
+  return 1
+end
+return 0
+"""
+
     def __init__(
         self,
         client: Any,
@@ -102,8 +141,10 @@ return 0
         self._now = now
         self._rng = rng or random.Random()
         self._limits: dict[str, RateLimit] = {}
+        self._concurrency: dict[str, tuple[int, float]] = {}
         self._acquire_slot = client.register_script(self._ACQUIRE_SCRIPT)
         self._block = client.register_script(self._BLOCK_SCRIPT)
+        self._take_lease = client.register_script(self._LEASE_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisRateLimiter":
@@ -167,6 +208,46 @@ return 0
                 raise RateLimited(f"rate limit of provider {provider!r} reached; retry in {wait:.1f}s", retry_after=wait)
             self._sleep(wait)
 
+    def register_concurrency(self, bucket: str, limit: int | None, lease_s: float) -> None:
+        if limit is None:
+            self._concurrency.pop(bucket, None)
+        else:
+            self._concurrency[bucket] = (limit, lease_s)
+
+    def _lease_key(self, bucket: str, limit: int) -> str:
+        # The key embeds the limit, as the window key does: workers on an older inventory keep their own.
+        return self._key(bucket, f"leases:{limit}")
+
+    def in_flight(self, bucket: str) -> int:
+        """Unexpired leases of ``bucket`` held now (tests, status); 0 when it has no limit."""
+        registered = self._concurrency.get(bucket)
+        if registered is None:
+            return 0
+        seconds, micros = self._client.time()
+        return int(self._client.zcount(self._lease_key(bucket, registered[0]), f"({seconds * 1_000_000 + micros}", "+inf"))
+
+    @contextmanager
+    def hold(self, bucket: str) -> Iterator[None]:
+        registered = self._concurrency.get(bucket)
+        if registered is None:
+            yield
+            return
+        limit, lease_s = registered
+        key = self._lease_key(bucket, limit)
+        lease = f"{os.getpid()}:{threading.get_ident()}:{uuid.uuid4().hex}"
+        deadline = self._now() + self._max_wait
+        while not int(self._take_lease(keys=[key], args=[limit, int(lease_s * 1_000_000), lease])):
+            if self._now() + LEASE_POLL_S > deadline:
+                raise _concurrency_exhausted(bucket, limit, 1.0)
+            self._sleep(LEASE_POLL_S * self._rng.uniform(1.0, 2.0))
+        try:
+            yield
+        finally:
+            try:
+                self._client.zrem(key, lease)
+            except Exception as exc:  # the lease expires on its own; never mask the request's outcome
+                log.warning("concurrency_release_failed", bucket=bucket, error=type(exc).__name__)
+
 
 class InMemoryRateLimiter:
     """The same contract within one process: a sliding window of call times per provider."""
@@ -187,6 +268,8 @@ class InMemoryRateLimiter:
         self._limits: dict[str, RateLimit] = {}
         self._calls: dict[str, deque[float]] = {}
         self._blocked_until: dict[str, float] = {}
+        self._concurrency: dict[str, int] = {}
+        self._held: dict[str, int] = {}
 
     def register(self, provider: str, limit: RateLimit | None) -> None:
         with self._lock:
@@ -232,6 +315,41 @@ class InMemoryRateLimiter:
             if self._now() + wait > deadline:
                 raise RateLimited(f"rate limit of provider {provider!r} reached; retry in {wait:.1f}s", retry_after=wait)
             self._sleep(wait)
+
+    def register_concurrency(self, bucket: str, limit: int | None, lease_s: float) -> None:
+        with self._lock:
+            if limit is None:
+                self._concurrency.pop(bucket, None)
+            else:
+                self._concurrency[bucket] = limit
+
+    def in_flight(self, bucket: str) -> int:
+        with self._lock:
+            return self._held.get(bucket, 0)
+
+    def _take_lease(self, bucket: str) -> bool:
+        with self._lock:
+            limit = self._concurrency.get(bucket)
+            if limit is None:
+                return True
+            if self._held.get(bucket, 0) >= limit:
+                return False
+            self._held[bucket] = self._held.get(bucket, 0) + 1
+            return True
+
+    @contextmanager
+    def hold(self, bucket: str) -> Iterator[None]:
+        deadline = self._now() + self._max_wait
+        while not self._take_lease(bucket):
+            if self._now() + LEASE_POLL_S > deadline:
+                raise _concurrency_exhausted(bucket, self._concurrency.get(bucket, 0), 1.0)
+            self._sleep(LEASE_POLL_S)
+        try:
+            yield
+        finally:
+            with self._lock:
+                if bucket in self._held:
+                    self._held[bucket] = max(0, self._held[bucket] - 1)
 
 
 def shared_limiter(redis_url: str, *, namespace: str = "keyrotor", max_wait: float = 5.0) -> RedisRateLimiter:

@@ -2,19 +2,23 @@
 
 The query walks ``ix_managed_key_next_due_at`` from the oldest due time and stops after
 ``batch`` rows, so its cost follows the number of keys due, not the size of the inventory.
-Keys with an open run, or whose scheduled run for this very due time already ended (it failed
-and alerted; retrying the same due time in a loop would hammer the provider), are skipped.
+Keys with an open run are skipped. A key whose run for this due time already ended and that is
+*still due* (the run failed and alerted; the cutoff does not move) is tried again, with backoff:
+``retry_base`` after the first run ended, then twice as long after each further one, at most
+``retry_max`` (``retry_backoff``). Retrying in a loop would hammer the provider; never retrying
+would let a transient outage at the wrong moment turn into an expired key.
 
-Each request carries an idempotency key derived from the key and its due time, so two
-schedulers (or a scheduler that lost its lock mid-pass) produce one run per due key.
+Each request carries an idempotency key derived from the key, its due time and the attempt, so
+two schedulers (or a scheduler that lost its lock mid-pass) produce one run per due key and try.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from typing import Any
+from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, or_, select
+from sqlalchemy import and_, case, exists, func, or_, select
 from sqlalchemy.engine import Engine
 
 from worker.service.deprecation import replacement_type
@@ -28,23 +32,50 @@ from worker.log import get_logger
 log = get_logger(__name__)
 
 
-def due_idempotency_key(key_id: int, due_at: datetime) -> str:
-    """Same key, same due time → same run, whichever scheduler asks."""
-    return f"due:{key_id}:{int(as_utc(due_at).timestamp())}"  # type: ignore[union-attr]
+#: A still-due key whose run ended is tried again this long after, doubling each time, capped.
+DEFAULT_RETRY_BASE = timedelta(minutes=15)
+DEFAULT_RETRY_MAX = timedelta(hours=6)
+_MAX_DOUBLINGS = 16
 
 
-def due_keys_query(now: datetime, batch: int):  # type: ignore[no-untyped-def]
-    """SELECT of due keys, oldest due first (also used by the benchmark and `plan`)."""
-    blocking_run = exists().where(
-        RotationRun.key_id == ManagedKey.id,
-        or_(RotationRun.finished_at.is_(None), RotationRun.created_at >= ManagedKey.next_due_at),  # type: ignore[union-attr,attr-defined,operator]
-    )
+def due_idempotency_key(key_id: int, due_at: datetime, attempt: int = 0) -> str:
+    """Same key, same due time, same attempt → same run, whichever scheduler asks."""
+    base = f"due:{key_id}:{int(as_utc(due_at).timestamp())}"  # type: ignore[union-attr]
+    return base if attempt == 0 else f"{base}:retry{attempt}"
+
+
+def retry_backoff(runs_ended: int, base: timedelta = DEFAULT_RETRY_BASE, most: timedelta = DEFAULT_RETRY_MAX) -> timedelta:
+    """How long after the last ended run a still-due key is tried again (``runs_ended`` >= 1)."""
+    return min(most, base * (2 ** min(max(runs_ended - 1, 0), _MAX_DOUBLINGS)))
+
+
+def _since_due():  # type: ignore[no-untyped-def]
+    return and_(RotationRun.key_id == ManagedKey.id, RotationRun.created_at >= ManagedKey.next_due_at)  # type: ignore[arg-type,operator]
+
+
+def due_keys_query(now: datetime, batch: int, *, retry_base: timedelta = DEFAULT_RETRY_BASE,
+                   retry_max: timedelta = DEFAULT_RETRY_MAX):  # type: ignore[no-untyped-def]
+    """SELECT of due keys, oldest due first (also used by the benchmark and `plan`): no open run,
+    and no run for this due time that ended less than its backoff ago. The backoff per number of
+    ended runs is a CASE over thresholds computed here, so the query is the same on SQLite and
+    PostgreSQL (no date arithmetic in SQL)."""
+    open_run = exists().where(RotationRun.key_id == ManagedKey.id, RotationRun.finished_at.is_(None))  # type: ignore[union-attr]
+    ended = select(func.count()).where(_since_due()).correlate(ManagedKey).scalar_subquery()
+    last_end = select(func.max(RotationRun.finished_at)).where(_since_due()).correlate(ManagedKey).scalar_subquery()
+    steps = [(n, now - retry_backoff(n, retry_base, retry_max)) for n in range(1, _MAX_DOUBLINGS + 2)
+             if retry_backoff(n, retry_base, retry_max) < retry_max]
+    threshold = case(*[(ended == n, at) for n, at in steps], else_=now - retry_max)
+    backing_off = and_(ended > 0, last_end > threshold)
     return (
         select(ManagedKey)
-        .where(and_(ManagedKey.enabled.is_(True), ManagedKey.next_due_at <= now, ~blocking_run))  # type: ignore[union-attr,attr-defined,operator]
+        .where(and_(ManagedKey.enabled.is_(True), ManagedKey.next_due_at <= now, ~open_run, ~backing_off))  # type: ignore[union-attr,attr-defined,operator]
         .order_by(ManagedKey.next_due_at)  # type: ignore[arg-type]
         .limit(batch)
     )
+
+
+def _runs_ended_since_due(session: Any, key_id: int, due_at: datetime) -> int:
+    return int(session.scalar(select(func.count()).where(RotationRun.key_id == key_id, RotationRun.created_at >= due_at)) or 0)
 
 
 @dataclass
@@ -61,6 +92,8 @@ def detect_due(
     batch: int = 500,
     pipeline: Pipeline | None = None,
     requested_by: str = "scheduler",
+    retry_base: timedelta = DEFAULT_RETRY_BASE,
+    retry_max: timedelta = DEFAULT_RETRY_MAX,
 ) -> DetectionResult:
     """One detection pass. One transaction per key, so one bad key cannot hold back the others."""
     now = now or utcnow()
@@ -68,12 +101,14 @@ def detect_due(
     result = DetectionResult()
     with session_scope(engine) as session:
         due = []
-        for k in session.scalars(due_keys_query(now, batch)).all():  # type: ignore[call-overload]
+        query = due_keys_query(now, batch, retry_base=retry_base, retry_max=retry_max)
+        for k in session.scalars(query).all():  # type: ignore[call-overload]
             # A key due because its type is being deprecated migrates to the replacement type;
             # rotating to the same type would leave it due (the cutoff does not move).
             target = replacement_type(session.get(ProviderRecord, k.provider), k.credential_type) if k.due_reason == "deprecation" else None
-            due.append((k.id, k.name, k.next_due_at, k.due_reason, target))
-    for key_id, name, due_at, reason, target in due:
+            attempt = _runs_ended_since_due(session, k.id, k.next_due_at)
+            due.append((k.id, k.name, k.next_due_at, k.due_reason, target, attempt))
+    for key_id, name, due_at, reason, target, attempt in due:
         try:
             with session_scope(engine) as session:
                 run, created = pipeline.request_rotation(
@@ -82,7 +117,7 @@ def detect_due(
                     reason=reason or "due",
                     trigger="schedule",
                     requested_by=requested_by,
-                    idempotency_key=due_idempotency_key(key_id, due_at),
+                    idempotency_key=due_idempotency_key(key_id, due_at, attempt),
                     target_credential_type=target,
                 )
                 if created:
@@ -93,5 +128,6 @@ def detect_due(
             result.errors[name] = type(exc).__name__
             continue
         (result.requested if created else result.joined).append(run_id)
-        log.info("rotation_due", key=name, run_id=run_id, reason=reason, due_at=as_utc(due_at).isoformat(), created=created)  # type: ignore[union-attr]
+        log.info("rotation_due", key=name, run_id=run_id, reason=reason, due_at=as_utc(due_at).isoformat(), created=created,  # type: ignore[union-attr]
+                 attempt=attempt + 1)
     return result

@@ -20,6 +20,7 @@ from worker.service.deprecation import replacement_type
 from worker.clock import as_utc, utcnow
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
 from worker.protocol.states import RunState
+from worker.inventory.credential_facts import carries_admin_rights
 from worker.providers.guarantees import orphan_guard
 
 
@@ -38,6 +39,7 @@ class PlanItem:
     run_id: str | None = None
     run_state: str | None = None
     note: str = ""
+    admin: bool = False         # the key's credentials carry administrator rights at the provider
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +113,7 @@ def build_plan(session: Session, *, now: datetime | None = None, days: float = 3
             when=due, key=key.name, provider=key.provider, reason=key.due_reason or "due", action=action,
             automatic=automatic, credential_type=key.credential_type, target_credential_type=target, owner=key.owner,
             overdue=due <= now, run_id=run_id, run_state=run_state, note="; ".join(notes),
+            admin=carries_admin_rights(record, target),
         ))
 
     # Old credentials in their grace period: retired when it ends (no longer due, so not above).
@@ -127,6 +130,7 @@ def build_plan(session: Session, *, now: datetime | None = None, days: float = 3
             when=when, key=key.name, provider=key.provider, reason="retire", action="retire", automatic=True,
             credential_type=key.credential_type, target_credential_type=key.credential_type, owner=key.owner,
             overdue=when <= now, run_id=run.id, run_state=run.state, note="old credential revoked when the grace period ends",
+            admin=carries_admin_rights(providers.get(key.provider), key.credential_type),
         ))
     items.sort(key=lambda item: (item.when, item.key))
     return items

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from sqlmodel import select
 
 from worker.service.plan import can_rotate_automatically
-from worker.service.deprecation import replacement_type
+from worker.pipeline.targets import rotation_target
 from worker.clock import as_utc, utcnow
 from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
@@ -69,7 +69,9 @@ def send_reminders(
             if run is not None and run.state == "awaiting_deposit":
                 continue  # the deposits job reminds the owner of a run waiting for their deposit
             due = as_utc(key.next_due_at)
-            target = replacement_type(record, key.credential_type) if key.due_reason == "deprecation" else None
+            # What the run will ask for: the replacement once the type is deprecated at the due time.
+            target = rotation_target(provider=key.provider, provider_spec=record.spec if record else None,
+                                     current_type=key.credential_type, requested=None, now=max(due or now, now))
             detail = {
                 "provider": key.provider, "owner": key.owner, "credential_type": key.credential_type,
                 "target_credential_type": target or key.credential_type, "reason": key.due_reason,

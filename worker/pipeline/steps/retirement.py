@@ -10,7 +10,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from worker.clock import as_utc, utcnow
-from worker.db.models import AuditEvent, ManagedKey, RotationRun, VersionStage
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, VersionStage
 from worker.db.session import session_scope
 from worker.errors import DeprecatedCredential, PermanentError, TransientError
 from worker.pipeline.context import PipelineContext
@@ -24,6 +24,7 @@ from worker.secret import Secret
 from worker.inventory.snapshot import applied_document, assisted_timings
 from worker.owner_notices import notify_owner
 from worker.service.due import refresh_next_due
+from worker.pipeline.targets import rejected_at
 
 S = RunState
 
@@ -66,6 +67,9 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         old_deprecated = False
         if snap.mode == Mode.cutover:
             detail["revocation"] = "invalidated by issuing the new key"
+        elif not old.provider_key_id and _type_rejected(ctx, key.provider, old.credential_type, now):
+            # No id to revoke it by, and its type is past its cutoff: the check below confirms it is dead.
+            detail["revocation"] = "nothing to revoke: the provider rejects this credential type since its cutoff"
         else:
             try:
                 detail["revocation"] = revoke_key(provider, key_id=old.provider_key_id, secret=old_secret,
@@ -91,6 +95,8 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             ask_owner_to_revoke(ctx, snap, old.fingerprint, first=True)
         elif detail["old_check"] == "invalid":
             detail["revocation"] = "revoked by the owner (the provider rejects it)"
+        elif detail["old_check"] == "deprecated":  # e.g. Asana's 434 after the cutoff: nobody can use it
+            detail["revocation"] = "rejected by the provider as deprecated (it can no longer authenticate)"
         else:
             return wait_for_owner_revocation(ctx, snap, old.fingerprint, now)
 
@@ -105,6 +111,12 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if old_deprecated:  # after the commit: it joins this (still open) run, or is stale once it completes
         report_deprecated(ctx.engine, key_name=key.name, credential_type=old.credential_type, requested_by=ctx.actor)
     return outcome_
+
+
+def _type_rejected(ctx: PipelineContext, provider: str, credential_type: str, now: datetime) -> bool:
+    with session_scope(ctx.engine) as session:
+        record = session.get(ProviderRecord, provider)
+        return record is not None and rejected_at(record.spec, credential_type, now)
 
 
 def ask_owner_to_revoke(ctx: PipelineContext, snap: Any, old_fingerprint: Optional[str], *, first: bool,

@@ -10,6 +10,7 @@ from sqlmodel import Session
 from worker.clock import utcnow
 from worker.db.models import KeyVersion, VersionStage
 from worker.pipeline.context import PipelineContext
+from worker.pipeline.expiry import new_version_expiry
 from worker.pipeline.runs import audit
 from worker.pipeline.steps.common import Snapshot
 from worker.secret import Secret
@@ -52,9 +53,14 @@ def _select_versions(key_id: int, stage: VersionStage) -> Any:
 
 def record_new_version(session: Session, snap: Snapshot, *, secret: Optional[Secret], key_id: Optional[str],
                         name: Optional[str], expires_at: Any) -> int:
+    """The run's new version, pending; its expiry as the provider said or as derived
+    (``worker/pipeline/expiry.py``: a declared lifetime, or the lifetime of the key in use)."""
+    issued_at = utcnow()
+    if secret is not None:
+        expires_at = new_version_expiry(session, snap.key, snap.credential_type, issued_at, expires_at).at
     version = KeyVersion(key_id=snap.key.id, run_id=snap.run.id, credential_type=snap.credential_type,
                          stage=VersionStage.pending, provider_key_id=key_id, provider_key_name=name,
-                         fingerprint=secret.fingerprint if secret is not None else None, issued_at=utcnow(),
+                         fingerprint=secret.fingerprint if secret is not None else None, issued_at=issued_at,
                          expires_at=expires_at)
     session.add(version)
     session.flush()
