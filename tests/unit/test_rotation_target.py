@@ -81,7 +81,7 @@ def test_every_trigger_of_a_deprecated_key_targets_the_replacement(engine, trigg
 
 
 def test_rotate_to_names_the_type_and_refuses_unknown_ones(engine, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from worker.pipeline import broker as broker_mod
+    from worker.runtime import broker as broker_mod
 
     stub = broker_mod.make_stub_broker()
     original_setup = broker_mod.setup_broker
