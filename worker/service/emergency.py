@@ -22,7 +22,7 @@ from worker.service.hooks import Pipeline, default_pipeline
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
 from worker.errors import ConfigError
 from worker.log import get_logger
-from worker.notify import notify_function
+from worker import notify  # the module, not the name: the alert's sink is looked up when it fires
 from worker.pipeline.takeover import TAKEOVER_STATES
 from worker.protocol.states import RunState
 
@@ -83,7 +83,7 @@ def not_rotated(runs: list[RotationRun]) -> list[RotationRun]:
 def _alert(session: Session, key_name: str, run: RotationRun) -> None:
     """A needs_attention alert through the applied inventory's sinks (never raises)."""
     try:
-        notify_function(session.get_bind())("needs_attention", key_name=key_name, run_id=run.id, detail={
+        notify.notify_function(session.get_bind())("needs_attention", key_name=key_name, run_id=run.id, detail={
             "emergency": True, "state": str(run.state),
             "action": "an emergency could not take over this run; the exposed credential is still in use: "
                       f"`keyrotor resolve {run.id}`"})
