@@ -32,7 +32,7 @@ from typing import Any, Literal, Optional
 from sqlmodel import Session, select
 
 from worker.db.models import AuditEvent, KeyVersion, RotationRun, VersionStage
-from worker.protocol.states import RunState
+from worker.protocol.states import BEFORE_PROMOTION_STATES, PROMOTED_STATES, RunState
 from worker.errors import PermanentError
 from worker.pipeline.context import default_policy, get_context
 from worker.pipeline.outbox import enqueue_after_commit, enqueue_run
@@ -47,8 +47,8 @@ Action = Literal["retry", "compensate", "rollback", "cancel", "revoked-by-person
 ACTIONS: tuple[Action, ...] = ("retry", "compensate", "rollback", "cancel", "revoked-by-person")
 REVOKED_BY_PERSON: Action = "revoked-by-person"
 
-_BEFORE_PROMOTION = frozenset({S.requested, S.awaiting_deposit, S.issued, S.prechecked, S.compensating})
-_AFTER_PROMOTION = frozenset({S.promoted, S.propagated, S.verified, S.rolling_back})
+_BEFORE_PROMOTION = BEFORE_PROMOTION_STATES | {S.compensating}  # stopped before promotion, or cleaning up after it
+_AFTER_PROMOTION = PROMOTED_STATES | {S.rolling_back}
 
 
 class ResolveRefused(PermanentError):

@@ -22,7 +22,7 @@ from sqlmodel import Session
 
 from worker.clock import utcnow
 from worker.db.models import RotationRun
-from worker.protocol.states import RunState
+from worker.protocol.states import WAITING_STATES, RunState
 from worker.pipeline.resolve import discard_deposit, resolution_options, stopped_in
 from worker.pipeline.outbox import enqueue_after_commit, enqueue_run
 from worker.pipeline.runs import run_state, transition
@@ -32,7 +32,7 @@ S = RunState
 Outcome = Literal["cancelled", "resumed"]
 
 #: Open runs an emergency takes over instead of joining.
-TAKEOVER_STATES = frozenset({S.needs_attention, S.awaiting_deposit})
+TAKEOVER_STATES = WAITING_STATES  # a person acts next: an emergency takes over
 
 
 def take_over(session: Session, run: RotationRun, *, requested_by: str, reason: str,

@@ -19,6 +19,7 @@ Failure policy (DESIGN.md):
 from __future__ import annotations
 
 from worker.protocol.states import (
+    BEFORE_PROMOTION_STATES,
     TERMINAL_STATES,
     FailureKind,
     Mode,
@@ -37,7 +38,7 @@ _HAPPY_PATH: dict[Mode, tuple[RunState, ...]] = {
                     S.retired, S.completed),
 }
 
-_BEFORE_PROMOTION = frozenset({S.requested, S.awaiting_deposit, S.issued, S.prechecked})
+_BEFORE_PROMOTION = BEFORE_PROMOTION_STATES
 
 #: Where a person can send a run that needs attention (``keyrotor resolve``): give up, or
 #: run the clean-up path, or resume where it stopped.

@@ -60,6 +60,9 @@ class FailureKind(str, enum.Enum):
     exhausted = "exhausted"  # transient errors until the retry budget ran out
 
 
+#: States before Vault serves the new secret (a failure here means compensating, not rolling back).
+BEFORE_PROMOTION_STATES = frozenset({RunState.requested, RunState.awaiting_deposit, RunState.issued, RunState.prechecked})
+
 #: States reached once Vault serves the new secret (a failure here means rolling back).
 PROMOTED_STATES = frozenset({RunState.promoted, RunState.propagated, RunState.verified})
 
@@ -80,5 +83,5 @@ def parse_mode(value: str | Mode | None) -> Mode:
         raise ValueError(f"unknown rotation mode {value!r}; expected overlap, cutover or assisted") from None
 
 
-__all__ = ["RunState", "TERMINAL_STATES", "Mode", "Step", "FailureKind", "PROMOTED_STATES", "WAITING_STATES",
+__all__ = ["RunState", "TERMINAL_STATES", "Mode", "Step", "FailureKind", "BEFORE_PROMOTION_STATES", "PROMOTED_STATES", "WAITING_STATES",
            "OUTCOME_STATES", "parse_mode"]
