@@ -24,7 +24,7 @@ def session(sqlite_url: str):  # type: ignore[no-untyped-def]
     engine.dispose()
 
 
-def setup(session: Session, *, lifetime: str | int | None = None, key_expires: datetime | None = None,
+def seed(session: Session, *, lifetime: str | int | None = None, key_expires: datetime | None = None,
           last_rotated: datetime | None = None, current: tuple[datetime, datetime] | None = None) -> ManagedKey:
     ctype = {} if lifetime is None else {"lifetime": lifetime}
     session.add(ProviderRecord(name="wf", kind="http", mode="cutover", spec={"credential_types": {"user_api_key": ctype}}))
@@ -42,34 +42,34 @@ def setup(session: Session, *, lifetime: str | int | None = None, key_expires: d
 
 
 def test_the_providers_answer_wins(session: Session) -> None:
-    key = setup(session, lifetime=30 * 86400)
+    key = seed(session, lifetime=30 * 86400)
     said = NOW + 10 * DAY
     assert new_version_expiry(session, key, "user_api_key", NOW, said).at == said
 
 
 def test_the_declared_lifetime_when_the_answer_says_nothing(session: Session) -> None:
-    key = setup(session, lifetime=30 * 86400, key_expires=NOW + 2 * DAY)
+    key = seed(session, lifetime=30 * 86400, key_expires=NOW + 2 * DAY)
     expiry = new_version_expiry(session, key, "user_api_key", NOW, None)
     assert expiry.at == NOW + 30 * DAY and expiry.basis == "lifetime"
 
 
 def test_the_lifetime_is_read_as_stored_in_either_form(session: Session) -> None:
-    key = setup(session, lifetime="30d")
+    key = seed(session, lifetime="30d")
     assert new_version_expiry(session, key, "user_api_key", NOW, None).at == NOW + 30 * DAY
 
 
 def test_without_a_lifetime_the_current_versions_lifetime_is_carried_forward(session: Session) -> None:
-    key = setup(session, current=(NOW - 28 * DAY, NOW + 2 * DAY))
+    key = seed(session, current=(NOW - 28 * DAY, NOW + 2 * DAY))
     expiry = new_version_expiry(session, key, "user_api_key", NOW, None)
     assert expiry.at == NOW + 30 * DAY and expiry.basis == "previous_lifetime"
 
 
 def test_or_the_keys_own_expiry_since_its_last_rotation(session: Session) -> None:
-    key = setup(session, key_expires=NOW + 3 * DAY, last_rotated=NOW - 27 * DAY)
+    key = seed(session, key_expires=NOW + 3 * DAY, last_rotated=NOW - 27 * DAY)
     assert new_version_expiry(session, key, "user_api_key", NOW, None).at == NOW + 30 * DAY
 
 
 def test_unknown_only_when_nothing_was_ever_known_of_its_lifetime(session: Session) -> None:
-    key = setup(session)
+    key = seed(session)
     expiry = new_version_expiry(session, key, "user_api_key", NOW, None)
     assert expiry.at is None and expiry.basis == "unknown"

@@ -16,7 +16,7 @@ Placeholders in admin call templates: ``{base_url}`` (the admin API), ``{client_
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,6 +29,7 @@ from worker.inventory.schema import (
     ActivationSpec,
     AuthSpec,
     CredentialTypeSpec,
+    DeclaresCredentialTypes,
     Duration,
     HttpUrl,
     RateLimitSpec,
@@ -166,7 +167,7 @@ class KeyPairSpec(_Strict):
     rsa_bits: Literal[2048, 3072, 4096] = 2048
 
 
-class OAuthClientProviderSpec(_Strict):
+class OAuthClientProviderSpec(DeclaresCredentialTypes, _Strict):
     """An OAuth 2.0 client (client credentials grant) whose key pair or client secret keyrotor rotates."""
 
     kind: Literal["oauth_client"]
@@ -270,14 +271,6 @@ class OAuthClientProviderSpec(_Strict):
     def assertion_audience(self) -> str:
         return self.audience or self.token_url
 
-    def credential_type(self, name: str) -> CredentialTypeSpec | None:
-        return self.credential_types.get(name)
-
-    def rotation_target(self, credential_type: str, now: datetime) -> str:
-        spec = self.credential_types.get(credential_type)
-        if spec is not None and spec.replacement and spec.phase_at(now) is not None:
-            return spec.replacement
-        return credential_type
 
 
 def _mentions_public_key(body: Any) -> bool:

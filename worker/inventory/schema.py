@@ -656,7 +656,23 @@ class StatusCodesSpec(_Model):
         return codes
 
 
-class HttpProviderSpec(_Model):
+class DeclaresCredentialTypes:
+    """What every provider kind answers from its ``credential_types``."""
+
+    credential_types: dict[str, CredentialTypeSpec]
+
+    def credential_type(self, name: str) -> CredentialTypeSpec | None:
+        return self.credential_types.get(name)
+
+    def rotation_target(self, credential_type: str, now: datetime) -> str:
+        """The type a rotation should issue: the replacement once the type is deprecated."""
+        spec = self.credential_types.get(credential_type)
+        if spec is not None and spec.replacement and spec.phase_at(now) is not None:
+            return spec.replacement
+        return credential_type
+
+
+class HttpProviderSpec(DeclaresCredentialTypes, _Model):
     """A provider driven by declared HTTP calls (issue, verify, revoke, list)."""
 
     kind: Literal["http"]
@@ -754,15 +770,6 @@ class HttpProviderSpec(_Model):
                  for loc, url in self.call_urls().items())
         return [(loc, problem) for loc, problem in found if problem is not None]
 
-    def credential_type(self, name: str) -> CredentialTypeSpec | None:
-        return self.credential_types.get(name)
-
-    def rotation_target(self, credential_type: str, now: datetime) -> str:
-        """The type a rotation should issue: the replacement once the type is deprecated."""
-        spec = self.credential_types.get(credential_type)
-        if spec is not None and spec.replacement and spec.phase_at(now) is not None:
-            return spec.replacement
-        return credential_type
 
 
 def _carries_refs(call: HttpCallSpec) -> bool:
