@@ -74,6 +74,12 @@ bench: $(STAMP) services
 chaos: $(STAMP) services
 	$(BIN)/python -m pytest tests/chaos/soak -m chaos_full -s -p no:cacheprovider $(PYTEST_ARGS)
 
+## The type checker on worker/ and jobs/ (settings in pyproject.toml, [tool.mypy]) and the layer
+## contracts (pyproject.toml, [tool.importlinter]: layers import only downward).
+lint: $(STAMP)
+	$(BIN)/mypy worker jobs
+	$(BIN)/lint-imports --no-cache
+
 services:
 	@bash scripts/ensure-services.sh
 

@@ -25,16 +25,21 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from jobs.detection import detect_due
+from worker.service.detection import detect_due
 from jobs.leader import LeaderLock, leader_lock_key
-from jobs.pipeline_hooks import Pipeline, default_pipeline
-from jobs.reconcile import ProviderFactory, default_provider_factory, recover_stuck_runs, revoke_orphans
-from jobs.reminders import send_reminders
-from jobs.retirement import retire_due
+from worker.service.hooks import Pipeline, default_pipeline
+from worker.service.reconcile import ProviderFactory, default_provider_factory, recover_stuck_runs, revoke_orphans
+from worker.service.reminders import send_reminders
+from worker.service.retirement import retire_due
 from worker.clock import utcnow
 from worker.db.models import ManagedKey, RotationRun
 from worker.db.session import session_scope
 from worker.log import get_logger
+from worker.metrics import scheduler_metrics
+from worker.ops_metrics import job_succeeded
+from worker.pipeline.context import context_from_settings
+from worker.service.deposits import collect_deposits
+from worker.service.liveness import RedisCursor, check_liveness
 
 log = get_logger(__name__)
 
@@ -183,7 +188,6 @@ class KeyrotorScheduler:
             log.error("scheduler_job_failed", job=name, error=type(exc).__name__, detail=str(exc)[:300])
             return
         self.passes[name] += 1
-        from worker.ops_metrics import job_succeeded
 
         job_succeeded(name)
         log.info("scheduler_job_done", job=name, seconds=round(time.monotonic() - started, 3), outcome=outcome)
@@ -200,7 +204,8 @@ class KeyrotorScheduler:
         if name == "reconcile":
             stuck = recover_stuck_runs(self.engine, now=now, max_attempts=cfg.max_attempts, step_timeout_s=cfg.step_timeout_s,
                                        batch=cfg.batch, pipeline=self._get_pipeline(), notify=self._notify)
-            return {"requeued": len(stuck.requeued), "needs_attention": len(stuck.needs_attention)}
+            return {"requeued": len(stuck.requeued), "needs_attention": len(stuck.needs_attention),
+                    "failed_over": len(stuck.failed_over)}
         if name == "retirement":
             return {"enqueued": len(retire_due(self.engine, now=now, step_timeout_s=cfg.step_timeout_s, batch=cfg.batch,
                                                pipeline=self._get_pipeline()))}
@@ -213,14 +218,10 @@ class KeyrotorScheduler:
             return {"reminded": len(send_reminders(self.engine, now=now, lead_s=cfg.reminder_lead_s,
                                                    repeat_s=cfg.reminder_repeat_s, notify=self._notify, batch=cfg.batch))}
         if name == "deposits":
-            from jobs.deposits import collect_deposits
-
             done = collect_deposits(self._pipeline_context(), now=now, batch=cfg.batch)
             return {"accepted": len(done.accepted), "rejected": len(done.rejected), "reminded": len(done.reminded),
                     "expired": len(done.expired)}
         if name == "liveness":
-            from jobs.liveness import RedisCursor, check_liveness
-
             checked = check_liveness(self._pipeline_context(), cursor=RedisCursor(self._redis, cfg.namespace),
                                      per_pass=cfg.liveness_per_pass, now=now, pipeline=self._get_pipeline())
             return {"checked": len(checked.checked), "rotations": len(checked.rotations),
@@ -231,8 +232,6 @@ class KeyrotorScheduler:
     def _pipeline_context(self) -> Any:
         """The PipelineContext of the deposits and liveness jobs (built on first use)."""
         if self._deposit_ctx is None:
-            from worker.pipeline.context import context_from_settings
-
             self._deposit_ctx = self._deposit_context() if self._deposit_context else context_from_settings()
         return self._deposit_ctx
 
@@ -242,14 +241,10 @@ class KeyrotorScheduler:
         return self._pipeline
 
     def _set_leader_metric(self, leads: bool) -> None:
-        from worker.metrics import scheduler_metrics
-
         scheduler_metrics().set_leader(leads)  # a standby drops the leader-only gauges
 
     def _update_gauges(self, now: datetime) -> None:
         """keys_due{provider} (an index range, O(keys due)) and open_runs{state}."""
-        from worker.metrics import scheduler_metrics
-
         with session_scope(self.engine) as session:
             due = session.exec(  # type: ignore[call-overload]
                 select(ManagedKey.provider, func.count())
@@ -261,8 +256,3 @@ class KeyrotorScheduler:
             ).all()
         if self.lock.is_leader:  # lost the lock during the query: a standby exports no backlog
             scheduler_metrics().set_backlog(due, open_runs)
-
-
-def handover_deadline(config: SchedulerConfig) -> timedelta:
-    """Worst case from the holder's death to a standby acting: the TTL plus one lock tick."""
-    return timedelta(seconds=config.lock_ttl_s + config.lock_tick_s)

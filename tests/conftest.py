@@ -164,7 +164,7 @@ def vault() -> Iterator[VaultEndpoint]:
             pytest.fail("VAULT_ADDR is set but VAULT_TOKEN is not", pytrace=False)
         yield VaultEndpoint(addr.rstrip("/"), token)
         return
-    from worker.sandbox.openbao import INSTALL_HINT, find_bao, start_dev_server
+    from keyrotor_sandbox.openbao import INSTALL_HINT, find_bao, start_dev_server
 
     if find_bao() is None:
         service_missing(f"OpenBao ({INSTALL_HINT})")

@@ -18,7 +18,8 @@ from worker.db.session import make_engine, session_scope
 from worker.errors import DeprecatedCredential, PermanentError
 from worker.integrations.base import Announcement, VerifyResult, VerifyStatus
 from worker.pipeline.context import PipelineContext, StepPolicy
-from worker.providers.base import CheckOutcome, IssuedCredential, ProviderKeyInfo, RevokeOutcome, RotationMode
+from worker.protocol.states import Mode
+from worker.providers.base import CheckOutcome, IssuedCredential, ProviderKeyInfo, RevokeOutcome
 from worker.secret import Secret
 from worker.vault.errors import VaultCheckAndSetMismatch, VaultNotFound
 from worker.vault.store import KEY_ID_FIELD, StoredSecret
@@ -186,7 +187,7 @@ class FakeProvider:
     def __init__(self, name: str = "acme", mode: str = "overlap", *, can_list: bool = True,
                  can_revoke: bool = True, activation_checks: int = 0) -> None:
         self.name = name
-        self.mode = RotationMode(mode)
+        self.mode = Mode(mode)
         self.can_issue = mode != "assisted"
         self.can_revoke = can_revoke
         self.can_list = can_list
@@ -221,7 +222,7 @@ class FakeProvider:
         with self.lock:
             key = FakeKey(key_id=f"k-{len(self.keys) + 1}", name=name, secret="sk_live_" + pysecrets.token_hex(16),
                           checks_until_live=self.activation_checks, credential_type=credential_type)
-            if self.mode == RotationMode.cutover:
+            if self.mode == Mode.cutover:
                 for other in self.keys.values():
                     other.valid = False
             self.keys[key.key_id] = key
@@ -362,7 +363,7 @@ class World:
             return run.id
 
     def drive(self, run_id: str, **kwargs: Any) -> Any:
-        from worker.pipeline.inline import drive
+        from worker.runtime.inline import drive
 
         assert self.ctx is not None
         return drive(self.ctx, run_id, advance=self.clock.advance, **kwargs)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from worker.sandbox.standin_http import Request, Response, make_server
+from keyrotor_sandbox.standin_http import Request, Response, make_server
 
 REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 _SA_NAMESPACE = "kubernetes.io/serviceaccount/namespace"

@@ -15,9 +15,10 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from jobs.pipeline_hooks import Pipeline
+from worker.service.hooks import Pipeline
 from worker.clock import utcnow
-from worker.db.models import ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 
 
 class RecordingPipeline:

@@ -33,6 +33,7 @@ from worker.errors import ConfigError, PermanentError
 from worker.inventory.schema import template_placeholders
 from worker.pipeline.runs import open_run_for_key
 from worker.secret import Secret
+from worker.pipeline.targets import rejected_at
 
 ELLIPSES = ("…", "...", "***", "**", "*")
 
@@ -100,9 +101,6 @@ def rotation_blocker(session: Session, key: ManagedKey, vault: Any) -> Optional[
     record = session.get(ProviderRecord, key.provider)
     if not revoke_needs_key_id(record, key.credential_type):
         return None
-    from worker.clock import utcnow
-    from worker.pipeline.targets import rejected_at
-
     if record is not None and rejected_at(record.spec, key.credential_type, utcnow()):
         return None  # past its type's cutoff the key cannot authenticate: nothing to revoke
     stored = vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
@@ -169,14 +167,14 @@ def _find_key_id(provider: Any, key: ManagedKey, secret: Secret, *, given: Optio
         if verified and verified != given:
             raise AdoptionRefused(f"provider {key.provider!r} says this credential is key {verified}, not {given}; "
                                   f"rerun with --key-id {verified} (or without --key-id)")
-        if getattr(provider, "can_list", False):
+        if provider.can_list:
             listed = {k.key_id: k for k in provider.list_keys()}
             if given not in listed or listed[given].live is False:
                 raise AdoptionRefused(f"provider {key.provider!r} lists no live key with id {given}; check the id")
         return given, "given"
     if verified:
         return verified, "verify"
-    if getattr(provider, "can_list", False):
+    if provider.can_list:
         keys = [k for k in provider.list_keys() if k.live is not False and k.key_id]
         hinted = [k for k in keys if k.hint]
         matches = [k for k in hinted if hint_matches(k.hint or "", secret)]

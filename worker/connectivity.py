@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from worker.settings import Settings
 from worker.urls import display_url
+from worker.db.session import make_engine, postgres_engine_options
+from worker.redis_conn import is_sentinel_url, redis_client
+from worker.vault.store import VaultStore
 
 if TYPE_CHECKING:
     from worker.vault.store import VaultStore
@@ -33,7 +36,6 @@ def check_database(settings: Settings, timeout_s: float = 5.0) -> Check:
     from sqlalchemy import NullPool, text
     from sqlalchemy.engine import make_url
 
-    from worker.db.session import make_engine, postgres_engine_options
 
     url = make_url(settings.database_url)
     where = url.render_as_string(hide_password=True)
@@ -59,8 +61,6 @@ def check_database(settings: Settings, timeout_s: float = 5.0) -> Check:
 
 
 def check_redis(settings: Settings, timeout_s: float = 5.0) -> Check:
-    from worker.redis_conn import is_sentinel_url, redis_client
-
     where = display_url(settings.redis_url)
     client = redis_client(settings.redis_url, socket_timeout=timeout_s)
     try:
@@ -83,7 +83,6 @@ def open_vault(settings: Settings) -> tuple[Optional["VaultStore"], Check]:
     """A logged-in store (``None`` unless the check passed) and the check that says so."""
     if not settings.vault_addr:
         return None, Check("vault", True, "VAULT_ADDR is not set: skipped (nothing can be rotated without Vault)")
-    from worker.vault.store import VaultStore
 
     try:
         store = VaultStore.from_settings(settings)

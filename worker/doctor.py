@@ -16,7 +16,11 @@ from worker import log
 from worker.connectivity import check_database, check_redis, open_vault
 from worker.errors import ConfigError, KeyrotorError
 from worker.secret import Secret
-from worker.secret_refs import SecretRef, SecretResolver, make_resolver, unresolvable
+from worker.secret_refs import SecretRef, SecretResolver, is_per_key, iter_refs, make_resolver, unresolvable
+from worker.db.session import session_scope
+from worker.inventory.apply import latest_snapshot
+from worker.inventory.loader import format_path
+from worker.providers.request_parts import key_variables, resolve_ref
 
 logger = log.get_logger("keyrotor.doctor")
 
@@ -59,9 +63,6 @@ def reference_problems(document: Mapping[str, Any], resolve: SecretResolver) -> 
 def per_key_reference_problems(document: Mapping[str, Any], resolve: SecretResolver) -> list[tuple[tuple[Any, ...], str]]:
     """References whose Vault path depends on the key (``users/{labels[user]}``), resolved for
     each key of their provider; located at the key, naming the reference."""
-    from worker.providers.request_parts import key_variables, resolve_ref
-    from worker.secret_refs import is_per_key, iter_refs
-
     providers = document.get("providers") if isinstance(document.get("providers"), Mapping) else {}
     keys = document.get("keys") if isinstance(document.get("keys"), Mapping) else {}
     problems: list[tuple[tuple[Any, ...], str]] = []
@@ -94,10 +95,6 @@ def service_problems(settings: Any, vault_problem: Optional[ServiceProblem]) -> 
 def log_unresolvable_references(engine: Any, settings: Any) -> int:
     """At worker start: one warning per secret reference of the applied inventory that does not
     resolve (a rotation needing it would fail); returns how many."""
-    from worker.db.session import session_scope
-    from worker.inventory.apply import latest_snapshot
-    from worker.inventory.loader import format_path
-
     with session_scope(engine) as session:
         snapshot = latest_snapshot(session)
         document = dict(snapshot.document) if snapshot is not None else {}

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from worker import log
 from worker.errors import ConfigError
+from worker.settings import get_settings
 
 logger = log.get_logger("keyrotor.http_security")
 
@@ -70,8 +71,6 @@ def note_insecure_http(kind: str, name: str, urls: list[Optional[str]]) -> None:
 
 
 def current_env() -> str:
-    from worker.settings import get_settings
-
     return get_settings().env
 
 

@@ -26,8 +26,13 @@ from worker.errors import PermanentError, TransientError
 from worker.http_security import insecure_http_problem, note_insecure_http
 from worker.integrations import signing
 from worker.log import get_logger, redact
+from worker.notice_text import notice_subject, notice_text
 from worker.retry import parse_retry_after, retry_call
 from worker.secret import Secret
+from worker.inventory.schema import NotificationSpec
+from worker.inventory.snapshot import applied_document
+from worker.secret_refs import make_resolver
+from worker.vault.store import VaultStore
 
 log = get_logger(__name__)
 
@@ -149,8 +154,6 @@ class Notifier:
     def _deliver(self, sink: Sink, payload: dict[str, Any]) -> None:
         if sink.kind == "email":
             assert sink.send_mail is not None and sink.target is not None
-            from worker.owner_notices import notice_subject, notice_text
-
             sink.send_mail(sink.target, notice_subject(payload), notice_text(payload))
             return
         # A URL from a reference is only known here: the same rule as the inventory's literal URLs.
@@ -182,8 +185,6 @@ class Notifier:
 
     def _post_slack_api(self, sink: Sink, payload: dict[str, Any]) -> None:
         """``chat.postMessage``: Slack answers 200 with ``{"ok": false, "error": …}`` on refusal."""
-        from worker.owner_notices import notice_text
-
         assert sink.signing_secret is not None
         body = json.dumps({"channel": sink.target, "text": notice_text(payload)}).encode()
         headers = {"Content-Type": "application/json; charset=utf-8",
@@ -207,8 +208,6 @@ class Notifier:
 # --------------------------------------------------------------------------- sinks from the inventory
 def sinks_from_specs(specs: Iterable[Any], resolve: Callable[[Any], Secret]) -> list[Sink]:
     """``NotificationSpec``s (or their dicts) → sinks, resolving URL and signing-secret references."""
-    from worker.inventory.schema import NotificationSpec
-
     sinks: list[Sink] = []
     for index, raw in enumerate(specs):
         try:
@@ -225,8 +224,6 @@ def sinks_from_specs(specs: Iterable[Any], resolve: Callable[[Any], Secret]) -> 
 
 def snapshot_notifications(engine: Any) -> list[dict[str, Any]]:
     """The ``notifications`` section of the last applied inventory, or [] if none was applied."""
-    from worker.inventory.snapshot import applied_document
-
     return list(applied_document(engine).get("notifications") or [])
 
 
@@ -241,28 +238,6 @@ def configure(notifier: Notifier | None) -> None:
         _notifier = notifier
 
 
-def _default_notifier() -> Notifier:
-    global _notifier
-    with _lock:
-        if _notifier is None:
-            from worker.db.session import engine_for
-            from worker.secret_refs import make_resolver
-            from worker.settings import get_settings
-
-            settings = get_settings()
-
-            def load() -> list[Sink]:
-                vault = None
-                if settings.vault_addr:
-                    from worker.vault.store import VaultStore
-
-                    vault = VaultStore.from_settings(settings)
-                return sinks_from_specs(snapshot_notifications(engine_for(settings.database_url)), make_resolver(vault))
-
-            _notifier = Notifier(load, attempts=settings.notify_attempts, timeout_s=settings.notify_timeout_s)
-        return _notifier
-
-
 def configured_notifier() -> Notifier | None:
     """The notifier installed with ``configure()`` (tests, demo), if any."""
     with _lock:
@@ -274,14 +249,10 @@ def notifier_for(engine: Any, settings: Any = None, *, vault: Any = None) -> Not
     secret references resolved through ``vault`` (else one built from ``settings`` when it names a
     Vault; else only ``env:`` references resolve). Nothing here reads the process's default
     settings: a context built for another database notifies that database's sinks."""
-    from worker.secret_refs import make_resolver
-
     state: dict[str, Any] = {"vault": vault}
 
     def load() -> list[Sink]:
         if state["vault"] is None and settings is not None and getattr(settings, "vault_addr", None):
-            from worker.vault.store import VaultStore
-
             state["vault"] = VaultStore.from_settings(settings)
         return sinks_from_specs(snapshot_notifications(engine), make_resolver(state["vault"]))
 
@@ -314,14 +285,3 @@ def notify_function(engine: Any, settings: Any = None, *, vault: Any = None) -> 
             log.error("notification_failed", notify_event=event, key=key_name, run_id=run_id, error=type(exc).__name__)
 
     return bound
-
-
-def notify(event: str, *, key_name: str, run_id: str | None, detail: dict[str, Any] | None = None) -> None:
-    """Announce ``event`` for a key/run to the configured sinks; never raises.
-
-    Uses the *process default* settings' database. Code that has an engine or a pipeline context
-    uses ``notify_function(engine, …)`` / ``PipelineContext.notify`` instead."""
-    try:
-        _default_notifier().notify(event, key_name=key_name, run_id=run_id, detail=detail or {})
-    except Exception as exc:
-        log.error("notification_failed", notify_event=event, key=key_name, run_id=run_id, error=type(exc).__name__)

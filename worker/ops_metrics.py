@@ -14,6 +14,10 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 from sqlalchemy.engine import Engine
 
 from worker import __version__
+from worker.key_metrics import KeyCollector
+from worker.queue_metrics import QueueCollector
+from worker.redis_conn import redis_client as make_redis_client
+from worker.scrape_metrics import ScrapeTimeCollector
 
 BUILD_INFO = Gauge(
     "keyrotor_build_info",
@@ -38,11 +42,6 @@ def register_scheduler_collectors(settings: Any, engine: Engine, *, registry: Co
                                   redis_client: Any = None) -> Any:
     """Register the queue-depth and per-key collectors (the scheduler's /metrics); returns the
     registered collector."""
-    from worker.key_metrics import KeyCollector
-    from worker.queue_metrics import QueueCollector
-    from worker.redis_conn import redis_client as make_redis_client
-    from worker.scrape_metrics import ScrapeTimeCollector
-
     timeout = settings.metrics_collect_timeout_s
     if redis_client is None:
         redis_client = make_redis_client(settings.redis_url, socket_timeout=timeout)

@@ -13,7 +13,7 @@ Dramatiq's Redis layout (``<ns>`` = ``KEYROTOR_QUEUE_NAMESPACE``): ``<ns>:<queue
 message ids waiting for a worker, ``<ns>:<queue>.msgs`` hash of those plus the ones workers hold
 unacknowledged, the same pair for the delay queue ``<queue>.DQ``, and the dead-letter sorted set
 ``<ns>:<queue>.XQ``. keyrotor's delayed messages (retries waiting out their backoff, polls, retire
-after grace) wait in ``<ns>:<queue>.delayed`` instead (worker/pipeline/delayed.py); "delayed"
+after grace) wait in ``<ns>:<queue>.delayed`` instead (worker/runtime/delayed.py); "delayed"
 counts both.
 """
 
@@ -25,8 +25,7 @@ from typing import Any, Callable, Iterable
 
 from prometheus_client.core import GaugeMetricFamily
 
-from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE
-from worker.pipeline.delayed import delayed_keys
+from worker.queues import REQUEST_QUEUE, STEP_QUEUE, delayed_keys
 
 QUEUES = (STEP_QUEUE, REQUEST_QUEUE)
 

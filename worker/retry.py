@@ -14,6 +14,7 @@ from email.utils import parsedate_to_datetime
 from typing import Callable, Protocol, TypeVar
 
 from worker.errors import TransientError
+from worker.clock import utcnow
 
 T = TypeVar("T")
 
@@ -24,6 +25,20 @@ RETRY_AFTER_CAP_S = 300.0
 
 class _Uniform(Protocol):
     def uniform(self, a: float, b: float) -> float: ...
+
+
+def backoff_ceiling(attempt: int, base: float, cap: float) -> float:
+    """The exponential ceiling of retry number ``attempt`` (0-based): ``min(cap, base * 2**attempt)``.
+    The one backoff curve: ``backoff_delay`` (full jitter) and the step retries (``equal_jitter``)
+    draw their delays under it."""
+    # Cap the exponent so 2**attempt cannot overflow for absurd attempt counts.
+    return min(cap, base * (2 ** min(attempt, 62)))
+
+
+def equal_jitter(ceiling: float, rng: _Uniform = random) -> float:  # type: ignore[assignment]
+    """Half the ceiling plus a random half: retries that failed together spread out, and none
+    comes back immediately."""
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
 def backoff_delay(
@@ -40,9 +55,7 @@ def backoff_delay(
     """
     if attempt < 0:
         raise ValueError("attempt must be >= 0")
-    # Cap the exponent so 2**attempt cannot overflow for absurd attempt counts.
-    ceiling = min(max_delay, base * (2 ** min(attempt, 62)))
-    delay = rng.uniform(0.0, max(0.0, ceiling))
+    delay = rng.uniform(0.0, max(0.0, backoff_ceiling(attempt, base, max_delay)))
     if retry_after is not None and retry_after > 0:
         delay = max(delay, min(retry_after, RETRY_AFTER_CAP_S))
     return delay
@@ -76,8 +89,6 @@ def parse_retry_after(header_value: str | None, now: datetime | None = None) -> 
     if when.tzinfo is None:  # RFC 9110 dates are GMT
         when = when.replace(tzinfo=timezone.utc)
     if now is None:
-        from worker.clock import utcnow
-
         now = utcnow()
     return max(0.0, (when - now).total_seconds())
 

@@ -1,7 +1,7 @@
 """Detection query cost on PostgreSQL: 100,000 keys, 100 of them due.
 
 The detection scan must cost O(keys due), not O(keys). This measures the real query of
-``jobs.detection.due_keys_query`` with ``ix_managed_key_next_due_at`` and, in the same run and on
+``worker.service.detection.due_keys_query`` with ``ix_managed_key_next_due_at`` and, in the same run and on
 the same data, with that index dropped (inside a transaction that is rolled back) as the full-scan
 baseline; prints both medians and their ratio, and checks EXPLAIN uses the index.
 
@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from jobs.detection import due_keys_query
+from worker.service.detection import due_keys_query
 
 pytestmark = [pytest.mark.bench, pytest.mark.integration]
 

@@ -6,7 +6,7 @@ server and the provider stand-in over HTTP, each in its own process (`bao server
 propagate and verify do real work. Three phases, same process, same keys:
 
 1. baseline — the N rotations one after the other, each driven step by step in this thread with
-   no broker (``worker.pipeline.inline.drive``): the cost of the work itself (latency = one
+   no broker (``worker.runtime.inline.drive``): the cost of the work itself (latency = one
    ``drive`` call);
 2. pipeline — the N rotations requested at once and run by a Dramatiq ``Worker`` (StubBroker,
    ``THREADS`` threads): rotations per second, p50/p95 end-to-end latency (run created → finished),
@@ -59,7 +59,7 @@ class Bench:
 
 
 def _inventory(provider_url: str, mount: str) -> dict[str, Any]:
-    from worker.sandbox.provider import standin_provider_spec
+    from keyrotor_sandbox.provider import standin_provider_spec
 
     spec = standin_provider_spec(provider_url, admin_token_ref={"env": TOKEN_ENV},
                                  rate_limit={"requests": 10_000, "per": "1s"},
@@ -180,7 +180,7 @@ def _wait_all(engine: Any, ids: list[str], timeout: float = 120.0) -> None:
 
 
 def _sequential(b: Bench) -> tuple[float, list[float]]:
-    from worker.pipeline.inline import drive
+    from worker.runtime.inline import drive
 
     ids = _request_all(b.engine, b.keys, "seq")
     per_run = []
@@ -195,9 +195,9 @@ def _sequential(b: Bench) -> tuple[float, list[float]]:
 
 
 def _concurrent(b: Bench, tag: str) -> tuple[float, list[float]]:
-    from worker.pipeline.broker import make_stub_broker, reset_broker, setup_broker
-    from worker.pipeline.requests import enqueue_run
-    from worker.pipeline.workers import start_worker
+    from worker.runtime.broker import make_stub_broker, reset_broker, setup_broker
+    from worker.pipeline.outbox import enqueue_run
+    from worker.runtime.workers import start_worker
 
     broker = setup_broker(broker=make_stub_broker())
     worker = start_worker(broker, threads=THREADS)

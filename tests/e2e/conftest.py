@@ -59,7 +59,7 @@ _FALLBACK_WORKER = (
     "from worker.settings import get_settings\n"
     "s = get_settings()\n"
     "configure_logging(s.log_level, s.log_format)\n"
-    "from worker.pipeline.workers import run_worker\n"
+    "from worker.runtime.workers import run_worker\n"
     "run_worker(processes=int(sys.argv[1]), threads=int(sys.argv[2]))\n"
 )
 _worker_cli: Optional[bool] = None
@@ -177,7 +177,7 @@ class RunKeyFaults:
         return response
 
     def _answer(self, request: Any) -> Any:
-        from worker.sandbox.standin_http import Response
+        from keyrotor_sandbox.standin_http import Response
 
         if request.method == "GET" and request.path.rstrip("/") == "/api/user/me":
             key = self.state.find_secret(request.bearer())
@@ -212,8 +212,8 @@ def _route(request: Any) -> str:
 
 def start_provider(activation_delay: float) -> tuple[Any, RunKeyFaults]:
     """The provider stand-in (``ProviderHandle``) behind ``RunKeyFaults``."""
-    from worker.sandbox.provider import ProviderApp, ProviderHandle, ProviderState
-    from worker.sandbox.standin_http import serve_in_thread
+    from keyrotor_sandbox.provider import ProviderApp, ProviderHandle, ProviderState
+    from keyrotor_sandbox.standin_http import serve_in_thread
 
     state = ProviderState(admin_token="sbx-admin-" + secrets.token_urlsafe(16), activation_delay=activation_delay)
     faults = RunKeyFaults(ProviderApp(state), state)
@@ -304,9 +304,9 @@ class World:
     vault_addr: str
     vault_token: str
     mount: str
-    provider: Any            # worker.sandbox.provider.ProviderHandle
+    provider: Any            # keyrotor_sandbox.provider.ProviderHandle
     run_key_faults: RunKeyFaults
-    consumer: Any            # worker.sandbox.consumer.ConsumerHandle
+    consumer: Any            # keyrotor_sandbox.consumer.ConsumerHandle
     webhook_secret: str
     engine: sa.engine.Engine
     store: Any               # worker.vault.store.VaultStore (this process's view of Vault)
@@ -378,7 +378,7 @@ class World:
     def broker(self) -> Any:
         """This process's Redis broker on the test namespace (a producer, like the CLI)."""
         if self._broker is None:
-            from worker.pipeline.broker import make_redis_broker, reset_broker, setup_broker
+            from worker.runtime.broker import make_redis_broker, reset_broker, setup_broker
 
             self._broker = setup_broker(broker=make_redis_broker(self.redis_url, self.namespace))
             self.stack.callback(reset_broker)
@@ -386,7 +386,8 @@ class World:
         return self._broker
 
     def request(self, key_name: str = KEY_NAME, *, enqueue: bool = True, reason: str = "e2e") -> str:
-        from worker.pipeline.requests import enqueue_run, request_rotation
+        from worker.pipeline.outbox import enqueue_run
+        from worker.pipeline.requests import request_rotation
 
         self.broker  # noqa: B018 - actors declared on the test namespace before enqueueing
         with session_scope(self.engine) as session:
@@ -399,7 +400,7 @@ class World:
         return run_id
 
     def enqueue(self, run_id: str) -> None:
-        from worker.pipeline.requests import enqueue_run
+        from worker.pipeline.outbox import enqueue_run
 
         self.broker  # noqa: B018
         with session_scope(self.engine) as session:
@@ -408,7 +409,7 @@ class World:
             enqueue_run(run)
 
     def send_step(self, step: str, run_id: str) -> None:
-        from worker.pipeline.actors import send_step
+        from worker.queues import send_step
         from worker.protocol import Step
 
         self.broker  # noqa: B018
@@ -518,7 +519,7 @@ class World:
     def reconcile(self, *, ahead_s: float = 3600.0, orphan_min_age_s: float = 0.0) -> tuple[Any, list[Any]]:
         """Run the reconciler's two jobs as the scheduler would, with its clock ``ahead_s`` in the
         future so step deadlines have passed (we do not wait minutes for them)."""
-        from jobs.reconcile import recover_stuck_runs, revoke_orphans
+        from worker.service.reconcile import recover_stuck_runs, revoke_orphans
         from worker.providers.ratelimit import InMemoryRateLimiter
         from worker.providers.registry import build_provider
         from worker.secret_refs import make_resolver
@@ -610,7 +611,7 @@ class World:
 def render_inventory(world_bits: dict[str, Any], *, grace_s: int, activation_timeout_s: int,
                      rate_limit: int = 200, with_consumer: bool = True, with_copy: bool = True,
                      check_attempts_note: str = "") -> dict[str, Any]:
-    from worker.sandbox.provider import standin_provider_spec
+    from keyrotor_sandbox.provider import standin_provider_spec
 
     provider = standin_provider_spec(
         world_bits["provider_url"], admin_token_ref={"env": PROVIDER_TOKEN_ENV},
@@ -647,7 +648,7 @@ def make_world(pg_url: str, redis_url: str, redis_namespace: str, vault: Any, va
     """``make_world(grace_s=1, activation_delay=0.0, probe_ms=40, ...)`` → a ready ``World``."""
     from worker.inventory.apply import apply_inventory
     from worker.inventory.loader import load_inventory
-    from worker.sandbox.consumer import start_consumer_in_thread
+    from keyrotor_sandbox.consumer import start_consumer_in_thread
     from worker.settings import get_settings, load_settings
     from worker.vault.store import VaultStore
 

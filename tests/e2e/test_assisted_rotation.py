@@ -4,7 +4,7 @@ Real parts: workers as subprocesses on Redis + PostgreSQL, the OpenBao server of
 provider stand-in over HTTP (verify only: the provider is declared ``assisted``), and the owner's
 contact as an HTTP receiver (a ``webhook`` contact) that records every notice. The owner writes to
 Vault with a token holding ONLY the shipped example owner policy. The scheduler's ``deposits`` job
-(``jobs/deposits.py``) is run from the test as the scheduler would, with explicit clocks for the
+(``worker/service/deposits.py``) is run from the test as the scheduler would, with explicit clocks for the
 reminder/deadline case.
 """
 
@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import KEY_NAME, PROVIDER, REPO, World, render_inventory
-from worker.inventory.schema import key_slug
+from worker.text import key_slug
 
 CREATE_URL = "https://standin.example/settings/api-keys"
 
@@ -32,7 +32,7 @@ class ContactInbox:
     """The owner's contact: an HTTP receiver recording each notice (JSON body)."""
 
     def __init__(self) -> None:
-        from worker.sandbox.standin_http import Response, serve_in_thread
+        from keyrotor_sandbox.standin_http import Response, serve_in_thread
 
         self.notices: list[dict[str, Any]] = []
         self.raw: list[bytes] = []
@@ -123,7 +123,7 @@ def inbox() -> Iterator[ContactInbox]:
 def _bao_kv_put(world: World, token: str, value: str, who: str) -> None:
     """The owner's documented command: `vault kv put -mount=M PATH credential=- deposited_by=NAME`
     (OpenBao's CLI: `bao`), the value on stdin."""
-    from worker.sandbox.openbao import find_bao
+    from keyrotor_sandbox.openbao import find_bao
 
     bao = find_bao()
     if bao is None:  # the Vault named by VAULT_ADDR, no CLI here: the same write through the API
@@ -139,7 +139,7 @@ def _bao_kv_put(world: World, token: str, value: str, who: str) -> None:
 
 def test_owner_deposits_through_vault_a_wrong_one_first_and_the_rotation_completes(
         make_world: Any, tmp_path: Path, inbox: ContactInbox) -> None:
-    from jobs.deposits import collect_deposits
+    from worker.service.deposits import collect_deposits
 
     world = _assisted_world(make_world, tmp_path, inbox,
                             {"remind_every": "1h", "deposit_deadline": "1d", "revoke_deadline": "1h",
@@ -210,7 +210,7 @@ def test_owner_deposits_through_vault_a_wrong_one_first_and_the_rotation_complet
 
 def test_an_owner_who_never_deposits_gets_the_reminders_then_the_run_needs_attention(
         make_world: Any, tmp_path: Path, inbox: ContactInbox) -> None:
-    from jobs.deposits import collect_deposits, waiting_since
+    from worker.service.deposits import collect_deposits, waiting_since
     from worker.db.models import RotationRun
     from worker.db.session import session_scope
 

@@ -93,7 +93,7 @@ def test_demo_json_and_no_secret_in_output_logs_or_db(tmp_path: Path, vault) -> 
 def test_demo_without_bao_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                              tmp_path: Path) -> None:
     """No VAULT_ADDR and no `bao` binary: one line naming the fix, exit 2, no traceback."""
-    import worker.sandbox.openbao as openbao
+    import keyrotor_sandbox.openbao as openbao
     from worker.cli.main import main
 
     for name in [n for n in os.environ if n.startswith(("KEYROTOR_", "VAULT_"))]:

@@ -13,7 +13,7 @@ import yaml
 from tests.e2e.conftest import PROVIDER, World, WorldFactory, render_inventory
 from worker.db.session import session_scope
 from worker.integrations.kube_restarts import WRITTEN_AT
-from worker.sandbox.kubernetes import KubernetesStandIn
+from keyrotor_sandbox.kubernetes import KubernetesStandIn
 from worker.secret import Secret
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -40,7 +40,7 @@ SECRET_FIELD = "client_secret"
 
 
 def inventory(server: Any, mount: str, *, grace_s: int) -> dict[str, Any]:
-    from worker.sandbox.oauth_server import standin_oauth_spec
+    from keyrotor_sandbox.oauth_server import standin_oauth_spec
 
     provider = standin_oauth_spec(server, client_id=CLIENT, scopes=[SCOPE, OTHER_SCOPE], scoped_path="/api/reports",
                                   admin_token_ref={"env": PROVIDER_TOKEN_ENV},
@@ -99,7 +99,7 @@ def oauth_world(pg_url: str, redis_url: str, redis_namespace: str, vault: Any, v
                 monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., OAuthWorld]]:
     from worker.inventory.apply import apply_inventory
     from worker.inventory.loader import load_inventory
-    from worker.sandbox.oauth_server import start_auth_server_in_thread
+    from keyrotor_sandbox.oauth_server import start_auth_server_in_thread
     from worker.settings import get_settings, load_settings
     from worker.vault.store import VaultStore
 

@@ -24,7 +24,7 @@ from tests.e2e.conftest import PROVIDER_TOKEN_ENV, World
 from tests.e2e.test_assisted_rotation import ContactInbox, _scheduler_context
 from worker.db.models import ManagedKey
 from worker.db.session import session_scope
-from worker.inventory.schema import key_slug
+from worker.text import key_slug
 from worker.secret import Secret
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -146,7 +146,7 @@ def inbox() -> Iterator[ContactInbox]:
 
 @pytest.fixture
 def asana() -> Iterator[Any]:
-    from worker.sandbox.asana import start_asana_in_thread
+    from keyrotor_sandbox.asana import start_asana_in_thread
 
     handle = start_asana_in_thread(plan="free")
     yield handle
@@ -169,8 +169,8 @@ def _deposit(world: World, name: str, token: str) -> None:
 
 def test_asana_legacy_key_434_found_by_liveness_then_migrated_to_a_personal_access_token(
         make_world: Any, tmp_path: Path, inbox: ContactInbox, asana: Any) -> None:
-    from jobs.deposits import collect_deposits
-    from jobs.liveness import MemoryCursor, check_liveness
+    from worker.service.deposits import collect_deposits
+    from worker.service.liveness import MemoryCursor, check_liveness
 
     name = "asana/automation"
     world = _asana_world(make_world, tmp_path, inbox, asana, {name: "api_key"})
@@ -212,8 +212,8 @@ def test_asana_legacy_key_434_found_by_liveness_then_migrated_to_a_personal_acce
 
 def test_asana_revoked_pat_found_by_liveness_and_a_deposit_never_made_needs_attention(
         make_world: Any, tmp_path: Path, inbox: ContactInbox, asana: Any) -> None:
-    from jobs.deposits import collect_deposits, waiting_since
-    from jobs.liveness import MemoryCursor, check_liveness
+    from worker.service.deposits import collect_deposits, waiting_since
+    from worker.service.liveness import MemoryCursor, check_liveness
     from worker.db.models import RotationRun
 
     name = "asana/reports"
@@ -246,8 +246,8 @@ def test_asana_rate_limit_declared_many_rotations_at_once_no_429(
     """The stand-in's per-user limit scaled down (8 requests per 2 s, the same shape as 150/min),
     declared in the inventory; two workers and the deposits job rotate five keys of one user at
     once: the shared limit paces them and the provider never answers 429."""
-    from jobs.deposits import collect_deposits
-    from worker.sandbox.asana import start_asana_in_thread
+    from worker.service.deposits import collect_deposits
+    from keyrotor_sandbox.asana import start_asana_in_thread
 
     asana = start_asana_in_thread(plan="free", window_s=2.0)
     asana.state.plan_limits["free"] = 8
@@ -294,7 +294,7 @@ def _alloy_world(make_world: Any, tmp_path: Path, ctype: str, **seed: Any) -> tu
 
 
 def test_alloy_old_key_past_the_january_2023_cutoff_is_migrated_by_the_scheduler(make_world: Any, tmp_path: Path) -> None:
-    from jobs.detection import detect_due
+    from worker.service.detection import detect_due
 
     world, old = _alloy_world(make_world, tmp_path, "legacy_api_key")
     world.provider.configure(rejected_status=401)              # old keys are simply no longer valid
@@ -319,7 +319,7 @@ def test_alloy_old_key_past_the_january_2023_cutoff_is_migrated_by_the_scheduler
 
 
 def test_alloy_key_expired_at_the_provider_is_rotated_by_the_liveness_job(make_world: Any, tmp_path: Path) -> None:
-    from jobs.liveness import MemoryCursor, check_liveness
+    from worker.service.liveness import MemoryCursor, check_liveness
 
     world, old = _alloy_world(make_world, tmp_path, "api_key")
     with world.provider.state.lock:                              # it expired a minute ago

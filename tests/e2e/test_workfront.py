@@ -28,7 +28,7 @@ from tests.e2e.conftest import REPO, World, render_inventory
 from worker.clock import as_utc
 from worker.db.models import ManagedKey
 from worker.db.session import session_scope
-from worker.sandbox.workfront import UNTRUSTED, WorkfrontHandle, start_workfront_in_thread
+from keyrotor_sandbox.workfront import UNTRUSTED, WorkfrontHandle, start_workfront_in_thread
 from worker.secret import Secret
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -217,7 +217,7 @@ def test_a_lost_generate_answer_is_recovered_by_generating_again(workfront: Work
 
 
 def test_admin_keys_show_as_admin_in_status_and_plan(workfront: Workfront) -> None:
-    from jobs.plan import build_plan
+    from worker.service.plan import build_plan
     from worker.cli.views import key_status
 
     workfront.rotate(ADMIN_KEY)

@@ -104,7 +104,7 @@ def exported() -> set[str]:
 
     import worker.metrics
     import worker.ops_metrics  # noqa: F401
-    import worker.pipeline.message_metrics  # noqa: F401
+    import worker.runtime.message_metrics  # noqa: F401
     from worker.key_metrics import KeyCollector
     from worker.queue_metrics import QueueCollector
     from worker.scrape_metrics import ScrapeTimeCollector

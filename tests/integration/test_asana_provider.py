@@ -13,7 +13,7 @@ from worker.inventory.schema import HttpProviderSpec
 from worker.providers.base import CheckOutcome
 from worker.providers.http import HttpProvider
 from worker.providers.ratelimit import InMemoryRateLimiter
-from worker.sandbox.asana import AsanaHandle, asana_provider_spec, start_asana_in_thread
+from keyrotor_sandbox.asana import AsanaHandle, asana_provider_spec, start_asana_in_thread
 from worker.secret import Secret
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from worker.sandbox.asana import AsanaHandle, PersonOnly, start_asana_in_thread
+from keyrotor_sandbox.asana import AsanaHandle, PersonOnly, start_asana_in_thread
 
 pytestmark = pytest.mark.integration
 

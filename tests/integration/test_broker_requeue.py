@@ -11,7 +11,8 @@ import pytest
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name
 
-from worker.pipeline.broker import STEP_QUEUE, reset_broker, setup_broker
+from worker.runtime.broker import reset_broker, setup_broker
+from worker.queues import STEP_QUEUE
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration

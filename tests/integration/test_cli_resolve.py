@@ -10,7 +10,8 @@ from sqlmodel import select
 
 from worker.cli.main import main
 from worker.db.migrate import upgrade
-from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 from worker.settings import get_settings
 

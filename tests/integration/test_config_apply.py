@@ -14,7 +14,8 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from worker.clock import as_utc
-from worker.db.models import AuditEvent, InventorySnapshot, ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import AuditEvent, InventorySnapshot, ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 from worker.inventory.apply import PruneBlocked, apply_inventory
 from worker.inventory.schema import Inventory

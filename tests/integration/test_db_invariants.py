@@ -10,7 +10,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session
 
 from worker.clock import utcnow
-from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 
 pytestmark = pytest.mark.integration
 

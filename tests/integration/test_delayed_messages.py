@@ -1,4 +1,4 @@
-"""Delayed messages wait in Redis until due (worker/pipeline/delayed.py), on the real Redis: no
+"""Delayed messages wait in Redis until due (worker/runtime/delayed.py), on the real Redis: no
 worker holds them, a real Dramatiq worker consumes what the mover moved, retries' backoffs go the
 same way, and a killed worker's death costs no delayed message anything."""
 
@@ -12,8 +12,9 @@ from typing import Any
 import dramatiq
 import pytest
 
-from worker.pipeline.broker import STEP_QUEUE, reset_broker, setup_broker
-from worker.pipeline.delayed import DelayInRedisBroker, delayed_keys
+from worker.queues import STEP_QUEUE, delayed_keys
+from worker.runtime.broker import reset_broker, setup_broker
+from worker.runtime.delayed import DelayInRedisBroker
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,8 @@ import pytest
 from sqlmodel import Session, select
 
 from tests.fakes_pipeline import FakeProvider, World, states_in_audit
-from worker.db.models import AuditEvent, KeyVersion, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, RotationRun, VersionStage
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError, TransientError
 from worker.pipeline.resolve import allowed_actions, resolve_run
@@ -21,7 +22,7 @@ SECURITY = "cli:security"
 
 def make_world(db_url: str, mode: str = "overlap") -> World:
     """A world whose context is the process's (as in a worker: the takeover reads its Vault's staging)."""
-    from worker.pipeline.broker import make_stub_broker, setup_broker
+    from worker.runtime.broker import make_stub_broker, setup_broker
     from worker.pipeline.context import configure
 
     setup_broker(broker=make_stub_broker())
@@ -44,7 +45,7 @@ def world(db_url: str) -> World:
 
 
 def emergency(world: World, batch: str = "b1") -> list[tuple[RotationRun, bool]]:
-    from jobs.emergency import request_provider_rotation
+    from worker.service.emergency import request_provider_rotation
 
     with session_scope(world.engine) as session:
         runs = request_provider_rotation(session, provider=world.provider.name, requested_by=SECURITY, batch_id=batch)
@@ -171,7 +172,7 @@ def test_a_run_that_cannot_be_taken_over_is_reported(world: World, monkeypatch: 
         session.flush()
         session.add(RotationRun(id="stuck1", key_id=world.key.id, state=RunState.needs_attention, trigger="manual",
                                 requested_by="t", created_at=now, new_version_id=version.id, last_error="?"))
-    from jobs.emergency import not_rotated
+    from worker.service.emergency import not_rotated
 
     runs = emergency(world)
     assert [(r.id, c) for r, c in runs] == [("stuck1", False)]

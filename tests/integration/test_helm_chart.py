@@ -718,7 +718,7 @@ def test_inventory_given_as_file_text_keeps_its_comments(chart: Any) -> None:
 
 # ------------------------------------------------------------------------------ operations
 def test_keda_scales_workers_on_the_dramatiq_queue_lists(chart: Any, helm: Any) -> None:
-    from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE
+    from worker.queues import REQUEST_QUEUE, STEP_QUEUE
     from worker.queue_metrics import queue_keys
 
     docs = render(chart, scenario("ops"))

@@ -16,8 +16,8 @@ from worker.integrations.base import Announcement, VerifyStatus
 from worker.integrations.registry import build_integration
 from worker.integrations.signing import sign
 from worker.inventory.schema import VaultCopyIntegrationSpec, WebhookIntegrationSpec
-from worker.sandbox.consumer import ConsumerHandle, start_consumer_in_thread
-from worker.sandbox.provider import ProviderHandle, start_provider_in_thread
+from keyrotor_sandbox.consumer import ConsumerHandle, start_consumer_in_thread
+from keyrotor_sandbox.provider import ProviderHandle, start_provider_in_thread
 from worker.secret import Secret
 from worker.settings import load_settings
 from worker.vault.store import VaultStore

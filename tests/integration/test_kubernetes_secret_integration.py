@@ -16,7 +16,7 @@ from worker.integrations.kube_restarts import RESTART_WANTED, RESTARTED_AT, WRIT
 from worker.integrations.kubernetes_secret import KubernetesSecretIntegration
 from worker.integrations.registry import build_integration
 from worker.inventory.schema import KubernetesSecretIntegrationSpec
-from worker.sandbox.kubernetes import KubernetesStandIn
+from keyrotor_sandbox.kubernetes import KubernetesStandIn
 from worker.secret import Secret
 from worker.settings import load_settings
 

@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from worker.sandbox.kubernetes import KubernetesStandIn
+from keyrotor_sandbox.kubernetes import KubernetesStandIn
 
 pytestmark = pytest.mark.integration
 NS = "apps"

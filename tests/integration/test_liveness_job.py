@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from jobs.liveness import MemoryCursor, RedisCursor, check_liveness
+from worker.service.liveness import MemoryCursor, RedisCursor, check_liveness
 from tests.scheduler_fakes import ALLOY_SPEC, RecordingPipeline, add_key, add_provider
-from worker.db.models import ManagedKey, RotationRun, RunState
+from worker.db.models import ManagedKey, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import RateLimited, TransientError
 from worker.providers.base import CheckOutcome

@@ -96,7 +96,7 @@ def test_the_pipeline_context_notifies_its_own_databases_sinks(tmp_path: Path, r
 
 
 def test_scheduler_jobs_notify_the_engines_sinks(tmp_path: Path, receiver: _Receiver, default_db_elsewhere: Path) -> None:
-    from jobs import reconcile, reminders
+    from worker.service import reconcile, reminders
 
     _, engine = _database_with_sink(tmp_path, receiver.url)
     reconcile._default_notify(engine)("needs_attention", key_name="k", run_id="r-2", detail={})

@@ -15,7 +15,7 @@ from worker.providers.oauth_client import MissingScope, OAuthClientProvider
 from worker.providers.oauth_keys import key_pair_from_pem
 from worker.providers.ratelimit import InMemoryRateLimiter
 from worker.providers.registry import build_provider
-from worker.sandbox.oauth_server import AuthServerHandle, standin_oauth_spec, start_auth_server_in_thread
+from keyrotor_sandbox.oauth_server import AuthServerHandle, standin_oauth_spec, start_auth_server_in_thread
 from worker.secret_refs import make_resolver
 
 pytestmark = pytest.mark.integration

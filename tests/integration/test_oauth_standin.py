@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from worker.sandbox.oauth_server import JWT_BEARER, AuthServerHandle, start_auth_server_in_thread
+from keyrotor_sandbox.oauth_server import JWT_BEARER, AuthServerHandle, start_auth_server_in_thread
 
 pytestmark = pytest.mark.integration
 CLIENT = "reporting-client"

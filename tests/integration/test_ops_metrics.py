@@ -15,11 +15,12 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
 from worker.clock import utcnow
-from worker.db.models import ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 from worker.key_metrics import KeyCollector
-from worker.pipeline.broker import make_redis_broker
-from worker.pipeline.message_metrics import (MESSAGES_DEAD_LETTERED, MESSAGES_IN_FLIGHT, MESSAGES_PROCESSED,
+from worker.runtime.broker import make_redis_broker
+from worker.runtime.message_metrics import (MESSAGES_DEAD_LETTERED, MESSAGES_IN_FLIGHT, MESSAGES_PROCESSED,
                                              MESSAGES_RETRIED, MessageMetrics, WORKER_THREADS)
 from worker.queue_metrics import QueueCollector
 from worker.scrape_metrics import ScrapeTimeCollector

@@ -9,15 +9,16 @@ from typing import Any, Iterator
 import pytest
 from sqlmodel import select
 
-from jobs.reconcile import revoke_orphans
+from worker.service.reconcile import revoke_orphans
 from tests.scheduler_fakes import add_key, add_provider
 from worker.clock import as_utc, set_clock, utcnow
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, RotationRun, VersionStage
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.providers.base import issued_name
 from worker.providers.ratelimit import InMemoryRateLimiter
 from worker.providers.registry import build_provider
-from worker.sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
+from keyrotor_sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
 from worker.secret_refs import make_resolver
 
 pytestmark = pytest.mark.integration

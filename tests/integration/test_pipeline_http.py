@@ -25,9 +25,10 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, VersionStage
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
-from worker.inventory.schema import key_slug
+from worker.text import key_slug
 from worker.secret import Secret, fingerprint
 
 pytestmark = pytest.mark.integration
@@ -150,11 +151,11 @@ def stack(db_url: str, redis_url: str, redis_namespace: str, vault: Any, layout:
     from worker.db.session import make_engine
     from worker.inventory.apply import apply_inventory
     from worker.inventory.loader import load_inventory
-    from worker.pipeline.broker import make_stub_broker, reset_broker, setup_broker
+    from worker.runtime.broker import make_stub_broker, reset_broker, setup_broker
     from worker.pipeline.context import StepPolicy, configure, context_from_settings
-    from worker.pipeline.workers import start_worker
-    from worker.sandbox.consumer import start_consumer_in_thread
-    from worker.sandbox.provider import start_provider_in_thread
+    from worker.runtime.workers import start_worker
+    from keyrotor_sandbox.consumer import start_consumer_in_thread
+    from keyrotor_sandbox.provider import start_provider_in_thread
     from worker.settings import load_settings
 
     set_clock(None)
@@ -212,7 +213,7 @@ def stack(db_url: str, redis_url: str, redis_namespace: str, vault: Any, layout:
 def request_and_wait(stack: Stack, *, timeout: float = 30.0) -> tuple[str, RunState]:
     """Send a v1 rotation request message, then watch the run (sampling whether the old key is
     still live at the provider in each state) until it ends."""
-    from worker.pipeline.messages import send_request
+    from worker.queues import send_request
 
     send_request({"version": 1, "key": KEY, "reason": "manual", "requested_by": "test:http",
                   "idempotency_key": uuid.uuid4().hex})
@@ -378,7 +379,7 @@ def test_emergency_with_a_rejected_issue_call_needs_attention_not_failed(stack: 
     """Emergency against an independent provider whose issue call answers 400: the key keeps the
     exposed credential, so the run ends in needs_attention with an alert (never a quiet `failed`),
     and nothing was issued."""
-    from worker.pipeline.messages import send_request
+    from worker.queues import send_request
 
     stack.provider.add_fault("issue", status=400, count=10_000)
     send_request({"version": 1, "provider": PROVIDER, "all": True, "emergency": True, "reason": "breach",

@@ -12,14 +12,15 @@ from sqlmodel import Session
 
 from tests.fakes_pipeline import FakeProvider, World, all_rows_text
 from worker.clock import set_clock
-from worker.db.models import RotationRun, RunState
+from worker.db.models import RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict
-from worker.pipeline.broker import make_redis_broker, setup_broker
+from worker.runtime.broker import make_redis_broker, setup_broker
 from worker.pipeline.context import StepPolicy, configure
-from worker.pipeline.requests import enqueue_run
+from worker.pipeline.outbox import enqueue_run
 from worker.pipeline.runs import load_run, transition
-from worker.pipeline.workers import start_worker
+from worker.runtime.workers import start_worker
 from worker.settings import load_settings
 from worker.vault.store import VaultStore
 
@@ -168,7 +169,7 @@ def test_external_producer_envelope_via_raw_redis(live, redis_client, redis_name
 def _stream_consumer(redis_url, namespace, engine, name="live", claim_idle_ms=30_000):  # type: ignore[no-untyped-def]
     import redis
 
-    from worker.pipeline.stream import RequestStreamConsumer, StreamSettings
+    from worker.runtime.stream import RequestStreamConsumer, StreamSettings
 
     client = redis.Redis.from_url(redis_url)
     return RequestStreamConsumer(client, namespace=namespace, engine=engine, name=name,
@@ -199,7 +200,7 @@ def test_request_published_with_redis_cli_as_documented_completes(live, redis_ur
     import subprocess
     import uuid
 
-    from worker.pipeline.stream import StreamThread
+    from worker.runtime.stream import StreamThread
 
     world, store, broker = live
     command = _documented_xadd()
@@ -228,7 +229,7 @@ def test_request_held_by_a_dead_consumer_is_applied_once(live, redis_url, redis_
     import json
 
     from worker.pipeline.messages import consume
-    from worker.pipeline.stream import GROUP, stream_key
+    from worker.runtime.stream import GROUP, stream_key
 
     world, store, broker = live
     stream = stream_key(redis_namespace)
@@ -255,7 +256,7 @@ def test_request_held_by_a_dead_consumer_is_applied_once(live, redis_url, redis_
 
 
 def test_rejected_stream_entries_are_dead_lettered_and_acknowledged(live, redis_url, redis_client, redis_namespace) -> None:  # type: ignore[no-untyped-def]
-    from worker.pipeline.stream import GROUP, dead_letter_key, stream_key
+    from worker.runtime.stream import GROUP, dead_letter_key, stream_key
 
     world, store, broker = live
     consumer = _stream_consumer(redis_url, redis_namespace, world.engine)

@@ -9,7 +9,8 @@ from dramatiq import Message, get_broker
 from sqlmodel import Session, select
 
 from tests.fakes_pipeline import FakeProvider, World
-from worker.db.models import AuditEvent, RotationRun, RunState
+from worker.db.models import AuditEvent, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError, TransientError
 from worker.pipeline.resolve import ResolveRefused, allowed_actions, resolve_run
@@ -21,7 +22,7 @@ OPERATOR = "user:alice"
 
 @pytest.fixture
 def world(db_url: str) -> World:
-    from worker.pipeline.broker import make_stub_broker, setup_broker
+    from worker.runtime.broker import make_stub_broker, setup_broker
 
     setup_broker(broker=make_stub_broker())
     return World(url=db_url, provider=FakeProvider()).build()
@@ -165,7 +166,7 @@ def test_refusals(world: World) -> None:
 
 
 def test_cutover_never_revokes_the_only_key(db_url: str) -> None:
-    from worker.pipeline.broker import make_stub_broker, setup_broker
+    from worker.runtime.broker import make_stub_broker, setup_broker
 
     setup_broker(broker=make_stub_broker())
     world = World(url=db_url, provider=FakeProvider(mode="cutover")).build()

@@ -14,7 +14,8 @@ import pytest
 from dramatiq import Worker
 
 from worker import log as klog
-from worker.pipeline.broker import STEP_QUEUE, make_redis_broker
+from worker.runtime.broker import make_redis_broker
+from worker.queues import STEP_QUEUE
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ from worker.providers.base import CheckOutcome
 from worker.providers.http import HttpProvider
 from worker.providers.ratelimit import InMemoryRateLimiter
 from worker.providers.registry import build_provider
-from worker.sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
+from keyrotor_sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
 from worker.secret import Secret
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import pytest
 
 from worker.errors import RateLimited
 from worker.providers.ratelimit import RateLimit, RedisRateLimiter
-from worker.sandbox.provider import start_provider_in_thread
+from keyrotor_sandbox.provider import start_provider_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +72,7 @@ def test_provider_429_through_http_blocks_a_second_worker(redis_client, redis_na
     """End to end: worker A's provider gets a 429; worker B's provider makes no request at all."""
     from worker.inventory.schema import HttpProviderSpec
     from worker.providers.registry import build_provider
-    from worker.sandbox.provider import standin_provider_spec
+    from keyrotor_sandbox.provider import standin_provider_spec
     from worker.secret import Secret
 
     handle = start_provider_in_thread()

@@ -20,8 +20,8 @@ from worker.inventory.schema import HttpProviderSpec
 from worker.providers.base import CheckOutcome
 from worker.providers.http import HttpProvider
 from worker.providers.ratelimit import InMemoryRateLimiter
-from worker.sandbox.standin_http import Response, serve_in_thread
-from worker.sandbox.workfront import UNTRUSTED, WorkfrontHandle, start_workfront_in_thread
+from keyrotor_sandbox.standin_http import Response, serve_in_thread
+from keyrotor_sandbox.workfront import UNTRUSTED, WorkfrontHandle, start_workfront_in_thread
 from worker.secret import Secret
 from worker.secret_refs import SecretRef
 

@@ -18,8 +18,8 @@ from worker.inventory.schema import HttpProviderSpec
 from worker.providers.base import CheckOutcome
 from worker.providers.ratelimit import InMemoryRateLimiter
 from worker.providers.registry import build_provider
-from worker.sandbox.consumer import start_consumer_in_thread
-from worker.sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
+from keyrotor_sandbox.consumer import start_consumer_in_thread
+from keyrotor_sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
 from worker.secret import Secret
 from worker.settings import load_settings
 from worker.vault.store import VaultStore

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import text
 
 from worker.db.session import make_engine, read_files_safely, session_scope
-from worker.demo.invariants import read_blobs
+from keyrotor_sandbox.demo.invariants import read_blobs
 
 pytestmark = pytest.mark.integration
 

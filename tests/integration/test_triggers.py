@@ -17,20 +17,21 @@ from typing import Any, Iterator
 import pytest
 from sqlmodel import select
 
-from jobs.deprecation import on_deprecated_response
-from jobs.detection import detect_due
-from jobs.due import refresh_next_due
-from jobs.emergency import request_provider_rotation
-from jobs.reconcile import recover_stuck_runs, revoke_orphans
-from jobs.retirement import retire_due
+from worker.service.deprecation import on_deprecated_response
+from worker.service.detection import detect_due
+from worker.service.due import refresh_next_due
+from worker.service.emergency import request_provider_rotation
+from worker.service.reconcile import recover_stuck_runs, revoke_orphans
+from worker.service.retirement import retire_due
 from tests.scheduler_fakes import ALLOY_SPEC, RecordingPipeline, add_key, add_provider
 from worker.clock import set_clock
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, RotationRun, VersionStage
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.providers.base import CheckOutcome, issued_name
 from worker.providers.ratelimit import InMemoryRateLimiter, RedisRateLimiter
 from worker.providers.registry import build_provider
-from worker.sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
+from keyrotor_sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
 from worker.errors import RateLimited
 from worker.secret import Secret
 from worker.secret_refs import make_resolver
@@ -139,7 +140,7 @@ def test_a_failed_scheduled_run_is_retried_with_backoff_while_the_key_stays_due(
         ended = clock.at + timedelta(minutes=1)
         _fail(engine, runs[-1].id, ended)
     # Capped at 6 hours, however many runs failed.
-    from jobs.detection import retry_backoff
+    from worker.service.detection import retry_backoff
 
     assert retry_backoff(20) == timedelta(hours=6) and retry_backoff(1) == timedelta(minutes=15)
 
@@ -403,7 +404,7 @@ def test_emergency_for_an_unknown_provider_says_what_to_do(sqlite_url, pipeline)
 
 def test_detection_with_the_real_request_rotation(engine) -> None:  # type: ignore[no-untyped-def]
     """Same expiry trigger through worker.pipeline.requests (audit trail included); messages recorded."""
-    from jobs.pipeline_hooks import Pipeline
+    from worker.service.hooks import Pipeline
     from worker.pipeline.requests import request_rotation
 
     sent: list[str] = []
@@ -424,7 +425,7 @@ def test_detection_with_the_real_request_rotation(engine) -> None:  # type: igno
 def test_a_failed_due_run_is_tried_again_through_the_real_request_rotation(engine) -> None:  # type: ignore[no-untyped-def]
     """The retry's idempotency key is new (``…:retry1``), so the real request_rotation creates a
     run instead of returning the failed one; while it is open, no further run."""
-    from jobs.pipeline_hooks import Pipeline
+    from worker.service.hooks import Pipeline
     from worker.pipeline.requests import request_rotation
 
     sent: list[str] = []

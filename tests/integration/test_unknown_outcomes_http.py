@@ -15,16 +15,17 @@ import requests
 from requests.adapters import HTTPAdapter
 from sqlmodel import Session, select
 
-from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RunState
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord
+from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 from worker.pipeline.context import PipelineContext, StepPolicy
-from worker.pipeline.inline import drive
+from worker.runtime.inline import drive
 from worker.pipeline.requests import request_rotation
 from worker.pipeline.steps import execute
 from worker.protocol import Step
 from worker.providers.ratelimit import InMemoryRateLimiter
 from worker.providers.registry import build_provider
-from worker.sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
+from keyrotor_sandbox.provider import ProviderHandle, standin_provider_spec, start_provider_in_thread
 from worker.secret import Secret
 from worker.secret_refs import make_resolver
 from worker.settings import load_settings

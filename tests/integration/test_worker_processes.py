@@ -142,7 +142,7 @@ def worker(tmp_path: Path, redis_url: str, redis_namespace: str) -> Iterator[Wor
 def _send_probe(redis_url: str, namespace: str, n: int) -> None:
     import dramatiq
 
-    from worker.pipeline.broker import make_redis_broker
+    from worker.runtime.broker import make_redis_broker
 
     broker = make_redis_broker(redis_url, namespace)
     try:

@@ -10,7 +10,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from worker.sandbox.workfront import DEFAULT_KEY_TTL_S, UNTRUSTED, WorkfrontHandle, start_workfront_in_thread
+from keyrotor_sandbox.workfront import DEFAULT_KEY_TTL_S, UNTRUSTED, WorkfrontHandle, start_workfront_in_thread
 
 API = "/attask/api/v15.0"
 

@@ -89,7 +89,7 @@ def test_rotate_refuses_a_reason_longer_than_the_column_before_recording(tmp_pat
 
 def test_worker_start_line_names_where_it_reads_and_writes(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     from worker.cli import worker_cmd
-    from worker.pipeline import workers
+    from worker.runtime import workers
 
     monkeypatch.setenv("KEYROTOR_DATABASE_URL", "postgresql://keyrotor:dbpass123@db.internal:5432/keyrotor")
     monkeypatch.setenv("KEYROTOR_REDIS_URL", "redis://:redispass456@redis.internal:6379/0")

@@ -12,7 +12,8 @@ import yaml
 
 from tests.unit.test_cli_read import NOW, db, run_cli  # noqa: F401 - the seeded database fixture
 from worker.cli import output
-from worker.db.models import AuditEvent, ManagedKey, RotationRun, RunState
+from worker.db.models import AuditEvent, ManagedKey, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 from worker.settings import get_settings
 from sqlmodel import select

@@ -10,7 +10,8 @@ import pytest
 from worker.cli.main import main
 from worker.clock import set_clock
 from worker.db.migrate import upgrade
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, RotationRun, VersionStage
+from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 from worker.settings import get_settings
 

@@ -14,7 +14,8 @@ from worker.cli.act_cmds import WaitUntil, wait_for_runs, read_deposit_secret
 from worker.cli.common import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
 from worker.cli.main import main
 from worker.db.migrate import upgrade
-from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 from worker.settings import get_settings
 
@@ -139,7 +140,7 @@ def test_json_helpers_render_enums_and_times() -> None:
 
 def test_rotate_records_the_run_and_enqueues_its_first_step(engine, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Through the real request_rotation/enqueue_run, on a StubBroker instead of Redis."""
-    from worker.pipeline import broker as broker_mod
+    from worker.runtime import broker as broker_mod
 
     with session_scope(engine) as s:  # finish the fixture's open run so the key can rotate again
         run = s.get(RotationRun, "r1")
@@ -181,7 +182,7 @@ def test_emergency_reports_keys_it_could_not_rotate_and_exits_1(engine, capsys, 
     """A run waiting for a person that the emergency cannot take over safely (an issued key, no
     known stop state): never a silent join — a `not rotated` line on stderr and exit 1."""
     from worker.db.models import KeyVersion, VersionStage
-    from worker.pipeline import broker as broker_mod
+    from worker.runtime import broker as broker_mod
 
     with session_scope(engine) as s:
         version = KeyVersion(key_id=1, run_id="r1", credential_type="api_key", stage=VersionStage.pending,

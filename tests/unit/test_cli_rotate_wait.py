@@ -16,7 +16,8 @@ from worker.cli import act_cmds
 from worker.cli.act_cmds import STEP_ALLOWANCE_S, WaitUntil, wait_budget, wait_for_runs
 from worker.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TIMEOUT
 from worker.cli.main import main
-from worker.db.models import AuditEvent, RotationRun, RunState
+from worker.db.models import AuditEvent, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.settings import get_settings
 
@@ -29,7 +30,7 @@ def _finish_open_run(engine) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def stub_broker(monkeypatch):  # type: ignore[no-untyped-def]
-    from worker.pipeline import broker as broker_mod
+    from worker.runtime import broker as broker_mod
 
     stub = broker_mod.make_stub_broker()
     original_setup = broker_mod.setup_broker
@@ -45,7 +46,7 @@ def test_wait_with_no_worker_fails_early_and_says_how_to_start_one(engine, redis
     monkeypatch.setenv("KEYROTOR_REDIS_URL", redis_url)
     monkeypatch.setenv("KEYROTOR_QUEUE_NAMESPACE", redis_namespace)
     get_settings.cache_clear()
-    from worker.pipeline import broker as broker_mod
+    from worker.runtime import broker as broker_mod
 
     try:
         code = main(["rotate", "alloy/a", "--wait"])
@@ -64,7 +65,7 @@ def test_wait_goes_on_when_a_worker_heartbeat_is_fresh(engine, redis_url, redis_
     monkeypatch.setenv("KEYROTOR_QUEUE_NAMESPACE", redis_namespace)
     get_settings.cache_clear()
     redis_client.zadd(f"{redis_namespace}:__heartbeats__", {"some-worker": int(time.time() * 1000)})
-    from worker.pipeline import broker as broker_mod
+    from worker.runtime import broker as broker_mod
 
     try:
         code = main(["rotate", "alloy/a", "--wait", "--timeout", "1"])

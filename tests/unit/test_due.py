@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlmodel import Session, SQLModel
 
-from jobs.due import compute_next_due, credential_type_from_spec, refresh_next_due
+from worker.service.due import compute_next_due, credential_type_from_spec, refresh_next_due
 from worker.clock import as_utc
 from worker.db.models import ManagedKey, ProviderRecord
 from worker.db.session import make_engine

@@ -14,7 +14,8 @@ import pytest
 
 from worker.errors import ConfigError, PermanentError
 from worker.inventory.schema import HttpProviderSpec
-from worker.providers.base import CheckOutcome, RotationMode
+from worker.protocol.states import Mode
+from worker.providers.base import CheckOutcome
 from worker.providers.http import HttpProvider, _mtls_context
 from worker.providers.jsonpath import JsonPathError, compile_path, extract
 from worker.providers.ratelimit import InMemoryRateLimiter, RateLimit
@@ -96,7 +97,7 @@ def test_revoke_needs_a_key_id_when_the_url_uses_one() -> None:
 def test_missing_calls_and_capabilities() -> None:
     s = spec(mode="assisted", calls={"verify": {"url": "{base_url}/me", "auth": {"type": "bearer", "token": "{secret}"}}})
     p, seen = provider(lambda r: httpx.Response(200), s)
-    assert p.mode is RotationMode.assisted and not (p.can_issue or p.can_revoke or p.can_list)
+    assert p.mode is Mode.assisted and not (p.can_issue or p.can_revoke or p.can_list)
     with pytest.raises(PermanentError, match="issue"):
         p.issue(name="keyrotor-x", credential_type="api_key", labels={})
     with pytest.raises(PermanentError, match="list"):

@@ -16,9 +16,9 @@ from worker.inventory.schema import (
     CredentialTypeSpec,
     Inventory,
     parse_duration,
-    key_slug,
     template_placeholders,
 )
+from worker.text import key_slug
 from worker.secret_refs import SecretRef
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "keyrotor.example.yaml"

@@ -8,7 +8,8 @@ import pytest
 from sqlmodel import Session, select
 
 from tests.fakes_pipeline import FakeProvider, World
-from worker.db.models import AuditEvent, RotationRun, RunState
+from worker.db.models import AuditEvent, RotationRun
+from worker.protocol.states import RunState
 from worker.pipeline.messages import MalformedMessage, consume, parse_request
 
 VALID = {"version": 1, "key": "acme/reporting", "reason": "manual", "requested_by": "ci:deploy",
@@ -17,7 +18,7 @@ VALID = {"version": 1, "key": "acme/reporting", "reason": "manual", "requested_b
 
 @pytest.fixture
 def world(sqlite_url: str) -> World:
-    from worker.pipeline.broker import make_stub_broker, setup_broker
+    from worker.runtime.broker import make_stub_broker, setup_broker
 
     setup_broker(broker=make_stub_broker())
     return World(url=sqlite_url, provider=FakeProvider()).build()
@@ -94,7 +95,7 @@ def test_redelivered_emergency_message_joins_the_same_runs(world: World) -> None
 
     from worker.db.session import session_scope
     from worker.pipeline.runs import load_run, transition
-    from worker.db.models import RunState
+    from worker.protocol.states import RunState
 
     _add_key(world, "acme/billing")
     broker = get_broker()

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from tests.fakes_pipeline import FakeProvider, World
 from worker import metrics
-from worker.db.models import RunState
+from worker.protocol.states import RunState
 from worker.inventory.schema import HttpProviderSpec
 from worker.providers.ratelimit import InMemoryRateLimiter
 from worker.providers.registry import build_provider
@@ -108,7 +108,7 @@ def test_a_scheduler_that_loses_the_lock_drops_its_leader_only_gauges(sqlite_url
 
 def test_healthz_lists_what_stops_the_worker() -> None:
     from worker.cli.common import redis_reachable
-    from worker.pipeline.workers import worker_problems
+    from worker.runtime.workers import worker_problems
 
     assert metrics.health() == (200, b"ok")
     # Two processes expected, none started by this one; the broker URL points at a closed port.
@@ -124,7 +124,7 @@ def test_healthz_lists_what_stops_the_worker() -> None:
 
 def test_healthz_is_ok_with_the_broker_answering(redis_url: str) -> None:
     from worker.cli.common import redis_reachable
-    from worker.pipeline.workers import worker_problems
+    from worker.runtime.workers import worker_problems
 
     assert worker_problems(1, lambda: redis_reachable(redis_url)) == []
 

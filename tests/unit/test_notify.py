@@ -117,11 +117,12 @@ def test_sinks_from_inventory_specs_resolve_references() -> None:
     assert sinks[1].signing_secret == Secret("s3cr3t-signing")
 
 
-def test_module_notify_uses_configured_notifier_and_swallows_errors() -> None:
+def test_notify_function_uses_configured_notifier_and_swallows_errors() -> None:
     rec = Recorder()
     notify_mod.configure(notifier([Sink("webhook", Secret("https://a.example/h"))], rec))
+    bound = notify_mod.notify_function(None)  # a configured notifier takes precedence: no database read
     try:
-        notify_mod.notify("started", key_name="k", run_id="r", detail={"reason": "expiry"})
+        bound("started", key_name="k", run_id="r", detail={"reason": "expiry"})
         assert len(rec.requests) == 1
 
         class Broken(Notifier):
@@ -129,7 +130,7 @@ def test_module_notify_uses_configured_notifier_and_swallows_errors() -> None:
                 raise RuntimeError("bug")
 
         notify_mod.configure(Broken([]))
-        notify_mod.notify("started", key_name="k", run_id="r")  # must not raise
+        bound("started", key_name="k", run_id="r")  # must not raise
     finally:
         notify_mod.configure(None)
 

@@ -13,7 +13,8 @@ import pytest
 from worker.inventory.loader import InventoryError, load_inventory
 from worker.log import redact
 from worker.notify import Notifier, Sink, build_payload
-from worker.owner_notices import deposit_detail, notice_text, owner_sink, smtp_sender
+from worker.notice_text import deposit_detail, notice_text
+from worker.owner_notices import owner_sink, smtp_sender
 from worker.secret import Secret
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "keyrotor.example.yaml"
@@ -144,7 +145,7 @@ def test_an_unreachable_smtp_server_is_transient() -> None:
 
 
 def test_slack_notices_use_the_web_api_with_the_bot_token() -> None:
-    from worker.sandbox.standin_http import Response, serve_in_thread
+    from keyrotor_sandbox.standin_http import Response, serve_in_thread
 
     seen: list[Any] = []
 

@@ -8,13 +8,15 @@ import pytest
 from sqlmodel import Session
 
 from tests.fakes_pipeline import FakeProvider, World
-from worker.db.models import RotationRun, RunState
+from worker.db.models import RotationRun
+from worker.protocol.states import RunState
 from worker.errors import TransientError
-from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE, make_stub_broker, setup_broker
+from worker.runtime.broker import make_stub_broker, setup_broker
+from worker.queues import REQUEST_QUEUE, STEP_QUEUE
 from worker.pipeline.context import StepPolicy, configure
-from worker.pipeline.messages import send_request
-from worker.pipeline.requests import enqueue_run
-from worker.pipeline.workers import start_worker
+from worker.queues import send_request
+from worker.pipeline.outbox import enqueue_run
+from worker.runtime.workers import start_worker
 
 
 @pytest.fixture

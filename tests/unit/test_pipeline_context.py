@@ -12,7 +12,7 @@ from worker.db.models import IntegrationRecord, ManagedKey, ProviderRecord
 from worker.db.session import make_engine, session_scope
 from worker.errors import PermanentError
 from worker.pipeline.context import _registry_integration_factory, _registry_provider_factory
-from worker.sandbox.provider import standin_provider_spec
+from keyrotor_sandbox.provider import standin_provider_spec
 from worker.settings import load_settings
 
 

@@ -1,6 +1,6 @@
 """Deprecated credentials in the pipeline (Asana's 434): the new credential deprecated → the run
 fails at once with the replacement named; the key's current credential deprecated → a rotation
-to the replacement type is requested (jobs.deprecation.on_deprecated_response)."""
+to the replacement type is requested (worker.service.deprecation.on_deprecated_response)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from sqlmodel import Session, select
 
 from tests.fakes_pipeline import FakeProvider, World
-from worker.db.models import AuditEvent, ProviderRecord, RotationRun, RunState
+from worker.db.models import AuditEvent, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.pipeline import steps
 from worker.protocol import Step
@@ -21,7 +22,7 @@ SPEC = {"activation": {"poll_interval": "2s", "timeout": "60s"},
 
 @pytest.fixture
 def world(sqlite_url: str) -> World:
-    from worker.pipeline.broker import make_stub_broker, setup_broker
+    from worker.runtime.broker import make_stub_broker, setup_broker
 
     setup_broker(broker=make_stub_broker())
     w = World(url=sqlite_url, provider=FakeProvider()).build()
@@ -161,12 +162,12 @@ def test_old_credential_check_deprecated_after_revoke_reports_it(world: World) -
 
 
 def test_deprecation_report_never_breaks_the_step(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    import jobs.deprecation
+    import worker.service.deprecation
 
     def broken(*_a: Any, **_k: Any) -> None:
         raise RuntimeError("database hiccup")
 
-    monkeypatch.setattr(jobs.deprecation, "on_deprecated_response", broken)
+    monkeypatch.setattr(worker.service.deprecation, "on_deprecated_response", broken)
     world.provider.deprecated_keys.add(world.old.key_id)
     world.provider.revoke_refused_deprecated.add(world.old.key_id)
     run_id = world.request()

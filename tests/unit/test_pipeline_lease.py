@@ -14,7 +14,8 @@ from sqlmodel import Session
 
 from tests.fakes_pipeline import FakeProvider, World
 from worker.clock import as_utc
-from worker.db.models import RotationRun, RunState
+from worker.db.models import RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.pipeline import steps
 from worker.pipeline.context import StepPolicy
@@ -133,8 +134,8 @@ def test_a_new_run_has_a_step_deadline_so_a_lost_first_message_is_recovered(worl
     run_id = world.request()
     run = _run(world, run_id)
     assert as_utc(run.step_deadline_at) == world.clock.now + timedelta(seconds=2 * StepPolicy().time_limit_ms / 1000)
-    from jobs.reconcile import recover_stuck_runs
-    from jobs.pipeline_hooks import Pipeline
+    from worker.service.reconcile import recover_stuck_runs
+    from worker.service.hooks import Pipeline
 
     sent: list[str] = []
     pipeline = Pipeline(request_rotation=lambda *a, **k: None, enqueue_run=lambda r: sent.append(r.id))  # type: ignore[arg-type,return-value]

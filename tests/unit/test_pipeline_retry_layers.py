@@ -10,7 +10,8 @@ import hvac
 import pytest
 
 from tests.fakes_pipeline import FakeProvider, World
-from worker.db.models import RotationRun, RunState
+from worker.db.models import RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.pipeline import steps
 from worker.pipeline.runs import load_run

@@ -9,7 +9,8 @@ from sqlmodel import Session, select
 
 from tests.fakes_pipeline import FakeProvider, World, all_rows_text, states_in_audit
 from worker.clock import as_utc
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, RunState, SinkDelivery, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, SinkDelivery, VersionStage
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError, RateLimited, StateConflict, TransientError
 from worker.pipeline import steps

@@ -7,10 +7,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from jobs.plan import build_plan
+from worker.service.plan import build_plan
 from tests.scheduler_fakes import ALLOY_SPEC, ASANA_SPEC, add_key, add_provider
 from worker.clock import set_clock
-from worker.db.models import RotationRun, RunState
+from worker.db.models import RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import make_engine, session_scope
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from worker.db.models import TERMINAL_STATES
+from worker.protocol.states import TERMINAL_STATES
 from worker.protocol import (
     FailureKind,
     InvalidTransition,

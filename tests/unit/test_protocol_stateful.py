@@ -25,12 +25,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlmodel import Session, select
 
 import tests.hypothesis_profiles  # noqa: F401  (loads the settings profile)
-from jobs.reconcile import recover_stuck_runs, revoke_orphans
+from worker.service.reconcile import recover_stuck_runs, revoke_orphans
 from tests.fakes_pipeline import FakeIntegration, FakeProvider, FakeVault, World
 from tests.scheduler_fakes import RecordingPipeline
 from worker.clock import set_clock
 from worker.db.migrate import upgrade
-from worker.db.models import TERMINAL_STATES, AuditEvent, KeyVersion, RotationRun
+from worker.db.models import AuditEvent, KeyVersion, RotationRun
+from worker.protocol.states import TERMINAL_STATES
 from worker.errors import TransientError
 from worker.pipeline.context import StepPolicy
 from worker.pipeline.steps import execute

@@ -13,7 +13,7 @@ from worker.inventory.loader import InventoryError, load_inventory
 from worker.inventory.schema import HttpProviderSpec
 from worker.providers.limits import ProviderLimits
 from worker.providers.ratelimit import InMemoryRateLimiter
-from worker.sandbox.asana import asana_provider_spec
+from keyrotor_sandbox.asana import asana_provider_spec
 
 
 def spec(**changes: object) -> HttpProviderSpec:

@@ -117,7 +117,7 @@ def test_a_plain_url_keeps_redis_py_s_reading_and_gets_the_timeouts() -> None:
 
 def test_the_broker_is_built_on_that_client() -> None:
     # Dramatiq's url= builds its own pool and drops socket options; the client keeps them.
-    from worker.pipeline.broker import make_redis_broker
+    from worker.runtime.broker import make_redis_broker
 
     broker = make_redis_broker("redis+sentinel://s1/mymaster/1", "ns")
     assert broker.client.connection_pool.service_name == "mymaster"

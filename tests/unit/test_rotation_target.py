@@ -81,7 +81,7 @@ def test_every_trigger_of_a_deprecated_key_targets_the_replacement(engine, trigg
 
 
 def test_rotate_to_names_the_type_and_refuses_unknown_ones(engine, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from worker.pipeline import broker as broker_mod
+    from worker.runtime import broker as broker_mod
 
     stub = broker_mod.make_stub_broker()
     original_setup = broker_mod.setup_broker
@@ -112,8 +112,8 @@ def test_rotate_to_names_the_type_and_refuses_unknown_ones(engine, capsys, monke
 
 
 def test_an_owners_reminder_names_the_type_the_run_will_ask_for(engine) -> None:  # type: ignore[no-untyped-def]
-    from jobs.due import refresh_next_due
-    from jobs.reminders import send_reminders
+    from worker.service.due import refresh_next_due
+    from worker.service.reminders import send_reminders
 
     with session_scope(engine) as s:
         for key in s.exec(__import__("sqlmodel").select(ManagedKey)).all():

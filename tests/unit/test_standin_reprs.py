@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from worker.sandbox.consumer import ConsumerConfig
-from worker.sandbox.provider import ProviderState, SandboxKey
+from keyrotor_sandbox.consumer import ConsumerConfig
+from keyrotor_sandbox.provider import ProviderState, SandboxKey
 
 SECRET = "s3cr3t-value-that-must-not-print"
 
@@ -20,7 +20,7 @@ def test_no_secret_in_standin_reprs() -> None:
 
 
 def test_no_secret_in_the_authorization_server_stand_in_s_reprs() -> None:
-    from worker.sandbox.oauth_server import AuthServerState, Client, ClientSecret
+    from keyrotor_sandbox.oauth_server import AuthServerState, Client, ClientSecret
 
     secret = ClientSecret(id="cs_1", value=SECRET, name="keyrotor-r1")
     client = Client(client_id="c", allowed_scopes={"read"}, secrets={"cs_1": secret})
@@ -31,7 +31,7 @@ def test_no_secret_in_the_authorization_server_stand_in_s_reprs() -> None:
 
 
 def test_no_secret_in_the_asana_standins_reprs() -> None:
-    from worker.sandbox.asana import AsanaState
+    from keyrotor_sandbox.asana import AsanaState
 
     state = AsanaState(control_token=SECRET)
     pat = state.create_pat("alice", "ci")

@@ -9,11 +9,12 @@ from datetime import timedelta
 import pytest
 from sqlmodel import Session, select
 
-from jobs.reconcile import recover_stuck_runs
+from worker.service.reconcile import recover_stuck_runs
 from tests.fakes_pipeline import FakeProvider, World
 from tests.scheduler_fakes import RecordingPipeline
 from worker.clock import utcnow
-from worker.db.models import AuditEvent, RotationRun, RunState
+from worker.db.models import AuditEvent, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError
 from worker.pipeline.steps import execute

@@ -17,8 +17,8 @@ from worker.integrations.signing import (
     WebhookVerifier,
     sign,
 )
-from worker.sandbox.consumer import Consumer, ConsumerConfig
-from worker.sandbox.standin_http import Request
+from keyrotor_sandbox.consumer import Consumer, ConsumerConfig
+from keyrotor_sandbox.standin_http import Request
 
 SECRET = "whsec_test_0123456789abcdef"
 BODY = b'{"event":"rotated","fingerprint":"sha256:ab","vault":{"mount":"secret","path":"apps/x"}}'

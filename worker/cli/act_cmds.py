@@ -30,13 +30,17 @@ from worker.cli.common import (
 )
 from worker.cli.follow import STOP_STATES, AuditFollower, run_states, state_of
 from worker.cli.output import OutputFormat, duration, emit, json_option, output_option, pick_format, relative
-from worker.db.models import ManagedKey, RotationRun, RunState
+from worker.db.models import ManagedKey, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict
 from worker.pipeline.targets import UnknownTargetType
 from worker.secret import Secret
 from worker.text import count
 from worker.urls import display_url
+
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
 
 #: Column limits, checked before anything is recorded (PostgreSQL would refuse a longer value).
 REASON_MAX = RotationRun.__table__.c.reason.type.length
@@ -100,10 +104,11 @@ def rotate(
         return
     engine = open_database(settings)
     _require_redis(settings.redis_url)
-    from worker.pipeline.broker import setup_broker
+    from worker.runtime.broker import setup_broker
 
     broker = setup_broker(settings)
-    from worker.pipeline.requests import enqueue_run, request_rotation
+    from worker.pipeline.outbox import enqueue_run
+    from worker.pipeline.requests import request_rotation
 
     requested_by = operator()
     with session_scope(engine) as session:
@@ -123,7 +128,7 @@ def rotate(
                 fail(f"--to {to}: {exc}")
             runs = [(run, created)]
         else:
-            from jobs.emergency import request_provider_rotation
+            from worker.service.emergency import request_provider_rotation
 
             provider_runs = request_provider_rotation(session, provider=provider or "", requested_by=requested_by,
                                                       reason=reason if reason != "manual" else "breach")
@@ -437,7 +442,7 @@ def deposit(
         run_id, key_name = run.id, _key_names(session, [run.key_id]).get(run.key_id, "?")
     secret = read_deposit_secret(f"New credential for {key_name} (input hidden): ")
     _require_redis(settings.redis_url)
-    from worker.pipeline.broker import setup_broker
+    from worker.runtime.broker import setup_broker
 
     setup_broker(settings)
     from worker.pipeline.deposit import DepositRejected
@@ -517,7 +522,7 @@ def resolve(
                 typer.echo(f"{name:<11} → {target}")
         raise typer.Exit(EXIT_OK if options else EXIT_FAILED)
     _require_redis(settings.redis_url)
-    from worker.pipeline.broker import setup_broker
+    from worker.runtime.broker import setup_broker
 
     setup_broker(settings)
     try:

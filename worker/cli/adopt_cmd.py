@@ -11,6 +11,9 @@ import typer
 from worker.cli.common import EXIT_FAILED, EXIT_OK, cli_settings, fail, open_database, operator
 from worker.cli.output import print_json
 
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
+
 
 def adopt(
     key: str = typer.Argument(..., help="Managed key to adopt, as in the inventory."),

@@ -30,6 +30,9 @@ from worker.log import configure_logging
 from worker.settings import Settings, get_settings
 from worker.urls import display_url
 
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -17,6 +17,9 @@ import typer
 from worker.inventory.loader import InventoryError, Problem, check_file, locate_in_file, problems_json
 from worker.inventory.schema import Inventory
 
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
+
 app = typer.Typer(no_args_is_help=True)
 
 EXIT_INVALID = 2

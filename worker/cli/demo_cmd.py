@@ -15,7 +15,9 @@ def demo(
     `make demo` installs; or the Vault VAULT_ADDR names), the provider and consumer stand-ins on free ports, and an in-process broker (Redis when
     KEYROTOR_REDIS_URL is set and answers). Exits 0 only if every invariant held.
     """
-    from worker.demo.scenario import run_demo
+    # Imported here, not at the top: keyrotor_sandbox is installed by `make install` but not
+    # shipped in the image, where every other command must still work.
+    from keyrotor_sandbox.demo.scenario import run_demo
 
     raise typer.Exit(run_demo(keep=keep, json_out=json_out))
 

@@ -16,11 +16,12 @@ from sqlmodel import col, select
 
 from worker.cli.output import short_fp
 from worker.clock import as_utc
-from worker.db.models import TERMINAL_STATES, AuditEvent, ManagedKey, RotationRun, RunState
+from worker.db.models import AuditEvent, ManagedKey, RotationRun
+from worker.protocol.states import OUTCOME_STATES
 from worker.db.session import session_scope
 
 #: States after which nothing happens without a person (terminal, or parked for an operator).
-STOP_STATES = frozenset({s.value for s in TERMINAL_STATES} | {RunState.needs_attention.value})
+STOP_STATES = frozenset(s.value for s in OUTCOME_STATES)  # over, or a person has to look
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ table is EXIT_CODES below, shown by ``keyrotor --help`` and in README.md).
 from __future__ import annotations
 
 import sys
+from importlib.metadata import entry_points
 
 import typer
 from sqlalchemy.exc import OperationalError
@@ -15,6 +16,9 @@ from sqlalchemy.exc import OperationalError
 from worker import __version__
 from worker.errors import ConfigError, KeyrotorError
 from worker.settings import get_settings
+
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
 
 #: The exit codes of every command (README.md carries the same table).
 EXIT_CODES = (
@@ -62,8 +66,7 @@ def _root(
 
 def _register() -> None:
     # Imported here so `keyrotor --help` stays fast and one broken group cannot hide the others.
-    from jobs import cli as jobs_cli
-    from worker.cli import config_cmd, db_cmd, demo_cmd, run_cmds, sandbox_cmd
+    from worker.cli import config_cmd, db_cmd, demo_cmd, plan_cmd, run_cmds, sandbox_cmd
 
     app.add_typer(config_cmd.app, name="config", help="Check and apply the inventory (providers, keys, integrations).")
     app.add_typer(db_cmd.app, name="db", help="Database schema migrations.")
@@ -73,7 +76,11 @@ def _register() -> None:
     from worker.cli import ping_cmd
 
     ping_cmd.register(app)
-    jobs_cli.register(app)
+    plan_cmd.register(app)
+    # Command groups of packages above worker/ (the scheduler process in jobs/) register through
+    # the `keyrotor.commands` entry point (pyproject.toml): worker/ never imports them.
+    for entry in entry_points(group="keyrotor.commands"):
+        entry.load()(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,9 @@ import typer
 from worker.cli.common import EXIT_FAILED, cli_settings
 from worker.cli.output import print_json
 
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
+
 
 def ping(
     timeout: float = typer.Option(5.0, "--timeout", min=0.1, help="Seconds to wait for each of the database and Redis."),

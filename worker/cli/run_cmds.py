@@ -30,6 +30,9 @@ from worker.cli.output import (
 from worker.clock import utcnow
 from worker.db.session import session_scope
 
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
+
 
 def status(
     provider: Optional[str] = typer.Option(None, "--provider", help="Only this provider's keys."),

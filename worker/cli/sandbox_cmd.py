@@ -1,6 +1,9 @@
 """``keyrotor sandbox ...``: local provider and consumer stand-ins for the demo and the tests (Vault
-is a real OpenBao server: ``worker.sandbox.openbao``). Each command runs in the foreground until
-SIGTERM/SIGINT and prints exactly one line on stdout once it is ready."""
+is a real OpenBao server: ``keyrotor_sandbox.openbao``). Each command runs in the foreground until
+SIGTERM/SIGINT and prints exactly one line on stdout once it is ready.
+
+The stand-ins live in ``keyrotor_sandbox``, which ``make install`` installs and the image does not
+ship: they are imported inside the commands so every other command works without them."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import typer
 
 from worker.cli.common import port_in_use_fails
 from worker.errors import ConfigError
+from worker.inventory.schema import parse_duration
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -15,8 +19,6 @@ app = typer.Typer(no_args_is_help=True)
 # --------------------------------------------------------------------------- provider
 def parse_rate_limit(spec: str) -> tuple[int, float]:
     """``REQUESTS/PER`` (``120/60s``, ``10/1``) → (requests, seconds)."""
-    from worker.inventory.schema import parse_duration
-
     requests, _, per = spec.partition("/")
     try:
         count = int(requests)
@@ -29,7 +31,7 @@ def parse_rate_limit(spec: str) -> tuple[int, float]:
 
 
 def parse_deprecation(spec: str) -> tuple[str, str]:
-    from worker.sandbox.provider import PHASES
+    from keyrotor_sandbox.provider import PHASES  # not shipped in the image: see the module docstring
 
     credential_type, _, phase = spec.partition("=")
     if not credential_type or phase not in PHASES:
@@ -50,7 +52,7 @@ def provider(
     deprecate: list[str] = typer.Option([], help="TYPE=PHASE (no_new_credentials|amnesty|rejected); repeatable."),
 ) -> None:
     """An Alloy-like provider API stand-in (POST/GET /api/api-key, GET /api/user/me, DELETE /api/api-key/ID)."""
-    from worker.sandbox.provider import run_provider_forever
+    from keyrotor_sandbox.provider import run_provider_forever  # not shipped in the image: see the module docstring
 
     limit = parse_rate_limit(rate_limit) if rate_limit else None
     deprecations = dict(parse_deprecation(spec) for spec in deprecate)
@@ -78,7 +80,7 @@ def asana(
     tokens made and revoked only through its UI routes, limits by plan, search, concurrency."""
     from datetime import datetime, timezone
 
-    from worker.sandbox.asana import PLAN_LIMITS, run_asana_forever
+    from keyrotor_sandbox.asana import PLAN_LIMITS, run_asana_forever  # not shipped in the image: see the module docstring
 
     if plan not in PLAN_LIMITS:
         raise ConfigError(f"--plan {plan!r}: expected one of {', '.join(PLAN_LIMITS)}")
@@ -111,7 +113,7 @@ def consumer(
     probe_interval_ms: int = typer.Option(0, min=0, help="Call the provider with the current key every N ms (0: off)."),
 ) -> None:
     """An application stand-in: reads its key from Vault, reloads on keyrotor's signed webhook, serves /health and /stats."""
-    from worker.sandbox.consumer import ConsumerConfig, run_consumer_forever
+    from keyrotor_sandbox.consumer import ConsumerConfig, run_consumer_forever  # not shipped in the image: see the module docstring
 
     config = ConsumerConfig(vault_addr=vault_addr.rstrip("/"), vault_token=vault_token, mount=mount, path=path,
                             field=field, provider_url=provider_url, signing_secret=signing_secret,

@@ -16,16 +16,18 @@ from worker.clock import as_utc
 from worker.providers.guarantees import orphan_guard
 from worker.inventory.credential_facts import carries_admin_rights
 from worker.db.models import (
-    TERMINAL_STATES,
     AuditEvent,
     KeyVersion,
     ManagedKey,
     ProviderRecord,
     RotationRun,
-    RunState,
     SinkDelivery,
     VersionStage,
 )
+from worker.protocol.states import TERMINAL_STATES, RunState
+
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
 
 
 def _state(value: Any) -> str:

@@ -8,6 +8,9 @@ from worker.urls import display_url
 
 from worker.cli.common import cli_settings, masked_database_url, open_database, redis_reachable, require_redis, serve_metrics
 
+# Commands import the service modules they use inside the command function, not here:
+# `keyrotor --help` and each command start without importing the whole service (start-up cost).
+
 
 def worker(
     processes: int = typer.Option(1, "--processes", "-p", min=1, max=64, help="Worker processes."),
@@ -27,7 +30,7 @@ def worker(
     engine = open_database(settings)
     require_redis(settings.redis_url)
     from worker.doctor import log_unresolvable_references
-    from worker.pipeline.workers import run_worker, worker_problems
+    from worker.runtime.workers import run_worker, worker_problems
 
     log_unresolvable_references(engine, settings)  # one warning per broken reference, no values
     metrics_port = 0
@@ -37,7 +40,7 @@ def worker(
         set_health_check(lambda: worker_problems(processes, lambda: redis_reachable(settings.redis_url, timeout=1.0)))
         metrics_port = serve_metrics(settings, "worker")
     from worker.log import get_logger
-    from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE
+    from worker.queues import REQUEST_QUEUE, STEP_QUEUE
 
     # Where this worker reads and writes, so a misdirected one is obvious from its first line.
     get_logger("keyrotor.worker").info(

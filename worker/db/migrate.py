@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from worker.errors import ConfigError
 from worker.log import get_logger
+from worker.db.session import make_engine
 
 log = get_logger(__name__)
 
@@ -74,8 +75,6 @@ def _migration_connection(url: str) -> Iterator[Connection]:
     part-way (``autocommit_block``). If this process dies, PostgreSQL drops the lock with the
     connection.
     """
-    from worker.db.session import make_engine
-
     engine = make_engine(url, poolclass=pool.NullPool)
     try:
         with engine.connect() as conn:
@@ -109,14 +108,6 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def downgrade(url: str, revision: str) -> None:
     _run(url, "downgrade", revision)
-
-
-def upgrade_engine(engine: Engine) -> None:
-    """Upgrade using an existing engine (shares an in-memory SQLite connection in tests)."""
-    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
 
 
 def schema_status(engine: Engine) -> SchemaStatus:

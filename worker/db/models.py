@@ -20,6 +20,8 @@ from typing import Any, Optional
 from sqlalchemy import JSON, Column, DateTime, Index, String, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
+from worker.protocol.states import RunState  # the state column's values: the protocol owns them
+
 
 def _ts(nullable: bool = True, index: bool = False) -> Any:
     return Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=nullable, index=index))
@@ -31,28 +33,6 @@ class VersionStage(str, enum.Enum):
     previous = "previous"    # superseded, still valid during the grace period
     retired = "retired"      # revoked at the provider (or invalidated by a cutover)
     failed = "failed"        # issued by a run that failed; revoked by compensation
-
-
-class RunState(str, enum.Enum):
-    requested = "requested"
-    awaiting_deposit = "awaiting_deposit"  # assisted mode: waits for the owner's deposit (Vault, or `keyrotor deposit`)
-    issued = "issued"
-    prechecked = "prechecked"
-    promoted = "promoted"
-    propagated = "propagated"
-    verified = "verified"                  # in grace until grace_until
-    retired = "retired"
-    completed = "completed"
-    compensating = "compensating"          # failure before promotion: revoke the new key
-    failed = "failed"
-    rolling_back = "rolling_back"          # failure after promotion: restore the old key
-    rolled_back = "rolled_back"
-    needs_attention = "needs_attention"    # retries exhausted; old key untouched, alert raised
-    cancelled = "cancelled"
-
-
-#: States in which a run is over (``finished_at`` is set and the key may rotate again).
-TERMINAL_STATES = frozenset({RunState.completed, RunState.failed, RunState.rolled_back, RunState.cancelled})
 
 
 class ProviderRecord(SQLModel, table=True):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
+from worker.settings import get_settings
 
 
 def make_engine(url: str, **kwargs: object) -> Engine:
@@ -46,8 +47,6 @@ def postgres_engine_options(pooled: bool = True, settings: Any = None) -> dict[s
     (``KEYROTOR_DB_*``). ``pooled=False`` for a caller that brings its own pool class (NullPool
     takes no size arguments). See docs/scaling.md for the connection arithmetic."""
     if settings is None:
-        from worker.settings import get_settings
-
         settings = get_settings()
     connect_args: dict[str, Any] = {"application_name": settings.db_application_name}
     if not settings.db_prepared_statements:
@@ -65,6 +64,33 @@ def postgres_engine_options(pooled: bool = True, settings: Any = None) -> dict[s
 def engine_for(url: str) -> Engine:
     """One engine (and pool) per URL per process."""
     return make_engine(url)
+
+
+_AFTER_COMMIT = "keyrotor_after_commit"
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Call ``callback`` once ``session``'s transaction commits; forgotten if it rolls back.
+
+    What must happen only for a committed change (sending a message, counting an outcome) goes
+    through here. Callbacks run in the order given; each must handle its own errors.
+    """
+    pending: list[Callable[[], None]] | None = session.info.get(_AFTER_COMMIT)
+    if pending is None:
+        pending = session.info[_AFTER_COMMIT] = []
+
+        def _committed(sess: Any) -> None:
+            todo = list(sess.info.get(_AFTER_COMMIT) or [])
+            sess.info[_AFTER_COMMIT] = []
+            for call in todo:
+                call()
+
+        def _rolled_back(sess: Any, _transaction: Any) -> None:
+            sess.info[_AFTER_COMMIT] = []
+
+        event.listen(session, "after_commit", _committed)
+        event.listen(session, "after_soft_rollback", _rolled_back)
+    pending.append(callback)
 
 
 @contextmanager

@@ -19,6 +19,9 @@ from worker.inventory.schema import (
 )
 from worker.inventory.stored import spec_of
 from worker.secret_refs import SecretResolver
+from worker.integrations.kube_api import KubeApi
+from worker.integrations.kubernetes_secret import KubernetesSecretIntegration
+from worker.settings import get_settings
 
 if TYPE_CHECKING:
     from worker.integrations.kube_api import KubeApi
@@ -59,10 +62,6 @@ def build_integration(
             raise ConfigError(f"integration {integration_name!r} (vault_copy) needs Vault, but none is configured")
         return VaultCopyIntegration(integration_name, spec, vault=vault)
     if isinstance(spec, KubernetesSecretIntegrationSpec):
-        from worker.integrations.kube_api import KubeApi
-        from worker.integrations.kubernetes_secret import KubernetesSecretIntegration
-        from worker.settings import get_settings
-
         settings = settings or get_settings()
         return KubernetesSecretIntegration(
             integration_name, spec, api=kubernetes or KubeApi.from_settings(settings), batch=batch,

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from worker.errors import ConfigError, PermanentError
 from worker.integrations.base import Announcement, VerifyResult, VerifyStatus
-from worker.inventory.schema import VaultCopyIntegrationSpec, key_slug
+from worker.inventory.schema import VaultCopyIntegrationSpec
+from worker.text import key_slug
 from worker.log import get_logger
 from worker.providers.templating import render
 

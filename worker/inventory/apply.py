@@ -3,7 +3,7 @@
 - Providers and integrations are upserted with their validated spec as JSON (references only:
   the schema refuses literal secrets, so the JSON never holds one).
 - Keys are upserted with their resolved policy in the columns, then their ``next_due_at`` is
-  recomputed (``jobs.due``).
+  recomputed (``worker.service.due``).
 - A key's ``expires_at`` and ``credential_type`` are also changed by rotations (a new credential
   has a new expiry; a deprecated type is replaced). Re-applying an unchanged file must not undo
   that, so those two are written only for a new key or when the *declaration* changed since the
@@ -26,7 +26,7 @@ from typing import Any, Iterable, Literal
 from sqlalchemy import delete, func
 from sqlmodel import Session, select
 
-from jobs.due import refresh_next_due
+from worker.service.due import refresh_next_due
 from worker.clock import as_utc, utcnow
 from worker.db.models import (
     AuditEvent,

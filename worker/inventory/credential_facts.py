@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any, Optional
+from worker.inventory.schema import parse_duration
 
 
 def _type_spec(record: Any, credential_type: str) -> dict[str, Any]:
@@ -17,8 +18,6 @@ def _type_spec(record: Any, credential_type: str) -> dict[str, Any]:
 
 def declared_lifetime(record: Any, credential_type: str) -> Optional[timedelta]:
     """The ``lifetime`` declared for ``credential_type`` (None if none or unreadable)."""
-    from worker.inventory.schema import parse_duration
-
     raw = _type_spec(record, credential_type).get("lifetime")
     if raw is None:
         return None

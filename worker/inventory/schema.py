@@ -36,7 +36,8 @@ from worker.http_security import insecure_http_problem
 from worker.inventory.error_matchers import ErrorMatcherSpec
 from worker.inventory.expiry_rules import lost_expiry_problems
 from worker.inventory.literals import header_problem, url_problem, value_problem
-from worker.secret_refs import SecretRef
+from worker.secret_refs import SecretRef, iter_refs
+from worker.text import count
 
 __all__ = [
     "SECRET_TEMPLATE",
@@ -206,11 +207,6 @@ TemplateOrRef = Annotated[
 def is_ref_shaped(value: Any) -> bool:
     """A mapping whose only entry is ``vault`` or ``env`` (the convention of ``worker.secret_refs``)."""
     return isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in ("vault", "env")
-
-
-def key_slug(name: str) -> str:
-    """A key name made safe for a path segment or an identifier: ``alloy/billing`` → ``alloy-billing``."""
-    return re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-")
 
 
 # --------------------------------------------------------------------------- secret fields
@@ -778,8 +774,6 @@ class HttpProviderSpec(DeclaresCredentialTypes, _Model):
 
 def _carries_refs(call: HttpCallSpec) -> bool:
     """Whether a request of the call sends a secret reference (a login with a password, say)."""
-    from worker.secret_refs import iter_refs
-
     return any(next(iter_refs([r.headers, r.query, r.form, r.body]), None) is not None
                or any(isinstance(v, SecretRef) for v in (*r.headers.values(), *r.query.values(), *r.form.values()))
                for r in call.requests())
@@ -1100,13 +1094,7 @@ class Inventory(_Model):
     def policy_for(self, key: KeySpec) -> ResolvedPolicy:
         return key.resolved(self.policies.get(key.policy) if key.policy else None)
 
-    def credential_type_for(self, key: KeySpec) -> CredentialTypeSpec | None:
-        provider = self.providers.get(key.provider)
-        return provider.credential_types.get(key.credential_type) if provider else None
-
     def summary(self) -> str:
-        from worker.text import count
-
         return ", ".join((count(len(self.providers), "provider"), count(len(self.keys), "key"),
                           count(len(self.integrations), "integration")))
 

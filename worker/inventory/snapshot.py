@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from worker.log import get_logger
+from worker.inventory.schema import AssistedSpec
 
 log = get_logger(__name__)
 
@@ -33,8 +34,6 @@ def applied_document(engine: Any) -> dict[str, Any]:
 
 def assisted_timings(document: dict[str, Any], key_name: str) -> Any:
     """The key's ``AssistedSpec`` (defaults when the key or the section is absent)."""
-    from worker.inventory.schema import AssistedSpec
-
     raw = ((document.get("keys") or {}).get(key_name) or {}).get("assisted") or {}
     return AssistedSpec.model_validate(raw)
 

@@ -13,17 +13,29 @@ from typing import Any, Callable, Optional, Protocol
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from worker.db.models import ManagedKey
+from worker.integrations.base import Integration
+from worker.providers.base import Provider
+from worker.db.models import IntegrationRecord, ManagedKey, ProviderRecord
+from worker.db.session import engine_for
+from worker.errors import PermanentError
+from worker.integrations.registry import build_integration
+from worker.notify import notify_function
+from worker.pipeline.restart_batch import DatabaseBatchView
+from worker.providers.ratelimit import shared_limiter
+from worker.providers.registry import provider_builder
+from worker.secret_refs import make_resolver
+from worker.settings import get_settings
+from worker.vault.store import VaultStore
 
 
 class NotifyFn(Protocol):
     def __call__(self, event: str, *, key_name: str, run_id: Optional[str], detail: dict[str, Any]) -> None: ...
 
 
-#: (session, key) → a Provider (``worker.providers.base.Provider``)
-ProviderFactory = Callable[[Session, ManagedKey], Any]
-#: (session, integration name) → an Integration (``worker.integrations.base.Integration``)
-IntegrationFactory = Callable[[Session, str], Any]
+#: (session, key) → the key's provider
+ProviderFactory = Callable[[Session, ManagedKey], Provider]
+#: (session, integration name) → the integration
+IntegrationFactory = Callable[[Session, str], Integration]
 
 
 @dataclass(frozen=True)
@@ -62,8 +74,6 @@ class StepPolicy:
 
 def default_policy() -> StepPolicy:
     """The policy of this process's settings (for code that runs without a PipelineContext)."""
-    from worker.settings import get_settings
-
     return StepPolicy.from_settings(get_settings())
 
 
@@ -82,8 +92,6 @@ class PipelineContext:
 
     def resolver(self) -> Callable[[Any], Any]:
         if self.resolve is None:
-            from worker.secret_refs import make_resolver
-
             self.resolve = make_resolver(self.vault)
         return self.resolve
 
@@ -110,15 +118,9 @@ def get_context() -> PipelineContext:
 
 def context_from_settings(settings: Any = None) -> PipelineContext:
     """Real collaborators: the settings' database, Vault, the provider and integration registries."""
-    from worker.db.session import engine_for
-    from worker.settings import get_settings
-
     settings = settings or get_settings()
-    from worker.vault.store import VaultStore
 
-    from worker.notify import notify_function
 
-    from worker.secret_refs import make_resolver
 
     vault = VaultStore.from_settings(settings)
     engine = engine_for(settings.database_url)
@@ -174,24 +176,17 @@ def _close_quietly(adapter: Any) -> None:
 
 
 def _registry_provider_factory(vault: Any, settings: Any, resolve: Optional[Callable[[Any], Any]] = None) -> ProviderFactory:
-    from worker.secret_refs import make_resolver
-
     resolve = resolve or make_resolver(vault)
     cache: dict[str, Any] = {}
     built = _BuiltCache()
 
     def factory(session: Session, key: ManagedKey) -> Any:
-        from worker.db.models import ProviderRecord
-        from worker.providers.registry import build_provider
-
         record = session.get(ProviderRecord, key.provider)
         if record is None:
-            from worker.errors import PermanentError
-
             raise PermanentError(f"provider {key.provider!r} of key {key.name!r} is not in the applied inventory; "
                                  "run `keyrotor config apply`")
         return built.get(record.name, {"mode": record.mode, "spec": record.spec},
-                         lambda: build_provider(record, resolve=resolve, limiter=_limiter(settings, cache)))
+                         lambda: provider_builder(resolve, _limiter(settings, cache))(record))
 
     return factory
 
@@ -203,28 +198,18 @@ def _limiter(settings: Any, cache: dict[str, Any]) -> Any:
     """The providers' shared (Redis-backed) rate limiter, one per process (invariant 8)."""
     with _limiter_lock:
         if "limiter" not in cache:
-            from worker.providers.ratelimit import shared_limiter
-
             cache["limiter"] = shared_limiter(settings.redis_url, namespace=settings.queue_namespace)
         return cache["limiter"]
 
 
 def _registry_integration_factory(vault: Any, settings: Any, resolve: Optional[Callable[[Any], Any]] = None,
                                   *, engine: Optional[Engine] = None) -> IntegrationFactory:
-    from worker.pipeline.restart_batch import DatabaseBatchView
-    from worker.secret_refs import make_resolver
-
     resolve = resolve or make_resolver(vault)
     built = _BuiltCache()
 
     def factory(session: Session, name: str) -> Any:
-        from worker.db.models import IntegrationRecord
-        from worker.integrations.registry import build_integration
-
         record = session.get(IntegrationRecord, name)
         if record is None:
-            from worker.errors import PermanentError
-
             raise PermanentError(f"integration {name!r} is not in the applied inventory; run `keyrotor config apply`")
         batch = DatabaseBatchView(engine if engine is not None else session.get_bind())  # type: ignore[arg-type]
         return built.get(record.name, record.spec, lambda: build_integration(record, vault=vault, resolve=resolve,

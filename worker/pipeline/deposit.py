@@ -1,7 +1,7 @@
 """Assisted mode: a person hands over the new credential.
 
 Two ways in, one acceptance: the owner writes it to the key's deposit path in Vault (picked up by
-the scheduler's ``deposits`` job, ``jobs/deposits.py``), or an operator runs ``keyrotor deposit``.
+the scheduler's ``deposits`` job, ``worker/service/deposits.py``), or an operator runs ``keyrotor deposit``.
 Either way the credential is checked at the provider *before* it is accepted (``DepositRejected``
 names the reason and the run keeps waiting), then goes to the run's Vault staging path; the run
 moves awaiting_deposit → issued and continues as usual (precheck, promote, propagate, verify,
@@ -13,14 +13,19 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from worker.db.models import RunState
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError
 from worker.pipeline.context import PipelineContext, get_context
 from worker.pipeline.effects import enum_value, holding, parse_seconds, read_pending
+from worker.pipeline.outbox import enqueue_after_commit, enqueue_run
 from worker.pipeline.runs import load_key, load_run, run_state, transition
-from worker.protocol import Step
+from worker.protocol import parse_mode
 from worker.secret import Secret
+from worker.db.models import ProviderRecord
+from worker.pipeline.steps.common import Snapshot, step_deadline_s
+from worker.pipeline.steps.versions import record_new_version
+from worker.providers.base import wait_until_live
 
 
 class DepositRejected(PermanentError):
@@ -30,9 +35,6 @@ class DepositRejected(PermanentError):
 def check_at_provider(ctx: PipelineContext, key: Any, secret: Secret, credential_type: str) -> str:
     """``valid`` | ``invalid`` | ``deprecated``: the provider's answer for ``secret``, waiting up to
     the provider's activation timeout for a credential that is not live yet."""
-    from worker.db.models import ProviderRecord
-    from worker.providers.base import wait_until_live
-
     with session_scope(ctx.engine) as session:
         record = session.get(ProviderRecord, key.provider)
         activation = (record.spec or {}).get("activation") or {} if record is not None else {}
@@ -49,10 +51,6 @@ def deposit(*, run_id: str, secret: Secret, deposited_by: str, ctx: Optional[Pip
             enqueue: bool = True, detail: Optional[dict[str, Any]] = None, check: bool = True) -> RunState:
     """Check ``secret`` at the provider, stage it for an assisted run and move the run on;
     idempotent for the same secret. ``DepositRejected`` when it does not work (nothing staged)."""
-    from worker.pipeline.steps.common import Snapshot, _deadline_s
-    from worker.pipeline.steps.versions import _record_new_version
-    from worker.protocol import parse_mode
-
     ctx = ctx or get_context()
     with session_scope(ctx.engine) as session:
         run = load_run(session, run_id)
@@ -81,15 +79,13 @@ def deposit(*, run_id: str, secret: Secret, deposited_by: str, ctx: Optional[Pip
         ctx.vault.stage_pending(run_id, secret, None)
     snap = Snapshot(run=run, key=key, old=None, new=None, mode=parse_mode(run.mode))
     with session_scope(ctx.engine) as session:
-        new_id = _record_new_version(session, snap, secret=secret, key_id=None, name=None, expires_at=None)
-        transition(session, run, RunState.issued, actor=deposited_by, new_version_id=new_id,
-                   deadline_s=_deadline_s(ctx, RunState.issued),
+        new_id = record_new_version(session, snap, secret=secret, key_id=None, name=None, expires_at=None)
+        moved = transition(session, run, RunState.issued, actor=deposited_by, new_version_id=new_id,
+                   deadline_s=step_deadline_s(ctx, RunState.issued),
                    detail={"fingerprint": secret.fingerprint, "deposited_by": deposited_by,
                            "checked_at_provider": check, **(detail or {})})
-    if enqueue:
-        from worker.pipeline.actors import send_step
-
-        send_step(Step.precheck, run_id)
+        if enqueue:  # the protocol's next step for the deposited run, once this commits
+            enqueue_after_commit(session, moved, enqueue_run)
     return RunState.issued
 
 

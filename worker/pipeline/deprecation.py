@@ -3,7 +3,7 @@
 Two different situations (docs/internals.md, "Deprecation responses"):
 
 - the key's *current* (old) credential is rejected as deprecated: the key must move to the
-  replacement type. ``report_deprecated`` calls ``jobs.deprecation.on_deprecated_response`` in its
+  replacement type. ``report_deprecated`` calls ``worker.service.deprecation.on_deprecated_response`` in its
   own transaction, after the step's transaction committed; it joins the key's open run (so it is
   idempotent and harmless while the run that noticed is still open) and otherwise creates and
   enqueues a rotation to the replacement type.
@@ -21,9 +21,11 @@ from typing import Any, Optional
 from sqlmodel import Session, select
 
 from worker import log
-from worker.db.models import AuditEvent, ProviderRecord, RunState
+from worker.db.models import AuditEvent, ProviderRecord
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import PermanentError
+from worker.service.deprecation import on_deprecated_response, replacement_type
 
 logger = log.get_logger("keyrotor.pipeline.deprecation")
 
@@ -42,8 +44,6 @@ class NewCredentialDeprecated(PermanentError):
 
 def replacement_of(session: Session, provider: str, credential_type: str) -> Optional[str]:
     """The replacement the provider's policy names for ``credential_type`` (None if none)."""
-    from jobs.deprecation import replacement_type
-
     return replacement_type(session.get(ProviderRecord, provider), credential_type)
 
 
@@ -68,8 +68,6 @@ def report_deprecated(engine: Any, *, key_name: str, credential_type: str, reque
     rejected as deprecated; returns the id of the run that will move it (None: stale, or the
     report failed — it is logged and never breaks the step that noticed)."""
     try:
-        from jobs.deprecation import on_deprecated_response
-
         with session_scope(engine) as session:
             run = on_deprecated_response(session, key_name=key_name, credential_type=credential_type,
                                          requested_by=requested_by)

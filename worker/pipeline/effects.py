@@ -9,9 +9,11 @@ from datetime import datetime
 from typing import Any, Iterator, Optional
 
 from worker import log
+from worker.inventory.schema import parse_duration
 from worker.integrations.base import Announcement
 from worker.vault.errors import VaultNotFound
 from worker.secret import Secret
+from worker.clock import as_utc
 
 _held = threading.local()
 
@@ -73,24 +75,19 @@ def announcement(**fields: Any) -> Announcement:
 
 
 def parse_seconds(value: Any, default: float) -> float:
-    """``2``, ``"2s"``, ``"15m"``, ``"2h"`` → seconds (inventory durations); ``default`` when absent."""
+    """A duration from a stored inventory spec (``2``, ``0.5``, ``"2s"``, ``"15m"``, ``"1h30m"``) in
+    seconds, read with the inventory's own parser; ``default`` when absent or unreadable."""
     if value is None:
         return default
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    text = str(value).strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
+        return parse_duration(str(value).strip().lower()).total_seconds()
+    except Exception:  # the inventory was validated when applied; a stray value means the default
         return default
 
 
 def seconds_between(later: datetime, earlier: Optional[datetime]) -> float:
-    from worker.clock import as_utc
-
     if earlier is None:
         return 0.0
     return (as_utc(later) - as_utc(earlier)).total_seconds()  # type: ignore[operator]

@@ -1,4 +1,5 @@
-"""The versioned rotation-request message any producer can enqueue, and the actor consuming it.
+"""The versioned rotation-request message any producer can enqueue: parsing, validation, acting on it
+(the actor consuming it is ``worker.runtime.actors.rotation_requests``).
 
 Schema (version 1; see docs/queue-message.md)::
 
@@ -21,7 +22,6 @@ import re
 from datetime import datetime
 from typing import Any, Callable, Literal, Optional
 
-import dramatiq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker import log
@@ -31,6 +31,9 @@ from worker.db.session import session_scope
 from worker.errors import KeyrotorError
 from worker.inventory.literals import looks_like_credential
 from worker.metrics import QUEUE_MESSAGES_REJECTED
+from worker.pipeline.outbox import enqueue_run
+from worker.pipeline.requests import request_rotation
+from worker.service.emergency import request_provider_rotation
 
 logger = log.get_logger("keyrotor.pipeline.messages")
 
@@ -124,8 +127,6 @@ def _field_name(part: Any) -> str:
 
 def handle_request(engine: Any, request: RotationRequestV1) -> list[tuple[RotationRun, bool]]:
     """Create (or join) the run(s) a valid request asks for; commits."""
-    from worker.pipeline.requests import request_rotation
-
     with session_scope(engine) as session:
         if request.key:
             run, created = request_rotation(
@@ -134,8 +135,6 @@ def handle_request(engine: Any, request: RotationRequestV1) -> list[tuple[Rotati
                 not_before=request.not_before, emergency=request.emergency,
                 target_credential_type=request.target_credential_type)
             return [(run, created)]
-        from jobs.emergency import request_provider_rotation  # type: ignore[import-not-found]
-
         # The message's idempotency key is the batch id: a redelivered (or re-sent) emergency
         # joins the runs it created the first time instead of starting a second emergency.
         return request_provider_rotation(session, provider=request.provider or "", requested_by=request.requested_by,
@@ -161,8 +160,6 @@ def consume(raw: Any, *, engine: Any, message_id: Optional[str] = None, default_
     ``default_idempotency_key``: used when the request has none, so a redelivered message (the
     stream's entry id) maps to the run its first delivery created. ``on_reject(reason, code)`` is
     told about a rejection (the stream consumer dead-letters it)."""
-    from worker.pipeline.requests import enqueue_run
-
     try:
         request = parse_request(raw)
     except MalformedMessage as exc:
@@ -184,36 +181,3 @@ def consume(raw: Any, *, engine: Any, message_id: Optional[str] = None, default_
             enqueue_run(run)
         logger.info("queue_message.accepted", run_id=run.id, joined=not created, requested_by=request.requested_by)
     return results
-
-
-def rotation_requests(payload: Any = None, *args: Any, **kwargs: Any) -> None:
-    """Actor: one rotation request. Any shape is accepted at the Dramatiq level so that a
-    malformed message is rejected by us, with a reason, rather than crash the worker."""
-    from dramatiq.middleware import CurrentMessage
-
-    from worker.pipeline.context import get_context
-
-    message = CurrentMessage.get_current_message()
-    message_id = message.message_id if message is not None else None
-    if args or kwargs:
-        reject(get_context().engine, "expected exactly one argument: the request object", "bad_envelope", message_id)
-        return
-    consume(payload, engine=get_context().engine, message_id=message_id)
-
-
-def declare_request_actor(broker: dramatiq.Broker) -> dramatiq.Actor:
-    from worker.pipeline.broker import REQUEST_QUEUE
-
-    # Transient errors (database down) are retried by Dramatiq; validation failures never raise.
-    return dramatiq.actor(rotation_requests, actor_name="rotation_requests", queue_name=REQUEST_QUEUE,
-                          broker=broker, max_retries=10, min_backoff=1000, max_backoff=60_000)
-
-
-def send_request(request: dict[str, Any]) -> None:
-    """Enqueue a request from Python (producers elsewhere follow docs/queue-message.md)."""
-    from worker.pipeline.actors import _actors
-    from worker.pipeline.broker import get_broker
-
-    if not _actors:
-        get_broker()
-    _actors["rotation_requests"].send(request)

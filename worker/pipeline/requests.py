@@ -1,4 +1,4 @@
-"""Creating rotation runs (``request_rotation``) and putting them on the queue (``enqueue_run``).
+"""Creating rotation runs (``request_rotation``); ``worker.pipeline.outbox.enqueue_run`` puts them on the queue.
 
 Invariant 3 is the database's: the partial unique index allows one open run per key, and the
 idempotency key is unique. A request that loses a race to either constraint returns the run that
@@ -16,10 +16,14 @@ from sqlmodel import Session, select
 
 from worker import log
 from worker.clock import as_utc, utcnow
-from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.errors import PermanentError
 from worker.pipeline.runs import open_run_for_key
-from worker.protocol import next_step, parse_mode
+from worker.protocol import parse_mode
+from worker.pipeline.context import default_policy
+from worker.pipeline.takeover import TAKEOVER_STATES, take_over
+from worker.pipeline.targets import rotation_target
 
 logger = log.get_logger("keyrotor.pipeline.requests")
 
@@ -68,7 +72,6 @@ def request_rotation(
     if not key.enabled:
         raise PermanentError(f"key {key_name!r} is disabled in the inventory; enable it to rotate it")
     provider = session.get(ProviderRecord, key.provider)
-    from worker.pipeline.targets import rotation_target
 
     # A deprecated type moves to its replacement whoever asked (CLI, queue, emergency, scheduler);
     # a type named explicitly is checked here, before anything is recorded.
@@ -78,8 +81,6 @@ def request_rotation(
     existing = _existing(session, key, idempotency_key)
     superseded: Optional[str] = None
     if existing is not None and emergency and _takes_over(existing, idempotency_key):
-        from worker.pipeline.takeover import take_over
-
         if take_over(session, existing, requested_by=requested_by, reason=reason) == "cancelled":
             superseded, existing = existing.id, None  # ended: a fresh emergency run replaces it
     if existing is not None:
@@ -119,8 +120,6 @@ def request_rotation(
 
 def _takes_over(run: RotationRun, idempotency_key: Optional[str]) -> bool:
     """An emergency takes over a key's open run that waits for a person (not a repeat of itself)."""
-    from worker.pipeline.takeover import TAKEOVER_STATES
-
     same_request = idempotency_key is not None and run.idempotency_key == idempotency_key
     return not same_request and run.finished_at is None and RunState(run.state) in TAKEOVER_STATES
 
@@ -129,8 +128,6 @@ def first_step_deadline(now: datetime, not_before: Optional[datetime] = None) ->
     """When the reconciler may re-enqueue a new run whose first message was lost (the worker
     died, or the enqueue after the commit failed): like any step, twice the step time limit
     after it could start."""
-    from worker.pipeline.context import default_policy
-
     start = max(now, not_before) if not_before is not None else now
     return start + timedelta(seconds=2 * default_policy().time_limit_ms / 1000)
 
@@ -164,17 +161,3 @@ def _escalate(session: Session, run: RotationRun, requested_by: str) -> None:
         session.refresh(run)
 
 
-def enqueue_run(run: RotationRun) -> None:
-    """Send the actor for the run's current state (no-op when the run waits or is over)."""
-    from worker.pipeline.actors import send_step
-
-    state = run.state if isinstance(run.state, RunState) else RunState(run.state)
-    step = next_step(run.mode, state)
-    if step is None:
-        return
-    delay_s = 0.0
-    now = utcnow()
-    when = run.not_before if state == RunState.requested else run.grace_until if state == RunState.verified else None
-    if when is not None:
-        delay_s = max(0.0, (as_utc(when) - now).total_seconds())  # type: ignore[operator]
-    send_step(step, run.id, delay_ms=int(delay_s * 1000))

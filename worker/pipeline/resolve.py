@@ -31,19 +31,24 @@ from typing import Any, Literal, Optional
 
 from sqlmodel import Session, select
 
-from worker.db.models import AuditEvent, KeyVersion, RotationRun, RunState, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, RotationRun, VersionStage
+from worker.protocol.states import BEFORE_PROMOTION_STATES, PROMOTED_STATES, RunState
 from worker.errors import PermanentError
-from worker.pipeline.context import default_policy
+from worker.pipeline.context import default_policy, get_context
+from worker.pipeline.outbox import enqueue_after_commit, enqueue_run
 from worker.pipeline.runs import load_run, load_version, run_state, transition
 from worker.protocol import Mode, can_transition, next_step, parse_mode
+from worker import log
+from worker.clock import utcnow
+from worker.pipeline.effects import read_pending
 
 S = RunState
 Action = Literal["retry", "compensate", "rollback", "cancel", "revoked-by-person"]
 ACTIONS: tuple[Action, ...] = ("retry", "compensate", "rollback", "cancel", "revoked-by-person")
 REVOKED_BY_PERSON: Action = "revoked-by-person"
 
-_BEFORE_PROMOTION = frozenset({S.requested, S.awaiting_deposit, S.issued, S.prechecked, S.compensating})
-_AFTER_PROMOTION = frozenset({S.promoted, S.propagated, S.verified, S.rolling_back})
+_BEFORE_PROMOTION = BEFORE_PROMOTION_STATES | {S.compensating}  # stopped before promotion, or cleaning up after it
+_AFTER_PROMOTION = PROMOTED_STATES | {S.rolling_back}
 
 
 class ResolveRefused(PermanentError):
@@ -77,10 +82,7 @@ def _has_new_credential(session: Session, run: RotationRun, vault: Any) -> bool:
     if run.new_version_id is not None:
         return True
     if vault is None:
-        from worker.pipeline.context import get_context
-
         vault = get_context().vault
-    from worker.pipeline.effects import read_pending
 
     return read_pending(vault, run.id) is not None
 
@@ -175,12 +177,9 @@ def discard_deposit(run: RotationRun, vault: Any) -> None:
     Vault must not stop a cancel (a breach takeover least of all); it is logged instead."""
     try:
         if vault is None:
-            from worker.pipeline.context import get_context
-
             vault = get_context().vault
         vault.discard_pending(run.id)
     except Exception as exc:  # noqa: BLE001
-        from worker import log
 
         log.get_logger("keyrotor.pipeline.resolve").warning(
             "deposit.discard_failed", run_id=run.id, error=type(exc).__name__,
@@ -242,17 +241,12 @@ def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note:
     deadline = None if target in (S.cancelled,) else 2 * policy.time_limit_ms / 1000
     moved = transition(session, run, target, actor=actor, detail=detail, deadline_s=deadline, **fields)
     if enqueue and next_step(moved.mode, target) is not None:
-        from jobs.pipeline_hooks import enqueue_after_commit
-        from worker.pipeline.requests import enqueue_run
-
         enqueue_after_commit(session, moved, enqueue_run)
     return moved
 
 
 def _retire_old_version(session: Session, run: RotationRun) -> None:
     """The old key is recorded as revoked (by the person resolving), as ``retire`` would have."""
-    from worker.clock import utcnow
-
     old = load_version(session, run.old_version_id)
     if old is not None and old.stage != VersionStage.retired.value:
         old.stage, old.retired_at = VersionStage.retired, utcnow()

@@ -16,7 +16,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from worker.clock import utcnow
-from worker.db.models import IntegrationRecord, ManagedKey, RotationRun, RunState
+from worker.db.models import IntegrationRecord, ManagedKey, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.integrations.kube_api import ObjectRef
 

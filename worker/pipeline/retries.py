@@ -24,6 +24,7 @@ from typing import Optional
 from worker.errors import StateConflict, TransientError
 from worker.errors import is_permanent as _is_permanent
 from worker.pipeline.context import StepPolicy
+from worker.retry import backoff_ceiling, equal_jitter
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,7 @@ def backoff_ms(retries: int, policy: StepPolicy, retry_after: Optional[float] = 
     together spread out but none retries immediately.
     """
     uniform = (rng or random).uniform
-    ceiling = min(policy.max_backoff_ms, policy.min_backoff_ms * (2 ** min(retries, 30)))
-    delay = ceiling / 2 + uniform(0, ceiling / 2)
+    delay = equal_jitter(backoff_ceiling(retries, policy.min_backoff_ms, policy.max_backoff_ms), rng or random)
     if retry_after is not None:
         floor_ms = min(retry_after, policy.max_retry_after_s) * 1000
         delay = max(delay, floor_ms + uniform(0, min(1000.0, floor_ms * 0.1 + 1)))

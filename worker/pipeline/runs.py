@@ -1,9 +1,13 @@
 """Loading runs and moving them on: the conditional UPDATE that makes steps race-safe.
 
-``transition`` is ``UPDATE rotation_run SET state=:to … WHERE id=:id AND state=:expected``; a row
-count other than 1 means another worker (or a duplicate message) already moved the run, and is
-raised as ``StateConflict`` so the caller rolls back its transaction and drops the message. The
-audit event is written in the same transaction (invariant 6).
+``transition`` is the one authority for a run's state: every move (steps, failures, deposits,
+resolve, takeover, the reconciler) goes through it. It checks the move against the protocol
+(``InvalidTransition`` for one the protocol forbids in the run's mode), runs
+``UPDATE rotation_run SET state=:to … WHERE id=:id AND state=:expected``, clears the lease, writes
+the audit event in the same transaction (invariant 6) and, once the transaction commits, counts
+an outcome in ``keyrotor_rotations_total``. A row count other than 1 means another worker (or a
+duplicate message) already moved the run, and is raised as ``StateConflict`` so the caller rolls
+back its transaction and drops the message.
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ from sqlalchemy import update
 from sqlmodel import Session, select
 
 from worker.clock import utcnow
-from worker.db.models import TERMINAL_STATES, AuditEvent, KeyVersion, ManagedKey, RotationRun, RunState
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun
+from worker.db.session import after_commit
 from worker.errors import StateConflict
+from worker.metrics import ROTATIONS
+from worker.pipeline.lease import transitioned
 from worker.protocol import check_transition
+from worker.protocol.states import OUTCOME_STATES, TERMINAL_STATES, RunState
 
 
 def run_state(run: RotationRun) -> RunState:
@@ -54,12 +62,14 @@ def transition(
     detail: Optional[dict[str, Any]] = None,
     deadline_s: Optional[float] = None,
     refresh: bool = True,
+    still: tuple[Any, ...] = (),
     **fields: Any,
 ) -> RotationRun:
     """Move ``run`` from its current (expected) state to ``to``, conditionally; audit it.
 
     ``deadline_s``: seconds until the reconciler may consider the run stuck (``None`` clears it:
     the run waits for a person or is over). Extra ``fields`` are column values to set.
+    ``still``: further conditions on the row that must hold (the reconciler's "still stuck").
     ``refresh=False``: skip re-reading the row for the return value (returns ``run`` as it was
     passed in) when the caller does not use it.
     """
@@ -75,7 +85,7 @@ def transition(
         values["step_deadline_at"] = None
     result = session.execute(
         update(RotationRun)
-        .where(RotationRun.id == run.id, RotationRun.state == expected.value)  # type: ignore[arg-type]
+        .where(RotationRun.id == run.id, RotationRun.state == expected.value, *still)  # type: ignore[arg-type]
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -84,6 +94,12 @@ def transition(
     audit(session, run, actor=actor, event="state_changed", from_state=expected.value, to_state=to.value,
           detail=detail)
     session.flush()
+    # The current execution's lease went with the UPDATE (nothing left to release once committed).
+    after_commit(session, transitioned)
+    if to in OUTCOME_STATES:
+        key = session.get(ManagedKey, run.key_id)
+        provider = key.provider if key is not None else "unknown"
+        after_commit(session, lambda: ROTATIONS.labels(provider=provider, outcome=to.value).inc())
     if not refresh:
         return run
     refreshed = load_run(session, run.id)
@@ -113,13 +129,6 @@ def open_run_for_key(session: Session, key_id: int) -> Optional[RotationRun]:
     return session.exec(
         select(RotationRun).where(RotationRun.key_id == key_id, RotationRun.finished_at.is_(None))  # type: ignore[union-attr]
     ).first()
-
-
-def sink_statuses(session: Session, run_id: str) -> dict[str, Any]:
-    from worker.db.models import SinkDelivery
-
-    rows = session.exec(select(SinkDelivery).where(SinkDelivery.run_id == run_id)).all()
-    return {row.integration: row for row in rows}
 
 
 def extend_deadline(session: Session, run: RotationRun, *, delay_s: float, time_limit_s: float) -> bool:

@@ -21,15 +21,18 @@ from typing import Any, Literal, Optional
 from sqlmodel import Session
 
 from worker.clock import utcnow
-from worker.db.models import RotationRun, RunState
+from worker.db.models import RotationRun
+from worker.protocol.states import WAITING_STATES, RunState
 from worker.pipeline.resolve import discard_deposit, resolution_options, stopped_in
+from worker.pipeline.outbox import enqueue_after_commit, enqueue_run
 from worker.pipeline.runs import run_state, transition
+from worker.pipeline.context import default_policy
 
 S = RunState
 Outcome = Literal["cancelled", "resumed"]
 
 #: Open runs an emergency takes over instead of joining.
-TAKEOVER_STATES = frozenset({S.needs_attention, S.awaiting_deposit})
+TAKEOVER_STATES = WAITING_STATES  # a person acts next: an emergency takes over
 
 
 def take_over(session: Session, run: RotationRun, *, requested_by: str, reason: str,
@@ -52,14 +55,10 @@ def take_over(session: Session, run: RotationRun, *, requested_by: str, reason: 
     target = options.get("retry")
     if target is None:
         return None
-    from worker.pipeline.context import default_policy
 
     extra: dict[str, Any] = {"grace_until": utcnow()} if target == S.verified else {}  # no grace in a breach
     moved = transition(session, run, target, actor=requested_by, emergency=True, last_error=None, **extra,
                        deadline_s=2 * default_policy().time_limit_ms / 1000,
                        detail={**detail, "resumed_as_emergency": True})
-    from jobs.pipeline_hooks import enqueue_after_commit
-    from worker.pipeline.requests import enqueue_run
-
     enqueue_after_commit(session, moved, enqueue_run)
     return "resumed"

@@ -19,7 +19,7 @@ Failure policy (DESIGN.md):
 from __future__ import annotations
 
 from worker.protocol.states import (
-    PROMOTED_STATES,
+    BEFORE_PROMOTION_STATES,
     TERMINAL_STATES,
     FailureKind,
     Mode,
@@ -38,7 +38,7 @@ _HAPPY_PATH: dict[Mode, tuple[RunState, ...]] = {
                     S.retired, S.completed),
 }
 
-_BEFORE_PROMOTION = frozenset({S.requested, S.awaiting_deposit, S.issued, S.prechecked})
+_BEFORE_PROMOTION = BEFORE_PROMOTION_STATES
 
 #: Where a person can send a run that needs attention (``keyrotor resolve``): give up, or
 #: run the clean-up path, or resume where it stopped.
@@ -160,11 +160,6 @@ def success_target(mode: Mode | str, state: RunState) -> RunState:
     if state not in path or state == path[-1]:
         raise InvalidTransition(f"no step moves a {mode.value} run on from {state.value}")
     return path[path.index(state) + 1]
-
-
-def is_after_promotion(state: RunState) -> bool:
-    """True once Vault (may) serve the new key: failures must roll back, not compensate."""
-    return state in PROMOTED_STATES
 
 
 def has_grace_period(mode: Mode | str, *, emergency: bool) -> bool:

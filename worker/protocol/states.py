@@ -1,18 +1,39 @@
-"""Vocabulary of the rotation protocol: run states (from the DB model), modes, steps, failure kinds.
+"""Vocabulary of the rotation protocol: run states, modes, steps, failure kinds, state sets.
 
-``RunState`` lives in ``worker.db.models`` so the column and the protocol share one enum; this
-module only adds the words the state machine needs. Nothing here does I/O.
+The one home of every run-state set and of the rotation-mode enum: the ORM column
+(``worker.db.models``), the providers and the service layer import them from here. Nothing here
+does I/O and nothing here imports another keyrotor module.
 """
 
 from __future__ import annotations
 
 import enum
 
-from worker.db.models import TERMINAL_STATES, RunState
+
+class RunState(str, enum.Enum):
+    requested = "requested"
+    awaiting_deposit = "awaiting_deposit"  # assisted mode: waits for the owner's deposit (Vault, or `keyrotor deposit`)
+    issued = "issued"
+    prechecked = "prechecked"
+    promoted = "promoted"
+    propagated = "propagated"
+    verified = "verified"                  # in grace until grace_until
+    retired = "retired"
+    completed = "completed"
+    compensating = "compensating"          # failure before promotion: revoke the new key
+    failed = "failed"
+    rolling_back = "rolling_back"          # failure after promotion: restore the old key
+    rolled_back = "rolled_back"
+    needs_attention = "needs_attention"    # retries exhausted; old key untouched, alert raised
+    cancelled = "cancelled"
+
+
+#: States in which a run is over (``finished_at`` is set and the key may rotate again).
+TERMINAL_STATES = frozenset({RunState.completed, RunState.failed, RunState.rolled_back, RunState.cancelled})
 
 
 class Mode(str, enum.Enum):
-    """How a provider rotates (mirrors ``worker.providers.base.RotationMode``)."""
+    """How a provider rotates: a provider's ``mode`` and a run's ``mode`` column."""
 
     overlap = "overlap"      # old and new valid together: grace period, rollback possible
     cutover = "cutover"      # issuing invalidates the old key: no grace, no rollback
@@ -39,6 +60,9 @@ class FailureKind(str, enum.Enum):
     exhausted = "exhausted"  # transient errors until the retry budget ran out
 
 
+#: States before Vault serves the new secret (a failure here means compensating, not rolling back).
+BEFORE_PROMOTION_STATES = frozenset({RunState.requested, RunState.awaiting_deposit, RunState.issued, RunState.prechecked})
+
 #: States reached once Vault serves the new secret (a failure here means rolling back).
 PROMOTED_STATES = frozenset({RunState.promoted, RunState.propagated, RunState.verified})
 
@@ -59,9 +83,5 @@ def parse_mode(value: str | Mode | None) -> Mode:
         raise ValueError(f"unknown rotation mode {value!r}; expected overlap, cutover or assisted") from None
 
 
-def is_terminal(state: RunState) -> bool:
-    return state in TERMINAL_STATES
-
-
-__all__ = ["RunState", "TERMINAL_STATES", "Mode", "Step", "FailureKind", "PROMOTED_STATES", "WAITING_STATES",
-           "OUTCOME_STATES", "parse_mode", "is_terminal"]
+__all__ = ["RunState", "TERMINAL_STATES", "Mode", "Step", "FailureKind", "BEFORE_PROMOTION_STATES", "PROMOTED_STATES", "WAITING_STATES",
+           "OUTCOME_STATES", "parse_mode"]

@@ -8,6 +8,7 @@ from typing import Any
 
 from worker.errors import GarbageResponse, PermanentError
 from worker.providers.jsonpath import JsonPathError, extract
+from worker.metrics import PROVIDER_REQUESTS
 
 #: Flag values a key list uses for a key that no longer works.
 NOT_LIVE = ("true", "1", "yes", "revoked", "inactive", "disabled", "deleted", "expired")
@@ -16,8 +17,6 @@ NOT_LIVE = ("true", "1", "yes", "revoked", "inactive", "disabled", "deleted", "e
 def count_request(provider: str, call: str, status: str) -> None:
     """``keyrotor_provider_requests_total``, once per HTTP request; never breaks a rotation."""
     try:
-        from worker.metrics import PROVIDER_REQUESTS
-
         PROVIDER_REQUESTS.labels(provider=provider, call=call, status=status).inc()
     except Exception:  # metrics must never break a rotation
         pass

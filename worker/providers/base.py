@@ -13,13 +13,9 @@ from datetime import datetime
 from enum import Enum
 from typing import Callable, Protocol, runtime_checkable
 
+from worker.protocol.states import Mode
 from worker.secret import Secret
-
-
-class RotationMode(str, Enum):
-    overlap = "overlap"  # old and new valid together (default)
-    cutover = "cutover"  # issuing invalidates the old credential
-    assisted = "assisted"  # a person mints the key; keyrotor verifies, propagates, retires
+from worker.errors import TransientError
 
 
 class CheckOutcome(str, Enum):
@@ -63,7 +59,7 @@ class ProviderKeyInfo:
 @runtime_checkable
 class Provider(Protocol):
     name: str
-    mode: RotationMode
+    mode: Mode
     can_issue: bool
     can_revoke: bool
     can_list: bool
@@ -100,8 +96,6 @@ def wait_until_live(
     Transient errors (5xx, 429, timeouts) count as "not yet" while time remains; the last one is
     re-raised if the deadline passes with no definite answer.
     """
-    from worker.errors import TransientError
-
     deadline = monotonic() + timeout
     while True:
         error: TransientError | None = None

@@ -57,9 +57,9 @@ from worker.providers.base import (
     IssuedCredential,
     ProviderKeyInfo,
     RevokeOutcome,
-    RotationMode,
     wait_until_live,
 )
+from worker.protocol.states import Mode
 from worker.providers.answers import count_request as _metric
 from worker.providers.answers import field_at, listed_live, optional_at
 from worker.providers.answers import parse_time as _parse_time
@@ -115,8 +115,8 @@ class HttpProvider:
     ) -> None:
         self.name = name
         self.spec = spec
-        self.mode = RotationMode(spec.mode)
-        self.can_issue = self._declares("issue") and self.mode is not RotationMode.assisted
+        self.mode = Mode(spec.mode)
+        self.can_issue = self._declares("issue") and self.mode is not Mode.assisted
         self.can_revoke = self._declares("revoke")
         self.can_list = spec.calls.list is not None
         self._resolve = resolve
@@ -157,7 +157,7 @@ class HttpProvider:
     # ------------------------------------------------------------------ the Provider protocol
     def issue(self, *, name: str, credential_type: str, labels: dict[str, str]) -> IssuedCredential:
         call = self._need("issue", credential_type)
-        if self.mode is RotationMode.assisted:
+        if self.mode is Mode.assisted:
             raise PermanentError(f"provider {self.name!r} is assisted: a person mints its keys (keyrotor deposit), keyrotor cannot issue them")
         self._check_can_issue(credential_type)
         variables = self._variables(credential_type=credential_type, key_name=name, labels=labels)

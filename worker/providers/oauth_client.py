@@ -40,7 +40,8 @@ from worker.inventory.oauth_schema import (
 )
 from worker.inventory.schema import BasicAuthSpec, BearerAuthSpec, HeaderAuthSpec
 from worker.log import get_logger
-from worker.providers.base import CheckOutcome, IssuedCredential, ProviderKeyInfo, RevokeOutcome, RotationMode
+from worker.protocol.states import Mode
+from worker.providers.base import CheckOutcome, IssuedCredential, ProviderKeyInfo, RevokeOutcome
 from worker.providers.answers import count_request, field_at, listed_live, optional_at, parse_time
 from worker.providers.oauth_keys import JWT_BEARER_ASSERTION, KeyPair, client_assertion, generate_key_pair, key_pair_from_pem
 from worker.providers.ratelimit import RateLimit, RateLimiter
@@ -84,7 +85,7 @@ class OAuthClientProvider:
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.spec = spec
-        self.mode = RotationMode.overlap
+        self.mode = Mode.overlap
         self.can_issue = True
         self.can_revoke = True
         self.can_list = True

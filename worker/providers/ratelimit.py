@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from worker.errors import RateLimited
 from worker.log import get_logger
+from worker.redis_conn import redis_client
 
 log = get_logger(__name__)
 
@@ -73,26 +74,6 @@ class RateLimiter(Protocol):
     def hold(self, bucket: str) -> Any:
         """Context manager: wait (bounded) for a concurrency lease of ``bucket``, release on exit;
         raises ``RateLimited`` when none frees in time. No limit registered: never waits."""
-
-
-class NoRateLimit:
-    """For one-off CLI calls with no limiter configured: never waits."""
-
-    def register(self, provider: str, limit: RateLimit | None) -> None:
-        pass
-
-    def acquire(self, provider: str) -> None:
-        pass
-
-    def block(self, provider: str, retry_after: float) -> None:
-        pass
-
-    def register_concurrency(self, bucket: str, limit: int | None, lease_s: float) -> None:
-        pass
-
-    @contextmanager
-    def hold(self, bucket: str) -> Iterator[None]:
-        yield
 
 
 def _concurrency_exhausted(bucket: str, limit: int, retry_after: float) -> RateLimited:
@@ -167,8 +148,6 @@ return 0
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisRateLimiter":
-        from worker.redis_conn import redis_client
-
         # A hung Redis must not hang a rotation step: every call gives up after a few seconds.
         return cls(redis_client(url, socket_timeout=5), **kwargs)
 

@@ -53,3 +53,17 @@ def build_provider(
     if spec.kind == "http":
         return HttpProvider(provider_name, spec, resolve=resolve, limiter=limiter, http=http, clock=clock, **options)
     raise ConfigError(f"provider {provider_name!r}: unknown kind {spec.kind!r} (known: {', '.join(PROVIDER_KINDS)})")
+
+
+ProviderBuilder = Callable[[Any], Provider]
+
+
+def provider_builder(resolve: SecretResolver, limiter: RateLimiter) -> ProviderBuilder:
+    """The one way keyrotor builds providers from applied records (``ProviderRecord``): the
+    workers' context, the reconciler and the demo all take theirs from here, with their own
+    secret resolver and rate limiter."""
+
+    def build(record: Any) -> Provider:
+        return build_provider(record, resolve=resolve, limiter=limiter)
+
+    return build

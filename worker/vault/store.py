@@ -24,6 +24,7 @@ import requests
 from worker.log import get_logger
 from worker.retry import retry_call
 from worker.secret import Secret
+from worker.text import key_slug
 from worker.vault.auth import KubernetesAuth, TokenAuth, VaultAuth
 from worker.vault.errors import (
     Operation,
@@ -378,8 +379,6 @@ class VaultStore:
     # ------------------------------------------------------------------ owners' deposits
     def deposit_path(self, key_name: str) -> str:
         """Where the owner of ``key_name`` writes its new credential (on the staging mount)."""
-        from worker.inventory.schema import key_slug
-
         return f"{self.deposit_prefix}/{key_slug(key_name)}"
 
     def read_deposit(self, key_name: str) -> Deposit | None:

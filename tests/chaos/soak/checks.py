@@ -8,7 +8,7 @@ from typing import Iterable, Mapping
 
 import sqlalchemy as sa
 
-from worker.db.models import TERMINAL_STATES
+from worker.protocol.states import TERMINAL_STATES
 from worker.protocol import RunState, can_transition
 from worker.secret import fingerprint
 

@@ -170,7 +170,7 @@ class ChaosRun:
         from worker.db.session import make_engine, session_scope
         from worker.inventory.apply import apply_inventory
         from worker.inventory.loader import load_inventory
-        from worker.sandbox.provider import standin_provider_spec
+        from keyrotor_sandbox.provider import standin_provider_spec
         from worker.settings import load_settings
         from worker.vault.store import VaultStore
 
@@ -400,7 +400,8 @@ class ChaosRun:
         """Request ``rounds`` rotations of every key (one at a time per key) and wait until every
         run settled."""
         from worker.db.session import session_scope
-        from worker.pipeline.requests import enqueue_run, request_rotation
+        from worker.pipeline.outbox import enqueue_run
+        from worker.pipeline.requests import request_rotation
 
         self.world.broker  # noqa: B018 - this process produces on the private Redis
         done: Counter[str] = Counter()

@@ -18,30 +18,9 @@ calls), ``versions`` (version bookkeeping), ``issuing`` (issue, request_deposit)
 ``recovery`` (compensate, rollback, fail_run), ``dispatch`` (execute and the step table).
 """
 
-from worker.pipeline.steps.common import RunMissing, Snapshot, StepOutcome
-from worker.pipeline.steps.dispatch import STEPS, Action, execute
-from worker.pipeline.steps.issuing import issue, request_deposit
-from worker.pipeline.steps.promotion import precheck, promote
-from worker.pipeline.steps.recovery import compensate, fail_run, rollback
-from worker.pipeline.steps.retirement import finish, retire
-from worker.pipeline.steps.sinks import propagate, verify
+# The dispatcher is the package's API (the actors, the in-thread driver and the tests call it);
+# everything else is imported from the module that owns it.
+from worker.pipeline.steps.dispatch import Action, execute
+from worker.pipeline.steps.recovery import fail_run
 
-__all__ = [
-    "STEPS",
-    "Action",
-    "RunMissing",
-    "Snapshot",
-    "StepOutcome",
-    "compensate",
-    "execute",
-    "fail_run",
-    "finish",
-    "issue",
-    "precheck",
-    "promote",
-    "propagate",
-    "request_deposit",
-    "retire",
-    "rollback",
-    "verify",
-]
+__all__ = ["Action", "execute", "fail_run"]

@@ -1,5 +1,5 @@
 """What every step shares: the snapshot of the run it acts on, its outcome, the conditional
-transition with its bookkeeping (``_advance``), the reconciler deadline, and notifications."""
+transition with its bookkeeping (``advance_run``), the reconciler deadline, and notifications."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from worker import log
 from worker.db.models import KeyVersion, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict, TransientError
-from worker.metrics import ROTATIONS
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import read_pending, safe_error
-from worker.pipeline.lease import current_lease, transitioned
+from worker.pipeline.lease import current_lease
 from worker.pipeline.runs import load_key, load_run, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
@@ -58,7 +57,7 @@ class RunMissing(TransientError):
 PROVIDER_STEPS = frozenset({Step.issue, Step.precheck, Step.verify, Step.retire, Step.compensate, Step.rollback})
 
 
-def _snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Snapshot]:
+def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Snapshot]:
     """Load the run if it is in the state ``step`` acts on, and claim its lease (``execute`` set
     one up) before the step does anything outside the database. One transaction: the run, the
     claim, the key, its versions and (``PROVIDER_STEPS``) the provider record; nothing of it is
@@ -105,7 +104,7 @@ def _versions(session: Session, old_id: Optional[int], new_id: Optional[int]) ->
     return (rows.get(old_id) if old_id is not None else None), (rows.get(new_id) if new_id is not None else None)
 
 
-def _require_staged(ctx: PipelineContext, snap: Snapshot, action: str) -> tuple[Secret, Optional[str]]:
+def require_staged(ctx: PipelineContext, snap: Snapshot, action: str) -> tuple[Secret, Optional[str]]:
     """The run's staged secret and provider key id, checked against the fingerprint recorded at
     issue (staging is never trusted: a staging write that timed out may land later and replace it);
     a permanent error when staging is gone or holds another secret."""
@@ -119,29 +118,26 @@ def _require_staged(ctx: PipelineContext, snap: Snapshot, action: str) -> tuple[
     return staged
 
 
-def _deadline_s(ctx: PipelineContext, to: RunState, delay_s: float = 0.0) -> Optional[float]:
+def step_deadline_s(ctx: PipelineContext, to: RunState, delay_s: float = 0.0) -> Optional[float]:
     """When the reconciler may re-enqueue a run that did not move (None: it waits for a person)."""
     if to in WAITING_STATES or to in OUTCOME_STATES:
         return None
     return delay_s + 2 * ctx.policy.time_limit_ms / 1000
 
 
-def _advance(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: Optional[dict[str, Any]] = None,
+def advance_run(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: Optional[dict[str, Any]] = None,
              delay_s: float = 0.0, apply: Optional[Callable[[Session], None]] = None, **fields: Any) -> StepOutcome:
     """Apply version bookkeeping and the conditional transition in one transaction."""
     with session_scope(ctx.engine) as session:
         if apply is not None:
             apply(session)
         transition(session, snap.run, to, actor=ctx.actor, detail=detail,
-                   deadline_s=_deadline_s(ctx, to, delay_s), refresh=False, **fields)
-    transitioned()
+                   deadline_s=step_deadline_s(ctx, to, delay_s), refresh=False, **fields)
     logger.info("run.transition", from_state=run_state(snap.run).value, to_state=to.value, **(detail or {}))
-    if to in OUTCOME_STATES:
-        ROTATIONS.labels(provider=snap.key.provider, outcome=to.value).inc()
     return StepOutcome(state=to, mode=snap.mode, next_in_s=delay_s)
 
 
-def _notify(ctx: PipelineContext, event: str, snap: Snapshot, detail: dict[str, Any]) -> None:
+def notify_run(ctx: PipelineContext, event: str, snap: Snapshot, detail: dict[str, Any]) -> None:
     if ctx.notify is None:
         if event in ("needs_attention", "failed", "rolled_back"):
             logger.error("run.alert", alert=event, **detail)

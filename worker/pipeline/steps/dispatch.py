@@ -24,6 +24,7 @@ from worker.pipeline.steps.promotion import precheck, promote
 from worker.pipeline.steps.recovery import compensate, fail_run, rollback
 from worker.pipeline.steps.retirement import finish, retire
 from worker.pipeline.steps.sinks import propagate, verify
+from worker.retry import backoff_ceiling, equal_jitter
 from worker.protocol import FailureKind, Step, expected_state, next_step, parse_mode
 
 logger = log.get_logger("keyrotor.pipeline")
@@ -92,8 +93,7 @@ def _on_missing(ctx: PipelineContext, step: Step, run_id: str, exc: RunMissing, 
     STEP_FAILURES.labels(step=step.value, error=retries.error_label(exc)).inc()
     policy = ctx.policy
     if retry_count < policy.missing_run_retries:
-        ceiling = min(policy.missing_run_backoff_ms * 2 ** retry_count, 10_000)
-        delay_ms = int(ceiling / 2 + random.uniform(0, ceiling / 2))
+        delay_ms = int(equal_jitter(backoff_ceiling(retry_count, policy.missing_run_backoff_ms, 10_000)))
         logger.warning("run.missing", run_id=run_id, step=step.value, retry_in_ms=delay_ms, retries=retry_count,
                        detail="not readable yet; the producer's commit may still be in flight")
         return Action(step=step, delay_ms=delay_ms, retry=True)

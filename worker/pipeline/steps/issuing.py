@@ -15,17 +15,20 @@ from worker.db.session import session_scope
 from worker.errors import ConfigError, DeprecatedCredential, PermanentError, RateLimited, StateConflict, is_permanent
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, safe_error, seconds_between
-from worker.pipeline.lease import transitioned
 from worker.pipeline.preflight import check_run_references
 from worker.pipeline.runs import audit, load_run, run_state, transition
-from worker.pipeline.steps.common import Snapshot, StepOutcome, _deadline_s, _notify, _snapshot
+from worker.pipeline.steps.common import Snapshot, StepOutcome, step_deadline_s, notify_run, load_snapshot
 from worker.pipeline.steps.minted import MintedKey, minted_keys, record_discarded, record_minted
-from worker.pipeline.steps.provider import _new_deprecated, _provider, revoke_key
-from worker.providers.base import issued_name
-from worker.pipeline.steps.versions import _ensure_old_version, _record_new_version
+from worker.pipeline.steps.provider import deprecated_error, provider_for, revoke_key
+from worker.providers.base import Provider, issued_name
+from worker.pipeline.steps.versions import ensure_old_version, record_new_version
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
 from worker.vault.errors import VaultError, VaultUnavailable
+from worker.adoption import rotation_blocker
+from worker.inventory.snapshot import applied_document, assisted_timings, create_url
+from worker.notice_text import deposit_detail
+from worker.owner_notices import contact_of, notify_owner
 
 logger = log.get_logger("keyrotor.pipeline")
 S = RunState
@@ -44,7 +47,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     did not discard; minted keys whose secret never reached staging are revoked; and after an
     issue call that failed without a definite answer, the provider's keys named after the run are
     listed (once the call can no longer be in flight) and revoked before issuing again."""
-    snap = _snapshot(ctx, run_id, Step.issue)
+    snap = load_snapshot(ctx, run_id, Step.issue)
     if snap is None:
         return None
     wait = _not_before_delay(snap)
@@ -57,7 +60,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if staged is None:  # nothing issued yet: a broken reference fails the run before any effect
         check_run_references(ctx, snap.key, snap.provider_record)
         _refuse_unrevocable(ctx, snap)
-    provider = _provider(ctx, snap)
+    provider = provider_for(ctx, snap)
     expires_at = None
     recovered = staged is not None
     if staged is not None:  # a previous attempt issued and staged, then crashed before recording
@@ -68,7 +71,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         wait = _settle_unknown_issue(ctx, snap, provider, minted, name)
         if wait is not None:
             return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
-        if not getattr(provider, "can_issue", True):
+        if not provider.can_issue:
             raise PermanentError(f"provider {snap.key.provider!r} cannot issue keys; set its mode to 'assisted'")
         issued = _mint(ctx, snap, provider, name)
         secret, key_id, expires_at = issued.secret, issued.key_id, issued.expires_at
@@ -79,11 +82,10 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if snap.mode == Mode.cutover:
         detail["cutover_window"] = "opened: the provider invalidated the previous key"
     with session_scope(ctx.engine) as session:
-        old_id = _ensure_old_version(ctx, snap, session)
-        new_id = _record_new_version(session, snap, secret=secret, key_id=key_id, name=name, expires_at=expires_at)
+        old_id = ensure_old_version(ctx, snap, session)
+        new_id = record_new_version(session, snap, secret=secret, key_id=key_id, name=name, expires_at=expires_at)
         transition(session, snap.run, S.issued, actor=ctx.actor, detail=detail,
-                   deadline_s=_deadline_s(ctx, S.issued), old_version_id=old_id, new_version_id=new_id, refresh=False)
-    transitioned()
+                   deadline_s=step_deadline_s(ctx, S.issued), old_version_id=old_id, new_version_id=new_id, refresh=False)
     logger.info("run.transition", from_state="requested", to_state="issued", fingerprint=secret.fingerprint)
     return StepOutcome(state=S.issued, mode=snap.mode)
 
@@ -91,8 +93,6 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
 def _refuse_unrevocable(ctx: PipelineContext, snap: Snapshot) -> None:
     """Issue nothing when the current key could never be revoked afterwards (no provider key id
     and the provider revokes by id): the run fails at once, naming `keyrotor adopt`."""
-    from worker.adoption import rotation_blocker
-
     with session_scope(ctx.engine) as session:
         blocker = rotation_blocker(session, snap.key, ctx.vault)
     if blocker is not None:
@@ -118,7 +118,7 @@ def _trusted_staging(ctx: PipelineContext, snap: Snapshot, minted: list[MintedKe
     return None
 
 
-def _discard_lost(ctx: PipelineContext, snap: Snapshot, provider: Any, minted: list[MintedKey], name: str) -> None:
+def _discard_lost(ctx: PipelineContext, snap: Snapshot, provider: Provider, minted: list[MintedKey], name: str) -> None:
     """Keys this run minted whose secret is not in staging can never be used: clear staging first
     (a held write landing later is then rejected by its fingerprint), then revoke them."""
     lost = [m for m in minted if not m.discarded]
@@ -137,7 +137,7 @@ def _discard_lost(ctx: PipelineContext, snap: Snapshot, provider: Any, minted: l
                              reason="its secret never reached staging")
 
 
-def _settle_unknown_issue(ctx: PipelineContext, snap: Snapshot, provider: Any, minted: list[MintedKey],
+def _settle_unknown_issue(ctx: PipelineContext, snap: Snapshot, provider: Provider, minted: list[MintedKey],
                           name: str) -> Optional[float]:
     """After an issue call without a definite answer: wait until it can no longer be in flight
     (twice the provider's request timeout from its start), then list the keys named after the run
@@ -145,7 +145,7 @@ def _settle_unknown_issue(ctx: PipelineContext, snap: Snapshot, provider: Any, m
     list call nothing can be found: the call was recorded (``issue_outcome_unknown``, with the
     name) when it failed, and ``plan``/``status`` say that this provider has no orphan scan."""
     since = as_utc(snap.run.issue_unknown_since)
-    if since is None or not getattr(provider, "can_list", False):
+    if since is None or not provider.can_list:
         return None
     settle_at = since + timedelta(seconds=2 * float(getattr(provider, "issue_timeout_s", 0.0) or 0.0))
     wait = seconds_between(settle_at, utcnow())
@@ -188,7 +188,7 @@ def _answer_is_definite(exc: BaseException) -> bool:
     return is_permanent(exc) or isinstance(exc, RateLimited)
 
 
-def _mint(ctx: PipelineContext, snap: Snapshot, provider: Any, name: str) -> Any:
+def _mint(ctx: PipelineContext, snap: Snapshot, provider: Provider, name: str) -> Any:
     """The issue call, bracketed: the run is marked before it (a crash mid-call leaves the mark),
     and its answer is recorded (``new_key_minted``) before the secret goes anywhere else."""
     started = utcnow()
@@ -199,10 +199,10 @@ def _mint(ctx: PipelineContext, snap: Snapshot, provider: Any, name: str) -> Any
         if _answer_is_definite(exc):
             _set_issue_unknown(ctx, snap.run.id, None)
             if isinstance(exc, DeprecatedCredential):
-                raise _new_deprecated(ctx, snap, "issue") from None
+                raise deprecated_error(ctx, snap, "issue") from None
         else:
             _set_issue_unknown(ctx, snap.run.id, started, event={
-                "name": name, "error": safe_error(exc), "listable": bool(getattr(provider, "can_list", False))})
+                "name": name, "error": safe_error(exc), "listable": provider.can_list})
         raise
     with holding(issued.secret), session_scope(ctx.engine) as session:
         record_minted(session, snap.run, actor=ctx.actor, name=name, fingerprint=issued.secret.fingerprint,
@@ -212,7 +212,7 @@ def _mint(ctx: PipelineContext, snap: Snapshot, provider: Any, name: str) -> Any
     return issued
 
 
-def _stage(ctx: PipelineContext, snap: Snapshot, provider: Any, secret: Secret, key_id: Optional[str],
+def _stage(ctx: PipelineContext, snap: Snapshot, provider: Provider, secret: Secret, key_id: Optional[str],
            expires_at: Optional[datetime]) -> None:
     """Stage the new secret. The store already retries transient Vault errors (bounded, backoff,
     jitter, Retry-After); a second layer here would multiply its attempts. On failure the key is
@@ -254,7 +254,7 @@ def _staging_landed(ctx: PipelineContext, run_id: str, secret: Secret) -> Option
         return None
 
 
-def _revoke_unstaged(ctx: PipelineContext, snap: Snapshot, provider: Any, secret: Secret, key_id: Optional[str]) -> None:
+def _revoke_unstaged(ctx: PipelineContext, snap: Snapshot, provider: Provider, secret: Secret, key_id: Optional[str]) -> None:
     """Revoke a key that never reached staging and record it as discarded (best effort: if this
     fails, the next attempt finds it minted and not discarded, and revokes it then)."""
     try:
@@ -274,7 +274,7 @@ def _record_lost_orphan(ctx: PipelineContext, snap: Snapshot, key_id: Optional[s
         if run is None or run_state(run) != S.requested:
             raise StateConflict(f"run {snap.run.id} moved on while recovering its issued key")
         if run.new_version_id is None:
-            run.new_version_id = _record_new_version(session, snap, secret=None, key_id=key_id, name=name, expires_at=None)
+            run.new_version_id = record_new_version(session, snap, secret=None, key_id=key_id, name=name, expires_at=None)
             session.add(run)
     raise PermanentError(f"the provider already holds key {name} (id {key_id}) but its secret was lost before "
                          "it reached Vault; compensating revokes it and the next run issues a fresh key")
@@ -283,11 +283,8 @@ def _record_lost_orphan(ctx: PipelineContext, snap: Snapshot, key_id: Optional[s
 
 def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """assisted: requested → awaiting_deposit; the key's owner is told what to create, where, and
-    how to hand it over (their deposit path in Vault; ``jobs/deposits.py`` picks it up)."""
-    from worker.inventory.snapshot import applied_document, assisted_timings, create_url
-    from worker.owner_notices import contact_of, deposit_detail, notify_owner
-
-    snap = _snapshot(ctx, run_id, Step.request_deposit)
+    how to hand it over (their deposit path in Vault; ``worker/service/deposits.py`` picks it up)."""
+    snap = load_snapshot(ctx, run_id, Step.request_deposit)
     if snap is None:
         return None
     wait = _not_before_delay(snap)
@@ -302,13 +299,12 @@ def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                             create_url=create_url(document, snap.key.provider, snap.credential_type), run_id=snap.run.id,
                             deadline_at=deadline.isoformat())
     with session_scope(ctx.engine) as session:
-        old_id = _ensure_old_version(ctx, snap, session)
+        old_id = ensure_old_version(ctx, snap, session)
         transition(session, snap.run, S.awaiting_deposit, actor=ctx.actor, deadline_s=None, old_version_id=old_id,
                    detail={"owner": snap.key.owner, "contact": detail["contact"],
                            "deposit_path": f"{ctx.vault.staging_mount}/{path}",
                            "command": f"keyrotor deposit {snap.run.id}"}, refresh=False)
-    transitioned()
-    _notify(ctx, "started", snap, {"action": "deposit_required", "owner": snap.key.owner,
+    notify_run(ctx, "started", snap, {"action": "deposit_required", "owner": snap.key.owner,
                                    "credential_type": snap.credential_type, "next_step": detail["next_step"]})
     notify_owner(ctx.engine, "deposit_requested", key_name=snap.key.name, run_id=snap.run.id, detail=detail,
                  vault=ctx.vault)

@@ -13,8 +13,8 @@ from worker.errors import PermanentError
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, parse_seconds, seconds_between
 from worker.pipeline.runs import load_version
-from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _require_staged, _snapshot
-from worker.pipeline.steps.provider import _check, _new_deprecated, _provider
+from worker.pipeline.steps.common import Snapshot, StepOutcome, advance_run, require_staged, load_snapshot
+from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for
 from worker.protocol import Mode, RunState, Step
 
 S = RunState
@@ -29,17 +29,17 @@ def _activation(ctx: PipelineContext, snap: Snapshot) -> tuple[float, float]:
 
 def precheck(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """issued → prechecked: poll the provider with the new key until it is live or the deadline."""
-    snap = _snapshot(ctx, run_id, Step.precheck)
+    snap = load_snapshot(ctx, run_id, Step.precheck)
     if snap is None:
         return None
-    secret, _ = _require_staged(ctx, snap, "check")
-    provider = _provider(ctx, snap)
+    secret, _ = require_staged(ctx, snap, "check")
+    provider = provider_for(ctx, snap)
     with holding(secret):
-        outcome = _check(provider, secret, snap.credential_type)
+        outcome = check_credential(provider, secret, snap.credential_type)
     if outcome == "valid":
-        return _advance(ctx, snap, S.prechecked, detail={"fingerprint": secret.fingerprint})
+        return advance_run(ctx, snap, S.prechecked, detail={"fingerprint": secret.fingerprint})
     if outcome == "deprecated":  # waiting will not make a deprecated type acceptable
-        raise _new_deprecated(ctx, snap, "precheck")
+        raise deprecated_error(ctx, snap, "precheck")
     poll_s, timeout_s = _activation(ctx, snap)
     elapsed = seconds_between(utcnow(), snap.new.issued_at if snap.new else snap.run.updated_at)
     if elapsed < timeout_s:
@@ -50,10 +50,10 @@ def precheck(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
 
 def promote(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """prechecked → promoted: write the new secret as the newest Vault version (check-and-set)."""
-    snap = _snapshot(ctx, run_id, Step.promote)
+    snap = load_snapshot(ctx, run_id, Step.promote)
     if snap is None:
         return None
-    secret, key_id = _require_staged(ctx, snap, "promote")
+    secret, key_id = require_staged(ctx, snap, "promote")
     key = snap.key
     with holding(secret):
         current = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
@@ -79,4 +79,4 @@ def promote(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     detail: dict[str, Any] = {"vault_version": version, "fingerprint": secret.fingerprint}
     if snap.mode == Mode.cutover and snap.new is not None:
         detail["cutover_window_ms"] = int(seconds_between(now, snap.new.issued_at) * 1000)
-    return _advance(ctx, snap, S.promoted, detail=detail, apply=apply)
+    return advance_run(ctx, snap, S.promoted, detail=detail, apply=apply)

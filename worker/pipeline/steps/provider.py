@@ -11,11 +11,11 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.deprecation import NewCredentialDeprecated, new_credential_deprecated
 from worker.pipeline.effects import enum_value
 from worker.pipeline.steps.common import Snapshot
-from worker.providers.base import revoke_outcome
+from worker.providers.base import Provider, revoke_outcome
 from worker.secret import Secret
 
 
-def _provider(ctx: PipelineContext, snap: Snapshot) -> Any:
+def provider_for(ctx: PipelineContext, snap: Snapshot) -> Provider:
     """The key's provider from the factory. The record the snapshot read is put into the factory's
     session, so its lookup is answered without a query (and without taking a connection); a
     record changed by ``config apply`` is seen by the next step's snapshot."""
@@ -27,19 +27,19 @@ def _provider(ctx: PipelineContext, snap: Snapshot) -> Any:
         return provider
 
 
-def revoke_key(provider: Any, *, key_id: Optional[str], secret: Optional[Secret], credential_type: str) -> str:
+def revoke_key(provider: Provider, *, key_id: Optional[str], secret: Optional[Secret], credential_type: str) -> str:
     """Revoke a key and say what the provider answered: ``revoked``, ``already_gone`` (404), or
     ``manual`` when the provider has no revoke call (a person must)."""
-    if not getattr(provider, "can_revoke", True):
+    if not provider.can_revoke:
         return "manual"
     answer = provider.revoke(key_id=key_id, secret=secret, credential_type=credential_type)
     return revoke_outcome(answer).value
 
 
-def _check(provider: Any, secret: Secret, credential_type: str) -> str:
+def check_credential(provider: Provider, secret: Secret, credential_type: str) -> str:
     return enum_value(provider.check(secret, credential_type=credential_type))
 
 
-def _new_deprecated(ctx: PipelineContext, snap: Snapshot, where: str) -> NewCredentialDeprecated:
+def deprecated_error(ctx: PipelineContext, snap: Snapshot, where: str) -> NewCredentialDeprecated:
     return new_credential_deprecated(ctx.engine, provider=snap.key.provider, key_name=snap.key.name,
                                      credential_type=snap.credential_type, where=where)

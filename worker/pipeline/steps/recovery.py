@@ -13,7 +13,6 @@ from worker.clock import utcnow
 from worker.db.models import ManagedKey, VersionStage
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict
-from worker.metrics import ROTATIONS
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.deprecation import (
     DEPRECATED_TYPE_FIELD,
@@ -23,14 +22,12 @@ from worker.pipeline.deprecation import (
     report_deprecated,
 )
 from worker.pipeline.effects import holding, read_pending, safe_error
-from worker.pipeline.lease import transitioned
 from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
-from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _deadline_s, _notify, _snapshot
+from worker.pipeline.steps.common import Snapshot, StepOutcome, advance_run, step_deadline_s, notify_run, load_snapshot
 from worker.pipeline.steps.minted import MintedKey, minted_keys, record_discarded
-from worker.pipeline.steps.provider import _provider, revoke_key
-from worker.pipeline.steps.sinks import _announcement, _push_all, _raise_sink_failures
+from worker.pipeline.steps.provider import provider_for, revoke_key
+from worker.pipeline.steps.sinks import announcement_for, push_all, raise_sink_failures
 from worker.protocol import FailureKind, Mode, RunState, Step, expected_state, failure_target, parse_mode
-from worker.protocol.states import OUTCOME_STATES
 from worker.secret import Secret
 
 logger = log.get_logger("keyrotor.pipeline")
@@ -39,7 +36,7 @@ S = RunState
 
 def compensate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """compensating → failed: revoke the *new* key (never the old), discard staging."""
-    snap = _snapshot(ctx, run_id, Step.compensate)
+    snap = load_snapshot(ctx, run_id, Step.compensate)
     if snap is None:
         return None
     key, new, old = snap.key, snap.new, snap.old
@@ -51,7 +48,7 @@ def compensate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         current = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
         if new_fp is not None and current is not None and current.secret.fingerprint == new_fp:
             # Vault already serves the new key (promote crashed before recording): restore instead.
-            return _advance(ctx, snap, S.rolling_back, detail={"reason": "Vault already serves the new key"})
+            return advance_run(ctx, snap, S.rolling_back, detail={"reason": "Vault already serves the new key"})
         if new_key_id is not None or new_secret is not None:
             if snap.mode == Mode.cutover:
                 raise PermanentError("cutover: the new key is the only valid one; it must not be revoked")
@@ -73,15 +70,15 @@ def compensate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             record_discarded(session, snap.run, actor=ctx.actor, fingerprint=minted.fingerprint,
                              provider_key_id=minted.provider_key_id, revocation=revocation, reason="compensation")
 
-    outcome = _advance(ctx, snap, S.failed, detail=detail, apply=apply)
-    _notify(ctx, "failed", snap, {"reason": snap.run.last_error, **detail})
+    outcome = advance_run(ctx, snap, S.failed, detail=detail, apply=apply)
+    notify_run(ctx, "failed", snap, {"reason": snap.run.last_error, **detail})
     _follow_deprecation(ctx, snap)
     return outcome
 
 
 def rollback(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """rolling_back → rolled_back: old secret back as newest Vault version, re-push it, revoke new."""
-    snap = _snapshot(ctx, run_id, Step.rollback)
+    snap = load_snapshot(ctx, run_id, Step.rollback)
     if snap is None:
         return None
     key, new, old = snap.key, snap.new, snap.old
@@ -98,10 +95,10 @@ def rollback(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             restored = ctx.vault.restore(key.vault_mount, key.vault_path, old.vault_version,
                                          current.version if current is not None else 0)
         detail["vault_version"] = restored
-        ann = _announcement(snap, "rolled_back", old_secret, old, restored)
-        failures = _push_all(ctx, snap, ann, done_status="restored", skip={"restored"})
+        ann = announcement_for(snap, "rolled_back", old_secret, old, restored)
+        failures = push_all(ctx, snap, ann, done_status="restored", skip={"restored"})
         if failures:
-            _raise_sink_failures(failures, "pushing the restored key")
+            raise_sink_failures(failures, "pushing the restored key")
         new_key_id = new.provider_key_id if new is not None else None
         if new is not None and (new_key_id or new_secret) and new.fingerprint != old.fingerprint:
             detail["revocation"] = _revoke_new_key(ctx, snap, key_id=new_key_id, secret=new_secret,
@@ -118,8 +115,8 @@ def rollback(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         old_row.stage, old_row.vault_version = VersionStage.current, restored
         session.add(old_row)
 
-    outcome = _advance(ctx, snap, S.rolled_back, detail=detail, apply=apply)
-    _notify(ctx, "rolled_back", snap, {"reason": snap.run.last_error, **detail})
+    outcome = advance_run(ctx, snap, S.rolled_back, detail=detail, apply=apply)
+    notify_run(ctx, "rolled_back", snap, {"reason": snap.run.last_error, **detail})
     _follow_deprecation(ctx, snap)
     return outcome
 
@@ -128,7 +125,7 @@ def _revoke_new_key(ctx: PipelineContext, snap: Snapshot, *, key_id: Optional[st
                     credential_type: str) -> str:
     """Revoke the run's new key at the provider and report its answer: "revoked", "already_gone"
     (404), or "manual" when the provider cannot revoke (a person must)."""
-    return revoke_key(_provider(ctx, snap), key_id=key_id, secret=secret, credential_type=credential_type)
+    return revoke_key(provider_for(ctx, snap), key_id=key_id, secret=secret, credential_type=credential_type)
 
 
 def _staged_new(ctx: PipelineContext, snap: Snapshot) -> tuple[Optional[Secret], Optional[str]]:
@@ -152,7 +149,7 @@ def _revoke_other_minted(ctx: PipelineContext, snap: Snapshot, *, exclude: Optio
                    if not m.discarded and m.provider_key_id and m.provider_key_id != exclude]
     if not pending or snap.mode == Mode.cutover:
         return []
-    provider = _provider(ctx, snap)
+    provider = provider_for(ctx, snap)
     return [(m, revoke_key(provider, key_id=m.provider_key_id, secret=None, credential_type=snap.credential_type))
             for m in pending]
 
@@ -187,21 +184,18 @@ def fail_run(ctx: PipelineContext, run_id: str, step: Step, exc: BaseException, 
             detail["replacement"] = exc.replacement
         try:
             # needs_attention keeps the attempt count for the person who looks (resolve resets it).
-            kept = {"attempts": run.attempts} if target == S.needs_attention else {}
-            transition(session, run, target, actor=ctx.actor, last_error=error, deadline_s=_deadline_s(ctx, target),
+            kept: dict[str, Any] = {"attempts": run.attempts} if target == S.needs_attention else {}
+            transition(session, run, target, actor=ctx.actor, last_error=error, deadline_s=step_deadline_s(ctx, target),
                        detail=detail, **kept)
         except StateConflict:
             session.rollback()
             return None
-    transitioned()
     logger.warning("run.failed_step", failure=kind.value, to_state=target.value, error=error)
-    if target in OUTCOME_STATES:
-        ROTATIONS.labels(provider=key.provider, outcome=target.value).inc()
     if target == S.needs_attention:
         snap = Snapshot(run=run, key=key, old=None, new=None, mode=parse_mode(run.mode))
         alert: dict[str, Any] = {"step": step.value, "error": error, "failure": kind.value}
         if run.emergency:  # the exposed credential is still the one in service
             alert.update(emergency=True, action="the emergency rotation did not complete: the exposed credential is "
                                                 f"still in use; fix the cause, then `keyrotor resolve {run.id} --action retry`")
-        _notify(ctx, "needs_attention", snap, alert)
+        notify_run(ctx, "needs_attention", snap, alert)
     return target

@@ -10,24 +10,28 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from worker.clock import as_utc, utcnow
-from worker.db.models import AuditEvent, ManagedKey, RotationRun, VersionStage
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, VersionStage
 from worker.db.session import session_scope
 from worker.errors import DeprecatedCredential, PermanentError, TransientError
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.deprecation import report_deprecated
 from worker.pipeline.effects import holding, seconds_between
 from worker.pipeline.runs import audit, load_run, load_version
-from worker.pipeline.steps.common import StepOutcome, _advance, _notify, _snapshot
-from worker.pipeline.steps.provider import _check, _new_deprecated, _provider, revoke_key
+from worker.pipeline.steps.common import StepOutcome, advance_run, notify_run, load_snapshot
+from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for, revoke_key
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
+from worker.inventory.snapshot import applied_document, assisted_timings
+from worker.owner_notices import notify_owner
+from worker.service.due import refresh_next_due
+from worker.pipeline.targets import rejected_at
 
 S = RunState
 
 
 def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """verified → retired, after the grace period: revoke the old key and confirm it is rejected."""
-    snap = _snapshot(ctx, run_id, Step.retire)
+    snap = load_snapshot(ctx, run_id, Step.retire)
     if snap is None:
         return None
     now = utcnow()
@@ -36,12 +40,12 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                            again_in_s=seconds_between(as_utc(snap.run.grace_until), now))  # type: ignore[arg-type]
     old, new, key = snap.old, snap.new, snap.key
     if old is None or (old.stage == VersionStage.retired.value and snap.mode != Mode.cutover):
-        return _advance(ctx, snap, S.retired, detail={"old": None if old is None else "already retired"})
+        return advance_run(ctx, snap, S.retired, detail={"old": None if old is None else "already retired"})
     if new is None:
         raise PermanentError(f"run {snap.run.id} has no new version recorded; refusing to revoke the old key")
     if (old.provider_key_id and old.provider_key_id == new.provider_key_id) or old.fingerprint == new.fingerprint:
         raise PermanentError("the old and new versions are the same credential; refusing to revoke it")
-    provider = _provider(ctx, snap)
+    provider = provider_for(ctx, snap)
     # Invariants 1 and 2 are about what consumers get: check the secret Vault *serves* now (not a
     # staged copy, which may be gone), and refuse if it is not the new credential any more.
     served = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
@@ -55,9 +59,9 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     detail: dict[str, Any] = {"old_fingerprint": old.fingerprint, "old_provider_key_id": old.provider_key_id}
     with holding(new_secret, old_secret):
         # Invariant 1 and 2: never revoke the old key unless the new one still authenticates.
-        new_outcome = _check(provider, new_secret, snap.credential_type)
+        new_outcome = check_credential(provider, new_secret, snap.credential_type)
         if new_outcome == "deprecated":
-            raise _new_deprecated(ctx, snap, "retire")
+            raise deprecated_error(ctx, snap, "retire")
         if new_outcome != "valid":
             raise PermanentError("the new credential no longer authenticates; the old one is kept")
         old_deprecated = False
@@ -76,7 +80,7 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                 old_deprecated = True
                 detail["revocation"] = "rejected as deprecated by the provider"
         if old_secret is not None:
-            outcome = _check(provider, old_secret, old.credential_type)
+            outcome = check_credential(provider, old_secret, old.credential_type)
             detail["old_check"] = outcome
             old_deprecated = old_deprecated or outcome == "deprecated"
             if outcome == "valid" and detail["revocation"] != "manual":
@@ -103,16 +107,13 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             row.stage, row.retired_at = VersionStage.retired, now
         session.add(row)
 
-    outcome_ = _advance(ctx, snap, S.retired, detail=detail, apply=apply)
+    outcome_ = advance_run(ctx, snap, S.retired, detail=detail, apply=apply)
     if old_deprecated:  # after the commit: it joins this (still open) run, or is stale once it completes
         report_deprecated(ctx.engine, key_name=key.name, credential_type=old.credential_type, requested_by=ctx.actor)
     return outcome_
 
 
 def _type_rejected(ctx: PipelineContext, provider: str, credential_type: str, now: datetime) -> bool:
-    from worker.db.models import ProviderRecord
-    from worker.pipeline.targets import rejected_at
-
     with session_scope(ctx.engine) as session:
         record = session.get(ProviderRecord, provider)
         return record is not None and rejected_at(record.spec, credential_type, now)
@@ -121,15 +122,13 @@ def _type_rejected(ctx: PipelineContext, provider: str, credential_type: str, no
 def ask_owner_to_revoke(ctx: PipelineContext, snap: Any, old_fingerprint: Optional[str], *, first: bool,
                         deadline: Optional[datetime] = None) -> None:
     """Tell the owner to revoke the old credential (``revoke_requested``) and record it."""
-    from worker.owner_notices import notify_owner
-
     detail = {"provider": snap.key.provider, "credential_type": snap.credential_type, "owner": snap.key.owner,
               "old_fingerprint": old_fingerprint,
               "next_step": f"revoke the old {snap.credential_type} (fingerprint {old_fingerprint}) at "
                            f"{snap.key.provider}; the new one is in service. keyrotor checks that the old one is "
                            "rejected and then completes the rotation",
               "deadline_at": deadline.isoformat() if deadline else None}
-    _notify(ctx, "reminder", snap, {"action": "revoke_old_credential", **detail})
+    notify_run(ctx, "reminder", snap, {"action": "revoke_old_credential", **detail})
     notify_owner(ctx.engine, "revoke_requested", key_name=snap.key.name, run_id=snap.run.id, detail=detail, vault=ctx.vault)
     with session_scope(ctx.engine) as session:
         run = load_run(session, snap.run.id)
@@ -143,8 +142,6 @@ def wait_for_owner_revocation(ctx: PipelineContext, snap: Any, old_fingerprint: 
     """The provider cannot revoke by API and the old credential still works: ask the owner (again
     every ``assisted.remind_every``), poll every ``assisted.revoke_check_every``, and past
     ``assisted.revoke_deadline`` (from the first request) fail → needs_attention. Never forever."""
-    from worker.inventory.snapshot import applied_document, assisted_timings
-
     timings = assisted_timings(applied_document(ctx.engine), snap.key.name)
     with session_scope(ctx.engine) as session:
         asked = [as_utc(at) for at in session.exec(
@@ -167,7 +164,7 @@ def wait_for_owner_revocation(ctx: PipelineContext, snap: Any, old_fingerprint: 
 
 def finish(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """retired → completed: discard staging, record the rotation on the key, compute its next due."""
-    snap = _snapshot(ctx, run_id, Step.finish)
+    snap = load_snapshot(ctx, run_id, Step.finish)
     if snap is None:
         return None
     ctx.vault.discard_pending(snap.run.id)
@@ -182,13 +179,9 @@ def finish(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             key.credential_type = snap.run.target_credential_type
         session.add(key)
         session.flush()
-        try:
-            from jobs.due import refresh_next_due  # type: ignore[import-not-found]
-        except ImportError:
-            return
         refresh_next_due(session, key)
 
-    outcome = _advance(ctx, snap, S.completed, apply=apply,
+    outcome = advance_run(ctx, snap, S.completed, apply=apply,
                        detail={"fingerprint": snap.new.fingerprint if snap.new else None})
-    _notify(ctx, "succeeded", snap, {"fingerprint": snap.new.fingerprint if snap.new else None})
+    notify_run(ctx, "succeeded", snap, {"fingerprint": snap.new.fingerprint if snap.new else None})
     return outcome

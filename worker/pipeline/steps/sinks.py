@@ -15,9 +15,9 @@ from worker.db.session import session_scope
 from worker.errors import ConfigError, PermanentError, TransientError, is_permanent
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import announcement, holding, safe_error, verify_status
-from worker.pipeline.steps.common import Snapshot, StepOutcome, _advance, _require_staged, _snapshot
+from worker.pipeline.steps.common import Snapshot, StepOutcome, advance_run, require_staged, load_snapshot
 from worker.pipeline.runs import extend_deadline
-from worker.pipeline.steps.provider import _check, _new_deprecated, _provider
+from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for
 from worker.protocol import RunState, Step, has_grace_period
 from worker.secret import Secret
 
@@ -25,14 +25,14 @@ logger = log.get_logger("keyrotor.pipeline")
 S = RunState
 
 
-def _announcement(snap: Snapshot, event: str, secret: Secret, version: KeyVersion, vault_version: int) -> Any:
+def announcement_for(snap: Snapshot, event: str, secret: Secret, version: KeyVersion, vault_version: int) -> Any:
     return announcement(event=event, key_name=snap.key.name, run_id=snap.run.id,
                         provider_key_id=version.provider_key_id, fingerprint=secret.fingerprint,
                         vault_mount=snap.key.vault_mount, vault_path=snap.key.vault_path,
                         vault_field=snap.key.vault_field, vault_version=vault_version, secret=secret)
 
 
-def _push_all(ctx: PipelineContext, snap: Snapshot, ann: Any, *, done_status: str, skip: set[str]) -> list[tuple[str, BaseException]]:
+def push_all(ctx: PipelineContext, snap: Snapshot, ann: Any, *, done_status: str, skip: set[str]) -> list[tuple[str, BaseException]]:
     """Push ``ann`` to every integration of the key not yet done; record each sink's status."""
     failures: list[tuple[str, BaseException]] = []
     for name in snap.key.integrations or []:
@@ -64,7 +64,7 @@ def _sink_row(session: Session, run_id: str, name: str) -> SinkDelivery:
     return row
 
 
-def _raise_sink_failures(failures: list[tuple[str, BaseException]], what: str) -> None:
+def raise_sink_failures(failures: list[tuple[str, BaseException]], what: str) -> None:
     names = ", ".join(name for name, _ in failures)
     first = safe_error(failures[0][1])
     config = next((exc for _, exc in failures if isinstance(exc, ConfigError)), None)
@@ -79,32 +79,32 @@ def _raise_sink_failures(failures: list[tuple[str, BaseException]], what: str) -
 
 def propagate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """promoted → propagated: push to every integration; all must succeed (no split brain)."""
-    snap = _snapshot(ctx, run_id, Step.propagate)
+    snap = load_snapshot(ctx, run_id, Step.propagate)
     if snap is None:
         return None
     if snap.new is None:
         raise PermanentError(f"run {snap.run.id} has no new version recorded; cannot propagate it")
-    secret, _ = _require_staged(ctx, snap, "propagate")
+    secret, _ = require_staged(ctx, snap, "propagate")
     with holding(secret):
-        ann = _announcement(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
-        failures = _push_all(ctx, snap, ann, done_status="pushed", skip={"pushed", "verified"})
+        ann = announcement_for(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
+        failures = push_all(ctx, snap, ann, done_status="pushed", skip={"pushed", "verified"})
     if failures:
-        _raise_sink_failures(failures, "pushing the new key")
-    return _advance(ctx, snap, S.propagated, detail={"sinks": list(snap.key.integrations or [])})
+        raise_sink_failures(failures, "pushing the new key")
+    return advance_run(ctx, snap, S.propagated, detail={"sinks": list(snap.key.integrations or [])})
 
 
 def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     """propagated → verified: the provider and every integration accept the new key; grace starts."""
-    snap = _snapshot(ctx, run_id, Step.verify)
+    snap = load_snapshot(ctx, run_id, Step.verify)
     if snap is None:
         return None
     if snap.new is None:
         raise PermanentError(f"run {snap.run.id} has no new version recorded; cannot verify it")
-    secret, _ = _require_staged(ctx, snap, "verify")
-    provider = _provider(ctx, snap)
+    secret, _ = require_staged(ctx, snap, "verify")
+    provider = provider_for(ctx, snap)
     results: dict[str, str] = {}
     with holding(secret):
-        ann = _announcement(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
+        ann = announcement_for(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
         mismatched: list[str] = []
         pending: list[tuple[str, float]] = []
         for name in snap.key.integrations or []:
@@ -124,9 +124,9 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                 session.add(row)
                 results[name] = status
         if not mismatched and not pending:  # the provider is asked once, not at every poll of a rollout
-            outcome = _check(provider, secret, snap.credential_type)
+            outcome = check_credential(provider, secret, snap.credential_type)
             if outcome == "deprecated":
-                raise _new_deprecated(ctx, snap, "verify")
+                raise deprecated_error(ctx, snap, "verify")
             if outcome != "valid":
                 raise PermanentError(f"the provider now answers {outcome!r} for the new credential it accepted at precheck")
     if mismatched:
@@ -140,5 +140,5 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         return StepOutcome(state=S.propagated, mode=snap.mode, again_in_s=again_s)
     grace_s = float(snap.key.grace_period_s) if has_grace_period(snap.mode, emergency=snap.run.emergency) else 0.0
     grace_until = utcnow() + timedelta(seconds=grace_s)
-    return _advance(ctx, snap, S.verified, delay_s=grace_s, grace_until=grace_until,
+    return advance_run(ctx, snap, S.verified, delay_s=grace_s, grace_until=grace_until,
                     detail={"grace_until": grace_until.isoformat(), "grace_s": grace_s, "sinks": results})

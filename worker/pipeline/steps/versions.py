@@ -16,7 +16,7 @@ from worker.pipeline.steps.common import Snapshot
 from worker.secret import Secret
 
 
-def _ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session) -> Optional[int]:
+def ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session) -> Optional[int]:
     """The version Vault serves now, as a ``current`` KeyVersion (adopted if the DB has none)."""
     key = snap.key
     stored = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
@@ -51,7 +51,7 @@ def _select_versions(key_id: int, stage: VersionStage) -> Any:
     return select(KeyVersion).where(KeyVersion.key_id == key_id, KeyVersion.stage == stage.value)
 
 
-def _record_new_version(session: Session, snap: Snapshot, *, secret: Optional[Secret], key_id: Optional[str],
+def record_new_version(session: Session, snap: Snapshot, *, secret: Optional[Secret], key_id: Optional[str],
                         name: Optional[str], expires_at: Any) -> int:
     """The run's new version, pending; its expiry as the provider said or as derived
     (``worker/pipeline/expiry.py``: a declared lifetime, or the lifetime of the key in use)."""

@@ -50,7 +50,7 @@ from urllib.parse import parse_qsl, unquote
 import jwt
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from worker.sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread
+from keyrotor_sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 LEEWAY_S = 5

@@ -20,9 +20,15 @@ from worker.cli.follow import STOP_STATES, AuditFollower, state_of
 from worker.cli.output import duration, print_json, print_table, short_fp
 from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun
 from worker.db.session import session_scope
-from worker.demo import invariants
-from worker.demo.environment import DemoEnvironment
+from keyrotor_sandbox.demo import invariants
+from keyrotor_sandbox.demo.environment import DemoEnvironment
 from worker.secret import Secret
+from worker.cli.views import run_duration_s
+from worker.inventory.apply import apply_inventory
+from worker.inventory.loader import load_inventory
+from worker.pipeline.outbox import enqueue_run
+from worker.pipeline.requests import request_rotation
+from worker.service.retirement import retire_due
 
 GRACE_S = 2
 #: The key whose consumer is made to keep serving the old key, so verification fails after promotion.
@@ -51,7 +57,7 @@ class Narrator:
 
 def render_inventory(env: DemoEnvironment) -> str:
     """The embedded inventory with the stand-ins' addresses filled in (``<<name>>`` placeholders)."""
-    template = resources.files("worker.demo").joinpath("inventory.yaml").read_text(encoding="utf-8")
+    template = resources.files("keyrotor_sandbox.demo").joinpath("inventory.yaml").read_text(encoding="utf-8")
     values = {
         "provider_url": env.provider.url, "vault_mount": env.vault_mount, "grace_period": str(GRACE_S),
         "reporting_consumer_url": env.consumers["reporting-consumer"].url,
@@ -62,9 +68,6 @@ def render_inventory(env: DemoEnvironment) -> str:
 
 
 def apply_demo_inventory(env: DemoEnvironment, text: str) -> list[str]:
-    from worker.inventory.apply import apply_inventory
-    from worker.inventory.loader import load_inventory
-
     path = env.workdir / "inventory.yaml"
     path.write_text(text, encoding="utf-8")
     inventory = load_inventory(path)
@@ -121,8 +124,6 @@ def _run(env: DemoEnvironment, narrator: Narrator, *, keep: bool, json_out: bool
     env.consumers[FAULTY_INTEGRATION].ignore_updates(True)
     say(f"fault injected: {FAULTY_INTEGRATION} will keep using the old key, so {FAULTY_KEY} must fail verification")
 
-    from worker.pipeline.requests import enqueue_run, request_rotation
-
     follower = AuditFollower(env.engine)
     follower.start_from_now()
     run_ids: dict[str, str] = {}
@@ -134,7 +135,6 @@ def _run(env: DemoEnvironment, narrator: Narrator, *, keep: bool, json_out: bool
         run_ids[key.name] = run.id
     say(f"rotation requested for {len(run_ids)} keys (grace period {GRACE_S}s)")
 
-    from jobs.retirement import retire_due
 
     deadline = time.monotonic() + 45.0
     states: dict[str, str] = {}
@@ -192,7 +192,6 @@ def build_summary(env: DemoEnvironment, run_ids: dict[str, str]) -> list[dict[st
             new = session.get(KeyVersion, run.new_version_id) if run.new_version_id else None
             steps = session.exec(select(AuditEvent).where(AuditEvent.run_id == run_id,
                                                           col(AuditEvent.to_state).is_not(None))).all()
-            from worker.cli.views import run_duration_s
 
             rows.append({"key": key_name, "run_id": run_id, "result": state_of(run),
                          "old_fingerprint": old.fingerprint if old else None,

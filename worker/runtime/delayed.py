@@ -30,7 +30,8 @@ from dramatiq.common import current_millis, q_name
 from dramatiq.message import Message
 
 from worker import log
-from worker.pipeline.poison import PoisonSafeRedisBroker
+from worker.queues import delayed_keys
+from worker.runtime.poison import PoisonSafeRedisBroker
 
 logger = log.get_logger("keyrotor.pipeline.delayed")
 
@@ -55,12 +56,6 @@ for _, message_id in ipairs(due) do
 end
 return #due
 """
-
-
-def delayed_keys(namespace: str, queue_name: str) -> tuple[str, str]:
-    """The sorted set of due times and the hash of envelopes of ``queue_name``'s delayed messages."""
-    base = f"{namespace}:{q_name(queue_name)}.delayed"
-    return base, f"{base}.msgs"
 
 
 class DelayInRedisBroker(PoisonSafeRedisBroker):

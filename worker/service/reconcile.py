@@ -26,28 +26,36 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Engine
 
-from jobs.pipeline_hooks import Pipeline, default_pipeline, enqueue_after_commit
+from worker.pipeline.outbox import enqueue_after_commit
+from worker.service.hooks import Pipeline, default_pipeline
 from worker.clock import as_utc, utcnow
 from worker.db.models import (
-    TERMINAL_STATES,
     AuditEvent,
     KeyVersion,
     ManagedKey,
     ProviderKeySighting,
     ProviderRecord,
     RotationRun,
-    RunState,
     VersionStage,
 )
+from worker.errors import StateConflict
+from worker.pipeline.runs import run_state, transition
+from worker.protocol import FailureKind, failure_target, next_step
+from worker.protocol.states import TERMINAL_STATES, WAITING_STATES, RunState
 from worker.db.session import session_scope
 from worker.log import get_logger
+from worker.notify import notify_function
+from worker.providers.base import Provider, RevokeOutcome, revoke_outcome
+from worker.providers.ratelimit import shared_limiter
+from worker.providers.registry import provider_builder
+from worker.secret_refs import make_resolver
+from worker.settings import get_settings
+from worker.vault.store import VaultStore
 
 log = get_logger(__name__)
 
 ACTOR = "reconciler"
 ORPHAN_NAME = re.compile(r"^keyrotor-(?P<run_id>[A-Za-z0-9_.:-]{4,64})$")
-#: Open states the reconciler leaves alone: a person acts next.
-WAITING_FOR_PERSON = frozenset({RunState.awaiting_deposit, RunState.needs_attention})
 LIVE_STAGES = (VersionStage.pending.value, VersionStage.current.value, VersionStage.previous.value)
 
 NotifyFn = Callable[..., None]
@@ -56,8 +64,6 @@ NotifyFn = Callable[..., None]
 def _default_notify(engine: Any) -> NotifyFn:
     """Notifications to the sinks of the inventory applied to ``engine`` (not the process's
     default database); the scheduler passes one with its settings (Vault references)."""
-    from worker.notify import notify_function
-
     return notify_function(engine)
 
 
@@ -66,10 +72,12 @@ def _default_notify(engine: Any) -> NotifyFn:
 class StuckResult:
     requeued: list[str] = field(default_factory=list)
     needs_attention: list[str] = field(default_factory=list)
+    #: Out of re-enqueues and sent down the protocol's failure path (rolling back, compensating).
+    failed_over: list[str] = field(default_factory=list)
 
 
 def stuck_runs_query(now: datetime, batch: int):  # type: ignore[no-untyped-def]
-    skip = [s.value for s in (*TERMINAL_STATES, *WAITING_FOR_PERSON)]
+    skip = [s.value for s in (*TERMINAL_STATES, *WAITING_STATES)]  # over, or a person acts next
     in_grace = and_(RotationRun.state == RunState.verified.value, RotationRun.grace_until > now)  # type: ignore[arg-type,operator]
     return (
         select(RotationRun)
@@ -106,18 +114,28 @@ def recover_stuck_runs(
         )
         with session_scope(engine) as session:
             if requeues + 1 > max_attempts:
-                reason = f"no progress in state {state_value} after {requeues} re-enqueues; a person has to look"
-                moved = session.exec(  # type: ignore[call-overload]
-                    update(RotationRun).where(still_stuck)
-                    .values(state=RunState.needs_attention.value, last_error=reason, updated_at=now)
-                ).rowcount
-                if moved != 1:
-                    continue
                 run = session.get(RotationRun, run_id)
-                assert run is not None
-                session.add(AuditEvent(at=now, run_id=run_id, key_id=run.key_id, actor=ACTOR, event="state_changed",
-                                       from_state=state_value, to_state=RunState.needs_attention.value,
-                                       detail={"reason": reason, "requeues": requeues}))
+                if run is None or run_state(run).value != state_value:
+                    continue
+                # Out of re-enqueues: the step failed for good ("exhausted"); the protocol says where
+                # that leads in this run's mode (rolling_back after promotion in overlap/assisted,
+                # needs_attention elsewhere), and transition() refuses anything it forbids.
+                target = failure_target(run.mode, RunState(state_value), FailureKind.exhausted,
+                                        emergency=bool(run.emergency))
+                reason = (f"no progress in state {state_value} after {requeues} re-enqueues"
+                          + ("; a person has to look" if target == RunState.needs_attention else f"; {target.value}"))
+                waits = next_step(run.mode, target) is None
+                # Waiting for a person keeps the step's own attempt count for whoever looks (as fail_run).
+                kept: dict[str, Any] = {"attempts": run.attempts} if waits else {}
+                try:
+                    moved = transition(session, run, target, actor=ACTOR, last_error=reason, requeues=requeues, **kept,
+                                       deadline_s=None if waits else step_timeout_s, still=(still_stuck,),
+                                       detail={"reason": reason, "requeues": requeues})
+                except StateConflict:  # a worker moved it meanwhile: nothing to do
+                    session.rollback()
+                    continue
+                if not waits:
+                    enqueue_after_commit(session, moved, pipeline.enqueue_run)
                 key = session.get(ManagedKey, run.key_id)
                 key_name = key.name if key else str(run.key_id)
             else:
@@ -136,6 +154,10 @@ def recover_stuck_runs(
         if key_name is None:
             result.requeued.append(run_id)
             log.warning("stuck_run_requeued", run_id=run_id, state=state_value, requeue=requeues + 1)
+        elif target != RunState.needs_attention:
+            result.failed_over.append(run_id)
+            log.error("stuck_run_failed", run_id=run_id, state=state_value, to_state=target.value, requeues=requeues,
+                      key=key_name)
         else:
             result.needs_attention.append(run_id)
             log.error("stuck_run_needs_attention", run_id=run_id, state=state_value, requeues=requeues, key=key_name)
@@ -156,31 +178,15 @@ class RevokedOrphan:
     run_id: str
 
 
-ProviderFactory = Callable[[ProviderRecord], Any]  # → worker.providers.base.Provider
+ProviderFactory = Callable[[ProviderRecord], Provider]
 
 
 def default_provider_factory() -> ProviderFactory:
     """Build providers the way workers do: secret references resolved via Vault, shared rate limit."""
-    from worker.providers.registry import build_provider
-    from worker.secret_refs import make_resolver
-    from worker.settings import get_settings
-    from worker.vault.store import VaultStore
-
     settings = get_settings()
     vault = VaultStore.from_settings(settings) if settings.vault_addr else None
     resolve = make_resolver(vault)
-    limiter = _shared_limiter(settings)
-
-    def build(record: ProviderRecord) -> Any:
-        return build_provider(record, resolve=resolve, limiter=limiter)
-
-    return build
-
-
-def _shared_limiter(settings: Any) -> Any:
-    from worker.providers.ratelimit import RedisRateLimiter
-
-    return RedisRateLimiter.from_url(settings.redis_url, namespace=settings.queue_namespace)
+    return provider_builder(resolve, shared_limiter(settings.redis_url, namespace=settings.queue_namespace))
 
 
 def _is_orphan(session: Any, provider: str, key_id: str, run_id: str) -> tuple[bool, str | None]:
@@ -257,7 +263,7 @@ def revoke_orphans(
     for record in records:
         try:
             provider = factory(record)
-            if not (getattr(provider, "can_list", False) and getattr(provider, "can_revoke", False)):
+            if not (provider.can_list and provider.can_revoke):
                 continue  # nothing to find or nothing we could do (plan/status say so)
             listed = provider.list_keys()
         except Exception as exc:  # one provider down must not stop the others
@@ -290,8 +296,6 @@ def revoke_orphans(
 def _revoke_orphan(engine: Engine, provider: Any, provider_name: str, name: str, key_id: str,
                    run_id: str) -> RevokedOrphan | None:
     """Re-check the key against the database now, revoke it, and record what the provider said."""
-    from worker.providers.base import RevokeOutcome, revoke_outcome
-
     with session_scope(engine) as session:
         orphan, credential_type = _is_orphan(session, provider_name, key_id, run_id)
     if not orphan:

@@ -15,8 +15,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from worker.clock import as_utc
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, RunState, VersionStage
-from worker.db.session import session_scope
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun, VersionStage
+from worker.protocol.states import RunState
+from worker.db.session import read_files_safely, session_scope
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,6 @@ def read_blobs(paths: Iterable[Path]) -> dict[str, bytes]:
 
     Read in a child process: this process has SQLite connections to the database, and closing a
     file descriptor of it here would drop their POSIX locks (``read_files_safely``)."""
-    from worker.db.session import read_files_safely
-
     paths = list(paths)
     read = read_files_safely([str(p) for p in paths])
     return {p.name: data for p in paths if (data := read[str(p)]) is not None}

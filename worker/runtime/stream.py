@@ -31,6 +31,8 @@ import redis
 from worker import log
 from worker.clock import utcnow
 from worker.redis_conn import redis_client
+from worker.pipeline.messages import consume, reject
+from worker.retry import backoff_delay
 
 logger = log.get_logger("keyrotor.pipeline.stream")
 
@@ -108,8 +110,6 @@ class RequestStreamConsumer:
         return handled
 
     def _handle(self, entry_id: Any, fields: dict[Any, Any], *, claimed: bool) -> int:
-        from worker.pipeline.messages import consume, reject
-
         entry = _text(entry_id)
         message_id = f"stream:{entry}"
         rejected: list[tuple[str, str]] = []
@@ -164,8 +164,6 @@ class StreamThread:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        from worker.retry import backoff_delay
-
         failures = 0
         while not self._stop.is_set():
             try:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from worker.sandbox.standin_http import (
+from keyrotor_sandbox.standin_http import (
     Request,
     Response,
     ServerHandle,

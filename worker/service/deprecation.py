@@ -1,7 +1,7 @@
 """Deprecation: a provider answering "this credential type is deprecated" (Asana's 434) for a
 key's current credential triggers an immediate rotation to the type's replacement.
 
-Scheduled rotations before a cutoff come from the due time (``jobs/due.py``); this is the
+Scheduled rotations before a cutoff come from the due time (``worker/service/due.py``); this is the
 safety net for when the provider moves first or the schedule was missed. The idempotency key
 is per key, deprecated type and hour: every call made with a dead credential answers 434, and
 all of them join the same run; if that run fails (and alerted), at most one new one per hour.
@@ -13,7 +13,8 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from jobs.pipeline_hooks import Pipeline, default_pipeline, enqueue_after_commit
+from worker.pipeline.outbox import enqueue_after_commit
+from worker.service.hooks import Pipeline, default_pipeline
 from worker.clock import utcnow
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
 from worker.log import get_logger

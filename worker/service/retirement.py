@@ -12,9 +12,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Engine
 
-from jobs.pipeline_hooks import Pipeline, default_pipeline, enqueue_after_commit
+from worker.pipeline.outbox import enqueue_after_commit
+from worker.service.hooks import Pipeline, default_pipeline
 from worker.clock import utcnow
-from worker.db.models import RotationRun, RunState
+from worker.db.models import RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.log import get_logger
 

@@ -23,7 +23,7 @@ import httpx
 import hvac
 
 from worker.integrations.signing import ReplayedDelivery, SignatureError, WebhookVerifier
-from worker.sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread, serve_until_signalled
+from keyrotor_sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread, serve_until_signalled
 from worker.secret import fingerprint
 
 WEBHOOK_PATH = "/hooks/keyrotor"

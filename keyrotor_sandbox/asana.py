@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
-from worker.sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread, serve_until_signalled
+from keyrotor_sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread, serve_until_signalled
 
 AMNESTY_HEADER = "Asana-Amnesty-Api-Key"
 #: The documented timeline (000): no new API keys; amnesty header needed; API keys rejected.

@@ -1,4 +1,4 @@
-"""One Dramatiq actor per protocol step, plus the dead-letter actor.
+"""One Dramatiq actor per protocol step, the dead-letter actor and the rotation-request actor.
 
 An actor is a thin shell: read the retry count of the current message, run ``steps.execute``,
 then either send the next step, or raise ``dramatiq.Retry`` with the computed delay (Dramatiq
@@ -14,28 +14,23 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage
 
 from worker import log
+from worker.db.session import session_scope
 from worker.metrics import DEAD_LETTERS
-from worker.pipeline.broker import STEP_QUEUE
-from worker.pipeline.context import get_context
-from worker.protocol import FailureKind, Step
+from worker.pipeline.context import default_policy, get_context
+from worker.pipeline.messages import consume, reject
+from worker.queues import REQUEST_ACTOR, REQUEST_QUEUE, STEP_QUEUE, actor_name, register_actors, send_step
+from worker.pipeline.runs import load_run
+from worker.pipeline.steps import execute, fail_run
+from worker.protocol import FailureKind, Step, next_step
 
 logger = log.get_logger("keyrotor.pipeline.actors")
-
-#: Dramatiq refuses delays beyond 7 days; a longer grace period is reached by re-enqueueing.
-MAX_DELAY_MS = 6 * 86_400_000
 
 _actors: dict[str, dramatiq.Actor] = {}
 _broker_id: Optional[int] = None
 
 
-def actor_name(step: Step) -> str:
-    return f"step_{step.value}"
-
-
 def _step_fn(step: Step) -> Callable[[str], None]:
     def run_step(run_id: str) -> None:
-        from worker.pipeline.steps import execute
-
         message = CurrentMessage.get_current_message()
         retry_count = int(message.options.get("retries", 0)) if message is not None else 0
         action = execute(get_context(), step, str(run_id), retry_count=retry_count)
@@ -52,8 +47,6 @@ def _step_fn(step: Step) -> Callable[[str], None]:
 def dead_letter(message_data: dict[str, Any], retry_info: dict[str, Any]) -> None:
     """A step message whose retries Dramatiq exhausted (errors escaped the step's own handling,
     e.g. the database was down): record it on the run and in the audit trail."""
-    from worker.pipeline.steps import fail_run
-
     name = str(message_data.get("actor_name", ""))
     args = message_data.get("args") or []
     DEAD_LETTERS.labels(step=name.removeprefix("step_") or "unknown").inc()
@@ -67,10 +60,6 @@ def dead_letter(message_data: dict[str, Any], retry_info: dict[str, Any]) -> Non
     target = fail_run(get_context(), str(args[0]), step,
                       RuntimeError(f"dead letter: {retry_info.get('retries')} retries exhausted"), FailureKind.exhausted)
     if target is not None:
-        from worker.protocol import next_step
-        from worker.pipeline.runs import load_run
-        from worker.db.session import session_scope
-
         with session_scope(get_context().engine) as session:
             run = load_run(session, str(args[0]))
             following = next_step(run.mode, target) if run is not None else None
@@ -78,13 +67,28 @@ def dead_letter(message_data: dict[str, Any], retry_info: dict[str, Any]) -> Non
             send_step(following, str(args[0]))
 
 
+def rotation_requests(payload: Any = None, *args: Any, **kwargs: Any) -> None:
+    """Actor: one rotation request. Any shape is accepted at the Dramatiq level so that a
+    malformed message is rejected by us, with a reason, rather than crash the worker."""
+    message = CurrentMessage.get_current_message()
+    message_id = message.message_id if message is not None else None
+    if args or kwargs:
+        reject(get_context().engine, "expected exactly one argument: the request object", "bad_envelope", message_id)
+        return
+    consume(payload, engine=get_context().engine, message_id=message_id)
+
+
+def declare_request_actor(broker: dramatiq.Broker) -> dramatiq.Actor:
+    # Transient errors (database down) are retried by Dramatiq; validation failures never raise.
+    return dramatiq.actor(rotation_requests, actor_name=REQUEST_ACTOR, queue_name=REQUEST_QUEUE,
+                          broker=broker, max_retries=10, min_backoff=1000, max_backoff=60_000)
+
+
 def declare_actors(broker: dramatiq.Broker) -> dict[str, dramatiq.Actor]:
     """Declare every pipeline actor on ``broker`` (idempotent per broker)."""
     global _broker_id
     if _broker_id == id(broker) and _actors:
         return _actors
-    from worker.pipeline.context import default_policy
-
     policy = default_policy()
     _actors.clear()
     _actors["dead_letter"] = dramatiq.actor(dead_letter, actor_name="dead_letter", queue_name=STEP_QUEUE,
@@ -98,18 +102,7 @@ def declare_actors(broker: dramatiq.Broker) -> dict[str, dramatiq.Actor]:
             max_backoff=policy.max_backoff_ms, time_limit=policy.time_limit_ms,
             on_retry_exhausted="dead_letter",
         )
-    from worker.pipeline.messages import declare_request_actor
-
     _actors["rotation_requests"] = declare_request_actor(broker)
     _broker_id = id(broker)
+    register_actors(_actors)
     return _actors
-
-
-def send_step(step: Step, run_id: str, *, delay_ms: int = 0) -> None:
-    """Enqueue ``step`` for ``run_id`` (the message carries only the run id)."""
-    if not _actors:
-        from worker.pipeline.broker import get_broker
-
-        get_broker()
-    delay = min(max(0, int(delay_ms)), MAX_DELAY_MS)
-    _actors[actor_name(step)].send_with_options(args=(run_id,), delay=delay or None)

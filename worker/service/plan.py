@@ -16,9 +16,10 @@ from typing import Any
 from sqlalchemy import or_
 from sqlmodel import Session, select
 
-from jobs.deprecation import replacement_type
+from worker.service.deprecation import replacement_type
 from worker.clock import as_utc, utcnow
-from worker.db.models import ManagedKey, ProviderRecord, RotationRun, RunState
+from worker.db.models import ManagedKey, ProviderRecord, RotationRun
+from worker.protocol.states import RunState
 from worker.inventory.credential_facts import carries_admin_rights
 from worker.providers.guarantees import orphan_guard
 

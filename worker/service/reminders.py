@@ -2,7 +2,7 @@
 
 Detection opens their run (it waits for the owner's deposit); this job tells the owner ahead
 of time and keeps telling them, at most once per ``repeat_s`` per key, until the key's run is
-waiting for the deposit — from then on the ``deposits`` job (``jobs/deposits.py``) reminds them
+waiting for the deposit — from then on the ``deposits`` job (``worker/service/deposits.py``) reminds them
 at the key's ``assisted.remind_every`` until the deposit or its deadline. Each reminder is recorded in the audit trail, which is also how the
 "once per repeat_s" rule survives a scheduler restart or a leader change.
 """
@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 from sqlmodel import select
 
-from jobs.plan import can_rotate_automatically
+from worker.service.plan import can_rotate_automatically
 from worker.pipeline.targets import rotation_target
 from worker.clock import as_utc, utcnow
 from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
 from worker.log import get_logger
+from worker.notify import notify_function
 
 log = get_logger(__name__)
 
@@ -29,8 +30,6 @@ NotifyFn = Callable[..., None]
 def _default_notify(engine: Any) -> NotifyFn:
     """Notifications to the sinks of the inventory applied to ``engine`` (not the process's
     default database); the scheduler passes one with its settings (Vault references)."""
-    from worker.notify import notify_function
-
     return notify_function(engine)
 
 

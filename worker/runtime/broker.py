@@ -10,10 +10,11 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import CurrentMessage
 
-#: The queue of protocol steps (messages carry only ``{"run_id": …}`` as their single argument).
-STEP_QUEUE = "rotation"
-#: The queue of versioned rotation-request messages from any producer (see docs/queue-message.md).
-REQUEST_QUEUE = "rotation_requests"
+from worker.runtime import actors
+from worker.runtime.message_metrics import MessageMetrics
+from worker.runtime.delayed import DelayedMessageMover, DelayInRedisBroker
+from worker.redis_conn import redis_client
+from worker.settings import get_settings
 
 _broker: Optional[dramatiq.Broker] = None
 
@@ -34,14 +35,11 @@ class FetchOnlyWhatThreadsRun(dramatiq.Middleware):
 
 
 def make_redis_broker(url: str, namespace: str, *, heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> dramatiq.Broker:
-    from worker.pipeline.delayed import DelayedMessageMover, DelayInRedisBroker
-    from worker.redis_conn import redis_client
-
     # Bounded socket waits: a hung Redis must surface as an error (retried, then reported) rather
     # than freeze a worker thread or the CLI forever. Dramatiq's consumer polls with Lua scripts and
     # never blocks on a socket read, so 30 s is far above any healthy answer.
     # Delayed messages (retire after grace, polls, retries) wait in Redis until due
-    # (worker/pipeline/delayed.py). What a killed worker held (the messages it was working on) goes
+    # (worker/runtime/delayed.py). What a killed worker held (the messages it was working on) goes
     # back to live workers once its heartbeat (every broker command, at least every second while it
     # runs) is older than ``heartbeat_timeout_s`` and a maintenance pass runs, instead of waiting
     # for the reconciler.
@@ -64,22 +62,18 @@ def setup_broker(settings: Any = None, *, broker: Optional[dramatiq.Broker] = No
     """Install ``broker`` (default: Redis from settings) globally and declare the actors on it."""
     global _broker
     if broker is None:
-        from worker.settings import get_settings
-
         settings = settings or get_settings()
         broker = make_redis_broker(settings.redis_url, settings.queue_namespace,
                                    heartbeat_timeout_s=settings.broker_heartbeat_timeout_s)
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
-    import worker.ops_metrics  # noqa: F401  (keyrotor_build_info in every process that has a broker)
-    from worker.pipeline.message_metrics import MessageMetrics
-
+    # Imported at set-up, not at the top: keyrotor_build_info in every process that has a broker,
+    # and only there.
+    import worker.ops_metrics  # noqa: F401
     if not any(isinstance(m, MessageMetrics) for m in broker.middleware):
         broker.add_middleware(MessageMetrics())
     dramatiq.set_broker(broker)
     _broker = broker
-    from worker.pipeline import actors
-
     actors.declare_actors(broker)
     return broker
 

@@ -8,7 +8,7 @@ where the old one stopped; it wraps around). The checks go through the provider'
 is left for the next pass. What a check finds:
 
 - ``deprecated`` (Asana's 434): the deprecation job's rotation to the replacement type
-  (``jobs.deprecation.on_deprecated_response``, one run per key, type and hour);
+  (``worker.service.deprecation.on_deprecated_response``, one run per key, type and hour);
 - ``invalid`` (401/403: revoked outside keyrotor, or expired): a rotation (reason
   ``revoked_externally``, trigger ``liveness``), one per key and Vault version of the dead
   credential, so the next passes join it instead of piling up runs;
@@ -26,8 +26,9 @@ from typing import Any, Callable, Protocol
 
 from sqlalchemy import select
 
-from jobs.deprecation import on_deprecated_response
-from jobs.pipeline_hooks import Pipeline, default_pipeline, enqueue_after_commit
+from worker.service.deprecation import on_deprecated_response
+from worker.pipeline.outbox import enqueue_after_commit
+from worker.service.hooks import Pipeline, default_pipeline
 from worker.clock import utcnow
 from worker.db.models import ManagedKey, RotationRun
 from worker.db.session import session_scope

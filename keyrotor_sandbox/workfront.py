@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
-from worker.sandbox.standin_http import Request, Response, ServerHandle, same_secret, serve_in_thread, window_wait
+from keyrotor_sandbox.standin_http import Request, Response, ServerHandle, same_secret, serve_in_thread, window_wait
 
 UNTRUSTED = "Untrusted request. Please contact your system administrator and attach certificate."
 DEFAULT_KEY_TTL_S = 30 * 86400.0  # "By default, API Keys expire each month."

@@ -18,10 +18,13 @@ import uuid
 
 from sqlmodel import Session, select
 
-from jobs.pipeline_hooks import Pipeline, default_pipeline
+from worker.service.hooks import Pipeline, default_pipeline
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
 from worker.errors import ConfigError
 from worker.log import get_logger
+from worker import notify  # the module, not the name: the alert's sink is looked up when it fires
+from worker.pipeline.takeover import TAKEOVER_STATES
+from worker.protocol.states import RunState
 
 log = get_logger(__name__)
 
@@ -74,18 +77,13 @@ def request_provider_rotation(
 
 def not_rotated(runs: list[RotationRun]) -> list[RotationRun]:
     """Runs an emergency left waiting for a person (not taken over): their keys are not rotated."""
-    from worker.pipeline.takeover import TAKEOVER_STATES
-    from worker.db.models import RunState
-
     return [run for run in runs if RunState(run.state) in TAKEOVER_STATES]
 
 
 def _alert(session: Session, key_name: str, run: RotationRun) -> None:
     """A needs_attention alert through the applied inventory's sinks (never raises)."""
     try:
-        from worker.notify import notify_function
-
-        notify_function(session.get_bind())("needs_attention", key_name=key_name, run_id=run.id, detail={
+        notify.notify_function(session.get_bind())("needs_attention", key_name=key_name, run_id=run.id, detail={
             "emergency": True, "state": str(run.state),
             "action": "an emergency could not take over this run; the exposed credential is still in use: "
                       f"`keyrotor resolve {run.id}`"})

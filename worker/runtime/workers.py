@@ -21,10 +21,12 @@ from typing import Any, Callable, Optional
 import dramatiq
 from dramatiq import Worker
 
-from worker import log
-from worker.pipeline.broker import REQUEST_QUEUE, STEP_QUEUE, setup_broker
-from worker.pipeline.stream import start_request_stream
+from worker import log, metrics
+from worker.runtime.broker import setup_broker
+from worker.queues import REQUEST_QUEUE, STEP_QUEUE
+from worker.runtime.stream import start_request_stream
 from worker.settings import get_settings
+from worker.pipeline.context import configure, context_from_settings
 
 logger = log.get_logger("keyrotor.pipeline.workers")
 
@@ -43,8 +45,6 @@ def start_worker(broker: Optional[dramatiq.Broker] = None, *, threads: int = 4, 
 
 
 def _serve(threads: int, settings: Any = None) -> None:
-    from worker.pipeline.context import configure, context_from_settings
-
     broker = setup_broker(settings)
     context = context_from_settings(settings)
     configure(context)
@@ -69,8 +69,6 @@ def boot_process() -> None:
     settings = get_settings()
     log.configure_logging(settings.log_level, settings.log_format, stream=sys.stdout)
     try:
-        from worker.pipeline.context import configure, context_from_settings
-
         setup_broker(settings)
         context = context_from_settings(settings)
         configure(context)
@@ -109,7 +107,6 @@ def run_worker(processes: int = 1, threads: int = 4, settings: Any = None) -> in
         return 0
     from dramatiq import cli as dramatiq_cli
 
-    from worker import metrics
 
     # /metrics is served by this parent (keyrotor worker starts the server here): the children
     # write their metrics to files it sums (prometheus-client multiprocess mode). Set up before

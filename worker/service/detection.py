@@ -21,8 +21,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, case, exists, func, or_, select
 from sqlalchemy.engine import Engine
 
-from jobs.deprecation import replacement_type
-from jobs.pipeline_hooks import Pipeline, default_pipeline, enqueue_after_commit
+from worker.service.deprecation import replacement_type
+from worker.pipeline.outbox import enqueue_after_commit
+from worker.service.hooks import Pipeline, default_pipeline
 from worker.clock import as_utc, utcnow
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope

@@ -25,6 +25,19 @@ from worker.db.migrate import upgrade
 from worker.db.session import engine_for
 from worker.log import configure_logging
 from worker.settings import get_settings
+from keyrotor_sandbox.consumer import start_consumer_in_thread
+from keyrotor_sandbox.openbao import start_dev_server
+from keyrotor_sandbox.provider import start_provider_in_thread
+from worker.db.models import ProviderRecord
+from worker.errors import ConfigError
+from worker.pipeline.context import StepPolicy, configure, context_from_settings
+from worker.providers.ratelimit import InMemoryRateLimiter
+from worker.providers.registry import provider_builder
+from worker.redis_conn import redis_client
+from worker.runtime.broker import make_redis_broker, make_stub_broker, reset_broker, setup_broker
+from worker.runtime.workers import start_worker
+from worker.secret_refs import make_resolver
+from worker.vault.store import VaultStore
 
 #: Environment the demo sets for its own process (restored on exit).
 DEMO_ENV = (
@@ -37,8 +50,6 @@ DEMO_ENV = (
 #: the same bounded, jittered policy on a seconds scale so a failing verification is rolled back
 #: within the run of `make demo`.
 def _demo_policy() -> Any:
-    from worker.pipeline.context import StepPolicy
-
     return StepPolicy(max_retries=3, min_backoff_ms=300, max_backoff_ms=1_500, time_limit_ms=30_000,
                       activation_poll_s=0.5, activation_timeout_s=20.0, revocation_timeout_s=10.0)
 
@@ -46,19 +57,13 @@ def _demo_policy() -> Any:
 def _in_memory_limited_providers(vault: Any) -> Any:
     """Providers from the applied inventory, rate-limited by one in-process limiter (the demo's
     single worker process is the only caller, so Redis is not needed to share the limit)."""
-    from worker.db.models import ProviderRecord
-    from worker.providers.ratelimit import InMemoryRateLimiter
-    from worker.providers.registry import build_provider
-    from worker.secret_refs import make_resolver
-
-    resolve = make_resolver(vault)
-    limiter = InMemoryRateLimiter()
+    build = provider_builder(make_resolver(vault), InMemoryRateLimiter())
 
     def factory(session: Any, key: Any) -> Any:
         record = session.get(ProviderRecord, key.provider)
         if record is None:
             raise LookupError(f"provider {key.provider!r} of key {key.name!r} is not in the applied inventory")
-        return build_provider(record, resolve=resolve, limiter=limiter)
+        return build(record)
 
     return factory
 
@@ -73,7 +78,7 @@ class DemoEnvironment:
     vault_url: str
     vault_external: bool          # True: the Vault VAULT_ADDR names; False: our own OpenBao dev server
     vault_mount: str
-    provider: Any                 # worker.sandbox.provider.ProviderHandle
+    provider: Any                 # keyrotor_sandbox.provider.ProviderHandle
     webhook_secret: str
     broker_kind: str              # "stub" | "redis"
     queue_namespace: str
@@ -107,12 +112,8 @@ class DemoEnvironment:
             vault_url = os.environ["VAULT_ADDR"].rstrip("/")
             vault_token = os.environ.get("VAULT_TOKEN") or ""
             if not vault_token:
-                from worker.errors import ConfigError
-
                 raise ConfigError("VAULT_ADDR is set but VAULT_TOKEN is not; the demo needs a token that can enable a KV mount")
         else:
-            from worker.sandbox.openbao import start_dev_server
-
             vault = start_dev_server()  # OpenBaoNotFound (a ConfigError) says in one line how to get `bao`
             stack.callback(vault.stop)
             vault_url, vault_token = vault.addr, vault.token
@@ -130,7 +131,6 @@ class DemoEnvironment:
         # Every log line of the service goes to a file the leak check scans afterwards.
         configure_logging("INFO", "json", stream=log_stream or log_file)
 
-        from worker.sandbox.provider import start_provider_in_thread
 
         provider = start_provider_in_thread(host="127.0.0.1", port=0, activation_delay=activation_delay_s)
         stack.callback(provider.stop)
@@ -156,7 +156,6 @@ class DemoEnvironment:
         engine = engine_for(database_url)
         stack.callback(engine.dispose)
 
-        from worker.vault.store import VaultStore
 
         env = cls(
             workdir=workdir, keep_workdir=keep, database_url=database_url, db_path=db_path, log_path=log_path,
@@ -170,8 +169,6 @@ class DemoEnvironment:
 
     def start_consumer(self, integration: str, *, key_path: str, key_field: str, probe_interval_s: float = 0.1) -> Any:
         """A consumer stand-in that reads its key from Vault and probes the provider with it."""
-        from worker.sandbox.consumer import start_consumer_in_thread
-
         consumer = start_consumer_in_thread(
             host="127.0.0.1", port=0, vault_addr=self.vault_url, vault_token=os.environ["VAULT_TOKEN"],
             mount=self.vault_mount, path=key_path, field=key_field, provider_url=self.provider.url,
@@ -183,10 +180,6 @@ class DemoEnvironment:
 
     def start_worker(self, *, threads: int = 4) -> None:
         """The pipeline's actors on the demo's broker, served by an in-process Dramatiq worker."""
-        from worker.pipeline.broker import make_redis_broker, make_stub_broker, reset_broker, setup_broker
-        from worker.pipeline.context import configure, context_from_settings
-        from worker.pipeline.workers import start_worker
-
         settings = get_settings()
         if self.broker_kind == "redis":
             broker = make_redis_broker(settings.redis_url, self.queue_namespace,
@@ -228,8 +221,6 @@ def _disable_mount(url: str, token: str, mount: str) -> None:
 
 
 def _delete_namespace(url: str, namespace: str) -> None:
-    from worker.redis_conn import redis_client
-
     client = redis_client(url, socket_timeout=10)
     try:
         for key in client.scan_iter(match=f"{namespace}*", count=500):

@@ -20,12 +20,14 @@ from typing import Any, Optional
 from sqlmodel import col, select
 
 from worker.clock import as_utc, utcnow
-from worker.db.models import AuditEvent, ManagedKey, RotationRun, RunState
+from worker.db.models import AuditEvent, ManagedKey, RotationRun
+from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import StateConflict
 from worker.inventory.snapshot import applied_document, assisted_timings, create_url
 from worker.log import get_logger
-from worker.owner_notices import contact_of, deposit_detail, notify_owner
+from worker.notice_text import deposit_detail
+from worker.owner_notices import contact_of, notify_owner
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.deposit import DepositRejected, deposit
 from worker.pipeline.effects import safe_error

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-from worker.sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread
+from keyrotor_sandbox.standin_http import Request, Response, ServerHandle, serve_in_thread
 
 MERGE_TYPES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
 APPS_RESOURCES = {"deployments": "Deployment", "statefulsets": "StatefulSet"}
