@@ -246,13 +246,13 @@ class KeyrotorScheduler:
     def _update_gauges(self, now: datetime) -> None:
         """keys_due{provider} (an index range, O(keys due)) and open_runs{state}."""
         with session_scope(self.engine) as session:
-            due = session.exec(  # type: ignore[call-overload]
+            due = session.exec(
                 select(ManagedKey.provider, func.count())
                 .where(ManagedKey.enabled.is_(True), ManagedKey.next_due_at <= now)  # type: ignore[attr-defined,operator]
                 .group_by(ManagedKey.provider)
             ).all()
-            open_runs = session.exec(  # type: ignore[call-overload]
-                select(RotationRun.state, func.count()).where(RotationRun.finished_at.is_(None)).group_by(RotationRun.state)  # type: ignore[union-attr,attr-defined]
+            open_runs = session.exec(
+                select(RotationRun.state, func.count()).where(RotationRun.finished_at.is_(None)).group_by(RotationRun.state)  # type: ignore[union-attr]
             ).all()
         if self.lock.is_leader:  # lost the lock during the query: a standby exports no backlog
             scheduler_metrics().set_backlog(due, open_runs)

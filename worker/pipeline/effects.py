@@ -21,7 +21,7 @@ _held = threading.local()
 def _held_values() -> set[str]:
     if not hasattr(_held, "values"):
         _held.values = set()
-    return _held.values  # type: ignore[no-any-return]
+    return _held.values
 
 
 @contextmanager
@@ -65,7 +65,7 @@ def verify_status(result: Any) -> tuple[str, Optional[str]]:
 def read_pending(vault: Any, run_id: str) -> Optional[tuple[Secret, Optional[str]]]:
     """The staged secret of a run, or ``None`` when nothing is staged."""
     try:
-        return vault.read_pending(run_id)  # type: ignore[no-any-return]
+        return vault.read_pending(run_id)
     except VaultNotFound:
         return None
 

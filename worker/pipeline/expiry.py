@@ -37,7 +37,7 @@ class Expiry:
 def previous_lifetime(session: Session, key: ManagedKey) -> Optional[timedelta]:
     """How long the credential in use now was meant to live, when both ends are known."""
     current = session.exec(
-        select(KeyVersion).where(KeyVersion.key_id == key.id, KeyVersion.stage == VersionStage.current.value)  # type: ignore[arg-type]
+        select(KeyVersion).where(KeyVersion.key_id == key.id, KeyVersion.stage == VersionStage.current.value)
         .order_by(KeyVersion.id.desc())  # type: ignore[union-attr]
     ).first()
     pairs: list[tuple[Any, Any]] = []

@@ -60,7 +60,7 @@ def claim(session: Session, run_id: str, expected_state: str, owner: str, ttl_s:
         .values(lease_owner=owner, lease_until=now + timedelta(seconds=ttl_s))
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+    return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def release(engine: Engine, run_id: str, owner: str) -> bool:
@@ -72,7 +72,7 @@ def release(engine: Engine, run_id: str, owner: str) -> bool:
             .values(lease_owner=None, lease_until=None)
             .execution_options(synchronize_session=False)
         )
-        return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+        return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def _extend(engine: Engine, run_id: str, owner: str, ttl_s: float) -> bool:
@@ -83,7 +83,7 @@ def _extend(engine: Engine, run_id: str, owner: str, ttl_s: float) -> bool:
             .values(lease_until=utcnow() + timedelta(seconds=ttl_s))
             .execution_options(synchronize_session=False)
         )
-        return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+        return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 class Lease:

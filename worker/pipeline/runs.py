@@ -140,4 +140,4 @@ def extend_deadline(session: Session, run: RotationRun, *, delay_s: float, time_
         .values(step_deadline_at=utcnow() + timedelta(seconds=delay_s + time_limit_s))
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+    return result.rowcount == 1  # type: ignore[attr-defined]

@@ -391,7 +391,7 @@ class OAuthClientProvider:
         call = getattr(self.spec.admin.calls, name)
         if call is None:
             raise PermanentError(f"provider {self.name!r} declares no admin call {name!r} (add admin.calls.{name})")
-        return call  # type: ignore[no-any-return]
+        return call
 
     def _call_timeout(self, call: AdminCallSpec | None) -> float:
         return call.timeout.total_seconds() if call is not None and call.timeout else self._timeout

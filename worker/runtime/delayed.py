@@ -61,7 +61,7 @@ return #due
 class DelayInRedisBroker(PoisonSafeRedisBroker):
     """The Redis broker whose delayed messages wait in Redis (see the module's docstring)."""
 
-    def enqueue(self, message: Message, *, delay: Optional[int] = None) -> Message:  # type: ignore[type-arg]
+    def enqueue(self, message: Message, *, delay: Optional[int] = None) -> Message:
         if not delay:
             return super().enqueue(message)
         queue_name = q_name(message.queue_name)  # a retry of a message fetched from a .DQ

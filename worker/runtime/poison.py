@@ -50,7 +50,7 @@ class PoisonSafeConsumer(Consumer):
     def __next__(self) -> Optional[MessageProxy]:
         while True:
             try:
-                return next(self._consumer)  # type: ignore[no-any-return]
+                return next(self._consumer)
             except DecodeError as exc:
                 self._dead_letter(exc)
 

@@ -49,12 +49,12 @@ def retry_backoff(runs_ended: int, base: timedelta = DEFAULT_RETRY_BASE, most: t
     return min(most, base * (2 ** min(max(runs_ended - 1, 0), _MAX_DOUBLINGS)))
 
 
-def _since_due():  # type: ignore[no-untyped-def]
+def _since_due():
     return and_(RotationRun.key_id == ManagedKey.id, RotationRun.created_at >= ManagedKey.next_due_at)  # type: ignore[arg-type,operator]
 
 
 def due_keys_query(now: datetime, batch: int, *, retry_base: timedelta = DEFAULT_RETRY_BASE,
-                   retry_max: timedelta = DEFAULT_RETRY_MAX):  # type: ignore[no-untyped-def]
+                   retry_max: timedelta = DEFAULT_RETRY_MAX):
     """SELECT of due keys, oldest due first (also used by the benchmark and `plan`): no open run,
     and no run for this due time that ended less than its backoff ago. The backoff per number of
     ended runs is a CASE over thresholds computed here, so the query is the same on SQLite and
@@ -68,7 +68,7 @@ def due_keys_query(now: datetime, batch: int, *, retry_base: timedelta = DEFAULT
     backing_off = and_(ended > 0, last_end > threshold)
     return (
         select(ManagedKey)
-        .where(and_(ManagedKey.enabled.is_(True), ManagedKey.next_due_at <= now, ~open_run, ~backing_off))  # type: ignore[union-attr,attr-defined,operator]
+        .where(and_(ManagedKey.enabled.is_(True), ManagedKey.next_due_at <= now, ~open_run, ~backing_off))  # type: ignore[attr-defined,operator]
         .order_by(ManagedKey.next_due_at)  # type: ignore[arg-type]
         .limit(batch)
     )
@@ -102,7 +102,7 @@ def detect_due(
     with session_scope(engine) as session:
         due = []
         query = due_keys_query(now, batch, retry_base=retry_base, retry_max=retry_max)
-        for k in session.scalars(query).all():  # type: ignore[call-overload]
+        for k in session.scalars(query).all():
             # A key due because its type is being deprecated migrates to the replacement type;
             # rotating to the same type would leave it due (the cutoff does not move).
             target = replacement_type(session.get(ProviderRecord, k.provider), k.credential_type) if k.due_reason == "deprecation" else None

@@ -51,7 +51,7 @@ def request_provider_rotation(
     pipeline = pipeline or default_pipeline()  # only its request_rotation is used here
     batch_id = batch_id or uuid.uuid4().hex[:12]
     keys = session.exec(
-        select(ManagedKey).where(ManagedKey.provider == provider, ManagedKey.enabled.is_(True)).order_by(ManagedKey.name)  # type: ignore[attr-defined,arg-type]
+        select(ManagedKey).where(ManagedKey.provider == provider, ManagedKey.enabled.is_(True)).order_by(ManagedKey.name)  # type: ignore[attr-defined]
     ).all()
     runs: list[tuple[RotationRun, bool]] = []
     for key in keys:

@@ -81,7 +81,7 @@ def build_plan(session: Session, *, now: datetime | None = None, days: float = 3
     ).all()
     open_runs = {
         r.key_id: r
-        for r in session.exec(select(RotationRun).where(RotationRun.finished_at.is_(None))).all()  # type: ignore[union-attr,attr-defined]
+        for r in session.exec(select(RotationRun).where(RotationRun.finished_at.is_(None))).all()  # type: ignore[union-attr]
     }
     seen_runs: set[str] = set()
     for key in keys:
@@ -120,7 +120,7 @@ def build_plan(session: Session, *, now: datetime | None = None, days: float = 3
     grace_runs = session.exec(
         select(RotationRun, ManagedKey)
         .join(ManagedKey, ManagedKey.id == RotationRun.key_id)  # type: ignore[arg-type]
-        .where(RotationRun.state == RunState.verified.value, or_(RotationRun.grace_until.is_(None), RotationRun.grace_until <= horizon))  # type: ignore[union-attr,attr-defined,operator,arg-type]
+        .where(RotationRun.state == RunState.verified.value, or_(RotationRun.grace_until.is_(None), RotationRun.grace_until <= horizon))  # type: ignore[union-attr,operator,arg-type]
     ).all()
     for run, key in grace_runs:
         if run.id in seen_runs:

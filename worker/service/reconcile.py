@@ -76,12 +76,12 @@ class StuckResult:
     failed_over: list[str] = field(default_factory=list)
 
 
-def stuck_runs_query(now: datetime, batch: int):  # type: ignore[no-untyped-def]
+def stuck_runs_query(now: datetime, batch: int):
     skip = [s.value for s in (*TERMINAL_STATES, *WAITING_STATES)]  # over, or a person acts next
     in_grace = and_(RotationRun.state == RunState.verified.value, RotationRun.grace_until > now)  # type: ignore[arg-type,operator]
     return (
         select(RotationRun)
-        .where(RotationRun.step_deadline_at < now, RotationRun.state.not_in(skip), ~in_grace)  # type: ignore[union-attr,attr-defined,operator]
+        .where(RotationRun.step_deadline_at < now, RotationRun.state.not_in(skip), ~in_grace)  # type: ignore[attr-defined,operator]
         .order_by(RotationRun.step_deadline_at)  # type: ignore[arg-type]
         .limit(batch)
     )
@@ -102,7 +102,7 @@ def recover_stuck_runs(
     notify = notify or _default_notify(engine)
     result = StuckResult()
     with session_scope(engine) as session:
-        stuck = [(r.id, r.state, r.requeues) for r in session.scalars(stuck_runs_query(now, batch)).all()]  # type: ignore[call-overload]
+        stuck = [(r.id, r.state, r.requeues) for r in session.scalars(stuck_runs_query(now, batch)).all()]
     for run_id, state, requeues in stuck:
         state_value = RunState(state).value
         # Conditional on what we read: if the worker moved the run meanwhile, we do nothing.
@@ -139,7 +139,7 @@ def recover_stuck_runs(
                 key = session.get(ManagedKey, run.key_id)
                 key_name = key.name if key else str(run.key_id)
             else:
-                moved = session.exec(  # type: ignore[call-overload]
+                moved = session.exec(
                     update(RotationRun).where(still_stuck)
                     .values(requeues=requeues + 1, step_deadline_at=now + timedelta(seconds=step_timeout_s), updated_at=now)
                 ).rowcount
@@ -200,11 +200,11 @@ def _is_orphan(session: Any, provider: str, key_id: str, run_id: str) -> tuple[b
         state = RunState(run.state)
         if state == RunState.requested or (state == RunState.needs_attention and run.new_version_id is None):
             return False, None
-    live = session.exec(  # type: ignore[call-overload]
+    live = session.exec(
         select(KeyVersion.id)
-        .join(ManagedKey, ManagedKey.id == KeyVersion.key_id)  # type: ignore[arg-type]
-        .where(ManagedKey.provider == provider, KeyVersion.provider_key_id == key_id,  # type: ignore[arg-type]
-               KeyVersion.stage.in_(LIVE_STAGES))  # type: ignore[union-attr,attr-defined]
+        .join(ManagedKey, ManagedKey.id == KeyVersion.key_id)
+        .where(ManagedKey.provider == provider, KeyVersion.provider_key_id == key_id,
+               KeyVersion.stage.in_(LIVE_STAGES))  # type: ignore[attr-defined]
         .limit(1)
     ).first()
     if live is not None:
@@ -255,10 +255,10 @@ def revoke_orphans(
     now = now or utcnow()
     factory = provider_factory or default_provider_factory()
     with session_scope(engine) as session:
-        query = select(ProviderRecord).order_by(ProviderRecord.name)  # type: ignore[arg-type]
+        query = select(ProviderRecord).order_by(ProviderRecord.name)
         if providers is not None:
             query = query.where(ProviderRecord.name.in_(list(providers)))  # type: ignore[attr-defined]
-        records = list(session.scalars(query).all())  # type: ignore[call-overload]
+        records = list(session.scalars(query).all())
     revoked: list[RevokedOrphan] = []
     for record in records:
         try:

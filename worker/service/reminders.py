@@ -61,11 +61,11 @@ def send_reminders(
                 continue
             last = session.exec(
                 select(AuditEvent.at).where(AuditEvent.key_id == key.id, AuditEvent.event == "reminder_sent")
-                .order_by(AuditEvent.id.desc()).limit(1)  # type: ignore[union-attr,attr-defined]
+                .order_by(AuditEvent.id.desc()).limit(1)  # type: ignore[union-attr]
             ).first()
             if last is not None and now - as_utc(last) < timedelta(seconds=repeat_s):  # type: ignore[operator]
                 continue
-            run = session.exec(select(RotationRun).where(RotationRun.key_id == key.id, RotationRun.finished_at.is_(None))).first()  # type: ignore[union-attr,attr-defined]
+            run = session.exec(select(RotationRun).where(RotationRun.key_id == key.id, RotationRun.finished_at.is_(None))).first()  # type: ignore[union-attr]
             if run is not None and run.state == "awaiting_deposit":
                 continue  # the deposits job reminds the owner of a run waiting for their deposit
             due = as_utc(key.next_due_at)

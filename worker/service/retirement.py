@@ -34,18 +34,18 @@ def retire_due(
     """Enqueue the retire step of every run whose grace is over; returns the run ids enqueued."""
     now = now or utcnow()
     pipeline = pipeline or default_pipeline()
-    unclaimed = or_(RotationRun.step_deadline_at.is_(None), RotationRun.step_deadline_at < RotationRun.grace_until)  # type: ignore[union-attr,attr-defined,operator]
+    unclaimed = or_(RotationRun.step_deadline_at.is_(None), RotationRun.step_deadline_at < RotationRun.grace_until)  # type: ignore[union-attr,operator]
     enqueued: list[str] = []
     with session_scope(engine) as session:
-        ids = session.scalars(  # type: ignore[call-overload]
+        ids = session.scalars(
             select(RotationRun.id)
-            .where(RotationRun.state == RunState.verified.value, RotationRun.grace_until <= now, unclaimed)  # type: ignore[arg-type,operator]
-            .order_by(RotationRun.grace_until)  # type: ignore[arg-type]
+            .where(RotationRun.state == RunState.verified.value, RotationRun.grace_until <= now, unclaimed)  # type: ignore[operator]
+            .order_by(RotationRun.grace_until)
             .limit(batch)
         ).all()
     for run_id in ids:
         with session_scope(engine) as session:
-            claimed = session.exec(  # type: ignore[call-overload]
+            claimed = session.exec(
                 update(RotationRun)
                 .where(RotationRun.id == run_id, RotationRun.state == RunState.verified.value, unclaimed)  # type: ignore[arg-type]
                 .values(step_deadline_at=now + timedelta(seconds=step_timeout_s), updated_at=now)

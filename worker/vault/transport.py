@@ -25,8 +25,8 @@ class KeyrotorAdapter(JSONAdapter):
         try:
             super()._raise_for_error(method, url, response)
         except hvac_exc.VaultError as exc:
-            exc.keyrotor_status = response.status_code  # type: ignore[attr-defined]
-            exc.keyrotor_retry_after = parse_retry_after(response.headers.get("Retry-After"))  # type: ignore[attr-defined]
+            exc.keyrotor_status = response.status_code
+            exc.keyrotor_retry_after = parse_retry_after(response.headers.get("Retry-After"))
             raise
 
 
@@ -55,7 +55,7 @@ def build_client(
         token=token,
         namespace=namespace or None,
         verify=verify,
-        timeout=timeout,  # type: ignore[arg-type]  # requests accepts floats
+        timeout=timeout,  # requests accepts floats
         session=session,
         adapter=KeyrotorAdapter,
     )
