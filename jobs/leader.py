@@ -51,6 +51,11 @@ def make_token() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
+
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text, whether or not the client decodes replies itself."""
+    return value if isinstance(value, str) else value.decode()
+
 class LeaderLock:
     """One holder at a time for ``name``; call ``tick()`` every third of the TTL or more often."""
 
@@ -129,7 +134,7 @@ class LeaderLock:
             log.warning("leader_lock_unreachable", lock=self.name, error=type(exc).__name__)
             self._lose("Redis unreachable")
             return False
-        if holder is None or holder.decode() != self.token:
+        if holder is None or _text(holder) != self.token:
             self._lose("lock is held by someone else" if holder else "lock has expired")
             return False
         return self.is_leader
@@ -153,7 +158,7 @@ class LeaderLock:
     def holder(self) -> str | None:
         """Who holds the lock now (for status output), or None."""
         value = self._client.get(self.name)
-        return value.decode() if value else None
+        return _text(value) if value else None
 
     def _lose(self, why: str) -> None:
         if self._valid_until is not None:

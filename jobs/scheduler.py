@@ -24,6 +24,7 @@ from typing import Any, Callable
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
+from sqlmodel import col
 
 from worker.service.detection import detect_due
 from jobs.leader import LeaderLock, leader_lock_key
@@ -246,13 +247,13 @@ class KeyrotorScheduler:
     def _update_gauges(self, now: datetime) -> None:
         """keys_due{provider} (an index range, O(keys due)) and open_runs{state}."""
         with session_scope(self.engine) as session:
-            due = session.exec(
-                select(ManagedKey.provider, func.count())
-                .where(ManagedKey.enabled.is_(True), ManagedKey.next_due_at <= now)  # type: ignore[attr-defined,operator]
-                .group_by(ManagedKey.provider)
+            due = session.execute(
+                select(col(ManagedKey.provider), func.count())
+                .where(col(ManagedKey.enabled).is_(True), col(ManagedKey.next_due_at) <= now)
+                .group_by(col(ManagedKey.provider))
             ).all()
-            open_runs = session.exec(
-                select(RotationRun.state, func.count()).where(RotationRun.finished_at.is_(None)).group_by(RotationRun.state)  # type: ignore[union-attr]
+            open_runs = session.execute(
+                select(col(RotationRun.state), func.count()).where(col(RotationRun.finished_at).is_(None)).group_by(col(RotationRun.state))
             ).all()
         if self.lock.is_leader:  # lost the lock during the query: a standby exports no backlog
             scheduler_metrics().set_backlog(due, open_runs)

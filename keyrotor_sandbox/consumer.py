@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import httpx
@@ -32,12 +33,12 @@ WEBHOOK_PATH = "/hooks/keyrotor"
 @dataclass
 class ConsumerConfig:
     vault_addr: str
-    vault_token: str = field(repr=False)
+    vault_token: str = dataclasses.field(repr=False)
     mount: str
     path: str
     field: str
     provider_url: str
-    signing_secret: str = field(repr=False)
+    signing_secret: str = dataclasses.field(repr=False)
     check_path: str = "/api/user/me"
     probe_interval_ms: int | None = None
     now: Callable[[], float] = time.time
@@ -52,13 +53,13 @@ class ConsumerStats:
     probes: int = 0
     probe_failures: int = 0
     last_probe_status: int | None = None
-    failure_statuses: dict[str, int] = field(default_factory=dict)
+    failure_statuses: dict[str, int] = dataclasses.field(default_factory=dict)
     reloads: int = 0
     reload_errors: int = 0
     webhooks_accepted: int = 0
     webhooks_rejected: int = 0
     webhooks_ignored: int = 0
-    events: list[str] = field(default_factory=list)
+    events: list[str] = dataclasses.field(default_factory=list)
 
 
 class Consumer:

@@ -38,7 +38,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 from urllib.parse import parse_qs
 
 from keyrotor_sandbox.standin_http import Request, Response, ServerHandle, same_secret, serve_in_thread, window_wait
@@ -335,14 +335,15 @@ class WorkfrontHandle:
         with self.state.lock:
             self.state.certificate = pem
 
-    def configure(self, *, rate_limit: tuple[int, float] | None | str = "keep", key_ttl: float | None | str = "keep",
+    def configure(self, *, rate_limit: tuple[int, float] | None | Literal["keep"] = "keep",
+                  key_ttl: float | None | Literal["keep"] = "keep",
                   remove_on_password_expiry: bool | None = None) -> None:
         with self.state.lock:
-            if rate_limit != "keep":
-                self.state.rate_limit = rate_limit  # type: ignore[assignment]
+            if not isinstance(rate_limit, str):  # "keep" is the only string
+                self.state.rate_limit = rate_limit
                 self.state.requests_seen.clear()
-            if key_ttl != "keep":
-                self.state.set_key_ttl(key_ttl)  # type: ignore[arg-type]
+            if not isinstance(key_ttl, str):
+                self.state.set_key_ttl(key_ttl)
             if remove_on_password_expiry is not None:
                 self.state.remove_on_password_expiry = remove_on_password_expiry
 

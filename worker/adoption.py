@@ -27,7 +27,7 @@ from typing import Any, Optional
 from sqlmodel import Session, select
 
 from worker.clock import utcnow
-from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, VersionStage
+from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, VersionStage, saved_id
 from worker.db.session import session_scope
 from worker.errors import ConfigError, PermanentError
 from worker.inventory.schema import template_placeholders
@@ -125,7 +125,7 @@ def adopt(ctx: Any, key_name: str, *, actor: str, secret: Optional[Secret] = Non
         key = session.exec(select(ManagedKey).where(ManagedKey.name == key_name)).first()
         if key is None:
             raise AdoptionRefused(f"no managed key named {key_name!r}; apply the inventory first (`keyrotor config apply`)")
-        run = open_run_for_key(session, key.id)  # type: ignore[arg-type]
+        run = open_run_for_key(session, saved_id(key))
         if run is not None:
             raise AdoptionRefused(f"key {key_name!r} has an open run {run.id} ({run.state}); let it end or resolve it "
                                   f"(`keyrotor resolve {run.id}`) before adopting")
@@ -204,7 +204,7 @@ def _record(engine: Any, key: ManagedKey, secret: Secret, key_id: Optional[str],
                 version.stage = VersionStage.previous
                 session.add(version)
         if mine is None:
-            mine = KeyVersion(key_id=key.id, run_id=None, credential_type=key.credential_type,
+            mine = KeyVersion(key_id=saved_id(key), run_id=None, credential_type=key.credential_type,
                               stage=VersionStage.current, fingerprint=secret.fingerprint, issued_at=None)
         mine.provider_key_id, mine.vault_version = key_id, vault_version
         session.add(mine)

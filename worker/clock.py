@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, overload
 
 _now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)  # noqa: E731
 
@@ -19,6 +19,12 @@ def set_clock(fn: Callable[[], datetime] | None) -> None:
     _now = fn if fn is not None else (lambda: datetime.now(timezone.utc))
 
 
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
+@overload
+def as_utc(value: datetime | None) -> datetime | None: ...
 def as_utc(value: datetime | None) -> datetime | None:
     """Naive datetimes read back from SQLite are UTC; make them aware."""
     if value is None:

@@ -60,14 +60,19 @@ def reference_problems(document: Mapping[str, Any], resolve: SecretResolver) -> 
     return problems + per_key_reference_problems(document, resolve)
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
 def per_key_reference_problems(document: Mapping[str, Any], resolve: SecretResolver) -> list[tuple[tuple[Any, ...], str]]:
     """References whose Vault path depends on the key (``users/{labels[user]}``), resolved for
     each key of their provider; located at the key, naming the reference."""
-    providers = document.get("providers") if isinstance(document.get("providers"), Mapping) else {}
-    keys = document.get("keys") if isinstance(document.get("keys"), Mapping) else {}
+    providers = _mapping(document.get("providers"))
+    keys = _mapping(document.get("keys"))
     problems: list[tuple[tuple[Any, ...], str]] = []
     for name, key in keys.items():
-        provider = providers.get(key.get("provider")) if isinstance(key, Mapping) else None
+        provider_name = key.get("provider") if isinstance(key, Mapping) else None
+        provider = providers.get(provider_name) if isinstance(provider_name, str) else None
         if not isinstance(provider, Mapping):
             continue
         variables = key_variables(key.get("labels") or {})

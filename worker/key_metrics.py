@@ -15,6 +15,7 @@ from typing import Callable
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
+from sqlmodel import col
 
 from worker.clock import utcnow
 from worker.db.models import ManagedKey, RotationRun
@@ -63,17 +64,15 @@ class KeyCollector:
         with session_scope(self._engine) as session:
             if session.get_bind().dialect.name == "postgresql":
                 session.execute(text(f"SET LOCAL statement_timeout = {self._timeout_ms}"))
-            totals = session.execute(select(ManagedKey.provider, func.count()).where(ManagedKey.enabled.is_(True))  # type: ignore[attr-defined]
-                                     .group_by(ManagedKey.provider)).all()
-            rows = []
-            if self._max > 0:
-                rows = session.execute(
-                    select(ManagedKey.name, ManagedKey.provider, ManagedKey.expires_at, ManagedKey.next_due_at,
-                           ManagedKey.last_rotated_at, RotationRun.id)
-                    .outerjoin(RotationRun, (RotationRun.key_id == ManagedKey.id) & RotationRun.finished_at.is_(None))  # type: ignore[union-attr]
-                    .where(ManagedKey.enabled.is_(True))  # type: ignore[attr-defined]
-                    .order_by(ManagedKey.next_due_at.asc().nulls_last(), ManagedKey.name)  # type: ignore[union-attr]
-                    .limit(self._max)).all()
+            totals = session.execute(select(col(ManagedKey.provider), func.count()).where(col(ManagedKey.enabled).is_(True))
+                                     .group_by(col(ManagedKey.provider))).all()
+            rows = [] if self._max <= 0 else session.execute(
+                select(col(ManagedKey.name), col(ManagedKey.provider), col(ManagedKey.expires_at),
+                       col(ManagedKey.next_due_at), col(ManagedKey.last_rotated_at), col(RotationRun.id))
+                .outerjoin(RotationRun, (col(RotationRun.key_id) == col(ManagedKey.id)) & col(RotationRun.finished_at).is_(None))
+                .where(col(ManagedKey.enabled).is_(True))
+                .order_by(col(ManagedKey.next_due_at).asc().nulls_last(), col(ManagedKey.name))
+                .limit(self._max)).all()
         total = 0
         for provider, count in totals:
             managed.add_metric([provider], count)

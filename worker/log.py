@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Any, Iterable, TextIO
 
 import structlog
-from structlog.types import EventDict, Processor
+from structlog.typing import EventDict, Processor, ProcessorReturnValue
 
 from worker.secret import Secret
 
@@ -134,9 +134,9 @@ def never_raises(processor: Processor) -> Processor:
     written unredacted (the failing processor may be the redactor)."""
     name = getattr(processor, "__name__", type(processor).__name__)
 
-    def guarded(logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
+    def guarded(logger: Any, method_name: str, event_dict: EventDict) -> ProcessorReturnValue:
         try:
-            return processor(logger, method_name, event_dict)  # type: ignore[return-value]
+            return processor(logger, method_name, event_dict)
         except Exception as exc:
             event = event_dict.get("event")
             fallback: EventDict = {

@@ -123,6 +123,11 @@ def disable_multiprocess() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _constant(pid: int) -> Callable[[], int]:
+    """``ProcessCollector`` wants a callable for the pid; this one always names ``pid``."""
+    return lambda: pid
+
+
 class ProcessesCollector:
     """``process_*`` metrics (CPU, memory, open files, start time) of this process and of the
     worker processes it started, one series per process with a ``pid`` label.
@@ -136,7 +141,7 @@ class ProcessesCollector:
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
         for pid in self._pids():
-            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+            for family in ProcessCollector(pid=_constant(pid), registry=None).collect():
                 target = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
                 for sample in family.samples:
                     target.add_sample(sample.name, {**sample.labels, "pid": str(pid)}, sample.value)

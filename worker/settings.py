@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlparse
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
@@ -245,10 +245,10 @@ def _env_name(field: str) -> str:
     return _ENV_NAMES.get(field, "KEYROTOR_" + field.upper())
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Read and validate the environment; raise ``ConfigError`` with one line per bad variable."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(**overrides)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

@@ -14,6 +14,10 @@ from enum import Enum
 from typing import Any, Optional
 
 import typer
+from sqlalchemy import String
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import col
 
 from worker.cli.common import (
     EXIT_FAILED,
@@ -43,8 +47,17 @@ from worker.urls import display_url
 # `keyrotor --help` and each command start without importing the whole service (start-up cost).
 
 #: Column limits, checked before anything is recorded (PostgreSQL would refuse a longer value).
-REASON_MAX = RotationRun.__table__.c.reason.type.length
-IDEMPOTENCY_KEY_MAX = RotationRun.__table__.c.idempotency_key.type.length
+def _column_length(name: str) -> int:
+    column_type = sa_inspect(RotationRun).columns[name].type
+    if isinstance(column_type, TypeDecorator):  # sqlmodel's AutoString wraps a String
+        column_type = column_type.impl_instance
+    if not isinstance(column_type, String) or column_type.length is None:
+        raise TypeError(f"rotation_run.{name} is not a bounded string column")
+    return column_type.length
+
+
+REASON_MAX = _column_length("reason")
+IDEMPOTENCY_KEY_MAX = _column_length("idempotency_key")
 
 
 class WaitUntil(str, Enum):
@@ -249,7 +262,7 @@ def _dry_run(settings: Any, *, key: str | None, provider: str | None, emergency:
     from worker.protocol import parse_mode
 
     engine = open_database(settings, read_only=True)
-    plan = []
+    plan: list[dict[str, Any]] = []
     with session_scope(engine) as session:
         if key:
             keys = [find_key(session, key)]
@@ -478,7 +491,7 @@ def find_awaiting_run(session: Any, target: str) -> Any:
                            missing=f"no run or key {target!r}; see `keyrotor runs --state awaiting_deposit`")
         else:
             run = session.exec(select(RotationRun).where(RotationRun.key_id == key.id,
-                                                         RotationRun.finished_at.is_(None))).first()  # type: ignore[union-attr]
+                                                         col(RotationRun.finished_at).is_(None))).first()
             if run is None:
                 fail(f"key {target} has no open run; request one with `keyrotor rotate {target}`")
     if state_of(run) != RunState.awaiting_deposit.value:

@@ -111,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # Click usage errors carry their own message and exit code. Recent typer vendors click
         # (typer._click), so the class is recognised by its methods, not by importing click.
-        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
-            return int(exc.exit_code)
+        show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):
+            show()
+            return exit_code
         raise
     return 0
 

@@ -99,7 +99,7 @@ def _latest_runs(session: Session) -> dict[int, RotationRun]:
     """The most recent run of every key (one query, grouped), keyed by key id."""
     latest = (
         select(RotationRun.key_id, func.max(RotationRun.created_at).label("created_at"))
-        .group_by(RotationRun.key_id)
+        .group_by(col(RotationRun.key_id))
         .subquery()
     )
     rows = session.exec(

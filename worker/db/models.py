@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from sqlalchemy import JSON, Column, DateTime, Index, String, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
@@ -25,6 +25,18 @@ from worker.protocol.states import RunState  # the state column's values: the pr
 
 def _ts(nullable: bool = True, index: bool = False) -> Any:
     return Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=nullable, index=index))
+
+
+class _Row(Protocol):
+    id: Optional[int]
+
+
+def saved_id(row: _Row) -> int:
+    """The id of a row read from (or flushed to) the database; the ORM types it optional only
+    because a row built in memory has none until it is flushed."""
+    if row.id is None:
+        raise ValueError(f"{type(row).__name__} has no id: it was never flushed to the database")
+    return row.id
 
 
 class VersionStage(str, enum.Enum):

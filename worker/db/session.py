@@ -138,7 +138,8 @@ def read_files_safely(paths: "list[str] | tuple[str, ...]") -> dict[str, bytes |
 
     done = subprocess.run([sys.executable, "-c", _READER, *map(str, paths)], capture_output=True, check=True,
                           timeout=60)
-    blob, offset, result = done.stdout, 0, {}
+    blob, offset = done.stdout, 0
+    result: dict[str, bytes | None] = {}
     for path in paths:
         (size,) = struct.unpack_from(">q", blob, offset)
         offset += 8

@@ -115,7 +115,8 @@ class KubeApi:
     def replace_secret(self, ref: ObjectRef, body: dict[str, Any]) -> dict[str, Any]:
         """PUT with the ``resourceVersion`` the body carries: 409 (``KubeConflict``) when stale."""
         return self._call("update", ref, lambda: self._core.replace_namespaced_secret(
-            ref.name, ref.namespace, body, _request_timeout=self._timeout), retry=False)
+            # the client serialises a plain dict body as is; its stubs only name the model class
+            ref.name, ref.namespace, body, _request_timeout=self._timeout), retry=False)  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------- workloads
     def read_workload(self, ref: ObjectRef) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any, Iterable, Literal
 
 from sqlalchemy import delete, func
-from sqlmodel import Session, select
+from sqlmodel import col, select, Session
 
 from worker.service.due import refresh_next_due
 from worker.clock import as_utc, utcnow
@@ -128,7 +128,7 @@ def document_digest(document: dict[str, Any]) -> str:
 
 
 def latest_snapshot(session: Session) -> InventorySnapshot | None:
-    return session.exec(select(InventorySnapshot).order_by(InventorySnapshot.id.desc()).limit(1)).first()  # type: ignore[union-attr]
+    return session.exec(select(InventorySnapshot).order_by(col(InventorySnapshot.id).desc()).limit(1)).first()
 
 
 def apply_inventory(
@@ -161,14 +161,18 @@ def apply_inventory(
 
     # Providers first: keys reference them.
     existing_providers = {p.name: p for p in session.exec(select(ProviderRecord)).all()}
-    for name, spec in inventory.providers.items():
-        wanted = {"kind": spec.kind, "mode": spec.mode, "spec": spec.model_dump(mode="json", by_alias=True)}
-        _upsert_record(session, report, "provider", ProviderRecord, existing_providers.get(name), name, wanted, now, dry_run, record)
+    for name, provider_spec in inventory.providers.items():
+        provider_columns: dict[str, Any] = {"kind": provider_spec.kind, "mode": provider_spec.mode,
+                                            "spec": provider_spec.model_dump(mode="json", by_alias=True)}
+        _upsert_record(session, report, "provider", ProviderRecord, existing_providers.get(name), name, provider_columns,
+                       now, dry_run, record)
 
     existing_integrations = {i.name: i for i in session.exec(select(IntegrationRecord)).all()}
-    for name, spec in inventory.integrations.items():
-        wanted = {"kind": spec.kind, "spec": spec.model_dump(mode="json", by_alias=True)}
-        _upsert_record(session, report, "integration", IntegrationRecord, existing_integrations.get(name), name, wanted, now, dry_run, record)
+    for name, integration_spec in inventory.integrations.items():
+        integration_columns: dict[str, Any] = {"kind": integration_spec.kind,
+                                               "spec": integration_spec.model_dump(mode="json", by_alias=True)}
+        _upsert_record(session, report, "integration", IntegrationRecord, existing_integrations.get(name), name,
+                       integration_columns, now, dry_run, record)
 
     if not dry_run:
         session.flush()
@@ -191,7 +195,8 @@ def apply_inventory(
             for column, spec_field in (("expires_at", "expires_at"), ("credential_type", "credential_type")):
                 if declared_before.get(spec_field) == declared_now.get(spec_field):
                     wanted.pop(column)
-        changed = {col: (_jsonable(getattr(row, col)), _jsonable(val)) for col, val in wanted.items() if not _same(getattr(row, col), val)}
+        changed = {column: (_jsonable(getattr(row, column)), _jsonable(val)) for column, val in wanted.items()
+                   if not _same(getattr(row, column), val)}
         if not changed:
             report.note("key", "unchanged", name)
             continue
@@ -205,16 +210,17 @@ def apply_inventory(
             record("key_updated", key_id=row.id, detail={"key": name, "changed": {c: {"from": a, "to": b} for c, (a, b) in changed.items()}})
 
     # Removals (keys before providers: a key references its provider).
-    for kind, stale in (
+    removals: tuple[tuple[Kind, list[str]], ...] = (
         ("key", stale_keys),
         ("integration", sorted(set(existing_integrations) - set(inventory.integrations))),
         ("provider", sorted(set(existing_providers) - set(inventory.providers))),
-    ):
+    )
+    for kind, stale in removals:
         for name in stale:
             if not prune:
                 report.would_prune[kind].append(name)
                 continue
-            report.note(kind, "removed", name)  # type: ignore[arg-type]
+            report.note(kind, "removed", name)
             if dry_run:
                 continue
             if kind == "key":
@@ -297,7 +303,7 @@ def _same(current: Any, wanted: Any) -> bool:
 
 
 def _jsonable(value: Any) -> Any:
-    return as_utc(value).isoformat() if isinstance(value, datetime) else value  # type: ignore[union-attr]
+    return as_utc(value).isoformat() if isinstance(value, datetime) else value
 
 
 def _auditable(values: dict[str, Any]) -> dict[str, Any]:
@@ -309,7 +315,7 @@ def _refuse_open_runs(session: Session, keys: Iterable[ManagedKey]) -> None:
     if not by_id:
         return
     open_ids = session.exec(
-        select(RotationRun.key_id).where(RotationRun.key_id.in_(list(by_id)), RotationRun.finished_at.is_(None))  # type: ignore[attr-defined,union-attr]
+        select(col(RotationRun.key_id)).where(col(RotationRun.key_id).in_(list(by_id)), col(RotationRun.finished_at).is_(None))
     ).all()
     if open_ids:
         raise PruneBlocked(sorted({by_id[i] for i in open_ids}))
@@ -318,9 +324,9 @@ def _refuse_open_runs(session: Session, keys: Iterable[ManagedKey]) -> None:
 def _delete_key(session: Session, key: ManagedKey) -> None:
     """Remove a key and its finished history (the audit trail keeps the record of it)."""
     run_ids = select(RotationRun.id).where(RotationRun.key_id == key.id)
-    session.exec(delete(SinkDelivery).where(SinkDelivery.run_id.in_(run_ids)))  # type: ignore[attr-defined]
-    session.exec(delete(RotationRun).where(RotationRun.key_id == key.id))  # type: ignore[arg-type]
-    session.exec(delete(KeyVersion).where(KeyVersion.key_id == key.id))  # type: ignore[arg-type]
+    session.exec(delete(SinkDelivery).where(col(SinkDelivery.run_id).in_(run_ids)))
+    session.exec(delete(RotationRun).where(col(RotationRun.key_id) == key.id))
+    session.exec(delete(KeyVersion).where(col(KeyVersion.key_id) == key.id))
     session.delete(key)
 
 

@@ -28,10 +28,12 @@ def lost_expiry_problems(providers: Mapping[str, Any], keys: Mapping[str, Any]) 
     for kname, key in keys.items():
         if not isinstance(key, Mapping) or not key.get("expires_at"):
             continue
-        provider = providers.get(key.get("provider"))
+        provider_name = key.get("provider")
+        provider = providers.get(provider_name) if isinstance(provider_name, str) else None
         types = provider.get("credential_types") if isinstance(provider, Mapping) else None
         ctype = types.get(key.get("credential_type")) if isinstance(types, Mapping) else None
-        if not isinstance(ctype, Mapping) or ctype.get("lifetime") or _issue_reads_expiry(provider, ctype):  # type: ignore[arg-type]
+        if (not isinstance(provider, Mapping) or not isinstance(ctype, Mapping) or ctype.get("lifetime")
+                or _issue_reads_expiry(provider, ctype)):
             continue
         problems.append((("keys", kname, "expires_at"),
                          f"this key expires, but neither the issue answer (response.expires_at) nor credential type "

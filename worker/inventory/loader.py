@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from worker.errors import ConfigError
 from worker.inventory.literals import looks_like_credential
@@ -211,7 +212,7 @@ _MESSAGES = {
 }
 
 
-def _message(error: dict[str, Any], path: str) -> str:
+def _message(error: ErrorDetails, path: str) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         return f"unknown field {path.rsplit('.', 1)[-1]!r} (check its spelling and indentation)"

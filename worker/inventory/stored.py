@@ -3,7 +3,7 @@ integration registries, which both accept either form."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 from pydantic import ValidationError
 
@@ -21,7 +21,7 @@ def spec_of(record_or_spec: Any, name: str | None, *, spec_types: tuple[type, ..
     if isinstance(record_or_spec, spec_types):
         if not name:
             raise ConfigError(f"{builder}: pass name= with a bare {kind} spec")
-        return name, record_or_spec  # type: ignore[return-value]
+        return name, cast(T, record_or_spec)  # one of spec_types: the caller's T
     data = getattr(record_or_spec, "spec", None)
     record_name = getattr(record_or_spec, "name", None) or name
     if not isinstance(data, dict) or not record_name:

@@ -202,6 +202,11 @@ def _limiter(settings: Any, cache: dict[str, Any]) -> Any:
         return cache["limiter"]
 
 
+def _engine_of(session: Session) -> Engine:
+    bind = session.get_bind()
+    return bind if isinstance(bind, Engine) else bind.engine  # a session bound to a connection: its engine
+
+
 def _registry_integration_factory(vault: Any, settings: Any, resolve: Optional[Callable[[Any], Any]] = None,
                                   *, engine: Optional[Engine] = None) -> IntegrationFactory:
     resolve = resolve or make_resolver(vault)
@@ -211,7 +216,7 @@ def _registry_integration_factory(vault: Any, settings: Any, resolve: Optional[C
         record = session.get(IntegrationRecord, name)
         if record is None:
             raise PermanentError(f"integration {name!r} is not in the applied inventory; run `keyrotor config apply`")
-        batch = DatabaseBatchView(engine if engine is not None else session.get_bind())  # type: ignore[arg-type]
+        batch = DatabaseBatchView(engine if engine is not None else _engine_of(session))
         return built.get(record.name, record.spec, lambda: build_integration(record, vault=vault, resolve=resolve,
                                                                              batch=batch, settings=settings))
 

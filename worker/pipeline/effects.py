@@ -90,4 +90,4 @@ def parse_seconds(value: Any, default: float) -> float:
 def seconds_between(later: datetime, earlier: Optional[datetime]) -> float:
     if earlier is None:
         return 0.0
-    return (as_utc(later) - as_utc(earlier)).total_seconds()  # type: ignore[operator]
+    return (as_utc(later) - as_utc(earlier)).total_seconds()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Optional
 
-from sqlmodel import Session, select
+from sqlmodel import col, select, Session
 
 from worker import log
 from worker.clock import as_utc
@@ -38,7 +38,7 @@ def previous_lifetime(session: Session, key: ManagedKey) -> Optional[timedelta]:
     """How long the credential in use now was meant to live, when both ends are known."""
     current = session.exec(
         select(KeyVersion).where(KeyVersion.key_id == key.id, KeyVersion.stage == VersionStage.current.value)
-        .order_by(KeyVersion.id.desc())  # type: ignore[union-attr]
+        .order_by(col(KeyVersion.id).desc())
     ).first()
     pairs: list[tuple[Any, Any]] = []
     if current is not None:

@@ -29,7 +29,7 @@ from typing import Optional
 
 from sqlalchemy import or_, update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import col, Session
 
 from worker import log
 from worker.clock import as_utc, utcnow
@@ -52,38 +52,38 @@ class LeaseHeld(StateConflict):
 def claim(session: Session, run_id: str, expected_state: str, owner: str, ttl_s: float) -> bool:
     """The conditional UPDATE above; ``True`` if ``owner`` holds the lease now (re-entrant)."""
     now = utcnow()
-    result = session.execute(
+    result = session.exec(
         update(RotationRun)
-        .where(RotationRun.id == run_id, RotationRun.state == expected_state,  # type: ignore[arg-type]
-               or_(RotationRun.lease_until.is_(None), RotationRun.lease_until < now,  # type: ignore[union-attr,operator]
-                   RotationRun.lease_owner == owner))
+        .where(col(RotationRun.id) == run_id, col(RotationRun.state) == expected_state,
+               or_(col(RotationRun.lease_until).is_(None), col(RotationRun.lease_until) < now,
+                   col(RotationRun.lease_owner) == owner))
         .values(lease_owner=owner, lease_until=now + timedelta(seconds=ttl_s))
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return result.rowcount == 1
 
 
 def release(engine: Engine, run_id: str, owner: str) -> bool:
     """Clear the lease if ``owner`` still holds it (the transition usually cleared it already)."""
     with session_scope(engine) as session:
-        result = session.execute(
+        result = session.exec(
             update(RotationRun)
-            .where(RotationRun.id == run_id, RotationRun.lease_owner == owner)  # type: ignore[arg-type]
+            .where(col(RotationRun.id) == run_id, col(RotationRun.lease_owner) == owner)
             .values(lease_owner=None, lease_until=None)
             .execution_options(synchronize_session=False)
         )
-        return result.rowcount == 1  # type: ignore[attr-defined]
+        return result.rowcount == 1
 
 
 def _extend(engine: Engine, run_id: str, owner: str, ttl_s: float) -> bool:
     with session_scope(engine) as session:
-        result = session.execute(
+        result = session.exec(
             update(RotationRun)
-            .where(RotationRun.id == run_id, RotationRun.lease_owner == owner)  # type: ignore[arg-type]
+            .where(col(RotationRun.id) == run_id, col(RotationRun.lease_owner) == owner)
             .values(lease_until=utcnow() + timedelta(seconds=ttl_s))
             .execution_options(synchronize_session=False)
         )
-        return result.rowcount == 1  # type: ignore[attr-defined]
+        return result.rowcount == 1
 
 
 class Lease:

@@ -47,5 +47,5 @@ def enqueue_run(run: RotationRun) -> None:
     now = utcnow()
     when = run.not_before if state == RunState.requested else run.grace_until if state == RunState.verified else None
     if when is not None:
-        delay_s = max(0.0, (as_utc(when) - now).total_seconds())  # type: ignore[operator]
+        delay_s = max(0.0, (as_utc(when) - now).total_seconds())
     send_step(step, run.id, delay_ms=int(delay_s * 1000))

@@ -12,11 +12,11 @@ from datetime import datetime, timedelta
 from typing import Optional
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import col, select, Session
 
 from worker import log
 from worker.clock import as_utc, utcnow
-from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
+from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, saved_id
 from worker.protocol.states import RunState
 from worker.errors import PermanentError
 from worker.pipeline.runs import open_run_for_key
@@ -90,7 +90,7 @@ def request_rotation(
         return existing, False
     now = utcnow()
     run = RotationRun(
-        id=new_run_id(), key_id=key.id, state=RunState.requested, mode=parse_mode(provider.mode if provider else None).value,
+        id=new_run_id(), key_id=saved_id(key), state=RunState.requested, mode=parse_mode(provider.mode if provider else None).value,
         trigger=trigger, reason=reason, requested_by=requested_by, idempotency_key=idempotency_key,
         emergency=emergency, target_credential_type=target_credential_type, attempts=0,
         not_before=as_utc(not_before), created_at=now, updated_at=now,
@@ -148,12 +148,12 @@ def _escalate(session: Session, run: RotationRun, requested_by: str) -> None:
         return
     now = utcnow()
     values: dict[str, object] = {"emergency": True, "updated_at": now}
-    if run.grace_until is not None and as_utc(run.grace_until) > now:  # type: ignore[operator]
+    if run.grace_until is not None and as_utc(run.grace_until) > now:
         values["grace_until"] = now
-    moved = session.execute(
-        update(RotationRun).where(RotationRun.id == run.id, RotationRun.finished_at.is_(None))  # type: ignore[arg-type,union-attr]
+    moved = session.exec(
+        update(RotationRun).where(col(RotationRun.id) == run.id, col(RotationRun.finished_at).is_(None))
         .values(**values).execution_options(synchronize_session=False))
-    if moved.rowcount == 1:  # type: ignore[attr-defined]
+    if moved.rowcount == 1:
         session.add(AuditEvent(at=now, run_id=run.id, key_id=run.key_id, actor=requested_by,
                                event="escalated_to_emergency",
                                detail={"grace_cut_short": "grace_until" in values}))

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from sqlmodel import Session, select
+from sqlmodel import col, select, Session
 
 from worker.db.models import AuditEvent, KeyVersion, RotationRun, VersionStage
 from worker.protocol.states import BEFORE_PROMOTION_STATES, PROMOTED_STATES, RunState
@@ -67,7 +67,7 @@ def _stopped_in(session: Session, run: RotationRun) -> Optional[RunState]:
     event = session.exec(
         select(AuditEvent).where(AuditEvent.run_id == run.id, AuditEvent.event == "state_changed",
                                  AuditEvent.to_state == S.needs_attention.value)
-        .order_by(AuditEvent.id.desc())  # type: ignore[union-attr]
+        .order_by(col(AuditEvent.id).desc())
     ).first()
     if event is None or not event.from_state:
         return None
@@ -213,7 +213,7 @@ def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note:
             raise ResolveRefused(f"run {run_id} is awaiting a deposit; the only action is cancel "
                                  f"(or deposit the new value with `keyrotor deposit {run_id}`)")
         discard_deposit(run, vault)
-        detail = {"resolution": "cancel", "previous_error": run.last_error, **({"note": note[:500]} if note else {})}
+        detail: dict[str, Any] = {"resolution": "cancel", "previous_error": run.last_error, **({"note": note[:500]} if note else {})}
         return transition(session, run, S.cancelled, actor=actor, detail=detail, deadline_s=None)
     if state != S.needs_attention:
         raise ResolveRefused(f"run {run_id} is {state.value}, not needs_attention; only runs that need attention "
@@ -225,7 +225,7 @@ def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note:
         raise ResolveRefused(f"cannot {action} run {run_id} (stopped in "
                              f"{options.stopped_in.value if options.stopped_in else 'an unknown state'}): "
                              f"{options.refusals.get(action, 'not allowed')}. Allowed: {allowed}")
-    detail: dict[str, Any] = {"resolution": action, "stopped_in": options.stopped_in.value if options.stopped_in else None,
+    detail = {"resolution": action, "stopped_in": options.stopped_in.value if options.stopped_in else None,
                               "previous_error": run.last_error}
     if note:
         detail["note"] = note[:500]

@@ -48,7 +48,7 @@ class DatabaseBatchView:
                 return []
             rows = session.exec(
                 select(RotationRun.id, ManagedKey.integrations)
-                .join(ManagedKey, ManagedKey.id == RotationRun.key_id)  # type: ignore[arg-type]
+                .join(ManagedKey, col(ManagedKey.id) == col(RotationRun.key_id))
                 .where(col(RotationRun.state).in_([s.value for s in BEFORE_PUSH]))
                 .where(or_(col(RotationRun.not_before).is_(None), col(RotationRun.not_before) <= now))
             ).all()

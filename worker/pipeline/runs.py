@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any, Optional
 
 from sqlalchemy import update
-from sqlmodel import Session, select
+from sqlmodel import col, select, Session
 
 from worker.clock import utcnow
 from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun
@@ -83,13 +83,13 @@ def transition(
     if to in TERMINAL_STATES:
         values["finished_at"] = now
         values["step_deadline_at"] = None
-    result = session.execute(
+    result = session.exec(
         update(RotationRun)
-        .where(RotationRun.id == run.id, RotationRun.state == expected.value, *still)  # type: ignore[arg-type]
+        .where(col(RotationRun.id) == run.id, col(RotationRun.state) == expected.value, *still)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if result.rowcount != 1:
         raise StateConflict(f"run {run.id} is no longer {expected.value}; another worker moved it")
     audit(session, run, actor=actor, event="state_changed", from_state=expected.value, to_state=to.value,
           detail=detail)
@@ -111,14 +111,14 @@ def note_attempt(session: Session, run: RotationRun, *, actor: str, step: str, e
                  time_limit_s: float) -> bool:
     """Record a failed attempt that will be retried; ``False`` if the run moved meanwhile."""
     now = utcnow()
-    result = session.execute(
+    result = session.exec(
         update(RotationRun)
-        .where(RotationRun.id == run.id, RotationRun.state == run_state(run).value)  # type: ignore[arg-type]
+        .where(col(RotationRun.id) == run.id, col(RotationRun.state) == run_state(run).value)
         .values(attempts=RotationRun.attempts + 1, last_error=error, updated_at=now,
                 step_deadline_at=now + timedelta(seconds=delay_s + time_limit_s))
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if result.rowcount != 1:
         return False
     audit(session, run, actor=actor, event="step_retry",
           detail={"step": step, "error": error, "retry_in_s": round(delay_s, 3)})
@@ -127,17 +127,17 @@ def note_attempt(session: Session, run: RotationRun, *, actor: str, step: str, e
 
 def open_run_for_key(session: Session, key_id: int) -> Optional[RotationRun]:
     return session.exec(
-        select(RotationRun).where(RotationRun.key_id == key_id, RotationRun.finished_at.is_(None))  # type: ignore[union-attr]
+        select(RotationRun).where(col(RotationRun.key_id) == key_id, col(RotationRun.finished_at).is_(None))
     ).first()
 
 
 def extend_deadline(session: Session, run: RotationRun, *, delay_s: float, time_limit_s: float) -> bool:
     """A step that polls (``again_in_s``) moves the reconciler's deadline past its next look, so a
     long but bounded wait (a rollout) is not taken for a lost message; ``False`` if the run moved."""
-    result = session.execute(
+    result = session.exec(
         update(RotationRun)
-        .where(RotationRun.id == run.id, RotationRun.state == run_state(run).value)  # type: ignore[arg-type]
+        .where(col(RotationRun.id) == run.id, col(RotationRun.state) == run_state(run).value)
         .values(step_deadline_at=utcnow() + timedelta(seconds=delay_s + time_limit_s))
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return result.rowcount == 1

@@ -390,11 +390,12 @@ class HttpProvider:
             def once(step: RequestStepSpec = step, where: str = where) -> httpx.Response:
                 return self._send_once(where, step, filled, credential_type, False)
 
+            def on_retry(n: int, exc: BaseException, delay: float, where: str = where) -> None:
+                log.info("provider_call_retry", provider=self.name, call=where, attempt=n,
+                         error=type(exc).__name__, delay_s=round(delay, 3))
+
             response = retry_call(
-                once, attempts=self._attempts, base_delay=0.2, max_delay=5.0, sleep=self._sleep,
-                on_retry=lambda n, exc, delay, where=where: log.info(
-                    "provider_call_retry", provider=self.name, call=where, attempt=n,
-                    error=type(exc).__name__, delay_s=round(delay, 3)),
+                once, attempts=self._attempts, base_delay=0.2, max_delay=5.0, sleep=self._sleep, on_retry=on_retry,
             )
             if not step.capture:
                 continue  # its answer feeds nothing: any 2xx will do

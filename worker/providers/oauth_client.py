@@ -48,7 +48,7 @@ from worker.providers.ratelimit import RateLimit, RateLimiter
 from worker.providers.templating import render, render_url
 from worker.retry import parse_retry_after, retry_call
 from worker.secret import Secret
-from worker.secret_refs import SecretResolver
+from worker.secret_refs import SecretRef, SecretResolver
 
 log = get_logger(__name__)
 
@@ -338,14 +338,21 @@ class OAuthClientProvider:
                                  f"(check admin.auth in the inventory and its rights at the authorization server)")
         raise PermanentError(f"{where} (client error; check the call's URL, body and auth in the inventory)")
 
+    def _admin_secret(self, value: SecretRef | str) -> Secret:
+        # The auth specs are shared with verify calls, where "{secret}" (the credential being
+        # checked) is allowed; the inventory refuses it for admin.auth, so only a reference is here.
+        if not isinstance(value, SecretRef):
+            raise ConfigError(f"provider {self.name!r}: admin.auth must use a {{vault: ...}} or {{env: ...}} reference")
+        return self._resolve(value)
+
     def _admin_auth(self) -> dict[str, str]:
         auth = self.spec.admin.auth
         if isinstance(auth, BearerAuthSpec):
-            return {"Authorization": f"Bearer {self._resolve(auth.token).reveal()}"}
+            return {"Authorization": f"Bearer {self._admin_secret(auth.token).reveal()}"}
         if isinstance(auth, HeaderAuthSpec):
-            return {auth.name: self._resolve(auth.value).reveal()}
+            return {auth.name: self._admin_secret(auth.value).reveal()}
         if isinstance(auth, BasicAuthSpec):
-            password = self._resolve(auth.password).reveal()
+            password = self._admin_secret(auth.password).reveal()
             return {"Authorization": "Basic " + b64encode(f"{auth.username}:{password}".encode()).decode("ascii")}
         raise PermanentError(f"provider {self.name!r}: admin.auth type {auth.type!r} is not supported for the admin API")
 

@@ -80,8 +80,8 @@ def rotation_requests(payload: Any = None, *args: Any, **kwargs: Any) -> None:
 
 def declare_request_actor(broker: dramatiq.Broker) -> dramatiq.Actor:
     # Transient errors (database down) are retried by Dramatiq; validation failures never raise.
-    return dramatiq.actor(rotation_requests, actor_name=REQUEST_ACTOR, queue_name=REQUEST_QUEUE,
-                          broker=broker, max_retries=10, min_backoff=1000, max_backoff=60_000)
+    return dramatiq.actor(actor_name=REQUEST_ACTOR, queue_name=REQUEST_QUEUE, broker=broker,
+                          max_retries=10, min_backoff=1000, max_backoff=60_000)(rotation_requests)
 
 
 def declare_actors(broker: dramatiq.Broker) -> dict[str, dramatiq.Actor]:
@@ -91,17 +91,17 @@ def declare_actors(broker: dramatiq.Broker) -> dict[str, dramatiq.Actor]:
         return _actors
     policy = default_policy()
     _actors.clear()
-    _actors["dead_letter"] = dramatiq.actor(dead_letter, actor_name="dead_letter", queue_name=STEP_QUEUE,
-                                            broker=broker, max_retries=3)
+    _actors["dead_letter"] = dramatiq.actor(actor_name="dead_letter", queue_name=STEP_QUEUE, broker=broker,
+                                            max_retries=3)(dead_letter)
     for step in Step:
         _actors[actor_name(step)] = dramatiq.actor(
-            _step_fn(step), actor_name=actor_name(step), queue_name=STEP_QUEUE, broker=broker,
+            actor_name=actor_name(step), queue_name=STEP_QUEUE, broker=broker,
             # Our own policy decides retries first (steps.execute); Dramatiq's bound and backoff
             # only apply to errors that escape it, which then end in ``dead_letter``.
             max_retries=policy.max_retries + 1, min_backoff=policy.min_backoff_ms,
             max_backoff=policy.max_backoff_ms, time_limit=policy.time_limit_ms,
             on_retry_exhausted="dead_letter",
-        )
+        )(_step_fn(step))
     _actors["rotation_requests"] = declare_request_actor(broker)
     _broker_id = id(broker)
     register_actors(_actors)

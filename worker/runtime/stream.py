@@ -24,7 +24,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import redis
 
@@ -102,8 +102,10 @@ class RequestStreamConsumer:
                 self.client.xack(self.stream, GROUP, entry_id)
                 continue
             handled += self._handle(entry_id, fields, claimed=True)
-        answer = self.client.xreadgroup(GROUP, self.name, {self.stream: ">"}, count=self.options.batch,
-                                        block=self.options.block_ms if block_ms is None else block_ms)
+        # redis-py types this reply loosely (any RESP value); this is the documented shape.
+        answer = cast("list[tuple[Any, list[tuple[Any, dict[Any, Any]]]]] | None", self.client.xreadgroup(
+            GROUP, self.name, {self.stream: ">"}, count=self.options.batch,
+            block=self.options.block_ms if block_ms is None else block_ms))
         for _stream, entries in answer or []:
             for entry_id, fields in entries:
                 handled += self._handle(entry_id, fields, claimed=False)

@@ -57,7 +57,9 @@ def waiting_since(session: Any, run: RotationRun) -> datetime:
                                     AuditEvent.to_state == RunState.awaiting_deposit.value)
         .order_by(col(AuditEvent.id).desc()).limit(1)
     ).first()
-    return as_utc(at or run.updated_at or run.created_at)  # type: ignore[return-value]
+    since = as_utc(at or run.updated_at or run.created_at)
+    assert since is not None  # a stored run has its creation time
+    return since
 
 
 def _last_reminder(session: Any, run_id: str) -> Optional[datetime]:
@@ -73,7 +75,7 @@ def collect_deposits(ctx: PipelineContext, *, now: Optional[datetime] = None, ba
     result = DepositPass()
     with session_scope(ctx.engine) as session:
         rows = session.exec(
-            select(RotationRun, ManagedKey).join(ManagedKey, ManagedKey.id == RotationRun.key_id)  # type: ignore[arg-type]
+            select(RotationRun, ManagedKey).join(ManagedKey, col(ManagedKey.id) == col(RotationRun.key_id))
             .where(RotationRun.state == RunState.awaiting_deposit.value).order_by(col(RotationRun.created_at)).limit(batch)
         ).all()
         todo = [(run, key, waiting_since(session, run), _last_reminder(session, run.id)) for run, key in rows]

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import and_, case, exists, func, or_, select
 from sqlalchemy.engine import Engine
+from sqlmodel import col
 
 from worker.service.deprecation import replacement_type
 from worker.pipeline.outbox import enqueue_after_commit
@@ -40,7 +41,7 @@ _MAX_DOUBLINGS = 16
 
 def due_idempotency_key(key_id: int, due_at: datetime, attempt: int = 0) -> str:
     """Same key, same due time, same attempt → same run, whichever scheduler asks."""
-    base = f"due:{key_id}:{int(as_utc(due_at).timestamp())}"  # type: ignore[union-attr]
+    base = f"due:{key_id}:{int(as_utc(due_at).timestamp())}"
     return base if attempt == 0 else f"{base}:retry{attempt}"
 
 
@@ -50,7 +51,7 @@ def retry_backoff(runs_ended: int, base: timedelta = DEFAULT_RETRY_BASE, most: t
 
 
 def _since_due():
-    return and_(RotationRun.key_id == ManagedKey.id, RotationRun.created_at >= ManagedKey.next_due_at)  # type: ignore[arg-type,operator]
+    return and_(col(RotationRun.key_id) == col(ManagedKey.id), col(RotationRun.created_at) >= col(ManagedKey.next_due_at))
 
 
 def due_keys_query(now: datetime, batch: int, *, retry_base: timedelta = DEFAULT_RETRY_BASE,
@@ -59,7 +60,7 @@ def due_keys_query(now: datetime, batch: int, *, retry_base: timedelta = DEFAULT
     and no run for this due time that ended less than its backoff ago. The backoff per number of
     ended runs is a CASE over thresholds computed here, so the query is the same on SQLite and
     PostgreSQL (no date arithmetic in SQL)."""
-    open_run = exists().where(RotationRun.key_id == ManagedKey.id, RotationRun.finished_at.is_(None))  # type: ignore[union-attr]
+    open_run = exists().where(col(RotationRun.key_id) == col(ManagedKey.id), col(RotationRun.finished_at).is_(None))
     ended = select(func.count()).where(_since_due()).correlate(ManagedKey).scalar_subquery()
     last_end = select(func.max(RotationRun.finished_at)).where(_since_due()).correlate(ManagedKey).scalar_subquery()
     steps = [(n, now - retry_backoff(n, retry_base, retry_max)) for n in range(1, _MAX_DOUBLINGS + 2)
@@ -68,14 +69,14 @@ def due_keys_query(now: datetime, batch: int, *, retry_base: timedelta = DEFAULT
     backing_off = and_(ended > 0, last_end > threshold)
     return (
         select(ManagedKey)
-        .where(and_(ManagedKey.enabled.is_(True), ManagedKey.next_due_at <= now, ~open_run, ~backing_off))  # type: ignore[attr-defined,operator]
-        .order_by(ManagedKey.next_due_at)  # type: ignore[arg-type]
+        .where(and_(col(ManagedKey.enabled).is_(True), col(ManagedKey.next_due_at) <= now, ~open_run, ~backing_off))
+        .order_by(col(ManagedKey.next_due_at))
         .limit(batch)
     )
 
 
 def _runs_ended_since_due(session: Any, key_id: int, due_at: datetime) -> int:
-    return int(session.scalar(select(func.count()).where(RotationRun.key_id == key_id, RotationRun.created_at >= due_at)) or 0)
+    return int(session.scalar(select(func.count()).where(col(RotationRun.key_id) == key_id, col(RotationRun.created_at) >= due_at)) or 0)
 
 
 @dataclass
@@ -128,6 +129,6 @@ def detect_due(
             result.errors[name] = type(exc).__name__
             continue
         (result.requested if created else result.joined).append(run_id)
-        log.info("rotation_due", key=name, run_id=run_id, reason=reason, due_at=as_utc(due_at).isoformat(), created=created,  # type: ignore[union-attr]
+        log.info("rotation_due", key=name, run_id=run_id, reason=reason, due_at=as_utc(due_at).isoformat(), created=created,
                  attempt=attempt + 1)
     return result

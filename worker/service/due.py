@@ -50,7 +50,7 @@ def compute_next_due(
     if credential_type is not None:
         cutoff = credential_type.first_cutoff()
         if cutoff is not None:
-            candidates.append((as_utc(cutoff) - lead, "deprecation"))  # type: ignore[operator]
+            candidates.append((as_utc(cutoff) - lead, "deprecation"))
 
     if not candidates:
         return None, None

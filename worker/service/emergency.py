@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlmodel import Session, select
+from sqlmodel import col, select, Session
 
 from worker.service.hooks import Pipeline, default_pipeline
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
@@ -51,7 +51,7 @@ def request_provider_rotation(
     pipeline = pipeline or default_pipeline()  # only its request_rotation is used here
     batch_id = batch_id or uuid.uuid4().hex[:12]
     keys = session.exec(
-        select(ManagedKey).where(ManagedKey.provider == provider, ManagedKey.enabled.is_(True)).order_by(ManagedKey.name)  # type: ignore[attr-defined]
+        select(ManagedKey).where(col(ManagedKey.provider) == provider, col(ManagedKey.enabled).is_(True)).order_by(col(ManagedKey.name))
     ).all()
     runs: list[tuple[RotationRun, bool]] = []
     for key in keys:

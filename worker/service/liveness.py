@@ -25,12 +25,13 @@ from datetime import datetime
 from typing import Any, Callable, Protocol
 
 from sqlalchemy import select
+from sqlmodel import col
 
 from worker.service.deprecation import on_deprecated_response
 from worker.pipeline.outbox import enqueue_after_commit
 from worker.service.hooks import Pipeline, default_pipeline
 from worker.clock import utcnow
-from worker.db.models import ManagedKey, RotationRun
+from worker.db.models import ManagedKey, RotationRun, saved_id
 from worker.db.session import session_scope
 from worker.errors import KeyrotorError, RateLimited
 from worker.log import get_logger
@@ -87,12 +88,12 @@ class LivenessResult:
 
 
 def _next_keys(session: Any, after: int, limit: int) -> list[ManagedKey]:
-    open_run = select(RotationRun.key_id).where(RotationRun.finished_at.is_(None))  # type: ignore[union-attr]
-    base = select(ManagedKey).where(ManagedKey.enabled.is_(True), ManagedKey.id.notin_(open_run))  # type: ignore[union-attr,attr-defined]
-    keys = list(session.scalars(base.where(ManagedKey.id > after).order_by(ManagedKey.id).limit(limit)).all())  # type: ignore[arg-type,operator]
+    open_run = select(col(RotationRun.key_id)).where(col(RotationRun.finished_at).is_(None))
+    base = select(ManagedKey).where(col(ManagedKey.enabled).is_(True), col(ManagedKey.id).notin_(open_run))
+    keys = list(session.scalars(base.where(col(ManagedKey.id) > after).order_by(col(ManagedKey.id)).limit(limit)).all())
     if len(keys) < limit:  # wrap around
         seen = {k.id for k in keys}
-        more = session.scalars(base.where(ManagedKey.id <= after).order_by(ManagedKey.id).limit(limit - len(keys))).all()  # type: ignore[arg-type,operator]
+        more = session.scalars(base.where(col(ManagedKey.id) <= after).order_by(col(ManagedKey.id)).limit(limit - len(keys))).all()
         keys += [k for k in more if k.id not in seen]
     return keys
 
@@ -105,7 +106,7 @@ def check_liveness(ctx: Any, *, cursor: Cursor, per_pass: int = DEFAULT_PER_PASS
     result = LivenessResult()
     limited: set[str] = set()
     with session_scope(ctx.engine) as session:
-        keys = [(k.id, k.name, k.provider) for k in _next_keys(session, cursor.get(), per_pass)]
+        keys = [(saved_id(k), k.name, k.provider) for k in _next_keys(session, cursor.get(), per_pass)]
     for key_id, name, provider_name in keys:
         if provider_name in limited:
             result.deferred.append(name)
@@ -142,6 +143,8 @@ def _check(ctx: Any, key_id: int) -> tuple[CheckOutcome | None, int | None]:
     """The provider's verdict on the key's current credential (None: nothing in Vault yet)."""
     with session_scope(ctx.engine) as session:
         key = session.get(ManagedKey, key_id)
+        if key is None:  # removed from the inventory since this pass listed it
+            return None, None
         provider = ctx.provider_factory(session, key)
         mount, path, field_name, credential_type = key.vault_mount, key.vault_path, key.vault_field, key.credential_type
     current = ctx.vault.read_current(mount, path, field_name)
@@ -153,6 +156,8 @@ def _check(ctx: Any, key_id: int) -> tuple[CheckOutcome | None, int | None]:
 def _rotate(ctx: Any, key_id: int, name: str, outcome: CheckOutcome, version: int | None, pipeline: Pipeline) -> str | None:
     with session_scope(ctx.engine) as session:
         key = session.get(ManagedKey, key_id)
+        if key is None:  # removed from the inventory since the check
+            return None
         if outcome is CheckOutcome.deprecated:
             run = on_deprecated_response(session, key_name=name, credential_type=key.credential_type,
                                          requested_by=REQUESTED_BY, pipeline=pipeline)

@@ -14,11 +14,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_
-from sqlmodel import Session, select
+from sqlmodel import col, select, Session
 
 from worker.service.deprecation import replacement_type
 from worker.clock import as_utc, utcnow
-from worker.db.models import ManagedKey, ProviderRecord, RotationRun
+from worker.db.models import ManagedKey, ProviderRecord, RotationRun, saved_id
 from worker.protocol.states import RunState
 from worker.inventory.credential_facts import carries_admin_rights
 from worker.providers.guarantees import orphan_guard
@@ -76,12 +76,12 @@ def build_plan(session: Session, *, now: datetime | None = None, days: float = 3
 
     keys = session.exec(
         select(ManagedKey)
-        .where(ManagedKey.enabled.is_(True), ManagedKey.next_due_at <= horizon)  # type: ignore[attr-defined,operator]
-        .order_by(ManagedKey.next_due_at)  # type: ignore[arg-type]
+        .where(col(ManagedKey.enabled).is_(True), col(ManagedKey.next_due_at) <= horizon)
+        .order_by(col(ManagedKey.next_due_at))
     ).all()
     open_runs = {
         r.key_id: r
-        for r in session.exec(select(RotationRun).where(RotationRun.finished_at.is_(None))).all()  # type: ignore[union-attr]
+        for r in session.exec(select(RotationRun).where(col(RotationRun.finished_at).is_(None))).all()
     }
     seen_runs: set[str] = set()
     for key in keys:
@@ -91,7 +91,7 @@ def build_plan(session: Session, *, now: datetime | None = None, days: float = 3
         automatic = can_rotate_automatically(record)
         phase = _deprecation_phase(record, key.credential_type, max(due, now))
         target = (replacement_type(record, key.credential_type) if phase else None) or key.credential_type
-        run = open_runs.get(key.id)  # type: ignore[arg-type]
+        run = open_runs.get(saved_id(key))
         notes = []
         if phase:
             notes.append(f"{key.credential_type} is in phase {phase} at that time; migrates to {target}")
@@ -119,8 +119,8 @@ def build_plan(session: Session, *, now: datetime | None = None, days: float = 3
     # Old credentials in their grace period: retired when it ends (no longer due, so not above).
     grace_runs = session.exec(
         select(RotationRun, ManagedKey)
-        .join(ManagedKey, ManagedKey.id == RotationRun.key_id)  # type: ignore[arg-type]
-        .where(RotationRun.state == RunState.verified.value, or_(RotationRun.grace_until.is_(None), RotationRun.grace_until <= horizon))  # type: ignore[union-attr,operator,arg-type]
+        .join(ManagedKey, col(ManagedKey.id) == col(RotationRun.key_id))
+        .where(col(RotationRun.state) == RunState.verified.value, or_(col(RotationRun.grace_until).is_(None), col(RotationRun.grace_until) <= horizon))
     ).all()
     for run, key in grace_runs:
         if run.id in seen_runs:

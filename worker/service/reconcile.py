@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 
 from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Engine
+from sqlmodel import col
 
 from worker.pipeline.outbox import enqueue_after_commit
 from worker.service.hooks import Pipeline, default_pipeline
@@ -78,11 +79,11 @@ class StuckResult:
 
 def stuck_runs_query(now: datetime, batch: int):
     skip = [s.value for s in (*TERMINAL_STATES, *WAITING_STATES)]  # over, or a person acts next
-    in_grace = and_(RotationRun.state == RunState.verified.value, RotationRun.grace_until > now)  # type: ignore[arg-type,operator]
+    in_grace = and_(col(RotationRun.state) == RunState.verified.value, col(RotationRun.grace_until) > now)
     return (
         select(RotationRun)
-        .where(RotationRun.step_deadline_at < now, RotationRun.state.not_in(skip), ~in_grace)  # type: ignore[attr-defined,operator]
-        .order_by(RotationRun.step_deadline_at)  # type: ignore[arg-type]
+        .where(col(RotationRun.step_deadline_at) < now, col(RotationRun.state).not_in(skip), ~in_grace)
+        .order_by(col(RotationRun.step_deadline_at))
         .limit(batch)
     )
 
@@ -108,9 +109,9 @@ def recover_stuck_runs(
         # Conditional on what we read: if the worker moved the run meanwhile, we do nothing.
         still_stuck = and_(
             RotationRun.id == run_id,
-            RotationRun.state == state_value,
+            col(RotationRun.state) == state_value,
             RotationRun.requeues == requeues,
-            RotationRun.step_deadline_at < now,  # type: ignore[operator]
+            col(RotationRun.step_deadline_at) < now,
         )
         with session_scope(engine) as session:
             if requeues + 1 > max_attempts:
@@ -139,11 +140,11 @@ def recover_stuck_runs(
                 key = session.get(ManagedKey, run.key_id)
                 key_name = key.name if key else str(run.key_id)
             else:
-                moved = session.exec(
+                requeued = session.exec(
                     update(RotationRun).where(still_stuck)
                     .values(requeues=requeues + 1, step_deadline_at=now + timedelta(seconds=step_timeout_s), updated_at=now)
                 ).rowcount
-                if moved != 1:
+                if requeued != 1:
                     continue
                 run = session.get(RotationRun, run_id)
                 assert run is not None
@@ -201,10 +202,10 @@ def _is_orphan(session: Any, provider: str, key_id: str, run_id: str) -> tuple[b
         if state == RunState.requested or (state == RunState.needs_attention and run.new_version_id is None):
             return False, None
     live = session.exec(
-        select(KeyVersion.id)
-        .join(ManagedKey, ManagedKey.id == KeyVersion.key_id)
-        .where(ManagedKey.provider == provider, KeyVersion.provider_key_id == key_id,
-               KeyVersion.stage.in_(LIVE_STAGES))  # type: ignore[attr-defined]
+        select(col(KeyVersion.id))
+        .join(ManagedKey, col(ManagedKey.id) == col(KeyVersion.key_id))
+        .where(col(ManagedKey.provider) == provider, col(KeyVersion.provider_key_id) == key_id,
+               col(KeyVersion.stage).in_(LIVE_STAGES))
         .limit(1)
     ).first()
     if live is not None:
@@ -222,18 +223,18 @@ def first_seen(engine: Engine, provider: str, key_ids: list[str], now: datetime)
     gives no creation time, so a key just minted is never taken for an orphan."""
     with session_scope(engine) as session:
         rows = {r.provider_key_id: r for r in session.scalars(
-            select(ProviderKeySighting).where(ProviderKeySighting.provider == provider)).all()}  # type: ignore[arg-type]
+            select(ProviderKeySighting).where(col(ProviderKeySighting.provider) == provider)).all()}
         wanted = set(key_ids)
         for key_id, row in rows.items():
             if key_id not in wanted:
                 session.delete(row)
         seen: dict[str, datetime] = {}
         for key_id in wanted:
-            row = rows.get(key_id)
-            if row is None:
-                row = ProviderKeySighting(provider=provider, provider_key_id=key_id, first_seen_at=now)
-                session.add(row)
-            seen[key_id] = as_utc(row.first_seen_at) or now
+            sighting = rows.get(key_id)
+            if sighting is None:
+                sighting = ProviderKeySighting(provider=provider, provider_key_id=key_id, first_seen_at=now)
+                session.add(sighting)
+            seen[key_id] = as_utc(sighting.first_seen_at) or now
     return seen
 
 
@@ -257,7 +258,7 @@ def revoke_orphans(
     with session_scope(engine) as session:
         query = select(ProviderRecord).order_by(ProviderRecord.name)
         if providers is not None:
-            query = query.where(ProviderRecord.name.in_(list(providers)))  # type: ignore[attr-defined]
+            query = query.where(col(ProviderRecord.name).in_(list(providers)))
         records = list(session.scalars(query).all())
     revoked: list[RevokedOrphan] = []
     for record in records:
@@ -271,7 +272,8 @@ def revoke_orphans(
             continue
         ours = []
         for info in listed:
-            match = ORPHAN_NAME.match(getattr(info, "name", None) or "")
+            name = getattr(info, "name", None) or ""
+            match = ORPHAN_NAME.match(name)
             if not match:
                 continue  # not ours: keys made by people or other tools are never touched
             key_id = getattr(info, "key_id", None)
@@ -279,15 +281,15 @@ def revoke_orphans(
                 log.warning("orphan_without_id", provider=record.name, name=info.name,
                             detail="the list gives no key id; it cannot be judged or revoked by id")
                 continue
-            ours.append((info, str(key_id), match["run_id"]))
-        seen = first_seen(engine, record.name, [key_id for _, key_id, _ in ours], now)
-        for info, key_id, run_id in ours:
+            ours.append((info, name, str(key_id), match["run_id"]))
+        seen = first_seen(engine, record.name, [key_id for _, _, key_id, _ in ours], now)
+        for info, name, key_id, run_id in ours:
             if getattr(info, "live", None) is False:
                 continue  # the provider says it is revoked already
             born = as_utc(getattr(info, "created_at", None)) or seen[key_id]
             if now - born < timedelta(seconds=min_age_s):
                 continue
-            found = _revoke_orphan(engine, provider, record.name, info.name, key_id, run_id)
+            found = _revoke_orphan(engine, provider, record.name, name, key_id, run_id)
             if found is not None:
                 revoked.append(found)
     return revoked

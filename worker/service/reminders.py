@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
-from sqlmodel import select
+from sqlmodel import col, select
 
 from worker.service.plan import can_rotate_automatically
 from worker.pipeline.targets import rotation_target
@@ -49,10 +49,10 @@ def send_reminders(
     with session_scope(engine) as session:
         rows = session.exec(
             select(ManagedKey, ProviderRecord)
-            .join(ProviderRecord, ProviderRecord.name == ManagedKey.provider)  # type: ignore[arg-type]
-            .where(ManagedKey.enabled.is_(True), ManagedKey.next_due_at <= now + timedelta(seconds=lead_s),  # type: ignore[attr-defined,operator]
+            .join(ProviderRecord, col(ProviderRecord.name) == col(ManagedKey.provider))
+            .where(col(ManagedKey.enabled).is_(True), col(ManagedKey.next_due_at) <= now + timedelta(seconds=lead_s),
                    ProviderRecord.mode == "assisted")
-            .order_by(ManagedKey.next_due_at)  # type: ignore[arg-type]
+            .order_by(col(ManagedKey.next_due_at))
             .limit(batch)
         ).all()
         todo = []
@@ -61,11 +61,11 @@ def send_reminders(
                 continue
             last = session.exec(
                 select(AuditEvent.at).where(AuditEvent.key_id == key.id, AuditEvent.event == "reminder_sent")
-                .order_by(AuditEvent.id.desc()).limit(1)  # type: ignore[union-attr]
+                .order_by(col(AuditEvent.id).desc()).limit(1)
             ).first()
-            if last is not None and now - as_utc(last) < timedelta(seconds=repeat_s):  # type: ignore[operator]
+            if last is not None and now - as_utc(last) < timedelta(seconds=repeat_s):
                 continue
-            run = session.exec(select(RotationRun).where(RotationRun.key_id == key.id, RotationRun.finished_at.is_(None))).first()  # type: ignore[union-attr]
+            run = session.exec(select(RotationRun).where(col(RotationRun.key_id) == key.id, col(RotationRun.finished_at).is_(None))).first()
             if run is not None and run.state == "awaiting_deposit":
                 continue  # the deposits job reminds the owner of a run waiting for their deposit
             due = as_utc(key.next_due_at)
@@ -76,7 +76,7 @@ def send_reminders(
                 "provider": key.provider, "owner": key.owner, "credential_type": key.credential_type,
                 "target_credential_type": target or key.credential_type, "reason": key.due_reason,
                 "due_at": due.isoformat() if due else None, "overdue": bool(due and due <= now),
-                "expires_at": as_utc(key.expires_at).isoformat() if key.expires_at else None,  # type: ignore[union-attr]
+                "expires_at": as_utc(key.expires_at).isoformat() if key.expires_at else None,
                 "run_state": run.state if run else None,
                 "action": (f"create a new {target or key.credential_type} at {key.provider} when keyrotor asks for it "
                            "(a notice names your deposit path in Vault); operators: "

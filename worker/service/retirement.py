@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Engine
+from sqlmodel import col
 
 from worker.pipeline.outbox import enqueue_after_commit
 from worker.service.hooks import Pipeline, default_pipeline
@@ -34,20 +35,20 @@ def retire_due(
     """Enqueue the retire step of every run whose grace is over; returns the run ids enqueued."""
     now = now or utcnow()
     pipeline = pipeline or default_pipeline()
-    unclaimed = or_(RotationRun.step_deadline_at.is_(None), RotationRun.step_deadline_at < RotationRun.grace_until)  # type: ignore[union-attr,operator]
+    unclaimed = or_(col(RotationRun.step_deadline_at).is_(None), col(RotationRun.step_deadline_at) < col(RotationRun.grace_until))
     enqueued: list[str] = []
     with session_scope(engine) as session:
         ids = session.scalars(
-            select(RotationRun.id)
-            .where(RotationRun.state == RunState.verified.value, RotationRun.grace_until <= now, unclaimed)  # type: ignore[operator]
-            .order_by(RotationRun.grace_until)
+            select(col(RotationRun.id))
+            .where(col(RotationRun.state) == RunState.verified.value, col(RotationRun.grace_until) <= now, unclaimed)
+            .order_by(col(RotationRun.grace_until))
             .limit(batch)
         ).all()
     for run_id in ids:
         with session_scope(engine) as session:
             claimed = session.exec(
                 update(RotationRun)
-                .where(RotationRun.id == run_id, RotationRun.state == RunState.verified.value, unclaimed)  # type: ignore[arg-type]
+                .where(col(RotationRun.id) == run_id, col(RotationRun.state) == RunState.verified.value, unclaimed)
                 .values(step_deadline_at=now + timedelta(seconds=step_timeout_s), updated_at=now)
             ).rowcount
             if claimed != 1:

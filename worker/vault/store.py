@@ -476,7 +476,8 @@ class VaultStore:
                                                            raise_on_deleted_version=True)
             except hvac_exc.InvalidPath as exc:
                 body = exc.json if isinstance(exc.json, dict) else {}
-                inner = body.get("data") if isinstance(body.get("data"), dict) else {}
+                data = body.get("data")
+                inner = data if isinstance(data, dict) else {}
                 if isinstance(inner.get("metadata"), dict):
                     return {"data": {"data": None, "metadata": inner["metadata"]}}  # deleted or destroyed
                 if exc.errors:  # e.g. "no handler for route": the mount does not exist

@@ -87,7 +87,7 @@ def _key_and_provider(session: Session, run: RotationRun) -> tuple[ManagedKey, O
     """The run's key and its provider record (``None`` if not applied) in one query."""
     row = session.exec(
         select(ManagedKey, ProviderRecord)
-        .outerjoin(ProviderRecord, ProviderRecord.name == ManagedKey.provider)  # type: ignore[arg-type]
+        .outerjoin(ProviderRecord, col(ProviderRecord.name) == col(ManagedKey.provider))
         .where(ManagedKey.id == run.key_id)
     ).first()
     if row is None:  # pragma: no cover - FK guarantees it

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any, Optional
 
 from sqlalchemy import update
+from sqlmodel import col
 
 from worker import log
 from worker.clock import as_utc, utcnow
@@ -37,7 +38,7 @@ S = RunState
 def _not_before_delay(snap: Snapshot) -> Optional[float]:
     if snap.run.not_before is None:
         return None
-    wait = seconds_between(as_utc(snap.run.not_before), utcnow())  # type: ignore[arg-type]
+    wait = seconds_between(as_utc(snap.run.not_before), utcnow())
     return wait if wait > 0 else None
 
 
@@ -174,7 +175,7 @@ def _set_issue_unknown(ctx: PipelineContext, run_id: str, since: Optional[dateti
     """Mark (or clear) "an issue call's outcome is unknown since …" on the run; with ``event``,
     also record the failed call in the audit trail."""
     with session_scope(ctx.engine) as session:
-        session.execute(update(RotationRun).where(RotationRun.id == run_id, RotationRun.state == S.requested.value)  # type: ignore[arg-type]
+        session.execute(update(RotationRun).where(col(RotationRun.id) == run_id, col(RotationRun.state) == S.requested.value)
                         .values(issue_unknown_since=since).execution_options(synchronize_session=False))
         if event is not None:
             run = load_run(session, run_id)
@@ -207,7 +208,7 @@ def _mint(ctx: PipelineContext, snap: Snapshot, provider: Provider, name: str) -
     with holding(issued.secret), session_scope(ctx.engine) as session:
         record_minted(session, snap.run, actor=ctx.actor, name=name, fingerprint=issued.secret.fingerprint,
                       provider_key_id=issued.key_id)
-        session.execute(update(RotationRun).where(RotationRun.id == snap.run.id)  # type: ignore[arg-type]
+        session.execute(update(RotationRun).where(col(RotationRun.id) == snap.run.id)
                         .values(issue_unknown_since=None).execution_options(synchronize_session=False))
     return issued
 

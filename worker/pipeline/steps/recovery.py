@@ -178,7 +178,7 @@ def fail_run(ctx: PipelineContext, run_id: str, step: Step, exc: BaseException, 
         key = load_key(session, run)
         target = failure_target(run.mode, run_state(run), kind, emergency=bool(run.emergency))
         error = safe_error(exc)
-        detail = {"step": step.value, "failure": kind.value, "error": error}
+        detail: dict[str, str | None] = {"step": step.value, "failure": kind.value, "error": error}
         if isinstance(exc, NewCredentialDeprecated):
             detail[DEPRECATED_TYPE_FIELD] = exc.credential_type
             detail["replacement"] = exc.replacement

@@ -35,9 +35,9 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if snap is None:
         return None
     now = utcnow()
-    if snap.run.grace_until is not None and now < as_utc(snap.run.grace_until):  # type: ignore[operator]
+    if snap.run.grace_until is not None and now < as_utc(snap.run.grace_until):
         return StepOutcome(state=S.verified, mode=snap.mode,
-                           again_in_s=seconds_between(as_utc(snap.run.grace_until), now))  # type: ignore[arg-type]
+                           again_in_s=seconds_between(as_utc(snap.run.grace_until), now))
     old, new, key = snap.old, snap.new, snap.key
     if old is None or (old.stage == VersionStage.retired.value and snap.mode != Mode.cutover):
         return advance_run(ctx, snap, S.retired, detail={"old": None if old is None else "already retired"})
@@ -146,7 +146,7 @@ def wait_for_owner_revocation(ctx: PipelineContext, snap: Any, old_fingerprint: 
     with session_scope(ctx.engine) as session:
         asked = [as_utc(at) for at in session.exec(
             select(AuditEvent.at).where(AuditEvent.run_id == snap.run.id, AuditEvent.event == "revoke_requested")
-            .order_by(col(AuditEvent.id))).all()]
+            .order_by(col(AuditEvent.id))).all() if at is not None]
     deadline = (asked[0] if asked else now) + timings.revoke_deadline
     if now >= deadline:
         raise PermanentError(f"the old credential (fingerprint {old_fingerprint}) still authenticates "
@@ -156,7 +156,7 @@ def wait_for_owner_revocation(ctx: PipelineContext, snap: Any, old_fingerprint: 
         ask_owner_to_revoke(ctx, snap, old_fingerprint, first=not asked, deadline=deadline)
     wait = min(timings.revoke_check_every.total_seconds(), seconds_between(deadline, now))
     with session_scope(ctx.engine) as session:  # a person is being waited for: not stuck (reconciler)
-        session.execute(update(RotationRun).where(RotationRun.id == snap.run.id, RotationRun.state == S.verified.value)  # type: ignore[arg-type]
+        session.execute(update(RotationRun).where(col(RotationRun.id) == snap.run.id, col(RotationRun.state) == S.verified.value)
                         .values(step_deadline_at=now + timedelta(seconds=wait + 2 * ctx.policy.time_limit_ms / 1000))
                         .execution_options(synchronize_session=False))
     return StepOutcome(state=S.verified, mode=snap.mode, again_in_s=max(wait, 0.1))

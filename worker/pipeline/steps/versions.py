@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from sqlmodel import Session
+from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from worker.clock import utcnow
-from worker.db.models import KeyVersion, VersionStage
+from worker.db.models import KeyVersion, VersionStage, saved_id
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.expiry import new_version_expiry
 from worker.pipeline.runs import audit
@@ -24,7 +25,7 @@ def ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session) -
         return None
     fp = stored.secret.fingerprint
     known = session.exec(
-        _select_versions(key.id, VersionStage.current)  # type: ignore[arg-type]
+        _select_versions(saved_id(key), VersionStage.current)
     ).all()
     for version in known:
         if version.fingerprint == fp:
@@ -32,7 +33,7 @@ def ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session) -
                 version.vault_version = stored.version
                 session.add(version)
             return version.id
-    adopted = KeyVersion(key_id=key.id, run_id=None, credential_type=key.credential_type, stage=VersionStage.current,
+    adopted = KeyVersion(key_id=saved_id(key), run_id=None, credential_type=key.credential_type, stage=VersionStage.current,
                          provider_key_id=stored.provider_key_id, fingerprint=fp, vault_version=stored.version,
                          issued_at=None)
     for version in known:  # the DB's idea of "current" was changed out of band
@@ -45,10 +46,8 @@ def ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session) -
     return adopted.id
 
 
-def _select_versions(key_id: int, stage: VersionStage) -> Any:
-    from sqlmodel import select
-
-    return select(KeyVersion).where(KeyVersion.key_id == key_id, KeyVersion.stage == stage.value)
+def _select_versions(key_id: int, stage: VersionStage) -> SelectOfScalar[KeyVersion]:
+    return select(KeyVersion).where(col(KeyVersion.key_id) == key_id, col(KeyVersion.stage) == stage.value)
 
 
 def record_new_version(session: Session, snap: Snapshot, *, secret: Optional[Secret], key_id: Optional[str],
@@ -58,7 +57,7 @@ def record_new_version(session: Session, snap: Snapshot, *, secret: Optional[Sec
     issued_at = utcnow()
     if secret is not None:
         expires_at = new_version_expiry(session, snap.key, snap.credential_type, issued_at, expires_at).at
-    version = KeyVersion(key_id=snap.key.id, run_id=snap.run.id, credential_type=snap.credential_type,
+    version = KeyVersion(key_id=saved_id(snap.key), run_id=snap.run.id, credential_type=snap.credential_type,
                          stage=VersionStage.pending, provider_key_id=key_id, provider_key_name=name,
                          fingerprint=secret.fingerprint if secret is not None else None, issued_at=issued_at,
                          expires_at=expires_at)
