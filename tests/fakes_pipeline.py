@@ -141,6 +141,13 @@ class FakeVault:
     def read_deposit(self, key_name: str) -> Any:
         return getattr(self, "deposits", {}).get(key_name)
 
+    def read_field(self, mount: str, path: str, field: str) -> Secret:
+        self.faults.hit("read_field")
+        value = self.current_value(mount, path, field)
+        if value is None:
+            raise VaultNotFound(f"{mount}/{path}#{field} does not exist")
+        return Secret(value)
+
     def destroy_deposit(self, key_name: str) -> None:
         getattr(self, "deposits", {}).pop(key_name, None)
 

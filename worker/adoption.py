@@ -31,9 +31,11 @@ from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord,
 from worker.db.session import session_scope
 from worker.errors import ConfigError, PermanentError
 from worker.inventory.schema import template_placeholders
+from worker.pipeline.context import PipelineContext
 from worker.pipeline.runs import open_run_for_key
 from worker.secret import Secret
 from worker.pipeline.targets import rejected_at
+from worker.vault.secret_store import SecretStore
 
 ELLIPSES = ("…", "...", "***", "**", "*")
 
@@ -94,7 +96,7 @@ def hint_matches(hint: str, secret: Secret) -> bool:
     return len(hint) >= 8 and value.startswith(hint)
 
 
-def rotation_blocker(session: Session, key: ManagedKey, vault: Any) -> Optional[str]:
+def rotation_blocker(session: Session, key: ManagedKey, vault: SecretStore) -> Optional[str]:
     """Why a rotation of ``key`` must not start (one line), or None: the current key has no
     provider key id and the provider revokes by id, so it could never be revoked afterwards.
     A key with no value in Vault yet is a first rotation (nothing to revoke)."""
@@ -117,7 +119,7 @@ def rotation_blocker(session: Session, key: ManagedKey, vault: Any) -> Optional[
             f"run `keyrotor adopt {key.name}` first (add --key-id ID if the provider cannot tell)")
 
 
-def adopt(ctx: Any, key_name: str, *, actor: str, secret: Optional[Secret] = None,
+def adopt(ctx: PipelineContext, key_name: str, *, actor: str, secret: Optional[Secret] = None,
           key_id: Optional[str] = None) -> Adopted:
     """Take ``key_name``'s existing credential into management (see the module docstring).
     ``ctx`` is a ``PipelineContext`` (engine, Vault, provider factory)."""

@@ -31,7 +31,7 @@ from worker.retry import parse_retry_after, retry_call
 from worker.secret import Secret
 from worker.inventory.schema import NotificationSpec
 from worker.inventory.snapshot import applied_document
-from worker.secret_refs import make_resolver
+from worker.secret_refs import FieldReader, make_resolver
 from worker.vault.store import VaultStore
 
 log = get_logger(__name__)
@@ -244,7 +244,7 @@ def configured_notifier() -> Notifier | None:
         return _notifier
 
 
-def notifier_for(engine: Any, settings: Any = None, *, vault: Any = None) -> Notifier:
+def notifier_for(engine: Any, settings: Any = None, *, vault: FieldReader | None = None) -> Notifier:
     """A notifier whose sinks come from the inventory applied to *this* database (``engine``), with
     secret references resolved through ``vault`` (else one built from ``settings`` when it names a
     Vault; else only ``env:`` references resolve). Nothing here reads the process's default
@@ -265,7 +265,7 @@ def notifier_for(engine: Any, settings: Any = None, *, vault: Any = None) -> Not
 NotifyFunction = Callable[..., None]
 
 
-def notify_function(engine: Any, settings: Any = None, *, vault: Any = None) -> NotifyFunction:
+def notify_function(engine: Any, settings: Any = None, *, vault: FieldReader | None = None) -> NotifyFunction:
     """``notify(event, *, key_name, run_id, detail)`` bound to ``engine`` (see ``notifier_for``),
     for ``PipelineContext.notify`` and the scheduler's jobs. A notifier installed with
     ``configure()`` still takes precedence (tests, demo). Never raises."""

@@ -22,7 +22,7 @@ from worker.notify import ALL_EVENTS, Notifier, Sink, notify_function
 from worker.secret import Secret
 from worker.inventory.schema import ContactSpec, OwnerDeliverySpec
 from worker.inventory.snapshot import applied_document
-from worker.secret_refs import make_resolver
+from worker.secret_refs import FieldReader, make_resolver
 
 log = get_logger(__name__)
 
@@ -83,7 +83,7 @@ def contact_of(document: dict[str, Any], key_name: str) -> Optional[str]:
 
 
 def notify_owner(engine: Any, event: str, *, key_name: str, run_id: Optional[str], detail: dict[str, Any],
-                 vault: Any = None, settings: Any = None) -> bool:
+                 vault: FieldReader | None = None, settings: Any = None) -> bool:
     """Send ``event`` to the key's owner; without a contact, to the shared sinks (as ``reminder``,
     or ``needs_attention``). True when the owner's contact accepted it. Never raises."""
     try:

@@ -9,15 +9,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from worker.errors import ConfigError, KeyrotorError, PermanentError, TransientError
 from worker.secret import Secret
-
-if TYPE_CHECKING:
-    from worker.vault.store import VaultStore
 
 # A path may hold placeholders (``users/{labels[user]}``, filled in by the HTTP provider before
 # reading) and an ``@`` (user names that are email addresses).
@@ -66,7 +63,13 @@ class SecretRef(BaseModel):
 SecretResolver = Callable[[SecretRef], Secret]
 
 
-def make_resolver(vault: "VaultStore | None", environ: dict[str, str] | None = None) -> SecretResolver:
+class FieldReader(Protocol):
+    """What resolving a Vault reference needs of a store (``VaultStore``, any ``SecretStore``)."""
+
+    def read_field(self, mount: str, path: str, field: str) -> Secret: ...
+
+
+def make_resolver(vault: FieldReader | None, environ: dict[str, str] | None = None) -> SecretResolver:
     """A resolver that reads env references from ``environ`` and Vault references through ``vault``."""
     env = os.environ if environ is None else environ
 

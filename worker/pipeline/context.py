@@ -25,6 +25,7 @@ from worker.providers.ratelimit import shared_limiter
 from worker.providers.registry import provider_builder
 from worker.secret_refs import make_resolver
 from worker.settings import get_settings
+from worker.vault.secret_store import SecretStore
 from worker.vault.store import VaultStore
 
 
@@ -80,7 +81,7 @@ def default_policy() -> StepPolicy:
 @dataclass
 class PipelineContext:
     engine: Engine
-    vault: Any                                  # worker.vault.store.VaultStore or a stand-in
+    vault: SecretStore                          # VaultStore in production, a fake in tests
     provider_factory: ProviderFactory
     integration_factory: IntegrationFactory
     policy: StepPolicy = field(default_factory=StepPolicy)
@@ -175,7 +176,7 @@ def _close_quietly(adapter: Any) -> None:
         pass
 
 
-def _registry_provider_factory(vault: Any, settings: Any, resolve: Optional[Callable[[Any], Any]] = None) -> ProviderFactory:
+def _registry_provider_factory(vault: VaultStore, settings: Any, resolve: Optional[Callable[[Any], Any]] = None) -> ProviderFactory:
     resolve = resolve or make_resolver(vault)
     cache: dict[str, Any] = {}
     built = _BuiltCache()
@@ -207,7 +208,7 @@ def _engine_of(session: Session) -> Engine:
     return bind if isinstance(bind, Engine) else bind.engine  # a session bound to a connection: its engine
 
 
-def _registry_integration_factory(vault: Any, settings: Any, resolve: Optional[Callable[[Any], Any]] = None,
+def _registry_integration_factory(vault: VaultStore, settings: Any, resolve: Optional[Callable[[Any], Any]] = None,
                                   *, engine: Optional[Engine] = None) -> IntegrationFactory:
     resolve = resolve or make_resolver(vault)
     built = _BuiltCache()

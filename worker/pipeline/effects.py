@@ -12,6 +12,7 @@ from worker import log
 from worker.inventory.schema import parse_duration
 from worker.integrations.base import Announcement
 from worker.vault.errors import VaultNotFound
+from worker.vault.secret_store import SecretStore
 from worker.secret import Secret
 from worker.clock import as_utc
 
@@ -62,7 +63,7 @@ def verify_status(result: Any) -> tuple[str, Optional[str]]:
     return enum_value(status), reported
 
 
-def read_pending(vault: Any, run_id: str) -> Optional[tuple[Secret, Optional[str]]]:
+def read_pending(vault: SecretStore, run_id: str) -> Optional[tuple[Secret, Optional[str]]]:
     """The staged secret of a run, or ``None`` when nothing is staged."""
     try:
         return vault.read_pending(run_id)

@@ -41,6 +41,7 @@ from worker.protocol import Mode, can_transition, next_step, parse_mode
 from worker import log
 from worker.clock import utcnow
 from worker.pipeline.effects import read_pending
+from worker.vault.secret_store import SecretStore
 
 S = RunState
 Action = Literal["retry", "compensate", "rollback", "cancel", "revoked-by-person"]
@@ -77,7 +78,7 @@ def _stopped_in(session: Session, run: RotationRun) -> Optional[RunState]:
         return None
 
 
-def _has_new_credential(session: Session, run: RotationRun, vault: Any) -> bool:
+def _has_new_credential(session: Session, run: RotationRun, vault: SecretStore | None) -> bool:
     """Was a credential issued (recorded, or staged by an attempt that crashed before recording)?"""
     if run.new_version_id is not None:
         return True
@@ -87,7 +88,7 @@ def _has_new_credential(session: Session, run: RotationRun, vault: Any) -> bool:
     return read_pending(vault, run.id) is not None
 
 
-def _options(session: Session, run: RotationRun, vault: Any) -> _Options:
+def _options(session: Session, run: RotationRun, vault: SecretStore | None) -> _Options:
     mode = parse_mode(run.mode)
     stopped = _stopped_in(session, run)
     targets: dict[str, RunState] = {}
@@ -146,7 +147,7 @@ def _options(session: Session, run: RotationRun, vault: Any) -> _Options:
     return _Options(stopped, targets, refusals)
 
 
-def resolution_options(session: Session, run: RotationRun, vault: Any = None) -> dict[str, RunState]:
+def resolution_options(session: Session, run: RotationRun, vault: SecretStore | None = None) -> dict[str, RunState]:
     """action → the state it would move ``run`` to: a run that needs attention, or ``cancel`` for a
     run awaiting a deposit ({} for any other run)."""
     state = run_state(run)
@@ -162,7 +163,7 @@ def stopped_in(session: Session, run: RotationRun) -> Optional[RunState]:
     return _stopped_in(session, run)
 
 
-def allowed_actions(session: Session, run_id: str, *, vault: Any = None) -> dict[str, str]:
+def allowed_actions(session: Session, run_id: str, *, vault: SecretStore | None = None) -> dict[str, str]:
     """action → the state it would move the run to, for a run that needs attention or awaits a
     deposit ({} otherwise)."""
     run = load_run(session, run_id)
@@ -171,7 +172,7 @@ def allowed_actions(session: Session, run_id: str, *, vault: Any = None) -> dict
     return {action: state.value for action, state in resolution_options(session, run, vault).items()}
 
 
-def discard_deposit(run: RotationRun, vault: Any) -> None:
+def discard_deposit(run: RotationRun, vault: SecretStore | None) -> None:
     """Drop a value an interrupted ``keyrotor deposit`` may have staged for ``run`` (idempotent).
     Best effort: it is a person-made credential kept in Vault's staging area, so an unreachable
     Vault must not stop a cancel (a breach takeover least of all); it is logged instead."""
@@ -187,7 +188,7 @@ def discard_deposit(run: RotationRun, vault: Any) -> None:
 
 
 def resolve_run(session: Session, run_id: str, action: str, actor: str, *, note: Optional[str] = None,
-                vault: Any = None, enqueue: bool = True) -> RotationRun:
+                vault: SecretStore | None = None, enqueue: bool = True) -> RotationRun:
     """Resolve a ``needs_attention`` run with ``action`` (``retry`` | ``compensate`` | ``rollback`` |
     ``cancel`` | ``revoked-by-person``) on behalf of ``actor`` (a person: ``"user:alice"``); returns the updated run.
 

@@ -27,6 +27,7 @@ from worker.pipeline.resolve import discard_deposit, resolution_options, stopped
 from worker.pipeline.outbox import enqueue_after_commit, enqueue_run
 from worker.pipeline.runs import run_state, transition
 from worker.pipeline.context import default_policy
+from worker.vault.secret_store import SecretStore
 
 S = RunState
 Outcome = Literal["cancelled", "resumed"]
@@ -36,7 +37,7 @@ TAKEOVER_STATES = WAITING_STATES  # a person acts next: an emergency takes over
 
 
 def take_over(session: Session, run: RotationRun, *, requested_by: str, reason: str,
-              vault: Any = None) -> Optional[Outcome]:
+              vault: SecretStore | None = None) -> Optional[Outcome]:
     """End or resume ``run`` for an emergency (see the module doc); ``None``: a person must look.
 
     Resumed runs are enqueued once ``session`` commits; for ``"cancelled"`` the caller creates

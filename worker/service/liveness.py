@@ -28,6 +28,7 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from worker.service.deprecation import on_deprecated_response
+from worker.pipeline.context import PipelineContext
 from worker.pipeline.outbox import enqueue_after_commit
 from worker.service.hooks import Pipeline, default_pipeline
 from worker.clock import utcnow
@@ -98,7 +99,7 @@ def _next_keys(session: Any, after: int, limit: int) -> list[ManagedKey]:
     return keys
 
 
-def check_liveness(ctx: Any, *, cursor: Cursor, per_pass: int = DEFAULT_PER_PASS, now: datetime | None = None,
+def check_liveness(ctx: PipelineContext, *, cursor: Cursor, per_pass: int = DEFAULT_PER_PASS, now: datetime | None = None,
                    pipeline: Pipeline | None = None, on_outcome: Callable[[str, str], None] | None = None) -> LivenessResult:
     """One pass: ``ctx`` is a ``PipelineContext`` (engine, Vault, provider factory)."""
     now = now or utcnow()
@@ -139,7 +140,7 @@ def check_liveness(ctx: Any, *, cursor: Cursor, per_pass: int = DEFAULT_PER_PASS
     return result
 
 
-def _check(ctx: Any, key_id: int) -> tuple[CheckOutcome | None, int | None]:
+def _check(ctx: PipelineContext, key_id: int) -> tuple[CheckOutcome | None, int | None]:
     """The provider's verdict on the key's current credential (None: nothing in Vault yet)."""
     with session_scope(ctx.engine) as session:
         key = session.get(ManagedKey, key_id)
@@ -153,7 +154,7 @@ def _check(ctx: Any, key_id: int) -> tuple[CheckOutcome | None, int | None]:
     return provider.check(current.secret, credential_type=credential_type), current.version
 
 
-def _rotate(ctx: Any, key_id: int, name: str, outcome: CheckOutcome, version: int | None, pipeline: Pipeline) -> str | None:
+def _rotate(ctx: PipelineContext, key_id: int, name: str, outcome: CheckOutcome, version: int | None, pipeline: Pipeline) -> str | None:
     with session_scope(ctx.engine) as session:
         key = session.get(ManagedKey, key_id)
         if key is None:  # removed from the inventory since the check
