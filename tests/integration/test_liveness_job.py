@@ -135,3 +135,20 @@ def test_the_scheduler_runs_it_as_the_liveness_job(ctx: Ctx, redis_client: Any, 
     assert RedisCursor(redis_client, redis_namespace).get() > 0          # the next leader goes on from here
     assert scheduler.run_job("liveness")["rotations"] == 1               # k3, k4 (dead), k0
     assert [r["key"] for r in pipeline.requests] == ["alloy/k4"]
+
+
+def test_a_key_removed_from_the_inventory_during_the_pass_is_skipped(ctx: Ctx) -> None:
+    """The pass lists keys first, then checks each in its own transaction: a key pruned in
+    between is left out (it used to end the pass with an AttributeError)."""
+
+    class PruningProvider(FakeProvider):
+        def check(self, secret: Secret, *, credential_type: str) -> CheckOutcome:
+            if secret.reveal() == "secret-0":
+                with session_scope(ctx.engine) as s:
+                    s.delete(s.exec(select(ManagedKey).where(ManagedKey.name == "alloy/k1")).one())
+            return super().check(secret, credential_type=credential_type)
+
+    ctx.provider = PruningProvider({})
+    result = check_liveness(ctx, cursor=MemoryCursor(), per_pass=5, pipeline=RecordingPipeline().as_pipeline())
+    assert result.valid == ["alloy/k0", "alloy/k2", "alloy/k3", "alloy/k4"] and result.errors == {}
+    assert "secret-1" not in ctx.provider.checked
