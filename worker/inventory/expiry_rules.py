@@ -28,9 +28,10 @@ def lost_expiry_problems(providers: Mapping[str, Any], keys: Mapping[str, Any]) 
     for kname, key in keys.items():
         if not isinstance(key, Mapping) or not key.get("expires_at"):
             continue
-        provider = providers.get(key.get("provider"))
+        pname, tname = key.get("provider"), key.get("credential_type")  # any YAML value: a name is a string
+        provider = providers.get(pname) if isinstance(pname, str) else None
         types = provider.get("credential_types") if isinstance(provider, Mapping) else None
-        ctype = types.get(key.get("credential_type")) if isinstance(types, Mapping) else None
+        ctype = types.get(tname) if isinstance(types, Mapping) and isinstance(tname, str) else None
         if not isinstance(ctype, Mapping) or ctype.get("lifetime") or _issue_reads_expiry(provider, ctype):  # type: ignore[arg-type]
             continue
         problems.append((("keys", kname, "expires_at"),
