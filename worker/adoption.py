@@ -30,7 +30,7 @@ from worker.clock import utcnow
 from worker.db.models import AuditEvent, KeyVersion, ManagedKey, ProviderRecord, VersionStage, saved_id
 from worker.db.session import session_scope
 from worker.errors import ConfigError, PermanentError
-from worker.inventory.schema import template_placeholders
+from worker.inventory.field_types import template_placeholders
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.runs import open_run_for_key
 from worker.secret import Secret

@@ -6,8 +6,9 @@ which key and run, never a secret: ``detail`` goes through the log redactor and 
 values are dropped. A Slack incoming-webhook URL is itself a credential, so sink URLs are kept
 as ``Secret`` and logs name a sink only by its kind and index.
 
-Sinks come from the last applied inventory (``inventory_snapshot``) unless a list is configured
-explicitly (``configure()``, tests, the demo).
+Sinks come from the inventory last applied to the caller's database (``inventory_snapshot``); a
+caller that wants others (a test) builds its own ``Notifier`` or gives its ``PipelineContext`` a
+``notify`` function: there is no process-wide notifier to install.
 """
 
 from __future__ import annotations
@@ -227,23 +228,6 @@ def snapshot_notifications(engine: Any) -> list[dict[str, Any]]:
     return list(applied_document(engine).get("notifications") or [])
 
 
-_lock = threading.Lock()
-_notifier: Notifier | None = None
-
-
-def configure(notifier: Notifier | None) -> None:
-    """Use this notifier process-wide (tests, demo); ``None`` goes back to the inventory's sinks."""
-    global _notifier
-    with _lock:
-        _notifier = notifier
-
-
-def configured_notifier() -> Notifier | None:
-    """The notifier installed with ``configure()`` (tests, demo), if any."""
-    with _lock:
-        return _notifier
-
-
 def notifier_for(engine: Any, settings: Any = None, *, vault: FieldReader | None = None) -> Notifier:
     """A notifier whose sinks come from the inventory applied to *this* database (``engine``), with
     secret references resolved through ``vault`` (else one built from ``settings`` when it names a
@@ -267,20 +251,16 @@ NotifyFunction = Callable[..., None]
 
 def notify_function(engine: Any, settings: Any = None, *, vault: FieldReader | None = None) -> NotifyFunction:
     """``notify(event, *, key_name, run_id, detail)`` bound to ``engine`` (see ``notifier_for``),
-    for ``PipelineContext.notify`` and the scheduler's jobs. A notifier installed with
-    ``configure()`` still takes precedence (tests, demo). Never raises."""
+    for ``PipelineContext.notify`` and the scheduler's jobs. Never raises."""
     built: list[Notifier] = []
     build_lock = threading.Lock()
 
     def bound(event: str, *, key_name: str, run_id: str | None, detail: dict[str, Any] | None = None) -> None:
         try:
-            notifier = configured_notifier()
-            if notifier is None:
-                with build_lock:
-                    if not built:
-                        built.append(notifier_for(engine, settings, vault=vault))
-                notifier = built[0]
-            notifier.notify(event, key_name=key_name, run_id=run_id, detail=detail or {})
+            with build_lock:
+                if not built:
+                    built.append(notifier_for(engine, settings, vault=vault))
+            built[0].notify(event, key_name=key_name, run_id=run_id, detail=detail or {})
         except Exception as exc:
             log.error("notification_failed", notify_event=event, key=key_name, run_id=run_id, error=type(exc).__name__)
 

@@ -57,16 +57,13 @@ def receiver() -> Iterator[_Receiver]:
 @pytest.fixture
 def default_db_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The process default settings point at a database that must never be opened."""
-    from worker import notify
     from worker.settings import get_settings
 
     default = tmp_path / "default" / "keyrotor.db"
     default.parent.mkdir()
     monkeypatch.setenv("KEYROTOR_DATABASE_URL", f"sqlite:///{default}")
     get_settings.cache_clear()
-    notify.configure(None)
     yield default
-    notify.configure(None)
     get_settings.cache_clear()
 
 
@@ -104,19 +101,3 @@ def test_scheduler_jobs_notify_the_engines_sinks(tmp_path: Path, receiver: _Rece
     assert [b["event"] for b in receiver.bodies] == ["needs_attention", "reminder"]
     assert not default_db_elsewhere.exists()
     engine.dispose()
-
-
-def test_a_configured_notifier_still_takes_precedence(tmp_path: Path, receiver: _Receiver,
-                                                      default_db_elsewhere: Path) -> None:
-    """Tests and the demo install one process-wide with ``worker.notify.configure``."""
-    from worker import notify
-
-    _, engine = _database_with_sink(tmp_path, receiver.url)
-    other = _Receiver()
-    try:
-        notify.configure(notify.Notifier([notify.Sink(kind="webhook", url=notify.Secret(other.url))]))
-        notify.notify_function(engine)("succeeded", key_name="k", run_id="r-3", detail={})
-        assert receiver.bodies == [] and [b["event"] for b in other.bodies] == ["succeeded"]
-    finally:
-        other.close()
-        engine.dispose()

@@ -10,7 +10,7 @@ from worker.service.due import compute_next_due, credential_type_from_spec, refr
 from worker.clock import as_utc
 from worker.db.models import ManagedKey, ProviderRecord
 from worker.db.session import make_engine
-from worker.inventory.schema import CredentialTypeSpec
+from worker.inventory.provider_parts import CredentialTypeSpec
 
 NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
 DAY = 86400

@@ -15,6 +15,7 @@ import string
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -126,6 +127,19 @@ def test_loader_reports_mutations_of_the_example_inventory(path: tuple[Any, ...]
 def test_loader_never_echoes_a_secret_planted_in_the_example_inventory(path: tuple[Any, ...], secret: str) -> None:
     text = yaml.safe_dump(_mutate(EXAMPLE_DATA, path, "replace", secret), sort_keys=False)
     _check(text, secret)
+
+
+@pytest.mark.parametrize("field", ["provider", "credential_type"])
+@pytest.mark.parametrize("how, value", [("replace", {"a": 1}), ("wrap", None)])
+def test_a_mapping_or_list_as_the_name_of_an_expiring_keys_provider_is_a_problem(field: str, how: str, value: Any) -> None:
+    """A key with ``expires_at`` whose provider or type name is not a string (the expiry rule once
+    looked it up and crashed: unhashable)."""
+    expiring = next(name for name, key in EXAMPLE_DATA["keys"].items() if key.get("expires_at"))
+    data = _mutate(EXAMPLE_DATA, ("keys", expiring, field), how, value)
+    inventory, problems = check_text(yaml.safe_dump(data, sort_keys=False), "inventory.yaml")
+    assert inventory is None
+    assert any(p.path == f"keys.{expiring}.{field}" for p in problems), problems
+    _assert_clear(problems)
 
 
 def test_the_example_inventory_itself_loads() -> None:

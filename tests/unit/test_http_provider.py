@@ -161,7 +161,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, str]:
 
 
 def test_mtls_context_loads_certificate_and_leaves_no_key_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.inventory.schema import MtlsAuthSpec
+    from worker.inventory.provider_parts import MtlsAuthSpec
 
     cert_path, pem = _self_signed(tmp_path)
     temp_root = tmp_path / "tmp"

@@ -12,12 +12,9 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 
-from worker.inventory.schema import (
-    CredentialTypeSpec,
-    Inventory,
-    parse_duration,
-    template_placeholders,
-)
+from worker.inventory.field_types import parse_duration, template_placeholders
+from worker.inventory.provider_parts import CredentialTypeSpec
+from worker.inventory.schema import Inventory
 from worker.text import key_slug
 from worker.secret_refs import SecretRef
 

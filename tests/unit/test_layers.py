@@ -62,15 +62,9 @@ def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
     return found
 
 
-#: Known cycles, each a debt to pay off, never a place for a new one. The inventory schema imports
-#: the OAuth client's spec after defining the building blocks that spec imports from it (the
-#: provider-kind union); splitting those blocks into a module of their own removes it.
-KNOWN_CYCLES = [["worker.inventory.oauth_schema", "worker.inventory.schema"]]
-
-
 def test_no_import_cycle_among_the_projects_modules() -> None:
     graph = grimp.build_graph(*PACKAGES, include_external_packages=False)
-    assert [c for c in _cycles(graph) if c not in KNOWN_CYCLES] == []
+    assert _cycles(graph) == []
 
 
 def test_cycle_finder_finds_a_cycle() -> None:

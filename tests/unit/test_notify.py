@@ -117,22 +117,20 @@ def test_sinks_from_inventory_specs_resolve_references() -> None:
     assert sinks[1].signing_secret == Secret("s3cr3t-signing")
 
 
-def test_notify_function_uses_configured_notifier_and_swallows_errors() -> None:
-    rec = Recorder()
-    notify_mod.configure(notifier([Sink("webhook", Secret("https://a.example/h"))], rec))
-    bound = notify_mod.notify_function(None)  # a configured notifier takes precedence: no database read
-    try:
-        bound("started", key_name="k", run_id="r", detail={"reason": "expiry"})
-        assert len(rec.requests) == 1
+def test_notify_function_never_raises_into_its_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notifier that cannot be built or cannot load its sinks is logged, never raised: the
+    pipeline and the scheduler call this after their own work is done."""
+    failures: list[dict[str, object]] = []
+    monkeypatch.setattr(notify_mod.log, "error", lambda event, **kw: failures.append({"event": event, **kw}))
 
-        class Broken(Notifier):
-            def notify(self, *a, **kw):  # type: ignore[no-untyped-def,override]
-                raise RuntimeError("bug")
+    def unreadable(engine: object) -> list[dict[str, object]]:
+        raise RuntimeError("database hiccup")
 
-        notify_mod.configure(Broken([]))
-        bound("started", key_name="k", run_id="r")  # must not raise
-    finally:
-        notify_mod.configure(None)
+    monkeypatch.setattr(notify_mod, "snapshot_notifications", unreadable)
+    bound = notify_mod.notify_function(object())
+    bound("started", key_name="k", run_id="r", detail={"reason": "expiry"})  # must not raise
+    assert failures == [{"event": "notification_failed", "notify_event": "started", "key": "k", "run_id": "r",
+                         "error": "RuntimeError"}]
 
 
 def test_sign_format() -> None:

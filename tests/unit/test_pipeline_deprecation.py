@@ -1,6 +1,6 @@
 """Deprecated credentials in the pipeline (Asana's 434): the new credential deprecated → the run
 fails at once with the replacement named; the key's current credential deprecated → a rotation
-to the replacement type is requested (worker.service.deprecation.on_deprecated_response)."""
+to the replacement type is requested (on_deprecated_response); both live in worker/service/deprecation.py."""
 
 from __future__ import annotations
 

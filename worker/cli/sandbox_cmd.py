@@ -11,7 +11,7 @@ import typer
 
 from worker.cli.common import port_in_use_fails
 from worker.errors import ConfigError
-from worker.inventory.schema import parse_duration
+from worker.inventory.field_types import parse_duration
 
 app = typer.Typer(no_args_is_help=True)
 

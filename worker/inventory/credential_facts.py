@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any, Optional
-from worker.inventory.schema import parse_duration
+from worker.inventory.field_types import parse_duration
 
 
 def _type_spec(record: Any, credential_type: str) -> dict[str, Any]:

@@ -28,10 +28,10 @@ def lost_expiry_problems(providers: Mapping[str, Any], keys: Mapping[str, Any]) 
     for kname, key in keys.items():
         if not isinstance(key, Mapping) or not key.get("expires_at"):
             continue
-        provider_name = key.get("provider")
-        provider = providers.get(provider_name) if isinstance(provider_name, str) else None
+        pname, tname = key.get("provider"), key.get("credential_type")  # any YAML value: a name is a string
+        provider = providers.get(pname) if isinstance(pname, str) else None
         types = provider.get("credential_types") if isinstance(provider, Mapping) else None
-        ctype = types.get(key.get("credential_type")) if isinstance(types, Mapping) else None
+        ctype = types.get(tname) if isinstance(types, Mapping) and isinstance(tname, str) else None
         if (not isinstance(provider, Mapping) or not isinstance(ctype, Mapping) or ctype.get("lifetime")
                 or _issue_reads_expiry(provider, ctype)):
             continue

@@ -19,22 +19,27 @@ import re
 from datetime import timedelta
 from typing import Any, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from worker.http_security import insecure_http_problem
-from worker.inventory.literals import looks_like_credential, secret_name, url_problem
-from worker.inventory.schema import (
-    SECRET_TEMPLATE,
+from worker.inventory.field_types import (
+    Duration,
+    HttpUrl,
+    StrictModel,
+    positive_duration,
+    refuse_literal_in_url,
+    template_placeholders,
+)
+from worker.inventory.literals import looks_like_credential, secret_name
+from worker.inventory.provider_parts import (
     ActivationSpec,
     AuthSpec,
     CredentialTypeSpec,
     DeclaresCredentialTypes,
-    Duration,
-    HttpUrl,
     RateLimitSpec,
     ResponseSpec,
-    template_placeholders,
+    auth_uses_secret_template,
 )
 
 #: The credential types an OAuth client can have, by name.
@@ -59,10 +64,6 @@ REQUIRED_ADMIN_CALLS: dict[str, tuple[str, str, str]] = {
     PRIVATE_KEY_JWT: ("add_jwk", "list_jwks", "remove_jwk"),
     CLIENT_SECRET: ("add_secret", "list_secrets", "remove_secret"),
 }
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 def _problem(loc: tuple[str | int, ...], message: str) -> InitErrorDetails:
@@ -90,7 +91,7 @@ def _check_admin_body(value: Any) -> Any:
     return value
 
 
-class AdminCallSpec(_Strict):
+class AdminCallSpec(StrictModel):
     """One call of the authorization server's admin API (management credentials: the admin ``auth``)."""
 
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
@@ -107,10 +108,7 @@ class AdminCallSpec(_Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        problem = url_problem(value)
-        if problem is not None:
-            raise PydanticCustomError("literal_secret", problem)
-        return _check_admin_template(value)
+        return _check_admin_template(refuse_literal_in_url(value))
 
     @field_validator("body")
     @classmethod
@@ -118,7 +116,7 @@ class AdminCallSpec(_Strict):
         return _check_admin_body(value)
 
 
-class AdminCallsSpec(_Strict):
+class AdminCallsSpec(StrictModel):
     add_jwk: Optional[AdminCallSpec] = None
     list_jwks: Optional[AdminCallSpec] = None
     remove_jwk: Optional[AdminCallSpec] = None
@@ -127,7 +125,7 @@ class AdminCallsSpec(_Strict):
     remove_secret: Optional[AdminCallSpec] = None
 
 
-class AdminApiSpec(_Strict):
+class AdminApiSpec(StrictModel):
     """Where and how keyrotor manages the client's JWKs and secrets."""
 
     base_url: str
@@ -137,9 +135,7 @@ class AdminApiSpec(_Strict):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
-        problem = url_problem(value)
-        if problem is not None:
-            raise PydanticCustomError("literal_secret", problem)
+        refuse_literal_in_url(value)
         if not re.match(r"^https?://[^/\s{}]+", value):
             raise PydanticCustomError("url", "expected an absolute http(s) URL such as https://auth.example.com/admin")
         return value.rstrip("/")
@@ -147,27 +143,27 @@ class AdminApiSpec(_Strict):
     @field_validator("auth")
     @classmethod
     def _management_credential(cls, value: Any) -> Any:
-        if any(getattr(value, f, None) == SECRET_TEMPLATE for f in ("token", "value", "password")):
+        if auth_uses_secret_template(value):
             raise PydanticCustomError("literal_secret", 'the admin API authenticates with a management credential: '
                                                         'a {vault: ...} or {env: ...} reference, not "{secret}"')
         return value
 
 
-class ScopedCallSpec(_Strict):
+class ScopedCallSpec(StrictModel):
     """An API call that needs the configured scopes; made with a fresh token to verify a credential."""
 
     method: Literal["GET", "POST", "HEAD"] = "GET"
     url: HttpUrl
 
 
-class KeyPairSpec(_Strict):
+class KeyPairSpec(StrictModel):
     """The key pair a rotation generates for ``private_key_jwt``."""
 
     algorithm: Literal["RS256", "PS256", "ES256"] = "RS256"
     rsa_bits: Literal[2048, 3072, 4096] = 2048
 
 
-class OAuthClientProviderSpec(DeclaresCredentialTypes, _Strict):
+class OAuthClientProviderSpec(DeclaresCredentialTypes, StrictModel):
     """An OAuth 2.0 client (client credentials grant) whose key pair or client secret keyrotor rotates."""
 
     kind: Literal["oauth_client"]
@@ -216,9 +212,7 @@ class OAuthClientProviderSpec(DeclaresCredentialTypes, _Strict):
     @field_validator("assertion_lifetime", "key_lifetime")
     @classmethod
     def _positive(cls, value: Optional[timedelta]) -> Optional[timedelta]:
-        if value is not None and value <= timedelta(0):
-            raise PydanticCustomError("duration", "must be longer than zero")
-        return value
+        return None if value is None else positive_duration(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "OAuthClientProviderSpec":
@@ -270,7 +264,6 @@ class OAuthClientProviderSpec(DeclaresCredentialTypes, _Strict):
     @property
     def assertion_audience(self) -> str:
         return self.audience or self.token_url
-
 
 
 def _mentions_public_key(body: Any) -> bool:

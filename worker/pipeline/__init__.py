@@ -1,6 +1,6 @@
-"""The Dramatiq pipeline: broker, one actor per protocol step, step effects, rotation requests.
+"""The rotation pipeline: the steps, their context, step effects, rotation requests.
 
-Entry points for other modules: ``requests.request_rotation``/``enqueue_run``,
-``deposit.deposit``, ``broker.setup_broker``, ``workers.run_worker``/``start_worker``,
-``context.configure``.
+Entry points for other modules: ``requests.request_rotation``, ``outbox.enqueue_run``,
+``deposit.deposit`` and ``context.configure`` (the one thing a process installs: its
+``PipelineContext``). The Dramatiq broker, actors and worker processes are in ``worker/runtime/``.
 """

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, Iterator, Optional
 
 from worker import log
-from worker.inventory.schema import parse_duration
+from worker.inventory.field_types import parse_duration
 from worker.integrations.base import Announcement
 from worker.vault.errors import VaultNotFound
 from worker.vault.secret_store import SecretStore

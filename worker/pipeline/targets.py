@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any, Mapping, Optional
 
 from worker.errors import PermanentError
-from worker.inventory.schema import CredentialTypeSpec
+from worker.inventory.provider_parts import CredentialTypeSpec
 
 
 class UnknownTargetType(PermanentError):

@@ -41,16 +41,16 @@ from worker.errors import (
 )
 from worker.http_security import check_tls_verify, note_insecure_http
 from worker.inventory.error_matchers import first_match
-from worker.inventory.schema import (
-    SECRET_TEMPLATE,
+from worker.inventory.field_types import SECRET_TEMPLATE
+from worker.inventory.provider_parts import (
     BasicAuthSpec,
     BearerAuthSpec,
     HeaderAuthSpec,
     HttpCallSpec,
-    HttpProviderSpec,
     MtlsAuthSpec,
     RequestStepSpec,
 )
+from worker.inventory.schema import HttpProviderSpec
 from worker.log import get_logger
 from worker.providers.base import (
     CheckOutcome,

@@ -38,7 +38,7 @@ from worker.inventory.oauth_schema import (
     AdminCallSpec,
     OAuthClientProviderSpec,
 )
-from worker.inventory.schema import BasicAuthSpec, BearerAuthSpec, HeaderAuthSpec
+from worker.inventory.provider_parts import BasicAuthSpec, BearerAuthSpec, HeaderAuthSpec
 from worker.log import get_logger
 from worker.protocol.states import Mode
 from worker.providers.base import CheckOutcome, IssuedCredential, ProviderKeyInfo, RevokeOutcome

@@ -23,7 +23,7 @@ from worker.errors import (
     TransientError,
 )
 from worker.inventory.error_matchers import ErrorMatcherSpec
-from worker.inventory.schema import is_ref_shaped
+from worker.inventory.field_types import is_ref_shaped
 from worker.providers.jsonpath import JsonPathError, extract
 from worker.providers.templating import render
 from worker.secret import Secret

@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from worker.clock import as_utc, utcnow
 from worker.db.models import ManagedKey, ProviderRecord
-from worker.inventory.schema import CredentialTypeSpec
+from worker.inventory.provider_parts import CredentialTypeSpec
 
 DueReason = Literal["expiry", "max_age", "deprecation"]
 

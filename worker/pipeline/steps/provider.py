@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from worker.db.session import session_scope
 from worker.pipeline.context import PipelineContext
-from worker.pipeline.deprecation import NewCredentialDeprecated, new_credential_deprecated
+from worker.service.deprecation import NewCredentialDeprecated, new_credential_deprecated
 from worker.pipeline.effects import enum_value
 from worker.pipeline.steps.common import Snapshot
 from worker.providers.base import Provider, revoke_outcome

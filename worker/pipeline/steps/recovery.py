@@ -14,7 +14,7 @@ from worker.db.models import ManagedKey, VersionStage
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict
 from worker.pipeline.context import PipelineContext
-from worker.pipeline.deprecation import (
+from worker.service.deprecation import (
     DEPRECATED_TYPE_FIELD,
     NewCredentialDeprecated,
     deprecated_failure_type,

@@ -14,7 +14,7 @@ from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
 from worker.errors import DeprecatedCredential, PermanentError, TransientError
 from worker.pipeline.context import PipelineContext
-from worker.pipeline.deprecation import report_deprecated
+from worker.service.deprecation import report_deprecated
 from worker.pipeline.effects import holding, seconds_between
 from worker.pipeline.runs import audit, load_run, load_version
 from worker.pipeline.steps.common import StepOutcome, advance_run, notify_run, load_snapshot
