@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Annotated, Any, Iterable, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, Iterable, Literal, Mapping, Optional, Union, get_args
 
 from pydantic import AwareDatetime, BeforeValidator, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -70,7 +70,8 @@ __all__ = [
     "reference_problems",
 ]
 
-NOTIFICATION_EVENTS = ("started", "succeeded", "failed", "rolled_back", "needs_attention", "reminder")
+NotificationEvent = Literal["started", "succeeded", "failed", "rolled_back", "needs_attention", "reminder"]
+NOTIFICATION_EVENTS: tuple[NotificationEvent, ...] = get_args(NotificationEvent)
 
 
 #: Calls each rotation mode cannot work without.
@@ -165,9 +166,9 @@ class HttpProviderSpec(DeclaresCredentialTypes, StrictModel):
     @model_validator(mode="after")
     def _calls_for_mode(self) -> "HttpProviderSpec":
         problems: list[tuple[tuple[str | int, ...], str]] = []
-        for call in REQUIRED_CALLS[self.mode]:
-            if getattr(self.calls, call) is None:
-                problems.append((("calls",), f"mode {self.mode} needs the calls {', '.join(REQUIRED_CALLS[self.mode])}; '{call}' is missing"))
+        for required in REQUIRED_CALLS[self.mode]:
+            if getattr(self.calls, required) is None:
+                problems.append((("calls",), f"mode {self.mode} needs the calls {', '.join(REQUIRED_CALLS[self.mode])}; '{required}' is missing"))
         for loc, name, call in self._declared_calls():
             problems.extend(self._call_problems(loc, name, call))
         problems.extend(self._plain_http_problems())
@@ -427,9 +428,7 @@ class NotificationSpec(StrictModel):
     kind: Literal["slack", "webhook"]
     url: Annotated[Union[Annotated[HttpUrl, Tag("literal")], Annotated[SecretRef, Tag("ref")]], Discriminator(_url_tag)]
     signing_secret: Optional[SecretRefOnly] = None
-    events: list[Literal["started", "succeeded", "failed", "rolled_back", "needs_attention", "reminder"]] = Field(
-        default_factory=lambda: list(NOTIFICATION_EVENTS)
-    )
+    events: list[NotificationEvent] = Field(default_factory=lambda: list(NOTIFICATION_EVENTS))
     allow_insecure_http: bool = False  # plain http:// to a non-loopback host (refused otherwise)
 
     @model_validator(mode="after")
@@ -593,20 +592,21 @@ def reference_problems(data: Any) -> list[tuple[tuple[str | int, ...], str]]:
     for kname, key in keys.items():
         if not isinstance(key, Mapping):
             continue
-        pname = key.get("provider")
-        provider = providers.get(pname) if isinstance(pname, str) else None
-        if isinstance(pname, str) and pname not in providers:
-            problems.append((("keys", kname, "provider"), f"unknown provider {pname!r} (known: {_known(providers)})"))
+        key_provider = key.get("provider")
+        provider = providers.get(key_provider) if isinstance(key_provider, str) else None
+        if isinstance(key_provider, str) and key_provider not in providers:
+            problems.append((("keys", kname, "provider"), f"unknown provider {key_provider!r} (known: {_known(providers)})"))
         ctype = key.get("credential_type")
         if isinstance(provider, Mapping) and isinstance(ctype, str):
             types = provider.get("credential_types")
             if isinstance(types, Mapping) and ctype not in types:
-                problems.append((("keys", kname, "credential_type"), f"provider {pname!r} has no credential type {ctype!r} (known: {_known(types)})"))
+                problems.append((("keys", kname, "credential_type"), f"provider {key_provider!r} has no credential type {ctype!r} (known: {_known(types)})"))
         policy = key.get("policy")
         if isinstance(policy, str) and policy not in policies:
             problems.append((("keys", kname, "policy"), f"unknown policy {policy!r} (known: {_known(policies)})"))
         contact = key.get("contact")
-        delivery = data.get("owner_delivery") if isinstance(data.get("owner_delivery"), Mapping) else {}
+        declared_delivery = data.get("owner_delivery")
+        delivery = declared_delivery if isinstance(declared_delivery, Mapping) else {}
         if isinstance(contact, Mapping):
             for kind in ("slack", "email"):
                 if contact.get(kind) and not delivery.get(kind):
