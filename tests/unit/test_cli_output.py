@@ -200,12 +200,17 @@ def test_cli_commands_log_no_info_lines_even_when_the_pod_sets_info(db, capsys, 
     assert code == 0 and err == "" and logging.getLogger().level == logging.WARNING
 
 
-def test_shell_completion_is_offered(capsys) -> None:  # type: ignore[no-untyped-def]
+def test_shell_completion_is_offered(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`--show-completion` prints the script for the shell it runs in (typer asks shellingham,
+    which reads the process's ancestors; pinned here so the test does not depend on who runs it)."""
+    import shellingham
+
     from worker.cli.main import main
 
-    code = main(["--show-completion", "bash"])
+    monkeypatch.setattr(shellingham, "detect_shell", lambda: ("bash", "/bin/bash"))
+    code = main(["--show-completion"])
     out = capsys.readouterr().out
-    assert code == 0 and "_KEYROTOR_COMPLETE" in out.upper()
+    assert code == 0 and "_KEYROTOR_COMPLETE=complete_bash" in out and "complete -o default" in out
 
 
 def test_help_lists_the_exit_codes_and_flags_take_no_value(capsys) -> None:  # type: ignore[no-untyped-def]
