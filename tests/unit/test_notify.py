@@ -8,6 +8,8 @@ import json
 
 import httpx
 import pytest
+import structlog
+import structlog.testing
 
 from worker import notify as notify_mod
 from worker.notify import Notifier, Sink, sign, sinks_from_specs
@@ -120,15 +122,16 @@ def test_sinks_from_inventory_specs_resolve_references() -> None:
 def test_notify_function_never_raises_into_its_caller(monkeypatch: pytest.MonkeyPatch) -> None:
     """A notifier that cannot be built or cannot load its sinks is logged, never raised: the
     pipeline and the scheduler call this after their own work is done."""
-    failures: list[dict[str, object]] = []
-    monkeypatch.setattr(notify_mod.log, "error", lambda event, **kw: failures.append({"event": event, **kw}))
-
     def unreadable(engine: object) -> list[dict[str, object]]:
         raise RuntimeError("database hiccup")
 
     monkeypatch.setattr(notify_mod, "snapshot_notifications", unreadable)
     bound = notify_mod.notify_function(object())
-    bound("started", key_name="k", run_id="r", detail={"reason": "expiry"})  # must not raise
+    # capture_logs, not a patched method on the module's logger: patching the lazy proxy leaves a
+    # bound method cached on it, which later capture_logs blocks (other tests) no longer see.
+    with structlog.testing.capture_logs() as logs:
+        bound("started", key_name="k", run_id="r", detail={"reason": "expiry"})  # must not raise
+    failures = [{k: v for k, v in e.items() if k != "log_level"} for e in logs if e["log_level"] == "error"]
     assert failures == [{"event": "notification_failed", "notify_event": "started", "key": "k", "run_id": "r",
                          "error": "RuntimeError"}]
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
+from worker.errors import ConfigError
 from worker.inventory.loader import InventoryError, Problem, check_file, locate_in_file, problems_json
 from worker.inventory.schema import Inventory
 
@@ -22,17 +24,28 @@ from worker.inventory.schema import Inventory
 
 app = typer.Typer(no_args_is_help=True)
 
+
+def inventory_file(file: Optional[Path]) -> Path:
+    """The FILE argument or ``$KEYROTOR_CONFIG``. Checked here rather than left to click, whose
+    handling of a missing required argument with an environment fallback differs across the
+    typer/click versions keyrotor allows (one passed None into the command)."""
+    if file is None:
+        raise ConfigError("no inventory file: give the FILE argument (e.g. config/keyrotor.example.yaml) "
+                          "or set KEYROTOR_CONFIG")
+    return file
+
 EXIT_INVALID = 2
 
 
 @app.command("check")
 def check(
-    file: Path = typer.Argument(..., envvar="KEYROTOR_CONFIG", show_envvar=True, help="Inventory YAML file [default: $KEYROTOR_CONFIG]."),
+    file: Optional[Path] = typer.Argument(None, envvar="KEYROTOR_CONFIG", show_envvar=True, help="Inventory YAML file [default: $KEYROTOR_CONFIG]."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     resolve: bool = typer.Option(False, "--resolve", help="Also resolve every secret reference and check that the "
                                  "database, Redis and Vault answer (uses the KEYROTOR_*/VAULT_* settings)."),
 ) -> None:
     """Validate an inventory file; print each problem with its FILE:LINE and field path."""
+    file = inventory_file(file)
     inventory, problems = check_file(file)
     if resolve:
         problems = problems + _live_problems(file, inventory)
@@ -73,7 +86,7 @@ def _live_problems(file: Path, inventory: Inventory | None) -> list[Problem]:
 
 @app.command("apply")
 def apply(
-    file: Path = typer.Argument(..., envvar="KEYROTOR_CONFIG", show_envvar=True, help="Inventory YAML file [default: $KEYROTOR_CONFIG]."),
+    file: Optional[Path] = typer.Argument(None, envvar="KEYROTOR_CONFIG", show_envvar=True, help="Inventory YAML file [default: $KEYROTOR_CONFIG]."),
     prune: bool = typer.Option(False, "--prune", help="Delete providers, integrations and keys that are no longer declared."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -81,6 +94,7 @@ def apply(
                                  "and the database, Redis and Vault answer (as `config check --resolve`)."),
 ) -> None:
     """Sync the inventory into the database (idempotent; removes nothing without --prune)."""
+    file = inventory_file(file)
     from worker.db.migrate import ensure_current
     from worker.db.session import make_engine, session_scope
     from worker.cli.common import cli_settings
