@@ -212,3 +212,11 @@ def raise_problems(problems: list[tuple[tuple[str | int, ...], str]], value: Any
             type(value).__name__,
             [InitErrorDetails(type=PydanticCustomError("reference", msg), loc=loc, input=None) for loc, msg in problems],
         )
+
+
+def _upper_case(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+#: An HTTP method of a declared call, accepted in any case (``post`` reads as ``POST``).
+HttpMethod = Annotated[Literal["GET", "POST", "PUT", "PATCH", "DELETE"], BeforeValidator(_upper_case)]

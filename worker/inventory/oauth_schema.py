@@ -24,6 +24,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from worker.http_security import insecure_http_problem
 from worker.inventory.field_types import (
+    HttpMethod,
     Duration,
     HttpUrl,
     StrictModel,
@@ -94,16 +95,11 @@ def _check_admin_body(value: Any) -> Any:
 class AdminCallSpec(StrictModel):
     """One call of the authorization server's admin API (management credentials: the admin ``auth``)."""
 
-    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    method: HttpMethod = "GET"
     url: str
     body: Optional[Union[dict[str, Any], list[Any]]] = None
     response: ResponseSpec = Field(default_factory=ResponseSpec)
     timeout: Optional[Duration] = None
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _upper(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
 
     @field_validator("url")
     @classmethod

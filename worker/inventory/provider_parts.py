@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from worker.inventory.error_matchers import ErrorMatcherSpec
 from worker.inventory.field_types import (
+    HttpMethod,
     SECRET_TEMPLATE,
     CredentialValue,
     Duration,
@@ -107,7 +108,7 @@ class _RequestSpec(StrictModel):
     (``{vault: "MOUNT/PATH#FIELD"}`` or ``{env: NAME}``; a Vault path may hold placeholders such as
     ``{labels[user]}``), read when the request is sent and never logged."""
 
-    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    method: HttpMethod = "GET"
     url: TemplateStr
     headers: dict[str, TemplateOrRef] = Field(default_factory=dict)
     #: Query parameters, URL-encoded; the query string is never logged.
@@ -119,11 +120,6 @@ class _RequestSpec(StrictModel):
     #: Matchers tried before the provider's own ``errors`` (see worker/inventory/error_matchers.py).
     errors: list[ErrorMatcherSpec] = Field(default_factory=list)
     timeout: Optional[Duration] = None
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _upper(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
 
     @field_validator("body")
     @classmethod
