@@ -410,12 +410,14 @@ class HttpProvider:
     def _send_once(self, call_name: str, call: HttpCallSpec | RequestStepSpec, variables: Mapping[str, Any],
                    credential_type: str | None, not_found_ok: bool) -> httpx.Response:
         safe_url = self._safe_url(call, variables)
-        self._limits.acquire(call.method, safe_url)
         revealed = Revealed()
+        # Built (secret references read from Vault/env) before a slot is taken: the slot counts
+        # from when it is taken until the answer, so nothing slow may sit between it and the send.
         request = self._build(call_name, call, variables, credential_type, revealed)
         started = time.monotonic()
         try:
-            with self._limits.in_flight(call.method, safe_url):
+            with self._limits.sending(call.method, safe_url):
+                started = time.monotonic()
                 response = self._http.send(request)
                 response.read()
         except httpx.TimeoutException:

@@ -57,6 +57,7 @@ class ProviderLimits:
         self.name = name
         self._groups = spec.endpoint_groups
         self._limiter = limiter
+        self._lease_s = lease_s
         limiter.register(name, RateLimit(spec.rate_limit.requests, spec.rate_limit.per.total_seconds()))
         limiter.register_concurrency(name, spec.concurrency, lease_s)
         for group_name, group in self._groups.items():
@@ -71,10 +72,21 @@ class ProviderLimits:
                               if group_matches(spec, method, url)]
 
     def acquire(self, method: str, url: str) -> None:
-        """A rate-limit slot in every bucket the request counts against (waits, bounded; the
-        provider's bucket first, so a 429 block is honoured before any group slot is taken)."""
-        for bucket in self.buckets(method, url):
-            self._limiter.acquire(bucket)
+        """A rate-limit slot in every bucket the request counts against, all at once (waits,
+        bounded; a 429 block of any of them is honoured first), ending at once."""
+        self._limiter.acquire(*self.buckets(method, url))
+
+    @contextmanager
+    def sending(self, method: str, url: str) -> Iterator[None]:
+        """Around sending one request that is ready to go: the concurrency leases first (waiting
+        for one must not age a rate slot already taken), then a rate slot in every bucket, which
+        counts until the answer is in (see ``worker/providers/ratelimit.py``)."""
+        buckets = self.buckets(method, url)
+        with ExitStack() as stack:
+            for bucket in buckets:
+                stack.enter_context(self._limiter.hold(bucket))
+            with self._limiter.slot(*buckets, hold_s=self._lease_s):
+                yield
 
     @contextmanager
     def in_flight(self, method: str, url: str) -> Iterator[None]:

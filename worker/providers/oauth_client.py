@@ -44,7 +44,7 @@ from worker.protocol.states import Mode
 from worker.providers.base import CheckOutcome, IssuedCredential, ProviderKeyInfo, RevokeOutcome
 from worker.providers.answers import count_request, field_at, listed_live, optional_at, parse_time
 from worker.providers.oauth_keys import JWT_BEARER_ASSERTION, KeyPair, client_assertion, generate_key_pair, key_pair_from_pem
-from worker.providers.ratelimit import RateLimit, RateLimiter
+from worker.providers.ratelimit import LEASE_MARGIN_S, RateLimit, RateLimiter
 from worker.providers.templating import render, render_url
 from worker.retry import parse_retry_after, retry_call
 from worker.secret import Secret
@@ -298,17 +298,18 @@ class OAuthClientProvider:
                    basic: tuple[str, str] | None, bearer: str | None, not_found_ok: bool, token_endpoint: bool,
                    timeout: float | None) -> httpx.Response:
         shown = _safe(url)
-        self._limiter.acquire(self.name)
         headers = {"Accept": "application/json"}
         if bearer is not None:
             headers["Authorization"] = f"Bearer {bearer}"
         elif call_name not in ("token", "check"):
-            headers.update(self._admin_auth())
+            headers.update(self._admin_auth())  # read before the slot is taken: the slot counts until the answer
         auth = httpx.BasicAuth(*basic) if basic else None
         started = time.monotonic()
         try:
-            response = self._http.request(method, url, headers=headers, json=json_body, data=dict(form) if form else None,
-                                          auth=auth, timeout=timeout or self._timeout)
+            with self._limiter.slot(self.name, hold_s=(timeout or self._timeout) + LEASE_MARGIN_S):
+                started = time.monotonic()
+                response = self._http.request(method, url, headers=headers, json=json_body, data=dict(form) if form else None,
+                                              auth=auth, timeout=timeout or self._timeout)
         except httpx.TimeoutException:
             self._log(call_name, method, shown, None, started, "timeout")
             raise TransientError(f"provider {self.name!r} {call_name}: {method} {shown} timed out") from None

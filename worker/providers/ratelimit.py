@@ -1,20 +1,35 @@
 """A provider's rate limit, shared by every worker.
 
-``RedisRateLimiter`` keeps an exact sliding-window log of call times per provider in a Redis
-sorted set, updated atomically by one Lua script on Redis's own clock, so N workers on N hosts
-together stay under ``rate_limit {requests, per}`` in *every* window of ``per`` seconds. (Dramatiq's
-``WindowRateLimiter`` counts per-second buckets, which lets up to twice the limit through across a
-bucket boundary for short periods — and providers such as the Alloy-style stand-in enforce a true
-sliding window, so that burst came back as 429s.) When a provider still answers 429,
-``block(provider, retry_after)`` records ``<namespace>:ratelimit:<provider>:blocked_until`` and
-every worker's ``acquire`` waits it out. ``acquire`` waits at most ``max_wait`` seconds, then
-raises ``RateLimited(retry_after=…)`` so a Dramatiq step reschedules instead of parking a thread.
+``RedisRateLimiter`` keeps an exact sliding-window log per provider in a Redis sorted set, updated
+atomically by Lua scripts on Redis's own clock, so N workers on N hosts together stay under
+``rate_limit {requests, per}`` in *every* window of ``per`` seconds as the provider counts it.
+(Dramatiq's ``WindowRateLimiter`` counts per-second buckets, which lets up to twice the limit
+through across a bucket boundary — and providers such as the Alloy-style stand-in enforce a true
+sliding window.)
+
+What the provider counts is the moment a request *arrives*, which keyrotor cannot see: it lies
+somewhere between the slot being taken (``s``) and the answer coming back (``e``). So each logged
+request is scored by its end: taken with a provisional end ``s + hold`` (the longest it may be in
+flight), lowered to its real ``e`` by ``release`` when the answer is in. A new request is admitted
+at ``s'`` only when fewer than ``requests`` logged requests end after ``s' − per``. Then no window
+of ``per`` at the provider can hold more than ``requests`` arrivals, whatever the latency, the
+time spent between taking the slot and sending, or the provider's clock offset (only intervals
+matter): any earlier request arriving within ``per`` of the new one ended after ``s' − per``. The
+budget left unused is only each request's own round trip (``per + latency`` per ``requests``
+calls), not a margin guessed for the worst jitter. ``window_margin`` adds a hair for the two
+clocks' rates and rounding.
+
+When a provider still answers 429, ``block(provider, retry_after)`` records
+``<namespace>:ratelimit:<provider>:blocked_until`` (Redis's clock) and every worker's ``acquire``
+waits it out. ``acquire`` waits at most ``max_wait`` seconds, then raises
+``RateLimited(retry_after=…)`` so a Dramatiq step reschedules instead of parking a thread.
 
 A provider's limits are *buckets*: the provider's own name, and ``provider/group`` for each
 endpoint group the inventory declares (``worker/providers/limits.py`` maps a request to its
-buckets). Each bucket may also have a concurrency limit: ``hold(bucket)`` takes one of N leases
-shared by every worker (a Redis sorted set of lease ids scored by their expiry, so a worker that
-dies mid-request frees its lease when it expires) and gives it back when the request ends.
+buckets). ``acquire(*buckets)`` takes a slot in all of them at once or in none. Each bucket may also
+have a concurrency limit: ``hold(bucket)`` takes one of N leases shared by every worker (a Redis
+sorted set of lease ids scored by their expiry, so a worker that dies mid-request frees its lease
+when it expires) and gives it back when the request ends.
 
 ``InMemoryRateLimiter`` has the same behaviour in one process (demo, unit tests).
 """
@@ -26,7 +41,6 @@ import random
 import threading
 import time
 import uuid
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
@@ -39,8 +53,14 @@ log = get_logger(__name__)
 
 #: A provider asking for longer than this is treated as "come back in an hour", not believed.
 MAX_BLOCK_S = 3600.0
-#: Largest safety margin added to a rate-limit period (see ``RedisRateLimiter._try_slot``).
+#: Largest safety margin added to a rate-limit period (see ``window_margin``).
 WINDOW_MARGIN_S = 0.25
+#: Added to a request's measured end: rounding to microseconds and two clocks' readings.
+CLOCK_SLACK_S = 0.0005
+#: How soon to look again when every counted request is still in flight (its end is unknown).
+IN_FLIGHT_POLL_S = 0.02
+#: At most this much random delay on top of a computed wait (workers waiting for one slot).
+WAKE_JITTER_S = 0.005
 #: A concurrency lease outlives the longest request by this much (a dead worker's lease expires).
 LEASE_MARGIN_S = 5.0
 #: How long to wait before looking again for a free concurrency lease.
@@ -57,12 +77,38 @@ class RateLimit:
             raise ValueError("rate_limit needs requests >= 1 and per > 0")
 
 
+def window_margin(per: float) -> float:
+    """Added to the period: the provider's clock may run up to 0.1 % faster than Redis's (NTP
+    allows 0.05 %), plus a millisecond of rounding. Arrival jitter needs none (requests are
+    logged by their end)."""
+    return min(0.001 + per * 0.001, WINDOW_MARGIN_S)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A taken slot: the buckets it counts in, its log member, Redis's time when it was taken (s)
+    and this process's monotonic clock just before asking (s)."""
+
+    buckets: tuple[str, ...]
+    member: str
+    started: float
+    called: float
+
+
 class RateLimiter(Protocol):
     def register(self, provider: str, limit: RateLimit | None) -> None:
         """Declare (or replace) the provider's limit; unregistered providers are only blocked by 429s."""
 
-    def acquire(self, provider: str) -> None:
-        """Wait for a slot (bounded); raise ``RateLimited`` when none comes in time."""
+    def acquire(self, *buckets: str, hold_s: float = 0.0) -> Ticket:
+        """Wait (bounded) for a slot in every bucket at once; raise ``RateLimited`` when none comes
+        in time. The slot counts as in flight until ``release`` (at most ``hold_s``); with the
+        default 0 it ends at once (a caller that does not report the answer)."""
+
+    def release(self, ticket: Ticket) -> None:
+        """The ticket's request has ended: its slot leaves the window ``per`` seconds from now."""
+
+    def slot(self, *buckets: str, hold_s: float) -> Any:
+        """Context manager: ``acquire`` then ``release`` around one request (send at once inside)."""
 
     def block(self, provider: str, retry_after: float) -> None:
         """The provider answered 429: nobody calls it for ``retry_after`` seconds."""
@@ -82,29 +128,65 @@ def _concurrency_exhausted(bucket: str, limit: int, retry_after: float) -> RateL
 
 
 class RedisRateLimiter:
-    """Shared across processes through Redis: a sliding-window log per provider."""
+    """Shared across processes through Redis: a sliding-window log per bucket, scored by each
+    request's *end* (see the module docstring)."""
 
-    #: KEYS[1] the provider's log (ZSET of call times, µs); ARGV: limit, period (µs), member suffix.
-    #: Returns 0 when a slot was taken, else microseconds until the oldest call leaves the window.
+    #: KEYS: the buckets' ``blocked_until`` keys (ARGV[1] of them), then their window logs (ZSET
+    #: member → end of the request, µs). ARGV: count of blocked keys, member, hold (µs), poll (µs),
+    #: then (limit, period µs) per window. Returns {0, now} when a slot was taken in *every* window
+    #: (all or none), else {1, µs to wait}.
     _ACQUIRE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local limit = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - period)
-if redis.call('ZCARD', KEYS[1]) < limit then
-  redis.call('ZADD', KEYS[1], now, now .. ':' .. ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(period / 1000) + 1000)
-  return 0
+local blocked = tonumber(ARGV[1])
+local hold = tonumber(ARGV[3])
+local wait = 0
+for i = 1, blocked do
+  local until_s = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if until_s * 1000000 > now then wait = math.max(wait, until_s * 1000000 - now) end
 end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return math.max(1, tonumber(oldest[2]) + period - now)
+if wait > 0 then return {1, math.ceil(wait)} end
+for i = blocked + 1, #KEYS do
+  local j = 5 + (i - blocked - 1) * 2
+  local limit, period = tonumber(ARGV[j]), tonumber(ARGV[j + 1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - period)
+  if redis.call('ZCARD', KEYS[i]) >= limit then
+    local oldest = tonumber(redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')[2])
+    if oldest > now then
+      wait = math.max(wait, tonumber(ARGV[4]))  -- every counted request still in flight: look again soon
+    else
+      wait = math.max(wait, oldest + period - now)
+    end
+  end
+end
+if wait > 0 then return {1, math.max(1, math.ceil(wait))} end
+for i = blocked + 1, #KEYS do
+  local j = 5 + (i - blocked - 1) * 2
+  redis.call('ZADD', KEYS[i], now + hold, ARGV[2])
+  redis.call('PEXPIRE', KEYS[i], math.ceil((tonumber(ARGV[j + 1]) + hold) / 1000) + 1000)
+end
+return {0, now}
 """
 
+    #: KEYS: window logs; ARGV: member, end (µs). Lowers each entry's end to the request's real one.
+    _RELEASE_SCRIPT = """
+for i = 1, #KEYS do
+  local score = redis.call('ZSCORE', KEYS[i], ARGV[1])
+  if score and tonumber(score) > tonumber(ARGV[2]) then
+    redis.call('ZADD', KEYS[i], 'XX', ARGV[2], ARGV[1])
+  end
+end
+return 0
+"""
+
+    #: KEYS[1] blocked_until (seconds, Redis's clock); ARGV: seconds to block. Never shortens a block.
     _BLOCK_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local until_s = now + tonumber(ARGV[1])
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > current then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if until_s > current then
+  redis.call('SET', KEYS[1], string.format('%.6f', until_s), 'PX', math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
   return 1
 end
 return 0
@@ -132,6 +214,7 @@ return 0
         max_wait: float = 5.0,
         sleep: Callable[[float], None] = time.sleep,
         now: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self._client = client
@@ -139,10 +222,12 @@ return 0
         self._max_wait = max_wait
         self._sleep = sleep
         self._now = now
+        self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._limits: dict[str, RateLimit] = {}
         self._concurrency: dict[str, tuple[int, float]] = {}
         self._acquire_slot = client.register_script(self._ACQUIRE_SCRIPT)
+        self._release_slot = client.register_script(self._RELEASE_SCRIPT)
         self._block = client.register_script(self._BLOCK_SCRIPT)
         self._take_lease = client.register_script(self._LEASE_SCRIPT)
 
@@ -162,51 +247,71 @@ return 0
 
     def _window_key(self, provider: str, limit: RateLimit) -> str:
         # The key embeds the limit, so workers running an older inventory do not share a log
-        # with a changed limit (each enforces what it was told).
-        return self._key(provider, f"window:{limit.requests}:{limit.per:g}")
+        # with a changed limit (each enforces what it was told). "ends" marks the log's meaning
+        # (scores are request ends), apart from the admission-time logs of older workers.
+        return self._key(provider, f"ends:{limit.requests}:{limit.per:g}")
 
-    def _try_slot(self, provider: str, limit: RateLimit) -> float:
-        """0 when a slot was taken, else seconds until one frees."""
-        member = f"{os.getpid()}:{threading.get_ident()}:{self._rng.random():.12f}"
-        # A small margin on the period absorbs the jitter between our admission time and the
-        # provider's arrival time, so a call admitted at a window edge is not refused over there.
-        period = limit.per + min(limit.per * 0.05, WINDOW_MARGIN_S)
-        wait_us = self._acquire_slot(
-            keys=[self._window_key(provider, limit)], args=[limit.requests, int(period * 1_000_000), member]
-        )
-        return int(wait_us) / 1_000_000
+    def _try_slot(self, buckets: tuple[str, ...], member: str, hold_s: float) -> tuple[bool, float]:
+        """(True, Redis time in s) when a slot was taken in every bucket, else (False, seconds until one may free)."""
+        windows = [(self._window_key(b, self._limits[b]), self._limits[b]) for b in buckets if b in self._limits]
+        keys = [self._key(b, "blocked_until") for b in buckets] + [key for key, _ in windows]
+        args: list[Any] = [len(buckets), member, int(hold_s * 1_000_000), int(IN_FLIGHT_POLL_S * 1_000_000)]
+        for _key, limit in windows:
+            args += [limit.requests, int((limit.per + window_margin(limit.per)) * 1_000_000)]
+        taken, value = self._acquire_slot(keys=keys, args=args)
+        return int(taken) == 0, int(value) / 1_000_000
 
     def blocked_for(self, provider: str) -> float:
         """Seconds until the provider may be called again after a 429 (0 when not blocked)."""
         raw = self._client.get(self._key(provider, "blocked_until"))
         if raw is None:
             return 0.0
-        return max(0.0, float(raw) - self._now())
+        seconds, micros = self._client.time()
+        return max(0.0, float(raw) - (seconds + micros / 1_000_000))
 
     def block(self, provider: str, retry_after: float) -> None:
         seconds = min(max(retry_after, 0.0), MAX_BLOCK_S)
         if seconds <= 0:
             return
-        until = self._now() + seconds
-        self._block(keys=[self._key(provider, "blocked_until")], args=[repr(until), int(seconds * 1000) + 1000])
+        self._block(keys=[self._key(provider, "blocked_until")], args=[repr(seconds)])
         log.warning("provider_rate_limited", provider=provider, retry_after_s=round(seconds, 3))
 
-    def acquire(self, provider: str) -> None:
-        deadline = self._now() + self._max_wait
-        limit = self._limits.get(provider)
+    def acquire(self, *buckets: str, hold_s: float = 0.0) -> Ticket:
+        """A slot in every bucket at once (or none: a full group never wastes the provider's slot).
+        The slot counts until ``release`` (at most ``hold_s`` seconds from now)."""
+        deadline = self._monotonic() + self._max_wait
+        member = f"{os.getpid()}:{threading.get_ident()}:{uuid.uuid4().hex[:16]}"
         while True:
-            wait = self.blocked_for(provider)
-            if wait <= 0:
-                if limit is None:
-                    return
-                wait = self._try_slot(provider, limit)
-                if wait <= 0:
-                    return
-                # Jitter so workers waiting for the same slot do not stampede on one instant.
-                wait *= self._rng.uniform(1.0, 1.2)
-            if self._now() + wait > deadline:
-                raise RateLimited(f"rate limit of provider {provider!r} reached; retry in {wait:.1f}s", retry_after=wait)
+            called = self._monotonic()
+            taken, value = self._try_slot(buckets, member, hold_s)
+            if taken:
+                return Ticket(tuple(b for b in buckets if b in self._limits), member, value, called)
+            # A little jitter so workers waiting for the same slot do not all ask at one instant.
+            wait = value + self._rng.uniform(0.0, min(value * 0.1, WAKE_JITTER_S))
+            if self._monotonic() + wait > deadline:
+                raise RateLimited(f"rate limit of {buckets[0]!r} reached; retry in {value:.1f}s", retry_after=value)
             self._sleep(wait)
+
+    def release(self, ticket: Ticket) -> None:
+        """The ticket's request has ended (answered or given up on): its slot counts until now."""
+        if not ticket.buckets:
+            return
+        # Redis's time at admission plus what this process has seen elapse since it asked: never
+        # earlier than the request's real end, and not delayed by this call's own latency.
+        end = ticket.started + (self._monotonic() - ticket.called) + CLOCK_SLACK_S
+        keys = [self._window_key(b, self._limits[b]) for b in ticket.buckets if b in self._limits]
+        try:
+            self._release_slot(keys=keys, args=[ticket.member, int(end * 1_000_000)])
+        except Exception as exc:  # the slot then counts until its hold runs out: late, never early
+            log.warning("rate_slot_release_failed", bucket=ticket.buckets[0], error=type(exc).__name__)
+
+    @contextmanager
+    def slot(self, *buckets: str, hold_s: float) -> Iterator[None]:
+        ticket = self.acquire(*buckets, hold_s=hold_s)
+        try:
+            yield
+        finally:
+            self.release(ticket)
 
     def register_concurrency(self, bucket: str, limit: int | None, lease_s: float) -> None:
         if limit is None:
@@ -266,7 +371,7 @@ class InMemoryRateLimiter:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._limits: dict[str, RateLimit] = {}
-        self._calls: dict[str, deque[float]] = {}
+        self._calls: dict[str, dict[str, float]] = {}  # bucket → member → end of its request
         self._blocked_until: dict[str, float] = {}
         self._concurrency: dict[str, int] = {}
         self._held: dict[str, int] = {}
@@ -288,33 +393,53 @@ class InMemoryRateLimiter:
             until = self._now() + seconds
             self._blocked_until[provider] = max(until, self._blocked_until.get(provider, 0.0))
 
-    def _try(self, provider: str) -> float:
-        """0 when a slot was taken, else seconds until one frees."""
+    def _try(self, buckets: tuple[str, ...], member: str, hold_s: float) -> float:
+        """0 when a slot was taken in every bucket, else seconds until one may free."""
         with self._lock:
             now = self._now()
-            blocked = self._blocked_until.get(provider, 0.0) - now
-            if blocked > 0:
-                return blocked
-            limit = self._limits.get(provider)
-            if limit is None:
-                return 0.0
-            calls = self._calls.setdefault(provider, deque())
-            while calls and calls[0] <= now - limit.per:
-                calls.popleft()
-            if len(calls) < limit.requests:
-                calls.append(now)
-                return 0.0
-            return max(1e-3, calls[0] + limit.per - now)
+            wait = max([self._blocked_until.get(b, 0.0) - now for b in buckets] + [0.0])
+            if wait > 0:
+                return wait
+            limited = [(b, self._limits[b]) for b in buckets if b in self._limits]
+            for bucket, limit in limited:
+                ends = self._calls.setdefault(bucket, {})
+                for gone in [m for m, end in ends.items() if end <= now - limit.per]:
+                    del ends[gone]
+                if len(ends) >= limit.requests:
+                    oldest = min(ends.values())
+                    wait = max(wait, IN_FLIGHT_POLL_S if oldest > now else max(1e-3, oldest + limit.per - now))
+            if wait > 0:
+                return wait
+            for bucket, _limit in limited:
+                self._calls[bucket][member] = now + hold_s
+            return 0.0
 
-    def acquire(self, provider: str) -> None:
+    def acquire(self, *buckets: str, hold_s: float = 0.0) -> Ticket:
         deadline = self._now() + self._max_wait
+        member = uuid.uuid4().hex
         while True:
-            wait = self._try(provider)
+            wait = self._try(buckets, member, hold_s)
             if wait <= 0:
-                return
+                return Ticket(tuple(buckets), member, 0.0, 0.0)
             if self._now() + wait > deadline:
-                raise RateLimited(f"rate limit of provider {provider!r} reached; retry in {wait:.1f}s", retry_after=wait)
+                raise RateLimited(f"rate limit of {buckets[0]!r} reached; retry in {wait:.1f}s", retry_after=wait)
             self._sleep(wait)
+
+    def release(self, ticket: Ticket) -> None:
+        with self._lock:
+            now = self._now()
+            for bucket in ticket.buckets:
+                ends = self._calls.get(bucket, {})
+                if ends.get(ticket.member, now) > now:
+                    ends[ticket.member] = now
+
+    @contextmanager
+    def slot(self, *buckets: str, hold_s: float) -> Iterator[None]:
+        ticket = self.acquire(*buckets, hold_s=hold_s)
+        try:
+            yield
+        finally:
+            self.release(ticket)
 
     def register_concurrency(self, bucket: str, limit: int | None, lease_s: float) -> None:
         with self._lock:
