@@ -8,7 +8,7 @@ import time
 import pytest
 
 from worker.errors import RateLimited
-from worker.providers.ratelimit import RateLimit, RedisRateLimiter
+from worker.providers.ratelimit import IN_FLIGHT_POLL_S, RateLimit, RedisRateLimiter
 from keyrotor_sandbox.provider import start_provider_in_thread
 
 pytestmark = pytest.mark.integration
@@ -92,3 +92,41 @@ def test_provider_429_through_http_blocks_a_second_worker(redis_client, redis_na
         assert handle.stats()["routes"] == {"list": {"429": 1}}
     finally:
         handle.stop()
+
+
+def test_a_slot_counts_until_released_across_workers(redis_client, redis_namespace: str) -> None:  # type: ignore[no-untyped-def]
+    a, b = two_workers(redis_client, redis_namespace)
+    for limiter in (a, b):
+        limiter.register("alloy", RateLimit(2, 30.0))
+    first = a.acquire("alloy", hold_s=120)
+    b.acquire("alloy", hold_s=120)
+    with pytest.raises(RateLimited) as caught:   # both in flight: their ends are unknown, look again soon
+        b.acquire("alloy")
+    assert caught.value.retry_after == pytest.approx(IN_FLIGHT_POLL_S, abs=0.01)
+    a.release(first)                               # answered: it leaves the window 30 s from now
+    with pytest.raises(RateLimited) as caught:
+        b.acquire("alloy")
+    assert caught.value.retry_after == pytest.approx(30.0, abs=1.0)
+    key = f"{redis_namespace}:ratelimit:alloy:ends:2:30"
+    seconds, micros = redis_client.time()
+    ends = sorted(score for _member, score in redis_client.zrange(key, 0, -1, withscores=True))
+    now_us = seconds * 1_000_000 + micros
+    assert ends[0] <= now_us + 100_000 and now_us + 60_000_000 < ends[1]   # one ended, one still in flight
+    a.release(first)                               # a second release never lengthens it
+    assert sorted(score for _m, score in redis_client.zrange(key, 0, -1, withscores=True)) == ends
+
+
+def test_buckets_are_taken_together_on_redis(redis_client, redis_namespace: str) -> None:  # type: ignore[no-untyped-def]
+    a, _b = two_workers(redis_client, redis_namespace)
+    a.register("alloy/search", RateLimit(1, 30.0))
+    a.acquire("alloy", "alloy/search")
+    with pytest.raises(RateLimited):
+        a.acquire("alloy", "alloy/search")
+    assert redis_client.zcard(f"{redis_namespace}:ratelimit:alloy:ends:5:30") == 1   # not spent by the refusal
+    a.block("alloy", 5.0)
+    with pytest.raises(RateLimited) as caught:
+        a.acquire("alloy/search")
+    assert caught.value.retry_after == pytest.approx(30.0, abs=1.0)   # the group's own window
+    with pytest.raises(RateLimited) as caught:
+        a.acquire("alloy", "alloy/search")
+    assert caught.value.retry_after == pytest.approx(5.0, abs=1.0)    # the provider's 429 block comes first

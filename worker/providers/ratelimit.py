@@ -152,7 +152,7 @@ for i = blocked + 1, #KEYS do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - period)
   if redis.call('ZCARD', KEYS[i]) >= limit then
     local oldest = tonumber(redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')[2])
-    if oldest > now then
+    if oldest > now + tonumber(ARGV[4]) then
       wait = math.max(wait, tonumber(ARGV[4]))  -- every counted request still in flight: look again soon
     else
       wait = math.max(wait, oldest + period - now)
@@ -168,12 +168,15 @@ end
 return {0, now}
 """
 
-    #: KEYS: window logs; ARGV: member, end (µs). Lowers each entry's end to the request's real one.
+    #: KEYS: window logs; ARGV: member, the client's bound on the request's end (µs). Lowers the
+    #: entry's end to the earlier of that bound and now (both are at or after the real end).
     _RELEASE_SCRIPT = """
+local t = redis.call('TIME')
+local ended = math.min(tonumber(ARGV[2]), tonumber(t[1]) * 1000000 + tonumber(t[2]))
 for i = 1, #KEYS do
   local score = redis.call('ZSCORE', KEYS[i], ARGV[1])
-  if score and tonumber(score) > tonumber(ARGV[2]) then
-    redis.call('ZADD', KEYS[i], 'XX', ARGV[2], ARGV[1])
+  if score and tonumber(score) > ended then
+    redis.call('ZADD', KEYS[i], 'XX', ended, ARGV[1])
   end
 end
 return 0
@@ -297,7 +300,8 @@ return 0
         if not ticket.buckets:
             return
         # Redis's time at admission plus what this process has seen elapse since it asked: never
-        # earlier than the request's real end, and not delayed by this call's own latency.
+        # earlier than the request's real end, and not delayed by this call's own latency (the
+        # script keeps the earlier of it and Redis's time when it runs; both bound the end).
         end = ticket.started + (self._monotonic() - ticket.called) + CLOCK_SLACK_S
         keys = [self._window_key(b, self._limits[b]) for b in ticket.buckets if b in self._limits]
         try:
@@ -407,7 +411,8 @@ class InMemoryRateLimiter:
                     del ends[gone]
                 if len(ends) >= limit.requests:
                     oldest = min(ends.values())
-                    wait = max(wait, IN_FLIGHT_POLL_S if oldest > now else max(1e-3, oldest + limit.per - now))
+                    in_flight = oldest > now + IN_FLIGHT_POLL_S  # its end is not known yet: look again soon
+                    wait = max(wait, IN_FLIGHT_POLL_S if in_flight else max(1e-3, oldest + limit.per - now))
             if wait > 0:
                 return wait
             for bucket, _limit in limited:
