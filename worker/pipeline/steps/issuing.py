@@ -27,7 +27,7 @@ from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
 from worker.vault.errors import VaultError, VaultUnavailable
 from worker.adoption import rotation_blocker
-from worker.inventory.snapshot import applied_document, assisted_timings, create_url
+from worker.inventory.snapshot import assisted_timings, create_url, document_for
 from worker.notice_text import deposit_detail
 from worker.owner_notices import contact_of, notify_owner
 
@@ -292,7 +292,7 @@ def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if wait is not None:
         return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
     check_run_references(ctx, snap.key)
-    document = applied_document(ctx.engine)
+    document = document_for(ctx.engine, [snap.key.name], [snap.key.provider])
     deadline = utcnow() + assisted_timings(document, snap.key.name).deposit_deadline
     path = ctx.vault.deposit_path(snap.key.name)
     detail = deposit_detail(provider=snap.key.provider, credential_type=snap.credential_type, owner=snap.key.owner,
