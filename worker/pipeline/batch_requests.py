@@ -35,7 +35,7 @@ from worker.protocol.states import RunState
 
 logger = log.get_logger("keyrotor.pipeline.requests")
 
-_INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+_INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
 
 @dataclass(frozen=True)

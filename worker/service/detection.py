@@ -19,10 +19,10 @@ reconciler's, as for any run. A pass costs a fixed number of statements, not a f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, case, exists, func, or_, select
+from sqlalchemy import and_, case, exists, func, select
 from sqlalchemy.engine import Engine
 from sqlmodel import col
 
@@ -134,7 +134,7 @@ def detect_due(
     result = DetectionResult()
     query = due_keys_query(now, batch, retry_base=retry_base, retry_max=retry_max, with_attempts=True)
     due: list[_Due] = []
-    outcomes: dict[str, Any] | None = None
+    outcomes: Mapping[str, Any] | None = None
     try:
         with session_scope(engine) as session:
             due = _due(session, query)

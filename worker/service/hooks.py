@@ -7,7 +7,7 @@ The real ones are ``worker.pipeline.requests.request_rotation`` and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from worker.db.models import RotationRun
 from worker.pipeline.batch_requests import request_rotations
@@ -16,7 +16,7 @@ from worker.pipeline.requests import request_rotation
 
 RequestFn = Callable[..., "tuple[RotationRun, bool]"]
 #: ``request_rotations(session, requests, *, trigger, requested_by)`` (``worker.pipeline.batch_requests``).
-BatchRequestFn = Callable[..., "dict[str, object]"]
+BatchRequestFn = Callable[..., Mapping[str, object]]
 
 
 @dataclass(frozen=True)
