@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from sqlalchemy import and_, insert, or_
 from sqlalchemy.dialects import postgresql, sqlite
@@ -55,14 +55,16 @@ def supports_batch(session: Session) -> bool:
     return session.get_bind().dialect.name in _INSERTS
 
 
-def request_rotations(session: Session, requests: Sequence[RotationRequest], *, trigger: str,
-                      requested_by: str) -> dict[str, Outcome]:
-    """One outcome per request, by key name. The caller commits (and enqueues created runs after)."""
+def request_rotations(session: Session, requests: Sequence[RotationRequest], *, trigger: str, requested_by: str,
+                      keys: Optional[Mapping[str, ManagedKey]] = None) -> dict[str, Outcome]:
+    """One outcome per request, by key name. The caller commits (and enqueues created runs after).
+    ``keys``: the requests' keys by name, when the caller read them in this transaction."""
     dialect = session.get_bind().dialect.name
     if dialect not in _INSERTS:
         raise NotImplementedError(f"no batched requests on {dialect}")
     names = [r.key_name for r in requests]
-    keys = {k.name: k for k in session.exec(select(ManagedKey).where(col(ManagedKey.name).in_(names))).all()}
+    if keys is None or any(name not in keys for name in names):
+        keys = {k.name: k for k in session.exec(select(ManagedKey).where(col(ManagedKey.name).in_(names))).all()}
     providers = {p.name: p for p in session.exec(
         select(ProviderRecord).where(col(ProviderRecord.name).in_({k.provider for k in keys.values()}))).all()}
     idempotency_keys = [r.idempotency_key for r in requests]

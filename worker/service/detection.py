@@ -103,8 +103,9 @@ class DetectionResult:
     errors: dict[str, str] = field(default_factory=dict)  # key name → error class
 
 
-def _due(session: Any, query: Any) -> list[_Due]:
+def _due(session: Any, query: Any, keys: dict[str, ManagedKey]) -> list[_Due]:
     rows = session.execute(query).all()
+    keys.update((k.name, k) for k, _ in rows)
     # A key due because its type is being deprecated migrates to the replacement type;
     # rotating to the same type would leave it due (the cutoff does not move).
     migrating = {k.provider for k, _ in rows if k.due_reason == "deprecation"}
@@ -137,10 +138,11 @@ def detect_due(
     outcomes: Mapping[str, Any] | None = None
     try:
         with session_scope(engine) as session:
-            due = _due(session, query)
+            keys: dict[str, ManagedKey] = {}
+            due = _due(session, query, keys)
             if due and pipeline.request_rotations is not None and supports_batch(session):
                 outcomes = pipeline.request_rotations(session, [d.request() for d in due], trigger="schedule",
-                                                      requested_by=requested_by)
+                                                      requested_by=requested_by, keys=keys)
                 for outcome in outcomes.values():
                     if isinstance(outcome, tuple) and outcome[1]:
                         enqueue_after_commit(session, outcome[0], pipeline.enqueue_run)
