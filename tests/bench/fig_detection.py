@@ -12,6 +12,7 @@ same 100 keys are due again. The database is dropped at the end.
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import ExitStack
 from datetime import datetime, timezone
@@ -81,6 +82,9 @@ def run(stack: ExitStack, workdir: Path, *, sizes: list[int], trials: int) -> di
     log_stream = open(workdir / "detection.log", "w")
     stack.callback(log_stream.close)
     configure_logging("INFO", "json", stream=log_stream)  # as the scheduler logs: one line per key requested
+    devnull = open(os.devnull, "w")
+    stack.callback(devnull.close)
+    stack.callback(configure_logging, "WARNING", "json", stream=devnull)  # before log_stream closes (LIFO)
     engine = sa.create_engine(db.url)  # the scheduler's engine has the same pool defaults
     stack.callback(engine.dispose)
     spec = standin_provider_spec("http://127.0.0.1:9", admin_token_ref={"env": h.TOKEN_ENV})

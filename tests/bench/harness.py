@@ -581,6 +581,7 @@ class Report:
     data: dict[str, Any] = field(default_factory=dict)
 
     def add(self, section: str, payload: dict[str, Any]) -> None:
+        payload["loadavg_after"] = os.getloadavg()  # the machine is shared: how busy it was
         self.data.setdefault("figures", {})[section] = payload
         self.write()
 

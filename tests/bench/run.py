@@ -43,6 +43,7 @@ def main() -> int:
         devnull = stack.enter_context(open(os.devnull, "w"))
         configure_logging("WARNING", "json", stream=devnull)  # this process's own log lines are not the point
         work = h.workdir(stack)
+        report.data["workdir"] = str(work)
         vault = h.start_vault(stack, work)
         if "1" in only:
             from tests.bench import fig_throughput
