@@ -392,6 +392,7 @@ class World:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         handle = WorkerProcess(proc=proc, metrics_port=port, log_path=Path(out.name), spawned=started)
+        log(f"  {name}: pid {proc.pid}, -p {processes} -t {threads}, metrics on port {port}")
         self.stack.callback(handle.stop)
         handle.wait_ready(self.namespace, processes)
         return handle

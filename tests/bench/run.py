@@ -86,27 +86,29 @@ def main() -> int:
 
 
 def print_profile(directory: Path) -> dict[str, object]:
-    """Merge the samples of every profiled worker process; the 25 busiest functions and packages."""
+    """Merge the CPU samples of every profiled worker process; CPU by package and the 25 functions
+    with the most CPU on their stack."""
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
-    busy = idle = 0
+    total = 0
     for path in directory.glob("profile-*.json"):
         data = json.loads(path.read_text())
-        busy, idle = busy + data["busy"], idle + data["idle"]
+        total += data["cpu_ns"]
         inclusive.update(dict(data["inclusive"]))
         own.update(dict(data["self"]))
-    if not busy:
+    if not total:
         print("\nprofile: no samples")
         return {}
     packages: Counter[str] = Counter()
     for name, n in own.items():
         packages[_package(name)] += n
-    print(f"\n=== profile of the worker processes: {busy} busy samples ({idle} idle) ===")
-    print("self time by package: " + ", ".join(f"{p} {n / busy:.0%}" for p, n in packages.most_common(12)))
-    print("busiest functions (inclusive):")
+    print(f"\n=== profile of the worker processes: {total / 1e9:.1f} s of CPU sampled ===")
+    print("CPU by package (self): " + ", ".join(f"{p} {n / total:.0%}" for p, n in packages.most_common(14)))
+    print("functions with the most CPU on their stack (inclusive):")
     for name, n in inclusive.most_common(25):
-        print(f"  {n / busy:6.1%}  {_short(name)}")
-    return {"busy": busy, "idle": idle, "packages": dict(packages), "inclusive": inclusive.most_common(60)}
+        print(f"  {n / total:6.1%}  {_short(name)}")
+    return {"cpu_s": total / 1e9, "packages": {p: n / total for p, n in packages.items()},
+            "inclusive": [(k, n / total) for k, n in inclusive.most_common(60)]}
 
 
 def _package(name: str) -> str:

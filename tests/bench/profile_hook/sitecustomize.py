@@ -1,11 +1,13 @@
-"""KEYROTOR_BENCH_PROFILE=1: a sampling profiler in every process of a benchmarked worker.
+"""KEYROTOR_BENCH_PROFILE=1: a CPU-weighted sampling profiler in every process of a benchmarked worker.
 
 `make bench` puts this directory on the worker's PYTHONPATH, so Python imports this module at
-start-up in the supervising process and in each spawned worker process. A daemon thread samples
-every thread's stack every 5 ms and rewrites ``$KEYROTOR_BENCH_PROFILE_DIR/profile-<pid>.json``
-every 2 s (spawned processes leave with ``os._exit``: an atexit hook would not run). Counted:
-per function, samples where it is on the stack (inclusive) and at the top (self). Samples of
-threads waiting (a lock, a queue, a socket poll, a sleep) are counted apart as idle.
+start-up in the supervising process and in each spawned worker process. A daemon thread looks at
+every thread every 5 ms: the CPU time the thread used since the last look (from
+/proc/self/task/<tid>/schedstat, in ns) is charged to the stack it is on now. A thread blocked on
+a socket, a lock or a sleep uses no CPU and is charged nothing, so the result is where the CPU
+goes, not where the threads wait. Counted per function: CPU with it on the stack (inclusive) and
+at the top (self). ``$KEYROTOR_BENCH_PROFILE_DIR/profile-<pid>.json`` is rewritten every 2 s
+(spawned processes leave with ``os._exit``: an atexit hook would not run).
 """
 
 import os
@@ -17,40 +19,47 @@ if os.environ.get("KEYROTOR_BENCH_PROFILE_DIR"):
     import time
     from collections import Counter
 
-    _IDLE = {("threading.py", "wait"), ("queue.py", "get"), ("selectors.py", "select"), ("socket.py", "readinto"),
-             ("threading.py", "_wait_for_tstate_lock"), ("connection.py", "wait"), ("popen_fork.py", "poll")}
+    def _cpu_ns(native_id: int) -> int:
+        try:
+            with open(f"/proc/self/task/{native_id}/schedstat") as fh:
+                return int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def _run(out_dir: str) -> None:
         me = threading.get_ident()
         inclusive: Counter = Counter()
         own: Counter = Counter()
-        busy = idle = 0
-        last = time.monotonic()
+        last_cpu: dict = {}
+        total = 0
+        last_dump = time.monotonic()
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"profile-{os.getpid()}.json")
         while True:
             time.sleep(0.005)
-            for ident, frame in sys._current_frames().items():
-                if ident == me:
+            frames = sys._current_frames()
+            for thread in threading.enumerate():
+                ident, native = thread.ident, thread.native_id
+                if ident == me or ident is None or native is None or ident not in frames:
                     continue
-                code = frame.f_code
-                leaf = (os.path.basename(code.co_filename), code.co_name)
-                if leaf in _IDLE or code.co_name in ("sleep", "select", "poll", "recv_into", "accept"):
-                    idle += 1
+                cpu = _cpu_ns(native)
+                used = cpu - last_cpu.get(native, cpu)
+                last_cpu[native] = cpu
+                if used <= 0:
                     continue
-                busy += 1
-                own[f"{code.co_filename}:{code.co_name}"] += 1
+                total += used
+                frame = frames[ident]
+                own[f"{frame.f_code.co_filename}:{frame.f_code.co_name}"] += used
                 seen = set()
-                f = frame
-                while f is not None:
-                    name = f"{f.f_code.co_filename}:{f.f_code.co_name}"
+                while frame is not None:
+                    name = f"{frame.f_code.co_filename}:{frame.f_code.co_name}"
                     if name not in seen:
                         seen.add(name)
-                        inclusive[name] += 1
-                    f = f.f_back
-            if time.monotonic() - last > 2:
-                last = time.monotonic()
-                data = {"pid": os.getpid(), "argv": sys.argv, "busy": busy, "idle": idle,
+                        inclusive[name] += used
+                    frame = frame.f_back
+            if time.monotonic() - last_dump > 2:
+                last_dump = time.monotonic()
+                data = {"pid": os.getpid(), "argv": sys.argv, "cpu_ns": total,
                         "inclusive": inclusive.most_common(400), "self": own.most_common(400)}
                 with open(path + ".tmp", "w") as fh:
                     json.dump(data, fh)
