@@ -13,7 +13,7 @@ from worker.db.models import KeyVersion, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict, TransientError
 from worker.pipeline.context import PipelineContext
-from worker.pipeline.effects import read_pending, safe_error
+from worker.pipeline.effects import read_pending, safe_error, staged_in_chain
 from worker.pipeline.lease import current_lease
 from worker.pipeline.runs import load_key, load_run, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, parse_mode
@@ -108,7 +108,7 @@ def require_staged(ctx: PipelineContext, snap: Snapshot, action: str) -> tuple[S
     """The run's staged secret and provider key id, checked against the fingerprint recorded at
     issue (staging is never trusted: a staging write that timed out may land later and replace it);
     a permanent error when staging is gone or holds another secret."""
-    staged = read_pending(ctx.vault, snap.run.id)
+    staged = staged_in_chain(snap.run.id) or read_pending(ctx.vault, snap.run.id)
     if staged is None:
         raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot {action} it")
     recorded = snap.new.fingerprint if snap.new is not None else None
