@@ -19,6 +19,7 @@ from worker import log
 from worker.db.session import session_scope
 from worker.metrics import DEAD_LETTERS
 from worker.pipeline.context import PipelineContext, default_policy, get_context
+from worker.pipeline.effects import chain_memory
 from worker.pipeline.messages import consume, reject
 from worker.queues import REQUEST_ACTOR, REQUEST_QUEUE, STEP_QUEUE, actor_name, register_actors, send_step
 from worker.pipeline.runs import load_run, run_state
@@ -37,15 +38,16 @@ def _step_fn(step: Step) -> Callable[[str], None]:
         message = CurrentMessage.get_current_message()
         retry_count = int(message.options.get("retries", 0)) if message is not None else 0
         ctx = get_context()
-        action = execute(ctx, step, str(run_id), retry_count=retry_count)
-        if action.retry:
-            # ``from None``: Dramatiq stores the traceback in the message; keep it to our text.
-            raise dramatiq.Retry(f"retrying step {step.value}", delay=action.delay_ms) from None
-        message_id = message.message_id if message is not None else None
-        marks = chain_marks(dramatiq.get_broker())
-        if action.step is None and message_id is not None and marks.marked(message_id):
-            action = _resume(ctx, str(run_id))
-        _run_chain(ctx, str(run_id), action, message_id, marks)
+        with chain_memory():
+            action = execute(ctx, step, str(run_id), retry_count=retry_count)
+            if action.retry:
+                # ``from None``: Dramatiq stores the traceback in the message; keep it to our text.
+                raise dramatiq.Retry(f"retrying step {step.value}", delay=action.delay_ms) from None
+            message_id = message.message_id if message is not None else None
+            marks = chain_marks(dramatiq.get_broker())
+            if action.step is None and message_id is not None and marks.marked(message_id):
+                action = _resume(ctx, str(run_id))
+            _run_chain(ctx, str(run_id), action, message_id, marks)
 
     run_step.__name__ = actor_name(step)
     return run_step
