@@ -65,8 +65,11 @@ test: $(STAMP) services
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
+## The performance figures (docs/performance.md): keyrotor's own worker processes on the real services,
+## each figure against a baseline measured in the same run, 3 paired trials; prints a table per figure
+## and writes bench-results.json. KEYROTOR_BENCH_* variables change its parameters (tests/bench/README.md).
 bench: $(STAMP) services
-	$(BIN)/python -m pytest tests/bench -m bench -s $(PYTEST_ARGS)
+	$(BIN)/python -m tests.bench.run
 
 ## The full chaos soak (docs/chaos.md): 60 keys, 300+ rotations, workers and the scheduler
 ## SIGKILLed, a private Redis restarted, database connections killed, faults in front of Vault and

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import httpx
 
@@ -83,11 +83,12 @@ class DevServer:
 
 
 def start_dev_server(*, binary: str | None = None, host: str = "127.0.0.1", timeout_s: float = 30.0,
-                     attempts: int = 3) -> DevServer:
+                     attempts: int = 3, extra_args: Sequence[str] = ()) -> DevServer:
     """Start ``bao server -dev`` on a free loopback port with a random root token; wait until it answers.
 
     Raises ``OpenBaoNotFound`` (with ``INSTALL_HINT``) when there is no binary, ``OpenBaoStartError``
     when the server does not come up (a lost race for the port is retried ``attempts`` times).
+    ``extra_args`` go to ``bao server`` as given (the benchmark adds a ``-config`` with an audit device).
     """
     binary = binary or find_bao()
     if binary is None:
@@ -95,14 +96,14 @@ def start_dev_server(*, binary: str | None = None, host: str = "127.0.0.1", time
     last: OpenBaoStartError | None = None
     for _ in range(attempts):
         try:
-            return _start_once(binary, host, timeout_s)
+            return _start_once(binary, host, timeout_s, extra_args)
         except OpenBaoStartError as exc:
             last = exc
     assert last is not None
     raise last
 
 
-def _start_once(binary: str, host: str, timeout_s: float) -> DevServer:
+def _start_once(binary: str, host: str, timeout_s: float, extra_args: Sequence[str] = ()) -> DevServer:
     token = f"dev-root-{secrets.token_hex(16)}"
     port = _free_port(host)
     workdir = Path(tempfile.mkdtemp(prefix="keyrotor-openbao-"))  # 0700: only this user reads the output
@@ -112,7 +113,7 @@ def _start_once(binary: str, host: str, timeout_s: float) -> DevServer:
     log = open(workdir / "bao.log", "wb")
     try:
         process = subprocess.Popen(
-            [binary, "server", "-dev", "-dev-no-store-token", f"-dev-listen-address={host}:{port}"],
+            [binary, "server", "-dev", "-dev-no-store-token", f"-dev-listen-address={host}:{port}", *extra_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
             preexec_fn=_parent_death_signal(),
         )

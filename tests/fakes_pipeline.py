@@ -157,6 +157,9 @@ class FakeVault:
         with self.lock:
             versions = self.paths.setdefault((mount, path), [])
             if len(versions) != (expected_version or 0):
+                latest = versions[-1] if versions else {}
+                if latest.get(field) == secret.reveal() and latest.get(KEY_ID_FIELD) == (provider_key_id or None):
+                    return len(versions)  # like VaultStore.promote: an earlier attempt already wrote it
                 raise VaultCheckAndSetMismatch(f"check-and-set: expected version {expected_version}, "
                                                f"found {len(versions)}")
             data = dict(versions[-1]) if versions else {}

@@ -31,7 +31,7 @@ from worker.notice_text import notice_subject, notice_text
 from worker.retry import parse_retry_after, retry_call
 from worker.secret import Secret
 from worker.inventory.schema import NotificationSpec
-from worker.inventory.snapshot import applied_document
+from worker.inventory.snapshot import applied_settings
 from worker.secret_refs import FieldReader, make_resolver
 from worker.vault.store import VaultStore
 
@@ -225,7 +225,7 @@ def sinks_from_specs(specs: Iterable[Any], resolve: Callable[[Any], Secret]) -> 
 
 def snapshot_notifications(engine: Any) -> list[dict[str, Any]]:
     """The ``notifications`` section of the last applied inventory, or [] if none was applied."""
-    return list(applied_document(engine).get("notifications") or [])
+    return list(applied_settings(engine).get("notifications") or [])
 
 
 def notifier_for(engine: Any, settings: Any = None, *, vault: FieldReader | None = None) -> Notifier:

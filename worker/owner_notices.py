@@ -21,7 +21,7 @@ from worker.log import get_logger
 from worker.notify import ALL_EVENTS, Notifier, Sink, notify_function
 from worker.secret import Secret
 from worker.inventory.schema import ContactSpec, OwnerDeliverySpec
-from worker.inventory.snapshot import applied_document
+from worker.inventory.snapshot import document_for
 from worker.secret_refs import FieldReader, make_resolver
 
 log = get_logger(__name__)
@@ -87,7 +87,7 @@ def notify_owner(engine: Any, event: str, *, key_name: str, run_id: Optional[str
     """Send ``event`` to the key's owner; without a contact, to the shared sinks (as ``reminder``,
     or ``needs_attention``). True when the owner's contact accepted it. Never raises."""
     try:
-        document = applied_document(engine)
+        document = document_for(engine, [key_name])
         sink = owner_sink(document, key_name, make_resolver(vault))
         if sink is not None:
             options: dict[str, Any] = {}

@@ -71,6 +71,28 @@ def test_sigkill_mid_precheck_then_a_new_worker_completes_the_run(make_world: Wo
     _assert_clean_completion(world, run_id, monitor)
 
 
+def test_sigkill_mid_chain_the_redelivered_message_resumes_the_run_without_the_reconciler(make_world: WorldFactory) -> None:
+    """Issue and precheck run in one message (worker/runtime/chains.py). Killed inside the
+    precheck, the worker leaves the *issue* message unacknowledged; redelivered once its heartbeat
+    lapses, it finds the run past issue and, being marked as a chain, goes on from there: no
+    reconciler, no step deadline to wait for."""
+    world = make_world(grace_s=1, probe_ms=30)
+    monitor = world.monitor()
+    world.run_key_faults.add_check_fault(delay=3.0, count=1)
+    first = world.start_worker(threads=2)
+    run_id = world.request()
+    _wait(lambda: world.run_key_faults.hits == 1, "the precheck to be in flight", world, run_id)
+    time.sleep(0.2)
+    first.kill(signal.SIGKILL)
+    assert world.state(run_id) == "issued"
+
+    world.start_worker(threads=2)
+    world.wait_state(run_id, ["completed"], timeout=60)
+    assert not any(e.actor == "reconciler" for e in world.audit(run_id)), world.trail(run_id)
+    assert "chain.resumed" in world.worker_logs(), world.worker_logs()[-3000:]
+    _assert_clean_completion(world, run_id, monitor)
+
+
 def test_sigkill_while_the_provider_mints_revokes_the_lost_key_before_issuing_again(make_world: WorldFactory) -> None:
     """Killed inside the issue call: the provider minted a key whose secret nobody received. The
     redelivered step waits until that call cannot be in flight any more, finds the lost key by the

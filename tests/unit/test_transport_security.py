@@ -158,9 +158,28 @@ def test_vault_tls_verification_is_on_by_default(monkeypatch: pytest.MonkeyPatch
     from worker.vault.transport import build_client
 
     monkeypatch.delenv("VAULT_SKIP_VERIFY", raising=False)
+    for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(variable, raising=False)
     settings = load_settings(vault_addr="https://vault.example:8200", vault_token="t")
     assert settings.vault_skip_verify is False and settings.env == "production"
     assert build_client(settings.vault_addr or "").adapter._kwargs.get("verify", True) is True  # type: ignore[attr-defined]
+
+
+def test_the_vault_client_reads_its_environment_once_and_keeps_the_ca_bundle_and_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session does not re-read the environment on every call (``trust_env`` off), so what
+    requests would have taken from it is read when the client is built."""
+    from worker.vault.transport import build_client
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/keyrotor/ca.pem")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = build_client("https://vault.example:8200")
+    assert client.session.trust_env is False
+    assert client.adapter._kwargs["verify"] == "/etc/keyrotor/ca.pem"  # type: ignore[attr-defined]
+    assert client.session.proxies.get("https") == "http://proxy.example:3128"
+    monkeypatch.setenv("NO_PROXY", "vault.example")
+    assert not build_client("https://vault.example:8200").session.proxies.get("https")
 
 
 def test_vault_skip_verify_is_refused_in_production(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,8 +23,17 @@ def worker(
     finish; anything unacknowledged is redelivered to another worker. When a worker process dies,
     the others are stopped and the command exits non-zero (the pod is restarted).
     """
-    from worker.log import configure_logging
+    import os
 
+    from worker.log import configure_logging
+    from worker.settings import get_settings
+
+    # One connection per step thread plus one for the run-lease renewer (docs/scaling.md): with a
+    # smaller pool the extra threads open and close a PostgreSQL connection for every checkout.
+    # Through the environment, so that the spawned worker processes size their pools alike.
+    if "KEYROTOR_DB_POOL_SIZE" not in os.environ:
+        os.environ["KEYROTOR_DB_POOL_SIZE"] = str(threads + 1)
+        get_settings.cache_clear()
     settings = cli_settings()
     configure_logging(settings.log_level, settings.log_format)  # a service: its INFO lines are the point
     engine = open_database(settings)

@@ -89,6 +89,10 @@ class ManagedKey(SQLModel, table=True):
     due_reason: Optional[str] = Field(default=None, max_length=32)
     created_at: Optional[datetime] = _ts()
     updated_at: Optional[datetime] = _ts()
+    # The key's declared owner contact and assisted-mode timings, as in the applied document
+    # (migration 0005): a notice for one key reads its row, not the whole inventory.
+    contact: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON, nullable=True))
+    assisted: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class KeyVersion(SQLModel, table=True):
@@ -215,3 +219,6 @@ class InventorySnapshot(SQLModel, table=True):
     digest: str = Field(max_length=64, index=True)   # sha256 of the normalised document
     source: Optional[str] = Field(default=None, max_length=500)
     document: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    #: The document's ``notifications`` and ``owner_delivery`` (migration 0005), read without the
+    #: document, whose size follows the inventory's.
+    settings: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON, nullable=True))

@@ -37,12 +37,9 @@ class VaultCopyIntegration:
         return self.spec.mount, path.strip("/"), self.spec.field or announcement.vault_field
 
     def push(self, announcement: Announcement) -> None:
+        # Written without reading first: writing the same value again (a re-run) is harmless, and
+        # ``verify`` reads the copy back anyway.
         mount, path, field = self.target(announcement)
-        current = self._vault.read_current(mount, path, field)
-        if current is not None and current.secret.fingerprint == announcement.fingerprint:
-            log.info("vault_copy_already_current", integration=self.name, mount=mount, path=path,
-                     fingerprint=announcement.fingerprint)
-            return
         data = {field: announcement.secret.reveal(), "keyrotor_key_id": announcement.provider_key_id or ""}
         version = self._vault.write(mount, path, data)
         log.info("vault_copy_written", integration=self.name, mount=mount, path=path, version=version,

@@ -40,6 +40,7 @@ from worker.db.models import (
 )
 from worker.errors import ConfigError
 from worker.inventory.schema import Inventory, KeySpec
+from worker.inventory.snapshot import key_notice, snapshot_settings
 
 Kind = Literal["provider", "integration", "key"]
 KINDS: tuple[Kind, ...] = ("provider", "integration", "key")
@@ -182,10 +183,11 @@ def apply_inventory(
         wanted = _key_columns(inventory, spec)
         declared_before = previous_keys.get(name)
         declared_now = document["keys"][name]
+        notice = key_notice(declared_now)
         if row is None:
             report.note("key", "created", name)
             if not dry_run:
-                row = ManagedKey(name=name, created_at=now, updated_at=now, **wanted)
+                row = ManagedKey(name=name, created_at=now, updated_at=now, **wanted, **notice)
                 session.add(row)
                 session.flush()
                 record("key_declared", key_id=row.id, detail={"key": name, "values": _auditable(wanted)})
@@ -195,6 +197,8 @@ def apply_inventory(
             for column, spec_field in (("expires_at", "expires_at"), ("credential_type", "credential_type")):
                 if declared_before.get(spec_field) == declared_now.get(spec_field):
                     wanted.pop(column)
+        if not dry_run:
+            _copy_notice(session, row, notice)
         changed = {column: (_jsonable(getattr(row, column)), _jsonable(val)) for column, val in wanted.items()
                    if not _same(getattr(row, column), val)}
         if not changed:
@@ -246,7 +250,8 @@ def apply_inventory(
     if previous is None or previous.digest != report.digest:
         report.snapshot_stored = True
         if not dry_run:
-            session.add(InventorySnapshot(applied_at=now, applied_by=actor, digest=report.digest, source=source, document=document))
+            session.add(InventorySnapshot(applied_at=now, applied_by=actor, digest=report.digest, source=source, document=document,
+                                          settings=snapshot_settings(document)))
             record("inventory_applied", detail={"digest": report.digest, "source": source, "counts": report.counts()})
 
     if not dry_run:
@@ -294,6 +299,15 @@ def _key_columns(inventory: Inventory, spec: KeySpec) -> dict[str, Any]:
         "enabled": spec.enabled,
         "expires_at": spec.expires_at,
     }
+
+
+def _copy_notice(session: Session, row: ManagedKey, notice: dict[str, Any]) -> None:
+    """Keep the key's copy of its contact and assisted timings in line with the document; like
+    the document, a change to them is recorded by the snapshot, not as a key update."""
+    if any(getattr(row, column) != value for column, value in notice.items()):
+        for column, value in notice.items():
+            setattr(row, column, value)
+        session.add(row)
 
 
 def _same(current: Any, wanted: Any) -> bool:

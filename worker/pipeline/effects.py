@@ -71,6 +71,35 @@ def read_pending(vault: SecretStore, run_id: str) -> Optional[tuple[Secret, Opti
         return None
 
 
+_chain = threading.local()
+
+
+@contextmanager
+def chain_memory() -> Iterator[None]:
+    """Steps run back to back in one message (``worker/runtime/chains.py``) keep the secret a run
+    staged in memory from the step that staged it to the last that needs it, instead of reading it
+    back from Vault in every step; forgotten when the chain ends. Outside a chain nothing is kept."""
+    _chain.staged = {}
+    try:
+        yield
+    finally:
+        _chain.staged = None
+
+
+def remember_staged(run_id: str, secret: Secret, key_id: Optional[str]) -> None:
+    """This chain staged (or adopted from staging) ``secret`` for ``run_id``."""
+    staged = getattr(_chain, "staged", None)
+    if staged is not None:
+        staged[run_id] = (secret, key_id)
+
+
+def staged_in_chain(run_id: str) -> Optional[tuple[Secret, Optional[str]]]:
+    """What this chain staged for ``run_id`` (its fingerprint is still checked against the run's
+    record by whoever uses it, exactly as a value read back from Vault is)."""
+    staged = getattr(_chain, "staged", None)
+    return staged.get(run_id) if staged else None
+
+
 def announcement(**fields: Any) -> Announcement:
     return Announcement(**fields)
 

@@ -11,7 +11,7 @@ run:
 
 Row count 0 means another execution holds it (``LeaseHeld``: the message comes back when the lease
 would expire, and is dropped then if the run moved on) or the run moved on. While the step runs a
-thread renews the lease every ``ttl / 3``, for at most the step's time limit; the transition
+thread (one per process) renews the lease every ``ttl / 3``, for at most the step's time limit; the transition
 clears it in the same transaction as the state change, and the execution releases it when it ends
 without one (retry, polling, error). A worker killed mid-step stops renewing, so its lease lapses
 within ``ttl`` and a redelivered message proceeds — re-running a step is safe (invariant 7), two
@@ -86,16 +86,77 @@ def _extend(engine: Engine, run_id: str, owner: str, ttl_s: float) -> bool:
         return result.rowcount == 1
 
 
+class _Renewer:
+    """One thread per process renews every held lease every ``ttl / 3`` (a thread per step
+    execution cost a thread start and join per step)."""
+
+    def __init__(self) -> None:
+        self._leases: dict[int, "Lease"] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: Optional[threading.Thread] = None
+
+    def add(self, lease: "Lease") -> None:
+        with self._lock:
+            self._leases[id(lease)] = lease
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="lease-renewer", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def remove(self, lease: "Lease") -> None:
+        with self._lock:
+            self._leases.pop(id(lease), None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._leases:
+                    self._wake.wait()
+                now = time.monotonic()
+                due = [lease for lease in self._leases.values() if lease.next_renewal <= now]
+                wait_s = min(lease.next_renewal for lease in self._leases.values()) - now
+            if not due:
+                with self._lock:
+                    self._wake.wait(timeout=max(0.01, wait_s))
+                continue
+            for lease in due:
+                if not lease.renew():
+                    self.remove(lease)
+
+
+_renewer = _Renewer()
+
+
 class Lease:
-    """One execution's lease on one run: ``acquire`` in the step's snapshot transaction, then
-    ``start_renewing``; ``close`` (always) stops renewing and releases what is still held."""
+    """One execution's lease on one run: ``acquire`` (or ``try_claim``) in the step's snapshot
+    transaction, then ``start_renewing``; ``close`` (always) stops renewing and releases what is
+    still held."""
 
     def __init__(self, engine: Engine, run_id: str, *, actor: str, ttl_s: float, max_s: float) -> None:
         self.engine, self.run_id, self.ttl_s, self.max_s = engine, run_id, ttl_s, max_s
         self.owner = f"{actor}:{uuid.uuid4().hex[:16]}"[-200:]
         self.held = False
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self.next_renewal = 0.0
+        self._started = 0.0
+        self._renewing = False
+
+    def try_claim(self, session: Session, expected_state: str) -> Optional[RotationRun]:
+        """Claim the run and read it in one statement (``UPDATE … RETURNING``): the run, or
+        ``None`` when it is missing, in another state or leased (``acquire`` then says which)."""
+        now = utcnow()
+        run = session.exec(
+            update(RotationRun)
+            .where(col(RotationRun.id) == self.run_id, col(RotationRun.state) == expected_state,
+                   or_(col(RotationRun.lease_until).is_(None), col(RotationRun.lease_until) < now,
+                       col(RotationRun.lease_owner) == self.owner))
+            .values(lease_owner=self.owner, lease_until=now + timedelta(seconds=self.ttl_s))
+            .returning(RotationRun)
+            .execution_options(synchronize_session=False, populate_existing=True)
+        ).scalars().first()
+        if run is not None:
+            self.held = True
+        return run
 
     def acquire(self, session: Session, expected_state: str) -> None:
         """Claim the run in ``session`` (the caller commits); ``LeaseHeld`` if another has it."""
@@ -107,28 +168,30 @@ class Lease:
                         as_utc(row.lease_until) if row is not None and row.lease_until is not None else None)
 
     def start_renewing(self) -> None:
-        if not self.held or self._thread is not None:
+        if not self.held or self._renewing:
             return
-        self._thread = threading.Thread(target=self._renew, name=f"lease-{self.run_id[:8]}", daemon=True)
-        self._thread.start()
+        self._renewing = True
+        self._started = time.monotonic()
+        self.next_renewal = self._started + self.ttl_s / 3
+        _renewer.add(self)
 
-    def _renew(self) -> None:
-        started = time.monotonic()
-        while not self._stop.wait(self.ttl_s / 3):
-            if time.monotonic() - started > self.max_s:
-                # Past the step's time limit the execution is presumed dead or stuck: let it lapse.
-                logger.warning("lease.not_renewed", run_id=self.run_id, reason="step time limit passed")
-                return
-            try:
-                if not _extend(self.engine, self.run_id, self.owner, self.ttl_s):
-                    return  # transitioned (lease cleared) or taken over after it lapsed
-            except Exception as exc:  # a DB hiccup: try again next tick; the lease may lapse meanwhile
-                logger.warning("lease.renew_failed", run_id=self.run_id, error=type(exc).__name__)
+    def renew(self) -> bool:
+        """Extend the lease (the renewer thread calls it); ``False``: stop renewing it."""
+        if time.monotonic() - self._started > self.max_s:
+            # Past the step's time limit the execution is presumed dead or stuck: let it lapse.
+            logger.warning("lease.not_renewed", run_id=self.run_id, reason="step time limit passed")
+            return False
+        self.next_renewal = time.monotonic() + self.ttl_s / 3
+        try:
+            return _extend(self.engine, self.run_id, self.owner, self.ttl_s)  # False: transitioned or taken over
+        except Exception as exc:  # a DB hiccup: try again next tick; the lease may lapse meanwhile
+            logger.warning("lease.renew_failed", run_id=self.run_id, error=type(exc).__name__)
+            return True
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._renewing:
+            _renewer.remove(self)
+            self._renewing = False
         if self.held:
             try:
                 release(self.engine, self.run_id, self.owner)

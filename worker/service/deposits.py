@@ -24,7 +24,7 @@ from worker.db.models import AuditEvent, ManagedKey, RotationRun
 from worker.protocol.states import RunState
 from worker.db.session import session_scope
 from worker.errors import StateConflict
-from worker.inventory.snapshot import applied_document, assisted_timings, create_url
+from worker.inventory.snapshot import assisted_timings, create_url, document_for
 from worker.log import get_logger
 from worker.notice_text import deposit_detail
 from worker.owner_notices import contact_of, notify_owner
@@ -84,7 +84,7 @@ def collect_deposits(ctx: PipelineContext, *, now: Optional[datetime] = None, ba
             session.expunge(key)
     if not todo:
         return result
-    document = applied_document(ctx.engine)
+    document = document_for(ctx.engine, [key.name for _, key, _, _ in todo], [key.provider for _, key, _, _ in todo])
     for run, key, since, reminded_at in todo:
         try:
             _one(ctx, document, run, key, since, reminded_at, now, result, settings)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from worker import log
@@ -13,7 +14,7 @@ from worker.db.models import KeyVersion, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict, TransientError
 from worker.pipeline.context import PipelineContext
-from worker.pipeline.effects import read_pending, safe_error
+from worker.pipeline.effects import read_pending, safe_error, staged_in_chain
 from worker.pipeline.lease import current_lease
 from worker.pipeline.runs import load_key, load_run, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, parse_mode
@@ -59,56 +60,59 @@ PROVIDER_STEPS = frozenset({Step.issue, Step.precheck, Step.verify, Step.retire,
 
 def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Snapshot]:
     """Load the run if it is in the state ``step`` acts on, and claim its lease (``execute`` set
-    one up) before the step does anything outside the database. One transaction: the run, the
-    claim, the key, its versions and (``PROVIDER_STEPS``) the provider record; nothing of it is
-    kept beyond this step (another worker may move the run next)."""
+    one up) before the step does anything outside the database. One transaction of two
+    statements on the way a step usually goes: the claim, which returns the run, then the key, its
+    provider record and the run's versions in one query. Nothing of it is kept beyond this step
+    (another worker may move the run next)."""
     lease = current_lease.get()
+    expected = expected_state(step)
     with session_scope(ctx.engine) as session:
-        run = load_run(session, run_id)
-        if run is None:
-            raise RunMissing(f"run {run_id} is not in the database (yet)")
-        state = run_state(run)
-        if state != expected_state(step):
-            logger.info("step.skipped", reason="run is not in the state this step acts on",
-                        state=state.value, expected=expected_state(step).value)
-            return None
-        if lease is not None:
-            lease.acquire(session, state.value)
-        key, record = _key_and_provider(session, run) if step in PROVIDER_STEPS else (load_key(session, run), None)
+        run = lease.try_claim(session, expected.value) if lease is not None else None
+        if run is None:  # say why: missing, moved on, or leased by another execution
+            run = load_run(session, run_id)
+            if run is None:
+                raise RunMissing(f"run {run_id} is not in the database (yet)")
+            state = run_state(run)
+            if state != expected:
+                logger.info("step.skipped", reason="run is not in the state this step acts on",
+                            state=state.value, expected=expected.value)
+                return None
+            if lease is not None:
+                lease.acquire(session, state.value)
+        key, record, old, new = _key_provider_versions(session, run)
         log.bind(key=key.name)
-        old, new = _versions(session, run.old_version_id, run.new_version_id)
-        snap = Snapshot(run=run, key=key, old=old, new=new, mode=parse_mode(run.mode), provider_record=record)
+        snap = Snapshot(run=run, key=key, old=old, new=new, mode=parse_mode(run.mode),
+                        provider_record=record if step in PROVIDER_STEPS else None)
     if lease is not None:
         lease.start_renewing()
     return snap
 
 
-def _key_and_provider(session: Session, run: RotationRun) -> tuple[ManagedKey, Optional[ProviderRecord]]:
-    """The run's key and its provider record (``None`` if not applied) in one query."""
+_OldVersion = aliased(KeyVersion)
+_NewVersion = aliased(KeyVersion)
+
+
+def _key_provider_versions(session: Session, run: RotationRun) -> tuple[
+        ManagedKey, Optional[ProviderRecord], Optional[KeyVersion], Optional[KeyVersion]]:
+    """The run's key, its provider record (``None`` if not applied) and the run's old and new
+    versions (``None`` where it has none) in one query."""
     row = session.exec(
-        select(ManagedKey, ProviderRecord)
+        select(ManagedKey, ProviderRecord, _OldVersion, _NewVersion)
         .outerjoin(ProviderRecord, col(ProviderRecord.name) == col(ManagedKey.provider))
+        .outerjoin(_OldVersion, col(_OldVersion.id) == run.old_version_id)
+        .outerjoin(_NewVersion, col(_NewVersion.id) == run.new_version_id)
         .where(ManagedKey.id == run.key_id)
     ).first()
     if row is None:  # pragma: no cover - FK guarantees it
         raise StateConflict(f"run {run.id} refers to a missing key id {run.key_id}")
-    return row[0], row[1]
-
-
-def _versions(session: Session, old_id: Optional[int], new_id: Optional[int]) -> tuple[Optional[KeyVersion], Optional[KeyVersion]]:
-    """The run's old and new versions in one query (``None`` where the run has none)."""
-    ids = [i for i in (old_id, new_id) if i is not None]
-    if not ids:
-        return None, None
-    rows = {v.id: v for v in session.exec(select(KeyVersion).where(col(KeyVersion.id).in_(ids))).all()}
-    return (rows.get(old_id) if old_id is not None else None), (rows.get(new_id) if new_id is not None else None)
+    return row[0], row[1], row[2], row[3]
 
 
 def require_staged(ctx: PipelineContext, snap: Snapshot, action: str) -> tuple[Secret, Optional[str]]:
     """The run's staged secret and provider key id, checked against the fingerprint recorded at
     issue (staging is never trusted: a staging write that timed out may land later and replace it);
     a permanent error when staging is gone or holds another secret."""
-    staged = read_pending(ctx.vault, snap.run.id)
+    staged = staged_in_chain(snap.run.id) or read_pending(ctx.vault, snap.run.id)
     if staged is None:
         raise PermanentError(f"the staged secret of run {snap.run.id} is missing from Vault; cannot {action} it")
     recorded = snap.new.fingerprint if snap.new is not None else None

@@ -15,7 +15,7 @@ from worker.db.models import RotationRun
 from worker.db.session import session_scope
 from worker.errors import ConfigError, DeprecatedCredential, PermanentError, RateLimited, StateConflict, is_permanent
 from worker.pipeline.context import PipelineContext
-from worker.pipeline.effects import holding, read_pending, safe_error, seconds_between
+from worker.pipeline.effects import holding, read_pending, remember_staged, safe_error, seconds_between
 from worker.pipeline.preflight import check_run_references
 from worker.pipeline.runs import audit, load_run, run_state, transition
 from worker.pipeline.steps.common import Snapshot, StepOutcome, step_deadline_s, notify_run, load_snapshot
@@ -27,7 +27,7 @@ from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
 from worker.vault.errors import VaultError, VaultUnavailable
 from worker.adoption import rotation_blocker
-from worker.inventory.snapshot import applied_document, assisted_timings, create_url
+from worker.inventory.snapshot import assisted_timings, create_url, document_for
 from worker.notice_text import deposit_detail
 from worker.owner_notices import contact_of, notify_owner
 
@@ -78,6 +78,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         secret, key_id, expires_at = issued.secret, issued.key_id, issued.expires_at
         with holding(secret):
             _stage(ctx, snap, provider, secret, key_id, expires_at)
+        remember_staged(snap.run.id, secret, key_id)
 
     detail = {"fingerprint": secret.fingerprint, "provider_key_id": key_id, "recovered_from_staging": recovered}
     if snap.mode == Mode.cutover:
@@ -103,12 +104,15 @@ def _refuse_unrevocable(ctx: PipelineContext, snap: Snapshot) -> None:
 def _trusted_staging(ctx: PipelineContext, snap: Snapshot, minted: list[MintedKey]) -> Optional[tuple[Secret, Optional[str]]]:
     """What staging holds, if it is a key this run minted and has not discarded. Anything else (a
     timed-out staging write of a key revoked since, landing late) is cleared and recorded."""
+    if not minted:  # staging is written only after the minted key is recorded: nothing to look for
+        return None
     staged = read_pending(ctx.vault, snap.run.id)
     if staged is None:
         return None
     secret, key_id = staged
     known = next((m for m in minted if m.fingerprint == secret.fingerprint), None)
     if known is not None and not known.discarded:
+        remember_staged(snap.run.id, secret, key_id)
         return staged
     reason = "a key this run discarded" if known is not None else "not a key this run minted"
     ctx.vault.discard_pending(snap.run.id)
@@ -292,7 +296,7 @@ def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if wait is not None:
         return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
     check_run_references(ctx, snap.key)
-    document = applied_document(ctx.engine)
+    document = document_for(ctx.engine, [snap.key.name], [snap.key.provider])
     deadline = utcnow() + assisted_timings(document, snap.key.name).deposit_deadline
     path = ctx.vault.deposit_path(snap.key.name)
     detail = deposit_detail(provider=snap.key.provider, credential_type=snap.credential_type, owner=snap.key.owner,

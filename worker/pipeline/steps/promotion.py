@@ -55,13 +55,11 @@ def promote(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         return None
     secret, key_id = require_staged(ctx, snap, "promote")
     key = snap.key
+    expected = snap.old.vault_version if snap.old is not None else None
     with holding(secret):
-        current = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
-        if current is not None and current.secret == secret:
-            version = current.version  # promoted by an attempt that crashed before recording it
-        else:
-            expected = snap.old.vault_version if snap.old is not None else None
-            version = ctx.vault.promote(key.vault_mount, key.vault_path, key.vault_field, secret, key_id, expected)
+        # Check-and-set on the old version; an attempt that promoted and crashed before recording
+        # it makes the check fail, and ``promote`` then finds this very secret as the newest version.
+        version = ctx.vault.promote(key.vault_mount, key.vault_path, key.vault_field, secret, key_id, expected)
     now = utcnow()
 
     def apply(session: Session) -> None:

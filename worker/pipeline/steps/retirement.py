@@ -21,7 +21,7 @@ from worker.pipeline.steps.common import StepOutcome, advance_run, notify_run, l
 from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for, revoke_key
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
-from worker.inventory.snapshot import applied_document, assisted_timings
+from worker.inventory.snapshot import assisted_timings, document_for
 from worker.owner_notices import notify_owner
 from worker.service.due import refresh_next_due
 from worker.pipeline.targets import rejected_at
@@ -142,7 +142,7 @@ def wait_for_owner_revocation(ctx: PipelineContext, snap: Any, old_fingerprint: 
     """The provider cannot revoke by API and the old credential still works: ask the owner (again
     every ``assisted.remind_every``), poll every ``assisted.revoke_check_every``, and past
     ``assisted.revoke_deadline`` (from the first request) fail → needs_attention. Never forever."""
-    timings = assisted_timings(applied_document(ctx.engine), snap.key.name)
+    timings = assisted_timings(document_for(ctx.engine, [snap.key.name]), snap.key.name)
     with session_scope(ctx.engine) as session:
         asked = [as_utc(at) for at in session.exec(
             select(AuditEvent.at).where(AuditEvent.run_id == snap.run.id, AuditEvent.event == "revoke_requested")
