@@ -162,8 +162,8 @@ def detect_due(
             continue
         run, created = outcome
         (result.requested if created else result.joined).append(run.id)
-        log.info("rotation_due", key=d.name, run_id=run.id, reason=d.reason, due_at=as_utc(d.due_at).isoformat(),
-                 created=created, attempt=d.attempt + 1)
+        log.info("rotation_due", key=d.name, run_id=run.id, trigger="schedule", reason=d.reason,
+                 due_at=as_utc(d.due_at).isoformat(), created=created, attempt=d.attempt + 1)
     return result
 
 
