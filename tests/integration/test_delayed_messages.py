@@ -168,3 +168,43 @@ def test_a_worker_fetches_one_message_per_thread(live_broker: Any, redis_namespa
     finally:
         release.set()
         worker.stop()
+
+
+def test_messages_sent_in_a_batch_go_in_one_round_trip_and_a_real_worker_runs_each(
+        live_broker: Any, redis_namespace: str, redis_client: Any) -> None:
+    """``batched_sends`` (a detection pass's runs) hands its messages to ``enqueue_many``: one
+    MULTI/EXEC writing Dramatiq's own layout, which a real Dramatiq worker consumes."""
+    from worker import queues
+    from worker.queues import batched_sends
+
+    seen: list[str] = []
+    actor = dramatiq.actor(lambda run_id: seen.append(run_id), actor_name="probe_batched", queue_name=STEP_QUEUE,
+                           broker=live_broker)
+    messages = [actor.message_with_options(args=(f"run-{i}",)) for i in range(50)]
+    executes: list[int] = []
+    real_pipeline = live_broker.client.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
+        real_execute = pipe.execute
+        pipe.execute = lambda *a, **k: (executes.append(len(pipe.command_stack)), real_execute(*a, **k))[1]
+        return pipe
+
+    live_broker.client.pipeline = counting_pipeline
+    try:
+        with batched_sends():
+            with batched_sends():  # nested: the outer block sends
+                queues._batch.messages.extend(messages)  # what send_step does inside the block
+            assert executes == [] and redis_client.llen(f"{redis_namespace}:{STEP_QUEUE}") == 0
+    finally:
+        live_broker.client.pipeline = real_pipeline
+    assert executes == [100], executes  # one round trip: an HSET and an RPUSH per message
+    assert redis_client.llen(f"{redis_namespace}:{STEP_QUEUE}") == 50
+
+    worker = dramatiq.Worker(live_broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        assert _wait_for(lambda: len(seen) == 50, timeout_s=15), f"only {len(seen)} of 50 ran"
+        assert sorted(seen) == sorted(f"run-{i}" for i in range(50))
+    finally:
+        worker.stop()

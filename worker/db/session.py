@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, create_engine
 from worker.settings import get_settings
 
@@ -75,22 +76,21 @@ def after_commit(session: Session, callback: Callable[[], None]) -> None:
     What must happen only for a committed change (sending a message, counting an outcome) goes
     through here. Callbacks run in the order given; each must handle its own errors.
     """
-    pending: list[Callable[[], None]] | None = session.info.get(_AFTER_COMMIT)
-    if pending is None:
-        pending = session.info[_AFTER_COMMIT] = []
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
 
-        def _committed(sess: Any) -> None:
-            todo = list(sess.info.get(_AFTER_COMMIT) or [])
-            sess.info[_AFTER_COMMIT] = []
-            for call in todo:
-                call()
 
-        def _rolled_back(sess: Any, _transaction: Any) -> None:
-            sess.info[_AFTER_COMMIT] = []
+# Listeners on the Session class, registered once: listening on each session instance that has a
+# callback cost more than the transaction's statements.
+@event.listens_for(OrmSession, "after_commit")
+def _run_after_commit(session: OrmSession) -> None:
+    todo = session.info.pop(_AFTER_COMMIT, None)
+    for call in todo or ():
+        call()
 
-        event.listen(session, "after_commit", _committed)
-        event.listen(session, "after_soft_rollback", _rolled_back)
-    pending.append(callback)
+
+@event.listens_for(OrmSession, "after_soft_rollback")
+def _forget_after_commit(session: OrmSession, _transaction: Any) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
 
 
 @contextmanager

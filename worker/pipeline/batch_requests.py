@@ -24,7 +24,6 @@ from sqlalchemy import and_, insert, or_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from worker import log
 from worker.clock import utcnow
 from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, saved_id
 from worker.errors import PermanentError
@@ -33,7 +32,6 @@ from worker.pipeline.targets import rotation_target
 from worker.protocol import parse_mode
 from worker.protocol.states import RunState
 
-logger = log.get_logger("keyrotor.pipeline.requests")
 
 _INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
@@ -114,7 +112,9 @@ def request_rotations(session: Session, requests: Sequence[RotationRequest], *, 
         events.append(_event(now, run, requested_by, "state_changed", RunState.requested.value,
                              {"trigger": trigger, "reason": request.reason, "idempotency_key": request.idempotency_key,
                               "emergency": False, "target_credential_type": run.target_credential_type}))
-        logger.info("run.requested", run_id=run.id, key=request.key_name, trigger=trigger, reason=request.reason)
+        # No "run.requested" line per run here: the caller logs one line per key it asked for
+        # (detection's "rotation_due", with the run id), and a second line per key was a third
+        # of a detection pass's time.
     for request, run in joins:
         outcomes[request.key_name] = (run, False)
         events.append(_event(now, run, requested_by, "request_joined", None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, Optional
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlmodel import col, select, Session
 
 from worker.clock import utcnow
@@ -47,10 +47,16 @@ def load_version(session: Session, version_id: Optional[int]) -> Optional[KeyVer
     return session.get(KeyVersion, version_id) if version_id is not None else None
 
 
+_INSERT_AUDIT = insert(AuditEvent.__table__)  # type: ignore[attr-defined]
+
+
 def audit(session: Session, run: RotationRun, *, actor: str, event: str, from_state: Optional[str] = None,
           to_state: Optional[str] = None, detail: Optional[dict[str, Any]] = None) -> None:
-    session.add(AuditEvent(at=utcnow(), run_id=run.id, key_id=run.key_id, actor=actor, event=event,
-                           from_state=from_state, to_state=to_state, detail=dict(detail or {})))
+    # A Core INSERT, not ``session.add``: an audit row is never read back in the same session, and
+    # the ORM's unit of work cost more CPU than the statement (nine audit rows per rotation).
+    session.execute(_INSERT_AUDIT, {"at": utcnow(), "run_id": run.id, "key_id": run.key_id, "actor": actor,
+                                    "event": event, "from_state": from_state, "to_state": to_state,
+                                    "detail": dict(detail or {})})
 
 
 def transition(

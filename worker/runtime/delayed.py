@@ -79,6 +79,26 @@ class DelayInRedisBroker(PoisonSafeRedisBroker):
         self.emit_after("enqueue", message, delay)
         return message
 
+    def enqueue_many(self, messages: list[Message]) -> list[Message]:
+        """Enqueue ready (not delayed) messages in one round trip, written as Dramatiq's own
+        ``enqueue`` writes them (``HSET <queue>.msgs id envelope`` + ``RPUSH <queue> id``, the
+        layout the mover writes too), all or none (MULTI/EXEC)."""
+        sent = []
+        pipe = self.client.pipeline(transaction=True)
+        for message in messages:
+            queue_name = q_name(message.queue_name)
+            redis_message_id = str(uuid4())
+            message = message.copy(queue_name=queue_name, options={"redis_message_id": redis_message_id})
+            self.emit_before("enqueue", message, None)
+            ready = f"{self.namespace}:{queue_name}"
+            pipe.hset(f"{ready}.msgs", redis_message_id, message.encode())
+            pipe.rpush(ready, redis_message_id)
+            sent.append(message)
+        pipe.execute()
+        for message in sent:
+            self.emit_after("enqueue", message, None)
+        return sent
+
     def move_due(self, now_ms: Optional[int] = None, batch: int = MOVE_BATCH) -> int:
         """Move every due delayed message of the declared queues onto its queue; how many moved."""
         now_ms = current_millis() if now_ms is None else now_ms

@@ -29,6 +29,7 @@ from sqlmodel import col
 from worker.pipeline.batch_requests import RotationRequest, supports_batch
 from worker.service.deprecation import replacement_type
 from worker.pipeline.outbox import enqueue_after_commit
+from worker.queues import batched_sends
 from worker.service.hooks import Pipeline, default_pipeline
 from worker.clock import as_utc, utcnow
 from worker.db.models import ManagedKey, ProviderRecord, RotationRun
@@ -137,7 +138,8 @@ def detect_due(
     due: list[_Due] = []
     outcomes: Mapping[str, Any] | None = None
     try:
-        with session_scope(engine) as session:
+        # The messages of the created runs leave after the commit, together (one Redis round trip).
+        with batched_sends(), session_scope(engine) as session:
             keys: dict[str, ManagedKey] = {}
             due = _due(session, query, keys)
             if due and pipeline.request_rotations is not None and supports_batch(session):
@@ -160,8 +162,8 @@ def detect_due(
             continue
         run, created = outcome
         (result.requested if created else result.joined).append(run.id)
-        log.info("rotation_due", key=d.name, run_id=run.id, reason=d.reason, due_at=as_utc(d.due_at).isoformat(),
-                 created=created, attempt=d.attempt + 1)
+        log.info("rotation_due", key=d.name, run_id=run.id, trigger="schedule", reason=d.reason,
+                 due_at=as_utc(d.due_at).isoformat(), created=created, attempt=d.attempt + 1)
     return result
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from sqlalchemy import bindparam
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
@@ -90,19 +91,22 @@ def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Sna
 
 _OldVersion = aliased(KeyVersion)
 _NewVersion = aliased(KeyVersion)
+#: Built once, like the lease claim: the run's key, its provider record and its two versions.
+_KEY_PROVIDER_VERSIONS = (
+    select(ManagedKey, ProviderRecord, _OldVersion, _NewVersion)
+    .outerjoin(ProviderRecord, col(ProviderRecord.name) == col(ManagedKey.provider))
+    .outerjoin(_OldVersion, col(_OldVersion.id) == bindparam("old_id"))
+    .outerjoin(_NewVersion, col(_NewVersion.id) == bindparam("new_id"))
+    .where(col(ManagedKey.id) == bindparam("key_id"))
+)
 
 
 def _key_provider_versions(session: Session, run: RotationRun) -> tuple[
         ManagedKey, Optional[ProviderRecord], Optional[KeyVersion], Optional[KeyVersion]]:
     """The run's key, its provider record (``None`` if not applied) and the run's old and new
     versions (``None`` where it has none) in one query."""
-    row = session.exec(
-        select(ManagedKey, ProviderRecord, _OldVersion, _NewVersion)
-        .outerjoin(ProviderRecord, col(ProviderRecord.name) == col(ManagedKey.provider))
-        .outerjoin(_OldVersion, col(_OldVersion.id) == run.old_version_id)
-        .outerjoin(_NewVersion, col(_NewVersion.id) == run.new_version_id)
-        .where(ManagedKey.id == run.key_id)
-    ).first()
+    row = session.execute(_KEY_PROVIDER_VERSIONS, {"key_id": run.key_id, "old_id": run.old_version_id,
+                                                   "new_id": run.new_version_id}).first()
     if row is None:  # pragma: no cover - FK guarantees it
         raise StateConflict(f"run {run.id} refers to a missing key id {run.key_id}")
     return row[0], row[1], row[2], row[3]

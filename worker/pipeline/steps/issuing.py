@@ -4,7 +4,7 @@ assisted mode, ``request_deposit`` asks the owner for it. Both wait for the run'
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sqlalchemy import update
 from sqlmodel import col
@@ -26,6 +26,7 @@ from worker.pipeline.steps.versions import ensure_old_version, record_new_versio
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
 from worker.vault.errors import VaultError, VaultUnavailable
+from worker.vault.store import StoredSecret
 from worker.adoption import rotation_blocker
 from worker.inventory.snapshot import assisted_timings, create_url, document_for
 from worker.notice_text import deposit_detail
@@ -58,9 +59,10 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     with session_scope(ctx.engine) as session:
         minted = minted_keys(session, snap.run.id)
     staged = _trusted_staging(ctx, snap, minted)
+    served = _served_once(ctx, snap)
     if staged is None:  # nothing issued yet: a broken reference fails the run before any effect
         check_run_references(ctx, snap.key, snap.provider_record)
-        _refuse_unrevocable(ctx, snap)
+        _refuse_unrevocable(ctx, snap, served)
     provider = provider_for(ctx, snap)
     expires_at = None
     recovered = staged is not None
@@ -84,7 +86,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if snap.mode == Mode.cutover:
         detail["cutover_window"] = "opened: the provider invalidated the previous key"
     with session_scope(ctx.engine) as session:
-        old_id = ensure_old_version(ctx, snap, session)
+        old_id = ensure_old_version(ctx, snap, session, served=served)
         new_id = record_new_version(session, snap, secret=secret, key_id=key_id, name=name, expires_at=expires_at)
         transition(session, snap.run, S.issued, actor=ctx.actor, detail=detail,
                    deadline_s=step_deadline_s(ctx, S.issued), old_version_id=old_id, new_version_id=new_id, refresh=False)
@@ -92,11 +94,25 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     return StepOutcome(state=S.issued, mode=snap.mode)
 
 
-def _refuse_unrevocable(ctx: PipelineContext, snap: Snapshot) -> None:
+def _served_once(ctx: PipelineContext, snap: Snapshot) -> Callable[[], Optional[StoredSecret]]:
+    """What Vault serves for the key, read on first use and then remembered for this step (the
+    check before issuing and the old version recorded after it read it once)."""
+    read: list[Optional[StoredSecret]] = []
+
+    def served() -> Optional[StoredSecret]:
+        if not read:
+            key = snap.key
+            read.append(ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field))
+        return read[0]
+
+    return served
+
+
+def _refuse_unrevocable(ctx: PipelineContext, snap: Snapshot, served: Callable[[], Optional[StoredSecret]]) -> None:
     """Issue nothing when the current key could never be revoked afterwards (no provider key id
     and the provider revokes by id): the run fails at once, naming `keyrotor adopt`."""
     with session_scope(ctx.engine) as session:
-        blocker = rotation_blocker(session, snap.key, ctx.vault)
+        blocker = rotation_blocker(session, snap.key, ctx.vault, served=served)
     if blocker is not None:
         raise ConfigError(blocker + "; nothing was issued")
 

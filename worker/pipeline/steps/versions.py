@@ -3,7 +3,7 @@ the run's new (pending) version."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
@@ -15,12 +15,15 @@ from worker.pipeline.expiry import new_version_expiry
 from worker.pipeline.runs import audit
 from worker.pipeline.steps.common import Snapshot
 from worker.secret import Secret
+from worker.vault.store import StoredSecret
 
 
-def ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session) -> Optional[int]:
-    """The version Vault serves now, as a ``current`` KeyVersion (adopted if the DB has none)."""
+def ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session, *,
+                       served: Optional[Callable[[], Optional[StoredSecret]]] = None) -> Optional[int]:
+    """The version Vault serves now, as a ``current`` KeyVersion (adopted if the DB has none).
+    ``served``: what Vault serves, when the step read it already."""
     key = snap.key
-    stored = ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
+    stored = served() if served is not None else ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
     if stored is None:
         return None
     fp = stored.secret.fingerprint
