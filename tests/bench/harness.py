@@ -279,6 +279,9 @@ def provider_counts(stats: dict[str, Any]) -> dict[str, int]:
     out["total"] = int(stats.get("requests", 0))
     out["429"] = sum(per.get("429", 0) for per in routes.values())
     out["ok"] = sum(n for per in routes.values() for status, n in per.items() if status.startswith("2"))
+    # Every answer but a 429 counts against the provider's limit: a 401 (retire's check that the
+    # old key is rejected) is as much a request as a 200.
+    out["answered"] = sum(n for per in routes.values() for status, n in per.items() if status != "429")
     return out
 
 

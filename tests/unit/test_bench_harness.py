@@ -26,7 +26,7 @@ def test_a_figure_without_baseline_prints_a_dash() -> None:
 def test_provider_counts_split_answers_by_status() -> None:
     stats = {"routes": {"issue": {"201": 5, "429": 2}, "revoke": {"204": 5}, "list": {"200": 5, "500": 1}}, "requests": 18}
     counts = h.provider_counts(stats)
-    assert counts == {"issue": 7, "revoke": 5, "list": 6, "total": 18, "429": 2, "ok": 15}
+    assert counts == {"issue": 7, "revoke": 5, "list": 6, "total": 18, "429": 2, "ok": 15, "answered": 16}
     assert h.diff(counts, {"issue": 2, "total": 3})["issue"] == 5
 
 
