@@ -132,7 +132,7 @@ def test_webhook_with_wrong_signing_secret_is_permanent(consumer: ConsumerHandle
         integration.push(announce(secret, version, key_id, vault_mount))
 
 
-def test_vault_copy_writes_reads_back_and_is_idempotent(store: VaultStore, vault, vault_mount: str) -> None:  # type: ignore[no-untyped-def]
+def test_vault_copy_writes_reads_back_and_a_redelivery_writes_the_same_value(store: VaultStore, vault, vault_mount: str) -> None:  # type: ignore[no-untyped-def]
     spec = VaultCopyIntegrationSpec.model_validate({"kind": "vault_copy", "mount": vault_mount, "path": "billing/{key_slug}", "field": "token"})
     integration = build_integration(spec, name="billing-app-copy", vault=store, resolve=lambda ref: Secret("unused"))
     secret = Secret("sk_copy_" + uuid.uuid4().hex)
@@ -142,12 +142,13 @@ def test_vault_copy_writes_reads_back_and_is_idempotent(store: VaultStore, vault
     assert integration.verify(ann).status is VerifyStatus.mismatch  # nothing there yet
 
     integration.push(ann)
-    integration.push(ann)  # re-delivery: no second version
+    integration.push(ann)  # re-delivery: written without reading first, the same value again
     client = hvac.Client(url=vault.addr, token=vault.token)
-    read = client.secrets.kv.v2.read_secret_version(path="billing/alloy-billing", mount_point=vault_mount,
-                                                    raise_on_deleted_version=True)
-    assert read["data"]["data"] == {"token": secret.reveal(), "keyrotor_key_id": "kid-7"}
-    assert read["data"]["metadata"]["version"] == 1
+    for version in (1, 2):
+        read = client.secrets.kv.v2.read_secret_version(path="billing/alloy-billing", mount_point=vault_mount,
+                                                        version=version, raise_on_deleted_version=True)
+        assert read["data"]["data"] == {"token": secret.reveal(), "keyrotor_key_id": "kid-7"}
+    assert read["data"]["metadata"]["version"] == 2
     assert integration.verify(ann).status is VerifyStatus.ok
 
     other = Secret("sk_other_" + uuid.uuid4().hex)

@@ -249,6 +249,9 @@ def test_request_held_by_a_dead_consumer_is_applied_once(live, redis_url, redis_
     assert len(first) == 1
     # The run it started completes; only then does a live consumer find the entry still pending.
     assert wait_for(world, first[0].id, {RunState.completed, RunState.failed, RunState.needs_attention}) == RunState.completed
+    # The entry becomes claimable once it has been idle for claim_idle_ms since b claimed it (the
+    # run, all its steps in one message, may complete sooner than that).
+    time.sleep(0.3)
     assert live_consumer.poll(block_ms=100) == 1  # it claims and applies the entry again ...
     runs = _runs_for(world)
     assert [r.id for r in runs] == [first[0].id], "a redelivered entry must not rotate the key a second time"
