@@ -54,7 +54,10 @@ def _serve(threads: int, settings: Any = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     logger.info("worker.started", threads=threads)
-    stop.wait()
+    # Wait in short slices: a signal delivered to another thread only sets CPython's flag, and a
+    # main thread blocked in an untimed wait would never run the handler (a SIGTERM ignored).
+    while not stop.wait(0.5):
+        pass
     logger.info("worker.stopping")
     requests.stop()  # an entry read but not acknowledged is claimed by another worker
     worker.stop(timeout=SHUTDOWN_TIMEOUT_S * 1000)  # in-flight steps finish; unacked messages are redelivered anyway
