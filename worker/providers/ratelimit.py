@@ -127,7 +127,25 @@ def _concurrency_exhausted(bucket: str, limit: int, retry_after: float) -> RateL
                        f"retry in {retry_after:.1f}s", retry_after=retry_after)
 
 
-class RedisRateLimiter:
+class _SlotAroundRequest:
+    """``slot``: ``acquire`` then ``release`` around one request, for both limiters."""
+
+    def acquire(self, *buckets: str, hold_s: float = 0.0) -> Ticket:
+        raise NotImplementedError
+
+    def release(self, ticket: Ticket) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def slot(self, *buckets: str, hold_s: float) -> Iterator[None]:
+        ticket = self.acquire(*buckets, hold_s=hold_s)
+        try:
+            yield
+        finally:
+            self.release(ticket)
+
+
+class RedisRateLimiter(_SlotAroundRequest):
     """Shared across processes through Redis: a sliding-window log per bucket, scored by each
     request's *end* (see the module docstring)."""
 
@@ -309,14 +327,6 @@ return 0
         except Exception as exc:  # the slot then counts until its hold runs out: late, never early
             log.warning("rate_slot_release_failed", bucket=ticket.buckets[0], error=type(exc).__name__)
 
-    @contextmanager
-    def slot(self, *buckets: str, hold_s: float) -> Iterator[None]:
-        ticket = self.acquire(*buckets, hold_s=hold_s)
-        try:
-            yield
-        finally:
-            self.release(ticket)
-
     def register_concurrency(self, bucket: str, limit: int | None, lease_s: float) -> None:
         if limit is None:
             self._concurrency.pop(bucket, None)
@@ -358,7 +368,7 @@ return 0
                 log.warning("concurrency_release_failed", bucket=bucket, error=type(exc).__name__)
 
 
-class InMemoryRateLimiter:
+class InMemoryRateLimiter(_SlotAroundRequest):
     """The same contract within one process: a sliding window of call times per provider."""
 
     def __init__(
@@ -437,14 +447,6 @@ class InMemoryRateLimiter:
                 ends = self._calls.get(bucket, {})
                 if ends.get(ticket.member, now) > now:
                     ends[ticket.member] = now
-
-    @contextmanager
-    def slot(self, *buckets: str, hold_s: float) -> Iterator[None]:
-        ticket = self.acquire(*buckets, hold_s=hold_s)
-        try:
-            yield
-        finally:
-            self.release(ticket)
 
     def register_concurrency(self, bucket: str, limit: int | None, lease_s: float) -> None:
         with self._lock:
