@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(10, ge=0, le=1000, description="Extra connections a process may open under load, closed when returned")
     db_pool_timeout_s: float = Field(30.0, gt=0, description="How long a thread waits for a free pooled connection before failing")
     db_pool_recycle_s: float = Field(1800.0, ge=-1, description="Reconnect pooled connections older than this (-1 = never)")
+    db_ping_idle_s: float = Field(5.0, ge=0, description="Ping a pooled connection before use only if it sat idle this long (0 = before every use); a busy worker reuses its connections within milliseconds, and a dead one among them fails one step, which is retried")
     db_application_name: str = Field("keyrotor", max_length=63, description="application_name shown in pg_stat_activity (the chart sets keyrotor-worker/-scheduler/-migrate)")
     db_prepared_statements: bool = Field(True, description="false behind PgBouncer in transaction pooling mode (psycopg prepare_threshold=None)")
 

@@ -75,7 +75,7 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
         http.measured.append((wp + wv) / keys)
         db = h.diff(db1, db0)
         # Includes the bench's own: creating the runs happened before db0; enqueue reads one run each
-        # (one transaction) and the polling of wait_finished (one per 20 ms): both subtracted below.
+        # (one transaction) and the polling of wait_finished (one per 50 ms): both subtracted below.
         # This process's own: one commit for the enqueue, one read (rolled back) per completion poll.
         xacts = db["commits"] - 1 + db["rollbacks"] - (world.polls - polls0)
         commits.measured.append(xacts / keys)

@@ -437,20 +437,26 @@ class World:
                 enqueue_run(run)
 
     def wait_finished(self, ids: list[str], timeout: float) -> dict[str, str]:
-        """Poll until every run has ended; their end states."""
+        """Poll until every run has ended (every 50 ms, a one-row count: reading every run's row
+        every 20 ms cost this process, which shares the machine with the worker, a tenth of a
+        core at 300 keys); their end states."""
         deadline = time.monotonic() + timeout
         params = {"ids": ids}
-        stmt = sa.text("SELECT id, state, finished_at FROM rotation_run WHERE id = ANY(:ids)")
+        count = sa.text("SELECT count(*) FILTER (WHERE finished_at IS NULL) AS open, count(*) AS known "
+                        "FROM rotation_run WHERE id = ANY(:ids)")
         while True:
             with self.engine.connect() as c:
-                rows = c.execute(stmt, params).all()
+                row = c.execute(count, params).one()
             self.polls += 1
-            if rows and all(r.finished_at is not None for r in rows) and len(rows) == len(ids):
-                return {r.id: r.state for r in rows}
+            if row.open == 0 and row.known == len(ids):
+                break
             if time.monotonic() > deadline:
-                open_runs = [r.id for r in rows if r.finished_at is None]
-                raise RuntimeError(f"{len(open_runs)} of {len(ids)} runs still open after {timeout:.0f}s")
-            time.sleep(0.02)
+                raise RuntimeError(f"{row.open} of {len(ids)} runs still open after {timeout:.0f}s")
+            time.sleep(0.05)
+        with self.engine.connect() as c:
+            rows = c.execute(sa.text("SELECT id, state FROM rotation_run WHERE id = ANY(:ids)"), params).all()
+        self.polls += 1
+        return {r.id: r.state for r in rows}
 
 
 def inventory(provider_url: str, mount: str, count: int, *, rate_limit: Optional[dict[str, Any]] = None) -> dict[str, Any]:

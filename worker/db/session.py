@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Callable, Iterator
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, create_engine
 from worker.settings import get_settings
@@ -40,7 +42,37 @@ def make_engine(url: str, **kwargs: object) -> Engine:
                 dbapi_conn.execute("BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **{**postgres_engine_options(kwargs.get("poolclass") is None), **kwargs})
+    engine = create_engine(url, **{**postgres_engine_options(kwargs.get("poolclass") is None), **kwargs})
+    ping_idle_connections(engine, get_settings().db_ping_idle_s)
+    return engine
+
+
+_RETURNED_AT = "keyrotor_returned_at"
+
+
+def ping_idle_connections(engine: Engine, idle_s: float) -> None:
+    """Ping a pooled connection before use only when it sat in the pool at least ``idle_s``
+    (SQLAlchemy's ``pool_pre_ping`` pings before *every* checkout: a round trip per transaction,
+    a fifth of a busy worker's statements). Idle connections are the ones a restarted server, a
+    proxy's idle timeout or PgBouncer take away; one that dies while in constant use fails its
+    statement, SQLAlchemy then recycles the whole pool, and the step is retried."""
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn: Any, record: Any) -> None:
+        record.info[_RETURNED_AT] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        returned_at = record.info.get(_RETURNED_AT)  # None: connected just now
+        if returned_at is None or time.monotonic() - returned_at < idle_s:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            # The pool discards this connection and checks out another (a fresh one if need be).
+            raise DisconnectionError(f"pooled connection idle {time.monotonic() - returned_at:.0f}s is dead") from exc
+        if not alive:  # pragma: no cover - psycopg's ping raises rather than answer False
+            raise DisconnectionError("pooled connection did not answer a ping")
 
 
 def postgres_engine_options(pooled: bool = True, settings: Any = None) -> dict[str, Any]:
