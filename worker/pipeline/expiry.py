@@ -34,9 +34,10 @@ class Expiry:
     basis: str  # provider | lifetime | previous_lifetime | unknown
 
 
-def previous_lifetime(session: Session, key: ManagedKey) -> Optional[timedelta]:
-    """How long the credential in use now was meant to live, when both ends are known."""
-    current = session.exec(
+def previous_lifetime(session: Session, key: ManagedKey, current: Optional[KeyVersion] = None) -> Optional[timedelta]:
+    """How long the credential in use now was meant to live, when both ends are known.
+    ``current``: its version, when the caller has it at hand (no query)."""
+    current = current if current is not None else session.exec(
         select(KeyVersion).where(KeyVersion.key_id == key.id, KeyVersion.stage == VersionStage.current.value)
         .order_by(col(KeyVersion.id).desc())
     ).first()
@@ -52,14 +53,14 @@ def previous_lifetime(session: Session, key: ManagedKey) -> Optional[timedelta]:
 
 
 def new_version_expiry(session: Session, key: ManagedKey, credential_type: str, issued_at: datetime,
-                       answered: Optional[datetime]) -> Expiry:
+                       answered: Optional[datetime], current: Optional[KeyVersion] = None) -> Expiry:
     """The expiry to record for a version of ``key`` issued at ``issued_at`` (see the module doc)."""
     if answered is not None:
         return Expiry(answered, "provider")
     lifetime = declared_lifetime(session.get(ProviderRecord, key.provider), credential_type)
     if lifetime is not None:
         return Expiry(issued_at + lifetime, "lifetime")
-    lifetime = previous_lifetime(session, key)
+    lifetime = previous_lifetime(session, key, current)
     if lifetime is not None:
         logger.warning("expiry.estimated", basis="previous_lifetime", lifetime_s=int(lifetime.total_seconds()),
                        hint=f"declare 'lifetime' on credential type {credential_type!r} of provider {key.provider!r}")

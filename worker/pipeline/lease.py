@@ -108,6 +108,7 @@ class _Renewer:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: Optional[threading.Thread] = None
+        self._wakes_at = float("inf")  # when the thread looks next (monotonic); inf: it waits for a lease
 
     def add(self, lease: "Lease") -> None:
         with self._lock:
@@ -115,7 +116,11 @@ class _Renewer:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="lease-renewer", daemon=True)
                 self._thread.start()
-            self._wake.notify()
+            # Wake the thread only if it would look too late for this lease: on a busy worker it is
+            # already waiting for an earlier renewal, and a wake-up per step cost a thread switch.
+            if lease.next_renewal < self._wakes_at:
+                self._wakes_at = lease.next_renewal
+                self._wake.notify()
 
     def remove(self, lease: "Lease") -> None:
         with self._lock:
@@ -125,14 +130,15 @@ class _Renewer:
         while True:
             with self._lock:
                 while not self._leases:
+                    self._wakes_at = float("inf")
                     self._wake.wait()
                 now = time.monotonic()
                 due = [lease for lease in self._leases.values() if lease.next_renewal <= now]
                 wait_s = min(lease.next_renewal for lease in self._leases.values()) - now
-            if not due:
-                with self._lock:
+                if not due:
+                    self._wakes_at = now + max(0.01, wait_s)
                     self._wake.wait(timeout=max(0.01, wait_s))
-                continue
+                    continue
             for lease in due:
                 if not lease.renew():
                     self.remove(lease)

@@ -34,6 +34,11 @@ def check_run_references(ctx: PipelineContext, key: ManagedKey, provider_record:
     does not resolve (the values read are dropped at once)."""
     with session_scope(ctx.engine) as session:
         specs = run_specs(session, key, provider_record)
+    check_spec_references(ctx, key, specs)
+
+
+def check_spec_references(ctx: PipelineContext, key: ManagedKey, specs: list[tuple[str, Any]]) -> None:
+    """``check_run_references`` for specs the caller read already (``run_specs``)."""
     resolve = ctx.resolver()
     problems: list[str] = []
     variables = key_variables(key.labels or {})

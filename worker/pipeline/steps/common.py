@@ -40,9 +40,9 @@ class Snapshot:
     old: Optional[KeyVersion]
     new: Optional[KeyVersion]
     mode: Mode
-    #: The key's provider record as applied, read in the snapshot's transaction for the steps that
-    #: call the provider (``PROVIDER_STEPS``): the factory and the activation timings use it instead
-    #: of reading it again. ``None`` for other steps, or when the record is missing.
+    #: The key's provider record as applied, read in the snapshot's transaction: the factory, the
+    #: activation timings and the next due date use it instead of reading it again. ``None`` when
+    #: the record is missing.
     provider_record: Optional[ProviderRecord] = None
 
     @property
@@ -53,10 +53,6 @@ class Snapshot:
 class RunMissing(TransientError):
     """The message names a run this worker cannot read: the producer's commit may still be in
     flight (or reach this database replica later), so the message is retried a few times."""
-
-
-#: Steps that build the key's provider (their snapshot also loads its record).
-PROVIDER_STEPS = frozenset({Step.issue, Step.precheck, Step.verify, Step.retire, Step.compensate, Step.rollback})
 
 
 def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Snapshot]:
@@ -82,8 +78,7 @@ def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Sna
                 lease.acquire(session, state.value)
         key, record, old, new = _key_provider_versions(session, run)
         log.bind(key=key.name)
-        snap = Snapshot(run=run, key=key, old=old, new=new, mode=parse_mode(run.mode),
-                        provider_record=record if step in PROVIDER_STEPS else None)
+        snap = Snapshot(run=run, key=key, old=old, new=new, mode=parse_mode(run.mode), provider_record=record)
     if lease is not None:
         lease.start_renewing()
     return snap
@@ -112,6 +107,22 @@ def _key_provider_versions(session: Session, run: RotationRun) -> tuple[
     return row[0], row[1], row[2], row[3]
 
 
+_ATTACHED = "keyrotor_attached"
+
+
+def attach(session: Session, snap: Snapshot) -> None:
+    """Put the rows the snapshot read into ``session`` as they were read, without a query
+    (``merge(load=False)``): the step's transaction then finds the key, its provider record and
+    the run's versions by primary key instead of reading each again. They are as current as the
+    snapshot: this execution holds the run's lease and nothing else writes a run's versions; the
+    key and its provider record change only by ``config apply``, which the next step's snapshot
+    sees. (A merged, unmodified object is held only weakly by the session: keep it in its info.)"""
+    if _ATTACHED in session.info:
+        return
+    session.info[_ATTACHED] = [session.merge(row, load=False)
+                               for row in (snap.key, snap.provider_record, snap.old, snap.new) if row is not None]
+
+
 def require_staged(ctx: PipelineContext, snap: Snapshot, action: str) -> tuple[Secret, Optional[str]]:
     """The run's staged secret and provider key id, checked against the fingerprint recorded at
     issue (staging is never trusted: a staging write that timed out may land later and replace it);
@@ -138,6 +149,7 @@ def advance_run(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: O
     """Apply version bookkeeping and the conditional transition in one transaction."""
     with session_scope(ctx.engine) as session:
         if apply is not None:
+            attach(session, snap)
             apply(session)
         transition(session, snap.run, to, actor=ctx.actor, detail=detail,
                    deadline_s=step_deadline_s(ctx, to, delay_s), refresh=False, **fields)

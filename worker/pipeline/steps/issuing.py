@@ -7,18 +7,16 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Optional
 
 from sqlalchemy import update
-from sqlmodel import col
 
 from worker import log
 from worker.clock import as_utc, utcnow
-from worker.db.models import RotationRun
 from worker.db.session import session_scope
 from worker.errors import ConfigError, DeprecatedCredential, PermanentError, RateLimited, StateConflict, is_permanent
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, remember_staged, safe_error, seconds_between
-from worker.pipeline.preflight import check_run_references
-from worker.pipeline.runs import audit, load_run, run_state, transition
-from worker.pipeline.steps.common import Snapshot, StepOutcome, step_deadline_s, notify_run, load_snapshot
+from worker.pipeline.preflight import check_run_references, check_spec_references, run_specs
+from worker.pipeline.runs import RUNS, audit, load_run, run_state, transition
+from worker.pipeline.steps.common import Snapshot, StepOutcome, attach, step_deadline_s, notify_run, load_snapshot
 from worker.pipeline.steps.minted import MintedKey, minted_keys, record_discarded, record_minted
 from worker.pipeline.steps.provider import deprecated_error, provider_for, revoke_key
 from worker.providers.base import Provider, issued_name
@@ -56,13 +54,21 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if wait is not None:
         return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
     name = issued_name(snap.run.id)
-    with session_scope(ctx.engine) as session:
-        minted = minted_keys(session, snap.run.id)
-    staged = _trusted_staging(ctx, snap, minted)
     served = _served_once(ctx, snap)
+    # One transaction reads what the step needs before any effect (minted keys, the references to
+    # resolve, what would block the rotation); Vault is read inside it only when staging or the
+    # served key must be looked at.
+    with session_scope(ctx.engine) as session:
+        attach(session, snap)
+        minted = minted_keys(session, snap.run.id)
+        staged = _trusted_staging(ctx, snap, minted)
+        if staged is None:
+            specs = run_specs(session, snap.key, snap.provider_record)
+            blocker = rotation_blocker(session, snap.key, ctx.vault, served=served)
     if staged is None:  # nothing issued yet: a broken reference fails the run before any effect
-        check_run_references(ctx, snap.key, snap.provider_record)
-        _refuse_unrevocable(ctx, snap, served)
+        check_spec_references(ctx, snap.key, specs)
+        if blocker is not None:  # the current key could never be revoked afterwards
+            raise ConfigError(blocker + "; nothing was issued")
     provider = provider_for(ctx, snap)
     expires_at = None
     recovered = staged is not None
@@ -86,8 +92,11 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if snap.mode == Mode.cutover:
         detail["cutover_window"] = "opened: the provider invalidated the previous key"
     with session_scope(ctx.engine) as session:
-        old_id = ensure_old_version(ctx, snap, session, served=served)
-        new_id = record_new_version(session, snap, secret=secret, key_id=key_id, name=name, expires_at=expires_at)
+        attach(session, snap)
+        old = ensure_old_version(ctx, snap, session, served=served)
+        old_id = old.id if old is not None else None
+        new_id = record_new_version(session, snap, secret=secret, key_id=key_id, name=name, expires_at=expires_at,
+                                    old=old)
         transition(session, snap.run, S.issued, actor=ctx.actor, detail=detail,
                    deadline_s=step_deadline_s(ctx, S.issued), old_version_id=old_id, new_version_id=new_id, refresh=False)
     logger.info("run.transition", from_state="requested", to_state="issued", fingerprint=secret.fingerprint)
@@ -106,15 +115,6 @@ def _served_once(ctx: PipelineContext, snap: Snapshot) -> Callable[[], Optional[
         return read[0]
 
     return served
-
-
-def _refuse_unrevocable(ctx: PipelineContext, snap: Snapshot, served: Callable[[], Optional[StoredSecret]]) -> None:
-    """Issue nothing when the current key could never be revoked afterwards (no provider key id
-    and the provider revokes by id): the run fails at once, naming `keyrotor adopt`."""
-    with session_scope(ctx.engine) as session:
-        blocker = rotation_blocker(session, snap.key, ctx.vault, served=served)
-    if blocker is not None:
-        raise ConfigError(blocker + "; nothing was issued")
 
 
 def _trusted_staging(ctx: PipelineContext, snap: Snapshot, minted: list[MintedKey]) -> Optional[tuple[Secret, Optional[str]]]:
@@ -195,8 +195,8 @@ def _set_issue_unknown(ctx: PipelineContext, run_id: str, since: Optional[dateti
     """Mark (or clear) "an issue call's outcome is unknown since …" on the run; with ``event``,
     also record the failed call in the audit trail."""
     with session_scope(ctx.engine) as session:
-        session.execute(update(RotationRun).where(col(RotationRun.id) == run_id, col(RotationRun.state) == S.requested.value)
-                        .values(issue_unknown_since=since).execution_options(synchronize_session=False))
+        session.execute(update(RUNS).where(RUNS.c.id == run_id, RUNS.c.state == S.requested.value)
+                        .values(issue_unknown_since=since))
         if event is not None:
             run = load_run(session, run_id)
             if run is not None:
@@ -228,8 +228,7 @@ def _mint(ctx: PipelineContext, snap: Snapshot, provider: Provider, name: str) -
     with holding(issued.secret), session_scope(ctx.engine) as session:
         record_minted(session, snap.run, actor=ctx.actor, name=name, fingerprint=issued.secret.fingerprint,
                       provider_key_id=issued.key_id)
-        session.execute(update(RotationRun).where(col(RotationRun.id) == snap.run.id)
-                        .values(issue_unknown_since=None).execution_options(synchronize_session=False))
+        session.execute(update(RUNS).where(RUNS.c.id == snap.run.id).values(issue_unknown_since=None))
     return issued
 
 
@@ -320,7 +319,8 @@ def request_deposit(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                             create_url=create_url(document, snap.key.provider, snap.credential_type), run_id=snap.run.id,
                             deadline_at=deadline.isoformat())
     with session_scope(ctx.engine) as session:
-        old_id = ensure_old_version(ctx, snap, session)
+        old = ensure_old_version(ctx, snap, session)
+        old_id = old.id if old is not None else None
         transition(session, snap.run, S.awaiting_deposit, actor=ctx.actor, deadline_s=None, old_version_id=old_id,
                    detail={"owner": snap.key.owner, "contact": detail["contact"],
                            "deposit_path": f"{ctx.vault.staging_mount}/{path}",

@@ -19,9 +19,9 @@ from worker.vault.store import StoredSecret
 
 
 def ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session, *,
-                       served: Optional[Callable[[], Optional[StoredSecret]]] = None) -> Optional[int]:
-    """The version Vault serves now, as a ``current`` KeyVersion (adopted if the DB has none).
-    ``served``: what Vault serves, when the step read it already."""
+                       served: Optional[Callable[[], Optional[StoredSecret]]] = None) -> Optional[KeyVersion]:
+    """The version Vault serves now, as a ``current`` KeyVersion (adopted if the DB has none),
+    flushed. ``served``: what Vault serves, when the step read it already."""
     key = snap.key
     stored = served() if served is not None else ctx.vault.read_current(key.vault_mount, key.vault_path, key.vault_field)
     if stored is None:
@@ -35,7 +35,7 @@ def ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session, *
             if version.vault_version != stored.version:
                 version.vault_version = stored.version
                 session.add(version)
-            return version.id
+            return version
     adopted = KeyVersion(key_id=saved_id(key), run_id=None, credential_type=key.credential_type, stage=VersionStage.current,
                          provider_key_id=stored.provider_key_id, fingerprint=fp, vault_version=stored.version,
                          issued_at=None)
@@ -46,7 +46,7 @@ def ensure_old_version(ctx: PipelineContext, snap: Snapshot, session: Session, *
     session.flush()
     audit(session, snap.run, actor=ctx.actor, event="version_adopted",
           detail={"fingerprint": fp, "vault_version": stored.version, "provider_key_id": stored.provider_key_id})
-    return adopted.id
+    return adopted
 
 
 def _select_versions(key_id: int, stage: VersionStage) -> SelectOfScalar[KeyVersion]:
@@ -54,12 +54,14 @@ def _select_versions(key_id: int, stage: VersionStage) -> SelectOfScalar[KeyVers
 
 
 def record_new_version(session: Session, snap: Snapshot, *, secret: Optional[Secret], key_id: Optional[str],
-                        name: Optional[str], expires_at: Any) -> int:
+                        name: Optional[str], expires_at: Any, old: Optional[KeyVersion] = None) -> int:
     """The run's new version, pending; its expiry as the provider said or as derived
-    (``worker/pipeline/expiry.py``: a declared lifetime, or the lifetime of the key in use)."""
+    (``worker/pipeline/expiry.py``: a declared lifetime, or the lifetime of the key in use, which
+    is ``old`` when the caller just recorded it with ``ensure_old_version``)."""
     issued_at = utcnow()
     if secret is not None:
-        expires_at = new_version_expiry(session, snap.key, snap.credential_type, issued_at, expires_at).at
+        expires_at = new_version_expiry(session, snap.key, snap.credential_type, issued_at, expires_at,
+                                        current=old).at
     version = KeyVersion(key_id=saved_id(snap.key), run_id=snap.run.id, credential_type=snap.credential_type,
                          stage=VersionStage.pending, provider_key_id=key_id, provider_key_name=name,
                          fingerprint=secret.fingerprint if secret is not None else None, issued_at=issued_at,
