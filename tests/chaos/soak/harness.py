@@ -390,6 +390,8 @@ class ChaosRun:
         for proc in list(self.active):
             if not proc.alive():
                 self.fig.kills["worker_exited_itself"] += 1
+                # Its exit status says how it ended: < 0 a signal (-9 SIGKILL, -11 a crash), > 0 its own exit.
+                self.fig.kills[f"worker_exited_itself_status_{proc.proc.returncode}"] += 1
                 self.replace(proc)
         if not self.schedulers[-1].alive():
             self.fig.kills["scheduler_exited_itself"] += 1
