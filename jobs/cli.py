@@ -12,7 +12,7 @@ from typing import Any, Optional
 import typer
 
 from jobs.scheduler import KeyrotorScheduler, SchedulerConfig
-from worker.cli.common import cli_settings, open_database, require_redis, serve_metrics
+from worker.cli.common import cli_settings, open_database, require_redis, retried_if_dropped, serve_metrics
 from worker.log import configure_logging
 from worker.notify import notify_function
 from worker.ops_metrics import register_scheduler_collectors
@@ -33,7 +33,7 @@ def scheduler(
     """Run the detection, reconciliation and retirement jobs; one scheduler acts at a time."""
     settings = cli_settings()
     configure_logging(settings.log_level, settings.log_format)  # a service: JSON lines on stdout
-    engine = open_database(settings)
+    engine = retried_if_dropped(lambda: open_database(settings))
     require_redis(settings.redis_url)  # the leader lock lives there: say so now, not once a second
     setup_broker(settings)
     config = SchedulerConfig.from_settings(

@@ -16,11 +16,13 @@ import getpass
 import os
 import socket
 import sys
-from typing import Iterator, NoReturn, Optional
+import time
+from typing import Callable, Iterator, NoReturn, Optional, TypeVar
 from urllib.parse import urlparse
 
 import typer
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from worker.db.migrate import ensure_current
@@ -83,6 +85,27 @@ def open_database(settings: Settings, *, read_only: bool = False) -> Engine:
     engine = engine_for(settings.database_url)
     ensure_current(engine)
     return engine
+
+
+_T = TypeVar("_T")
+
+#: A service's start-up checks try this often when the database drops a connection mid-check.
+START_UP_ATTEMPTS = 3
+
+
+def retried_if_dropped(check: Callable[[], _T], *, attempts: int = START_UP_ATTEMPTS, pause_s: float = 1.0) -> _T:
+    """Run a service's start-up database check again when the server dropped an established
+    connection in the middle of it (a restart, a failover, a terminated backend): it answered a
+    moment ago, so another try usually works, where exiting costs the service a restart. A server
+    that does not answer at all (refused, unknown host, bad login) fails at once, as before."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return check()
+        except OperationalError as exc:
+            if not exc.connection_invalidated or attempt == attempts:
+                raise
+            time.sleep(pause_s)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def missing_sqlite_file(url: str) -> str | None:

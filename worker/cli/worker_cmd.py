@@ -6,7 +6,8 @@ import typer
 
 from worker.urls import display_url
 
-from worker.cli.common import cli_settings, masked_database_url, open_database, redis_reachable, require_redis, serve_metrics
+from worker.cli.common import (cli_settings, masked_database_url, open_database, redis_reachable, require_redis,
+                               retried_if_dropped, serve_metrics)
 
 # Commands import the service modules they use inside the command function, not here:
 # `keyrotor --help` and each command start without importing the whole service (start-up cost).
@@ -36,12 +37,13 @@ def worker(
         get_settings.cache_clear()
     settings = cli_settings()
     configure_logging(settings.log_level, settings.log_format)  # a service: its INFO lines are the point
-    engine = open_database(settings)
+    engine = retried_if_dropped(lambda: open_database(settings))
     require_redis(settings.redis_url)
     from worker.doctor import log_unresolvable_references
     from worker.runtime.workers import run_worker, worker_problems
 
-    log_unresolvable_references(engine, settings)  # one warning per broken reference, no values
+    # One warning per broken reference, no values.
+    retried_if_dropped(lambda: log_unresolvable_references(engine, settings))
     metrics_port = 0
     if settings.metrics_port_for("worker"):
         from worker.metrics import set_health_check
