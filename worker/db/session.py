@@ -53,7 +53,7 @@ _RETURNED_AT = "keyrotor_returned_at"
 def ping_idle_connections(engine: Engine, idle_s: float) -> None:
     """Ping a pooled connection before use only when it sat in the pool at least ``idle_s``
     (SQLAlchemy's ``pool_pre_ping`` pings before *every* checkout: a round trip per transaction,
-    a fifth of a busy worker's statements). Idle connections are the ones a restarted server, a
+    a fifth of a busy worker's round trips to PostgreSQL). Idle connections are the ones a restarted server, a
     proxy's idle timeout or PgBouncer take away; one that dies while in constant use fails its
     statement, SQLAlchemy then recycles the whole pool, and the step is retried."""
 

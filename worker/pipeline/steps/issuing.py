@@ -55,6 +55,8 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
     name = issued_name(snap.run.id)
     served = _served_once(ctx, snap)
+    specs: list[tuple[str, Any]] = []
+    blocker: Optional[str] = None
     # One transaction reads what the step needs before any effect (minted keys, the references to
     # resolve, what would block the rotation); Vault is read inside it only when staging or the
     # served key must be looked at.
