@@ -100,7 +100,6 @@ def transition(
         raise StateConflict(f"run {run.id} is no longer {expected.value}; another worker moved it")
     audit(session, run, actor=actor, event="state_changed", from_state=expected.value, to_state=to.value,
           detail=detail)
-    session.flush()
     # The current execution's lease went with the UPDATE (nothing left to release once committed).
     after_commit(session, transitioned)
     if to in OUTCOME_STATES:
