@@ -310,7 +310,16 @@ def test_two_workers_under_the_server_s_rate_limit_honour_every_retry_after(oaut
     early = [(round(at - t429, 2), route) for t429, wait in limited for at, route, _status, _ra in log
              if t429 + in_flight_s < at < t429 + (wait or 0) - skew_s]
     assert not early, f"requests inside a Retry-After window: {early[:5]} (429s at {limited[:5]})"
-    assert len(limited) <= len(log) // 3, f"{len(limited)} 429s for {len(log)} requests"
+    # So the 429s come in bursts no larger than what was in flight (2 workers x 2 threads) when the
+    # first of each burst went out. How many bursts there are depends on how the rotations' steps
+    # happen to line up against the server's window, which no client that is not told the limit controls.
+    bursts: list[list[float]] = []
+    for at, _wait in limited:
+        if bursts and at - bursts[-1][0] <= in_flight_s:
+            bursts[-1].append(at)
+        else:
+            bursts.append([at])
+    assert max(len(burst) for burst in bursts) <= 4, f"429 bursts: {[len(b) for b in bursts]}"
 
 
 def test_a_lost_client_secret_answer_leaves_no_stray_secret(oauth_world: Any) -> None:
