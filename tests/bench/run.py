@@ -50,7 +50,7 @@ def main() -> int:
 
             with ExitStack() as fig:
                 report.add("1_throughput", fig_throughput.run(fig, work, vault, keys=h.env_int("KEYROTOR_BENCH_KEYS", 300),
-                                                              trials=trials))
+                                                              trials=trials, threads=h.env_int("KEYROTOR_BENCH_THREADS", 8)))
         if "2" in only:
             from tests.bench import fig_latency
 

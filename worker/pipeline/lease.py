@@ -99,6 +99,15 @@ _CLAIM_RETURNING = (
 )
 
 
+def claim_returning(session: Session, run_id: str, expected_state: str, owner: str,
+                    ttl_s: float) -> Optional[RotationRun]:
+    """``claim`` that returns the claimed run (``None``: missing, in another state, or leased)."""
+    now = utcnow()
+    return session.execute(_CLAIM_RETURNING, {
+        "claim_run": run_id, "claim_state": expected_state, "claim_now": now, "claim_owner": owner,
+        "claim_until": now + timedelta(seconds=ttl_s)}).scalars().first()
+
+
 class _Renewer:
     """One thread per process renews every held lease every ``ttl / 3`` (a thread per step
     execution cost a thread start and join per step)."""
@@ -152,9 +161,10 @@ class Lease:
     transaction, then ``start_renewing``; ``close`` (always) stops renewing and releases what is
     still held."""
 
-    def __init__(self, engine: Engine, run_id: str, *, actor: str, ttl_s: float, max_s: float) -> None:
+    def __init__(self, engine: Engine, run_id: str, *, actor: str, ttl_s: float, max_s: float,
+                 owner: Optional[str] = None) -> None:
         self.engine, self.run_id, self.ttl_s, self.max_s = engine, run_id, ttl_s, max_s
-        self.owner = f"{actor}:{uuid.uuid4().hex[:16]}"[-200:]
+        self.owner = owner or f"{actor}:{uuid.uuid4().hex[:16]}"[-200:]
         self.held = False
         self.next_renewal = 0.0
         self._started = 0.0
@@ -163,13 +173,14 @@ class Lease:
     def try_claim(self, session: Session, expected_state: str) -> Optional[RotationRun]:
         """Claim the run and read it in one statement (``UPDATE … RETURNING``): the run, or
         ``None`` when it is missing, in another state or leased (``acquire`` then says which)."""
-        now = utcnow()
-        run = session.execute(_CLAIM_RETURNING, {
-            "claim_run": self.run_id, "claim_state": expected_state, "claim_now": now, "claim_owner": self.owner,
-            "claim_until": now + timedelta(seconds=self.ttl_s)}).scalars().first()
+        run = claim_returning(session, self.run_id, expected_state, self.owner, self.ttl_s)
         if run is not None:
             self.held = True
         return run
+
+    def taken_over(self) -> None:
+        """The lease was claimed for this execution already (a chain's hand-off): hold it."""
+        self.held = True
 
     def acquire(self, session: Session, expected_state: str) -> None:
         """Claim the run in ``session`` (the caller commits); ``LeaseHeld`` if another has it."""

@@ -20,6 +20,7 @@ from worker.db.session import session_scope
 from worker.metrics import DEAD_LETTERS
 from worker.pipeline.context import PipelineContext, default_policy, get_context
 from worker.pipeline.effects import chain_memory
+from worker.pipeline.handoff import chain_handoffs, pending_for, set_continuation
 from worker.pipeline.messages import consume, reject
 from worker.queues import REQUEST_ACTOR, REQUEST_QUEUE, STEP_QUEUE, actor_name, register_actors, send_step
 from worker.pipeline.runs import load_run, run_state
@@ -38,7 +39,7 @@ def _step_fn(step: Step) -> Callable[[str], None]:
         message = CurrentMessage.get_current_message()
         retry_count = int(message.options.get("retries", 0)) if message is not None else 0
         ctx = get_context()
-        with chain_memory():
+        with chain_memory(), chain_handoffs(ctx.engine, ctx.actor):
             action = execute(ctx, step, str(run_id), retry_count=retry_count)
             if action.retry:
                 # ``from None``: Dramatiq stores the traceback in the message; keep it to our text.
@@ -70,8 +71,15 @@ def _run_chain(ctx: PipelineContext, run_id: str, action: Action, message_id: Op
     budget_s = ctx.policy.time_limit_ms / 1000 * TIME_LIMIT_SHARE
     marked = False
     fused = 0
-    while (action.step is not None and action.delay_ms == 0 and fused < MAX_FUSED_STEPS
-           and time.monotonic() - started < budget_s):
+
+    def may_fuse(steps_done: int) -> bool:
+        return steps_done < MAX_FUSED_STEPS and time.monotonic() - started < budget_s
+
+    # A step's transition claims the next step for this chain only if the chain will run it
+    # (worker/pipeline/handoff.py); one it claimed is run whatever the clock says by then.
+    set_continuation(lambda: may_fuse(fused + 1))
+    while (action.step is not None and action.delay_ms == 0
+           and (pending_for(run_id, action.step) or may_fuse(fused))):
         if not marked and message_id is not None:
             marks.mark(message_id, ttl_s=2 * ctx.policy.time_limit_ms / 1000)
             marked = True

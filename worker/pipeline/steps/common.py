@@ -16,9 +16,10 @@ from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict, TransientError
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import read_pending, safe_error, staged_in_chain
-from worker.pipeline.lease import current_lease
+from worker.pipeline import handoff
+from worker.pipeline.lease import claim_returning, current_lease
 from worker.pipeline.runs import load_key, load_run, run_state, transition
-from worker.protocol import Mode, RunState, Step, expected_state, parse_mode
+from worker.protocol import Mode, RunState, Step, expected_state, next_step, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
 from worker.secret import Secret
 
@@ -62,6 +63,13 @@ def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Sna
     provider record and the run's versions in one query. Nothing of it is kept beyond this step
     (another worker may move the run next)."""
     lease = current_lease.get()
+    handed: Optional[Snapshot] = handoff.take(run_id, step)
+    if handed is not None:  # the previous step of this chain claimed and read it (worker/pipeline/handoff.py)
+        log.bind(key=handed.key.name)
+        if lease is not None:
+            lease.taken_over()
+            lease.start_renewing()
+        return handed
     expected = expected_state(step)
     with session_scope(ctx.engine) as session:
         run = lease.try_claim(session, expected.value) if lease is not None else None
@@ -146,15 +154,40 @@ def step_deadline_s(ctx: PipelineContext, to: RunState, delay_s: float = 0.0) ->
 
 def advance_run(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: Optional[dict[str, Any]] = None,
              delay_s: float = 0.0, apply: Optional[Callable[[Session], None]] = None, **fields: Any) -> StepOutcome:
-    """Apply version bookkeeping and the conditional transition in one transaction."""
+    """Apply version bookkeeping and the conditional transition in one transaction (with the
+    chain's next step claimed in it, ``claim_next``)."""
     with session_scope(ctx.engine) as session:
         if apply is not None:
             attach(session, snap)
             apply(session)
         transition(session, snap.run, to, actor=ctx.actor, detail=detail,
                    deadline_s=step_deadline_s(ctx, to, delay_s), refresh=False, **fields)
+        following = claim_next(ctx, session, snap, to, delay_s)
+    hand_over(snap, following)
     logger.info("run.transition", from_state=run_state(snap.run).value, to_state=to.value, **(detail or {}))
     return StepOutcome(state=to, mode=snap.mode, next_in_s=delay_s)
+
+
+def claim_next(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState,
+               delay_s: float) -> Optional[tuple[Step, Snapshot]]:
+    """In the transaction of a transition to ``to``: when the chain will run the next step right
+    away, claim that step's lease for the chain and read its snapshot (``worker/pipeline/handoff.py``).
+    Call ``hand_over`` with the result once the transaction committed."""
+    owner = handoff.wanted() if delay_s <= 0 else None
+    following = next_step(snap.mode, to) if owner is not None else None
+    if owner is None or following is None or expected_state(following) != to:
+        return None
+    run = claim_returning(session, snap.run.id, to.value, owner, ctx.policy.lease_ttl_s)
+    if run is None:  # pragma: no cover - this transaction has just moved the run to ``to``
+        return None
+    key, record, old, new = _key_provider_versions(session, run)
+    return following, Snapshot(run=run, key=key, old=old, new=new, mode=parse_mode(run.mode), provider_record=record)
+
+
+def hand_over(snap: Snapshot, following: Optional[tuple[Step, Snapshot]]) -> None:
+    """After the commit of a transition that claimed the chain's next step: hand it over."""
+    if following is not None:
+        handoff.offer(snap.run.id, following[0], following[1])
 
 
 def notify_run(ctx: PipelineContext, event: str, snap: Snapshot, detail: dict[str, Any]) -> None:

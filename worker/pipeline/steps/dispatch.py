@@ -13,7 +13,7 @@ from worker.clock import utcnow
 from worker.db.session import session_scope
 from worker.errors import StateConflict
 from worker.metrics import DEAD_LETTERS, STEP_DURATION, STEP_FAILURES
-from worker.pipeline import retries
+from worker.pipeline import handoff, retries
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import safe_error, seconds_between
 from worker.pipeline.lease import Lease, LeaseHeld, current_lease
@@ -58,7 +58,7 @@ def execute(ctx: PipelineContext, step: Step, run_id: str, *, retry_count: int =
     log.bind(run_id=run_id, step=step.value)
     started = time.monotonic()
     lease = Lease(ctx.engine, run_id, actor=ctx.actor, ttl_s=ctx.policy.lease_ttl_s,
-                  max_s=ctx.policy.time_limit_ms / 1000)
+                  max_s=ctx.policy.time_limit_ms / 1000, owner=handoff.chain_owner())
     lease_token = current_lease.set(lease)
     try:
         try:

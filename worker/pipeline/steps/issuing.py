@@ -16,7 +16,8 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, remember_staged, safe_error, seconds_between
 from worker.pipeline.preflight import check_run_references, check_spec_references, run_specs
 from worker.pipeline.runs import RUNS, audit, load_run, run_state, transition
-from worker.pipeline.steps.common import Snapshot, StepOutcome, attach, step_deadline_s, notify_run, load_snapshot
+from worker.pipeline.steps.common import (Snapshot, StepOutcome, attach, claim_next, hand_over, load_snapshot,
+                                          notify_run, step_deadline_s)
 from worker.pipeline.steps.minted import MintedKey, minted_keys, record_discarded, record_minted
 from worker.pipeline.steps.provider import deprecated_error, provider_for, revoke_key
 from worker.providers.base import Provider, issued_name
@@ -101,6 +102,8 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                                     old=old)
         transition(session, snap.run, S.issued, actor=ctx.actor, detail=detail,
                    deadline_s=step_deadline_s(ctx, S.issued), old_version_id=old_id, new_version_id=new_id, refresh=False)
+        following = claim_next(ctx, session, snap, S.issued, 0.0)
+    hand_over(snap, following)
     logger.info("run.transition", from_state="requested", to_state="issued", fingerprint=secret.fingerprint)
     return StepOutcome(state=S.issued, mode=snap.mode)
 

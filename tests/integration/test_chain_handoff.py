@@ -1,0 +1,110 @@
+"""Steps fused into one message hand the run to each other (worker/pipeline/handoff.py): the
+transition of one claims the next step's lease and reads its snapshot in its own transaction, so
+only the chain's first step opens a snapshot transaction; a hand-off the chain does not use is
+released when the chain ends."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator
+
+import pytest
+from sqlalchemy import event
+from sqlmodel import Session
+
+from tests.fakes_pipeline import FakeProvider, World
+from worker.db.models import RotationRun
+from worker.protocol.states import RunState
+
+pytestmark = pytest.mark.integration
+
+STEPS = ("issue", "precheck", "promote", "propagate", "verify", "retire", "finish")
+
+
+@pytest.fixture
+def world(pg_url: str) -> Iterator[World]:
+    from worker.clock import set_clock
+    from worker.pipeline.context import StepPolicy, configure
+    from worker.runtime.broker import make_stub_broker, setup_broker
+
+    setup_broker(broker=make_stub_broker())
+    built = World(url=pg_url, provider=FakeProvider()).build(grace_period_s=0, policy=StepPolicy(activation_poll_s=0.01))
+    set_clock(None)  # real time: the StubBroker's delays are real
+    configure(built.ctx)
+    yield built
+    configure(None)
+
+
+def _transactions(world: World) -> list[list[tuple[str, str]]]:
+    """Every transaction the pipeline's engine runs: its statements as (step, statement head)."""
+    import structlog
+
+    seen: list[list[tuple[str, str]]] = []
+
+    def step() -> str:
+        return str(structlog.contextvars.get_contextvars().get("step") or "-")
+
+    event.listen(world.engine, "begin", lambda _conn: seen.append([]))
+    event.listen(world.engine, "before_cursor_execute",
+                 lambda _c, _cur, statement, *_: seen[-1].append((step(), re.sub(r"\s+", " ", statement)[:40])))
+    return seen
+
+
+def _rotate_through_actors(world: World) -> str:
+    from worker.pipeline.outbox import enqueue_run
+    from worker.queues import STEP_QUEUE
+    from worker.runtime.workers import start_worker
+    import dramatiq
+
+    broker = dramatiq.get_broker()
+    worker = start_worker(broker, threads=1)
+    try:
+        run_id = world.request()
+        with Session(world.engine) as session:
+            enqueue_run(session.get(RotationRun, run_id))
+        broker.join(STEP_QUEUE, timeout=30_000)
+    finally:
+        worker.stop()
+    return run_id
+
+
+def _state(world: World, run_id: str) -> tuple[RunState, Any]:
+    with Session(world.engine) as session:
+        run = session.get(RotationRun, run_id)
+        assert run is not None
+        return RunState(run.state), run.lease_owner
+
+
+def test_only_the_first_step_of_a_chain_opens_a_snapshot_transaction(world: World) -> None:
+    assert world.drive(world.request()) == RunState.completed  # the key's first rotation adopts its version
+    transactions = _transactions(world)
+    run_id = _rotate_through_actors(world)
+    assert _state(world, run_id) == (RunState.completed, None)
+
+    claim = "UPDATE rotation_run SET lease_owner"
+    claims = [s for tx in transactions for s, text in tx if text.startswith(claim)]
+    # Every step is still claimed once: the first by itself, each next one by the transition before it.
+    assert len(claims) == len(STEPS), claims
+    opened_by_a_claim = [tx[0][0] for tx in transactions if tx and tx[0][1].startswith(claim)]
+    assert opened_by_a_claim == ["issue"], opened_by_a_claim
+    for tx in transactions:
+        texts = [text for _s, text in tx]
+        if any(t.startswith("UPDATE rotation_run SET state") for t in texts) and tx[0][0] != "finish":
+            # The transition, then the next step's claim and its snapshot read, in one transaction.
+            assert texts[-2].startswith(claim) and texts[-1].startswith("SELECT managed_key."), texts
+
+
+def test_a_hand_off_the_chain_does_not_use_is_released(world: World) -> None:
+    from worker.pipeline.handoff import chain_handoffs, chain_owner
+    from worker.pipeline.steps import execute
+    from worker.protocol import Step
+
+    run_id = world.request()
+    with chain_handoffs(world.engine, "worker:test"):
+        action = execute(world.ctx, Step.issue, run_id)
+        assert action.step == Step.precheck and action.delay_ms == 0
+        # The issue step's transition claimed precheck for this chain...
+        assert _state(world, run_id) == (RunState.issued, chain_owner())
+    # ... and the chain ended without running it: nobody holds the run.
+    assert _state(world, run_id) == (RunState.issued, None)
+    assert world.drive(run_id) == RunState.completed
