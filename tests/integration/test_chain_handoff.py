@@ -1,7 +1,7 @@
 """Steps fused into one message hand the run to each other (worker/pipeline/handoff.py): the
-transition of one claims the next step's lease and reads its snapshot in its own transaction, so
-only the chain's first step opens a snapshot transaction; a hand-off the chain does not use is
-released when the chain ends."""
+transition of one claims the next step's lease in its own UPDATE and hands over the snapshot, so
+only the chain's first step claims and reads one; a hand-off the chain does not use is released
+when the chain ends."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def world(pg_url: str) -> Iterator[World]:
 
 
 def _transactions(world: World) -> list[list[tuple[str, str]]]:
-    """Every transaction the pipeline's engine runs: its statements as (step, statement head)."""
+    """Every transaction the pipeline's engine runs: its statements as (step, statement)."""
     import structlog
 
     seen: list[list[tuple[str, str]]] = []
@@ -46,7 +46,7 @@ def _transactions(world: World) -> list[list[tuple[str, str]]]:
 
     event.listen(world.engine, "begin", lambda _conn: seen.append([]))
     event.listen(world.engine, "before_cursor_execute",
-                 lambda _c, _cur, statement, *_: seen[-1].append((step(), re.sub(r"\s+", " ", statement)[:40])))
+                 lambda _c, _cur, statement, *_: seen[-1].append((step(), re.sub(r"\s+", " ", statement))))
     return seen
 
 
@@ -75,23 +75,21 @@ def _state(world: World, run_id: str) -> tuple[RunState, Any]:
         return RunState(run.state), run.lease_owner
 
 
-def test_only_the_first_step_of_a_chain_opens_a_snapshot_transaction(world: World) -> None:
+def test_only_the_first_step_of_a_chain_reads_a_snapshot(world: World) -> None:
     assert world.drive(world.request()) == RunState.completed  # the key's first rotation adopts its version
     transactions = _transactions(world)
     run_id = _rotate_through_actors(world)
     assert _state(world, run_id) == (RunState.completed, None)
 
-    claim = "UPDATE rotation_run SET lease_owner"
-    claims = [s for tx in transactions for s, text in tx if text.startswith(claim)]
-    # Every step is still claimed once: the first by itself, each next one by the transition before it.
-    assert len(claims) == len(STEPS), claims
-    opened_by_a_claim = [tx[0][0] for tx in transactions if tx and tx[0][1].startswith(claim)]
-    assert opened_by_a_claim == ["issue"], opened_by_a_claim
-    for tx in transactions:
-        texts = [text for _s, text in tx]
-        if any(t.startswith("UPDATE rotation_run SET state") for t in texts) and tx[0][0] != "finish":
-            # The transition, then the next step's claim and its snapshot read, in one transaction.
-            assert texts[-2].startswith(claim) and texts[-1].startswith("SELECT managed_key."), texts
+    statements = [(s, text) for tx in transactions for s, text in tx]
+    claims = [s for s, text in statements if text.startswith("UPDATE rotation_run SET lease_owner")]
+    assert claims == ["issue"], claims
+    snapshot_reads = [s for s, text in statements if s in STEPS and text.startswith("SELECT managed_key.")]
+    assert snapshot_reads == ["issue"], snapshot_reads
+    # Each transition but the last claims the next step in its own UPDATE and returns the run.
+    moves = [(s, " RETURNING " in text and "lease_owner=" in text)
+             for s, text in statements if text.startswith("UPDATE rotation_run SET state")]
+    assert moves == [(step, step != "finish") for step in STEPS], moves
 
 
 def test_a_hand_off_the_chain_does_not_use_is_released(world: World) -> None:

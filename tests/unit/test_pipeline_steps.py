@@ -15,7 +15,7 @@ from worker.db.session import session_scope
 from worker.errors import PermanentError, RateLimited, StateConflict, TransientError
 from worker.pipeline import steps
 from worker.pipeline.runs import load_run, transition
-from worker.pipeline.steps import issuing
+from worker.pipeline.steps import common
 from worker.protocol import Step
 
 HAPPY = [(None, "requested"), ("requested", "issued"), ("issued", "prechecked"), ("prechecked", "promoted"),
@@ -136,7 +136,7 @@ def test_duplicate_messages_end_in_same_state(world: World) -> None:
 def test_crash_after_staging_then_redelivery_never_issues_twice(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     world.provider.key_lifetime = timedelta(days=30)  # the provider's expiry must survive the crash
     run_id = world.request()
-    real = issuing.transition  # issue's transition, looked up in its module
+    real = common.transition  # every step's transition goes through steps.common.move_on
     calls = {"n": 0}
 
     def crash_once(*args, **kwargs):  # the process dies after Vault staging, before the DB commit
@@ -145,7 +145,7 @@ def test_crash_after_staging_then_redelivery_never_issues_twice(world: World, mo
             raise RuntimeError("worker killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(issuing, "transition", crash_once)
+    monkeypatch.setattr(common, "transition", crash_once)
     action = steps.execute(world.ctx, Step.issue, run_id)
     assert action.retry and get_run(world, run_id).state == RunState.requested
     assert world.drive(run_id) == RunState.completed

@@ -99,15 +99,6 @@ _CLAIM_RETURNING = (
 )
 
 
-def claim_returning(session: Session, run_id: str, expected_state: str, owner: str,
-                    ttl_s: float) -> Optional[RotationRun]:
-    """``claim`` that returns the claimed run (``None``: missing, in another state, or leased)."""
-    now = utcnow()
-    return session.execute(_CLAIM_RETURNING, {
-        "claim_run": run_id, "claim_state": expected_state, "claim_now": now, "claim_owner": owner,
-        "claim_until": now + timedelta(seconds=ttl_s)}).scalars().first()
-
-
 class _Renewer:
     """One thread per process renews every held lease every ``ttl / 3`` (a thread per step
     execution cost a thread start and join per step)."""
@@ -173,7 +164,10 @@ class Lease:
     def try_claim(self, session: Session, expected_state: str) -> Optional[RotationRun]:
         """Claim the run and read it in one statement (``UPDATE … RETURNING``): the run, or
         ``None`` when it is missing, in another state or leased (``acquire`` then says which)."""
-        run = claim_returning(session, self.run_id, expected_state, self.owner, self.ttl_s)
+        now = utcnow()
+        run = session.execute(_CLAIM_RETURNING, {
+            "claim_run": self.run_id, "claim_state": expected_state, "claim_now": now, "claim_owner": self.owner,
+            "claim_until": now + timedelta(seconds=self.ttl_s)}).scalars().first()
         if run is not None:
             self.held = True
         return run

@@ -12,10 +12,10 @@ back its transaction and drops the message.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Optional
 
-from sqlalchemy import Table, insert, update
+from sqlalchemy import Table, bindparam, insert, update
 from sqlmodel import col, select, Session
 
 from worker.clock import utcnow
@@ -61,6 +61,28 @@ def audit(session: Session, run: RotationRun, *, actor: str, event: str, from_st
                                     "detail": dict(detail or {})})
 
 
+_TRANSITIONS: dict[tuple[tuple[str, ...], bool], Any] = {}
+
+
+def _transition_statement(columns: tuple[str, ...], *, returning: bool) -> Any:
+    """The transition's UPDATE for this set of columns, built once (building it per call, with its
+    values coerced each time, cost more CPU than running it). On the table, not the mapped class:
+    nothing in the session mirrors the row, and the ORM's bulk-update machinery costs more than the
+    statement; a hand-off needs the run back as an object (the next step's snapshot), so that one
+    goes through the ORM with RETURNING instead of reading the row again."""
+    statement = _TRANSITIONS.get((columns, returning))
+    if statement is None:
+        where = (RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
+        values = {name: bindparam(f"t_{name}") for name in columns}
+        if returning:
+            statement = (update(RotationRun).where(*where).values(values).returning(RotationRun)
+                         .execution_options(synchronize_session=False, populate_existing=True))
+        else:
+            statement = update(RUNS).where(*where).values(values)
+        _TRANSITIONS[(columns, returning)] = statement
+    return statement
+
+
 def transition(
     session: Session,
     run: RotationRun,
@@ -71,6 +93,7 @@ def transition(
     deadline_s: Optional[float] = None,
     refresh: bool = True,
     still: tuple[Any, ...] = (),
+    lease: Optional[tuple[str, datetime]] = None,
     **fields: Any,
 ) -> RotationRun:
     """Move ``run`` from its current (expected) state to ``to``, conditionally; audit it.
@@ -80,23 +103,38 @@ def transition(
     ``still``: further conditions on the row that must hold (the reconciler's "still stuck").
     ``refresh=False``: skip re-reading the row for the return value (returns ``run`` as it was
     passed in) when the caller does not use it.
+    ``lease``: (owner, until) to hold the run's lease after the move instead of clearing it (a
+    chain's next step, ``worker/pipeline/handoff.py``); the run is then returned as the UPDATE
+    left it (``RETURNING``).
     """
     expected = run_state(run)
     check_transition(run.mode, expected, to)
     now = utcnow()
-    # Moving on ends the current execution's lease (worker/pipeline/lease.py) in the same UPDATE.
-    values: dict[str, Any] = {"state": to.value, "updated_at": now, "attempts": 0, "requeues": 0, "lease_owner": None,
-                              "lease_until": None, **fields}
+    # Moving on ends the current execution's lease (worker/pipeline/lease.py), or hands it to the
+    # chain's next step, in the same UPDATE.
+    lease_owner, lease_until = lease if lease is not None else (None, None)
+    values: dict[str, Any] = {"state": to.value, "updated_at": now, "attempts": 0, "requeues": 0,
+                              "lease_owner": lease_owner, "lease_until": lease_until, **fields}
     values["step_deadline_at"] = now + timedelta(seconds=deadline_s) if deadline_s is not None else None
     if to in TERMINAL_STATES:
         values["finished_at"] = now
         values["step_deadline_at"] = None
-    # On the table, not the mapped class: nothing in the session mirrors the row, and the ORM's
-    # bulk-update machinery cost more CPU than the statement. The caller's pending rows go first.
-    session.flush()
-    result = session.connection().execute(
-        update(RUNS).where(RUNS.c.id == run.id, RUNS.c.state == expected.value, *still).values(**values))
-    if result.rowcount != 1:
+    if session.new or session.dirty or session.deleted:  # the caller's pending rows go first
+        session.flush()
+    moved: Optional[RotationRun] = None
+    if still:
+        result = session.connection().execute(
+            update(RUNS).where(RUNS.c.id == run.id, RUNS.c.state == expected.value, *still).values(**values))
+        found = result.rowcount == 1
+    else:
+        statement = _transition_statement(tuple(sorted(values)), returning=lease is not None)
+        params = {"t_id": run.id, "t_expected": expected.value, **{f"t_{name}": v for name, v in values.items()}}
+        if lease is None:
+            found = session.connection().execute(statement, params).rowcount == 1
+        else:
+            moved = session.execute(statement, params).scalars().first()
+            found = moved is not None
+    if not found:
         raise StateConflict(f"run {run.id} is no longer {expected.value}; another worker moved it")
     audit(session, run, actor=actor, event="state_changed", from_state=expected.value, to_state=to.value,
           detail=detail)
@@ -106,6 +144,8 @@ def transition(
         key = session.get(ManagedKey, run.key_id)
         provider = key.provider if key is not None else "unknown"
         after_commit(session, lambda: ROTATIONS.labels(provider=provider, outcome=to.value).inc())
+    if moved is not None:
+        return moved
     if not refresh:
         return run
     refreshed = load_run(session, run.id)

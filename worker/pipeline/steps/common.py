@@ -4,6 +4,7 @@ transition with its bookkeeping (``advance_run``), the reconciler deadline, and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Optional
 
 from sqlalchemy import bindparam
@@ -11,13 +12,14 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from worker import log
+from worker.clock import utcnow
 from worker.db.models import KeyVersion, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict, TransientError
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import read_pending, safe_error, staged_in_chain
 from worker.pipeline import handoff
-from worker.pipeline.lease import claim_returning, current_lease
+from worker.pipeline.lease import current_lease
 from worker.pipeline.runs import load_key, load_run, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, next_step, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
@@ -154,34 +156,39 @@ def step_deadline_s(ctx: PipelineContext, to: RunState, delay_s: float = 0.0) ->
 
 def advance_run(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: Optional[dict[str, Any]] = None,
              delay_s: float = 0.0, apply: Optional[Callable[[Session], None]] = None, **fields: Any) -> StepOutcome:
-    """Apply version bookkeeping and the conditional transition in one transaction (with the
-    chain's next step claimed in it, ``claim_next``)."""
+    """Apply version bookkeeping and the conditional transition in one transaction."""
     with session_scope(ctx.engine) as session:
         if apply is not None:
             attach(session, snap)
             apply(session)
-        transition(session, snap.run, to, actor=ctx.actor, detail=detail,
-                   deadline_s=step_deadline_s(ctx, to, delay_s), refresh=False, **fields)
-        following = claim_next(ctx, session, snap, to, delay_s)
+        following = move_on(ctx, session, snap, to, delay_s=delay_s, detail=detail, **fields)
     hand_over(snap, following)
     logger.info("run.transition", from_state=run_state(snap.run).value, to_state=to.value, **(detail or {}))
     return StepOutcome(state=to, mode=snap.mode, next_in_s=delay_s)
 
 
-def claim_next(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState,
-               delay_s: float) -> Optional[tuple[Step, Snapshot]]:
-    """In the transaction of a transition to ``to``: when the chain will run the next step right
-    away, claim that step's lease for the chain and read its snapshot (``worker/pipeline/handoff.py``).
-    Call ``hand_over`` with the result once the transaction committed."""
+def move_on(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState, *, delay_s: float = 0.0,
+            detail: Optional[dict[str, Any]] = None, **fields: Any) -> Optional[tuple[Step, Snapshot]]:
+    """The step's conditional transition to ``to``. When the chain runs the next step right away
+    (``worker/pipeline/handoff.py``), the same UPDATE claims that step's lease for the chain and
+    returns the run, and the next step's snapshot is built from it and from the rows this
+    transaction holds, without a query: the key and its provider record as the chain's first step
+    read them (they change only by ``config apply``, which the next chain sees), the versions as
+    this step left them. Pass the result to ``hand_over`` once the transaction committed."""
     owner = handoff.wanted() if delay_s <= 0 else None
     following = next_step(snap.mode, to) if owner is not None else None
-    if owner is None or following is None or expected_state(following) != to:
+    if following is None or expected_state(following) != to:
+        owner = None
+    lease = (owner, utcnow() + timedelta(seconds=ctx.policy.lease_ttl_s)) if owner is not None else None
+    run = transition(session, snap.run, to, actor=ctx.actor, detail=detail,
+                     deadline_s=step_deadline_s(ctx, to, delay_s), refresh=False, lease=lease, **fields)
+    if lease is None or following is None:
         return None
-    run = claim_returning(session, snap.run.id, to.value, owner, ctx.policy.lease_ttl_s)
-    if run is None:  # pragma: no cover - this transaction has just moved the run to ``to``
-        return None
-    key, record, old, new = _key_provider_versions(session, run)
-    return following, Snapshot(run=run, key=key, old=old, new=new, mode=parse_mode(run.mode), provider_record=record)
+    attach(session, snap)  # found by primary key below, without a query
+    versions = [session.get(KeyVersion, vid) if vid is not None else None
+                for vid in (run.old_version_id, run.new_version_id)]
+    return following, Snapshot(run=run, key=snap.key, old=versions[0], new=versions[1], mode=snap.mode,
+                               provider_record=snap.provider_record)
 
 
 def hand_over(snap: Snapshot, following: Optional[tuple[Step, Snapshot]]) -> None:

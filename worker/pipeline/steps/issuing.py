@@ -16,8 +16,8 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, remember_staged, safe_error, seconds_between
 from worker.pipeline.preflight import check_run_references, check_spec_references, run_specs
 from worker.pipeline.runs import RUNS, audit, load_run, run_state, transition
-from worker.pipeline.steps.common import (Snapshot, StepOutcome, attach, claim_next, hand_over, load_snapshot,
-                                          notify_run, step_deadline_s)
+from worker.pipeline.steps.common import (Snapshot, StepOutcome, attach, hand_over, load_snapshot, move_on,
+                                          notify_run)
 from worker.pipeline.steps.minted import MintedKey, minted_keys, record_discarded, record_minted
 from worker.pipeline.steps.provider import deprecated_error, provider_for, revoke_key
 from worker.providers.base import Provider, issued_name
@@ -100,9 +100,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         old_id = old.id if old is not None else None
         new_id = record_new_version(session, snap, secret=secret, key_id=key_id, name=name, expires_at=expires_at,
                                     old=old)
-        transition(session, snap.run, S.issued, actor=ctx.actor, detail=detail,
-                   deadline_s=step_deadline_s(ctx, S.issued), old_version_id=old_id, new_version_id=new_id, refresh=False)
-        following = claim_next(ctx, session, snap, S.issued, 0.0)
+        following = move_on(ctx, session, snap, S.issued, detail=detail, old_version_id=old_id, new_version_id=new_id)
     hand_over(snap, following)
     logger.info("run.transition", from_state="requested", to_state="issued", fingerprint=secret.fingerprint)
     return StepOutcome(state=S.issued, mode=snap.mode)
