@@ -73,7 +73,7 @@ def _transition_statement(columns: tuple[str, ...], *, returning: bool) -> Any:
     statement = _TRANSITIONS.get((columns, returning))
     if statement is None:
         where = (RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
-        values = {name: bindparam(f"t_{name}") for name in columns}
+        values: dict[str, Any] = {name: bindparam(f"t_{name}") for name in columns}
         if returning:
             statement = (update(RotationRun).where(*where).values(values).returning(RotationRun)
                          .execution_options(synchronize_session=False, populate_existing=True))
