@@ -20,7 +20,7 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import read_pending, safe_error, staged_in_chain
 from worker.pipeline import handoff
 from worker.pipeline.lease import current_lease
-from worker.pipeline.runs import load_key, load_run, run_state, transition
+from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, next_step, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
 from worker.secret import Secret
@@ -184,10 +184,15 @@ def move_on(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState
                      deadline_s=step_deadline_s(ctx, to, delay_s), refresh=False, lease=lease, **fields)
     if lease is None or following is None:
         return None
-    attach(session, snap)  # found by primary key below, without a query
-    versions = [session.get(KeyVersion, vid) if vid is not None else None
-                for vid in (run.old_version_id, run.new_version_id)]
-    return following, Snapshot(run=run, key=snap.key, old=versions[0], new=versions[1], mode=snap.mode,
+    read = {v.id: v for v in (snap.old, snap.new) if v is not None}
+    if _ATTACHED not in session.info and all(vid in read for vid in (run.old_version_id, run.new_version_id)
+                                             if vid is not None):
+        # This step changed no version (it would have attached them): they are as the snapshot read them.
+        old, new = read.get(run.old_version_id), read.get(run.new_version_id)
+    else:
+        attach(session, snap)  # found by primary key below, without a query
+        old, new = load_version(session, run.old_version_id), load_version(session, run.new_version_id)
+    return following, Snapshot(run=run, key=snap.key, old=old, new=new, mode=snap.mode,
                                provider_record=snap.provider_record)
 
 
