@@ -1,12 +1,14 @@
 """Hand-offs between the steps of a chain (``worker/runtime/chains.py``): a step whose transition
-leads straight to the chain's next step claims that step's lease and reads its snapshot in the
-transition's own transaction, so the next step starts without a transaction of its own.
+leads straight to the chain's next step claims that step's lease in the transition's own UPDATE
+and hands it the next step's snapshot (``steps.common.move_on``), so the next step starts without
+a transaction of its own.
 
 Without it every step of a chain opened two transactions: its snapshot (claim the lease, read the
 run, its key and versions) and its transition. The transition already holds the run's row and
-knows the state it leaves the run in; claiming for the next step there costs one UPDATE and one
-SELECT in a transaction that is open anyway, and saves a BEGIN, a COMMIT, a pool checkout and the
-claim's own round trip per step.
+knows the state it leaves the run in: it sets the lease for the next step instead of clearing it
+and returns the run (``RETURNING``); the key, its provider record and the versions are the ones the
+chain already holds. That saves a BEGIN, a COMMIT, a pool checkout, the claim and the snapshot's
+query per step.
 
 What it changes is only who holds the lease between two steps: the chain, under the owner every
 step of the chain uses (``chain_owner``), instead of nobody for the moment between the transition's
@@ -15,7 +17,6 @@ commit, the message's time budget spent) releases it on the way out; a worker ki
 stops renewing, so the lease lapses within its ttl exactly as one killed inside a step does.
 Outside a chain (the inline driver, a redelivered single step) nothing is handed off.
 """
-
 from __future__ import annotations
 
 import threading
