@@ -20,7 +20,6 @@ Outside a chain (the inline driver, a redelivered single step) nothing is handed
 from __future__ import annotations
 
 import threading
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -28,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 from sqlalchemy.engine import Engine
 
 from worker import log
-from worker.pipeline.lease import release
+from worker.pipeline.lease import new_owner, release
 from worker.protocol import Step
 
 logger = log.get_logger("keyrotor.pipeline.handoff")
@@ -37,7 +36,6 @@ logger = log.get_logger("keyrotor.pipeline.handoff")
 @dataclass
 class _Chain:
     owner: str
-    engine: Engine
     #: May the chain run one more step after the one running now? (its step count and time budget)
     may_continue: Callable[[], bool] = lambda: True
     #: (run id, next step, its snapshot), claimed by the last transition and not yet taken
@@ -55,7 +53,7 @@ def _chain() -> Optional[_Chain]:
 def chain_handoffs(engine: Engine, actor: str) -> Iterator[None]:
     """The steps run in this block form one chain: one lease owner, hand-offs between them. On the
     way out a hand-off nobody took is released (its lease would otherwise block the run for a ttl)."""
-    chain = _Chain(owner=f"{actor}:{uuid.uuid4().hex[:16]}"[-200:], engine=engine)
+    chain = _Chain(owner=new_owner(actor))
     _local.chain = chain
     try:
         yield

@@ -99,6 +99,11 @@ _CLAIM_RETURNING = (
 )
 
 
+def new_owner(actor: str) -> str:
+    """A lease owner: the actor (``worker:<host>``) and a random part naming one execution (or one chain)."""
+    return f"{actor}:{uuid.uuid4().hex[:16]}"[-200:]
+
+
 class _Renewer:
     """One thread per process renews every held lease every ``ttl / 3`` (a thread per step
     execution cost a thread start and join per step)."""
@@ -155,7 +160,7 @@ class Lease:
     def __init__(self, engine: Engine, run_id: str, *, actor: str, ttl_s: float, max_s: float,
                  owner: Optional[str] = None) -> None:
         self.engine, self.run_id, self.ttl_s, self.max_s = engine, run_id, ttl_s, max_s
-        self.owner = owner or f"{actor}:{uuid.uuid4().hex[:16]}"[-200:]
+        self.owner = owner or new_owner(actor)
         self.held = False
         self.next_renewal = 0.0
         self._started = 0.0

@@ -3,9 +3,9 @@ live at once and whose grace is 0 costs one queue message instead of seven.
 
 Each step of a chain is still its own execution: its own snapshot, lease and conditional
 transition, as if it had come in its own message, except that the transition of one claims the
-next in the same UPDATE and hands it its snapshot (``worker/pipeline/handoff.py``). What changes is what a killed worker
-leaves behind. Without chains, the unacknowledged message is the step that was running, and it is
-redelivered once the worker's heartbeat lapses. With chains, the unacknowledged message is the
+next in the same UPDATE and hands it its snapshot (``worker/pipeline/handoff.py``). What changes
+is what a killed worker leaves behind. Without chains, the unacknowledged message is the step that
+was running, and it is redelivered once the worker's heartbeat lapses. With chains, the unacknowledged message is the
 chain's *first* step, which the run has left behind: redelivered, it would be skipped as a late
 duplicate and the run would wait for the reconciler (minutes). So before a worker runs a second
 step inside a message it marks the message in Redis (``<namespace>:chain:<message id>``), and a

@@ -175,10 +175,8 @@ def move_on(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState
     transaction holds, without a query: the key and its provider record as the chain's first step
     read them (they change only by ``config apply``, which the next chain sees), the versions as
     this step left them. Pass the result to ``hand_over`` once the transaction committed."""
-    owner = handoff.wanted() if delay_s <= 0 else None
-    following = next_step(snap.mode, to) if owner is not None else None
-    if following is None or expected_state(following) != to:
-        owner = None
+    following = next_step(snap.mode, to) if delay_s <= 0 else None
+    owner = handoff.wanted() if following is not None and expected_state(following) == to else None
     lease = (owner, utcnow() + timedelta(seconds=ctx.policy.lease_ttl_s)) if owner is not None else None
     run = transition(session, snap.run, to, actor=ctx.actor, detail=detail,
                      deadline_s=step_deadline_s(ctx, to, delay_s), refresh=False, lease=lease, **fields)
