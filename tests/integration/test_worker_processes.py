@@ -111,10 +111,16 @@ class Worker:
         raise AssertionError(f"worker not ready after {timeout}s:\n{self.text()[-3000:]}")
 
     def children(self) -> list[int]:
+        def read(path: str) -> str:
+            try:
+                return Path(path).read_bytes().decode(errors="replace")
+            except FileNotFoundError:  # a thread or process that ended while we looked
+                return ""
+
         pids: list[int] = []
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        return [p for p in pids if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+            pids += [int(p) for p in read(f"{task}/children").split()]
+        return [p for p in pids if "spawn_main" in read(f"/proc/{p}/cmdline")]
 
     def stop(self) -> int:
         if self.proc.poll() is None:
