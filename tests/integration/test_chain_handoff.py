@@ -1,7 +1,8 @@
 """Steps fused into one message hand the run to each other (worker/pipeline/handoff.py): the
 transition of one claims the next step's lease in its own UPDATE and hands over the snapshot, so
 only the chain's first step claims and reads one; a hand-off the chain does not use is released
-when the chain ends."""
+when the chain ends. A chain also does not ask the provider again about a credential it accepted
+a moment before (``effects.fresh_check``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Iterator
 
 import pytest
 from sqlalchemy import event
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from tests.fakes_pipeline import FakeProvider, World
 from worker.db.models import RotationRun
@@ -106,3 +107,46 @@ def test_a_hand_off_the_chain_does_not_use_is_released(world: World) -> None:
     # ... and the chain ended without running it: nobody holds the run.
     assert _state(world, run_id) == (RunState.issued, None)
     assert world.drive(run_id) == RunState.completed
+
+
+def _checks_of_new_key(world: World, run_id: str) -> int:
+    from worker.db.models import KeyVersion
+
+    with Session(world.engine) as session:
+        run = session.get(RotationRun, run_id)
+        assert run is not None and run.new_version_id is not None
+        new = session.get(KeyVersion, run.new_version_id)
+        assert new is not None
+    return sum(1 for call, key_id in world.provider.calls if call == "check" and key_id == new.provider_key_id)
+
+
+def test_a_chain_asks_the_provider_about_the_new_key_once(world: World) -> None:
+    """precheck asks; verify and retire, running right after it in the same chain, use its answer
+    (and say so in the audit trail) instead of asking the same question again."""
+    from worker.db.models import AuditEvent
+
+    assert world.drive(world.request()) == RunState.completed
+    run_id = _rotate_through_actors(world)
+    assert _state(world, run_id) == (RunState.completed, None)
+    assert _checks_of_new_key(world, run_id) == 1
+    with Session(world.engine) as session:
+        events = session.exec(select(AuditEvent).where(AuditEvent.run_id == run_id, AuditEvent.event == "state_changed"))
+        details = {e.to_state: e.detail for e in events}
+    assert details["verified"]["provider_check"].startswith("valid at precheck")
+    assert details["retired"]["new_check"].startswith("valid at verify")
+    assert details["retired"]["old_check"] == "invalid"  # the old key's revocation is still confirmed
+
+
+def test_steps_that_do_not_follow_each_other_at_once_ask_the_provider_each_time(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each step in its own message (the inline driver): nothing to reuse.
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.completed
+    assert _checks_of_new_key(world, run_id) == 3
+    # In a chain, an answer older than the freshness bound is not reused.
+    from worker.pipeline import effects
+
+    monkeypatch.setattr(effects, "FRESH_CHECK_S", 0.0)
+    run_id = _rotate_through_actors(world)
+    assert _state(world, run_id) == (RunState.completed, None)
+    assert _checks_of_new_key(world, run_id) == 3

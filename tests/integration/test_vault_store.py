@@ -184,6 +184,35 @@ def test_promote_rerun_is_idempotent_and_keeps_other_fields(store: VaultStore, v
     assert [v.version for v in store.list_versions(vault_mount, p)] == [1, 2]
 
 
+def test_inside_a_chain_a_version_read_once_is_not_read_again_but_what_is_served_always_is(
+        store: VaultStore, vault_mount: str, root: hvac.Client) -> None:
+    from worker.vault.store import remembering_versions
+
+    p = path()
+    assert store.write(vault_mount, p, {"api_key": "old-value", "username": "svc-billing"}) == 1
+    with remembering_versions():
+        before = store.requests
+        served = store.read_current(vault_mount, p, "api_key")  # issue: what Vault serves
+        assert served is not None and served.version == 1
+        # promote carries over the fields of the version issue read: no read, only the write
+        assert store.promote(vault_mount, p, "api_key", Secret("new-value"), "k9", expected_version=1) == 2
+        assert store.requests - before == 2
+        # retire: what is served now is asked again; the old version issue read is not
+        assert store.read_current(vault_mount, p, "api_key").version == 2  # type: ignore[union-attr]
+        assert store.read_version(vault_mount, p, "api_key", 1).secret == Secret("old-value")
+        assert store.requests - before == 3
+        # a change made behind the chain's back is seen by the next read of what is served
+        root.secrets.kv.v2.create_or_update_secret(path=p, secret={"api_key": "by-hand"}, mount_point=vault_mount)
+        assert store.read_current(vault_mount, p, "api_key").secret == Secret("by-hand")  # type: ignore[union-attr]
+    raw = root.secrets.kv.v2.read_secret_version(path=p, version=2, mount_point=vault_mount, raise_on_deleted_version=True)
+    assert raw["data"]["data"] == {"api_key": "new-value", "username": "svc-billing", KEY_ID_FIELD: "k9"}
+    # Outside a chain every read goes to Vault.
+    before = store.requests
+    store.read_version(vault_mount, p, "api_key", 1)
+    store.read_version(vault_mount, p, "api_key", 1)
+    assert store.requests - before == 2
+
+
 def test_restore_previous_version(store: VaultStore, vault_mount: str) -> None:
     p = path()
     store.promote(vault_mount, p, "api_key", Secret("old-value"), "k_old", None)

@@ -4,6 +4,7 @@ result shapes, Vault lookups that may legitimately find nothing."""
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Iterator, Optional
@@ -13,6 +14,7 @@ from worker.inventory.field_types import parse_duration
 from worker.integrations.base import Announcement
 from worker.vault.errors import VaultNotFound
 from worker.vault.secret_store import SecretStore
+from worker.vault.store import remembering_versions
 from worker.secret import Secret
 from worker.clock import as_utc
 
@@ -78,12 +80,17 @@ _chain = threading.local()
 def chain_memory() -> Iterator[None]:
     """Steps run back to back in one message (``worker/runtime/chains.py``) keep the secret a run
     staged in memory from the step that staged it to the last that needs it, instead of reading it
-    back from Vault in every step; forgotten when the chain ends. Outside a chain nothing is kept."""
+    back from Vault in every step; forgotten when the chain ends. Outside a chain nothing is kept.
+    The chain also remembers the Vault versions it read (``remembering_versions``) and the provider
+    checks it made (``fresh_check``)."""
     _chain.staged = {}
+    _chain.checks = {}
     try:
-        yield
+        with remembering_versions():
+            yield
     finally:
         _chain.staged = None
+        _chain.checks = None
 
 
 def remember_staged(run_id: str, secret: Secret, key_id: Optional[str]) -> None:
@@ -98,6 +105,30 @@ def staged_in_chain(run_id: str) -> Optional[tuple[Secret, Optional[str]]]:
     record by whoever uses it, exactly as a value read back from Vault is)."""
     staged = getattr(_chain, "staged", None)
     return staged.get(run_id) if staged else None
+
+
+#: How long a provider's "valid" for a credential stands in for asking again, inside one chain.
+FRESH_CHECK_S = 5.0
+
+
+def fresh_check(provider: str, fingerprint: str, credential_type: str) -> Optional[float]:
+    """Seconds since this chain last heard the provider accept this very credential, if that was
+    within ``FRESH_CHECK_S``: steps that follow each other at once (precheck, verify, retire with
+    no grace period) do not ask the provider the same question again milliseconds later. A step
+    that runs in a message of its own (after an activation poll, a grace period, a retry) asks."""
+    checks = getattr(_chain, "checks", None)
+    at = checks.get((provider, fingerprint, credential_type)) if checks else None
+    if at is None:
+        return None
+    age = time.monotonic() - at
+    return age if age <= FRESH_CHECK_S else None
+
+
+def remember_valid_check(provider: str, fingerprint: str, credential_type: str) -> None:
+    """The provider just accepted this credential (inside a chain; nothing is kept outside one)."""
+    checks = getattr(_chain, "checks", None)
+    if checks is not None:
+        checks[(provider, fingerprint, credential_type)] = time.monotonic()
 
 
 def announcement(**fields: Any) -> Announcement:

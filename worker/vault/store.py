@@ -12,10 +12,12 @@ Values come back as ``Secret``; logs carry fingerprints only.
 from __future__ import annotations
 
 import re
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 import hvac
 import hvac.exceptions as hvac_exc
@@ -51,6 +53,27 @@ log = get_logger(__name__)
 KEY_ID_FIELD = "keyrotor_key_id"
 _STAGING_SECRET, _STAGING_KEY_ID, _STAGING_EXPIRES_AT = "secret", "key_id", "expires_at"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+_memo = threading.local()
+
+
+@contextmanager
+def remembering_versions() -> Iterator[None]:
+    """Within this block (one chain of steps on this thread), a numbered version of a KV v2 path
+    that was read or written once is not read again. A version's data never changes once written
+    (it can only be deleted or destroyed), so this saves a round trip, not a check: ``promote``
+    carries over the fields of the version ``issue`` just read, ``retire`` finds the old secret
+    it read. What the path serves *now* (``read_current``) is always asked. Forgotten on exit."""
+    _memo.versions = {}
+    try:
+        yield
+    finally:
+        _memo.versions = None
+
+
+def _memo_versions() -> dict[tuple[str, str, str, int], "_Read"] | None:
+    return getattr(_memo, "versions", None)
 
 
 @dataclass(frozen=True)
@@ -468,6 +491,11 @@ class VaultStore:
     def _read(self, mount: str, path: str, version: int | None) -> _Read | None:
         """Read a version (newest when None). None: path/version absent. ``data`` None: deleted/destroyed."""
         path = _clean_path(path)
+        memo = _memo_versions()
+        if memo is not None and version is not None:
+            known = memo.get((self._addr, mount, path, version))
+            if known is not None:
+                return known
         op = Operation("read" if version is None else f"read version {version} of", mount, "data", path, ("read",))
 
         def fn(c: hvac.Client) -> Any:
@@ -496,8 +524,11 @@ class VaultStore:
             raise garbage_response(op, "no data/metadata/version in the answer") from None
         if data is not None and not isinstance(data, dict):
             raise garbage_response(op, "'data' is not an object")
-        return _Read(data=data, version=number, deleted_at=str(meta.get("deletion_time") or ""),
+        read = _Read(data=data, version=number, deleted_at=str(meta.get("deletion_time") or ""),
                      destroyed=bool(meta.get("destroyed")))
+        if memo is not None and data is not None:
+            memo[(self._addr, mount, path, number)] = read
+        return read
 
     def _stored(self, read: _Read, mount: str, path: str, field: str) -> StoredSecret:
         where = f"{mount}/data/{_clean_path(path)}"

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from worker.db.session import session_scope
 from worker.pipeline.context import PipelineContext
 from worker.service.deprecation import NewCredentialDeprecated, new_credential_deprecated
-from worker.pipeline.effects import enum_value
+from worker.pipeline.effects import enum_value, fresh_check, remember_valid_check
 from worker.pipeline.steps.common import Snapshot
 from worker.providers.base import Provider, revoke_outcome
 from worker.secret import Secret
@@ -37,7 +37,22 @@ def revoke_key(provider: Provider, *, key_id: Optional[str], secret: Optional[Se
 
 
 def check_credential(provider: Provider, secret: Secret, credential_type: str) -> str:
-    return enum_value(provider.check(secret, credential_type=credential_type))
+    """Ask the provider whether ``secret`` authenticates; a ``valid`` is remembered for the chain."""
+    outcome = enum_value(provider.check(secret, credential_type=credential_type))
+    if outcome == "valid":
+        remember_valid_check(provider.name, secret.fingerprint, credential_type)
+    return outcome
+
+
+def recheck_credential(provider: Provider, secret: Secret, credential_type: str) -> tuple[str, Optional[float]]:
+    """``check_credential`` for a step that checks again a credential an earlier step accepted
+    (verify after precheck, retire after verify): when this chain heard the provider accept this
+    very credential a moment ago (``effects.fresh_check``), that answer stands and no request is
+    made. Returns the outcome and, when it was not asked again, how many seconds ago it was."""
+    age = fresh_check(provider.name, secret.fingerprint, credential_type)
+    if age is not None:
+        return "valid", age
+    return check_credential(provider, secret, credential_type), None
 
 
 def deprecated_error(ctx: PipelineContext, snap: Snapshot, where: str) -> NewCredentialDeprecated:

@@ -18,7 +18,7 @@ from worker.service.deprecation import report_deprecated
 from worker.pipeline.effects import holding, seconds_between
 from worker.pipeline.runs import audit, load_run, load_version
 from worker.pipeline.steps.common import StepOutcome, advance_run, notify_run, load_snapshot
-from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for, revoke_key
+from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for, recheck_credential, revoke_key
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
 from worker.inventory.snapshot import assisted_timings, document_for
@@ -59,7 +59,9 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     detail: dict[str, Any] = {"old_fingerprint": old.fingerprint, "old_provider_key_id": old.provider_key_id}
     with holding(new_secret, old_secret):
         # Invariant 1 and 2: never revoke the old key unless the new one still authenticates.
-        new_outcome = check_credential(provider, new_secret, snap.credential_type)
+        new_outcome, reused_after = recheck_credential(provider, new_secret, snap.credential_type)
+        if reused_after is not None:
+            detail["new_check"] = f"valid at verify {reused_after * 1000:.0f} ms before, in this chain"
         if new_outcome == "deprecated":
             raise deprecated_error(ctx, snap, "retire")
         if new_outcome != "valid":

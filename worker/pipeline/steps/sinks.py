@@ -17,7 +17,7 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import announcement, holding, safe_error, verify_status
 from worker.pipeline.steps.common import Snapshot, StepOutcome, advance_run, require_staged, load_snapshot
 from worker.pipeline.runs import extend_deadline
-from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for
+from worker.pipeline.steps.provider import deprecated_error, provider_for, recheck_credential
 from worker.protocol import RunState, Step, has_grace_period
 from worker.secret import Secret
 
@@ -107,6 +107,7 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         ann = announcement_for(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
         mismatched: list[str] = []
         pending: list[tuple[str, float]] = []
+        provider_check = "valid"
         for name in snap.key.integrations or []:
             with session_scope(ctx.engine) as session:
                 result = ctx.integration_factory(session, name).verify(ann)
@@ -124,7 +125,9 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                 session.add(row)
                 results[name] = status
         if not mismatched and not pending:  # the provider is asked once, not at every poll of a rollout
-            outcome = check_credential(provider, secret, snap.credential_type)
+            outcome, reused_after = recheck_credential(provider, secret, snap.credential_type)
+            if reused_after is not None:
+                provider_check = f"valid at precheck {reused_after * 1000:.0f} ms before, in this chain"
             if outcome == "deprecated":
                 raise deprecated_error(ctx, snap, "verify")
             if outcome != "valid":
@@ -141,4 +144,5 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     grace_s = float(snap.key.grace_period_s) if has_grace_period(snap.mode, emergency=snap.run.emergency) else 0.0
     grace_until = utcnow() + timedelta(seconds=grace_s)
     return advance_run(ctx, snap, S.verified, delay_s=grace_s, grace_until=grace_until,
-                    detail={"grace_until": grace_until.isoformat(), "grace_s": grace_s, "sinks": results})
+                    detail={"grace_until": grace_until.isoformat(), "grace_s": grace_s, "sinks": results,
+                            "provider_check": provider_check})
