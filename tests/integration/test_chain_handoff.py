@@ -91,6 +91,11 @@ def test_only_the_first_step_of_a_chain_reads_a_snapshot(world: World) -> None:
     moves = [(s, " RETURNING " in text and "lease_owner=" in text)
              for s, text in statements if text.startswith("UPDATE rotation_run SET state")]
     assert moves == [(step, step != "finish") for step in STEPS], moves
+    # propagate (handed over by promote: no sink was pushed for the run yet) and verify read no
+    # sink row and write theirs in their transition's transaction.
+    assert [s for s, text in statements if text.startswith("SELECT sink_delivery")] == []
+    per_step = [tx[0][0] for tx in transactions if tx]
+    assert per_step.count("propagate") == 1 and per_step.count("verify") == 1, per_step
 
 
 def test_a_hand_off_the_chain_does_not_use_is_released(world: World) -> None:

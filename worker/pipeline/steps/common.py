@@ -47,6 +47,10 @@ class Snapshot:
     #: activation timings and the next due date use it instead of reading it again. ``None`` when
     #: the record is missing.
     provider_record: Optional[ProviderRecord] = None
+    #: The previous step of this chain moved the run into the state this step acts on, moments ago
+    #: (the snapshot was handed over): this step has never run for the run before, so nothing it
+    #: records (a sink's delivery row) can exist yet from an earlier attempt.
+    entered_in_chain: bool = False
 
     @property
     def credential_type(self) -> str:
@@ -191,7 +195,7 @@ def move_on(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState
         attach(session, snap)  # found by primary key below, without a query
         old, new = load_version(session, run.old_version_id), load_version(session, run.new_version_id)
     return following, Snapshot(run=run, key=snap.key, old=old, new=new, mode=snap.mode,
-                               provider_record=snap.provider_record)
+                               provider_record=snap.provider_record, entered_in_chain=True)
 
 
 def hand_over(snap: Snapshot, following: Optional[tuple[Step, Snapshot]]) -> None:

@@ -53,6 +53,55 @@ def push_all(ctx: PipelineContext, snap: Snapshot, ann: Any, *, done_status: str
     return failures
 
 
+def push_each(ctx: PipelineContext, snap: Snapshot, ann: Any, *, done_status: str) -> tuple[
+        list[dict[str, Any]], list[tuple[str, BaseException]]]:
+    """Push ``ann`` to every integration of the key, recording nothing yet: the sink rows to
+    write (``record_pushes``) and the failures. For a run no earlier attempt pushed for
+    (``Snapshot.entered_in_chain``), whose rows then go into the step's own transition."""
+    rows: list[dict[str, Any]] = []
+    failures: list[tuple[str, BaseException]] = []
+    with session_scope(ctx.engine) as session:  # the factory's session: no query unless a record is new to it
+        for name in snap.key.integrations or []:
+            status, error = done_status, None
+            try:
+                ctx.integration_factory(session, name).push(ann)
+            except Exception as exc:
+                status, error = "failed", safe_error(exc)
+                failures.append((name, exc))
+                logger.warning("sink.push_failed", integration=name, error=error)
+            rows.append({"integration": name, "status": status, "last_error": error, "fingerprint": ann.fingerprint})
+    return rows, failures
+
+
+_SINKS = SinkDelivery.__table__  # type: ignore[attr-defined]
+
+
+def record_pushes(session: Session, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """The rows of ``push_each``'s first pushes for a run (none existed), as one Core INSERT."""
+    if not rows:
+        return
+    now = utcnow()
+    session.connection().execute(_SINKS.insert(), [
+        {"run_id": run_id, "attempts": 1, "updated_at": now, **row} for row in rows])
+
+
+def record_verifications(session: Session, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """Each sink's answer to verify, by (run, integration): ``verified``, or the status kept with
+    what it said in ``last_error``. A sink with no row yet (added to the key after propagate)
+    gets one."""
+    now = utcnow()
+    for row in rows:
+        values: dict[str, Any] = {"last_error": row["last_error"], "updated_at": now}
+        if row["status"] == "verified":
+            values["status"] = "verified"
+        updated = session.connection().execute(
+            _SINKS.update().where(_SINKS.c.run_id == run_id, _SINKS.c.integration == row["integration"]).values(values))
+        if updated.rowcount == 0:
+            session.connection().execute(_SINKS.insert().values(
+                run_id=run_id, integration=row["integration"], status=row["status"], fingerprint=row["fingerprint"],
+                attempts=0, last_error=row["last_error"], updated_at=now))
+
+
 def _sink_row(session: Session, run_id: str, name: str) -> SinkDelivery:
     from sqlmodel import select
 
@@ -85,12 +134,23 @@ def propagate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     if snap.new is None:
         raise PermanentError(f"run {snap.run.id} has no new version recorded; cannot propagate it")
     secret, _ = require_staged(ctx, snap, "propagate")
+    detail = {"sinks": list(snap.key.integrations or [])}
     with holding(secret):
         ann = announcement_for(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
-        failures = push_all(ctx, snap, ann, done_status="pushed", skip={"pushed", "verified"})
+        if snap.entered_in_chain:
+            # promote moved the run here a moment ago: no sink was pushed for it yet, so nothing is
+            # read first, and the sinks' rows are written with the transition (one transaction).
+            rows, failures = push_each(ctx, snap, ann, done_status="pushed")
+            if not failures:
+                return advance_run(ctx, snap, S.propagated, detail=detail,
+                                   apply=lambda session: record_pushes(session, snap.run.id, rows))
+            with session_scope(ctx.engine) as session:
+                record_pushes(session, snap.run.id, rows)
+        else:  # an earlier attempt may have pushed some: skip those, record each as it goes
+            failures = push_all(ctx, snap, ann, done_status="pushed", skip={"pushed", "verified"})
     if failures:
         raise_sink_failures(failures, "pushing the new key")
-    return advance_run(ctx, snap, S.propagated, detail={"sinks": list(snap.key.integrations or [])})
+    return advance_run(ctx, snap, S.propagated, detail=detail)
 
 
 def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
@@ -108,21 +168,23 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         mismatched: list[str] = []
         pending: list[tuple[str, float]] = []
         provider_check = "valid"
-        for name in snap.key.integrations or []:
-            with session_scope(ctx.engine) as session:
+        # Each sink's answer is recorded after all were asked: with the transition when all
+        # passed, in a transaction of its own otherwise (a row says what its sink answered last).
+        rows: list[dict[str, Any]] = []
+        with session_scope(ctx.engine) as session:  # the factory's session: no query unless a record is new to it
+            for name in snap.key.integrations or []:
                 result = ctx.integration_factory(session, name).verify(ann)
                 status, reported = verify_status(result)
-                row = _sink_row(session, snap.run.id, name)
+                row: dict[str, Any] = {"integration": name, "status": "verified", "last_error": None,
+                                       "fingerprint": ann.fingerprint}
                 if status == "mismatch":
                     mismatched.append(f"{name} reports {reported or 'another key'}")
-                    row.last_error = f"verify: reports {reported}"
+                    row.update(status="pending", last_error=f"verify: reports {reported}")
                 elif status == "pending":  # holds the key, still taking it up (a rollout): poll
                     pending.append((name, getattr(result, "retry_in_s", None) or ctx.policy.activation_poll_s))
-                    row.last_error = f"verify: pending: {getattr(result, 'detail', None) or 'not ready'}"
-                else:
-                    row.status, row.last_error = "verified", None
-                row.updated_at = utcnow()
-                session.add(row)
+                    row.update(status="pending",
+                               last_error=f"verify: pending: {getattr(result, 'detail', None) or 'not ready'}")
+                rows.append(row)
                 results[name] = status
         if not mismatched and not pending:  # the provider is asked once, not at every poll of a rollout
             outcome, reused_after = recheck_credential(provider, secret, snap.credential_type)
@@ -133,16 +195,20 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             if outcome != "valid":
                 raise PermanentError(f"the provider now answers {outcome!r} for the new credential it accepted at precheck")
     if mismatched:
+        with session_scope(ctx.engine) as session:
+            record_verifications(session, snap.run.id, rows)
         raise TransientError("integrations do not serve the new key yet: " + "; ".join(mismatched))
     if pending:
         # Not a failure: no retry is used up; the integration bounds the wait (rollout timeout).
         again_s = min(wait for _, wait in pending)
         with session_scope(ctx.engine) as session:
+            record_verifications(session, snap.run.id, rows)
             extend_deadline(session, snap.run, delay_s=again_s, time_limit_s=ctx.policy.time_limit_ms / 1000)
         logger.info("verify.pending", sinks=[name for name, _ in pending], again_in_s=again_s)
         return StepOutcome(state=S.propagated, mode=snap.mode, again_in_s=again_s)
     grace_s = float(snap.key.grace_period_s) if has_grace_period(snap.mode, emergency=snap.run.emergency) else 0.0
     grace_until = utcnow() + timedelta(seconds=grace_s)
     return advance_run(ctx, snap, S.verified, delay_s=grace_s, grace_until=grace_until,
-                    detail={"grace_until": grace_until.isoformat(), "grace_s": grace_s, "sinks": results,
-                            "provider_check": provider_check})
+                       apply=lambda session: record_verifications(session, snap.run.id, rows),
+                       detail={"grace_until": grace_until.isoformat(), "grace_s": grace_s, "sinks": results,
+                               "provider_check": provider_check})
