@@ -2,7 +2,8 @@
 transition of one claims the next step's lease in its own UPDATE and hands over the snapshot, so
 only the chain's first step claims and reads one; a hand-off the chain does not use is released
 when the chain ends. A chain also does not ask the provider again about a credential it accepted
-a moment before (``effects.fresh_check``)."""
+a moment before (``effects.fresh_check``): retire does not check again the new key verify just
+accepted."""
 
 from __future__ import annotations
 
@@ -125,19 +126,19 @@ def _checks_of_new_key(world: World, run_id: str) -> int:
     return sum(1 for call, key_id in world.provider.calls if call == "check" and key_id == new.provider_key_id)
 
 
-def test_a_chain_asks_the_provider_about_the_new_key_once(world: World) -> None:
-    """precheck asks; verify and retire, running right after it in the same chain, use its answer
-    (and say so in the audit trail) instead of asking the same question again."""
+def test_retire_right_after_verify_in_a_chain_uses_its_answer_about_the_new_key(world: World) -> None:
+    """precheck and verify ask (verify's is the check after promotion, whose failure rolls back);
+    retire, running right after verify in the same chain, uses its answer (and says so in the
+    audit trail) instead of asking the same question again."""
     from worker.db.models import AuditEvent
 
     assert world.drive(world.request()) == RunState.completed
     run_id = _rotate_through_actors(world)
     assert _state(world, run_id) == (RunState.completed, None)
-    assert _checks_of_new_key(world, run_id) == 1
+    assert _checks_of_new_key(world, run_id) == 2
     with Session(world.engine) as session:
         events = session.exec(select(AuditEvent).where(AuditEvent.run_id == run_id, AuditEvent.event == "state_changed"))
         details = {e.to_state: e.detail for e in events}
-    assert details["verified"]["provider_check"].startswith("valid at precheck")
     assert details["retired"]["new_check"].startswith("valid at verify")
     assert details["retired"]["old_check"] == "invalid"  # the old key's revocation is still confirmed
 

@@ -113,9 +113,9 @@ FRESH_CHECK_S = 5.0
 
 def fresh_check(provider: str, fingerprint: str, credential_type: str) -> Optional[float]:
     """Seconds since this chain last heard the provider accept this very credential, if that was
-    within ``FRESH_CHECK_S``: steps that follow each other at once (precheck, verify, retire with
-    no grace period) do not ask the provider the same question again milliseconds later. A step
-    that runs in a message of its own (after an activation poll, a grace period, a retry) asks."""
+    within ``FRESH_CHECK_S``: retire, following verify at once (no grace period), does not ask the
+    provider the same question again milliseconds later. A step that runs in a message of its own
+    (after a grace period, a retry) asks."""
     checks = getattr(_chain, "checks", None)
     at = checks.get((provider, fingerprint, credential_type)) if checks else None
     if at is None:

@@ -45,10 +45,11 @@ def check_credential(provider: Provider, secret: Secret, credential_type: str) -
 
 
 def recheck_credential(provider: Provider, secret: Secret, credential_type: str) -> tuple[str, Optional[float]]:
-    """``check_credential`` for a step that checks again a credential an earlier step accepted
-    (verify after precheck, retire after verify): when this chain heard the provider accept this
-    very credential a moment ago (``effects.fresh_check``), that answer stands and no request is
-    made. Returns the outcome and, when it was not asked again, how many seconds ago it was."""
+    """``check_credential`` for retire's check of the new credential, which verify accepted: when
+    this chain heard the provider accept this very credential a moment ago (``effects.fresh_check``:
+    verify and retire with no grace period between them), that answer stands and no request is
+    made. Returns the outcome and, when it was not asked again, how many seconds ago it was.
+    (verify always asks: its check is the first after promotion, and its failure rolls back.)"""
     age = fresh_check(provider.name, secret.fingerprint, credential_type)
     if age is not None:
         return "valid", age

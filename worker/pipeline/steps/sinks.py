@@ -17,7 +17,7 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import announcement, holding, safe_error, verify_status
 from worker.pipeline.steps.common import Snapshot, StepOutcome, advance_run, require_staged, load_snapshot
 from worker.pipeline.runs import extend_deadline
-from worker.pipeline.steps.provider import deprecated_error, provider_for, recheck_credential
+from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for
 from worker.protocol import RunState, Step, has_grace_period
 from worker.secret import Secret
 
@@ -167,7 +167,6 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         ann = announcement_for(snap, "rotated", secret, snap.new, snap.new.vault_version or 0)
         mismatched: list[str] = []
         pending: list[tuple[str, float]] = []
-        provider_check = "valid"
         # Each sink's answer is recorded after all were asked: with the transition when all
         # passed, in a transaction of its own otherwise (a row says what its sink answered last).
         rows: list[dict[str, Any]] = []
@@ -187,9 +186,9 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                 rows.append(row)
                 results[name] = status
         if not mismatched and not pending:  # the provider is asked once, not at every poll of a rollout
-            outcome, reused_after = recheck_credential(provider, secret, snap.credential_type)
-            if reused_after is not None:
-                provider_check = f"valid at precheck {reused_after * 1000:.0f} ms before, in this chain"
+            # Always asked, even right after precheck: the first check after promotion, whose
+            # failure still rolls Vault and the integrations back (invariant 1).
+            outcome = check_credential(provider, secret, snap.credential_type)
             if outcome == "deprecated":
                 raise deprecated_error(ctx, snap, "verify")
             if outcome != "valid":
@@ -210,5 +209,4 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     grace_until = utcnow() + timedelta(seconds=grace_s)
     return advance_run(ctx, snap, S.verified, delay_s=grace_s, grace_until=grace_until,
                        apply=lambda session: record_verifications(session, snap.run.id, rows),
-                       detail={"grace_until": grace_until.isoformat(), "grace_s": grace_s, "sinks": results,
-                               "provider_check": provider_check})
+                       detail={"grace_until": grace_until.isoformat(), "grace_s": grace_s, "sinks": results})
