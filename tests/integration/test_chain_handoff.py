@@ -156,3 +156,32 @@ def test_steps_that_do_not_follow_each_other_at_once_ask_the_provider_each_time(
     run_id = _rotate_through_actors(world)
     assert _state(world, run_id) == (RunState.completed, None)
     assert _checks_of_new_key(world, run_id) == 3
+
+
+def test_propagate_and_verify_find_the_integration_records_issue_read(world: World) -> None:
+    """The integration factory looks each integration's record up (a changed record rebuilds
+    it); in a chain it finds the records issue read, and asks the database nothing."""
+    import dataclasses
+
+    from worker.db.models import IntegrationRecord, ManagedKey
+
+    with Session(world.engine) as session:
+        names = list(session.exec(select(ManagedKey)).one().integrations or [])
+        for name in names:
+            session.add(IntegrationRecord(name=name, kind="webhook", spec={"url": "https://sink.example/hook"}))
+        session.commit()
+    assert names
+    fake_factory = world.ctx.integration_factory
+
+    def factory(session: Session, name: str) -> Any:
+        assert session.get(IntegrationRecord, name) is not None  # as the registry's factory does
+        return fake_factory(session, name)
+
+    from worker.pipeline.context import configure
+
+    configure(dataclasses.replace(world.ctx, integration_factory=factory))
+    transactions = _transactions(world)
+    run_id = _rotate_through_actors(world)
+    assert _state(world, run_id) == (RunState.completed, None)
+    reads = [s for tx in transactions for s, text in tx if text.startswith("SELECT integration.")]
+    assert reads == ["issue"] * len(names), reads

@@ -18,12 +18,21 @@ from worker.providers.request_parts import key_variables, resolve_ref
 from worker.secret_refs import iter_refs
 
 
-def run_specs(session: Any, key: ManagedKey, provider_record: ProviderRecord | None = None) -> list[tuple[str, Any]]:
-    """``(owner, stored spec)`` of the key's provider and each of its integrations, as applied."""
+def integration_records(session: Any, key: ManagedKey) -> dict[str, IntegrationRecord]:
+    """The applied records of the key's integrations, by name (one missing is left out)."""
+    return {name: record for name in key.integrations or []
+            if (record := session.get(IntegrationRecord, name)) is not None}
+
+
+def run_specs(session: Any, key: ManagedKey, provider_record: ProviderRecord | None = None,
+              integrations: dict[str, IntegrationRecord] | None = None) -> list[tuple[str, Any]]:
+    """``(owner, stored spec)`` of the key's provider and each of its integrations, as applied
+    (``integrations``: their records, when the caller read them already)."""
     record = provider_record or session.get(ProviderRecord, key.provider)
     specs: list[tuple[str, Any]] = [(f"provider {key.provider!r}", record.spec)] if record is not None else []
+    records = integrations if integrations is not None else integration_records(session, key)
     for name in key.integrations or []:
-        integration = session.get(IntegrationRecord, name)
+        integration = records.get(name)
         if integration is not None:
             specs.append((f"integration {name!r}", integration.spec))
     return specs

@@ -3,9 +3,10 @@ transition with its bookkeeping (``advance_run``), the reconciler deadline, and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 from sqlalchemy import bindparam
 from sqlalchemy.orm import aliased
@@ -51,6 +52,10 @@ class Snapshot:
     #: (the snapshot was handed over): this step has never run for the run before, so nothing it
     #: records (a sink's delivery row) can exist yet from an earlier attempt.
     entered_in_chain: bool = False
+    #: The records of the key's integrations as this chain read them (by name; issue reads them
+    #: for its reference check): the integration factory finds them without a query, as the
+    #: provider's record is found. Empty when this chain has not read them.
+    integration_records: dict[str, Any] = field(default_factory=dict)
 
     @property
     def credential_type(self) -> str:
@@ -137,6 +142,17 @@ def attach(session: Session, snap: Snapshot) -> None:
                                for row in (snap.key, snap.provider_record, snap.old, snap.new) if row is not None]
 
 
+@contextmanager
+def integration_session(ctx: PipelineContext, snap: Snapshot) -> Iterator[Session]:
+    """A session for the integration factory, holding the integration records this chain read
+    (``merge(load=False)``), so building or finding an integration asks the database nothing."""
+    with session_scope(ctx.engine) as session:
+        # Held in a local: the identity map only keeps a weak reference to a clean object.
+        records = [session.merge(record, load=False) for record in snap.integration_records.values()]
+        yield session
+        del records
+
+
 def require_staged(ctx: PipelineContext, snap: Snapshot, action: str) -> tuple[Secret, Optional[str]]:
     """The run's staged secret and provider key id, checked against the fingerprint recorded at
     issue (staging is never trusted: a staging write that timed out may land later and replace it);
@@ -195,7 +211,8 @@ def move_on(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState
         attach(session, snap)  # found by primary key below, without a query
         old, new = load_version(session, run.old_version_id), load_version(session, run.new_version_id)
     return following, Snapshot(run=run, key=snap.key, old=old, new=new, mode=snap.mode,
-                               provider_record=snap.provider_record, entered_in_chain=True)
+                               provider_record=snap.provider_record, entered_in_chain=True,
+                               integration_records=snap.integration_records)
 
 
 def hand_over(snap: Snapshot, following: Optional[tuple[Step, Snapshot]]) -> None:

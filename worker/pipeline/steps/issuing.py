@@ -14,7 +14,7 @@ from worker.db.session import session_scope
 from worker.errors import ConfigError, DeprecatedCredential, PermanentError, RateLimited, StateConflict, is_permanent
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, remember_staged, safe_error, seconds_between
-from worker.pipeline.preflight import check_run_references, check_spec_references, run_specs
+from worker.pipeline.preflight import check_run_references, check_spec_references, integration_records, run_specs
 from worker.pipeline.runs import RUNS, audit, load_run, run_state, transition
 from worker.pipeline.steps.common import (Snapshot, StepOutcome, attach, hand_over, load_snapshot, move_on,
                                           notify_run)
@@ -66,7 +66,9 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         minted = minted_keys(session, snap.run.id)
         staged = _trusted_staging(ctx, snap, minted)
         if staged is None:
-            specs = run_specs(session, snap.key, snap.provider_record)
+            # Kept for propagate and verify of this chain: their integration factory asks nothing.
+            snap.integration_records = integration_records(session, snap.key)
+            specs = run_specs(session, snap.key, snap.provider_record, snap.integration_records)
             blocker = rotation_blocker(session, snap.key, ctx.vault, served=served)
     if staged is None:  # nothing issued yet: a broken reference fails the run before any effect
         check_spec_references(ctx, snap.key, specs)

@@ -15,7 +15,8 @@ from worker.db.session import session_scope
 from worker.errors import ConfigError, PermanentError, TransientError, is_permanent
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import announcement, holding, safe_error, verify_status
-from worker.pipeline.steps.common import Snapshot, StepOutcome, advance_run, require_staged, load_snapshot
+from worker.pipeline.steps.common import (Snapshot, StepOutcome, advance_run, integration_session, load_snapshot,
+                                          require_staged)
 from worker.pipeline.runs import extend_deadline
 from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for
 from worker.protocol import RunState, Step, has_grace_period
@@ -60,7 +61,7 @@ def push_each(ctx: PipelineContext, snap: Snapshot, ann: Any, *, done_status: st
     (``Snapshot.entered_in_chain``), whose rows then go into the step's own transition."""
     rows: list[dict[str, Any]] = []
     failures: list[tuple[str, BaseException]] = []
-    with session_scope(ctx.engine) as session:  # the factory's session: no query unless a record is new to it
+    with integration_session(ctx, snap) as session:
         for name in snap.key.integrations or []:
             status, error = done_status, None
             try:
@@ -170,7 +171,7 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         # Each sink's answer is recorded after all were asked: with the transition when all
         # passed, in a transaction of its own otherwise (a row says what its sink answered last).
         rows: list[dict[str, Any]] = []
-        with session_scope(ctx.engine) as session:  # the factory's session: no query unless a record is new to it
+        with integration_session(ctx, snap) as session:
             for name in snap.key.integrations or []:
                 result = ctx.integration_factory(session, name).verify(ann)
                 status, reported = verify_status(result)
