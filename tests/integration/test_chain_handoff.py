@@ -97,6 +97,11 @@ def test_only_the_first_step_of_a_chain_reads_a_snapshot(world: World) -> None:
     assert [s for s, text in statements if text.startswith("SELECT sink_delivery")] == []
     per_step = [tx[0][0] for tx in transactions if tx]
     assert per_step.count("propagate") == 1 and per_step.count("verify") == 1, per_step
+    # issue: the claim and snapshot; its reads with the mark before the issue call; the minted
+    # key's record before staging; the transition.
+    issue = [[text for _, text in tx] for tx in transactions if tx and tx[0][0] == "issue"]
+    assert len(issue) == 4, issue
+    assert issue[1][-1].startswith("UPDATE rotation_run SET issue_unknown_since"), issue[1]
 
 
 def test_a_hand_off_the_chain_does_not_use_is_released(world: World) -> None:

@@ -58,9 +58,11 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
     served = _served_once(ctx, snap)
     specs: list[tuple[str, Any]] = []
     blocker: Optional[str] = None
+    marked: Optional[datetime] = None
     # One transaction reads what the step needs before any effect (minted keys, the references to
     # resolve, what would block the rotation); Vault is read inside it only when staging or the
-    # served key must be looked at.
+    # served key must be looked at. When nothing stands between it and the issue call, it also
+    # marks the run for that call (``_mint``), so the mark costs no transaction of its own.
     with session_scope(ctx.engine) as session:
         attach(session, snap)
         minted = minted_keys(session, snap.run.id)
@@ -70,11 +72,15 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             snap.integration_records = integration_records(session, snap.key)
             specs = run_specs(session, snap.key, snap.provider_record, snap.integration_records)
             blocker = rotation_blocker(session, snap.key, ctx.vault, served=served)
-    if staged is None:  # nothing issued yet: a broken reference fails the run before any effect
-        check_spec_references(ctx, snap.key, specs)
-        if blocker is not None:  # the current key could never be revoked afterwards
-            raise ConfigError(blocker + "; nothing was issued")
-    provider = provider_for(ctx, snap)
+            # Nothing issued yet: a broken reference fails the run before any effect (the
+            # transaction only read, so nothing is lost when it rolls back).
+            check_spec_references(ctx, snap.key, specs)
+            if blocker is not None:  # the current key could never be revoked afterwards
+                raise ConfigError(blocker + "; nothing was issued")
+        provider = provider_for(ctx, snap)
+        if staged is None and _issues_next(snap, provider, minted):
+            marked = utcnow()
+            _mark_issue_unknown(session, snap.run.id, marked)
     expires_at = None
     recovered = staged is not None
     if staged is not None:  # a previous attempt issued and staged, then crashed before recording
@@ -87,7 +93,7 @@ def issue(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             return StepOutcome(state=S.requested, mode=snap.mode, again_in_s=wait)
         if not provider.can_issue:
             raise PermanentError(f"provider {snap.key.provider!r} cannot issue keys; set its mode to 'assisted'")
-        issued = _mint(ctx, snap, provider, name)
+        issued = _mint(ctx, snap, provider, name, marked=marked)
         secret, key_id, expires_at = issued.secret, issued.key_id, issued.expires_at
         with holding(secret):
             _stage(ctx, snap, provider, secret, key_id, expires_at)
@@ -195,13 +201,24 @@ def _settle_unknown_issue(ctx: PipelineContext, snap: Snapshot, provider: Provid
     return None
 
 
+def _issues_next(snap: Snapshot, provider: Provider, minted: list[MintedKey]) -> bool:
+    """Whether ``issue`` goes straight to the issue call: no minted key to discard, no earlier
+    call to settle, a provider that issues. (Then the reads' transaction marks the run for it.)"""
+    return (provider.can_issue and snap.run.issue_unknown_since is None
+            and all(m.discarded for m in minted))
+
+
+def _mark_issue_unknown(session: Any, run_id: str, since: Optional[datetime]) -> None:
+    session.execute(update(RUNS).where(RUNS.c.id == run_id, RUNS.c.state == S.requested.value)
+                    .values(issue_unknown_since=since))
+
+
 def _set_issue_unknown(ctx: PipelineContext, run_id: str, since: Optional[datetime],
                        event: Optional[dict[str, Any]] = None) -> None:
     """Mark (or clear) "an issue call's outcome is unknown since …" on the run; with ``event``,
     also record the failed call in the audit trail."""
     with session_scope(ctx.engine) as session:
-        session.execute(update(RUNS).where(RUNS.c.id == run_id, RUNS.c.state == S.requested.value)
-                        .values(issue_unknown_since=since))
+        _mark_issue_unknown(session, run_id, since)
         if event is not None:
             run = load_run(session, run_id)
             if run is not None:
@@ -214,11 +231,17 @@ def _answer_is_definite(exc: BaseException) -> bool:
     return is_permanent(exc) or isinstance(exc, RateLimited)
 
 
-def _mint(ctx: PipelineContext, snap: Snapshot, provider: Provider, name: str) -> Any:
+def _mint(ctx: PipelineContext, snap: Snapshot, provider: Provider, name: str, *,
+          marked: Optional[datetime] = None) -> Any:
     """The issue call, bracketed: the run is marked before it (a crash mid-call leaves the mark),
-    and its answer is recorded (``new_key_minted``) before the secret goes anywhere else."""
-    started = utcnow()
-    _set_issue_unknown(ctx, snap.run.id, started)
+    and its answer is recorded (``new_key_minted``) before the secret goes anywhere else.
+    ``marked``: when the caller's committed transaction marked it already, milliseconds before
+    the call (the wait before listing the provider's keys, twice the request timeout from the
+    mark, still outlasts a call that can run for one timeout)."""
+    started = marked
+    if started is None:
+        started = utcnow()
+        _set_issue_unknown(ctx, snap.run.id, started)
     try:
         issued = provider.issue(name=name, credential_type=snap.credential_type, labels=dict(snap.key.labels or {}))
     except BaseException as exc:
