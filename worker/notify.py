@@ -228,17 +228,34 @@ def snapshot_notifications(engine: Any) -> list[dict[str, Any]]:
     return list(applied_settings(engine).get("notifications") or [])
 
 
+#: How long a notifier uses the notification settings it read before reading them again.
+SETTINGS_RELOAD_S = 10.0
+
+
 def notifier_for(engine: Any, settings: Any = None, *, vault: FieldReader | None = None) -> Notifier:
     """A notifier whose sinks come from the inventory applied to *this* database (``engine``), with
     secret references resolved through ``vault`` (else one built from ``settings`` when it names a
     Vault; else only ``env:`` references resolve). Nothing here reads the process's default
-    settings: a context built for another database notifies that database's sinks."""
-    state: dict[str, Any] = {"vault": vault}
+    settings: a context built for another database notifies that database's sinks. The settings
+    are read again at most every ``SETTINGS_RELOAD_S``; references are resolved at each event."""
+    state: dict[str, Any] = {"vault": vault, "specs": None, "read_at": 0.0}
+    lock = threading.Lock()
+
+    def specs() -> list[dict[str, Any]]:
+        # Read again at most every SETTINGS_RELOAD_S: not one query per event (every rotation
+        # notifies), and a `config apply` reaches running workers' notifications within that.
+        with lock:
+            if state["specs"] is None or time.monotonic() - state["read_at"] >= SETTINGS_RELOAD_S:
+                state["specs"], state["read_at"] = snapshot_notifications(engine), time.monotonic()
+            return list(state["specs"])
 
     def load() -> list[Sink]:
+        declared = specs()
+        if not declared:
+            return []
         if state["vault"] is None and settings is not None and getattr(settings, "vault_addr", None):
             state["vault"] = VaultStore.from_settings(settings)
-        return sinks_from_specs(snapshot_notifications(engine), make_resolver(state["vault"]))
+        return sinks_from_specs(declared, make_resolver(state["vault"]))
 
     options: dict[str, Any] = {}
     if settings is not None:

@@ -136,6 +136,31 @@ def test_notify_function_never_raises_into_its_caller(monkeypatch: pytest.Monkey
                          "error": "RuntimeError"}]
 
 
+def test_the_notification_settings_are_read_once_per_reload_interval_not_per_event(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+    declared: list[dict[str, object]] = []
+
+    def settings(engine: object) -> list[dict[str, object]]:
+        reads.append(1)
+        return list(declared)
+
+    clock = [1000.0]
+    monkeypatch.setattr(notify_mod, "snapshot_notifications", settings)
+    monkeypatch.setattr(notify_mod.time, "monotonic", lambda: clock[0])
+    notifier_ = notify_mod.notifier_for(object())
+    for _ in range(5):
+        assert notifier_.notify("succeeded", key_name="k", run_id="r", detail={}) == 0
+    assert len(reads) == 1
+    # A `config apply` that adds a sink reaches the notifier once the interval is over.
+    declared.append({"kind": "webhook", "url": "https://alerts.example/hook", "events": ["succeeded"],
+                     "allow_insecure_http": False})
+    clock[0] += notify_mod.SETTINGS_RELOAD_S - 0.1
+    assert notifier_.sinks() == [] and len(reads) == 1
+    clock[0] += 0.2
+    assert [sink.kind for sink in notifier_.sinks()] == ["webhook"] and len(reads) == 2
+
+
 def test_sign_format() -> None:
     assert sign(Secret("k"), b"{}", 10).startswith("t=10,v1=")
 
