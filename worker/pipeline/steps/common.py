@@ -3,9 +3,9 @@ transition with its bookkeeping (``advance_run``), the reconciler deadline, and 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 from sqlalchemy import bindparam
@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from worker import log
 from worker.clock import utcnow
-from worker.db.models import KeyVersion, ManagedKey, ProviderRecord, RotationRun
+from worker.db.models import IntegrationRecord, KeyVersion, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
 from worker.errors import PermanentError, StateConflict, TransientError
 from worker.pipeline.context import PipelineContext
@@ -55,7 +55,7 @@ class Snapshot:
     #: The records of the key's integrations as this chain read them (by name; issue reads them
     #: for its reference check): the integration factory finds them without a query, as the
     #: provider's record is found. Empty when this chain has not read them.
-    integration_records: dict[str, Any] = field(default_factory=dict)
+    integration_records: dict[str, IntegrationRecord] = field(default_factory=dict)
 
     @property
     def credential_type(self) -> str:

@@ -77,13 +77,16 @@ def push_each(ctx: PipelineContext, snap: Snapshot, ann: Any, *, done_status: st
 _SINKS = SinkDelivery.__table__  # type: ignore[attr-defined]
 
 
+def _insert_sink_rows(session: Session, run_id: str, rows: list[dict[str, Any]], *, attempts: int) -> None:
+    if rows:
+        now = utcnow()
+        session.connection().execute(_SINKS.insert(), [
+            {"run_id": run_id, "attempts": attempts, "updated_at": now, **row} for row in rows])
+
+
 def record_pushes(session: Session, run_id: str, rows: list[dict[str, Any]]) -> None:
     """The rows of ``push_each``'s first pushes for a run (none existed), as one Core INSERT."""
-    if not rows:
-        return
-    now = utcnow()
-    session.connection().execute(_SINKS.insert(), [
-        {"run_id": run_id, "attempts": 1, "updated_at": now, **row} for row in rows])
+    _insert_sink_rows(session, run_id, rows, attempts=1)
 
 
 def record_verifications(session: Session, run_id: str, rows: list[dict[str, Any]]) -> None:
@@ -98,9 +101,7 @@ def record_verifications(session: Session, run_id: str, rows: list[dict[str, Any
         updated = session.connection().execute(
             _SINKS.update().where(_SINKS.c.run_id == run_id, _SINKS.c.integration == row["integration"]).values(values))
         if updated.rowcount == 0:
-            session.connection().execute(_SINKS.insert().values(
-                run_id=run_id, integration=row["integration"], status=row["status"], fingerprint=row["fingerprint"],
-                attempts=0, last_error=row["last_error"], updated_at=now))
+            _insert_sink_rows(session, run_id, [row], attempts=0)
 
 
 def _sink_row(session: Session, run_id: str, name: str) -> SinkDelivery:
