@@ -12,7 +12,7 @@ from typing import Any
 import dramatiq
 import pytest
 
-from worker.queues import STEP_QUEUE, delayed_keys
+from worker.queues import REQUEST_QUEUE, STEP_QUEUE, delayed_keys
 from worker.runtime.broker import reset_broker, setup_broker
 from worker.runtime.delayed import DelayInRedisBroker
 from worker.settings import load_settings
@@ -144,6 +144,28 @@ def test_move_due_is_atomic_and_moves_only_due_messages(live_broker: Any, redis_
     assert moved["args"] == ["soon"]
     delayed, envelopes = delayed_keys(redis_namespace, STEP_QUEUE)
     assert redis_client.zcard(delayed) == 1 and redis_client.hlen(envelopes) == 1
+
+
+def test_one_look_moves_the_due_messages_of_every_queue_in_one_script_call(live_broker: Any, redis_namespace: str,
+                                                                          redis_client: Any) -> None:
+    """The mover's look costs one round trip to Redis however many queues are declared."""
+    dramatiq.actor(lambda run_id: None, actor_name="probe_steps", queue_name=STEP_QUEUE, broker=live_broker)
+    dramatiq.actor(lambda run_id: None, actor_name="probe_requests", queue_name=REQUEST_QUEUE, broker=live_broker)
+    live_broker.get_actor("probe_steps").send_with_options(args=("step",), delay=100)
+    live_broker.get_actor("probe_requests").send_with_options(args=("request",), delay=100)
+    assert live_broker.get_declared_queues() == {STEP_QUEUE, REQUEST_QUEUE}
+    script = live_broker._move_script
+    calls: list[int] = []
+
+    def counting(*, keys: list[str], args: list[Any]) -> Any:
+        calls.append(len(keys))
+        return script(keys=keys, args=args)
+
+    live_broker._registered_move_script = counting
+    assert live_broker.move_due(now_ms=int(time.time() * 1000) + 200) == 2
+    assert calls == [8]  # one call, four keys for each of the two queues
+    for queue in (STEP_QUEUE, REQUEST_QUEUE):
+        assert redis_client.llen(f"{redis_namespace}:{queue}") == 1
 
 
 def test_a_worker_fetches_one_message_per_thread(live_broker: Any, redis_namespace: str, redis_client: Any) -> None:

@@ -41,20 +41,25 @@ MOVE_INTERVAL_S = 0.1
 #: At most this many messages per queue move in one script call (the next look takes the rest).
 MOVE_BATCH = 200
 
-# KEYS: the delayed set, the delayed envelopes, the queue's list, the queue's envelopes.
-# ARGV: now (epoch ms), batch size. Returns how many moved.
+# KEYS: per queue, four keys: its delayed set, its delayed envelopes, its list, its envelopes.
+# ARGV: now (epoch ms), batch size (per queue). Returns how many moved in all.
 _MOVE_DUE = """
-local due = redis.call("zrangebyscore", KEYS[1], "-inf", ARGV[1], "LIMIT", 0, tonumber(ARGV[2]))
-for _, message_id in ipairs(due) do
-    local envelope = redis.call("hget", KEYS[2], message_id)
-    if envelope then
-        redis.call("hset", KEYS[4], message_id, envelope)
-        redis.call("rpush", KEYS[3], message_id)
-        redis.call("hdel", KEYS[2], message_id)
+local moved = 0
+for q = 0, #KEYS / 4 - 1 do
+    local delayed, envelopes, ready, ready_envelopes = KEYS[q * 4 + 1], KEYS[q * 4 + 2], KEYS[q * 4 + 3], KEYS[q * 4 + 4]
+    local due = redis.call("zrangebyscore", delayed, "-inf", ARGV[1], "LIMIT", 0, tonumber(ARGV[2]))
+    for _, message_id in ipairs(due) do
+        local envelope = redis.call("hget", envelopes, message_id)
+        if envelope then
+            redis.call("hset", ready_envelopes, message_id, envelope)
+            redis.call("rpush", ready, message_id)
+            redis.call("hdel", envelopes, message_id)
+        end
+        redis.call("zrem", delayed, message_id)
     end
-    redis.call("zrem", KEYS[1], message_id)
+    moved = moved + #due
 end
-return #due
+return moved
 """
 
 
@@ -100,15 +105,17 @@ class DelayInRedisBroker(PoisonSafeRedisBroker):
         return sent
 
     def move_due(self, now_ms: Optional[int] = None, batch: int = MOVE_BATCH) -> int:
-        """Move every due delayed message of the declared queues onto its queue; how many moved."""
+        """Move every due delayed message of the declared queues onto its queue, in one script call
+        for all of them; how many moved."""
         now_ms = current_millis() if now_ms is None else now_ms
-        moved = 0
-        for queue_name in sorted(self.get_declared_queues()):
+        keys: list[str] = []
+        for queue_name in sorted({q_name(name) for name in self.get_declared_queues()}):
             delayed, envelopes = delayed_keys(self.namespace, queue_name)
             ready = f"{self.namespace}:{queue_name}"
-            moved += int(self._move_script(keys=[delayed, envelopes, ready, f"{ready}.msgs"],
-                                           args=[now_ms, batch]))
-        return moved
+            keys += [delayed, envelopes, ready, f"{ready}.msgs"]
+        if not keys:
+            return 0
+        return int(self._move_script(keys=keys, args=[now_ms, batch]))
 
     @property
     def _move_script(self) -> Any:
