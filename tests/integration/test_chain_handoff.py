@@ -89,9 +89,12 @@ def test_only_the_first_step_of_a_chain_reads_a_snapshot(world: World) -> None:
     snapshot_reads = [s for s, text in statements if s in STEPS and text.startswith("SELECT managed_key.")]
     assert snapshot_reads == ["issue"], snapshot_reads
     # Each transition but the last claims the next step in its own UPDATE and returns the run.
-    moves = [(s, " RETURNING " in text and "lease_owner=" in text)
-             for s, text in statements if text.startswith("UPDATE rotation_run SET state")]
+    transitions = [(s, text) for s, text in statements if "UPDATE rotation_run SET state" in text]
+    moves = [(s, "RETURNING rotation_run.id, rotation_run.key_id, rotation_run.state," in text)
+             for s, text in transitions]
     assert moves == [(step, step != "finish") for step in STEPS], moves
+    # ... and writes its audit row in the same statement: one round trip per transition.
+    assert all(text.startswith("WITH moved AS") and "INSERT INTO audit_event" in text for _, text in transitions)
     # propagate (handed over by promote: no sink was pushed for the run yet) and verify read no
     # sink row and write theirs in their transition's transaction.
     assert [s for s, text in statements if text.startswith("SELECT sink_delivery")] == []

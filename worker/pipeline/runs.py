@@ -15,7 +15,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Optional
 
-from sqlalchemy import Table, bindparam, insert, update
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.orm import aliased
 from sqlmodel import col, select, Session
 
 from worker.clock import utcnow
@@ -63,6 +64,31 @@ def audit(session: Session, run: RotationRun, *, actor: str, event: str, from_st
 
 
 _TRANSITIONS: dict[tuple[tuple[str, ...], bool], Any] = {}
+_AUDITED_TRANSITIONS: dict[tuple[tuple[str, ...], bool], Any] = {}
+_AUDIT: Table = AuditEvent.__table__  # type: ignore[attr-defined]
+_AUDIT_COLUMNS = ("at", "run_id", "key_id", "actor", "event", "from_state", "to_state", "detail")
+
+
+def _audited_transition_statement(columns: tuple[str, ...], *, returning: bool) -> Any:
+    """PostgreSQL: the transition's UPDATE and its audit row in one statement (a data-modifying
+    CTE), so a transition is one round trip instead of two. The audit row is inserted only for a
+    row the UPDATE moved; the statement returns the moved run (as the ORM object when
+    ``returning``, else its id), nothing when the run had moved on."""
+    statement = _AUDITED_TRANSITIONS.get((columns, returning))
+    if statement is None:
+        values: dict[str, Any] = {name: bindparam(f"t_{name}") for name in columns}
+        update_run = update(RUNS).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
+        moved = update_run.values(values).returning(*(RUNS.c if returning else (RUNS.c.id, RUNS.c.key_id))).cte("moved")
+        audit_row = select(bindparam("a_at", type_=_AUDIT.c.at.type), moved.c.id, moved.c.key_id,
+                           *(bindparam(f"a_{name}", type_=_AUDIT.c[name].type) for name in _AUDIT_COLUMNS[3:]))
+        logged = insert(_AUDIT).from_select(list(_AUDIT_COLUMNS), audit_row).cte("logged")
+        if returning:
+            statement = (select(aliased(RotationRun, moved)).add_cte(logged)
+                         .execution_options(populate_existing=True))
+        else:
+            statement = select(moved.c.id).add_cte(logged)
+        _AUDITED_TRANSITIONS[(columns, returning)] = statement
+    return statement
 
 
 def _transition_statement(columns: tuple[str, ...], *, returning: bool) -> Any:
@@ -123,22 +149,33 @@ def transition(
     if session.new or session.dirty or session.deleted:  # the caller's pending rows go first
         session.flush()
     moved: Optional[RotationRun] = None
+    audited = False
+    connection = session.connection()
     if still:
-        result = session.connection().execute(
+        result = connection.execute(
             update(RUNS).where(RUNS.c.id == run.id, RUNS.c.state == expected.value, *still).values(**values))
         found = result.rowcount == 1
     else:
-        statement = _transition_statement(tuple(sorted(values)), returning=lease is not None)
+        columns, returning = tuple(sorted(values)), lease is not None
         params = {"t_id": run.id, "t_expected": expected.value, **{f"t_{name}": v for name, v in values.items()}}
-        if lease is None:
-            found = session.connection().execute(statement, params).rowcount == 1
+        if connection.dialect.name == "postgresql":
+            params.update({"a_at": now, "a_actor": actor, "a_event": "state_changed", "a_from_state": expected.value,
+                           "a_to_state": to.value, "a_detail": dict(detail or {})})
+            statement = _audited_transition_statement(columns, returning=returning)
+            audited = True
+        else:
+            statement = _transition_statement(columns, returning=returning)
+        if not returning:
+            result = connection.execute(statement, params)
+            found = result.first() is not None if audited else result.rowcount == 1
         else:
             moved = session.execute(statement, params).scalars().first()
             found = moved is not None
     if not found:
         raise StateConflict(f"run {run.id} is no longer {expected.value}; another worker moved it")
-    audit(session, run, actor=actor, event="state_changed", from_state=expected.value, to_state=to.value,
-          detail=detail)
+    if not audited:
+        audit(session, run, actor=actor, event="state_changed", from_state=expected.value, to_state=to.value,
+              detail=detail)
     # The current execution's lease went with the UPDATE (nothing left to release once committed).
     after_commit(session, transitioned)
     if to in OUTCOME_STATES:
