@@ -55,6 +55,7 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
         # --- measured: the worker
         ids = world.request(world.keys, f"t{trial}")
         h.settle()
+        poll_rows = world.rows_per_poll(ids)
         polls0 = world.polls
         db0, m0 = world.db.activity(), worker.metrics()
         p0, v0, w0 = h.provider_counts(world.provider.stats()), vault.requests_seen(), worker.cpu_s()
@@ -81,13 +82,14 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
         commits.measured.append(xacts / keys)
         commits_only.measured.append((db["commits"] - 1) / keys)
         sessions.measured.append(db["sessions"] / keys)
-        tuples.measured.append(db["tup_returned"] / keys)
+        tuples.measured.append(max(0.0, db["tup_returned"] - (world.polls - polls0) * poll_rows) / keys)
         processed = {k: v for k, v in h.diff(_msgs(m1), _msgs(m0)).items()}
         for actor, n in processed.items():
             per_actor[actor] = per_actor.get(actor, 0.0) + n / keys / trials
         messages.measured.append(sum(processed.values()) / keys)
     commits.note = ("pg_stat_database of the bench database (commits + rollbacks), less this process's enqueue and "
                     "completion polls; statements are not counted (pg_stat_statements is not loaded)")
+    tuples.note = "less the rows of this process's completion polls (each measured on the idle database before the trial)"
     messages.note = "by actor: " + ", ".join(f"{a} {n:.2f}" for a, n in sorted(per_actor.items()))
     figures = [rate, cpu, http, http_provider, http_vault, commits, commits_only, sessions, tuples, messages]
     h.print_table(f"1. throughput, {keys} keys, one `keyrotor worker -p 1 -t {threads}`", figures)

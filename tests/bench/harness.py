@@ -442,12 +442,8 @@ class World:
         core at 300 keys); their end states."""
         deadline = time.monotonic() + timeout
         params = {"ids": ids}
-        count = sa.text("SELECT count(*) FILTER (WHERE finished_at IS NULL) AS open, count(*) AS known "
-                        "FROM rotation_run WHERE id = ANY(:ids)")
         while True:
-            with self.engine.connect() as c:
-                row = c.execute(count, params).one()
-            self.polls += 1
+            row = self._count_open(ids)
             if row.open == 0 and row.known == len(ids):
                 break
             if time.monotonic() > deadline:
@@ -457,6 +453,23 @@ class World:
             rows = c.execute(sa.text("SELECT id, state FROM rotation_run WHERE id = ANY(:ids)"), params).all()
         self.polls += 1
         return {r.id: r.state for r in rows}
+
+    def _count_open(self, ids: list[str]) -> Any:
+        count = sa.text("SELECT count(*) FILTER (WHERE finished_at IS NULL) AS open, count(*) AS known "
+                        "FROM rotation_run WHERE id = ANY(:ids)")
+        with self.engine.connect() as c:
+            row = c.execute(count, {"ids": ids}).one()
+        self.polls += 1
+        return row
+
+    def rows_per_poll(self, ids: list[str], polls: int = 5) -> float:
+        """Rows PostgreSQL reads (``tup_returned``) for one completion poll over ``ids``, measured
+        on the idle database (the polls share ``pg_stat_database`` with the worker's reads)."""
+        before = self.db.activity()
+        for _ in range(polls):
+            self._count_open(ids)
+        settle()
+        return (self.db.activity()["tup_returned"] - before["tup_returned"]) / polls
 
 
 def inventory(provider_url: str, mount: str, count: int, *, rate_limit: Optional[dict[str, Any]] = None) -> dict[str, Any]:
