@@ -168,24 +168,6 @@ def test_one_look_moves_the_due_messages_of_every_queue_in_one_script_call(live_
         assert redis_client.llen(f"{redis_namespace}:{queue}") == 1
 
 
-def test_a_delay_queue_is_polled_at_most_once_a_second_when_idle_and_a_ready_queue_at_the_workers_pace(
-        live_broker: Any) -> None:
-    """Delayed messages wait in Redis sets here: a ``.DQ`` only holds an older release's, and its
-    idle consumer need not ask Redis every 100 ms."""
-    from dramatiq.common import dq_name
-
-    from worker.runtime.delayed import DELAY_QUEUE_POLL_MS
-
-    ready = live_broker.consume(STEP_QUEUE, prefetch=1, timeout=100)
-    delay = live_broker.consume(dq_name(STEP_QUEUE), prefetch=1, timeout=100)
-    try:
-        assert ready.timeout == 100
-        assert delay.timeout == DELAY_QUEUE_POLL_MS == 1000
-    finally:
-        ready.close()
-        delay.close()
-
-
 def test_a_worker_fetches_one_message_per_thread(live_broker: Any, redis_namespace: str, redis_client: Any) -> None:
     """What a killed worker takes with it is bounded by its threads: with every thread busy, the
     rest of the queue stays ready for other workers."""

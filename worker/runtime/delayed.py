@@ -26,8 +26,7 @@ from typing import Any, Optional
 from uuid import uuid4
 
 import dramatiq
-from dramatiq.broker import Consumer
-from dramatiq.common import current_millis, dq_name, q_name
+from dramatiq.common import current_millis, q_name
 from dramatiq.message import Message
 
 from worker import log
@@ -41,11 +40,6 @@ logger = log.get_logger("keyrotor.pipeline.delayed")
 MOVE_INTERVAL_S = 0.1
 #: At most this many messages per queue move in one script call (the next look takes the rest).
 MOVE_BATCH = 200
-#: Milliseconds at most between two looks of an idle consumer of a delay queue (``<queue>.DQ``).
-#: Here such a queue only holds what workers of an older release put there (their delayed
-#: messages, each held until due anyway): polling it as often as a ready queue (the worker's
-#: timeout, 100 ms) was half of an idle worker's calls to Redis.
-DELAY_QUEUE_POLL_MS = 1000
 
 # KEYS: per queue, four keys: its delayed set, its delayed envelopes, its list, its envelopes.
 # ARGV: now (epoch ms), batch size (per queue). Returns how many moved in all.
@@ -89,11 +83,6 @@ class DelayInRedisBroker(PoisonSafeRedisBroker):
         pipe.execute()
         self.emit_after("enqueue", message, delay)
         return message
-
-    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
-        if queue_name == dq_name(q_name(queue_name)):
-            timeout = max(timeout, DELAY_QUEUE_POLL_MS)
-        return super().consume(queue_name, prefetch, timeout)
 
     def enqueue_many(self, messages: list[Message]) -> list[Message]:
         """Enqueue ready (not delayed) messages in one round trip, written as Dramatiq's own
