@@ -201,7 +201,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | N
     handler.setFormatter(formatter)
     # No line shows the caller's file and line: skip the frame walk that finds them for every record
     # (the logging HOWTO's "Optimization" section), a quarter of a log line's cost.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

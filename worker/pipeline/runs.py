@@ -15,7 +15,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Optional
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Table, bindparam, insert, update
+from sqlalchemy import select as core_select
 from sqlalchemy.orm import aliased
 from sqlmodel import col, select, Session
 
@@ -79,14 +80,14 @@ def _audited_transition_statement(columns: tuple[str, ...], *, returning: bool) 
         values: dict[str, Any] = {name: bindparam(f"t_{name}") for name in columns}
         update_run = update(RUNS).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
         moved = update_run.values(values).returning(*(RUNS.c if returning else (RUNS.c.id, RUNS.c.key_id))).cte("moved")
-        audit_row = select(bindparam("a_at", type_=_AUDIT.c.at.type), moved.c.id, moved.c.key_id,
+        audit_row = core_select(bindparam("a_at", type_=_AUDIT.c.at.type), moved.c.id, moved.c.key_id,
                            *(bindparam(f"a_{name}", type_=_AUDIT.c[name].type) for name in _AUDIT_COLUMNS[3:]))
         logged = insert(_AUDIT).from_select(list(_AUDIT_COLUMNS), audit_row).cte("logged")
         if returning:
-            statement = (select(aliased(RotationRun, moved)).add_cte(logged)
+            statement = (core_select(aliased(RotationRun, moved)).add_cte(logged)
                          .execution_options(populate_existing=True))
         else:
-            statement = select(moved.c.id).add_cte(logged)
+            statement = core_select(moved.c.id).add_cte(logged)
         _AUDITED_TRANSITIONS[(columns, returning)] = statement
     return statement
 
