@@ -81,7 +81,7 @@ def _audited_transition_statement(columns: tuple[str, ...], *, returning: bool) 
         update_run = update(RUNS).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
         moved = update_run.values(values).returning(*(RUNS.c if returning else (RUNS.c.id, RUNS.c.key_id))).cte("moved")
         audit_row = core_select(bindparam("a_at", type_=_AUDIT.c.at.type), moved.c.id, moved.c.key_id,
-                           *(bindparam(f"a_{name}", type_=_AUDIT.c[name].type) for name in _AUDIT_COLUMNS[3:]))
+                                *(bindparam(f"a_{name}", type_=_AUDIT.c[name].type) for name in _AUDIT_COLUMNS[3:]))
         logged = insert(_AUDIT).from_select(list(_AUDIT_COLUMNS), audit_row).cte("logged")
         if returning:
             statement = (core_select(aliased(RotationRun, moved)).add_cte(logged)
