@@ -49,7 +49,8 @@ def load_version(session: Session, version_id: Optional[int]) -> Optional[KeyVer
     return session.get(KeyVersion, version_id) if version_id is not None else None
 
 
-_INSERT_AUDIT = insert(AuditEvent.__table__)  # type: ignore[attr-defined]
+_AUDIT: Table = AuditEvent.__table__  # type: ignore[attr-defined]
+_INSERT_AUDIT = insert(_AUDIT)
 #: The run table, for UPDATEs that need no ORM bookkeeping.
 RUNS: Table = RotationRun.__table__  # type: ignore[attr-defined]
 
@@ -64,51 +65,44 @@ def audit(session: Session, run: RotationRun, *, actor: str, event: str, from_st
                                                  "detail": dict(detail or {})})
 
 
-_TRANSITIONS: dict[tuple[tuple[str, ...], bool], Any] = {}
-_AUDITED_TRANSITIONS: dict[tuple[tuple[str, ...], bool], Any] = {}
-_AUDIT: Table = AuditEvent.__table__  # type: ignore[attr-defined]
+_TRANSITIONS: dict[tuple[tuple[str, ...], bool, bool], Any] = {}
 _AUDIT_COLUMNS = ("at", "run_id", "key_id", "actor", "event", "from_state", "to_state", "detail")
 
 
-def _audited_transition_statement(columns: tuple[str, ...], *, returning: bool) -> Any:
-    """PostgreSQL: the transition's UPDATE and its audit row in one statement (a data-modifying
-    CTE), so a transition is one round trip instead of two. The audit row is inserted only for a
-    row the UPDATE moved; the statement returns the moved run (as the ORM object when
-    ``returning``, else its id), nothing when the run had moved on."""
-    statement = _AUDITED_TRANSITIONS.get((columns, returning))
-    if statement is None:
-        values: dict[str, Any] = {name: bindparam(f"t_{name}") for name in columns}
-        update_run = update(RUNS).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
-        moved = update_run.values(values).returning(*(RUNS.c if returning else (RUNS.c.id, RUNS.c.key_id))).cte("moved")
-        audit_row = core_select(bindparam("a_at", type_=_AUDIT.c.at.type), moved.c.id, moved.c.key_id,
-                                *(bindparam(f"a_{name}", type_=_AUDIT.c[name].type) for name in _AUDIT_COLUMNS[3:]))
-        logged = insert(_AUDIT).from_select(list(_AUDIT_COLUMNS), audit_row).cte("logged")
-        if returning:
-            statement = (core_select(aliased(RotationRun, moved)).add_cte(logged)
-                         .execution_options(populate_existing=True))
-        else:
-            statement = core_select(moved.c.id).add_cte(logged)
-        _AUDITED_TRANSITIONS[(columns, returning)] = statement
-    return statement
-
-
-def _transition_statement(columns: tuple[str, ...], *, returning: bool) -> Any:
+def _transition_statement(columns: tuple[str, ...], *, returning: bool, audited: bool) -> Any:
     """The transition's UPDATE for this set of columns, built once (building it per call, with its
     values coerced each time, cost more CPU than running it). On the table, not the mapped class:
     nothing in the session mirrors the row, and the ORM's bulk-update machinery costs more than the
     statement; a hand-off needs the run back as an object (the next step's snapshot), so that one
-    goes through the ORM with RETURNING instead of reading the row again."""
-    statement = _TRANSITIONS.get((columns, returning))
+    goes through the ORM with RETURNING instead of reading the row again. ``audited``
+    (PostgreSQL): with its audit row in the same statement (``_with_audit_row``)."""
+    statement = _TRANSITIONS.get((columns, returning, audited))
     if statement is None:
         where = (RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
         values: dict[str, Any] = {name: bindparam(f"t_{name}") for name in columns}
-        if returning:
+        if audited:
+            statement = _with_audit_row(update(RUNS).where(*where).values(values), returning=returning)
+        elif returning:
             statement = (update(RotationRun).where(*where).values(values).returning(RotationRun)
                          .execution_options(synchronize_session=False, populate_existing=True))
         else:
             statement = update(RUNS).where(*where).values(values)
-        _TRANSITIONS[(columns, returning)] = statement
+        _TRANSITIONS[(columns, returning, audited)] = statement
     return statement
+
+
+def _with_audit_row(update_run: Any, *, returning: bool) -> Any:
+    """The run's UPDATE and its audit row as one statement (a data-modifying CTE): a transition is
+    one round trip instead of two. The audit row is inserted only for a row the UPDATE moved; the
+    statement returns the moved run (as the ORM object when ``returning``, else its id), nothing
+    when the run had moved on."""
+    moved = update_run.returning(*(RUNS.c if returning else (RUNS.c.id, RUNS.c.key_id))).cte("moved")
+    audit_row = core_select(bindparam("a_at", type_=_AUDIT.c.at.type), moved.c.id, moved.c.key_id,
+                            *(bindparam(f"a_{name}", type_=_AUDIT.c[name].type) for name in _AUDIT_COLUMNS[3:]))
+    logged = insert(_AUDIT).from_select(list(_AUDIT_COLUMNS), audit_row).cte("logged")
+    if returning:
+        return core_select(aliased(RotationRun, moved)).add_cte(logged).execution_options(populate_existing=True)
+    return core_select(moved.c.id).add_cte(logged)
 
 
 def transition(
@@ -159,13 +153,11 @@ def transition(
     else:
         columns, returning = tuple(sorted(values)), lease is not None
         params = {"t_id": run.id, "t_expected": expected.value, **{f"t_{name}": v for name, v in values.items()}}
-        if connection.dialect.name == "postgresql":
+        audited = connection.dialect.name == "postgresql"  # SQLite has no data-modifying CTE
+        if audited:
             params.update({"a_at": now, "a_actor": actor, "a_event": "state_changed", "a_from_state": expected.value,
                            "a_to_state": to.value, "a_detail": dict(detail or {})})
-            statement = _audited_transition_statement(columns, returning=returning)
-            audited = True
-        else:
-            statement = _transition_statement(columns, returning=returning)
+        statement = _transition_statement(columns, returning=returning, audited=audited)
         if not returning:
             result = connection.execute(statement, params)
             found = result.first() is not None if audited else result.rowcount == 1
