@@ -52,6 +52,22 @@ def _transactions(world: World) -> list[list[tuple[str, str]]]:
     return seen
 
 
+def _committed_alone(world: World) -> list[tuple[str, bool]]:
+    """(step, committed by itself) of every statement: psycopg sent it without a BEGIN (the
+    connection in autocommit), so no COMMIT follows either: the statement was the transaction."""
+    import structlog
+    from psycopg.pq import TransactionStatus
+
+    seen: list[tuple[str, bool]] = []
+
+    def after(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        step = str(structlog.contextvars.get_contextvars().get("step") or "-")
+        seen.append((step, cursor.connection.info.transaction_status == TransactionStatus.IDLE))
+
+    event.listen(world.engine, "after_cursor_execute", after)
+    return seen
+
+
 def _rotate_through_actors(world: World) -> str:
     from worker.pipeline.outbox import enqueue_run
     from worker.queues import STEP_QUEUE
@@ -80,6 +96,7 @@ def _state(world: World, run_id: str) -> tuple[RunState, Any]:
 def test_only_the_first_step_of_a_chain_reads_a_snapshot(world: World) -> None:
     assert world.drive(world.request()) == RunState.completed  # the key's first rotation adopts its version
     transactions = _transactions(world)
+    alone = _committed_alone(world)
     run_id = _rotate_through_actors(world)
     assert _state(world, run_id) == (RunState.completed, None)
 
@@ -100,6 +117,16 @@ def test_only_the_first_step_of_a_chain_reads_a_snapshot(world: World) -> None:
     assert [s for s, text in statements if text.startswith("SELECT sink_delivery")] == []
     per_step = [tx[0][0] for tx in transactions if tx]
     assert per_step.count("propagate") == 1 and per_step.count("verify") == 1, per_step
+    # The steps after issue are one statement each, their rows in it (the versions' stages, the
+    # sinks' rows, the key's rotation and next due date), sent without BEGIN and COMMIT.
+    after_issue = STEPS[1:]
+    assert [tx for tx in transactions if tx and tx[0][0] in after_issue and len(tx) != 1] == []
+    assert [s for s, by_itself in alone if s in after_issue and not by_itself] == []
+    writes = {s: text for s, text in transitions}
+    assert "UPDATE key_version SET stage" in writes["promote"] and "UPDATE key_version SET stage" in writes["retire"]
+    assert "INSERT INTO sink_delivery" in writes["propagate"] and "UPDATE sink_delivery" in writes["verify"]
+    assert "UPDATE managed_key SET" in writes["finish"] and "next_due_at" in writes["finish"]
+    assert all(by_itself is False for s, by_itself in alone if s == "issue")  # its steps are several statements
     # issue: the claim and snapshot; its reads with the mark before the issue call; the minted
     # key's record before staging; the transition.
     issue = [[text for _, text in tx] for tx in transactions if tx and tx[0][0] == "issue"]

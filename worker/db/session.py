@@ -126,9 +126,18 @@ def _forget_after_commit(session: OrmSession, _transaction: Any) -> None:
 
 
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
+def session_scope(engine: Engine, *, one_statement: bool = False) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error.
+
+    ``one_statement``: the caller sends a single statement, a durable point on its own (a step's
+    transition with its rows: ``worker/pipeline/runs.py``). On PostgreSQL it then goes without a
+    BEGIN and a COMMIT (the connection in autocommit for this session), one round trip instead of
+    three; the statement is atomic by itself. A second statement would commit on its own: pass it
+    only where there is none."""
     with Session(engine, expire_on_commit=False) as session:
+        if one_statement and engine.dialect.name == "postgresql":
+            # Local to psycopg (no round trip); the pool resets it when the connection returns.
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         try:
             yield session
             session.commit()

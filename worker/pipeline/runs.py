@@ -13,9 +13,9 @@ back its transaction and drops the message.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
-from sqlalchemy import Table, bindparam, insert, update
+from sqlalchemy import ColumnElement, Table, bindparam, insert, true, update
 from sqlalchemy import select as core_select
 from sqlalchemy.orm import aliased
 from sqlmodel import col, select, Session
@@ -65,44 +65,67 @@ def audit(session: Session, run: RotationRun, *, actor: str, event: str, from_st
                                                  "detail": dict(detail or {})})
 
 
+#: A write that belongs to a transition (a version's stage, a sink's row): given the condition
+#: "the run moved", the statement that makes it only then (``UPDATE … WHERE … AND <moved>``,
+#: ``INSERT … SELECT … WHERE <moved>``). See ``transition``'s ``writes``.
+ConditionalWrite = Callable[[ColumnElement[bool]], Any]
+
 _TRANSITIONS: dict[tuple[tuple[str, ...], bool, bool], Any] = {}
+_RUN_UPDATES: dict[tuple[str, ...], Any] = {}
 _AUDIT_COLUMNS = ("at", "run_id", "key_id", "actor", "event", "from_state", "to_state", "detail")
 
 
-def _transition_statement(columns: tuple[str, ...], *, returning: bool, audited: bool) -> Any:
-    """The transition's UPDATE for this set of columns, built once (building it per call, with its
-    values coerced each time, cost more CPU than running it). On the table, not the mapped class:
-    nothing in the session mirrors the row, and the ORM's bulk-update machinery costs more than the
-    statement; a hand-off needs the run back as an object (the next step's snapshot), so that one
-    goes through the ORM with RETURNING instead of reading the row again. ``audited``
-    (PostgreSQL): with its audit row in the same statement (``_with_audit_row``)."""
+def _run_update(columns: tuple[str, ...]) -> Any:
+    """``UPDATE rotation_run SET <columns> WHERE id = :t_id AND state = :t_expected``, with bind
+    parameters, built once per set of columns (building it per call, with its values coerced each
+    time, cost more CPU than running it). On the table, not the mapped class: nothing in the
+    session mirrors the row, and the ORM's bulk-update machinery costs more than the statement."""
+    statement = _RUN_UPDATES.get(columns)
+    if statement is None:
+        statement = (update(RUNS).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
+                     .values({name: bindparam(f"t_{name}") for name in columns}))
+        _RUN_UPDATES[columns] = statement
+    return statement
+
+
+def _transition_statement(columns: tuple[str, ...], *, returning: bool, audited: bool,
+                          writes: Sequence[ConditionalWrite] = ()) -> Any:
+    """The transition's statement for this set of columns, built once. A hand-off needs the run
+    back as an object (the next step's snapshot), so ``returning`` goes through the ORM with
+    RETURNING instead of reading the row again. ``audited`` (PostgreSQL): with its audit row and
+    the step's ``writes`` in the same statement (``_with_audit_row``; one with writes is built per
+    call, from the cached UPDATE: SQLAlchemy's compiled cache still serves its SQL)."""
+    if writes:
+        return _with_audit_row(_run_update(columns), returning=returning, writes=writes)
     statement = _TRANSITIONS.get((columns, returning, audited))
     if statement is None:
-        where = (RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
-        values: dict[str, Any] = {name: bindparam(f"t_{name}") for name in columns}
         if audited:
-            statement = _with_audit_row(update(RUNS).where(*where).values(values), returning=returning)
+            statement = _with_audit_row(_run_update(columns), returning=returning)
         elif returning:
-            statement = (update(RotationRun).where(*where).values(values).returning(RotationRun)
+            statement = (update(RotationRun).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
+                         .values({name: bindparam(f"t_{name}") for name in columns}).returning(RotationRun)
                          .execution_options(synchronize_session=False, populate_existing=True))
         else:
-            statement = update(RUNS).where(*where).values(values)
+            statement = _run_update(columns)
         _TRANSITIONS[(columns, returning, audited)] = statement
     return statement
 
 
-def _with_audit_row(update_run: Any, *, returning: bool) -> Any:
-    """The run's UPDATE and its audit row as one statement (a data-modifying CTE): a transition is
-    one round trip instead of two. The audit row is inserted only for a row the UPDATE moved; the
-    statement returns the moved run (as the ORM object when ``returning``, else its id), nothing
-    when the run had moved on."""
+def _with_audit_row(update_run: Any, *, returning: bool, writes: Sequence[ConditionalWrite] = ()) -> Any:
+    """The run's UPDATE, its audit row and the step's writes as one statement (a data-modifying
+    CTE): a transition is one round trip instead of one per row. The audit row and the writes
+    happen only for a row the UPDATE moved (they read its ``RETURNING``); the statement returns
+    the moved run (as the ORM object when ``returning``, else its id), nothing when the run had
+    moved on."""
     moved = update_run.returning(*(RUNS.c if returning else (RUNS.c.id, RUNS.c.key_id))).cte("moved")
     audit_row = core_select(bindparam("a_at", type_=_AUDIT.c.at.type), moved.c.id, moved.c.key_id,
                             *(bindparam(f"a_{name}", type_=_AUDIT.c[name].type) for name in _AUDIT_COLUMNS[3:]))
     logged = insert(_AUDIT).from_select(list(_AUDIT_COLUMNS), audit_row).cte("logged")
+    if_moved = core_select(moved.c.id).exists()
+    ctes = [logged, *(write(if_moved).cte(f"write_{n}") for n, write in enumerate(writes))]
     if returning:
-        return core_select(aliased(RotationRun, moved)).add_cte(logged).execution_options(populate_existing=True)
-    return core_select(moved.c.id).add_cte(logged)
+        return core_select(aliased(RotationRun, moved)).add_cte(*ctes).execution_options(populate_existing=True)
+    return core_select(moved.c.id).add_cte(*ctes)
 
 
 def transition(
@@ -116,6 +139,8 @@ def transition(
     refresh: bool = True,
     still: tuple[Any, ...] = (),
     lease: Optional[tuple[str, datetime]] = None,
+    writes: Sequence[ConditionalWrite] = (),
+    provider: Optional[str] = None,
     **fields: Any,
 ) -> RotationRun:
     """Move ``run`` from its current (expected) state to ``to``, conditionally; audit it.
@@ -128,6 +153,11 @@ def transition(
     ``lease``: (owner, until) to hold the run's lease after the move instead of clearing it (a
     chain's next step, ``worker/pipeline/handoff.py``); the run is then returned as the UPDATE
     left it (``RETURNING``).
+    ``writes``: the step's own rows, made only if the run moves. On PostgreSQL they go in the
+    transition's statement, so a step's durable point is one round trip (and, in a session of its
+    own, needs no BEGIN and COMMIT: ``session_scope(one_statement=True)``); elsewhere they run
+    first, and a ``StateConflict`` rolls them back with the transaction.
+    ``provider``: the key's provider, to label an outcome's count (else the key is read).
     """
     expected = run_state(run)
     check_transition(run.mode, expected, to)
@@ -144,8 +174,11 @@ def transition(
     if session.new or session.dirty or session.deleted:  # the caller's pending rows go first
         session.flush()
     moved: Optional[RotationRun] = None
-    audited = False
     connection = session.connection()
+    audited = connection.dialect.name == "postgresql" and not still  # SQLite has no data-modifying CTE
+    if not audited:
+        for write in writes:
+            connection.execute(write(true()))
     if still:
         result = connection.execute(
             update(RUNS).where(RUNS.c.id == run.id, RUNS.c.state == expected.value, *still).values(**values))
@@ -153,11 +186,11 @@ def transition(
     else:
         columns, returning = tuple(sorted(values)), lease is not None
         params = {"t_id": run.id, "t_expected": expected.value, **{f"t_{name}": v for name, v in values.items()}}
-        audited = connection.dialect.name == "postgresql"  # SQLite has no data-modifying CTE
         if audited:
             params.update({"a_at": now, "a_actor": actor, "a_event": "state_changed", "a_from_state": expected.value,
                            "a_to_state": to.value, "a_detail": dict(detail or {})})
-        statement = _transition_statement(columns, returning=returning, audited=audited)
+        statement = _transition_statement(columns, returning=returning, audited=audited,
+                                          writes=writes if audited else ())
         if not returning:
             result = connection.execute(statement, params)
             found = result.first() is not None if audited else result.rowcount == 1
@@ -172,9 +205,11 @@ def transition(
     # The current execution's lease went with the UPDATE (nothing left to release once committed).
     after_commit(session, transitioned)
     if to in OUTCOME_STATES:
-        key = session.get(ManagedKey, run.key_id)
-        provider = key.provider if key is not None else "unknown"
-        after_commit(session, lambda: ROTATIONS.labels(provider=provider, outcome=to.value).inc())
+        if provider is None:
+            key = session.get(ManagedKey, run.key_id)
+            provider = key.provider if key is not None else "unknown"
+        label = provider
+        after_commit(session, lambda: ROTATIONS.labels(provider=label, outcome=to.value).inc())
     if moved is not None:
         return moved
     if not refresh:

@@ -14,7 +14,7 @@ recomputed by ``config apply``, after a run completes, and whenever a key change
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional, cast
 
 from sqlmodel import Session
 
@@ -68,6 +68,26 @@ def credential_type_from_spec(provider_spec: dict[str, Any] | None, credential_t
     if raw is None:
         return None
     return CredentialTypeSpec.model_validate(raw)
+
+
+class _KeyChanged:
+    """A key as it will be once ``changes`` are made to it (read-only, for ``compute_next_due``)."""
+
+    def __init__(self, key: ManagedKey, changes: Mapping[str, Any]) -> None:
+        self._key, self._changes = key, changes
+
+    def __getattr__(self, name: str) -> Any:
+        return self._changes[name] if name in self._changes else getattr(self._key, name)
+
+
+def next_due_after(key: ManagedKey, changes: Mapping[str, Any], provider_spec: dict[str, Any] | None,
+                   now: datetime) -> dict[str, Any]:
+    """``next_due_at`` and ``due_reason`` of ``key`` once ``changes`` are made to it, for an UPDATE
+    that sets them all at once (a run's ``finish``). ``provider_spec``: its provider record's spec
+    as applied."""
+    changed = cast(ManagedKey, _KeyChanged(key, changes))
+    due_at, reason = compute_next_due(changed, credential_type_from_spec(provider_spec, changed.credential_type), now)
+    return {"next_due_at": due_at, "due_reason": reason}
 
 
 def refresh_next_due(session: Session, key: ManagedKey, now: datetime | None = None) -> bool:

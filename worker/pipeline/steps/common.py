@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from sqlalchemy import bindparam
 from sqlalchemy.orm import aliased
@@ -21,7 +21,8 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import read_pending, safe_error, staged_in_chain
 from worker.pipeline import handoff
 from worker.pipeline.lease import current_lease
-from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
+from worker.pipeline.row_writes import RowChange
+from worker.pipeline.runs import ConditionalWrite, load_key, load_run, load_version, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, next_step, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
 from worker.secret import Secret
@@ -175,20 +176,28 @@ def step_deadline_s(ctx: PipelineContext, to: RunState, delay_s: float = 0.0) ->
 
 
 def advance_run(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: Optional[dict[str, Any]] = None,
-             delay_s: float = 0.0, apply: Optional[Callable[[Session], None]] = None, **fields: Any) -> StepOutcome:
-    """Apply version bookkeeping and the conditional transition in one transaction."""
-    with session_scope(ctx.engine) as session:
+                delay_s: float = 0.0, changes: Sequence[RowChange] = (), writes: Sequence[ConditionalWrite] = (),
+                apply: Optional[Callable[[Session], None]] = None, **fields: Any) -> StepOutcome:
+    """The step's conditional transition with its bookkeeping, in one transaction: ``changes`` to
+    the rows the snapshot holds and further ``writes`` go in the transition's statement, which on
+    PostgreSQL is then the whole transaction (no BEGIN and COMMIT); ``apply`` (the paths that
+    fail or roll back) changes rows through the ORM session first."""
+    with session_scope(ctx.engine, one_statement=apply is None) as session:
         if apply is not None:
             attach(session, snap)
             apply(session)
-        following = move_on(ctx, session, snap, to, delay_s=delay_s, detail=detail, **fields)
+        following = move_on(ctx, session, snap, to, delay_s=delay_s, detail=detail,
+                            writes=[*(change.write for change in changes), *writes], **fields)
+    for change in changes:  # committed: the snapshot's rows (the next step's too) as written
+        change.applied()
     hand_over(snap, following)
     logger.info("run.transition", from_state=run_state(snap.run).value, to_state=to.value, **(detail or {}))
     return StepOutcome(state=to, mode=snap.mode, next_in_s=delay_s)
 
 
 def move_on(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState, *, delay_s: float = 0.0,
-            detail: Optional[dict[str, Any]] = None, **fields: Any) -> Optional[tuple[Step, Snapshot]]:
+            detail: Optional[dict[str, Any]] = None, writes: Sequence[ConditionalWrite] = (),
+            **fields: Any) -> Optional[tuple[Step, Snapshot]]:
     """The step's conditional transition to ``to``. When the chain runs the next step right away
     (``worker/pipeline/handoff.py``), the same UPDATE claims that step's lease for the chain and
     returns the run, and the next step's snapshot is built from it and from the rows this
@@ -198,8 +207,8 @@ def move_on(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState
     following = next_step(snap.mode, to) if delay_s <= 0 else None
     owner = handoff.wanted() if following is not None and expected_state(following) == to else None
     lease = (owner, utcnow() + timedelta(seconds=ctx.policy.lease_ttl_s)) if owner is not None else None
-    run = transition(session, snap.run, to, actor=ctx.actor, detail=detail,
-                     deadline_s=step_deadline_s(ctx, to, delay_s), refresh=False, lease=lease, **fields)
+    run = transition(session, snap.run, to, actor=ctx.actor, detail=detail, deadline_s=step_deadline_s(ctx, to, delay_s),
+                     refresh=False, lease=lease, writes=writes, provider=snap.key.provider, **fields)
     if lease is None or following is None:
         return None
     read = {v.id: v for v in (snap.old, snap.new) if v is not None}

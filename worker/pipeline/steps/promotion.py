@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from sqlmodel import Session
-
 from worker.clock import utcnow
 from worker.db.models import VersionStage
 from worker.errors import PermanentError
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, parse_seconds, seconds_between
-from worker.pipeline.runs import load_version
+from worker.pipeline.row_writes import RowChange
 from worker.pipeline.steps.common import Snapshot, StepOutcome, advance_run, require_staged, load_snapshot
 from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for
 from worker.protocol import Mode, RunState, Step
@@ -61,20 +59,15 @@ def promote(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         # it makes the check fail, and ``promote`` then finds this very secret as the newest version.
         version = ctx.vault.promote(key.vault_mount, key.vault_path, key.vault_field, secret, key_id, expected)
     now = utcnow()
-
-    def apply(session: Session) -> None:
-        new = load_version(session, snap.run.new_version_id)
-        assert new is not None
-        new.stage, new.vault_version, new.promoted_at = VersionStage.current, version, now
-        session.add(new)
-        old = load_version(session, snap.run.old_version_id)
-        if old is not None:
-            old.stage = VersionStage.previous if snap.mode != Mode.cutover else VersionStage.retired
-            if snap.mode == Mode.cutover:
-                old.retired_at = now
-            session.add(old)
+    assert snap.new is not None  # require_staged checked its fingerprint
+    changes = [RowChange(snap.new, {"stage": VersionStage.current, "vault_version": version, "promoted_at": now})]
+    if snap.old is not None:
+        if snap.mode == Mode.cutover:
+            changes.append(RowChange(snap.old, {"stage": VersionStage.retired, "retired_at": now}))
+        else:
+            changes.append(RowChange(snap.old, {"stage": VersionStage.previous}))
 
     detail: dict[str, Any] = {"vault_version": version, "fingerprint": secret.fingerprint}
     if snap.mode == Mode.cutover and snap.new is not None:
         detail["cutover_window_ms"] = int(seconds_between(now, snap.new.issued_at) * 1000)
-    return advance_run(ctx, snap, S.promoted, detail=detail, apply=apply)
+    return advance_run(ctx, snap, S.promoted, detail=detail, changes=changes)

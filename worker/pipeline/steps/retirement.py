@@ -16,14 +16,15 @@ from worker.errors import DeprecatedCredential, PermanentError, TransientError
 from worker.pipeline.context import PipelineContext
 from worker.service.deprecation import report_deprecated
 from worker.pipeline.effects import holding, seconds_between
-from worker.pipeline.runs import audit, load_run, load_version
+from worker.pipeline.row_writes import RowChange
+from worker.pipeline.runs import audit, load_run
 from worker.pipeline.steps.common import StepOutcome, advance_run, notify_run, load_snapshot
 from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for, recheck_credential, revoke_key
 from worker.protocol import Mode, RunState, Step
 from worker.secret import Secret
 from worker.inventory.snapshot import assisted_timings, document_for
 from worker.owner_notices import notify_owner
-from worker.service.due import refresh_next_due
+from worker.service.due import next_due_after
 from worker.pipeline.targets import rejected_at
 
 S = RunState
@@ -102,14 +103,8 @@ def retire(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         else:
             return wait_for_owner_revocation(ctx, snap, old.fingerprint, now)
 
-    def apply(session: Session) -> None:
-        row = load_version(session, old.id)
-        assert row is not None
-        if detail["revocation"] != "manual":
-            row.stage, row.retired_at = VersionStage.retired, now
-        session.add(row)
-
-    outcome_ = advance_run(ctx, snap, S.retired, detail=detail, apply=apply)
+    retired = [RowChange(old, {"stage": VersionStage.retired, "retired_at": now})] if detail["revocation"] != "manual" else []
+    outcome_ = advance_run(ctx, snap, S.retired, detail=detail, changes=retired)
     if old_deprecated:  # after the commit: it joins this (still open) run, or is stale once it completes
         report_deprecated(ctx.engine, key_name=key.name, credential_type=old.credential_type, requested_by=ctx.actor)
     return outcome_
@@ -171,19 +166,13 @@ def finish(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
         return None
     ctx.vault.discard_pending(snap.run.id)
     now = utcnow()
-
-    def apply(session: Session) -> None:
-        key = session.get(ManagedKey, snap.key.id)
-        assert key is not None
-        key.last_rotated_at, key.updated_at = now, now
-        key.expires_at = snap.new.expires_at if snap.new is not None else None
-        if snap.run.target_credential_type:
-            key.credential_type = snap.run.target_credential_type
-        session.add(key)
-        session.flush()
-        refresh_next_due(session, key)
-
-    outcome = advance_run(ctx, snap, S.completed, apply=apply,
-                       detail={"fingerprint": snap.new.fingerprint if snap.new else None})
+    rotated: dict[str, Any] = {"last_rotated_at": now, "updated_at": now,
+                               "expires_at": snap.new.expires_at if snap.new is not None else None}
+    if snap.run.target_credential_type:
+        rotated["credential_type"] = snap.run.target_credential_type
+    record = snap.provider_record
+    rotated.update(next_due_after(snap.key, rotated, record.spec if record is not None else None, now))
+    outcome = advance_run(ctx, snap, S.completed, changes=[RowChange(snap.key, rotated)],
+                          detail={"fingerprint": snap.new.fingerprint if snap.new else None})
     notify_run(ctx, "succeeded", snap, {"fingerprint": snap.new.fingerprint if snap.new else None})
     return outcome
