@@ -13,7 +13,7 @@ back its transaction and drops the message.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Hashable, Optional, Sequence
 
 from sqlalchemy import ColumnElement, Table, bindparam, insert, true, update
 from sqlalchemy import select as core_select
@@ -65,12 +65,38 @@ def audit(session: Session, run: RotationRun, *, actor: str, event: str, from_st
                                                  "detail": dict(detail or {})})
 
 
-#: A write that belongs to a transition (a version's stage, a sink's row): given the condition
-#: "the run moved", the statement that makes it only then (``UPDATE … WHERE … AND <moved>``,
-#: ``INSERT … SELECT … WHERE <moved>``). See ``transition``'s ``writes``.
-ConditionalWrite = Callable[[ColumnElement[bool]], Any]
+class ConditionalWrite:
+    """A write that belongs to a transition (a version's stage, a sink's row), made only if the
+    run moved: ``statement(if_moved, prefix)`` is ``UPDATE … WHERE … AND <if_moved>`` or
+    ``INSERT … SELECT … WHERE <if_moved>`` with bind parameters named from ``prefix``, the same
+    for every write of one ``shape`` (so it is built once); ``params(prefix)`` their values.
+    See ``transition``'s ``writes``; the kinds are in ``worker/pipeline/row_writes.py``."""
 
-_TRANSITIONS: dict[tuple[tuple[str, ...], bool, bool], Any] = {}
+    shape: Hashable
+
+    def statement(self, if_moved: ColumnElement[bool], prefix: str) -> Any:
+        raise NotImplementedError
+
+    def params(self, prefix: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+_ALONE: dict[Hashable, Any] = {}
+
+
+def execute_writes(session: Session, writes: Sequence[ConditionalWrite]) -> None:
+    """Make ``writes`` in ``session``'s transaction now, one statement each (each built once per
+    shape), without a transition: where a step records rows and does not move the run, and on
+    SQLite, before the transition's UPDATE."""
+    connection = session.connection()
+    for write in writes:
+        statement = _ALONE.get(write.shape)
+        if statement is None:
+            statement = _ALONE[write.shape] = write.statement(true(), "w_")
+        connection.execute(statement, write.params("w_"))
+
+
+_TRANSITIONS: dict[tuple[tuple[str, ...], bool, bool, tuple[Hashable, ...]], Any] = {}
 _RUN_UPDATES: dict[tuple[str, ...], Any] = {}
 _AUDIT_COLUMNS = ("at", "run_id", "key_id", "actor", "event", "from_state", "to_state", "detail")
 
@@ -90,24 +116,22 @@ def _run_update(columns: tuple[str, ...]) -> Any:
 
 def _transition_statement(columns: tuple[str, ...], *, returning: bool, audited: bool,
                           writes: Sequence[ConditionalWrite] = ()) -> Any:
-    """The transition's statement for this set of columns, built once. A hand-off needs the run
-    back as an object (the next step's snapshot), so ``returning`` goes through the ORM with
-    RETURNING instead of reading the row again. ``audited`` (PostgreSQL): with its audit row and
-    the step's ``writes`` in the same statement (``_with_audit_row``; one with writes is built per
-    call, from the cached UPDATE: SQLAlchemy's compiled cache still serves its SQL)."""
-    if writes:
-        return _with_audit_row(_run_update(columns), returning=returning, writes=writes)
-    statement = _TRANSITIONS.get((columns, returning, audited))
+    """The transition's statement for this set of columns (and shapes of ``writes``), built once.
+    A hand-off needs the run back as an object (the next step's snapshot), so ``returning`` goes
+    through the ORM with RETURNING instead of reading the row again. ``audited`` (PostgreSQL): with
+    its audit row and the step's ``writes`` in the same statement (``_with_audit_row``)."""
+    shapes = tuple(write.shape for write in writes)
+    statement = _TRANSITIONS.get((columns, returning, audited, shapes))
     if statement is None:
         if audited:
-            statement = _with_audit_row(_run_update(columns), returning=returning)
+            statement = _with_audit_row(_run_update(columns), returning=returning, writes=writes)
         elif returning:
             statement = (update(RotationRun).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
                          .values({name: bindparam(f"t_{name}") for name in columns}).returning(RotationRun)
                          .execution_options(synchronize_session=False, populate_existing=True))
         else:
             statement = _run_update(columns)
-        _TRANSITIONS[(columns, returning, audited)] = statement
+        _TRANSITIONS[(columns, returning, audited, shapes)] = statement
     return statement
 
 
@@ -122,7 +146,7 @@ def _with_audit_row(update_run: Any, *, returning: bool, writes: Sequence[Condit
                             *(bindparam(f"a_{name}", type_=_AUDIT.c[name].type) for name in _AUDIT_COLUMNS[3:]))
     logged = insert(_AUDIT).from_select(list(_AUDIT_COLUMNS), audit_row).cte("logged")
     if_moved = core_select(moved.c.id).exists()
-    ctes = [logged, *(write(if_moved).cte(f"write_{n}") for n, write in enumerate(writes))]
+    ctes = [logged, *(write.statement(if_moved, f"w{n}_").cte(f"write_{n}") for n, write in enumerate(writes))]
     if returning:
         return core_select(aliased(RotationRun, moved)).add_cte(*ctes).execution_options(populate_existing=True)
     return core_select(moved.c.id).add_cte(*ctes)
@@ -177,8 +201,7 @@ def transition(
     connection = session.connection()
     audited = connection.dialect.name == "postgresql" and not still  # SQLite has no data-modifying CTE
     if not audited:
-        for write in writes:
-            connection.execute(write(true()))
+        execute_writes(session, writes)
     if still:
         result = connection.execute(
             update(RUNS).where(RUNS.c.id == run.id, RUNS.c.state == expected.value, *still).values(**values))
@@ -189,6 +212,9 @@ def transition(
         if audited:
             params.update({"a_at": now, "a_actor": actor, "a_event": "state_changed", "a_from_state": expected.value,
                            "a_to_state": to.value, "a_detail": dict(detail or {})})
+        if audited:
+            for n, write in enumerate(writes):
+                params.update(write.params(f"w{n}_"))
         statement = _transition_statement(columns, returning=returning, audited=audited,
                                           writes=writes if audited else ())
         if not returning:

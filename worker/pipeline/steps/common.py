@@ -187,7 +187,7 @@ def advance_run(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: O
             attach(session, snap)
             apply(session)
         following = move_on(ctx, session, snap, to, delay_s=delay_s, detail=detail,
-                            writes=[*(change.write for change in changes), *writes], **fields)
+                            writes=[*changes, *writes], **fields)
     for change in changes:  # committed: the snapshot's rows (the next step's too) as written
         change.applied()
     hand_over(snap, following)

@@ -17,8 +17,8 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import announcement, holding, safe_error, verify_status
 from worker.pipeline.steps.common import (Snapshot, StepOutcome, advance_run, integration_session, load_snapshot,
                                           require_staged)
-from worker.pipeline.row_writes import execute_now, insert_row
-from worker.pipeline.runs import ConditionalWrite, extend_deadline
+from worker.pipeline.row_writes import InsertRow, UpdateRows
+from worker.pipeline.runs import ConditionalWrite, execute_writes, extend_deadline
 from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for
 from worker.protocol import RunState, Step, has_grace_period
 from worker.secret import Secret
@@ -80,31 +80,26 @@ _SINKS = SinkDelivery.__table__  # type: ignore[attr-defined]
 
 def push_writes(run_id: str, rows: list[dict[str, Any]]) -> list[ConditionalWrite]:
     """The rows of ``push_each``'s first pushes for a run (none existed): one INSERT each, made
-    with the transition (``advance_run``'s ``writes``) or at once (``execute_now``)."""
+    with the transition (``advance_run``'s ``writes``) or at once (``execute_writes``)."""
     now = utcnow()
-    return [insert_row(_SINKS, {"run_id": run_id, "attempts": 1, "updated_at": now, **row}) for row in rows]
+    return [InsertRow(_SINKS, {"run_id": run_id, "attempts": 1, "updated_at": now, **row}) for row in rows]
 
 
 def verification_writes(run_id: str, rows: list[dict[str, Any]]) -> list[ConditionalWrite]:
     """Each sink's answer to verify, by (run, integration): ``verified``, or the status kept with
     what it said in ``last_error``. A sink with no row yet (added to the key after propagate)
     gets one: an UPDATE and an INSERT unless the row exists, which see the same rows whether they
-    run as one statement (the transition's) or one after the other (``execute_now``)."""
+    run as one statement (the transition's) or one after the other (``execute_writes``)."""
     now = utcnow()
     writes: list[ConditionalWrite] = []
     for row in rows:
         values: dict[str, Any] = {"last_error": row["last_error"], "updated_at": now}
         if row["status"] == "verified":
             values["status"] = "verified"
-        writes.append(_sink_update(run_id, row["integration"], values))
-        writes.append(insert_row(_SINKS, {"run_id": run_id, "attempts": 0, "updated_at": now, **row},
-                                 unless=("run_id", "integration")))
+        writes.append(UpdateRows(_SINKS, {"run_id": run_id, "integration": row["integration"]}, values))
+        writes.append(InsertRow(_SINKS, {"run_id": run_id, "attempts": 0, "updated_at": now, **row},
+                                unless=("run_id", "integration")))
     return writes
-
-
-def _sink_update(run_id: str, integration: str, values: dict[str, Any]) -> ConditionalWrite:
-    return lambda if_moved: (_SINKS.update().where(_SINKS.c.run_id == run_id, _SINKS.c.integration == integration,
-                                                   if_moved).values(values))
 
 
 def _sink_row(session: Session, run_id: str, name: str) -> SinkDelivery:
@@ -149,7 +144,7 @@ def propagate(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
             if not failures:
                 return advance_run(ctx, snap, S.propagated, detail=detail, writes=push_writes(snap.run.id, rows))
             with session_scope(ctx.engine) as session:
-                execute_now(session, push_writes(snap.run.id, rows))
+                execute_writes(session, push_writes(snap.run.id, rows))
         else:  # an earlier attempt may have pushed some: skip those, record each as it goes
             failures = push_all(ctx, snap, ann, done_status="pushed", skip={"pushed", "verified"})
     if failures:
@@ -199,13 +194,13 @@ def verify(ctx: PipelineContext, run_id: str) -> Optional[StepOutcome]:
                 raise PermanentError(f"the provider now answers {outcome!r} for the new credential it accepted at precheck")
     if mismatched:
         with session_scope(ctx.engine) as session:
-            execute_now(session, verification_writes(snap.run.id, rows))
+            execute_writes(session, verification_writes(snap.run.id, rows))
         raise TransientError("integrations do not serve the new key yet: " + "; ".join(mismatched))
     if pending:
         # Not a failure: no retry is used up; the integration bounds the wait (rollout timeout).
         again_s = min(wait for _, wait in pending)
         with session_scope(ctx.engine) as session:
-            execute_now(session, verification_writes(snap.run.id, rows))
+            execute_writes(session, verification_writes(snap.run.id, rows))
             extend_deadline(session, snap.run, delay_s=again_s, time_limit_s=ctx.policy.time_limit_ms / 1000)
         logger.info("verify.pending", sinks=[name for name, _ in pending], again_in_s=again_s)
         return StepOutcome(state=S.propagated, mode=snap.mode, again_in_s=again_s)
