@@ -52,17 +52,18 @@ def _transactions(world: World) -> list[list[tuple[str, str]]]:
     return seen
 
 
-def _committed_alone(world: World) -> list[tuple[str, bool]]:
-    """(step, committed by itself) of every statement: psycopg sent it without a BEGIN (the
+def _committed_alone(world: World) -> list[tuple[str, bool, str]]:
+    """(step, committed by itself, statement) of every statement: psycopg sent it without a BEGIN (the
     connection in autocommit), so no COMMIT follows either: the statement was the transaction."""
     import structlog
     from psycopg.pq import TransactionStatus
 
-    seen: list[tuple[str, bool]] = []
+    seen: list[tuple[str, bool, str]] = []
 
     def after(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
         step = str(structlog.contextvars.get_contextvars().get("step") or "-")
-        seen.append((step, cursor.connection.info.transaction_status == TransactionStatus.IDLE))
+        seen.append((step, cursor.connection.info.transaction_status == TransactionStatus.IDLE,
+                     re.sub(r"\s+", " ", statement)))
 
     event.listen(world.engine, "after_cursor_execute", after)
     return seen
@@ -121,12 +122,16 @@ def test_only_the_first_step_of_a_chain_reads_a_snapshot(world: World) -> None:
     # sinks' rows, the key's rotation and next due date), sent without BEGIN and COMMIT.
     after_issue = STEPS[1:]
     assert [tx for tx in transactions if tx and tx[0][0] in after_issue and len(tx) != 1] == []
-    assert [s for s, by_itself in alone if s in after_issue and not by_itself] == []
+    assert [s for s, by_itself, _ in alone if s in after_issue and not by_itself] == []
     writes = {s: text for s, text in transitions}
     assert "UPDATE key_version SET stage" in writes["promote"] and "UPDATE key_version SET stage" in writes["retire"]
     assert "INSERT INTO sink_delivery" in writes["propagate"] and "UPDATE sink_delivery" in writes["verify"]
     assert "UPDATE managed_key SET" in writes["finish"] and "next_due_at" in writes["finish"]
-    assert all(by_itself is False for s, by_itself in alone if s == "issue")  # its steps are several statements
+    # In issue, the issue call's answer and the end of its unknown outcome are one statement, sent
+    # alone; its other transactions have several statements each.
+    minted = [text for s, by_itself, text in alone if s == "issue" and by_itself]
+    assert len(minted) == 1 and "INSERT INTO audit_event" in minted[0], minted
+    assert "UPDATE rotation_run SET issue_unknown_since" in minted[0], minted
     # issue: the claim and snapshot; its reads with the mark before the issue call; the minted
     # key's record before staging; the transition.
     issue = [[text for _, text in tx] for tx in transactions if tx and tx[0][0] == "issue"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Hashable, Optional, Sequence
 
-from sqlalchemy import ColumnElement, Table, bindparam, insert, true, update
+from sqlalchemy import Table, bindparam, insert, update
 from sqlalchemy import select as core_select
 from sqlalchemy.orm import aliased
 from sqlmodel import col, select, Session
@@ -26,6 +26,7 @@ from worker.db.session import after_commit
 from worker.errors import StateConflict
 from worker.metrics import ROTATIONS
 from worker.pipeline.lease import transitioned
+from worker.pipeline.row_writes import ConditionalWrite, InsertRow, as_ctes, execute_writes, params_of
 from worker.protocol import check_transition
 from worker.protocol.states import OUTCOME_STATES, TERMINAL_STATES, RunState
 
@@ -55,45 +56,24 @@ _INSERT_AUDIT = insert(_AUDIT)
 RUNS: Table = RotationRun.__table__  # type: ignore[attr-defined]
 
 
+def _audit_values(run: RotationRun, *, actor: str, event: str, from_state: Optional[str] = None,
+                  to_state: Optional[str] = None, detail: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    return {"at": utcnow(), "run_id": run.id, "key_id": run.key_id, "actor": actor, "event": event,
+            "from_state": from_state, "to_state": to_state, "detail": dict(detail or {})}
+
+
 def audit(session: Session, run: RotationRun, *, actor: str, event: str, from_state: Optional[str] = None,
           to_state: Optional[str] = None, detail: Optional[dict[str, Any]] = None) -> None:
     # A Core INSERT, not ``session.add``: an audit row is never read back in the same session, and
     # the ORM's unit of work cost more CPU than the statement (nine audit rows per rotation); on the
     # session's connection, past the ORM's execute machinery, for the same reason.
-    session.connection().execute(_INSERT_AUDIT, {"at": utcnow(), "run_id": run.id, "key_id": run.key_id, "actor": actor,
-                                                 "event": event, "from_state": from_state, "to_state": to_state,
-                                                 "detail": dict(detail or {})})
+    session.connection().execute(_INSERT_AUDIT, _audit_values(run, actor=actor, event=event, from_state=from_state,
+                                                              to_state=to_state, detail=detail))
 
 
-class ConditionalWrite:
-    """A write that belongs to a transition (a version's stage, a sink's row), made only if the
-    run moved: ``statement(if_moved, prefix)`` is ``UPDATE … WHERE … AND <if_moved>`` or
-    ``INSERT … SELECT … WHERE <if_moved>`` with bind parameters named from ``prefix``, the same
-    for every write of one ``shape`` (so it is built once); ``params(prefix)`` their values.
-    See ``transition``'s ``writes``; the kinds are in ``worker/pipeline/row_writes.py``."""
-
-    shape: Hashable
-
-    def statement(self, if_moved: ColumnElement[bool], prefix: str) -> Any:
-        raise NotImplementedError
-
-    def params(self, prefix: str) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-_ALONE: dict[Hashable, Any] = {}
-
-
-def execute_writes(session: Session, writes: Sequence[ConditionalWrite]) -> None:
-    """Make ``writes`` in ``session``'s transaction now, one statement each (each built once per
-    shape), without a transition: where a step records rows and does not move the run, and on
-    SQLite, before the transition's UPDATE."""
-    connection = session.connection()
-    for write in writes:
-        statement = _ALONE.get(write.shape)
-        if statement is None:
-            statement = _ALONE[write.shape] = write.statement(true(), "w_")
-        connection.execute(statement, write.params("w_"))
+def audit_row(run: RotationRun, *, actor: str, event: str, detail: Optional[dict[str, Any]] = None) -> InsertRow:
+    """An audit event as a write that goes with others in one statement (``execute_writes``)."""
+    return InsertRow(_AUDIT, _audit_values(run, actor=actor, event=event, detail=detail))
 
 
 _TRANSITIONS: dict[tuple[tuple[str, ...], bool, bool, tuple[Hashable, ...]], Any] = {}
@@ -145,8 +125,7 @@ def _with_audit_row(update_run: Any, *, returning: bool, writes: Sequence[Condit
     audit_row = core_select(bindparam("a_at", type_=_AUDIT.c.at.type), moved.c.id, moved.c.key_id,
                             *(bindparam(f"a_{name}", type_=_AUDIT.c[name].type) for name in _AUDIT_COLUMNS[3:]))
     logged = insert(_AUDIT).from_select(list(_AUDIT_COLUMNS), audit_row).cte("logged")
-    if_moved = core_select(moved.c.id).exists()
-    ctes = [logged, *(write.statement(if_moved, f"w{n}_").cte(f"write_{n}") for n, write in enumerate(writes))]
+    ctes = [logged, *as_ctes(writes, core_select(moved.c.id).exists())]
     if returning:
         return core_select(aliased(RotationRun, moved)).add_cte(*ctes).execution_options(populate_existing=True)
     return core_select(moved.c.id).add_cte(*ctes)
@@ -213,8 +192,7 @@ def transition(
             params.update({"a_at": now, "a_actor": actor, "a_event": "state_changed", "a_from_state": expected.value,
                            "a_to_state": to.value, "a_detail": dict(detail or {})})
         if audited:
-            for n, write in enumerate(writes):
-                params.update(write.params(f"w{n}_"))
+            params.update(params_of(writes))
         statement = _transition_statement(columns, returning=returning, audited=audited,
                                           writes=writes if audited else ())
         if not returning:

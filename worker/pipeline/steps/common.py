@@ -21,8 +21,8 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import read_pending, safe_error, staged_in_chain
 from worker.pipeline import handoff
 from worker.pipeline.lease import current_lease
-from worker.pipeline.row_writes import RowChange
-from worker.pipeline.runs import ConditionalWrite, load_key, load_run, load_version, run_state, transition
+from worker.pipeline.row_writes import ConditionalWrite, RowChange
+from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, next_step, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
 from worker.secret import Secret

@@ -253,10 +253,9 @@ def _mint(ctx: PipelineContext, snap: Snapshot, provider: Provider, name: str, *
             _set_issue_unknown(ctx, snap.run.id, started, event={
                 "name": name, "error": safe_error(exc), "listable": provider.can_list})
         raise
-    with holding(issued.secret), session_scope(ctx.engine) as session:
+    with holding(issued.secret), session_scope(ctx.engine, one_statement=True) as session:
         record_minted(session, snap.run, actor=ctx.actor, name=name, fingerprint=issued.secret.fingerprint,
                       provider_key_id=issued.key_id)
-        session.execute(update(RUNS).where(RUNS.c.id == snap.run.id).values(issue_unknown_since=None))
     return issued
 
 

@@ -15,7 +15,8 @@ from typing import Optional
 from sqlmodel import Session, col, select
 
 from worker.db.models import AuditEvent, RotationRun
-from worker.pipeline.runs import audit
+from worker.pipeline.row_writes import UpdateRows, execute_writes
+from worker.pipeline.runs import RUNS, audit, audit_row
 
 MINTED = "new_key_minted"
 DISCARDED = "new_key_discarded"
@@ -42,8 +43,12 @@ def minted_keys(session: Session, run_id: str) -> list[MintedKey]:
 
 def record_minted(session: Session, run: RotationRun, *, actor: str, name: str, fingerprint: str,
                   provider_key_id: Optional[str]) -> None:
-    audit(session, run, actor=actor, event=MINTED,
-          detail={"name": name, "fingerprint": fingerprint, "provider_key_id": provider_key_id})
+    """The issue call's answer, and the end of its unknown outcome (the run's issue mark cleared),
+    in one statement on PostgreSQL: sent in a session of its own, it needs no BEGIN and COMMIT."""
+    execute_writes(session, [
+        audit_row(run, actor=actor, event=MINTED,
+                  detail={"name": name, "fingerprint": fingerprint, "provider_key_id": provider_key_id}),
+        UpdateRows(RUNS, {"id": run.id}, {"issue_unknown_since": None})])
 
 
 def record_discarded(session: Session, run: RotationRun, *, actor: str, fingerprint: str,

@@ -17,8 +17,8 @@ from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import announcement, holding, safe_error, verify_status
 from worker.pipeline.steps.common import (Snapshot, StepOutcome, advance_run, integration_session, load_snapshot,
                                           require_staged)
-from worker.pipeline.row_writes import InsertRow, UpdateRows
-from worker.pipeline.runs import ConditionalWrite, execute_writes, extend_deadline
+from worker.pipeline.row_writes import ConditionalWrite, InsertRow, UpdateRows, execute_writes
+from worker.pipeline.runs import extend_deadline
 from worker.pipeline.steps.provider import check_credential, deprecated_error, provider_for
 from worker.protocol import RunState, Step, has_grace_period
 from worker.secret import Secret
