@@ -25,7 +25,7 @@ import time
 import uuid
 from contextvars import ContextVar
 from datetime import datetime, timedelta
-from typing import Optional
+from typing import Any, Optional
 
 from sqlalchemy import bindparam, or_, update
 from sqlalchemy.engine import Engine
@@ -86,18 +86,16 @@ def _extend(engine: Engine, run_id: str, owner: str, ttl_s: float) -> bool:
         return result.rowcount == 1
 
 
-#: ``claim`` returning the run, built once (a step's hottest statement: building it per call cost
-#: more CPU than running it).
-_CLAIM_RETURNING = (
-    update(RotationRun)
+#: ``claim`` on the table with bind parameters (``Lease.claim_params``), built once: a step's
+#: snapshot makes it the CTE of the one statement that claims the run and reads what the step acts
+#: on (``steps.common.load_snapshot``).
+CLAIM_UPDATE = (
+    update(RotationRun.__table__)  # type: ignore[attr-defined]
     .where(col(RotationRun.id) == bindparam("claim_run"), col(RotationRun.state) == bindparam("claim_state"),
            or_(col(RotationRun.lease_until).is_(None), col(RotationRun.lease_until) < bindparam("claim_now"),
                col(RotationRun.lease_owner) == bindparam("claim_owner")))
     .values(lease_owner=bindparam("claim_owner"), lease_until=bindparam("claim_until"))
-    .returning(RotationRun)
-    .execution_options(synchronize_session=False, populate_existing=True)
 )
-
 
 def new_owner(actor: str) -> str:
     """A lease owner: the actor (``worker:<host>``) and a random part naming one execution (or one chain)."""
@@ -153,7 +151,7 @@ _renewer = _Renewer()
 
 
 class Lease:
-    """One execution's lease on one run: ``acquire`` (or ``try_claim``) in the step's snapshot
+    """One execution's lease on one run: ``acquire`` (or ``CLAIM_UPDATE`` with ``claim_params``) in the step's snapshot
     transaction, then ``start_renewing``; ``close`` (always) stops renewing and releases what is
     still held."""
 
@@ -166,16 +164,15 @@ class Lease:
         self._started = 0.0
         self._renewing = False
 
-    def try_claim(self, session: Session, expected_state: str) -> Optional[RotationRun]:
-        """Claim the run and read it in one statement (``UPDATE … RETURNING``): the run, or
-        ``None`` when it is missing, in another state or leased (``acquire`` then says which)."""
+    def claim_params(self, expected_state: str) -> dict[str, Any]:
+        """The parameters of ``CLAIM_UPDATE`` for this execution; once its statement returned the
+        run, ``claimed``."""
         now = utcnow()
-        run = session.execute(_CLAIM_RETURNING, {
-            "claim_run": self.run_id, "claim_state": expected_state, "claim_now": now, "claim_owner": self.owner,
-            "claim_until": now + timedelta(seconds=self.ttl_s)}).scalars().first()
-        if run is not None:
-            self.held = True
-        return run
+        return {"claim_run": self.run_id, "claim_state": expected_state, "claim_now": now, "claim_owner": self.owner,
+                "claim_until": now + timedelta(seconds=self.ttl_s)}
+
+    def claimed(self) -> None:
+        self.held = True
 
     def taken_over(self) -> None:
         """The lease was claimed for this execution already (a chain's hand-off): hold it."""

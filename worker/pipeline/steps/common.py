@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from sqlalchemy import bindparam
+from sqlalchemy import select as core_select
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
@@ -20,9 +21,9 @@ from worker.errors import PermanentError, StateConflict, TransientError
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import read_pending, safe_error, staged_in_chain
 from worker.pipeline import handoff
-from worker.pipeline.lease import current_lease
+from worker.pipeline.lease import CLAIM_UPDATE, current_lease
 from worker.pipeline.row_writes import ConditionalWrite, RowChange
-from worker.pipeline.runs import load_key, load_run, load_version, run_state, transition
+from worker.pipeline.runs import RUNS, load_key, load_run, load_version, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, next_step, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
 from worker.secret import Secret
@@ -70,10 +71,12 @@ class RunMissing(TransientError):
 
 def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Snapshot]:
     """Load the run if it is in the state ``step`` acts on, and claim its lease (``execute`` set
-    one up) before the step does anything outside the database. One transaction of two
-    statements on the way a step usually goes: the claim, which returns the run, then the key, its
-    provider record and the run's versions in one query. Nothing of it is kept beyond this step
-    (another worker may move the run next)."""
+    one up) before the step does anything outside the database. On the way a step usually goes,
+    one statement sent without BEGIN and COMMIT on PostgreSQL: the claim (``UPDATE … RETURNING``
+    the run, as a CTE) joined with the key, its provider record and the run's versions. Otherwise
+    (or on SQLite) a transaction reads the run, says why it is not claimed (missing, moved on,
+    leased by another execution: ``LeaseHeld``) or claims it, and reads the rest.
+    Nothing of it is kept beyond this step (another worker may move the run next)."""
     lease = current_lease.get()
     handed: Optional[Snapshot] = handoff.take(run_id, step)
     if handed is not None:  # the previous step of this chain claimed and read it (worker/pipeline/handoff.py)
@@ -83,9 +86,16 @@ def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Sna
             lease.start_renewing()
         return handed
     expected = expected_state(step)
-    with session_scope(ctx.engine) as session:
-        run = lease.try_claim(session, expected.value) if lease is not None else None
-        if run is None:  # say why: missing, moved on, or leased by another execution
+    snap: Optional[Snapshot] = None
+    if lease is not None and ctx.engine.dialect.name == "postgresql":  # SQLite has no data-modifying CTE
+        with session_scope(ctx.engine, one_statement=True) as session:
+            row = session.execute(_CLAIM_AND_READ, lease.claim_params(expected.value)).first()
+        if row is not None:
+            lease.claimed()
+            run, key, record, old, new = row
+            snap = Snapshot(run=run, key=key, old=old, new=new, mode=parse_mode(run.mode), provider_record=record)
+    if snap is None:
+        with session_scope(ctx.engine) as session:
             run = load_run(session, run_id)
             if run is None:
                 raise RunMissing(f"run {run_id} is not in the database (yet)")
@@ -96,9 +106,9 @@ def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Sna
                 return None
             if lease is not None:
                 lease.acquire(session, state.value)
-        key, record, old, new = _key_provider_versions(session, run)
-        log.bind(key=key.name)
-        snap = Snapshot(run=run, key=key, old=old, new=new, mode=parse_mode(run.mode), provider_record=record)
+            key, record, old, new = _key_provider_versions(session, run)
+            snap = Snapshot(run=run, key=key, old=old, new=new, mode=parse_mode(run.mode), provider_record=record)
+    log.bind(key=snap.key.name)
     if lease is not None:
         lease.start_renewing()
     return snap
@@ -113,6 +123,18 @@ _KEY_PROVIDER_VERSIONS = (
     .outerjoin(_OldVersion, col(_OldVersion.id) == bindparam("old_id"))
     .outerjoin(_NewVersion, col(_NewVersion.id) == bindparam("new_id"))
     .where(col(ManagedKey.id) == bindparam("key_id"))
+)
+_CLAIMED = CLAIM_UPDATE.returning(*RUNS.c).cte("claimed")
+_ClaimedRun = aliased(RotationRun, _CLAIMED)
+#: The claim and the snapshot's rows in one statement, built once.
+_CLAIM_AND_READ = (
+    core_select(_ClaimedRun, ManagedKey, ProviderRecord, _OldVersion, _NewVersion)  # sqlmodel's takes four
+    .select_from(_ClaimedRun)
+    .join(ManagedKey, col(ManagedKey.id) == _ClaimedRun.key_id)
+    .outerjoin(ProviderRecord, col(ProviderRecord.name) == col(ManagedKey.provider))
+    .outerjoin(_OldVersion, col(_OldVersion.id) == _ClaimedRun.old_version_id)
+    .outerjoin(_NewVersion, col(_NewVersion.id) == _ClaimedRun.new_version_id)
+    .execution_options(populate_existing=True)
 )
 
 
