@@ -190,9 +190,7 @@ def transition(
         params = {"t_id": run.id, "t_expected": expected.value, **{f"t_{name}": v for name, v in values.items()}}
         if audited:
             params.update({"a_at": now, "a_actor": actor, "a_event": "state_changed", "a_from_state": expected.value,
-                           "a_to_state": to.value, "a_detail": dict(detail or {})})
-        if audited:
-            params.update(params_of(writes))
+                           "a_to_state": to.value, "a_detail": dict(detail or {}), **params_of(writes)})
         statement = _transition_statement(columns, returning=returning, audited=audited,
                                           writes=writes if audited else ())
         if not returning:
