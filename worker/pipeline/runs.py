@@ -77,26 +77,23 @@ def audit_row(run: RotationRun, *, actor: str, event: str, detail: Optional[dict
 
 
 _TRANSITIONS: dict[tuple[tuple[str, ...], bool, bool, tuple[Hashable, ...]], Any] = {}
-_RUN_UPDATES: dict[tuple[str, ...], Any] = {}
 _AUDIT_COLUMNS = ("at", "run_id", "key_id", "actor", "event", "from_state", "to_state", "detail")
 
 
 def _run_update(columns: tuple[str, ...]) -> Any:
     """``UPDATE rotation_run SET <columns> WHERE id = :t_id AND state = :t_expected``, with bind
-    parameters, built once per set of columns (building it per call, with its values coerced each
-    time, cost more CPU than running it). On the table, not the mapped class: nothing in the
-    session mirrors the row, and the ORM's bulk-update machinery costs more than the statement."""
-    statement = _RUN_UPDATES.get(columns)
-    if statement is None:
-        statement = (update(RUNS).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
-                     .values({name: bindparam(f"t_{name}") for name in columns}))
-        _RUN_UPDATES[columns] = statement
-    return statement
+    parameters. On the table, not the mapped class: nothing in the session mirrors the row, and
+    the ORM's bulk-update machinery costs more than the statement. A new object each time: one
+    statement object shared as the base of others (``.returning()`` copies it) while other
+    threads execute it let a hand-off's CTE lose its columns under load."""
+    return (update(RUNS).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
+            .values({name: bindparam(f"t_{name}") for name in columns}))
 
 
 def _transition_statement(columns: tuple[str, ...], *, returning: bool, audited: bool,
                           writes: Sequence[ConditionalWrite] = ()) -> Any:
-    """The transition's statement for this set of columns (and shapes of ``writes``), built once.
+    """The transition's statement for this set of columns (and shapes of ``writes``), built once
+    (building it per call, with its values coerced each time, cost more CPU than running it).
     A hand-off needs the run back as an object (the next step's snapshot), so ``returning`` goes
     through the ORM with RETURNING instead of reading the row again. ``audited`` (PostgreSQL): with
     its audit row and the step's ``writes`` in the same statement (``_with_audit_row``)."""
