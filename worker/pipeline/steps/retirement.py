@@ -7,10 +7,10 @@ from datetime import datetime, timedelta
 from typing import Any, Optional
 
 from sqlalchemy import update
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
 from worker.clock import as_utc, utcnow
-from worker.db.models import AuditEvent, ManagedKey, ProviderRecord, RotationRun, VersionStage
+from worker.db.models import AuditEvent, ProviderRecord, RotationRun, VersionStage
 from worker.db.session import session_scope
 from worker.errors import DeprecatedCredential, PermanentError, TransientError
 from worker.pipeline.context import PipelineContext
