@@ -151,9 +151,9 @@ _renewer = _Renewer()
 
 
 class Lease:
-    """One execution's lease on one run: ``acquire`` (or ``CLAIM_UPDATE`` with ``claim_params``) in the step's snapshot
-    transaction, then ``start_renewing``; ``close`` (always) stops renewing and releases what is
-    still held."""
+    """One execution's lease on one run: ``acquire`` (or ``CLAIM_UPDATE`` with ``claim_params``)
+    in the step's snapshot transaction, then ``start_renewing``; ``close`` (always) stops renewing
+    and releases what is still held."""
 
     def __init__(self, engine: Engine, run_id: str, *, actor: str, ttl_s: float, max_s: float,
                  owner: Optional[str] = None) -> None:

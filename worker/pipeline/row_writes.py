@@ -100,7 +100,8 @@ def params_of(writes: Sequence[ConditionalWrite]) -> dict[str, Any]:
     return params
 
 
-_TOGETHER: dict[tuple[Hashable, ...], Any] = {}
+_TOGETHER: dict[tuple[Hashable, ...], Any] = {}  # PostgreSQL: the writes' shapes → one statement
+_ALONE: dict[Hashable, Any] = {}  # elsewhere: one write's shape → its statement
 
 
 def execute_writes(session: Session, writes: Sequence[ConditionalWrite]) -> None:
@@ -110,15 +111,15 @@ def execute_writes(session: Session, writes: Sequence[ConditionalWrite]) -> None
     if not writes:
         return
     connection = session.connection()
-    shapes = tuple(write.shape for write in writes)
     if connection.dialect.name == "postgresql":
+        shapes = tuple(write.shape for write in writes)
         statement = _TOGETHER.get(shapes)
         if statement is None:
             statement = _TOGETHER[shapes] = core_select(literal(1)).add_cte(*as_ctes(writes, true()))
         connection.execute(statement, params_of(writes))
         return
     for write in writes:
-        statement = _TOGETHER.get((write.shape,))
+        statement = _ALONE.get(write.shape)
         if statement is None:
-            statement = _TOGETHER[(write.shape,)] = write.statement(true(), "w_")
+            statement = _ALONE[write.shape] = write.statement(true(), "w_")
         connection.execute(statement, write.params("w_"))
