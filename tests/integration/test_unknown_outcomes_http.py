@@ -30,6 +30,7 @@ from worker.secret import Secret
 from worker.secret_refs import make_resolver
 from worker.settings import load_settings
 from worker.vault.store import VaultStore
+from worker.vault.transport import DirectSession
 
 pytestmark = pytest.mark.integration
 KEY = "standin/late"
@@ -108,7 +109,8 @@ def rig(pg_url: str, vault: Any, vault_mount: str) -> Iterator[Rig]:
                                grace_period_s=0, integrations=[], labels={}))
     adapter = HeldStagingWrites(hold_s=0.5)
     adapter.holding = False
-    http = requests.Session()
+    http = DirectSession()  # the production session (worker/vault/transport.py), with the fault in its transport
+    http.trust_env = False
     http.mount("http://", adapter)
     http.mount("https://", adapter)
     settings = load_settings(vault_addr=vault.addr, vault_token=vault.token, vault_mount=vault_mount, database_url=pg_url)

@@ -1,0 +1,125 @@
+"""The session the Vault client sends through (``worker/vault/transport.DirectSession``): requests go
+straight to requests' transport adapter, carrying what ``requests.Session.request`` would have sent.
+A small HTTP server in a thread answers from a script and records what it received."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import hvac.exceptions
+import pytest
+import requests
+
+from worker.vault.transport import DirectSession, build_client
+
+
+class ScriptedVault:
+    """Answers each request with the next (status, headers, body) and keeps (method, path, headers, body)."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[int, dict[str, str], dict[str, Any]]] = []
+        self.received: list[tuple[str, str, dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                outer.received.append((self.command, self.path, dict(self.headers), self.rfile.read(length)))
+                status, headers, body = outer.answers.pop(0)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def vault(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedVault]:
+    server = ScriptedVault()
+
+    def general_path(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("requests.Session.request was called: the Vault call took requests' general path")
+
+    monkeypatch.setattr(requests.Session, "request", general_path)
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def test_a_vault_call_goes_straight_to_the_transport_with_what_requests_would_send(vault: ScriptedVault) -> None:
+    vault.answers.append((200, {}, {"data": {"version": 3}}))
+    client = build_client(vault.url, token="hvs.test-token")
+    assert isinstance(client.session, DirectSession)
+    answer = client.secrets.kv.v2.create_or_update_secret(path="apps/x", secret={"api_key": "v"}, mount_point="kv")
+    assert answer == {"data": {"version": 3}}
+    [(method, path, headers, body)] = vault.received
+    assert (method, path) == ("POST", "/v1/kv/data/apps/x")
+    assert headers["X-Vault-Token"] == "hvs.test-token" and headers["X-Vault-Request"] == "true"
+    assert headers["User-Agent"].startswith("python-requests/")  # the session's default headers
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {"data": {"api_key": "v"}, "options": {}}
+
+
+def test_a_redirect_to_the_active_node_is_followed_with_the_same_method_and_body(vault: ScriptedVault) -> None:
+    """A standby Vault answers 307 with the active node's address; the call follows it as
+    ``Session.request`` would, POST body included."""
+    vault.answers += [(307, {"Location": f"{vault.url}/active/v1/kv/data/apps/x"}, {}), (200, {}, {"data": {"version": 4}})]
+    client = build_client(vault.url, token="hvs.test-token")
+    assert client.secrets.kv.v2.create_or_update_secret(path="apps/x", secret={"api_key": "v"},
+                                                        mount_point="kv") == {"data": {"version": 4}}
+    (_, _, _, first_body), (method, path, headers, body) = vault.received
+    assert (method, path) == ("POST", "/active/v1/kv/data/apps/x")
+    assert body == first_body and headers["X-Vault-Token"] == "hvs.test-token"
+
+
+def test_query_parameters_cookies_and_errors_keep_their_meaning(vault: ScriptedVault) -> None:
+    vault.answers += [
+        (200, {"Set-Cookie": "affinity=node-2; Path=/"}, {"data": {"data": {}, "metadata": {"version": 2}}}),
+        (503, {"Retry-After": "7"}, {"errors": ["Vault is sealed"]}),
+    ]
+    client = build_client(vault.url, token="hvs.test-token")
+    client.secrets.kv.v2.read_secret_version(path="apps/x", mount_point="kv", version=2, raise_on_deleted_version=True)
+    with pytest.raises(hvac.exceptions.VaultDown) as raised:
+        client.secrets.kv.v2.read_secret_version(path="apps/x", mount_point="kv", raise_on_deleted_version=True)
+    (_, first_path, _, _), (_, _, headers, _) = vault.received
+    assert first_path == "/v1/kv/data/apps/x?version=2"
+    assert headers.get("Cookie") == "affinity=node-2"  # a load balancer's affinity cookie is sent back
+    assert raised.value.keyrotor_status == 503 and raised.value.keyrotor_retry_after == 7.0  # type: ignore[attr-defined]
+
+
+def test_a_refused_connection_is_still_requests_connection_error(vault: ScriptedVault) -> None:
+    """worker/vault/errors.py reads requests' exceptions (refused: not sent; read timeout: unknown)."""
+    url = vault.url
+    vault.server.shutdown()
+    vault.server.server_close()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        build_client(url, token="t", timeout=2).secrets.kv.v2.read_secret_version(path="x", mount_point="kv",
+                                                                             raise_on_deleted_version=True)
+
+
+def test_a_session_that_reads_its_environment_takes_requests_own_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    called: list[str] = []
+
+    def general_path(self: requests.Session, method: str, url: str, **kwargs: Any) -> Any:
+        called.append(method)
+        return "general"
+
+    monkeypatch.setattr(requests.Session, "request", general_path)
+    session = DirectSession()
+    assert session.trust_env is True
+    assert session.request("GET", "http://vault.example:8200/v1/sys/health", timeout=1) == "general"
+    assert called == ["GET"]
