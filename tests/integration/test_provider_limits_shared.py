@@ -17,7 +17,7 @@ from worker.errors import RateLimited
 from worker.inventory.schema import HttpProviderSpec
 from worker.providers.base import CheckOutcome
 from worker.providers.http import HttpProvider
-from worker.providers.ratelimit import RedisRateLimiter
+from worker.providers.ratelimit import RedisRateLimiter, shared_limiter
 from keyrotor_sandbox.asana import AsanaHandle, asana_provider_spec, start_asana_in_thread
 from keyrotor_sandbox.provider import ProviderApp, ProviderState, standin_provider_spec
 from keyrotor_sandbox.standin_http import serve_in_thread
@@ -118,7 +118,7 @@ def _client_process(url: str, redis_url: str, namespace: str, threads: int, call
     revoking keys at full speed."""
     spec = HttpProviderSpec.model_validate(standin_provider_spec(
         url, admin_token_ref={"vault": "kv/admin#token"}, rate_limit={"requests": limit, "per": "1s"}))
-    limiter = RedisRateLimiter.from_url(redis_url, namespace=namespace, max_wait=60.0)
+    limiter = shared_limiter(redis_url, namespace=namespace, max_wait=60.0)  # as deployed: releases deferred
     provider = HttpProvider("standin", spec, resolve=_slow_vault, limiter=limiter, attempts=1)
 
     def work(n: int) -> None:

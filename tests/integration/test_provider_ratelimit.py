@@ -4,11 +4,13 @@ and a 429 recorded by one makes the other back off."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
+import redis
 
 from worker.errors import RateLimited
-from worker.providers.ratelimit import IN_FLIGHT_POLL_S, RateLimit, RedisRateLimiter
+from worker.providers.ratelimit import IN_FLIGHT_POLL_S, RateLimit, RedisRateLimiter, flush_all_releases
 from keyrotor_sandbox.provider import start_provider_in_thread
 
 pytestmark = pytest.mark.integration
@@ -130,3 +132,96 @@ def test_buckets_are_taken_together_on_redis(redis_client, redis_namespace: str)
     with pytest.raises(RateLimited) as caught:
         a.acquire("alloy", "alloy/search")
     assert caught.value.retry_after == pytest.approx(5.0, abs=1.0)    # the provider's 429 block comes first
+
+
+class CountingRedis(redis.Redis):
+    """The real client, counting its script calls; ``fail_next`` makes the next one fail before it is sent."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.script_calls = 0
+        self.fail_next = False
+
+    def evalsha(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        if self.fail_next:
+            self.fail_next = False
+            raise redis.ConnectionError("injected: Redis went away")
+        answer = super().evalsha(*args, **kwargs)
+        self.script_calls += 1  # counted once answered: a first call's NOSCRIPT is retried by redis-py
+        return answer
+
+
+def _ends(redis_client: Any, key: str) -> tuple[int, list[float]]:
+    seconds, micros = redis_client.time()
+    return seconds * 1_000_000 + micros, sorted(score for _m, score in redis_client.zrange(key, 0, -1, withscores=True))
+
+
+def deferring(redis_client: Any, redis_namespace: str, delay_s: float) -> tuple[RedisRateLimiter, CountingRedis]:
+    client = CountingRedis(connection_pool=redis_client.connection_pool)
+    limiter = RedisRateLimiter(client, namespace=redis_namespace, max_wait=0, release_delay_s=delay_s)
+    limiter.register("alloy", RateLimit(2, 30.0))
+    return limiter, client
+
+
+def test_a_deferred_release_rides_along_with_the_next_acquire(redis_client, redis_namespace: str) -> None:  # type: ignore[no-untyped-def]
+    """One script call per request instead of two: the release waits for the process's next acquire."""
+    limiter, client = deferring(redis_client, redis_namespace, delay_s=3.0)  # 10 delays fit the 30 s window; the flusher stays out of it
+    key = f"{redis_namespace}:ratelimit:alloy:ends:2:30"
+    first = limiter.acquire("alloy", hold_s=120)
+    limiter.release(first)
+    now_us, ends = _ends(redis_client, key)
+    assert client.script_calls == 1 and ends[0] > now_us + 60_000_000   # not sent: Redis still counts it in flight
+    limiter.acquire("alloy", hold_s=120)
+    now_us, ends = _ends(redis_client, key)
+    assert client.script_calls == 2                                      # the release went with this acquire
+    assert ends[0] <= now_us and ends[1] > now_us + 60_000_000           # the first ended when it was released
+
+
+def test_a_release_nobody_carries_is_sent_after_the_delay(redis_client, redis_namespace: str) -> None:  # type: ignore[no-untyped-def]
+    limiter, client = deferring(redis_client, redis_namespace, delay_s=0.05)
+    key = f"{redis_namespace}:ratelimit:alloy:ends:2:30"
+    limiter.release(limiter.acquire("alloy", hold_s=120))
+    deadline = time.monotonic() + 5
+    while _ends(redis_client, key)[1][0] > _ends(redis_client, key)[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    now_us, ends = _ends(redis_client, key)
+    assert ends[0] <= now_us and client.script_calls == 2   # the acquire, then the flusher's release
+
+
+def test_a_deferred_release_admits_nobody_sooner(redis_client, redis_namespace: str) -> None:  # type: ignore[no-untyped-def]
+    """Until the release is sent, another worker finding the window full is told to look again soon
+    (the entry is in flight); once sent, it waits for the window, as with a release sent at once."""
+    a, _client = deferring(redis_client, redis_namespace, delay_s=3.0)
+    b = RedisRateLimiter(redis_client, namespace=redis_namespace, max_wait=0)
+    b.register("alloy", RateLimit(2, 30.0))
+    first = a.acquire("alloy", hold_s=120)
+    b.acquire("alloy", hold_s=120)
+    a.release(first)
+    with pytest.raises(RateLimited) as caught:
+        b.acquire("alloy")
+    assert caught.value.retry_after == pytest.approx(IN_FLIGHT_POLL_S, abs=0.01)
+    flush_all_releases()   # what a stopping worker does (worker/runtime/broker.py FlushRateReleases)
+    with pytest.raises(RateLimited) as caught:
+        b.acquire("alloy")
+    assert caught.value.retry_after == pytest.approx(30.0, abs=1.0)
+
+
+def test_a_release_in_a_short_window_is_sent_at_once(redis_client, redis_namespace: str) -> None:  # type: ignore[no-untyped-def]
+    """A window shorter than RELEASE_DELAY_PERIODS delays would count a deferred slot too long."""
+    limiter, client = deferring(redis_client, redis_namespace, delay_s=0.05)
+    limiter.register("fast", RateLimit(2, 0.2))
+    limiter.release(limiter.acquire("fast", hold_s=120))
+    now_us, ends = _ends(redis_client, f"{redis_namespace}:ratelimit:fast:ends:2:0.2")
+    assert client.script_calls == 2 and ends[0] <= now_us
+
+
+def test_releases_carried_by_a_failed_acquire_are_sent_later(redis_client, redis_namespace: str) -> None:  # type: ignore[no-untyped-def]
+    limiter, client = deferring(redis_client, redis_namespace, delay_s=3.0)
+    key = f"{redis_namespace}:ratelimit:alloy:ends:2:30"
+    limiter.release(limiter.acquire("alloy", hold_s=120))
+    client.fail_next = True
+    with pytest.raises(redis.ConnectionError):
+        limiter.acquire("alloy", hold_s=120)
+    limiter.flush_releases()
+    now_us, ends = _ends(redis_client, key)
+    assert ends == [pytest.approx(ends[0])] and ends[0] <= now_us   # the one slot, ended

@@ -41,6 +41,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
@@ -65,6 +66,11 @@ WAKE_JITTER_S = 0.005
 LEASE_MARGIN_S = 5.0
 #: How long to wait before looking again for a free concurrency lease.
 LEASE_POLL_S = 0.05
+#: The shared limiter's releases wait at most this long to ride along with this process's next
+#: acquire (see ``RedisRateLimiter``); a flusher thread sends what is left after it.
+RELEASE_DELAY_S = 0.05
+#: A release is deferred only when every window it is in is at least this many delays long.
+RELEASE_DELAY_PERIODS = 10
 
 
 @dataclass(frozen=True)
@@ -147,25 +153,46 @@ class _SlotAroundRequest:
 
 class RedisRateLimiter(_SlotAroundRequest):
     """Shared across processes through Redis: a sliding-window log per bucket, scored by each
-    request's *end* (see the module docstring)."""
+    request's *end* (see the module docstring).
+
+    With ``release_delay_s`` (the shared limiter's), a release is not sent on its own: it rides
+    along with this process's next acquire, in the same script call, or a flusher thread sends it
+    ``release_delay_s`` later. That halves the limiter's Redis calls per request and admits nothing
+    sooner: the end it records is taken when the request ends, and until it is sent the entry
+    counts as in flight, which counts in every window that the real end counts in as long as the
+    delay is shorter than the window (``RELEASE_DELAY_PERIODS``). Another worker that finds the
+    window full meanwhile looks again after ``IN_FLIGHT_POLL_S`` instead of computing its wait."""
 
     #: KEYS: the buckets' ``blocked_until`` keys (ARGV[1] of them), then their window logs (ZSET
-    #: member → end of the request, µs). ARGV: count of blocked keys, member, hold (µs), poll (µs),
-    #: then (limit, period µs) per window. Returns {0, now} when a slot was taken in *every* window
-    #: (all or none), else {1, µs to wait}.
+    #: member → end of the request, µs), then the window log of each deferred release (ARGV[5] of
+    #: them). ARGV: count of blocked keys, member, hold (µs), poll (µs), count of deferred releases,
+    #: (member, end µs) per deferred release, then (limit, period µs) per window. The deferred
+    #: releases are applied first (as ``_RELEASE_SCRIPT``). Returns {0, now} when a slot was taken
+    #: in *every* window (all or none), else {1, µs to wait}.
     _ACQUIRE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local blocked = tonumber(ARGV[1])
 local hold = tonumber(ARGV[3])
+local released = tonumber(ARGV[5])
+local windows_end = #KEYS - released
+for i = 1, released do
+  local key, member = KEYS[windows_end + i], ARGV[4 + i * 2]
+  local ended = math.min(tonumber(ARGV[5 + i * 2]), now)
+  local score = redis.call('ZSCORE', key, member)
+  if score and tonumber(score) > ended then
+    redis.call('ZADD', key, 'XX', ended, member)
+  end
+end
+local first_limit = 6 + released * 2
 local wait = 0
 for i = 1, blocked do
   local until_s = tonumber(redis.call('GET', KEYS[i]) or '0')
   if until_s * 1000000 > now then wait = math.max(wait, until_s * 1000000 - now) end
 end
 if wait > 0 then return {1, math.ceil(wait)} end
-for i = blocked + 1, #KEYS do
-  local j = 5 + (i - blocked - 1) * 2
+for i = blocked + 1, windows_end do
+  local j = first_limit + (i - blocked - 1) * 2
   local limit, period = tonumber(ARGV[j]), tonumber(ARGV[j + 1])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - period)
   if redis.call('ZCARD', KEYS[i]) >= limit then
@@ -178,23 +205,25 @@ for i = blocked + 1, #KEYS do
   end
 end
 if wait > 0 then return {1, math.max(1, math.ceil(wait))} end
-for i = blocked + 1, #KEYS do
-  local j = 5 + (i - blocked - 1) * 2
+for i = blocked + 1, windows_end do
+  local j = first_limit + (i - blocked - 1) * 2
   redis.call('ZADD', KEYS[i], now + hold, ARGV[2])
   redis.call('PEXPIRE', KEYS[i], math.ceil((tonumber(ARGV[j + 1]) + hold) / 1000) + 1000)
 end
 return {0, now}
 """
 
-    #: KEYS: window logs; ARGV: member, the client's bound on the request's end (µs). Lowers the
-    #: entry's end to the earlier of that bound and now (both are at or after the real end).
+    #: KEYS: window logs; ARGV: per key, the member and the client's bound on its request's end
+    #: (µs). Lowers each entry's end to the earlier of that bound and now (both are at or after the
+    #: real end); never raises one, so sending a release twice changes nothing.
     _RELEASE_SCRIPT = """
 local t = redis.call('TIME')
-local ended = math.min(tonumber(ARGV[2]), tonumber(t[1]) * 1000000 + tonumber(t[2]))
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 for i = 1, #KEYS do
-  local score = redis.call('ZSCORE', KEYS[i], ARGV[1])
+  local member, ended = ARGV[i * 2 - 1], math.min(tonumber(ARGV[i * 2]), now)
+  local score = redis.call('ZSCORE', KEYS[i], member)
   if score and tonumber(score) > ended then
-    redis.call('ZADD', KEYS[i], 'XX', ended, ARGV[1])
+    redis.call('ZADD', KEYS[i], 'XX', ended, member)
   end
 end
 return 0
@@ -237,6 +266,7 @@ return 0
         now: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        release_delay_s: float = 0.0,
     ) -> None:
         self._client = client
         self._namespace = namespace
@@ -245,6 +275,10 @@ return 0
         self._now = now
         self._monotonic = monotonic
         self._rng = rng or random.Random()
+        self._release_delay_s = release_delay_s
+        self._deferred: list[tuple[str, str, int]] = []  # (window key, member, end µs) not sent yet
+        self._deferred_added = threading.Condition()
+        self._flusher: threading.Thread | None = None
         self._limits: dict[str, RateLimit] = {}
         self._concurrency: dict[str, tuple[int, float]] = {}
         self._acquire_slot = client.register_script(self._ACQUIRE_SCRIPT)
@@ -275,11 +309,19 @@ return 0
     def _try_slot(self, buckets: tuple[str, ...], member: str, hold_s: float) -> tuple[bool, float]:
         """(True, Redis time in s) when a slot was taken in every bucket, else (False, seconds until one may free)."""
         windows = [(self._window_key(b, self._limits[b]), self._limits[b]) for b in buckets if b in self._limits]
-        keys = [self._key(b, "blocked_until") for b in buckets] + [key for key, _ in windows]
-        args: list[Any] = [len(buckets), member, int(hold_s * 1_000_000), int(IN_FLIGHT_POLL_S * 1_000_000)]
+        deferred = self._take_deferred()
+        keys = ([self._key(b, "blocked_until") for b in buckets] + [key for key, _ in windows]
+                + [key for key, _, _ in deferred])
+        args: list[Any] = [len(buckets), member, int(hold_s * 1_000_000), int(IN_FLIGHT_POLL_S * 1_000_000), len(deferred)]
+        for _key, released, end_us in deferred:
+            args += [released, end_us]
         for _key, limit in windows:
             args += [limit.requests, int((limit.per + window_margin(limit.per)) * 1_000_000)]
-        taken, value = self._acquire_slot(keys=keys, args=args)
+        try:
+            taken, value = self._acquire_slot(keys=keys, args=args)
+        except Exception:
+            self._defer(deferred)  # sent again later: a release applied twice changes nothing
+            raise
         return int(taken) == 0, int(value) / 1_000_000
 
     def blocked_for(self, provider: str) -> float:
@@ -320,12 +362,57 @@ return 0
         # Redis's time at admission plus what this process has seen elapse since it asked: never
         # earlier than the request's real end, and not delayed by this call's own latency (the
         # script keeps the earlier of it and Redis's time when it runs; both bound the end).
-        end = ticket.started + (self._monotonic() - ticket.called) + CLOCK_SLACK_S
-        keys = [self._window_key(b, self._limits[b]) for b in ticket.buckets if b in self._limits]
+        end_us = int((ticket.started + (self._monotonic() - ticket.called) + CLOCK_SLACK_S) * 1_000_000)
+        limits = [(b, self._limits[b]) for b in ticket.buckets if b in self._limits]
+        ended = [(self._window_key(b, limit), ticket.member, end_us) for b, limit in limits]
+        if not ended:
+            return
+        if self._release_delay_s > 0 and all(limit.per >= RELEASE_DELAY_PERIODS * self._release_delay_s
+                                             for _b, limit in limits):
+            self._defer(ended)
+        else:
+            self._send_releases(ended)
+
+    def flush_releases(self) -> None:
+        """Send every deferred release now (the flusher thread, a worker's shutdown, tests)."""
+        deferred = self._take_deferred()
+        if deferred:
+            self._send_releases(deferred)
+
+    def _send_releases(self, ended: list[tuple[str, str, int]]) -> None:
+        args: list[Any] = []
+        for _key, member, end_us in ended:
+            args += [member, end_us]
         try:
-            self._release_slot(keys=keys, args=[ticket.member, int(end * 1_000_000)])
-        except Exception as exc:  # the slot then counts until its hold runs out: late, never early
-            log.warning("rate_slot_release_failed", bucket=ticket.buckets[0], error=type(exc).__name__)
+            self._release_slot(keys=[key for key, _, _ in ended], args=args)
+        except Exception as exc:  # the slots then count until their hold runs out: late, never early
+            log.warning("rate_slot_release_failed", releases=len(ended), error=type(exc).__name__)
+
+    def _take_deferred(self) -> list[tuple[str, str, int]]:
+        with self._deferred_added:
+            deferred, self._deferred = self._deferred, []
+        return deferred
+
+    def _defer(self, ended: list[tuple[str, str, int]]) -> None:
+        if not ended:
+            return
+        with self._deferred_added:
+            self._deferred.extend(ended)
+            self._deferred_added.notify()
+            if self._flusher is None:
+                _DEFERRING.add(self)
+                self._flusher = threading.Thread(target=self._flush_after_delay, name="keyrotor-rate-releases",
+                                                 daemon=True)
+                self._flusher.start()
+
+    def _flush_after_delay(self) -> None:
+        """Sends what no acquire carried within ``release_delay_s`` (an idle process's last ones)."""
+        while True:
+            with self._deferred_added:
+                while not self._deferred:
+                    self._deferred_added.wait()
+            time.sleep(self._release_delay_s)
+            self.flush_releases()
 
     def register_concurrency(self, bucket: str, limit: int | None, lease_s: float) -> None:
         if limit is None:
@@ -484,6 +571,17 @@ class InMemoryRateLimiter(_SlotAroundRequest):
                     self._held[bucket] = max(0, self._held[bucket] - 1)
 
 
+#: Limiters holding deferred releases, flushed by ``flush_all_releases`` when a worker stops.
+_DEFERRING: "weakref.WeakSet[RedisRateLimiter]" = weakref.WeakSet()
+
+
+def flush_all_releases() -> None:
+    """Send every deferred release of this process (a stopping worker: its last requests' slots
+    then end when they did, not when their hold runs out)."""
+    for limiter in list(_DEFERRING):
+        limiter.flush_releases()
+
+
 def shared_limiter(redis_url: str, *, namespace: str = "keyrotor", max_wait: float = 5.0) -> RedisRateLimiter:
     """The limiter every worker uses: ``shared_limiter(settings.redis_url, namespace=settings.queue_namespace)``."""
-    return RedisRateLimiter.from_url(redis_url, namespace=namespace, max_wait=max_wait)
+    return RedisRateLimiter.from_url(redis_url, namespace=namespace, max_wait=max_wait, release_delay_s=RELEASE_DELAY_S)

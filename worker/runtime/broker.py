@@ -10,6 +10,7 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import CurrentMessage
 
+from worker.providers.ratelimit import flush_all_releases
 from worker.runtime import actors
 from worker.runtime.message_metrics import MessageMetrics
 from worker.runtime.delayed import DelayedMessageMover, DelayInRedisBroker
@@ -34,6 +35,14 @@ class FetchOnlyWhatThreadsRun(dramatiq.Middleware):
         worker.queue_prefetch = worker.worker_threads
 
 
+class FlushRateReleases(dramatiq.Middleware):
+    """A stopping worker sends the rate limiter's deferred releases (worker/providers/ratelimit.py),
+    so its last requests' slots end when they did rather than when their hold runs out."""
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        flush_all_releases()
+
+
 def make_redis_broker(url: str, namespace: str, *, heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> dramatiq.Broker:
     # Bounded socket waits: a hung Redis must surface as an error (retried, then reported) rather
     # than freeze a worker thread or the CLI forever. Dramatiq's consumer polls with Lua scripts and
@@ -51,6 +60,7 @@ def make_redis_broker(url: str, namespace: str, *, heartbeat_timeout_s: float = 
                                 maintenance_chance=MAINTENANCE_CHANCE)
     broker.add_middleware(DelayedMessageMover())
     broker.add_middleware(FetchOnlyWhatThreadsRun())
+    broker.add_middleware(FlushRateReleases())
     return broker
 
 
