@@ -228,3 +228,29 @@ def test_propagate_and_verify_find_the_integration_records_issue_read(world: Wor
     assert _state(world, run_id) == (RunState.completed, None)
     reads = [s for tx in transactions for s, text in tx if text.startswith("SELECT integration.")]
     assert reads == ["issue"] * len(names), reads
+
+
+def test_a_chain_asks_the_provider_factory_once(world: World) -> None:
+    """issue builds the provider from the record it read; precheck, verify and retire, handed that
+    snapshot, use the same adapter. Steps in their own messages each read a snapshot and ask."""
+    import dataclasses
+
+    from worker.pipeline.context import configure
+
+    fake_factory = world.ctx.provider_factory
+    asked: list[str] = []
+
+    def factory(session: Session, key: Any) -> Any:
+        import structlog
+
+        asked.append(str(structlog.contextvars.get_contextvars().get("step")))
+        return fake_factory(session, key)
+
+    configure(dataclasses.replace(world.ctx, provider_factory=factory))
+    world.ctx = dataclasses.replace(world.ctx, provider_factory=factory)
+    run_id = _rotate_through_actors(world)
+    assert _state(world, run_id) == (RunState.completed, None)
+    assert asked == ["issue"]
+    asked.clear()
+    assert world.drive(world.request()) == RunState.completed
+    assert asked == ["issue", "precheck", "verify", "retire"]

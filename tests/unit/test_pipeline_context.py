@@ -10,7 +10,7 @@ from sqlmodel import Session
 
 from worker.db.models import IntegrationRecord, ManagedKey, ProviderRecord
 from worker.db.session import make_engine, session_scope
-from worker.errors import PermanentError
+from worker.errors import PermanentError, TransientError
 from worker.pipeline.context import _registry_integration_factory, _registry_provider_factory
 from keyrotor_sandbox.provider import standin_provider_spec
 from worker.settings import load_settings
@@ -51,6 +51,10 @@ def test_provider_built_once_and_rebuilt_when_its_record_changes(engine: Any) ->
         rebuilt = factory(session, session.get(ManagedKey, 1))
     assert rebuilt is not first and rebuilt.spec.base_url == "http://127.0.0.1:10"
     assert first._http.is_closed and not rebuilt._http.is_closed
+    # A chain still holding the replaced adapter (steps/provider.provider_for) gets a transient
+    # error before anything is sent; the step's retry reads the changed record.
+    with pytest.raises(TransientError, match="replaced by a changed inventory record"):
+        first.list_keys()
 
 
 def test_integration_built_once(engine: Any) -> None:

@@ -145,7 +145,8 @@ class _BuiltCache:
     Building one per step leaked an httpx client (connection pool) per call in a long-running
     worker, and re-registered the rate limit each time. An entry is rebuilt when its record's spec
     changes (``keyrotor config apply``) and the replaced one is closed (a call still in flight
-    on it fails as a transient error, and its step is retried with the new one)."""
+    on it, or made later by a chain that holds it, fails as a transient error, and its step is
+    retried with the new one)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

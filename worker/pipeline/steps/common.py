@@ -26,6 +26,7 @@ from worker.pipeline.row_writes import ConditionalWrite, RowChange
 from worker.pipeline.runs import RUNS, load_key, load_run, load_version, run_state, transition
 from worker.protocol import Mode, RunState, Step, expected_state, next_step, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
+from worker.providers.base import Provider
 from worker.secret import Secret
 
 logger = log.get_logger("keyrotor.pipeline")
@@ -58,6 +59,10 @@ class Snapshot:
     #: for its reference check): the integration factory finds them without a query, as the
     #: provider's record is found. Empty when this chain has not read them.
     integration_records: dict[str, IntegrationRecord] = field(default_factory=dict)
+    #: The provider adapter built from ``provider_record`` by this chain's first step that called
+    #: the provider (``steps/provider.provider_for``): the later steps of the chain, which read the
+    #: same record, use it instead of asking the factory again. ``None`` until then.
+    provider: Optional[Provider] = None
 
     @property
     def credential_type(self) -> str:
@@ -243,7 +248,7 @@ def move_on(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState
         old, new = load_version(session, run.old_version_id), load_version(session, run.new_version_id)
     return following, Snapshot(run=run, key=snap.key, old=old, new=new, mode=snap.mode,
                                provider_record=snap.provider_record, entered_in_chain=True,
-                               integration_records=snap.integration_records)
+                               integration_records=snap.integration_records, provider=snap.provider)
 
 
 def hand_over(snap: Snapshot, following: Optional[tuple[Step, Snapshot]]) -> None:

@@ -16,15 +16,17 @@ from worker.secret import Secret
 
 
 def provider_for(ctx: PipelineContext, snap: Snapshot) -> Provider:
-    """The key's provider from the factory. The record the snapshot read is put into the factory's
+    """The key's provider from the factory, once per chain (kept on the snapshot, which the chain
+    hands over with the same record). The record the snapshot read is put into the factory's
     session, so its lookup is answered without a query (and without taking a connection); a
-    record changed by ``config apply`` is seen by the next step's snapshot."""
-    with session_scope(ctx.engine) as session:
-        # Held in a local: the identity map only keeps a weak reference to a clean object.
-        record = session.merge(snap.provider_record, load=False) if snap.provider_record is not None else None
-        provider = ctx.provider_factory(session, snap.key)
-        del record
-        return provider
+    record changed by ``config apply`` is seen by the next snapshot read from the database."""
+    if snap.provider is None:
+        with session_scope(ctx.engine) as session:
+            # Held in a local: the identity map only keeps a weak reference to a clean object.
+            record = session.merge(snap.provider_record, load=False) if snap.provider_record is not None else None
+            snap.provider = ctx.provider_factory(session, snap.key)
+            del record
+    return snap.provider
 
 
 def revoke_key(provider: Provider, *, key_id: Optional[str], secret: Optional[Secret], credential_type: str) -> str:
