@@ -17,6 +17,8 @@ from sqlalchemy import select as core_select
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session
 
+from worker.db.statements import PerThreadCache
+
 
 class ConditionalWrite:
     """A write made only if a condition holds (for a transition's writes: the run moved).
@@ -100,8 +102,9 @@ def params_of(writes: Sequence[ConditionalWrite]) -> dict[str, Any]:
     return params
 
 
-_TOGETHER: dict[tuple[Hashable, ...], Any] = {}  # PostgreSQL: the writes' shapes → one statement
-_ALONE: dict[Hashable, Any] = {}  # elsewhere: one write's shape → its statement
+# Per thread (worker/db/statements.py): a statement's first compile must not run in two threads at once.
+_TOGETHER: PerThreadCache[Any] = PerThreadCache()  # PostgreSQL: the writes' shapes → one statement
+_ALONE: PerThreadCache[Any] = PerThreadCache()  # elsewhere: one write's shape → its statement
 
 
 def execute_writes(session: Session, writes: Sequence[ConditionalWrite]) -> None:
@@ -112,14 +115,10 @@ def execute_writes(session: Session, writes: Sequence[ConditionalWrite]) -> None
         return
     connection = session.connection()
     if connection.dialect.name == "postgresql":
-        shapes = tuple(write.shape for write in writes)
-        statement = _TOGETHER.get(shapes)
-        if statement is None:
-            statement = _TOGETHER[shapes] = core_select(literal(1)).add_cte(*as_ctes(writes, true()))
+        statement = _TOGETHER.get(tuple(write.shape for write in writes),
+                                  lambda: core_select(literal(1)).add_cte(*as_ctes(writes, true())))
         connection.execute(statement, params_of(writes))
         return
     for write in writes:
-        statement = _ALONE.get(write.shape)
-        if statement is None:
-            statement = _ALONE[write.shape] = write.statement(true(), "w_")
+        statement = _ALONE.get(write.shape, lambda: write.statement(true(), "w_"))
         connection.execute(statement, write.params("w_"))

@@ -23,6 +23,7 @@ from sqlmodel import col, select, Session
 from worker.clock import utcnow
 from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun
 from worker.db.session import after_commit
+from worker.db.statements import PerThreadCache
 from worker.errors import StateConflict
 from worker.metrics import ROTATIONS
 from worker.pipeline.lease import transitioned
@@ -76,16 +77,16 @@ def audit_row(run: RotationRun, *, actor: str, event: str, detail: Optional[dict
     return InsertRow(_AUDIT, _audit_values(run, actor=actor, event=event, detail=detail))
 
 
-_TRANSITIONS: dict[tuple[tuple[str, ...], bool, bool, tuple[Hashable, ...]], Any] = {}
+#: Each thread builds its own (worker/db/statements.py: a shared statement's first compile raced).
+_TRANSITIONS: PerThreadCache[Any] = PerThreadCache()
 _AUDIT_COLUMNS = ("at", "run_id", "key_id", "actor", "event", "from_state", "to_state", "detail")
 
 
 def _run_update(columns: tuple[str, ...]) -> Any:
     """``UPDATE rotation_run SET <columns> WHERE id = :t_id AND state = :t_expected``, with bind
     parameters. On the table, not the mapped class: nothing in the session mirrors the row, and
-    the ORM's bulk-update machinery costs more than the statement. A new object each time: one
-    statement object shared as the base of others (``.returning()`` copies it) while other
-    threads execute it let a hand-off's CTE lose its columns under load."""
+    the ORM's bulk-update machinery costs more than the statement. A new object for each
+    statement built on it (``.returning()`` copies it, sharing its parts)."""
     return (update(RUNS).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
             .values({name: bindparam(f"t_{name}") for name in columns}))
 
@@ -97,19 +98,16 @@ def _transition_statement(columns: tuple[str, ...], *, returning: bool, audited:
     A hand-off needs the run back as an object (the next step's snapshot), so ``returning`` goes
     through the ORM with RETURNING instead of reading the row again. ``audited`` (PostgreSQL): with
     its audit row and the step's ``writes`` in the same statement (``_with_audit_row``)."""
-    shapes = tuple(write.shape for write in writes)
-    statement = _TRANSITIONS.get((columns, returning, audited, shapes))
-    if statement is None:
+    def build() -> Any:
         if audited:
-            statement = _with_audit_row(_run_update(columns), returning=returning, writes=writes)
-        elif returning:
-            statement = (update(RotationRun).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
-                         .values({name: bindparam(f"t_{name}") for name in columns}).returning(RotationRun)
-                         .execution_options(synchronize_session=False, populate_existing=True))
-        else:
-            statement = _run_update(columns)
-        _TRANSITIONS[(columns, returning, audited, shapes)] = statement
-    return statement
+            return _with_audit_row(_run_update(columns), returning=returning, writes=writes)
+        if returning:
+            return (update(RotationRun).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
+                    .values({name: bindparam(f"t_{name}") for name in columns}).returning(RotationRun)
+                    .execution_options(synchronize_session=False, populate_existing=True))
+        return _run_update(columns)
+
+    return _TRANSITIONS.get((columns, returning, audited, tuple(write.shape for write in writes)), build)
 
 
 def _with_audit_row(update_run: Any, *, returning: bool, writes: Sequence[ConditionalWrite] = ()) -> Any:

@@ -17,6 +17,7 @@ from worker import log
 from worker.clock import utcnow
 from worker.db.models import IntegrationRecord, KeyVersion, ManagedKey, ProviderRecord, RotationRun
 from worker.db.session import session_scope
+from worker.db.statements import PerThread
 from worker.errors import PermanentError, StateConflict, TransientError
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import read_pending, safe_error, staged_in_chain
@@ -94,7 +95,7 @@ def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Sna
     snap: Optional[Snapshot] = None
     if lease is not None and ctx.engine.dialect.name == "postgresql":  # SQLite has no data-modifying CTE
         with session_scope(ctx.engine, one_statement=True) as session:
-            row = session.execute(_CLAIM_AND_READ, lease.claim_params(expected.value)).first()
+            row = session.execute(_CLAIM_AND_READ.get(), lease.claim_params(expected.value)).first()
         if row is not None:
             lease.claimed()
             run, key, record, old, new = row
@@ -119,35 +120,39 @@ def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Sna
     return snap
 
 
-_OldVersion = aliased(KeyVersion)
-_NewVersion = aliased(KeyVersion)
-#: Built once, like the lease claim: the run's key, its provider record and its two versions.
-_KEY_PROVIDER_VERSIONS = (
-    select(ManagedKey, ProviderRecord, _OldVersion, _NewVersion)
-    .outerjoin(ProviderRecord, col(ProviderRecord.name) == col(ManagedKey.provider))
-    .outerjoin(_OldVersion, col(_OldVersion.id) == bindparam("old_id"))
-    .outerjoin(_NewVersion, col(_NewVersion.id) == bindparam("new_id"))
-    .where(col(ManagedKey.id) == bindparam("key_id"))
-)
-_CLAIMED = CLAIM_UPDATE.returning(*RUNS.c).cte("claimed")
-_ClaimedRun = aliased(RotationRun, _CLAIMED)
-#: The claim and the snapshot's rows in one statement, built once.
-_CLAIM_AND_READ = (
-    core_select(_ClaimedRun, ManagedKey, ProviderRecord, _OldVersion, _NewVersion)  # sqlmodel's takes four
-    .select_from(_ClaimedRun)
-    .join(ManagedKey, col(ManagedKey.id) == _ClaimedRun.key_id)
-    .outerjoin(ProviderRecord, col(ProviderRecord.name) == col(ManagedKey.provider))
-    .outerjoin(_OldVersion, col(_OldVersion.id) == _ClaimedRun.old_version_id)
-    .outerjoin(_NewVersion, col(_NewVersion.id) == _ClaimedRun.new_version_id)
-    .execution_options(populate_existing=True)
-)
+def _key_provider_versions_statement() -> Any:
+    """The run's key, its provider record and its two versions."""
+    old, new = aliased(KeyVersion), aliased(KeyVersion)
+    return (select(ManagedKey, ProviderRecord, old, new)
+            .outerjoin(ProviderRecord, col(ProviderRecord.name) == col(ManagedKey.provider))
+            .outerjoin(old, col(old.id) == bindparam("old_id"))
+            .outerjoin(new, col(new.id) == bindparam("new_id"))
+            .where(col(ManagedKey.id) == bindparam("key_id")))
+
+
+def _claim_and_read_statement() -> Any:
+    """The claim and the snapshot's rows in one statement."""
+    claimed = aliased(RotationRun, CLAIM_UPDATE.returning(*RUNS.c).cte("claimed"))
+    old, new = aliased(KeyVersion), aliased(KeyVersion)
+    return (core_select(claimed, ManagedKey, ProviderRecord, old, new)  # sqlmodel's takes four
+            .select_from(claimed)
+            .join(ManagedKey, col(ManagedKey.id) == claimed.key_id)
+            .outerjoin(ProviderRecord, col(ProviderRecord.name) == col(ManagedKey.provider))
+            .outerjoin(old, col(old.id) == claimed.old_version_id)
+            .outerjoin(new, col(new.id) == claimed.new_version_id)
+            .execution_options(populate_existing=True))
+
+
+# Built once per thread, not shared (worker/db/statements.py: a shared statement's first compile raced).
+_KEY_PROVIDER_VERSIONS = PerThread(_key_provider_versions_statement)
+_CLAIM_AND_READ = PerThread(_claim_and_read_statement)
 
 
 def _key_provider_versions(session: Session, run: RotationRun) -> tuple[
         ManagedKey, Optional[ProviderRecord], Optional[KeyVersion], Optional[KeyVersion]]:
     """The run's key, its provider record (``None`` if not applied) and the run's old and new
     versions (``None`` where it has none) in one query."""
-    row = session.execute(_KEY_PROVIDER_VERSIONS, {"key_id": run.key_id, "old_id": run.old_version_id,
+    row = session.execute(_KEY_PROVIDER_VERSIONS.get(), {"key_id": run.key_id, "old_id": run.old_version_id,
                                                    "new_id": run.new_version_id}).first()
     if row is None:  # pragma: no cover - FK guarantees it
         raise StateConflict(f"run {run.id} refers to a missing key id {run.key_id}")
