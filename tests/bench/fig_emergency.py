@@ -27,7 +27,8 @@ from tests.bench import harness as h
 def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: int, limit: int) -> dict[str, Any]:
     h.log(f"[3] emergency: {keys} keys, provider limit {limit}/s, worker -p 2 -t 8, {trials} trials")
     world = h.build_world(stack, workdir, vault, keys=keys, rate_limit=limit)
-    world.start_worker(processes=2, threads=8)
+    worker = world.start_worker(processes=2, threads=8)
+    problems: list[dict[str, int]] = []
     achieved = h.Figure("answered provider requests/s, busy phase", "req/s", baseline_label="the provider's limit")
     share = h.Figure("  share of the limit", "%", baseline_label="100 %")
     rejected = h.Figure("429 answers", "answers", baseline_label="0")
@@ -37,6 +38,7 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
     calls = h.Figure("provider requests per key", "calls")
     for trial in h.iter_trials(trials):
         t0 = datetime.now(timezone.utc)
+        log_from = worker.log_offset()
         start = time.perf_counter()
         before = h.provider_counts(world.provider.stats())
         samples: list[tuple[float, dict[str, int]]] = [(time.perf_counter(), before)]
@@ -62,7 +64,8 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
             if row[0] >= keys and row[1] == 0:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"emergency: {row[1]} of {row[0]} runs still open")
+                raise RuntimeError(f"emergency: {row[1]} of {row[0]} runs still open; worker log: "
+                                   f"{worker.log_problems(log_from)}")
         ended = time.perf_counter()
         time.sleep(0.5)
         stop.set()
@@ -81,7 +84,9 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
         duration.measured.append(ended - start)
         duration.baseline.append(total["answered"] / limit)
         calls.measured.append(total["total"] / keys)
+        problems.append(worker.log_problems(log_from))
     h.print_table(f"3. emergency, {keys} keys, limit {limit}/s, `keyrotor worker -p 2 -t 8`", [achieved, share, rejected, failed,
                                                                                                  duration, calls])
-    return {"keys": keys, "limit_per_s": limit,
+    print(f"worker log per trial: {problems}")
+    return {"keys": keys, "limit_per_s": limit, "worker_log": problems,
             "figures": {f.name.strip(): f.as_json() for f in (achieved, share, rejected, failed, duration, calls)}}

@@ -38,6 +38,7 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
     tuples = h.Figure("PostgreSQL rows read (returned) per rotation", "rows")
     messages = h.Figure("queue messages per rotation", "msgs")
     failed: list[int] = []
+    problems: list[dict[str, int]] = []
     per_actor: dict[str, float] = {}
     for trial in h.iter_trials(trials):
         # --- baseline: the floor
@@ -59,6 +60,7 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
         polls0 = world.polls
         db0, m0 = world.db.activity(), worker.metrics()
         p0, v0, w0 = h.provider_counts(world.provider.stats()), vault.requests_seen(), worker.cpu_s()
+        log_from = worker.log_offset()
         started = time.perf_counter()
         world.enqueue(ids)
         states = world.wait_finished(ids, timeout=max(120.0, keys * 2.0))
@@ -68,6 +70,7 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
         h.settle()
         db1, m1 = world.db.activity(), worker.metrics()
         failed.append(sum(1 for s in states.values() if s != "completed"))
+        problems.append(worker.log_problems(log_from))
         rate.measured.append(keys / elapsed)
         cpu.measured.append((w1 - w0) / keys * 1000)
         wp, wv = h.diff(p1, p0)["total"], v1 - v0
@@ -93,8 +96,8 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
     messages.note = "by actor: " + ", ".join(f"{a} {n:.2f}" for a, n in sorted(per_actor.items()))
     figures = [rate, cpu, http, http_provider, http_vault, commits, commits_only, sessions, tuples, messages]
     h.print_table(f"1. throughput, {keys} keys, one `keyrotor worker -p 1 -t {threads}`", figures)
-    print(f"failed runs per trial: {failed}")
-    return {"keys": keys, "threads": threads, "failed_runs": failed, "essential_calls": ESSENTIAL_CALLS,
+    print(f"failed runs per trial: {failed}; worker log per trial: {problems}")
+    return {"keys": keys, "threads": threads, "failed_runs": failed, "worker_log": problems, "essential_calls": ESSENTIAL_CALLS,
             "figures": {f.name.strip(): f.as_json() for f in figures}, "messages_by_actor": per_actor}
 
 

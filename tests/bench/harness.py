@@ -569,6 +569,29 @@ class WorkerProcess:
     def cpu_s(self) -> float:
         return tree_cpu_s(self.proc.pid)
 
+    def log_offset(self) -> int:
+        return self.log_path.stat().st_size
+
+    def log_problems(self, since: int = 0) -> dict[str, int]:
+        """What went wrong in the worker's log after byte ``since``: steps that failed for good
+        (``run.failed_step``: a run's end state can hide them, as a compensated run ends too),
+        Python warnings (SQLAlchemy's among them) and error lines."""
+        counts = {"failed_steps": 0, "python_warnings": 0, "errors": 0}
+        with open(self.log_path, "rb") as log_file:
+            log_file.seek(since)
+            for line in log_file:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("event") == "run.failed_step":
+                    counts["failed_steps"] += 1
+                if entry.get("logger") == "py.warnings":
+                    counts["python_warnings"] += 1
+                if entry.get("level") in ("error", "critical"):
+                    counts["errors"] += 1
+        return counts
+
     def rss_kib(self) -> int:
         return tree_rss_kib(self.proc.pid)
 

@@ -225,3 +225,15 @@ def test_releases_carried_by_a_failed_acquire_are_sent_later(redis_client, redis
     limiter.flush_releases()
     now_us, ends = _ends(redis_client, key)
     assert ends == [pytest.approx(ends[0])] and ends[0] <= now_us   # the one slot, ended
+
+
+def test_near_the_limit_releases_go_at_once(redis_client, redis_namespace: str) -> None:  # type: ignore[no-untyped-def]
+    """A full window's waiters wait for the oldest end they can see: once the process's last acquire
+    found a window at least half full, a release is not deferred (an emergency spends its budget)."""
+    limiter, client = deferring(redis_client, redis_namespace, delay_s=3.0)
+    key = f"{redis_namespace}:ratelimit:alloy:ends:2:30"
+    first = limiter.acquire("alloy", hold_s=120)   # the window was empty
+    limiter.acquire("alloy", hold_s=120)           # half full when asked: crowded
+    limiter.release(first)
+    now_us, ends = _ends(redis_client, key)
+    assert client.script_calls == 3 and ends[0] <= now_us   # sent by itself, at once

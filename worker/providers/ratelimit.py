@@ -160,15 +160,18 @@ class RedisRateLimiter(_SlotAroundRequest):
     ``release_delay_s`` later. That halves the limiter's Redis calls per request and admits nothing
     sooner: the end it records is taken when the request ends, and until it is sent the entry
     counts as in flight, which counts in every window that the real end counts in as long as the
-    delay is shorter than the window (``RELEASE_DELAY_PERIODS``). Another worker that finds the
-    window full meanwhile looks again after ``IN_FLIGHT_POLL_S`` instead of computing its wait."""
+    delay is shorter than the window (``RELEASE_DELAY_PERIODS``). But a worker that finds the window
+    full then waits for the oldest entry it can see to leave, possibly a later one than the unsent
+    end: so once the process's last acquire found a window at least half full, releases go at once
+    again (an emergency at the provider's limit spends its whole budget as before)."""
 
     #: KEYS: the buckets' ``blocked_until`` keys (ARGV[1] of them), then their window logs (ZSET
     #: member → end of the request, µs), then the window log of each deferred release (ARGV[5] of
     #: them). ARGV: count of blocked keys, member, hold (µs), poll (µs), count of deferred releases,
     #: (member, end µs) per deferred release, then (limit, period µs) per window. The deferred
-    #: releases are applied first (as ``_RELEASE_SCRIPT``). Returns {0, now} when a slot was taken
-    #: in *every* window (all or none), else {1, µs to wait}.
+    #: releases are applied first (as ``_RELEASE_SCRIPT``). Returns {0, now, crowded} when a slot was
+    #: taken in *every* window (all or none; crowded: 1 when one of them was at least half full),
+    #: else {1, µs to wait}.
     _ACQUIRE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -186,6 +189,7 @@ for i = 1, released do
 end
 local first_limit = 6 + released * 2
 local wait = 0
+local crowded = 0
 for i = 1, blocked do
   local until_s = tonumber(redis.call('GET', KEYS[i]) or '0')
   if until_s * 1000000 > now then wait = math.max(wait, until_s * 1000000 - now) end
@@ -195,7 +199,9 @@ for i = blocked + 1, windows_end do
   local j = first_limit + (i - blocked - 1) * 2
   local limit, period = tonumber(ARGV[j]), tonumber(ARGV[j + 1])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - period)
-  if redis.call('ZCARD', KEYS[i]) >= limit then
+  local counted = redis.call('ZCARD', KEYS[i])
+  if counted * 2 >= limit then crowded = 1 end
+  if counted >= limit then
     local oldest = tonumber(redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')[2])
     if oldest > now + tonumber(ARGV[4]) then
       wait = math.max(wait, tonumber(ARGV[4]))  -- every counted request still in flight: look again soon
@@ -210,7 +216,7 @@ for i = blocked + 1, windows_end do
   redis.call('ZADD', KEYS[i], now + hold, ARGV[2])
   redis.call('PEXPIRE', KEYS[i], math.ceil((tonumber(ARGV[j + 1]) + hold) / 1000) + 1000)
 end
-return {0, now}
+return {0, now, crowded}
 """
 
     #: KEYS: window logs; ARGV: per key, the member and the client's bound on its request's end
@@ -279,6 +285,7 @@ return 0
         self._deferred: list[tuple[str, str, int]] = []  # (window key, member, end µs) not sent yet
         self._deferred_added = threading.Condition()
         self._flusher: threading.Thread | None = None
+        self._crowded = False  # the last acquire found a window at least half full (or full)
         self._limits: dict[str, RateLimit] = {}
         self._concurrency: dict[str, tuple[int, float]] = {}
         self._acquire_slot = client.register_script(self._ACQUIRE_SCRIPT)
@@ -318,11 +325,15 @@ return 0
         for _key, limit in windows:
             args += [limit.requests, int((limit.per + window_margin(limit.per)) * 1_000_000)]
         try:
-            taken, value = self._acquire_slot(keys=keys, args=args)
+            answer = self._acquire_slot(keys=keys, args=args)
         except Exception:
             self._defer(deferred)  # sent again later: a release applied twice changes nothing
             raise
-        return int(taken) == 0, int(value) / 1_000_000
+        taken = int(answer[0]) == 0
+        # Near the limit a release goes at once (see the class docstring); written by any thread,
+        # read by any: a stale value only sends one release sooner or later than it could.
+        self._crowded = not taken or int(answer[2]) == 1
+        return taken, int(answer[1]) / 1_000_000
 
     def blocked_for(self, provider: str) -> float:
         """Seconds until the provider may be called again after a 429 (0 when not blocked)."""
@@ -367,8 +378,8 @@ return 0
         ended = [(self._window_key(b, limit), ticket.member, end_us) for b, limit in limits]
         if not ended:
             return
-        if self._release_delay_s > 0 and all(limit.per >= RELEASE_DELAY_PERIODS * self._release_delay_s
-                                             for _b, limit in limits):
+        if self._release_delay_s > 0 and not self._crowded and all(
+                limit.per >= RELEASE_DELAY_PERIODS * self._release_delay_s for _b, limit in limits):
             self._defer(ended)
         else:
             self._send_releases(ended)
