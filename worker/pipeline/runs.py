@@ -13,7 +13,7 @@ back its transaction and drops the message.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from sqlalchemy import Table, bindparam, insert, update
 from sqlalchemy import select as core_select

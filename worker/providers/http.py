@@ -410,14 +410,14 @@ class HttpProvider:
     def _send_once(self, call_name: str, call: HttpCallSpec | RequestStepSpec, variables: Mapping[str, Any],
                    credential_type: str | None, not_found_ok: bool) -> httpx.Response:
         safe_url = self._safe_url(call, variables)
-        revealed = Revealed()
-        # Built (secret references read from Vault/env) before a slot is taken: the slot counts
-        # from when it is taken until the answer, so nothing slow may sit between it and the send.
         if self._http.is_closed:
             # Replaced by an adapter built from a changed record (`config apply`) while a chain held
             # this one: nothing is sent, and the step's retry reads the record and builds anew.
             raise TransientError(f"provider {self.name!r} {call_name}: its adapter was replaced by a changed "
                                  "inventory record; retried with the new one")
+        revealed = Revealed()
+        # Built (secret references read from Vault/env) before a slot is taken: the slot counts
+        # from when it is taken until the answer, so nothing slow may sit between it and the send.
         request = self._build(call_name, call, variables, credential_type, revealed)
         started = time.monotonic()
         try:

@@ -153,7 +153,7 @@ def _key_provider_versions(session: Session, run: RotationRun) -> tuple[
     """The run's key, its provider record (``None`` if not applied) and the run's old and new
     versions (``None`` where it has none) in one query."""
     row = session.execute(_KEY_PROVIDER_VERSIONS.get(), {"key_id": run.key_id, "old_id": run.old_version_id,
-                                                   "new_id": run.new_version_id}).first()
+                                                         "new_id": run.new_version_id}).first()
     if row is None:  # pragma: no cover - FK guarantees it
         raise StateConflict(f"run {run.id} refers to a missing key id {run.key_id}")
     return row[0], row[1], row[2], row[3]
