@@ -97,7 +97,8 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
     figures = [rate, cpu, http, http_provider, http_vault, commits, commits_only, sessions, tuples, messages]
     h.print_table(f"1. throughput, {keys} keys, one `keyrotor worker -p 1 -t {threads}`", figures)
     print(f"failed runs per trial: {failed}; worker log per trial: {problems}")
-    return {"keys": keys, "threads": threads, "failed_runs": failed, "worker_log": problems, "essential_calls": ESSENTIAL_CALLS,
+    return {"keys": keys, "threads": threads, "failed_runs": failed, "worker_log": problems,
+            "essential_calls": ESSENTIAL_CALLS,
             "figures": {f.name.strip(): f.as_json() for f in figures}, "messages_by_actor": per_actor}
 
 

@@ -44,8 +44,9 @@ class DirectSession(requests.Session):
     ``HTTPAdapter``: its pool, TLS and exceptions, so timeouts and refused connections keep their
     meaning for ``worker/vault/errors.py``). ``Session.request`` merges environment settings, hooks
     and cookie jars twice and looks for a redirect on every answer: 9 % of a read's CPU and 21 % of
-    a write's here (docs/performance.md). Kept: the session's default headers, cookies, proxies, TLS settings, and
-    redirects (a standby Vault answers 307 to the active node), followed only when one comes."""
+    a write's here (docs/performance.md). Kept: the session's default headers, cookies, proxies,
+    TLS settings, and redirects (a standby Vault answers 307 to the active node), followed only
+    when one comes."""
 
     #: What hvac's adapter passes; any other keyword takes requests' own path.
     _DIRECT_KWARGS = frozenset({"params", "data", "json", "timeout", "verify", "cert", "proxies"})
