@@ -175,3 +175,75 @@ def test_a_failing_processor_never_raises_into_the_caller_nor_leaks(stream: io.S
     (entry,) = lines(stream)
     assert entry["event"] == "stage.written" and "scrub_known_secrets raised RuntimeError" in entry["log_error"]
     assert entry["level"] == "info" and entry["logger"] == "keyrotor.test"
+
+
+# keyrotor's own lines are rendered by structlog and handed to the handlers as text (no LogRecord,
+# no formatter); what the standard library would decide about a record still holds for them.
+
+class _Collect(logging.Handler):
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_another_handler_gets_the_rendered_line_as_a_record(stream: io.StringIO) -> None:
+    collect = _Collect()
+    logging.getLogger().addHandler(collect)
+    try:
+        klog.get_logger("keyrotor.test").warning("lease.lost", run_id="r-9")
+    finally:
+        logging.getLogger().removeHandler(collect)
+    (record,) = collect.records
+    assert record.name == "keyrotor.test" and record.levelno == logging.WARNING
+    assert json.loads(record.getMessage()) == lines(stream)[0]
+    assert lines(stream)[0]["event"] == "lease.lost"
+
+
+def test_handler_levels_propagation_and_disabled_loggers_are_honoured(stream: io.StringIO) -> None:
+    loud, own = _Collect(logging.ERROR), _Collect()
+    logging.getLogger().addHandler(loud)
+    quiet = logging.getLogger("keyrotor.quiet")
+    quiet.addHandler(own)
+    try:
+        klog.get_logger("keyrotor.test").info("below.the.handler.level")
+        assert loud.records == [] and len(lines(stream)) == 1
+        klog.get_logger("keyrotor.test").error("at.the.handler.level")
+        assert [json.loads(r.getMessage())["event"] for r in loud.records] == ["at.the.handler.level"]
+        quiet.propagate = False
+        klog.get_logger("keyrotor.quiet").info("stays.here")
+        assert [json.loads(r.getMessage())["event"] for r in own.records] == ["stays.here"]
+        assert len(lines(stream)) == 2  # it did not reach the root's handler
+        quiet.disabled = True
+        klog.get_logger("keyrotor.quiet").error("nowhere")
+        assert len(own.records) == 1
+    finally:
+        logging.getLogger().removeHandler(loud)
+        quiet.removeHandler(own)
+        quiet.propagate, quiet.disabled = True, False
+
+
+def test_a_renderer_that_fails_leaves_a_minimal_line(stream: io.StringIO) -> None:
+    class Unprintable:
+        def __repr__(self) -> str:
+            raise RuntimeError("no")
+
+    klog.get_logger("keyrotor.test").info("odd.value", value=Unprintable())
+    (entry,) = lines(stream)
+    assert entry["event"] == "odd.value" and "raised RuntimeError" in entry["log_error"]
+    assert entry["level"] == "info" and entry["logger"] == "keyrotor.test"
+
+
+def test_a_failing_write_never_reaches_the_caller(capfd) -> None:  # type: ignore[no-untyped-def]
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError("disk full")
+
+    klog.configure_logging("INFO", "json", stream=Broken())
+    try:
+        klog.get_logger("keyrotor.test").info("unwritable")  # must not raise
+    finally:
+        klog.configure_logging("INFO", "json", stream=io.StringIO())
+    assert "OSError" in capfd.readouterr().err  # logging's own report of a handler error
