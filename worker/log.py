@@ -223,8 +223,8 @@ class _LineLogger:
     is final. Here the rendered text goes to the same handlers, found as the standard library finds
     them (the logger, then its ancestors while they propagate; each handler's level):
     ``LineHandler`` writes it, any other handler (a test's capture, a library's) gets a record
-    whose message is the line. Everything else (level, ``disabled``, name) is the standard
-    library logger's."""
+    whose message is the line (filters on a logger itself are not consulted: keyrotor sets none).
+    Everything else (level, ``disabled``, name) is the standard library logger's."""
 
     __slots__ = ("_logger",)
 
@@ -235,9 +235,9 @@ class _LineLogger:
         return getattr(self._logger, name)
 
     def _write(self, level: int, line: str) -> None:
-        logger: Optional[logging.Logger] = self._logger
-        if self._logger.disabled:
+        if self._logger.disabled or self._logger.manager.disable >= level:  # ``logging.disable`` too
             return
+        logger: Optional[logging.Logger] = self._logger
         name = self._logger.name
         while logger is not None:
             for handler in logger.handlers:

@@ -219,7 +219,12 @@ def test_handler_levels_propagation_and_disabled_loggers_are_honoured(stream: io
         quiet.disabled = True
         klog.get_logger("keyrotor.quiet").error("nowhere")
         assert len(own.records) == 1
+        quiet.disabled = False
+        logging.disable(logging.ERROR)
+        klog.get_logger("keyrotor.quiet").error("disabled.everywhere")
+        assert len(own.records) == 1
     finally:
+        logging.disable(logging.NOTSET)
         logging.getLogger().removeHandler(loud)
         quiet.removeHandler(own)
         quiet.propagate, quiet.disabled = True, False
