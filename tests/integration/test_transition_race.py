@@ -76,13 +76,14 @@ def test_statements_first_compiled_by_many_threads_return_each_thread_its_own_ru
                 session.commit()
         except Exception as exc:  # noqa: BLE001 - recorded and asserted below
             wrong.append(f"{run_id}: {type(exc).__name__}: {str(exc)[:200]}")
+            barrier.abort()  # the others stop waiting for this thread at the next barrier
 
     for _ in range(ROUNDS):
         _forget_shared_statements()
         engine._compiled_cache.clear()  # type: ignore[attr-defined]
         with engine.begin() as conn:
             conn.execute(update(RotationRun).values(state=RunState.issued.value, lease_owner=None, lease_until=None))
-        barrier = threading.Barrier(THREADS)
+        barrier = threading.Barrier(THREADS, timeout=60)
         threads = [threading.Thread(target=claim_then_hand_off, args=(i, barrier)) for i in range(THREADS)]
         for thread in threads:
             thread.start()
