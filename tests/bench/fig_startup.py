@@ -1,10 +1,12 @@
-"""Figure 5: start-up time and memory of `keyrotor worker -p 1 -t 8`.
+"""Figure 5: start-up time, memory and idle cost of `keyrotor worker -p 1 -t 8`.
 
 Start-up: from spawning the command until its worker process has sent its first heartbeat to the
 broker (it consumes). RSS: the whole process tree (the supervising parent and its one worker
 process) one second after ready, idle. Baseline: an interpreter that only imports the service's
 main libraries, ``python -c 'import dramatiq, sqlmodel, hvac, redis'`` (spawn → exit; its RSS
-after the imports).
+after the imports). Idle: what the ready worker costs with nothing to do, over ``IDLE_S`` seconds:
+its tree's CPU per second and the commands Redis served per second (``INFO stats``; nothing else
+of the bench talks to Redis meanwhile). No baseline: an idle service should cost nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Any
 
 from tests.bench import harness as h
 
+#: Seconds the ready worker is watched idle.
+IDLE_S = 5.0
+
 IMPORTS = ("import dramatiq, sqlmodel, hvac, redis, pathlib; "
            "print([l for l in pathlib.Path('/proc/self/status').read_text().splitlines() if l.startswith('VmRSS:')][0].split()[1])")
 
@@ -27,6 +32,8 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, trials: int) -> dict
     world = h.build_world(stack, workdir, vault, keys=1)
     start = h.Figure("start-up: spawn → consuming", "ms", baseline_label="python -c 'import dramatiq, sqlmodel, hvac, redis'")
     rss = h.Figure("RSS after ready (whole tree)", "MiB", baseline_label="same import-only interpreter")
+    idle_cpu = h.Figure("idle worker: CPU per second", "ms/s")
+    idle_redis = h.Figure("idle worker: Redis commands per second", "cmds/s")
     procs = []
     for _ in h.iter_trials(trials):
         t = time.perf_counter()
@@ -38,7 +45,12 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, trials: int) -> dict
         time.sleep(1.0)
         rss.measured.append(worker.rss_kib() / 1024)
         procs.append(len(h.tree_pids(worker.proc.pid)))
+        cpu, commands = worker.cpu_s(), h.redis_commands_served()
+        time.sleep(IDLE_S)
+        idle_cpu.measured.append((worker.cpu_s() - cpu) * 1000 / IDLE_S)
+        idle_redis.measured.append((h.redis_commands_served() - commands) / IDLE_S)
         worker.stop()
     rss.note = f"processes in the tree: {procs}"
-    h.print_table("5. worker start-up and memory", [start, rss])
-    return {"figures": {f.name: f.as_json() for f in (start, rss)}}
+    figures = [start, rss, idle_cpu, idle_redis]
+    h.print_table("5. worker start-up, memory and idle cost", figures)
+    return {"figures": {f.name: f.as_json() for f in figures}}

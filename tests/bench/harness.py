@@ -334,6 +334,17 @@ def create_database(stack: ExitStack) -> Database:
 
 
 # --------------------------------------------------------------------------- Redis
+def redis_commands_served() -> int:
+    """Commands the Redis server has served since it started (``INFO stats``)."""
+    from worker.redis_conn import redis_client
+
+    client = redis_client(REDIS_URL, socket_timeout=10)
+    try:
+        return int(client.info("stats")["total_commands_processed"])
+    finally:
+        client.close()
+
+
 def redis_cleanup(stack: ExitStack, namespace: str) -> None:
     from worker.redis_conn import redis_client
 
