@@ -230,3 +230,59 @@ def test_messages_sent_in_a_batch_go_in_one_round_trip_and_a_real_worker_runs_ea
         assert sorted(seen) == sorted(f"run-{i}" for i in range(50))
     finally:
         worker.stop()
+
+
+def test_a_delay_queue_is_looked_at_once_a_second_and_each_look_runs_maintenance(
+        live_broker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``<queue>.DQ`` only holds an older release's leftovers: its consumer fetches at most once a
+    second, and every such fetch runs the dead-worker maintenance that a fetch of any other queue
+    runs only by chance."""
+    from worker.runtime import delayed
+
+    clock = [1000.0]
+    monkeypatch.setattr(delayed, "time", type("Clock", (), {
+        "monotonic": staticmethod(lambda: clock[0]),
+        "sleep": staticmethod(lambda seconds: clock.__setitem__(0, clock[0] + seconds))}))
+    fetches: list[tuple[str, int]] = []
+    real_fetch = live_broker.do_fetch
+
+    def fetch(queue_name: str, count: int) -> Any:
+        fetches.append((queue_name, live_broker._should_do_maintenance("fetch")))
+        return real_fetch(queue_name, count)
+
+    monkeypatch.setattr(live_broker, "do_fetch", fetch, raising=False)
+    drain = live_broker.consume(f"{STEP_QUEUE}.DQ", prefetch=10, timeout=100)
+    assert isinstance(drain, delayed.DelayQueueDrain)
+    while clock[0] < 1000.0 + 3 * delayed.DELAY_QUEUE_LOOK_S - 0.05:
+        assert next(drain) is None
+    assert fetches == [(f"{STEP_QUEUE}.DQ", 1)] * 3  # at 0, 1 and 2 seconds; none in between
+
+    fetches.clear()
+    ready = live_broker.consume(STEP_QUEUE, prefetch=10, timeout=100)
+    assert not isinstance(ready, delayed.DelayQueueDrain)
+    for _ in range(3):
+        next(ready)
+    assert [queue for queue, _ in fetches] == [STEP_QUEUE] * 3  # a queue with work is looked at each time
+    assert sum(live_broker._should_do_maintenance("fetch") for _ in range(2000)) < 1000  # by chance elsewhere
+
+
+def test_an_older_releases_delay_queue_message_is_still_run(live_broker: Any, redis_url: str,
+                                                            redis_namespace: str) -> None:
+    """A message an older release put on Dramatiq's delay queue is fetched by the drain and runs
+    when due."""
+    from dramatiq.brokers.redis import RedisBroker
+
+    seen: list[str] = []
+    older = RedisBroker(url=redis_url, namespace=redis_namespace)
+    try:
+        dramatiq.actor(lambda run_id: None, actor_name="probe_leftover", queue_name=STEP_QUEUE,
+                       broker=older).send_with_options(args=("run-1",), delay=200)
+    finally:
+        older.close()
+    dramatiq.actor(seen.append, actor_name="probe_leftover", queue_name=STEP_QUEUE, broker=live_broker)
+    worker = dramatiq.Worker(live_broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        assert _wait_for(lambda: seen == ["run-1"])
+    finally:
+        worker.stop()

@@ -13,6 +13,12 @@ few times a second, moves the due ones onto the queue itself in one Lua script (
 is either still delayed or ready, never lost or doubled by a kill). A killed worker then loses
 only the handful of messages it was working on, which come back after its heartbeat times out.
 
+A delay queue ``<queue>.DQ`` then holds only what an older release delayed there, so its consumer
+(``DelayQueueDrain``) looks for such leftovers once a second instead of every 100 ms; Dramatiq runs
+its dead-worker maintenance for a queue only inside that queue's own commands, by chance (one in
+ten here), so each of these looks runs it: a killed worker's delay-queue messages come back as
+soon as before, for a tenth of the looks.
+
 The move writes the queue as Dramatiq's own ``enqueue`` command does (``HSET <queue>.msgs id
 envelope`` + ``RPUSH <queue> id``); tests/integration/test_delayed_messages.py proves a real
 Dramatiq worker consumes what it moved, so a change of that layout fails the suite.
@@ -22,16 +28,19 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from typing import Any, Optional
 from uuid import uuid4
 
 import dramatiq
-from dramatiq.common import current_millis, q_name
+from dramatiq.broker import Consumer
+from dramatiq.common import current_millis, dq_name, q_name
 from dramatiq.message import Message
 
 from worker import log
 from worker.queues import delayed_keys
 from worker.runtime.poison import PoisonSafeRedisBroker
+from worker.runtime.wrapped_consumer import WrappedConsumer
 
 logger = log.get_logger("keyrotor.pipeline.delayed")
 
@@ -40,6 +49,9 @@ logger = log.get_logger("keyrotor.pipeline.delayed")
 MOVE_INTERVAL_S = 0.1
 #: At most this many messages per queue move in one script call (the next look takes the rest).
 MOVE_BATCH = 200
+
+#: Seconds between two looks of a worker at a delay queue (``DelayQueueDrain``).
+DELAY_QUEUE_LOOK_S = 1.0
 
 # KEYS: per queue, four keys: its delayed set, its delayed envelopes, its list, its envelopes.
 # ARGV: now (epoch ms), batch size (per queue). Returns how many moved in all.
@@ -63,8 +75,49 @@ return moved
 """
 
 
+#: Set on a thread while its delay-queue consumer looks: the look runs the queue's maintenance.
+_looking = threading.local()
+
+
+class DelayQueueDrain(WrappedConsumer):
+    """The consumer of a delay queue: it looks at most every ``DELAY_QUEUE_LOOK_S``, and each look
+    runs Dramatiq's dead-worker maintenance for the queue. Between looks it sleeps as the wrapped
+    consumer sleeps on an empty queue (at most ``idle_sleep_s``), so a stopping worker waits no
+    longer than before. Leftovers it fetches are handled by Dramatiq as ever (enqueued when due)."""
+
+    def __init__(self, consumer: Any, *, idle_sleep_s: float) -> None:
+        super().__init__(consumer)
+        self._idle_sleep_s = idle_sleep_s
+        self._next_look = 0.0
+
+    def __next__(self) -> Any:
+        wait = self._next_look - time.monotonic()
+        if wait > 0:
+            time.sleep(min(wait, self._idle_sleep_s))
+            return None
+        _looking.active = True
+        try:
+            message = next(self._consumer)
+        finally:
+            _looking.active = False
+        if message is None:
+            self._next_look = time.monotonic() + DELAY_QUEUE_LOOK_S
+        return message
+
+
 class DelayInRedisBroker(PoisonSafeRedisBroker):
     """The Redis broker whose delayed messages wait in Redis (see the module's docstring)."""
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        consumer = super().consume(queue_name, prefetch, timeout)
+        if queue_name != dq_name(queue_name):
+            return consumer
+        return DelayQueueDrain(consumer, idle_sleep_s=timeout / 1000)
+
+    def _should_do_maintenance(self, command: str) -> int:
+        if getattr(_looking, "active", False):
+            return 1
+        return int(super()._should_do_maintenance(command))
 
     def enqueue(self, message: Message, *, delay: Optional[int] = None) -> Message:
         if not delay:

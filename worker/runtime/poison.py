@@ -20,6 +20,7 @@ from dramatiq.errors import DecodeError
 
 from worker import log
 from worker.metrics import QUEUE_MESSAGES_REJECTED
+from worker.runtime.wrapped_consumer import WrappedConsumer
 
 logger = log.get_logger("keyrotor.pipeline.poison")
 
@@ -39,12 +40,12 @@ def decode_failure(error: BaseException) -> str:
     return f"not a Dramatiq message envelope ({type(cause).__name__})"
 
 
-class PoisonSafeConsumer(Consumer):
+class PoisonSafeConsumer(WrappedConsumer):
     """A Redis broker consumer that dead-letters undecodable envelopes instead of raising."""
 
     def __init__(self, broker: Any, consumer: Any, queue_name: str) -> None:
+        super().__init__(consumer)
         self._broker = broker
-        self._consumer = consumer
         self._queue_name = queue_name
 
     def __next__(self) -> Optional[MessageProxy]:
@@ -77,22 +78,6 @@ class PoisonSafeConsumer(Consumer):
             if stored == data:
                 return message_id.decode() if isinstance(message_id, bytes) else str(message_id)
         return None
-
-    # Everything else is the wrapped consumer's.
-    def ack(self, message: Any) -> None:
-        self._consumer.ack(message)
-
-    def nack(self, message: Any) -> None:
-        self._consumer.nack(message)
-
-    def requeue(self, messages: Any) -> None:
-        self._consumer.requeue(messages)
-
-    def close(self) -> None:
-        self._consumer.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._consumer, name)
 
 
 class PoisonSafeRedisBroker(RedisBroker):
