@@ -232,38 +232,64 @@ def test_messages_sent_in_a_batch_go_in_one_round_trip_and_a_real_worker_runs_ea
         worker.stop()
 
 
-def test_a_delay_queue_is_looked_at_once_a_second_and_each_look_runs_maintenance(
-        live_broker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``<queue>.DQ`` only holds an older release's leftovers: its consumer fetches at most once a
-    second, and every such fetch runs the dead-worker maintenance that a fetch of any other queue
-    runs only by chance."""
-    from worker.runtime import delayed
+@pytest.mark.parametrize("queue_name", [f"{STEP_QUEUE}.DQ", f"{REQUEST_QUEUE}.DQ", REQUEST_QUEUE])
+def test_a_quiet_queue_is_looked_at_once_a_second_and_each_look_runs_maintenance(
+        live_broker: Any, queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delay queues (only an older release's leftovers) and the request queue: while empty,
+    their consumer fetches at most once a second, and every such fetch runs the dead-worker
+    maintenance that a fetch of the step queue runs only by chance."""
+    from worker.runtime import looks
 
     clock = [1000.0]
-    monkeypatch.setattr(delayed, "time", type("Clock", (), {
+    monkeypatch.setattr(looks, "time", type("Clock", (), {
         "monotonic": staticmethod(lambda: clock[0]),
         "sleep": staticmethod(lambda seconds: clock.__setitem__(0, clock[0] + seconds))}))
     fetches: list[tuple[str, int]] = []
     real_fetch = live_broker.do_fetch
 
-    def fetch(queue_name: str, count: int) -> Any:
-        fetches.append((queue_name, live_broker._should_do_maintenance("fetch")))
-        return real_fetch(queue_name, count)
+    def fetch(queue: str, count: int) -> Any:
+        fetches.append((queue, live_broker._should_do_maintenance("fetch")))
+        return real_fetch(queue, count)
 
     monkeypatch.setattr(live_broker, "do_fetch", fetch, raising=False)
-    drain = live_broker.consume(f"{STEP_QUEUE}.DQ", prefetch=10, timeout=100)
-    assert isinstance(drain, delayed.DelayQueueDrain)
-    while clock[0] < 1000.0 + 3 * delayed.DELAY_QUEUE_LOOK_S - 0.05:
-        assert next(drain) is None
-    assert fetches == [(f"{STEP_QUEUE}.DQ", 1)] * 3  # at 0, 1 and 2 seconds; none in between
+    quiet = live_broker.consume(queue_name, prefetch=10, timeout=100)
+    assert isinstance(quiet, looks.SparseLooks) and quiet.interval_s == 1.0
+    while clock[0] < 1000.0 + 3 * quiet.interval_s - 0.05:
+        assert next(quiet) is None
+    assert fetches == [(queue_name, 1)] * 3  # at 0, 1 and 2 seconds; none in between
 
     fetches.clear()
-    ready = live_broker.consume(STEP_QUEUE, prefetch=10, timeout=100)
-    assert not isinstance(ready, delayed.DelayQueueDrain)
+    steps = live_broker.consume(STEP_QUEUE, prefetch=10, timeout=100)
+    assert not isinstance(steps, looks.SparseLooks)
     for _ in range(3):
-        next(ready)
-    assert [queue for queue, _ in fetches] == [STEP_QUEUE] * 3  # a queue with work is looked at each time
+        next(steps)
+    assert [queue for queue, _ in fetches] == [STEP_QUEUE] * 3  # looked at each time
     assert sum(live_broker._should_do_maintenance("fetch") for _ in range(2000)) < 1000  # by chance elsewhere
+
+
+def test_a_look_that_finds_work_keeps_looking_until_the_queue_is_empty(live_broker: Any, redis_namespace: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of requests is taken at once (up to the prefetch per fetch), not one per second."""
+    from worker.runtime import looks
+
+    clock = [1000.0]
+    monkeypatch.setattr(looks, "time", type("Clock", (), {
+        "monotonic": staticmethod(lambda: clock[0]),
+        "sleep": staticmethod(lambda seconds: clock.__setitem__(0, clock[0] + seconds))}))
+    actor = dramatiq.actor(lambda run_id: None, actor_name="probe_burst", queue_name=REQUEST_QUEUE, broker=live_broker)
+    requests = live_broker.consume(REQUEST_QUEUE, prefetch=2, timeout=100)
+    assert next(requests) is None  # the first look: empty; the next one in a second
+    for i in range(5):
+        actor.send(f"run-{i}")
+    clock[0] += 1.0
+    taken = []
+    for _ in range(5):
+        message = next(requests)
+        assert message is not None
+        taken.append(message.args[0])
+        requests.ack(message)
+    assert taken == [f"run-{i}" for i in range(5)] and clock[0] == 1001.0  # no wait between them
+    assert next(requests) is None
 
 
 def test_an_older_releases_delay_queue_message_is_still_run(live_broker: Any, redis_url: str,
@@ -285,4 +311,62 @@ def test_an_older_releases_delay_queue_message_is_still_run(live_broker: Any, re
     try:
         assert _wait_for(lambda: seen == ["run-1"])
     finally:
+        worker.stop()
+
+
+def test_a_look_answers_when_the_earliest_message_still_delayed_is_due(live_broker: Any) -> None:
+    dramatiq.actor(lambda run_id: None, actor_name="probe_look_ahead", queue_name=STEP_QUEUE,
+                   broker=live_broker).send_with_options(args=("run-1",), delay=60_000)
+    dramatiq.actor(lambda run_id: None, actor_name="probe_look_ahead_requests", queue_name=REQUEST_QUEUE,
+                   broker=live_broker).send_with_options(args=("run-2",), delay=30_000)
+    now = int(time.time() * 1000)
+    moved, next_due = live_broker.move_due_and_look_ahead(now_ms=now)
+    assert moved == 0 and next_due is not None and now + 29_000 < next_due <= now + 31_000  # the request's
+    assert live_broker.move_due_and_look_ahead(now_ms=now + 45_000)[0] == 1
+    assert live_broker.move_due_and_look_ahead(now_ms=now + 61_000) == (1, None)
+
+
+def _mover(broker: Any) -> Any:
+    from worker.runtime.delayed import DelayedMessageMover
+
+    return next(m for m in broker.middleware if isinstance(m, DelayedMessageMover))
+
+
+def test_the_mover_looks_when_a_message_this_process_delayed_is_due(live_broker: Any) -> None:
+    """Between its looks (here a minute apart) the mover wakes for what its own process delays."""
+    seen: list[float] = []
+    _mover(live_broker)._interval_s = 60.0
+    actor = dramatiq.actor(lambda run_id: seen.append(time.monotonic()), actor_name="probe_mover_news",
+                           queue_name=STEP_QUEUE, broker=live_broker)
+    worker = dramatiq.Worker(live_broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        time.sleep(0.3)  # the mover's first look is done: its next one is a minute away
+        sent_at = time.monotonic()
+        actor.send_with_options(args=("run-1",), delay=500)
+        assert _wait_for(lambda: seen, timeout_s=10), "the mover slept through its own process's message"
+        assert seen[0] - sent_at >= 0.5
+    finally:
+        worker.stop()
+
+
+def test_the_mover_finds_what_another_process_delayed_at_its_next_regular_look(
+        live_broker: Any, redis_url: str, redis_namespace: str) -> None:
+    """A message delayed by a process without a running mover (the CLI, a killed worker) after
+    this mover's last look is moved at its next regular one."""
+    from worker.runtime.broker import make_redis_broker
+
+    seen: list[str] = []
+    _mover(live_broker)._interval_s = 0.5
+    dramatiq.actor(seen.append, actor_name="probe_mover_other", queue_name=STEP_QUEUE, broker=live_broker)
+    worker = dramatiq.Worker(live_broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    other = make_redis_broker(redis_url, redis_namespace)  # its mover never runs: no worker
+    try:
+        time.sleep(0.2)  # the first look found nothing
+        dramatiq.actor(lambda run_id: None, actor_name="probe_mover_other", queue_name=STEP_QUEUE,
+                       broker=other).send_with_options(args=("run-1",), delay=100)
+        assert _wait_for(lambda: seen == ["run-1"], timeout_s=3)
+    finally:
+        other.close()
         worker.stop()

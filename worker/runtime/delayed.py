@@ -8,16 +8,19 @@ requeue it: under frequent kills that wait dominated rotation time (the chaos so
 
 Here a delayed message stays in Redis until due: a sorted set ``<ns>:<queue>.delayed`` (member: the
 message's Redis id, score: when it is due, in epoch milliseconds) and a hash
-``<ns>:<queue>.delayed.msgs`` (id -> envelope). Every worker process runs a mover thread that, a
-few times a second, moves the due ones onto the queue itself in one Lua script (atomic: a message
-is either still delayed or ready, never lost or doubled by a kill). A killed worker then loses
-only the handful of messages it was working on, which come back after its heartbeat times out.
+``<ns>:<queue>.delayed.msgs`` (id -> envelope). Every worker process runs a mover thread that
+moves the due ones onto the queue itself in one Lua script (atomic: a message is either still
+delayed or ready, never lost or doubled by a kill). A killed worker then loses only the handful of
+messages it was working on, which come back after its heartbeat times out.
 
-A delay queue ``<queue>.DQ`` then holds only what an older release delayed there, so its consumer
-(``DelayQueueDrain``) looks for such leftovers once a second instead of every 100 ms; Dramatiq runs
-its dead-worker maintenance for a queue only inside that queue's own commands, by chance (one in
-ten here), so each of these looks runs it: a killed worker's delay-queue messages come back as
-soon as before, for a tenth of the looks.
+The mover looks when the earliest delayed message it knows of is due: the script answers the
+earliest one left, and the process's own delayed sends tell it theirs (``after_enqueue``). Without
+such news it looks once a second (``MOVE_INTERVAL_S``), which bounds how late a message delayed by
+another process can be moved when that process's own mover is gone (a killed worker, the CLI).
+
+A delay queue ``<queue>.DQ`` then holds only what an older release delayed there, so a worker
+looks at it once a second (``worker/runtime/looks.py``), as at any queue named in
+``sparse_looks``.
 
 The move writes the queue as Dramatiq's own ``enqueue`` command does (``HSET <queue>.msgs id
 envelope`` + ``RPUSH <queue> id``); tests/integration/test_delayed_messages.py proves a real
@@ -28,8 +31,7 @@ from __future__ import annotations
 
 import random
 import threading
-import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 from uuid import uuid4
 
 import dramatiq
@@ -40,23 +42,27 @@ from dramatiq.message import Message
 from worker import log
 from worker.queues import delayed_keys
 from worker.runtime.poison import PoisonSafeRedisBroker
-from worker.runtime.wrapped_consumer import WrappedConsumer
+from worker.runtime.looks import SparseLooks, maintaining
 
 logger = log.get_logger("keyrotor.pipeline.delayed")
 
-#: Seconds between two looks for due messages (with ±20 % jitter so workers spread their looks):
-#: the lateness a delayed message can have on top of its delay.
-MOVE_INTERVAL_S = 0.1
+#: Seconds between two looks for due messages when none is known to be due sooner (±20 % jitter so
+#: workers spread their looks): the lateness of a message whose sender has no mover running.
+MOVE_INTERVAL_S = 1.0
+#: Seconds before the first look again after a failed one (doubling with each failure, at most 50×).
+MOVE_RETRY_S = 0.1
 #: At most this many messages per queue move in one script call (the next look takes the rest).
 MOVE_BATCH = 200
 
-#: Seconds between two looks of a worker at a delay queue (``DelayQueueDrain``).
+#: Seconds between two looks of a worker at an empty delay queue.
 DELAY_QUEUE_LOOK_S = 1.0
 
 # KEYS: per queue, four keys: its delayed set, its delayed envelopes, its list, its envelopes.
-# ARGV: now (epoch ms), batch size (per queue). Returns how many moved in all.
+# ARGV: now (epoch ms), batch size (per queue). Returns how many moved in all, and when the earliest
+# message still delayed is due (epoch ms; -1 when none is).
 _MOVE_DUE = """
 local moved = 0
+local earliest = -1
 for q = 0, #KEYS / 4 - 1 do
     local delayed, envelopes, ready, ready_envelopes = KEYS[q * 4 + 1], KEYS[q * 4 + 2], KEYS[q * 4 + 3], KEYS[q * 4 + 4]
     local due = redis.call("zrangebyscore", delayed, "-inf", ARGV[1], "LIMIT", 0, tonumber(ARGV[2]))
@@ -70,54 +76,33 @@ for q = 0, #KEYS / 4 - 1 do
         redis.call("zrem", delayed, message_id)
     end
     moved = moved + #due
+    local next_due = redis.call("zrange", delayed, 0, 0, "WITHSCORES")[2]
+    if next_due and (earliest < 0 or tonumber(next_due) < earliest) then
+        earliest = tonumber(next_due)
+    end
 end
-return moved
+return {moved, earliest}
 """
-
-
-#: Set on a thread while its delay-queue consumer looks: the look runs the queue's maintenance.
-_looking = threading.local()
-
-
-class DelayQueueDrain(WrappedConsumer):
-    """The consumer of a delay queue: it looks at most every ``DELAY_QUEUE_LOOK_S``, and each look
-    runs Dramatiq's dead-worker maintenance for the queue. Between looks it sleeps as the wrapped
-    consumer sleeps on an empty queue (at most ``idle_sleep_s``), so a stopping worker waits no
-    longer than before. Leftovers it fetches are handled by Dramatiq as ever (enqueued when due)."""
-
-    def __init__(self, consumer: Any, *, idle_sleep_s: float) -> None:
-        super().__init__(consumer)
-        self._idle_sleep_s = idle_sleep_s
-        self._next_look = 0.0
-
-    def __next__(self) -> Any:
-        wait = self._next_look - time.monotonic()
-        if wait > 0:
-            time.sleep(min(wait, self._idle_sleep_s))
-            return None
-        _looking.active = True
-        try:
-            message = next(self._consumer)
-        finally:
-            _looking.active = False
-        if message is None:
-            self._next_look = time.monotonic() + DELAY_QUEUE_LOOK_S
-        return message
 
 
 class DelayInRedisBroker(PoisonSafeRedisBroker):
     """The Redis broker whose delayed messages wait in Redis (see the module's docstring)."""
 
+    def __init__(self, *, sparse_looks: Optional[Mapping[str, float]] = None, **options: Any) -> None:
+        """``sparse_looks``: queue name → seconds between looks while it is empty (every delay
+        queue: ``DELAY_QUEUE_LOOK_S``); other queues are looked at at Dramatiq's pace."""
+        super().__init__(**options)
+        self._sparse_looks = dict(sparse_looks or {})
+
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         consumer = super().consume(queue_name, prefetch, timeout)
-        if queue_name != dq_name(queue_name):
+        interval_s = DELAY_QUEUE_LOOK_S if queue_name == dq_name(queue_name) else self._sparse_looks.get(queue_name)
+        if interval_s is None:
             return consumer
-        return DelayQueueDrain(consumer, idle_sleep_s=timeout / 1000)
+        return SparseLooks(consumer, interval_s=interval_s, idle_sleep_s=timeout / 1000)
 
     def _should_do_maintenance(self, command: str) -> int:
-        if getattr(_looking, "active", False):
-            return 1
-        return int(super()._should_do_maintenance(command))
+        return 1 if maintaining() else int(super()._should_do_maintenance(command))
 
     def enqueue(self, message: Message, *, delay: Optional[int] = None) -> Message:
         if not delay:
@@ -160,6 +145,11 @@ class DelayInRedisBroker(PoisonSafeRedisBroker):
     def move_due(self, now_ms: Optional[int] = None, batch: int = MOVE_BATCH) -> int:
         """Move every due delayed message of the declared queues onto its queue, in one script call
         for all of them; how many moved."""
+        return self.move_due_and_look_ahead(now_ms, batch)[0]
+
+    def move_due_and_look_ahead(self, now_ms: Optional[int] = None, batch: int = MOVE_BATCH) -> tuple[int, Optional[int]]:
+        """``move_due``, and when the earliest message still delayed is due (epoch ms; ``None``
+        when none is: at most ``batch`` move per queue, so one already due may be left)."""
         now_ms = current_millis() if now_ms is None else now_ms
         keys: list[str] = []
         for queue_name in sorted({q_name(name) for name in self.get_declared_queues()}):
@@ -167,8 +157,9 @@ class DelayInRedisBroker(PoisonSafeRedisBroker):
             ready = f"{self.namespace}:{queue_name}"
             keys += [delayed, envelopes, ready, f"{ready}.msgs"]
         if not keys:
-            return 0
-        return int(self._move_script(keys=keys, args=[now_ms, batch]))
+            return 0, None
+        moved, earliest = self._move_script(keys=keys, args=[now_ms, batch])
+        return int(moved), (int(earliest) if int(earliest) >= 0 else None)
 
     @property
     def _move_script(self) -> Any:
@@ -179,37 +170,74 @@ class DelayInRedisBroker(PoisonSafeRedisBroker):
 
 
 class DelayedMessageMover(dramatiq.Middleware):
-    """Runs ``DelayInRedisBroker.move_due`` on a thread of every worker process."""
+    """Runs ``DelayInRedisBroker.move_due`` on a thread of every worker process, when the earliest
+    delayed message it knows of is due, and at least every ``interval_s``."""
 
     def __init__(self, interval_s: float = MOVE_INTERVAL_S) -> None:
         self._interval_s = interval_s
-        self._stop = threading.Event()
+        self._stopping = False
+        self._news = threading.Condition()
+        self._sent_due_ms: Optional[int] = None  # the earliest due time this process sent since the last look
         self._thread: Optional[threading.Thread] = None
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: Message, delay: Optional[int]) -> None:
+        if not delay:
+            return
+        due_ms = current_millis() + int(delay)
+        with self._news:
+            if self._sent_due_ms is None or due_ms < self._sent_due_ms:
+                self._sent_due_ms = due_ms
+                self._news.notify()
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         if not isinstance(broker, DelayInRedisBroker):
             return
-        self._stop.clear()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, args=(broker,), name="keyrotor-delayed-mover",
                                         daemon=True)
         self._thread.start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
-        self._stop.set()
+        with self._news:
+            self._stopping = True
+            self._news.notify()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
 
     def _run(self, broker: DelayInRedisBroker) -> None:
         failures = 0
-        while not self._stop.is_set():
+        while True:
+            with self._news:
+                self._sent_due_ms = None  # the look below sees what was sent before it
+            next_due_ms: Optional[int] = None
             try:
-                broker.move_due()
+                _moved, next_due_ms = broker.move_due_and_look_ahead()
                 failures = 0
             except Exception as exc:  # Redis down or failing over: log once per outage, keep trying
                 if failures == 0:
                     logger.warning("delayed_messages.move_failed", error=type(exc).__name__,
                                    action="retrying; delayed messages stay in Redis until moved")
                 failures += 1
-            pause = self._interval_s * random.uniform(0.8, 1.2) * min(2 ** failures, 50)
-            self._stop.wait(pause)
+            if failures:
+                look_at_ms = current_millis() + MOVE_RETRY_S * 1000 * random.uniform(0.8, 1.2) * min(2 ** failures, 50)
+            else:
+                look_at_ms = current_millis() + self._interval_s * 1000 * random.uniform(0.8, 1.2)
+                if next_due_ms is not None:
+                    look_at_ms = min(look_at_ms, next_due_ms)
+            if not self._wait_until(look_at_ms, retrying=failures > 0):
+                return
+
+    def _wait_until(self, look_at_ms: float, *, retrying: bool) -> bool:
+        """Wait until ``look_at_ms``, or until a message this process sent is due sooner (not while
+        Redis is failing: its backoff holds); ``False`` once the worker stops."""
+        with self._news:
+            while not self._stopping:
+                due_ms = look_at_ms
+                if self._sent_due_ms is not None and not retrying:
+                    due_ms = min(due_ms, self._sent_due_ms)
+                wait_s = (due_ms - current_millis()) / 1000
+                if wait_s <= 0:
+                    return True
+                self._news.wait(wait_s)
+            return False
