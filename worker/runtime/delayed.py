@@ -148,8 +148,8 @@ class DelayInRedisBroker(PoisonSafeRedisBroker):
         return self.move_due_and_look_ahead(now_ms, batch)[0]
 
     def move_due_and_look_ahead(self, now_ms: Optional[int] = None, batch: int = MOVE_BATCH) -> tuple[int, Optional[int]]:
-        """``move_due``, and when the earliest message still delayed is due (epoch ms; ``None``
-        when none is: at most ``batch`` move per queue, so one already due may be left)."""
+        """``move_due``, and when the earliest message still delayed is due (epoch ms), ``None``
+        when none is. It may be due already: at most ``batch`` move per queue in one call."""
         now_ms = current_millis() if now_ms is None else now_ms
         keys: list[str] = []
         for queue_name in sorted({q_name(name) for name in self.get_declared_queues()}):

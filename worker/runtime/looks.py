@@ -1,9 +1,8 @@
 """How often a worker looks at a queue that rarely has work.
 
 Dramatiq's Redis consumer looks at an empty queue every 50–100 ms (its backoff, up to the worker's
-timeout), one Lua script call each. Each look wakes a thread that must take the GIL from the
-threads running steps, and on a busy worker the looks at its quiet queues cost far more than the
-calls themselves (docs/performance.md). ``SparseLooks`` looks at such a queue at most every
+timeout), one Lua script call each: most of what an idle worker cost (figure 5 of `make bench`,
+docs/performance.md). ``SparseLooks`` looks at a queue that rarely has work at most every
 ``interval_s`` while it stays empty; a look that finds work keeps looking until the queue is empty
 again, so a burst is taken at Dramatiq's pace.
 
