@@ -232,18 +232,27 @@ def test_messages_sent_in_a_batch_go_in_one_round_trip_and_a_real_worker_runs_ea
         worker.stop()
 
 
-@pytest.mark.parametrize("queue_name", [f"{STEP_QUEUE}.DQ", f"{REQUEST_QUEUE}.DQ", REQUEST_QUEUE])
-def test_a_quiet_queue_is_looked_at_once_a_second_and_each_look_runs_maintenance(
-        live_broker: Any, queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The delay queues (only an older release's leftovers) and the request queue: while empty,
-    their consumer fetches at most once a second, and every such fetch runs the dead-worker
-    maintenance that a fetch of the step queue runs only by chance."""
+@pytest.fixture()
+def looks_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """A fake clock for ``worker/runtime/looks.py``: ``[now]``, advanced only by its sleeps."""
     from worker.runtime import looks
 
     clock = [1000.0]
     monkeypatch.setattr(looks, "time", type("Clock", (), {
         "monotonic": staticmethod(lambda: clock[0]),
         "sleep": staticmethod(lambda seconds: clock.__setitem__(0, clock[0] + seconds))}))
+    return clock
+
+
+@pytest.mark.parametrize("queue_name", [f"{STEP_QUEUE}.DQ", f"{REQUEST_QUEUE}.DQ", REQUEST_QUEUE])
+def test_a_quiet_queue_is_looked_at_once_a_second_and_each_look_runs_maintenance(
+        live_broker: Any, queue_name: str, looks_clock: list[float], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delay queues (only an older release's leftovers) and the request queue: while empty,
+    their consumer fetches at most once a second, and every such fetch runs the dead-worker
+    maintenance that a fetch of the step queue runs only by chance."""
+    from worker.runtime import looks
+
+    clock = looks_clock
     fetches: list[tuple[str, int]] = []
     real_fetch = live_broker.do_fetch
 
@@ -267,15 +276,10 @@ def test_a_quiet_queue_is_looked_at_once_a_second_and_each_look_runs_maintenance
     assert sum(live_broker._should_do_maintenance("fetch") for _ in range(2000)) < 1000  # by chance elsewhere
 
 
-def test_a_look_that_finds_work_keeps_looking_until_the_queue_is_empty(live_broker: Any, redis_namespace: str,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_look_that_finds_work_keeps_looking_until_the_queue_is_empty(live_broker: Any,
+                                                                       looks_clock: list[float]) -> None:
     """A burst of requests is taken at once (up to the prefetch per fetch), not one per second."""
-    from worker.runtime import looks
-
-    clock = [1000.0]
-    monkeypatch.setattr(looks, "time", type("Clock", (), {
-        "monotonic": staticmethod(lambda: clock[0]),
-        "sleep": staticmethod(lambda seconds: clock.__setitem__(0, clock[0] + seconds))}))
+    clock = looks_clock
     actor = dramatiq.actor(lambda run_id: None, actor_name="probe_burst", queue_name=REQUEST_QUEUE, broker=live_broker)
     requests = live_broker.consume(REQUEST_QUEUE, prefetch=2, timeout=100)
     assert next(requests) is None  # the first look: empty; the next one in a second
