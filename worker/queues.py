@@ -37,6 +37,11 @@ def delayed_keys(namespace: str, queue_name: str) -> tuple[str, str]:
     return base, f"{base}.msgs"
 
 
+def bell_channel(namespace: str, queue_name: str) -> str:
+    """The pub/sub channel rung when a message is ready on ``queue_name`` (worker/runtime/bell.py)."""
+    return f"{namespace}:{q_name(queue_name)}.bell"
+
+
 class BrokerNotSetUp(RuntimeError):
     """A message was sent before an entry point called ``setup_broker`` (a programming error)."""
 

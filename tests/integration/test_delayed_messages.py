@@ -220,7 +220,7 @@ def test_messages_sent_in_a_batch_go_in_one_round_trip_and_a_real_worker_runs_ea
             assert executes == [] and redis_client.llen(f"{redis_namespace}:{STEP_QUEUE}") == 0
     finally:
         live_broker.client.pipeline = real_pipeline
-    assert executes == [100], executes  # one round trip: an HSET and an RPUSH per message
+    assert executes == [101], executes  # one round trip: an HSET and an RPUSH per message, one ring
     assert redis_client.llen(f"{redis_namespace}:{STEP_QUEUE}") == 50
 
     worker = dramatiq.Worker(live_broker, worker_threads=2, worker_timeout=100)
@@ -234,22 +234,43 @@ def test_messages_sent_in_a_batch_go_in_one_round_trip_and_a_real_worker_runs_ea
 
 @pytest.fixture()
 def looks_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """A fake clock for ``worker/runtime/looks.py``: ``[now]``, advanced only by its sleeps."""
-    from worker.runtime import looks
+    """A fake clock for ``worker/runtime/looks.py`` and its bells: ``[now]``, advanced only by
+    their sleeps."""
+    from worker.runtime import bell, looks
 
     clock = [1000.0]
-    monkeypatch.setattr(looks, "time", type("Clock", (), {
-        "monotonic": staticmethod(lambda: clock[0]),
-        "sleep": staticmethod(lambda seconds: clock.__setitem__(0, clock[0] + seconds))}))
+    fake = type("Clock", (), {"monotonic": staticmethod(lambda: clock[0]),
+                              "sleep": staticmethod(lambda seconds: clock.__setitem__(0, clock[0] + seconds))})
+    monkeypatch.setattr(looks, "time", fake)
+    monkeypatch.setattr(bell, "time", fake)
     return clock
 
 
-@pytest.mark.parametrize("queue_name", [f"{STEP_QUEUE}.DQ", f"{REQUEST_QUEUE}.DQ", REQUEST_QUEUE])
-def test_a_quiet_queue_is_looked_at_once_a_second_and_each_look_runs_maintenance(
+class _SilentBell:
+    """A bell that never rings, on the fake clock: each wait passes its whole time."""
+
+    listening = True
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock = clock
+
+    def wait(self, timeout_s: float) -> bool:
+        self.clock[0] += timeout_s
+        return False
+
+    def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("queue_name", [f"{STEP_QUEUE}.DQ", f"{REQUEST_QUEUE}.DQ", STEP_QUEUE, REQUEST_QUEUE])
+def test_an_empty_queue_is_looked_at_once_a_second_and_each_look_runs_maintenance(
         live_broker: Any, queue_name: str, looks_clock: list[float], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The delay queues (only an older release's leftovers) and the request queue: while empty,
-    their consumer fetches at most once a second, and every such fetch runs the dead-worker
-    maintenance that a fetch of the step queue runs only by chance."""
+    """While a queue is empty and its bell silent, its consumer fetches at most once a second, and
+    every such fetch runs the dead-worker maintenance that other fetches run only by chance. The
+    delay queues (only an older release's leftovers) have no bell."""
     from worker.runtime import looks
 
     clock = looks_clock
@@ -263,16 +284,13 @@ def test_a_quiet_queue_is_looked_at_once_a_second_and_each_look_runs_maintenance
     monkeypatch.setattr(live_broker, "do_fetch", fetch, raising=False)
     quiet = live_broker.consume(queue_name, prefetch=10, timeout=100)
     assert isinstance(quiet, looks.SparseLooks) and quiet.interval_s == 1.0
+    assert (quiet.bell is None) == queue_name.endswith(".DQ")
+    if quiet.bell is not None:
+        quiet.bell.close()
+        quiet.bell = _SilentBell(clock)
     while clock[0] < 1000.0 + 3 * quiet.interval_s - 0.05:
         assert next(quiet) is None
     assert fetches == [(queue_name, 1)] * 3  # at 0, 1 and 2 seconds; none in between
-
-    fetches.clear()
-    steps = live_broker.consume(STEP_QUEUE, prefetch=10, timeout=100)
-    assert not isinstance(steps, looks.SparseLooks)
-    for _ in range(3):
-        next(steps)
-    assert [queue for queue, _ in fetches] == [STEP_QUEUE] * 3  # looked at each time
     assert sum(live_broker._should_do_maintenance("fetch") for _ in range(2000)) < 1000  # by chance elsewhere
 
 
@@ -374,3 +392,117 @@ def test_the_mover_finds_what_another_process_delayed_at_its_next_regular_look(
     finally:
         other.close()
         worker.stop()
+
+
+def test_an_idle_consumer_looks_when_the_bell_rings_for_what_another_process_sent(
+        live_broker: Any, redis_url: str, redis_namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a minute between its regular looks, the step queue's consumer takes a message that
+    another process sends at once: the send rings the queue's bell, the look answers the ring."""
+    from worker.runtime.broker import make_redis_broker
+
+    fetches: list[str] = []
+    real_fetch = live_broker.do_fetch
+    monkeypatch.setattr(live_broker, "do_fetch", lambda queue, count: (fetches.append(queue), real_fetch(queue, count))[1],
+                        raising=False)
+    steps = live_broker.consume(STEP_QUEUE, prefetch=2, timeout=100)
+    steps.interval_s = 60.0
+    other = make_redis_broker(redis_url, redis_namespace)
+    try:
+        assert next(steps) is None and fetches == [STEP_QUEUE]  # empty; the next regular look in a minute
+        for _ in range(3):
+            assert next(steps) is None  # waits on the bell, does not look
+        assert fetches == [STEP_QUEUE]
+        dramatiq.actor(lambda run_id: None, actor_name="probe_bell", queue_name=STEP_QUEUE,
+                       broker=other).send("run-1")
+        sent_at = time.monotonic()
+        message = None
+        while message is None and time.monotonic() - sent_at < 10:
+            message = next(steps)
+        assert message is not None and message.args == ("run-1",), "the ring was not heard"
+        assert fetches == [STEP_QUEUE, STEP_QUEUE]  # one look for the ring
+        steps.ack(message)
+    finally:
+        other.close()
+        steps.close()
+
+
+def test_every_sender_of_a_ready_message_rings_the_queues_bell(live_broker: Any, redis_client: Any,
+                                                               redis_namespace: str) -> None:
+    """``enqueue``, ``enqueue_many``, the delayed-message move and a stopping consumer's requeue
+    each ring the bell of the queue they made a message ready on; a delayed send does not."""
+    from worker.queues import bell_channel
+
+    listener = redis_client.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(bell_channel(redis_namespace, STEP_QUEUE), bell_channel(redis_namespace, REQUEST_QUEUE))
+
+    def rings() -> list[str]:
+        heard, deadline = [], time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            reply = listener.get_message(timeout=0.05)
+            if reply is not None:
+                heard.append(reply["channel"].decode().rsplit(":", 1)[1])
+        return heard
+
+    try:
+        assert _wait_for(lambda: listener.get_message(timeout=0.05) is None and listener.subscribed)
+        steps = dramatiq.actor(lambda run_id: None, actor_name="probe_rings", queue_name=STEP_QUEUE, broker=live_broker)
+        requests = dramatiq.actor(lambda run_id: None, actor_name="probe_rings_requests", queue_name=REQUEST_QUEUE,
+                                  broker=live_broker)
+        steps.send("run-1")
+        assert rings() == [f"{STEP_QUEUE}.bell"]
+        live_broker.enqueue_many([steps.message("run-2"), steps.message("run-3"), requests.message("run-4")])
+        assert sorted(rings()) == sorted([f"{REQUEST_QUEUE}.bell", f"{STEP_QUEUE}.bell"])  # one ring per queue
+        steps.send_with_options(args=("run-5",), delay=50)
+        assert rings() == []  # not ready yet
+        assert live_broker.move_due(now_ms=int(time.time() * 1000) + 1000) == 1
+        assert rings() == [f"{STEP_QUEUE}.bell"]
+        consumer = live_broker.consume(STEP_QUEUE, prefetch=1, timeout=100)
+        fetched = next(consumer)
+        assert fetched is not None
+        consumer.requeue(m for m in [fetched])  # as a stopping Dramatiq worker passes them: a generator
+        assert rings() == [f"{STEP_QUEUE}.bell"]
+        consumer.close()
+    finally:
+        listener.close()
+
+
+def test_a_consumer_that_may_fetch_no_more_does_not_take_the_queue_for_empty(
+        live_broker: Any, looks_clock: list[float]) -> None:
+    """A look while the consumer holds all it may fetch (its prefetch) answers nothing; the queue
+    is not empty, and the next look after an ack is not put off by a second."""
+    clock = looks_clock
+    actor = dramatiq.actor(lambda run_id: None, actor_name="probe_full", queue_name=STEP_QUEUE, broker=live_broker)
+    for i in range(4):
+        actor.send(f"run-{i}")
+    steps = live_broker.consume(STEP_QUEUE, prefetch=2, timeout=100)
+    steps.bell.close()
+    steps.bell = _SilentBell(clock)
+    held = [next(steps), next(steps)]
+    assert all(held)
+    assert next(steps) is None  # two held: nothing fetched
+    steps.ack(held.pop())
+    assert next(steps) is not None and clock[0] == 1000.0  # taken at once, with no wait
+    steps.close()
+
+
+def test_while_the_bell_cannot_be_heard_the_queue_is_looked_at_at_dramatiqs_pace(
+        live_broker: Any, looks_clock: list[float]) -> None:
+    """A bell whose subscription fails (here: nothing listens on its port) makes its consumer look
+    every ``idle_sleep_s``, as Dramatiq does, and subscribe again later."""
+    import redis
+
+    from worker.runtime.bell import Bell
+
+    clock = looks_clock
+    steps = live_broker.consume(STEP_QUEUE, prefetch=2, timeout=100)
+    steps.bell.close()
+    steps.bell = Bell(redis.Redis(port=1, socket_connect_timeout=0.5), "nowhere.bell")
+    fetches: list[float] = []
+    real_next = steps.wrapped.__class__.__next__
+    steps.wrapped.__class__ = type("Counting", (steps.wrapped.__class__,), {
+        "__next__": lambda self: (fetches.append(clock[0]), real_next(self))[1]})
+    while clock[0] < 1001.0:
+        assert next(steps) is None
+    assert not steps.bell.listening
+    assert len(fetches) >= 8, fetches  # about every 0.1 s (a look's own backoff sleep counts too)
+    steps.close()

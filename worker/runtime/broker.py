@@ -11,7 +11,6 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import CurrentMessage
 
 from worker.providers.ratelimit import flush_all_releases
-from worker.queues import REQUEST_QUEUE
 from worker.runtime import actors
 from worker.runtime.message_metrics import MessageMetrics
 from worker.runtime.delayed import DelayedMessageMover, DelayInRedisBroker
@@ -26,9 +25,6 @@ _broker: Optional[dramatiq.Broker] = None
 #: sorted-set range query when nobody died.
 MAINTENANCE_CHANCE = 100_000
 DEFAULT_HEARTBEAT_TIMEOUT_S = 15.0
-#: Seconds between a worker's looks at the empty request queue (worker/runtime/looks.py): a request
-#: a producer enqueues waits at most this long to be taken; the step queue is looked at every 50-100 ms.
-REQUEST_QUEUE_LOOK_S = 1.0
 
 
 class FetchOnlyWhatThreadsRun(dramatiq.Middleware):
@@ -61,8 +57,7 @@ def make_redis_broker(url: str, namespace: str, *, heartbeat_timeout_s: float = 
     client = redis_client(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
     broker = DelayInRedisBroker(client=client, namespace=namespace,
                                 heartbeat_timeout=int(heartbeat_timeout_s * 1000),
-                                maintenance_chance=MAINTENANCE_CHANCE,
-                                sparse_looks={REQUEST_QUEUE: REQUEST_QUEUE_LOOK_S})
+                                maintenance_chance=MAINTENANCE_CHANCE)
     broker.add_middleware(DelayedMessageMover())
     broker.add_middleware(FetchOnlyWhatThreadsRun())
     broker.add_middleware(FlushRateReleases())

@@ -19,8 +19,8 @@ such news it looks once a second (``MOVE_INTERVAL_S``), which bounds how late a 
 another process can be moved when that process's own mover is gone (a killed worker, the CLI).
 
 A delay queue ``<queue>.DQ`` then holds only what an older release delayed there, so a worker
-looks at it once a second (``worker/runtime/looks.py``), as at any queue named in
-``sparse_looks``.
+looks at it once a second (``worker/runtime/looks.py``). A ready queue is looked at when its bell
+rings (``worker/runtime/bell.py``): ``enqueue``, ``enqueue_many`` and the move ring it.
 
 The move writes the queue as Dramatiq's own ``enqueue`` command does (``HSET <queue>.msgs id
 envelope`` + ``RPUSH <queue> id``); tests/integration/test_delayed_messages.py proves a real
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import random
 import threading
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 from uuid import uuid4
 
 import dramatiq
@@ -40,7 +40,8 @@ from dramatiq.common import current_millis, dq_name, q_name
 from dramatiq.message import Message
 
 from worker import log
-from worker.queues import delayed_keys
+from worker.queues import bell_channel, delayed_keys
+from worker.runtime.bell import Bell, ring
 from worker.runtime.poison import PoisonSafeRedisBroker
 from worker.runtime.looks import SparseLooks, maintaining
 
@@ -56,10 +57,14 @@ MOVE_BATCH = 200
 
 #: Seconds between two looks of a worker at an empty delay queue.
 DELAY_QUEUE_LOOK_S = 1.0
+#: Seconds between two looks of a worker at an empty queue with a bell (worker/runtime/bell.py): how
+#: long a message whose ring was lost can wait.
+UNRUNG_LOOK_S = 1.0
 
 # KEYS: per queue, four keys: its delayed set, its delayed envelopes, its list, its envelopes.
-# ARGV: now (epoch ms), batch size (per queue). Returns how many moved in all, and when the earliest
-# message still delayed is due (epoch ms; -1 when none is).
+# ARGV: now (epoch ms), batch size (per queue), then per queue its bell's channel (rung when any of
+# its messages moved). Returns how many moved in all, and when the earliest message still delayed is
+# due (epoch ms; -1 when none is).
 _MOVE_DUE = """
 local moved = 0
 local earliest = -1
@@ -76,6 +81,9 @@ for q = 0, #KEYS / 4 - 1 do
         redis.call("zrem", delayed, message_id)
     end
     moved = moved + #due
+    if #due > 0 then
+        redis.call("publish", ARGV[3 + q], #due)
+    end
     local next_due = redis.call("zrange", delayed, 0, 0, "WITHSCORES")[2]
     if next_due and (earliest < 0 or tonumber(next_due) < earliest) then
         earliest = tonumber(next_due)
@@ -88,25 +96,24 @@ return {moved, earliest}
 class DelayInRedisBroker(PoisonSafeRedisBroker):
     """The Redis broker whose delayed messages wait in Redis (see the module's docstring)."""
 
-    def __init__(self, *, sparse_looks: Optional[Mapping[str, float]] = None, **options: Any) -> None:
-        """``sparse_looks``: queue name → seconds between looks while it is empty (every delay
-        queue: ``DELAY_QUEUE_LOOK_S``); other queues are looked at at Dramatiq's pace."""
-        super().__init__(**options)
-        self._sparse_looks = dict(sparse_looks or {})
-
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        """A queue's consumer looks when the queue's bell rings, and every ``UNRUNG_LOOK_S`` while
+        the queue stays empty. A delay queue has no bell (only an older release wrote it): it is
+        looked at every ``DELAY_QUEUE_LOOK_S``."""
         consumer = super().consume(queue_name, prefetch, timeout)
-        interval_s = DELAY_QUEUE_LOOK_S if queue_name == dq_name(queue_name) else self._sparse_looks.get(queue_name)
-        if interval_s is None:
-            return consumer
-        return SparseLooks(consumer, interval_s=interval_s, idle_sleep_s=timeout / 1000)
+        if queue_name == dq_name(queue_name):
+            return SparseLooks(consumer, interval_s=DELAY_QUEUE_LOOK_S, idle_sleep_s=timeout / 1000)
+        return SparseLooks(consumer, interval_s=UNRUNG_LOOK_S, idle_sleep_s=timeout / 1000,
+                           bell=Bell(self.client, bell_channel(self.namespace, queue_name)))
 
     def _should_do_maintenance(self, command: str) -> int:
         return 1 if maintaining() else int(super()._should_do_maintenance(command))
 
     def enqueue(self, message: Message, *, delay: Optional[int] = None) -> Message:
         if not delay:
-            return super().enqueue(message)
+            message = super().enqueue(message)
+            ring(self.client, bell_channel(self.namespace, message.queue_name))
+            return message
         queue_name = q_name(message.queue_name)  # a retry of a message fetched from a .DQ
         options = {key: value for key, value in message.options.items() if key != "eta"}
         due_ms = current_millis() + int(delay)
@@ -125,8 +132,9 @@ class DelayInRedisBroker(PoisonSafeRedisBroker):
     def enqueue_many(self, messages: list[Message]) -> list[Message]:
         """Enqueue ready (not delayed) messages in one round trip, written as Dramatiq's own
         ``enqueue`` writes them (``HSET <queue>.msgs id envelope`` + ``RPUSH <queue> id``, the
-        layout the mover writes too), all or none (MULTI/EXEC)."""
+        layout the mover writes too), all or none (MULTI/EXEC), with one ring of each queue's bell."""
         sent = []
+        bells = set()
         pipe = self.client.pipeline(transaction=True)
         for message in messages:
             queue_name = q_name(message.queue_name)
@@ -136,7 +144,10 @@ class DelayInRedisBroker(PoisonSafeRedisBroker):
             ready = f"{self.namespace}:{queue_name}"
             pipe.hset(f"{ready}.msgs", redis_message_id, message.encode())
             pipe.rpush(ready, redis_message_id)
+            bells.add(bell_channel(self.namespace, queue_name))
             sent.append(message)
+        for channel in sorted(bells):
+            pipe.publish(channel, b"")
         pipe.execute()
         for message in sent:
             self.emit_after("enqueue", message, None)
@@ -152,13 +163,15 @@ class DelayInRedisBroker(PoisonSafeRedisBroker):
         when none is. It may be due already: at most ``batch`` move per queue in one call."""
         now_ms = current_millis() if now_ms is None else now_ms
         keys: list[str] = []
+        bells: list[str] = []
         for queue_name in sorted({q_name(name) for name in self.get_declared_queues()}):
             delayed, envelopes = delayed_keys(self.namespace, queue_name)
             ready = f"{self.namespace}:{queue_name}"
             keys += [delayed, envelopes, ready, f"{ready}.msgs"]
+            bells.append(bell_channel(self.namespace, queue_name))
         if not keys:
             return 0, None
-        moved, earliest = self._move_script(keys=keys, args=[now_ms, batch])
+        moved, earliest = self._move_script(keys=keys, args=[now_ms, batch, *bells])
         return int(moved), (int(earliest) if int(earliest) >= 0 else None)
 
     @property

@@ -1,10 +1,13 @@
-"""How often a worker looks at a queue that rarely has work.
+"""How often a worker looks at a queue while it is empty.
 
 Dramatiq's Redis consumer looks at an empty queue every 50–100 ms (its backoff, up to the worker's
 timeout), one Lua script call each: most of what an idle worker cost (figure 5 of `make bench`,
-docs/performance.md). ``SparseLooks`` looks at a queue that rarely has work at most every
-``interval_s`` while it stays empty; a look that finds work keeps looking until the queue is empty
-again, so a burst is taken at Dramatiq's pace.
+docs/performance.md). ``SparseLooks`` looks at an empty queue at most every ``interval_s``; a look
+that finds work keeps looking until the queue is empty again, so a burst is taken at Dramatiq's
+pace. With a ``bell`` (``worker/runtime/bell.py``: senders ring it when a message is ready), it
+looks as soon as the bell rings, so a message another process sends waits for no look; the
+interval then bounds only the wait of a message whose ring was lost. While the bell cannot be
+heard, it looks at Dramatiq's pace.
 
 Dramatiq requeues a dead worker's unacknowledged messages of a queue (its maintenance) only inside
 that queue's own commands, and only by chance (``MAINTENANCE_CHANCE``): with a tenth of the looks,
@@ -16,8 +19,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
+from worker.runtime.bell import Bell
 from worker.runtime.wrapped_consumer import WrappedConsumer
 
 _looking = threading.local()
@@ -29,26 +33,59 @@ def maintaining() -> bool:
 
 
 class SparseLooks(WrappedConsumer):
-    """Looks at its queue at most every ``interval_s`` while the queue stays empty, each look with
-    the queue's maintenance. Between looks it sleeps as the wrapped consumer sleeps on an empty
-    queue (at most ``idle_sleep_s`` at a time), so a stopping worker waits no longer than before."""
+    """Looks at its queue at most every ``interval_s`` while the queue stays empty (or when its
+    ``bell`` rings), each look with the queue's maintenance. Between looks it waits at most
+    ``idle_sleep_s`` at a time, as the wrapped consumer sleeps on an empty queue, so a stopping
+    worker waits no longer than before."""
 
-    def __init__(self, consumer: Any, *, interval_s: float, idle_sleep_s: float) -> None:
+    def __init__(self, consumer: Any, *, interval_s: float, idle_sleep_s: float, bell: Optional[Bell] = None) -> None:
         super().__init__(consumer)
         self.interval_s = interval_s
+        self.bell = bell
         self._idle_sleep_s = idle_sleep_s
         self._next_look = 0.0
 
     def __next__(self) -> Any:
         wait = self._next_look - time.monotonic()
-        if wait > 0:
-            time.sleep(min(wait, self._idle_sleep_s))
+        if wait > 0 and not self._rung(min(wait, self._idle_sleep_s)):
             return None
+        # Subscribed before the look, so a ring sent after it is heard; rings so far are answered by it.
+        listening = self.bell is None or self.bell.listening
+        if self.bell is not None:
+            self.bell.drain()
+        # A look while the consumer holds all it may fetch fetches nothing; its empty answer says
+        # nothing about the queue.
+        dramatiq_consumer = self.wrapped
+        room = dramatiq_consumer.outstanding_message_count < dramatiq_consumer.prefetch
+        if room:
+            # An empty look sleeps Dramatiq's backoff before it answers (growing with each empty
+            # look, up to its timeout), deaf to the bell: keep that sleep at its shortest.
+            dramatiq_consumer.misses = 0
         _looking.active = True
         try:
             message = next(self._consumer)
         finally:
             _looking.active = False
-        if message is None:
-            self._next_look = time.monotonic() + self.interval_s
+        if message is None and room:
+            self._next_look = time.monotonic() + (self.interval_s if listening else self._idle_sleep_s)
         return message
+
+    def _rung(self, wait_s: float) -> bool:
+        if self.bell is None:
+            time.sleep(wait_s)
+            return False
+        return self.bell.wait(wait_s)
+
+    def requeue(self, messages: Any) -> None:
+        """A stopping consumer puts back what it fetched and did not start: ring for it."""
+        messages = list(messages)
+        self._consumer.requeue(messages)
+        if self.bell is not None and messages:
+            self.bell.ring()
+
+    def close(self) -> None:
+        try:
+            self._consumer.close()
+        finally:
+            if self.bell is not None:
+                self.bell.close()

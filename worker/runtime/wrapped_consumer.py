@@ -29,5 +29,11 @@ class WrappedConsumer(Consumer):
     def close(self) -> None:
         self._consumer.close()
 
+    @property
+    def wrapped(self) -> Any:
+        """The broker's own consumer, under every wrapper."""
+        inner = self._consumer
+        return inner.wrapped if isinstance(inner, WrappedConsumer) else inner
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._consumer, name)
