@@ -47,7 +47,7 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, trials: int) -> dict
         m0 = worker.metrics()
         t0, p0 = datetime.now(timezone.utc), time.perf_counter()
         world.enqueue(ids)
-        world.wait_finished(ids, timeout=60)
+        world.wait_finished(ids, timeout=60, poll_s=0.005)  # one run: polling it often costs little
         # The last step may go on after the run's finished_at (notifications): done = the worker idle.
         done = _wait_idle(worker, time.perf_counter() + 30)
         m1 = worker.metrics()

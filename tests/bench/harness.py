@@ -453,8 +453,8 @@ class World:
                 assert run is not None
                 enqueue_run(run)
 
-    def wait_finished(self, ids: list[str], timeout: float) -> dict[str, str]:
-        """Poll until every run has ended (every 50 ms, a one-row count: reading every run's row
+    def wait_finished(self, ids: list[str], timeout: float, *, poll_s: float = 0.05) -> dict[str, str]:
+        """Poll until every run has ended (every ``poll_s``, a one-row count: reading every run's row
         every 20 ms cost this process, which shares the machine with the worker, a tenth of a
         core at 300 keys); their end states."""
         deadline = time.monotonic() + timeout
@@ -465,7 +465,7 @@ class World:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{row.open} of {len(ids)} runs still open after {timeout:.0f}s")
-            time.sleep(0.05)
+            time.sleep(poll_s)
         with self.engine.connect() as c:
             rows = c.execute(sa.text("SELECT id, state FROM rotation_run WHERE id = ANY(:ids)"), params).all()
         self.polls += 1
