@@ -466,23 +466,58 @@ def test_every_sender_of_a_ready_message_rings_the_queues_bell(live_broker: Any,
         listener.close()
 
 
-def test_a_consumer_that_may_fetch_no_more_does_not_take_the_queue_for_empty(
-        live_broker: Any, looks_clock: list[float]) -> None:
-    """A look while the consumer holds all it may fetch (its prefetch) answers nothing; the queue
-    is not empty, and the next look after an ack is not put off by a second."""
-    clock = looks_clock
+def test_a_consumer_that_may_fetch_no_more_waits_for_a_thread_to_finish_one_then_fetches_for_it(
+        live_broker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the consumer holds all it may fetch (its prefetch) it sends Redis nothing and waits
+    until a worker thread acknowledges a message (here, with a 10 s timeout, it would otherwise wait
+    10 s); the call after that fetches for the freed thread, with no wait for a regular look."""
     actor = dramatiq.actor(lambda run_id: None, actor_name="probe_full", queue_name=STEP_QUEUE, broker=live_broker)
     for i in range(4):
         actor.send(f"run-{i}")
-    steps = live_broker.consume(STEP_QUEUE, prefetch=2, timeout=100)
-    steps.bell.close()
-    steps.bell = _SilentBell(clock)
+    steps = live_broker.consume(STEP_QUEUE, prefetch=2, timeout=10_000)
     held = [next(steps), next(steps)]
     assert all(held)
-    assert next(steps) is None  # two held: nothing fetched
-    steps.ack(held.pop())
-    assert next(steps) is not None and clock[0] == 1000.0  # taken at once, with no wait
+    fetches: list[str] = []
+    real_fetch = live_broker.do_fetch
+    monkeypatch.setattr(live_broker, "do_fetch", lambda queue, count: (fetches.append(queue), real_fetch(queue, count))[1],
+                        raising=False)
+    answered: list[tuple[Any, float]] = []
+    waiting = threading.Thread(target=lambda: answered.append((next(steps), time.monotonic())))
+    waiting.start()
+    time.sleep(0.3)
+    assert not answered  # still waiting: two held, nothing fetched
+    acked_at = time.monotonic()
+    steps.ack(held.pop())  # as a worker thread does when it finishes the message
+    waiting.join(timeout=5)
+    assert answered and answered[0][0] is None and answered[0][1] - acked_at < 2.0  # woken by the ack
+    assert fetches == []
+    assert next(steps) is not None and fetches == [STEP_QUEUE]  # fetched for the freed thread
     steps.close()
+
+
+def test_a_freed_worker_thread_gets_the_next_message_without_waiting_for_the_worker_timeout(live_broker: Any) -> None:
+    """A real Dramatiq worker with a 2 s timeout (Dramatiq's own consumer backs off up to it while
+    its threads are all busy, and the freed thread waited out that sleep): each next message starts
+    right after the thread frees up."""
+    spans: list[tuple[float, float]] = []
+
+    def slow(run_id: str) -> None:
+        started = time.monotonic()
+        time.sleep(1.2)  # a step waiting on a slow provider: its thread is busy, the CPU is not
+        spans.append((started, time.monotonic()))
+
+    actor = dramatiq.actor(slow, actor_name="probe_freed_thread", queue_name=STEP_QUEUE, broker=live_broker)
+    for i in range(3):
+        actor.send(f"run-{i}")
+    worker = dramatiq.Worker(live_broker, worker_threads=1, worker_timeout=2000)
+    worker.start()
+    try:
+        assert _wait_for(lambda: len(spans) == 3, timeout_s=30)
+    finally:
+        worker.stop()
+    spans.sort()
+    gaps = [later[0] - earlier[1] for earlier, later in zip(spans, spans[1:])]
+    assert max(gaps) < 0.25, f"the freed thread waited {max(gaps):.2f}s"  # Dramatiq's backoff: up to 2 s
 
 
 def test_while_the_bell_cannot_be_heard_the_queue_is_looked_at_at_dramatiqs_pace(

@@ -11,7 +11,8 @@ consumer even while it is busy: it waits in the subscription until the consumer 
 A ring is a hint, never the message: one that is lost (the subscription reconnecting, a sender that
 does not ring, such as an older release or a producer outside Python) delays a message until the
 consumer's next regular look (``worker/runtime/looks.py``). While the subscription fails (Redis
-failing over, an ACL that forbids the channel) the consumer looks at Dramatiq's pace.
+failing over, an ACL that forbids the channel) the consumer looks once per worker timeout, as
+Dramatiq's own consumer does.
 """
 
 from __future__ import annotations
@@ -114,4 +115,4 @@ class Bell:
             return
         self._failing = True
         logger.warning("queue_bell.unavailable", channel=self.channel, error=type(exc).__name__,
-                       action=f"looking at the queue at Dramatiq's pace; subscribing again in {RESUBSCRIBE_AFTER_S:.0f}s")
+                       action=f"looking at the queue once per worker timeout; subscribing again in {RESUBSCRIBE_AFTER_S:.0f}s")

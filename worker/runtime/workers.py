@@ -34,12 +34,19 @@ logger = log.get_logger("keyrotor.pipeline.workers")
 SHUTDOWN_TIMEOUT_S = 30
 #: Exit code of a worker process that could not set itself up (Dramatiq's "broker connection failed").
 EXIT_BOOT_FAILED = 3
+#: How long the idle threads of ``keyrotor worker`` wait at a time (Dramatiq's default, which the
+#: processes of ``-p N`` use too): an idle worker wakes once a second per thread instead of ten
+#: times, and a stop takes up to a second. New work does not wait for it: a queue's bell, or a
+#: consumer with room (worker/runtime/looks.py), hands it to the threads at once.
+SERVE_TIMEOUT_MS = 1000
 
 
-def start_worker(broker: Optional[dramatiq.Broker] = None, *, threads: int = 4, settings: Any = None) -> Worker:
-    """Start a Dramatiq worker in this process (background threads); call ``.stop()`` to end it."""
+def start_worker(broker: Optional[dramatiq.Broker] = None, *, threads: int = 4, settings: Any = None,
+                 timeout_ms: int = 100) -> Worker:
+    """Start a Dramatiq worker in this process (background threads); call ``.stop()`` to end it.
+    ``timeout_ms``: how long its idle threads wait at a time, so how soon ``.stop()`` returns."""
     broker = broker or setup_broker(settings)
-    worker = Worker(broker, queues={STEP_QUEUE, REQUEST_QUEUE}, worker_threads=threads, worker_timeout=100)
+    worker = Worker(broker, queues={STEP_QUEUE, REQUEST_QUEUE}, worker_threads=threads, worker_timeout=timeout_ms)
     worker.start()
     return worker
 
@@ -48,7 +55,7 @@ def _serve(threads: int, settings: Any = None) -> None:
     broker = setup_broker(settings)
     context = context_from_settings(settings)
     configure(context)
-    worker = start_worker(broker, threads=threads)
+    worker = start_worker(broker, threads=threads, timeout_ms=SERVE_TIMEOUT_MS)
     requests = start_request_stream(settings or get_settings(), context.engine)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
