@@ -21,12 +21,13 @@ from tests.bench import harness as h
 from tests.bench.floor import ESSENTIAL_CALLS, Floor
 
 
-def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: int, threads: int = 8) -> dict[str, Any]:
-    h.log(f"[1] throughput: {keys} keys, worker -p 1 -t {threads}, {trials} trials")
+def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: int, threads: int = 8,
+        processes: int = 1) -> dict[str, Any]:
+    h.log(f"[1] throughput: {keys} keys, worker -p {processes} -t {threads}, {trials} trials")
     world = h.build_world(stack, workdir, vault, keys=keys)
     floor = Floor(world)
     floor.prepare(keys)
-    worker = world.start_worker(processes=1, threads=threads)
+    worker = world.start_worker(processes=processes, threads=threads)
     rate = h.Figure("rotations/s", "rot/s", baseline_label=f"floor: {threads} threads, {ESSENTIAL_CALLS} calls/rotation")
     cpu = h.Figure("CPU per rotation", "ms", baseline_label="floor (this process)")
     http = h.Figure("HTTP calls per rotation", "calls", baseline_label="floor")
@@ -95,9 +96,9 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
     tuples.note = "less the rows of this process's completion polls (each measured on the idle database before the trial)"
     messages.note = "by actor: " + ", ".join(f"{a} {n:.2f}" for a, n in sorted(per_actor.items()))
     figures = [rate, cpu, http, http_provider, http_vault, commits, commits_only, sessions, tuples, messages]
-    h.print_table(f"1. throughput, {keys} keys, one `keyrotor worker -p 1 -t {threads}`", figures)
+    h.print_table(f"1. throughput, {keys} keys, one `keyrotor worker -p {processes} -t {threads}`", figures)
     print(f"failed runs per trial: {failed}; worker log per trial: {problems}")
-    return {"keys": keys, "threads": threads, "failed_runs": failed, "worker_log": problems,
+    return {"keys": keys, "processes": processes, "threads": threads, "failed_runs": failed, "worker_log": problems,
             "essential_calls": ESSENTIAL_CALLS,
             "figures": {f.name.strip(): f.as_json() for f in figures}, "messages_by_actor": per_actor}
 

@@ -6,6 +6,7 @@ Knobs (environment):
   KEYROTOR_BENCH_ONLY              figures to run, e.g. "1,2" (default: 1,2,3,4,5)
   KEYROTOR_BENCH_TRIALS            paired trials per figure (default 3)
   KEYROTOR_BENCH_KEYS              keys of figure 1 (default 300)
+  KEYROTOR_BENCH_PROCESSES         worker processes of figure 1 (default 1)
   KEYROTOR_BENCH_EMERGENCY_KEYS    keys of figure 3 (default 300)
   KEYROTOR_BENCH_RATE_LIMIT        the provider's limit in figure 3, requests/s (default 20)
   KEYROTOR_BENCH_DETECTION_SIZES   inventory sizes of figure 4 (default 10000,100000,1000000)
@@ -50,7 +51,8 @@ def main() -> int:
 
             with ExitStack() as fig:
                 report.add("1_throughput", fig_throughput.run(fig, work, vault, keys=h.env_int("KEYROTOR_BENCH_KEYS", 300),
-                                                              trials=trials, threads=h.env_int("KEYROTOR_BENCH_THREADS", 8)))
+                                                              trials=trials, threads=h.env_int("KEYROTOR_BENCH_THREADS", 8),
+                                                              processes=h.env_int("KEYROTOR_BENCH_PROCESSES", 1)))
         if "2" in only:
             from tests.bench import fig_latency
 
