@@ -327,7 +327,7 @@ def test_an_older_releases_delay_queue_message_is_still_run(live_broker: Any, re
                        broker=older).send_with_options(args=("run-1",), delay=200)
     finally:
         older.close()
-    dramatiq.actor(seen.append, actor_name="probe_leftover", queue_name=STEP_QUEUE, broker=live_broker)
+    dramatiq.actor(lambda run_id: seen.append(run_id), actor_name="probe_leftover", queue_name=STEP_QUEUE, broker=live_broker)
     worker = dramatiq.Worker(live_broker, worker_threads=1, worker_timeout=100)
     worker.start()
     try:
@@ -380,7 +380,7 @@ def test_the_mover_finds_what_another_process_delayed_at_its_next_regular_look(
 
     seen: list[str] = []
     _mover(live_broker)._interval_s = 0.5
-    dramatiq.actor(seen.append, actor_name="probe_mover_other", queue_name=STEP_QUEUE, broker=live_broker)
+    dramatiq.actor(lambda run_id: seen.append(run_id), actor_name="probe_mover_other", queue_name=STEP_QUEUE, broker=live_broker)
     worker = dramatiq.Worker(live_broker, worker_threads=1, worker_timeout=100)
     worker.start()
     other = make_redis_broker(redis_url, redis_namespace)  # its mover never runs: no worker
