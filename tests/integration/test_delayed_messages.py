@@ -520,6 +520,42 @@ def test_a_freed_worker_thread_gets_the_next_message_without_waiting_for_the_wor
     assert max(gaps) < 0.25, f"the freed thread waited {max(gaps):.2f}s"  # Dramatiq's backoff: up to 2 s
 
 
+def test_a_consumer_whose_subscription_is_cut_still_takes_what_is_sent(
+        live_broker: Any, redis_url: str, redis_namespace: str, redis_client: Any) -> None:
+    """Redis drops every pub/sub connection (``CLIENT KILL TYPE pubsub``, as a restart or a
+    failover would): the consumer subscribes again at once, takes a message sent right after, and
+    hears the next ring."""
+    from worker.runtime.broker import make_redis_broker
+
+    steps = live_broker.consume(STEP_QUEUE, prefetch=2, timeout=100)
+    steps.interval_s = 60.0  # no regular look in this test: only rings are answered
+    other = make_redis_broker(redis_url, redis_namespace)
+    sender = dramatiq.actor(lambda run_id: None, actor_name="probe_cut_bell", queue_name=STEP_QUEUE, broker=other)
+
+    def taken_within(seconds: float) -> Any:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            message = next(steps)
+            if message is not None:
+                steps.ack(message)
+                return message
+        return None
+
+    try:
+        assert next(steps) is None and steps.bell.listening
+        assert redis_client.client_kill_filter(_type="pubsub") >= 1
+        sender.send("run-1")
+        message = taken_within(5)
+        assert message is not None and message.args == ("run-1",) and steps.bell.listening
+        assert taken_within(0.3) is None  # the queue is empty again
+        sender.send("run-2")
+        message = taken_within(5)
+        assert message is not None and message.args == ("run-2",) and steps.bell.listening
+    finally:
+        other.close()
+        steps.close()
+
+
 def test_while_the_bell_cannot_be_heard_the_queue_is_looked_at_at_dramatiqs_pace(
         live_broker: Any, looks_clock: list[float]) -> None:
     """A bell whose subscription fails (here: nothing listens on its port) makes its consumer look

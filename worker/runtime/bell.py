@@ -8,11 +8,11 @@ it put back. Every consumer of the queue (in every worker process) is subscribed
 first look to its close, so a ring sent after a look that found the queue empty reaches the
 consumer even while it is busy: it waits in the subscription until the consumer waits for it.
 
-A ring is a hint, never the message: one that is lost (the subscription reconnecting, a sender that
-does not ring, such as an older release or a producer outside Python) delays a message until the
-consumer's next regular look (``worker/runtime/looks.py``). While the subscription fails (Redis
-failing over, an ACL that forbids the channel) the consumer looks once per worker timeout, as
-Dramatiq's own consumer does.
+A ring is a hint, never the message. When Redis cuts the subscription (a restart, a failover), the
+consumer subscribes again and then looks, so what was rung meanwhile is found. A message whose
+sender does not ring (an older release, a producer outside Python) waits for the consumer's next
+regular look (``worker/runtime/looks.py``). While subscribing fails (Redis down, an ACL that
+forbids the channel) the consumer looks once per worker timeout, as Dramatiq's own consumer does.
 """
 
 from __future__ import annotations
@@ -103,10 +103,13 @@ class Bell:
     def _read(self, timeout_s: float) -> bool:
         try:
             reply = self._pubsub.get_message(timeout=timeout_s)  # type: ignore[union-attr]
-        except redis.RedisError as exc:
+        except redis.RedisError:
+            # The connection was cut (a restart, a failover): subscribe again before the look that
+            # follows (``listening``), and look now, since rings may have been lost. Only a failed
+            # subscription is logged and waits before the next attempt.
             self.close()
-            self._failed(exc)
-            return True  # rings may have been lost: look now
+            self._retry_at = 0.0
+            return True
         return reply is not None and reply.get("type") == "message"
 
     def _failed(self, exc: BaseException) -> None:
