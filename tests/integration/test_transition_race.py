@@ -30,9 +30,12 @@ ROUNDS = 200
 
 
 def _forget_shared_statements() -> None:
-    """Were a statement cache shared by the threads again (a plain dict), empty it: this round's
-    threads would then race on one new statement, as the workers did."""
-    for cache in (runs._TRANSITIONS, row_writes._TOGETHER, row_writes._ALONE):
+    """Empty the caches of statements shared by the threads (the transitions', compiled once
+    under a lock, worker/db/direct.py; a plain dict, were one shared again): this round's threads
+    then compile them anew, all at once, as the workers did."""
+    runs._TRANSITIONS.clear()
+    common._CLAIM_AND_READ.clear()
+    for cache in (row_writes._TOGETHER, row_writes._ALONE):
         if isinstance(cache, dict):
             cache.clear()
 
@@ -62,7 +65,7 @@ def test_statements_first_compiled_by_many_threads_return_each_thread_its_own_ru
         try:
             barrier.wait()
             with Session(engine) as session:
-                row = session.execute(common._CLAIM_AND_READ.get(), claim).first()
+                row = common.claim_and_read(session, claim)
                 if row is None or row[0].id != run_id or row[1].id != i + 1:
                     wrong.append(f"claim of {run_id} read {row and (row[0].id, row[1].id)}")
                 session.commit()

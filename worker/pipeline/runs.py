@@ -17,13 +17,13 @@ from typing import Any, Optional, Sequence
 
 from sqlalchemy import Table, bindparam, insert, update
 from sqlalchemy import select as core_select
-from sqlalchemy.orm import aliased
 from sqlmodel import col, select, Session
 
 from worker.clock import utcnow
 from worker.db.models import AuditEvent, KeyVersion, ManagedKey, RotationRun
 from worker.db.session import after_commit
-from worker.db.statements import PerThreadCache
+from worker.db import direct
+from worker.db.direct import DirectStatements, Loader
 from worker.errors import StateConflict
 from worker.metrics import ROTATIONS
 from worker.pipeline.lease import transitioned
@@ -77,53 +77,33 @@ def audit_row(run: RotationRun, *, actor: str, event: str, detail: Optional[dict
     return InsertRow(_AUDIT, _audit_values(run, actor=actor, event=event, detail=detail))
 
 
-#: Each thread builds its own (worker/db/statements.py: a shared statement's first compile raced).
-_TRANSITIONS: PerThreadCache[Any] = PerThreadCache()
+#: Compiled once per shape, shared by the threads (worker/db/direct.py).
+_TRANSITIONS = DirectStatements()
 _AUDIT_COLUMNS = ("at", "run_id", "key_id", "actor", "event", "from_state", "to_state", "detail")
+_RUN_LOADER = Loader(RotationRun)
 
 
 def _run_update(columns: tuple[str, ...]) -> Any:
     """``UPDATE rotation_run SET <columns> WHERE id = :t_id AND state = :t_expected``, with bind
     parameters. On the table, not the mapped class: nothing in the session mirrors the row, and
-    the ORM's bulk-update machinery costs more than the statement. A new object for each
-    statement built on it (``.returning()`` copies it, sharing its parts)."""
+    the ORM's bulk-update machinery costs more than the statement."""
     return (update(RUNS).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
             .values({name: bindparam(f"t_{name}") for name in columns}))
 
 
-def _transition_statement(columns: tuple[str, ...], *, returning: bool, audited: bool,
-                          writes: Sequence[ConditionalWrite] = ()) -> Any:
-    """The transition's statement for this set of columns (and shapes of ``writes``), built once
-    (building it per call, with its values coerced each time, cost more CPU than running it).
-    A hand-off needs the run back as an object (the next step's snapshot), so ``returning`` goes
-    through the ORM with RETURNING instead of reading the row again. ``audited`` (PostgreSQL): with
-    its audit row and the step's ``writes`` in the same statement (``_with_audit_row``)."""
-    def build() -> Any:
-        if audited:
-            return _with_audit_row(_run_update(columns), returning=returning, writes=writes)
-        if returning:
-            return (update(RotationRun).where(RUNS.c.id == bindparam("t_id"), RUNS.c.state == bindparam("t_expected"))
-                    .values({name: bindparam(f"t_{name}") for name in columns}).returning(RotationRun)
-                    .execution_options(synchronize_session=False, populate_existing=True))
-        return _run_update(columns)
-
-    return _TRANSITIONS.get((columns, returning, audited, tuple(write.shape for write in writes)), build)
-
-
-def _with_audit_row(update_run: Any, *, returning: bool, writes: Sequence[ConditionalWrite] = ()) -> Any:
+def _with_audit_row(columns: tuple[str, ...], *, returning: bool, writes: Sequence[ConditionalWrite] = ()) -> Any:
     """The run's UPDATE, its audit row and the step's writes as one statement (a data-modifying
     CTE): a transition is one round trip instead of one per row. The audit row and the writes
     happen only for a row the UPDATE moved (they read its ``RETURNING``); the statement returns
-    the moved run (as the ORM object when ``returning``, else its id), nothing when the run had
-    moved on."""
-    moved = update_run.returning(*(RUNS.c if returning else (RUNS.c.id, RUNS.c.key_id))).cte("moved")
+    the moved run (all its columns when ``returning``, else its id), nothing when the run had
+    moved on. Built once per shape (building it per call, with its values coerced each time, cost
+    more CPU than running it)."""
+    moved = _run_update(columns).returning(*(RUNS.c if returning else (RUNS.c.id, RUNS.c.key_id))).cte("moved")
     audit_row = core_select(bindparam("a_at", type_=_AUDIT.c.at.type), moved.c.id, moved.c.key_id,
                             *(bindparam(f"a_{name}", type_=_AUDIT.c[name].type) for name in _AUDIT_COLUMNS[3:]))
     logged = insert(_AUDIT).from_select(list(_AUDIT_COLUMNS), audit_row).cte("logged")
     ctes = [logged, *as_ctes(writes, core_select(moved.c.id).exists())]
-    if returning:
-        return core_select(aliased(RotationRun, moved)).add_cte(*ctes).execution_options(populate_existing=True)
-    return core_select(moved.c.id).add_cte(*ctes)
+    return core_select(*(moved.c if returning else (moved.c.id,))).add_cte(*ctes)
 
 
 def transition(
@@ -172,28 +152,28 @@ def transition(
     if session.new or session.dirty or session.deleted:  # the caller's pending rows go first
         session.flush()
     moved: Optional[RotationRun] = None
-    connection = session.connection()
-    audited = connection.dialect.name == "postgresql" and not still  # SQLite has no data-modifying CTE
-    if not audited:
+    # PostgreSQL: one statement, sent directly (worker/db/direct.py). Elsewhere (SQLite has no
+    # data-modifying CTE) the writes, the UPDATE and the audit row one after the other.
+    audited = not still and direct.usable(session)
+    if audited:
+        columns, returning = tuple(sorted(values)), lease is not None
+        statement = _TRANSITIONS.get((columns, returning, tuple(write.shape for write in writes)),
+                                     session.get_bind().dialect,
+                                     lambda: _with_audit_row(columns, returning=returning, writes=writes))
+        rows = direct.execute(session, statement, {
+            "t_id": run.id, "t_expected": expected.value, **{f"t_{name}": v for name, v in values.items()},
+            "a_at": now, "a_actor": actor, "a_event": "state_changed", "a_from_state": expected.value,
+            "a_to_state": to.value, "a_detail": dict(detail or {}), **params_of(writes)})
+        found = bool(rows)
+        if found and returning:
+            moved = _RUN_LOADER.load(rows[0])
+    else:
         execute_writes(session, writes)
-    if still:
-        result = connection.execute(
+        result = session.connection().execute(
             update(RUNS).where(RUNS.c.id == run.id, RUNS.c.state == expected.value, *still).values(**values))
         found = result.rowcount == 1
-    else:
-        columns, returning = tuple(sorted(values)), lease is not None
-        params = {"t_id": run.id, "t_expected": expected.value, **{f"t_{name}": v for name, v in values.items()}}
-        if audited:
-            params.update({"a_at": now, "a_actor": actor, "a_event": "state_changed", "a_from_state": expected.value,
-                           "a_to_state": to.value, "a_detail": dict(detail or {}), **params_of(writes)})
-        statement = _transition_statement(columns, returning=returning, audited=audited,
-                                          writes=writes if audited else ())
-        if not returning:
-            result = connection.execute(statement, params)
-            found = result.first() is not None if audited else result.rowcount == 1
-        else:
-            moved = session.execute(statement, params).scalars().first()
-            found = moved is not None
+        if found and lease is not None:
+            moved = load_run(session, run.id)
     if not found:
         raise StateConflict(f"run {run.id} is no longer {expected.value}; another worker moved it")
     if not audited:

@@ -16,6 +16,8 @@ from sqlmodel import Session, col, select
 from worker import log
 from worker.clock import utcnow
 from worker.db.models import IntegrationRecord, KeyVersion, ManagedKey, ProviderRecord, RotationRun
+from worker.db import direct
+from worker.db.direct import DirectStatements, Loader
 from worker.db.session import session_scope
 from worker.db.statements import PerThread
 from worker.errors import PermanentError, StateConflict, TransientError
@@ -93,13 +95,13 @@ def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Sna
         return handed
     expected = expected_state(step)
     snap: Optional[Snapshot] = None
-    if lease is not None and ctx.engine.dialect.name == "postgresql":  # SQLite has no data-modifying CTE
+    if lease is not None:
         with session_scope(ctx.engine, one_statement=True) as session:
-            row = session.execute(_CLAIM_AND_READ.get(), lease.claim_params(expected.value)).first()
-        if row is not None:
+            claimed = claim_and_read(session, lease.claim_params(expected.value))
+        if claimed is not None:
             lease.claimed()
-            run, key, record, old, new = row
-            snap = Snapshot(run=run, key=key, old=old, new=new, mode=parse_mode(run.mode), provider_record=record)
+            snap = Snapshot(run=claimed[0], key=claimed[1], provider_record=claimed[2], old=claimed[3], new=claimed[4],
+                            mode=parse_mode(claimed[0].mode))
     if snap is None:
         with session_scope(ctx.engine) as session:
             run = load_run(session, run_id)
@@ -131,21 +133,47 @@ def _key_provider_versions_statement() -> Any:
 
 
 def _claim_and_read_statement() -> Any:
-    """The claim and the snapshot's rows in one statement."""
-    claimed = aliased(RotationRun, CLAIM_UPDATE.returning(*RUNS.c).cte("claimed"))
-    old, new = aliased(KeyVersion), aliased(KeyVersion)
-    return (core_select(claimed, ManagedKey, ProviderRecord, old, new)  # sqlmodel's takes four
+    """The claim and the snapshot's rows in one statement: the claimed run's, its key's, its
+    provider record's and its two versions' columns, each table's in table order."""
+    claimed = CLAIM_UPDATE.returning(*RUNS.c).cte("claimed")
+    keys, records = ManagedKey.__table__, ProviderRecord.__table__  # type: ignore[attr-defined]
+    versions = KeyVersion.__table__  # type: ignore[attr-defined]
+    old, new = versions.alias("old_version"), versions.alias("new_version")
+    return (core_select(*claimed.c, *keys.c, *records.c, *old.c, *new.c)
             .select_from(claimed)
-            .join(ManagedKey, col(ManagedKey.id) == claimed.key_id)
-            .outerjoin(ProviderRecord, col(ProviderRecord.name) == col(ManagedKey.provider))
-            .outerjoin(old, col(old.id) == claimed.old_version_id)
-            .outerjoin(new, col(new.id) == claimed.new_version_id)
-            .execution_options(populate_existing=True))
+            .join(keys, keys.c.id == claimed.c.key_id)
+            .outerjoin(records, records.c.name == keys.c.provider)
+            .outerjoin(old, old.c.id == claimed.c.old_version_id)
+            .outerjoin(new, new.c.id == claimed.c.new_version_id))
 
 
 # Built once per thread, not shared (worker/db/statements.py: a shared statement's first compile raced).
 _KEY_PROVIDER_VERSIONS = PerThread(_key_provider_versions_statement)
-_CLAIM_AND_READ = PerThread(_claim_and_read_statement)
+#: Compiled once, shared by the threads (worker/db/direct.py).
+_CLAIM_AND_READ = DirectStatements()
+_SNAPSHOT_ROWS = (Loader(RotationRun), Loader(ManagedKey), Loader(ProviderRecord), Loader(KeyVersion),
+                  Loader(KeyVersion))
+
+
+def claim_and_read(session: Session, claim: dict[str, Any]) -> Optional[tuple[
+        RotationRun, ManagedKey, Optional[ProviderRecord], Optional[KeyVersion], Optional[KeyVersion]]]:
+    """Claim the run's lease (``Lease.claim_params``) and read the snapshot's rows in one
+    statement: (run, key, provider record, old version, new version), ``None`` where the run has
+    none or the record is not applied; ``None`` when the run was not claimed (missing, moved on,
+    leased by another execution). On PostgreSQL only (a data-modifying CTE), sent directly
+    (worker/db/direct.py); ``None`` elsewhere, where the caller reads in a transaction instead."""
+    if not direct.usable(session):
+        return None
+    statement = _CLAIM_AND_READ.get("claim_and_read", session.get_bind().dialect, _claim_and_read_statement)
+    rows = direct.execute(session, statement, claim)
+    if not rows:
+        return None
+    loaded, offset = [], 0
+    for loader in _SNAPSHOT_ROWS:
+        loaded.append(loader.load(rows[0], offset))
+        offset += loader.width
+    run, key, record, old, new = loaded
+    return run, key, record, old, new
 
 
 def _key_provider_versions(session: Session, run: RotationRun) -> tuple[
