@@ -129,3 +129,11 @@ def test_a_connection_lost_under_a_direct_statement_is_never_handed_out_again(pg
         assert direct.execute(session, ping, {}) == [(1,)]
         assert session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
     engine.dispose()
+
+
+def test_a_statement_whose_values_sqlalchemy_renders_at_execution_is_refused_when_built(pg_url: str) -> None:
+    engine = make_engine(pg_url)
+    runs = RotationRun.__table__  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="plain bind parameters only"):
+        direct.DirectStatement(select(runs.c.id).where(runs.c.state.in_(["issued", "verified"])), engine.dialect)
+    engine.dispose()

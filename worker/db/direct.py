@@ -38,8 +38,9 @@ class DirectStatement:
 
     def __init__(self, statement: Any, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
-        if getattr(compiled, "escaped_bind_names", None):  # pragma: no cover - our names need no escaping
-            raise ValueError("a direct statement's bind parameter names must need no escaping")
+        if getattr(compiled, "escaped_bind_names", None) or compiled.post_compile_params:
+            # Escaped names and values rendered at execution (``in_([...])``) are SQLAlchemy's to fill in.
+            raise ValueError("a direct statement takes plain bind parameters only (no `in_` list, no escaped names)")
         self.sql: str = compiled.string
         self._bind: dict[str, Callable[[Any], Any]] = {}
         #: Values the statement carries itself (``literal(1)``); the caller's bind the rest.
@@ -99,7 +100,8 @@ def usable(session: Session) -> bool:
 
 
 def execute(session: Session, direct: DirectStatement, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-    """Run ``direct`` on ``session``'s connection (in its transaction) and return its rows."""
+    """Run ``direct`` on ``session``'s connection (in its transaction) and return its rows (a
+    direct statement always returns rows: a SELECT, or a write with RETURNING)."""
     connection = session.connection()
     params = direct.parameters(values)
     fairy = connection.connection
@@ -110,7 +112,7 @@ def execute(session: Session, direct: DirectStatement, values: Mapping[str, Any]
         cursor.execute(direct.sql, params)
         if connection.dispatch.after_cursor_execute:
             connection.dispatch.after_cursor_execute(connection, cursor, direct.sql, params, None, False)
-        rows = cursor.fetchall() if cursor.description is not None else []
+        rows = cursor.fetchall()  # every direct statement returns rows (a SELECT, or RETURNING)
     except connection.dialect.loaded_dbapi.Error as exc:
         lost = connection.dialect.is_disconnect(exc, fairy.dbapi_connection, cursor)
         if lost:
@@ -120,6 +122,15 @@ def execute(session: Session, direct: DirectStatement, values: Mapping[str, Any]
     finally:
         cursor.close()
     return [direct.row(row) for row in rows]  # type: ignore[misc]
+
+
+def fetch(session: Session, statements: DirectStatements, shape: Hashable, build: Callable[[], Any],
+          values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """The rows of the statement ``build`` makes, with ``values``: sent directly where the
+    database takes it, else through SQLAlchemy (SQLite), on ``session``'s connection either way."""
+    if usable(session):
+        return execute(session, statements.get(shape, session.get_bind().dialect, build), values)
+    return [tuple(row) for row in session.connection().execute(build(), dict(values))]
 
 
 class Loader:

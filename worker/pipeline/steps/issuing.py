@@ -6,10 +6,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Callable, Optional
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 
 from worker import log
 from worker.clock import as_utc, utcnow
+from worker.db import direct
+from worker.db.direct import DirectStatements
 from worker.db.session import session_scope
 from worker.errors import ConfigError, DeprecatedCredential, PermanentError, RateLimited, StateConflict, is_permanent
 from worker.pipeline.context import PipelineContext
@@ -208,9 +210,16 @@ def _issues_next(snap: Snapshot, provider: Provider, minted: list[MintedKey]) ->
             and all(m.discarded for m in minted))
 
 
+_STATEMENTS = DirectStatements()
+
+
+def _mark_statement() -> Any:
+    return (update(RUNS).where(RUNS.c.id == bindparam("run_id"), RUNS.c.state == bindparam("requested", S.requested.value))
+            .values(issue_unknown_since=bindparam("since", type_=RUNS.c.issue_unknown_since.type)).returning(RUNS.c.id))
+
+
 def _mark_issue_unknown(session: Any, run_id: str, since: Optional[datetime]) -> None:
-    session.execute(update(RUNS).where(RUNS.c.id == run_id, RUNS.c.state == S.requested.value)
-                    .values(issue_unknown_since=since))
+    direct.fetch(session, _STATEMENTS, "mark", _mark_statement, {"run_id": run_id, "since": since})
 
 
 def _set_issue_unknown(ctx: PipelineContext, run_id: str, since: Optional[datetime],

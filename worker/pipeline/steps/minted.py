@@ -10,10 +10,13 @@ discarded — a staging write that timed out and landed later cannot bring a rev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
-from sqlmodel import Session, col, select
+from sqlalchemy import Table, bindparam, or_, select
+from sqlmodel import Session
 
+from worker.db import direct
+from worker.db.direct import DirectStatements
 from worker.db.models import AuditEvent, RotationRun
 from worker.pipeline.row_writes import UpdateRows, execute_writes
 from worker.pipeline.runs import RUNS, audit, audit_row
@@ -29,16 +32,24 @@ class MintedKey:
     discarded: bool
 
 
+_EVENTS: Table = AuditEvent.__table__  # type: ignore[attr-defined]
+_STATEMENTS = DirectStatements()
+
+
+def _minted_events() -> Any:
+    return (select(_EVENTS.c.event, _EVENTS.c.detail)
+            .where(_EVENTS.c.run_id == bindparam("run_id"),
+                   or_(_EVENTS.c.event == bindparam("minted", MINTED), _EVENTS.c.event == bindparam("discarded", DISCARDED)))
+            .order_by(_EVENTS.c.id))
+
+
 def minted_keys(session: Session, run_id: str) -> list[MintedKey]:
     """Every key the run's issue calls returned, in order, with whether it was discarded since."""
-    events = session.exec(
-        select(AuditEvent).where(AuditEvent.run_id == run_id, col(AuditEvent.event).in_([MINTED, DISCARDED]))
-        .order_by(col(AuditEvent.id))
-    ).all()
-    discarded = {e.detail.get("fingerprint") for e in events if e.event == DISCARDED}
-    return [MintedKey(fingerprint=str(e.detail.get("fingerprint")), provider_key_id=e.detail.get("provider_key_id"),
-                      discarded=e.detail.get("fingerprint") in discarded)
-            for e in events if e.event == MINTED]
+    events = direct.fetch(session, _STATEMENTS, "minted", _minted_events, {"run_id": run_id})
+    discarded = {detail.get("fingerprint") for event, detail in events if event == DISCARDED}
+    return [MintedKey(fingerprint=str(detail.get("fingerprint")), provider_key_id=detail.get("provider_key_id"),
+                      discarded=detail.get("fingerprint") in discarded)
+            for event, detail in events if event == MINTED]
 
 
 def record_minted(session: Session, run: RotationRun, *, actor: str, name: str, fingerprint: str,

@@ -69,4 +69,7 @@ def record_new_version(session: Session, snap: Snapshot, *, secret: Optional[Sec
     session.add(version)
     session.flush()
     assert version.id is not None
+    # Once flushed and clean, the session holds it only weakly: held for the session's life, so
+    # the transition's hand-off (``steps.common.move_on``) finds it by primary key, without a query.
+    session.info.setdefault("keyrotor_recorded_versions", []).append(version)
     return version.id
