@@ -137,3 +137,21 @@ def test_a_statement_whose_values_sqlalchemy_renders_at_execution_is_refused_whe
     with pytest.raises(ValueError, match="plain bind parameters only"):
         direct.DirectStatement(select(runs.c.id).where(runs.c.state.in_(["issued", "verified"])), engine.dialect)
     engine.dispose()
+
+
+def test_a_keys_integration_records_are_read_alike_directly_and_through_the_orm(db_url: str) -> None:
+    from worker.db.models import IntegrationRecord
+    from worker.pipeline.preflight import integration_records
+
+    engine = make_engine(db_url)
+    with session_scope(engine) as session:
+        for name in ("a", "b", "c"):
+            session.add(IntegrationRecord(name=name, kind="vault_copy", spec={"path": f"copies/{name}"}))
+    key = ManagedKey(name="k", provider="p", credential_type="api_key", owner="o@example.com", vault_path="apps/k",
+                     integrations=["b", "missing", "a"], labels={})
+    with Session(engine) as session:
+        records = integration_records(session, key)
+    assert list(records) == ["b", "a"]  # the key's order; a record not applied is left out
+    assert [(r.name, r.kind, r.spec) for r in records.values()] == [
+        ("b", "vault_copy", {"path": "copies/b"}), ("a", "vault_copy", {"path": "copies/a"})]
+    engine.dispose()

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import ARRAY, Table, any_, bindparam, select
+
+from worker.db import direct
+from worker.db.direct import DirectStatements, Loader
 from worker.db.models import IntegrationRecord, ManagedKey, ProviderRecord
 from worker.db.session import session_scope
 from worker.errors import ConfigError, TransientError
@@ -18,10 +22,28 @@ from worker.providers.request_parts import key_variables, resolve_ref
 from worker.secret_refs import iter_refs
 
 
+_INTEGRATIONS: Table = IntegrationRecord.__table__  # type: ignore[attr-defined]
+_STATEMENTS = DirectStatements()
+_RECORDS = Loader(IntegrationRecord)
+
+
+def _records_named() -> Any:
+    return select(*_INTEGRATIONS.c).where(
+        _INTEGRATIONS.c.name == any_(bindparam("names", type_=ARRAY(_INTEGRATIONS.c.name.type))))
+
+
 def integration_records(session: Any, key: ManagedKey) -> dict[str, IntegrationRecord]:
-    """The applied records of the key's integrations, by name (one missing is left out)."""
-    return {name: record for name in key.integrations or []
-            if (record := session.get(IntegrationRecord, name)) is not None}
+    """The applied records of the key's integrations, by name (one missing is left out): one
+    statement for all of them on PostgreSQL, one look-up each elsewhere."""
+    names = list(key.integrations or [])
+    if not names:
+        return {}
+    if direct.usable(session):
+        rows = direct.execute(session, _STATEMENTS.get("named", session.get_bind().dialect, _records_named),
+                              {"names": names})
+        found = {record.name: record for record in map(_RECORDS.load, rows)}
+        return {name: found[name] for name in names if name in found}
+    return {name: record for name in names if (record := session.get(IntegrationRecord, name)) is not None}
 
 
 def run_specs(session: Any, key: ManagedKey, provider_record: ProviderRecord | None = None,
