@@ -155,3 +155,33 @@ def test_a_keys_integration_records_are_read_alike_directly_and_through_the_orm(
     assert [(r.name, r.kind, r.spec) for r in records.values()] == [
         ("b", "vault_copy", {"path": "copies/b"}), ("a", "vault_copy", {"path": "copies/a"})]
     engine.dispose()
+
+
+def test_versions_are_adopted_and_recorded_alike_on_both_databases(db_url: str) -> None:
+    """The version bookkeeping of ``issue`` (steps/versions.py), sent directly on PostgreSQL and
+    through the ORM elsewhere: a key's first rotation adopts what Vault serves; a value changed in
+    Vault out of band is adopted too, and the version the database held as current becomes
+    ``previous``."""
+    from sqlmodel import select as sqlmodel_select
+
+    from tests.fakes_pipeline import FakeProvider, World
+
+    world = World(url=db_url, provider=FakeProvider()).build(grace_period_s=0)
+    assert world.drive(world.request()) == RunState.completed
+    out_of_band = world.provider.add_existing("changed by hand")
+    world.vault.seed("secret", f"apps/{world.key.name}", "api_key", out_of_band.secret, out_of_band.key_id)  # type: ignore[union-attr]
+    run_id = world.request()
+    assert world.drive(run_id) == RunState.completed
+    with Session(world.engine) as session:
+        versions = session.exec(sqlmodel_select(KeyVersion).order_by(KeyVersion.id)).all()  # type: ignore[arg-type]
+        run = session.get(RotationRun, run_id)
+        adopted = session.exec(sqlmodel_select(AuditEvent).where(AuditEvent.event == "version_adopted")).all()
+    assert [(v.stage, v.run_id is None, v.provider_key_id) for v in versions] == [
+        ("retired", True, world.old.key_id),  # type: ignore[union-attr]  # adopted by the first rotation, retired by it
+        ("previous", False, versions[1].provider_key_id),  # the first rotation's key: current until changed by hand
+        ("retired", True, out_of_band.key_id),  # adopted from Vault by the second rotation, retired by it
+        ("current", False, versions[3].provider_key_id),  # the second rotation's key
+    ]
+    assert run is not None and (run.old_version_id, run.new_version_id) == (versions[2].id, versions[3].id)
+    assert len(adopted) == 2
+    world.engine.dispose()
