@@ -3,7 +3,7 @@
 A step's durable points are a handful of statements built once (``worker/pipeline/runs.py``,
 ``steps/common.py``). Through the ORM, a transition that hands the run to the chain's next step
 cost about 0.8 ms of CPU, through Core 0.4 ms, and sent here 0.25 ms, on the same statement and
-server (docs/performance.md, eleventh round). What SQLAlchemy does around the statement and is kept here:
+server (docs/performance.md, eleventh round). What SQLAlchemy does around a statement, kept here:
 
 - the SQL is its compilation for the engine's dialect, once per statement shape (under a lock: a
   statement's first compile is not safe in two threads at once, worker/db/statements.py); the
@@ -32,6 +32,7 @@ from sqlalchemy.orm import class_mapper
 from sqlalchemy.orm.attributes import instance_state
 from sqlmodel import Session
 
+
 class DirectStatement:
     """A statement compiled once for ``dialect``: its SQL text, the bind processors of its
     parameters and the result processors of its columns."""
@@ -52,7 +53,7 @@ class DirectStatement:
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 self._bind[name] = processor
-        columns = list(getattr(statement, "selected_columns", ()) or ())
+        columns = list(statement.exported_columns)  # a SELECT's columns, or a write's RETURNING
         processors = [column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns]
         self._result: Optional[list[Optional[Callable[[Any], Any]]]] = (
             processors if any(p is not None for p in processors) else None)
