@@ -65,9 +65,9 @@ class DirectStatement:
                 params[name] = process(params[name])
         return params
 
-    def row(self, values: Optional[Sequence[Any]]) -> Optional[tuple[Any, ...]]:
-        if values is None or self._result is None:
-            return None if values is None else tuple(values)
+    def row(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        if self._result is None:
+            return tuple(values)
         return tuple(value if process is None else process(value) for process, value in zip(self._result, values))
 
 
@@ -122,7 +122,7 @@ def execute(session: Session, direct: DirectStatement, values: Mapping[str, Any]
                                   connection_invalidated=lost, dialect=connection.dialect) from exc
     finally:
         cursor.close()
-    return [direct.row(row) for row in rows]  # type: ignore[misc]
+    return [direct.row(row) for row in rows]
 
 
 def fetch(session: Session, statements: DirectStatements, shape: Hashable, build: Callable[[], Any],
