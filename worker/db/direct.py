@@ -26,9 +26,9 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import class_mapper
+from sqlalchemy.orm import Session as OrmSession, class_mapper
 from sqlalchemy.orm.attributes import instance_state
 from sqlmodel import Session
 
@@ -94,10 +94,11 @@ class DirectStatements:
             self._built.clear()
 
 
-def usable(session: Session) -> bool:
-    """Whether ``session``'s database takes direct statements (PostgreSQL through psycopg)."""
-    bind = session.get_bind()
-    return bind.dialect.name == "postgresql" and bind.dialect.driver == "psycopg"
+def usable(bind: "Session | Engine") -> bool:
+    """Whether the database of ``bind`` (a session, or an engine) takes direct statements
+    (PostgreSQL through psycopg)."""
+    dialect = (bind.get_bind() if isinstance(bind, OrmSession) else bind).dialect
+    return dialect.name == "postgresql" and dialect.driver == "psycopg"
 
 
 def execute(session: Session, direct: DirectStatement, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:

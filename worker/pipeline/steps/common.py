@@ -95,7 +95,7 @@ def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Sna
         return handed
     expected = expected_state(step)
     snap: Optional[Snapshot] = None
-    if lease is not None:
+    if lease is not None and direct.usable(ctx.engine):  # elsewhere the transaction below claims it
         with session_scope(ctx.engine, one_statement=True) as session:
             claimed = claim_and_read(session, lease.claim_params(expected.value))
         if claimed is not None:

@@ -8,7 +8,6 @@ from typing import Any, Callable, Optional
 
 from sqlalchemy import Table, bindparam, insert, select
 from sqlmodel import Session, col
-from sqlmodel import select as sqlmodel_select
 
 from worker.clock import utcnow
 from worker.db import direct
@@ -61,9 +60,8 @@ _HELD = "keyrotor_held_versions"
 
 
 def _held(session: Session, version: KeyVersion) -> KeyVersion:
-    merged = session.merge(version, load=False)  # into the session as loaded: no query
-    session.info.setdefault(_HELD, []).append(merged)
-    return merged
+    session.info.setdefault(_HELD, []).append(version)
+    return version
 
 
 def _current_versions(session: Session, key_id: int) -> list[KeyVersion]:
@@ -72,8 +70,9 @@ def _current_versions(session: Session, key_id: int) -> list[KeyVersion]:
         rows = direct.execute(session, _STATEMENTS.get("current", session.get_bind().dialect, lambda: select(
             *_VERSIONS.c).where(_VERSIONS.c.key_id == bindparam("key_id"), _VERSIONS.c.stage == bindparam("stage"))),
             {"key_id": key_id, "stage": VersionStage.current.value})
-        return [_held(session, _VERSION.load(row)) for row in rows]
-    return list(session.exec(sqlmodel_select(KeyVersion).where(
+        # Into the session as loaded rows (``merge(load=False)``: no query).
+        return [_held(session, session.merge(_VERSION.load(row), load=False)) for row in rows]
+    return list(session.scalars(select(KeyVersion).where(
         col(KeyVersion.key_id) == key_id, col(KeyVersion.stage) == VersionStage.current.value)).all())
 
 
@@ -83,13 +82,12 @@ def _insert(session: Session, version: KeyVersion) -> KeyVersion:
     if not direct.usable(session):
         session.add(version)
         session.flush()
-        session.info.setdefault(_HELD, []).append(version)
-        return version
+        return _held(session, version)
     values = {column.key: _plain(getattr(version, column.key)) for column in _VERSIONS.columns if column.key != "id"}
     rows = direct.execute(session, _STATEMENTS.get(("insert", tuple(values)), session.get_bind().dialect, lambda: insert(
         _VERSIONS).values({name: bindparam(name, type_=_VERSIONS.c[name].type) for name in values}).returning(
         *_VERSIONS.c)), values)
-    return _held(session, _VERSION.load(rows[0]))
+    return _held(session, session.merge(_VERSION.load(rows[0]), load=False))
 
 
 def _plain(value: Any) -> Any:
