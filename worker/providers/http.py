@@ -59,6 +59,7 @@ from worker.providers.base import (
     RevokeOutcome,
     wait_until_live,
 )
+from worker.providers.client import ProviderClient
 from worker.protocol.states import Mode
 from worker.providers.answers import count_request as _metric
 from worker.providers.answers import field_at, listed_live, optional_at
@@ -142,7 +143,7 @@ class HttpProvider:
         if mtls and not tls_verify:
             verify.check_hostname = False
             verify.verify_mode = ssl.CERT_NONE
-        return httpx.Client(verify=verify, follow_redirects=False, timeout=self._timeout)
+        return ProviderClient(verify=verify, follow_redirects=False, timeout=self._timeout)
 
     def close(self) -> None:
         if self._owns_http:
