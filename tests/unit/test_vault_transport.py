@@ -123,3 +123,73 @@ def test_a_session_that_reads_its_environment_takes_requests_own_path(monkeypatc
     assert session.trust_env is True
     assert session.request("GET", "http://vault.example:8200/v1/sys/health", timeout=1) == "general"
     assert called == ["GET"]
+
+
+def test_a_vault_call_goes_on_urllib3s_pool_not_through_requests_adapter(vault: ScriptedVault,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """hvac's requests are sent by ``worker/vault/wire.py``: requests' adapter is not called, and the
+    answer is requests' ``Response`` hvac reads (status, JSON, headers for Retry-After)."""
+    def adapter_path(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("requests' HTTPAdapter.send was called")
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", adapter_path)
+    vault.answers += [(200, {}, {"data": {"data": {"api_key": "v"}, "metadata": {"version": 5}}}),
+                      (429, {"Retry-After": "3"}, {"errors": ["rate limited"]})]
+    client = build_client(vault.url, token="hvs.test-token")
+    read = client.secrets.kv.v2.read_secret_version(path="apps/x", mount_point="kv", version=5,
+                                                    raise_on_deleted_version=True)
+    assert read["data"]["metadata"]["version"] == 5
+    with pytest.raises(hvac.exceptions.VaultError) as raised:
+        client.secrets.kv.v2.delete_metadata_and_all_versions(path="apps/x", mount_point="kv")
+    assert raised.value.keyrotor_status == 429 and raised.value.keyrotor_retry_after == 3.0  # type: ignore[attr-defined]
+    (_, path, _, _), (method, _, headers, body) = vault.received
+    assert path == "/v1/kv/data/apps/x?version=5"
+    assert (method, headers["Content-Length"], body) == ("DELETE", "0", b"")  # as requests sends a body-less DELETE
+
+
+def test_an_answer_that_never_comes_is_requests_read_timeout() -> None:
+    """A read timeout is ``requests.exceptions.Timeout`` (the write's outcome is unknown: the store
+    reads back before it tries again), as through requests' adapter."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        client = build_client(f"http://127.0.0.1:{listener.getsockname()[1]}", token="t", timeout=0.3)
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            client.secrets.kv.v2.read_secret_version(path="x", mount_point="kv", raise_on_deleted_version=True)
+    finally:
+        listener.close()
+
+
+def test_a_mounted_adapter_or_a_proxy_takes_requests_adapter(vault: ScriptedVault, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transport adapter mounted in place of requests' own (a test's fault injector) and a proxy
+    from the environment are requests' to use: those requests go through the adapter."""
+    sent: list[str] = []
+
+    class Recording(requests.adapters.HTTPAdapter):
+        def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+            sent.append(request.url or "")
+            return super().send(request, *args, **kwargs)
+
+    vault.answers += [(200, {}, {"data": {"version": 1}}), (200, {}, {"data": {"version": 2}})]
+    mounted = DirectSession()
+    mounted.trust_env = False
+    mounted.mount("http://", Recording())
+    client = build_client(vault.url, token="t", session=mounted)
+    client.secrets.kv.v2.create_or_update_secret(path="apps/x", secret={"k": "v"}, mount_point="kv")
+    assert sent == [f"{vault.url}/v1/kv/data/apps/x"]
+
+    from worker.vault import wire
+
+    def wire_path(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a request with a proxy configured went on urllib3's pool directly")
+
+    monkeypatch.setattr(wire, "send", wire_path)
+    proxied = DirectSession()
+    proxied.trust_env = False
+    proxied.proxies = {"https": "http://proxy.invalid:3128"}  # not this URL's scheme: requests sends it directly
+    build_client(vault.url, token="t", session=proxied).secrets.kv.v2.create_or_update_secret(
+        path="apps/y", secret={"k": "v"}, mount_point="kv")
+    assert [path for _, path, _, _ in vault.received] == ["/v1/kv/data/apps/x", "/v1/kv/data/apps/y"]

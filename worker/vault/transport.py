@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import hvac
 import hvac.exceptions as hvac_exc
 import requests
 import requests.cookies
 from hvac.adapters import JSONAdapter
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 
 from worker import log
 from worker.retry import parse_retry_after
+from worker.vault import wire
 
 
 class KeyrotorAdapter(JSONAdapter):
@@ -39,39 +42,75 @@ def _env_ca_bundle() -> str | None:
 
 
 class DirectSession(requests.Session):
-    """The session hvac sends every Vault request through, minus ``Session.request``'s general
-    machinery: the request is prepared once and handed to the mounted transport adapter (requests'
-    ``HTTPAdapter``: its pool, TLS and exceptions, so timeouts and refused connections keep their
-    meaning for ``worker/vault/errors.py``). ``Session.request`` merges environment settings, hooks
-    and cookie jars twice and looks for a redirect on every answer: 9 % of a read's CPU and 21 % of
-    a write's here (docs/performance.md). Kept: the session's default headers, cookies, proxies,
-    TLS settings, and redirects (a standby Vault answers 307 to the active node), followed only
-    when one comes."""
+    """The session hvac sends every Vault request through, minus requests' general machinery.
+
+    ``Session.request`` merges environment settings, hooks and cookie jars twice and looks for a
+    redirect on every answer: 9 % of a read's CPU and 21 % of a write's (docs/performance.md,
+    seventh round). Here a request hvac makes (a JSON body or none, query parameters) goes on
+    urllib3's pool directly (``worker/vault/wire.py``), requests' exceptions kept; one with
+    anything else (a proxy, a cookie to send, a transport adapter mounted in place of requests'
+    own, form data) is prepared once and handed to the mounted adapter. Kept either way: the
+    session's default headers, cookies (a load balancer's affinity cookie is sent back), TLS
+    settings, and redirects (a standby Vault answers 307 to the active node), followed by requests
+    only when one comes."""
 
     #: What hvac's adapter passes; any other keyword takes requests' own path.
     _DIRECT_KWARGS = frozenset({"params", "data", "json", "timeout", "verify", "cert", "proxies"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pools = wire.Pools()
+
+    def close(self) -> None:
+        super().close()
+        self._pools.clear()
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         if args or self.trust_env or self.hooks["response"] or not self._DIRECT_KWARGS.issuperset(
                 kwargs.keys() - {"headers", "allow_redirects"}):
             return super().request(method, url, *args, **kwargs)
-        allow_redirects = kwargs.get("allow_redirects", True)
-        prepared = requests.PreparedRequest()
-        prepared.prepare(method=method.upper(), url=url, headers={**self.headers, **(kwargs.get("headers") or {})},
-                         params=kwargs.get("params"), data=kwargs.get("data"), json=kwargs.get("json"),
-                         cookies=self.cookies)
+        method = method.upper()
+        headers: CaseInsensitiveDict[str] = CaseInsensitiveDict(self.headers)
+        headers.update(kwargs.get("headers") or {})
         send: dict[str, Any] = {"timeout": kwargs.get("timeout"),
                                 "verify": kwargs["verify"] if kwargs.get("verify") is not None else self.verify,
                                 "cert": kwargs.get("cert") or self.cert,
                                 "proxies": {**self.proxies, **(kwargs.get("proxies") or {})}}
-        response = self.get_adapter(prepared.url or "").send(prepared, stream=False, **send)
-        requests.cookies.extract_cookies_to_jar(self.cookies, prepared, response.raw)
-        if allow_redirects and response.is_redirect:
-            history = [response, *self.resolve_redirects(response, prepared, **send)]
-            response = history.pop()
-            response.history = history
+        prepared: Optional[requests.PreparedRequest] = None
+        if self._straight(url, kwargs, send["proxies"]):
+            response = wire.send(self._pools, method, wire.with_query(url, kwargs.get("params")), headers,
+                                 kwargs.get("json"), timeout=send["timeout"], verify=send["verify"], cert=send["cert"])
+        else:
+            prepared = self._prepare(method, url, headers, kwargs)
+            response = self.get_adapter(prepared.url or "").send(prepared, stream=False, **send)
+        redirect = kwargs.get("allow_redirects", True) and response.is_redirect
+        if redirect or "Set-Cookie" in response.headers:
+            if prepared is None:  # sent by ``wire``: what requests' redirect and cookie handling read
+                prepared = response.request = self._prepare(method, url, headers, kwargs)
+            requests.cookies.extract_cookies_to_jar(self.cookies, prepared, response.raw)
+            if redirect:
+                history = [response, *self.resolve_redirects(response, prepared, **send)]
+                response = history.pop()
+                response.history = history
         response.content  # read the body now: the connection goes back to the pool
         return response
+
+    def _straight(self, url: str, kwargs: dict[str, Any], proxies: dict[str, str]) -> bool:
+        """Whether ``wire.send`` sends this request as requests would: plain http(s) to requests'
+        own adapter, no proxy, no cookie to send, a JSON body or none, a URL requests would not
+        re-quote."""
+        params = kwargs.get("params")
+        return (not proxies and not self.cookies and kwargs.get("data") is None
+                and (params is None or isinstance(params, Mapping))
+                and url.startswith(("http://", "https://")) and url.isascii() and " " not in url
+                and type(self.get_adapter(url)) is HTTPAdapter)
+
+    def _prepare(self, method: str, url: str, headers: CaseInsensitiveDict[str],
+                 kwargs: dict[str, Any]) -> requests.PreparedRequest:
+        prepared = requests.PreparedRequest()
+        prepared.prepare(method=method, url=url, headers=headers, params=kwargs.get("params"), data=kwargs.get("data"),
+                         json=kwargs.get("json"), cookies=self.cookies)
+        return prepared
 
 
 def _session_for(addr: str) -> DirectSession:
