@@ -1,67 +1,30 @@
 """The client of a provider's calls (``worker/providers/client.ProviderClient``): a request goes straight
 to httpx's transport and comes back as httpx's ``send`` would return it, without a cookie jar. A
-small HTTP server in a thread answers from a script and records what it received."""
+scripted HTTP server in a thread (tests/scripted_http.py) answers and records what it received."""
 
 from __future__ import annotations
 
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
 import httpx
 import pytest
 
+from tests.scripted_http import ScriptedServer
 from worker.providers.client import ProviderClient
 
 
-class ScriptedApi:
-    """Answers each request with the next (status, headers, body, delay_s); keeps (method, target, headers, body)."""
-
-    def __init__(self) -> None:
-        self.answers: list[tuple[int, dict[str, str], bytes, float]] = []
-        self.received: list[tuple[str, str, dict[str, str], bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _answer(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                outer.received.append((self.command, self.path, dict(self.headers), self.rfile.read(length)))
-                status, headers, body, delay_s = outer.answers.pop(0)
-                time.sleep(delay_s)
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = do_DELETE = _answer
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedApi]:
+def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedServer]:
     def general_path(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("httpx.Client.send was called: the request took httpx's general path")
 
-    server = ScriptedApi()
+    server = ScriptedServer()
     monkeypatch.setattr(httpx.Client, "send", general_path)
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.stop()
 
 
-def test_a_request_goes_to_the_transport_and_its_answer_is_read(api: ScriptedApi) -> None:
+def test_a_request_goes_to_the_transport_and_its_answer_is_read(api: ScriptedServer) -> None:
     api.answers.append((201, {"Content-Type": "application/json", "X-Request-Id": "r1"}, b'{"id": "k1"}', 0))
     with ProviderClient(follow_redirects=False, timeout=5) as client:
         request = client.build_request("POST", f"{api.url}/api/api-key?x=1", headers={"Authorization": "Bearer k"},
@@ -74,7 +37,7 @@ def test_a_request_goes_to_the_transport_and_its_answer_is_read(api: ScriptedApi
     assert headers["Authorization"] == "Bearer k" and headers["User-Agent"].startswith("python-httpx/")
 
 
-def test_a_cookie_one_answer_sets_is_not_sent_with_the_next_request(api: ScriptedApi) -> None:
+def test_a_cookie_one_answer_sets_is_not_sent_with_the_next_request(api: ScriptedServer) -> None:
     """One client calls the provider with every key's credentials: nothing of one answer rides on
     another key's request (httpx's own client would keep the cookie and send it)."""
     api.answers += [(200, {"Set-Cookie": "session=from-key-a; Path=/"}, b"{}", 0), (200, {}, b"{}", 0)]
@@ -85,7 +48,7 @@ def test_a_cookie_one_answer_sets_is_not_sent_with_the_next_request(api: Scripte
     assert "Cookie" not in api.received[1][2]
 
 
-def test_a_redirect_is_returned_not_followed(api: ScriptedApi) -> None:
+def test_a_redirect_is_returned_not_followed(api: ScriptedServer) -> None:
     api.answers.append((302, {"Location": f"{api.url}/elsewhere"}, b"", 0))
     with ProviderClient(follow_redirects=False, timeout=5) as client:
         response = client.send(client.build_request("GET", f"{api.url}/api/user/me"))
@@ -93,7 +56,7 @@ def test_a_redirect_is_returned_not_followed(api: ScriptedApi) -> None:
     assert len(api.received) == 1
 
 
-def test_the_clients_timeout_holds_and_raises_httpxs_timeout(api: ScriptedApi) -> None:
+def test_the_clients_timeout_holds_and_raises_httpxs_timeout(api: ScriptedServer) -> None:
     api.answers.append((200, {}, b"{}", 1.0))
     with ProviderClient(follow_redirects=False, timeout=0.2) as client:
         request = httpx.Request("GET", f"{api.url}/slow")  # built without the client: its timeout applies
@@ -107,7 +70,7 @@ def test_a_refused_connection_is_httpxs_connect_error() -> None:
             client.send(client.build_request("GET", "http://127.0.0.1:9/"))  # discard port: nobody listens
 
 
-def test_the_proxy_the_environment_names_is_used(api: ScriptedApi, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_proxy_the_environment_names_is_used(api: ScriptedServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """HTTP_PROXY routes the request through the proxy (the client's mounts), as httpx's send would."""
     monkeypatch.setenv("HTTP_PROXY", api.url)
     monkeypatch.delenv("NO_PROXY", raising=False)
@@ -119,7 +82,7 @@ def test_the_proxy_the_environment_names_is_used(api: ScriptedApi, monkeypatch: 
     assert (method, target, headers["Host"]) == ("GET", "http://provider.invalid/api/user/me", "provider.invalid")
 
 
-def test_a_closed_client_sends_nothing(api: ScriptedApi) -> None:
+def test_a_closed_client_sends_nothing(api: ScriptedServer) -> None:
     client = ProviderClient(follow_redirects=False, timeout=5)
     client.close()
     with pytest.raises(RuntimeError, match="closed"):

@@ -1,66 +1,34 @@
-"""The session the Vault client sends through (``worker/vault/transport.DirectSession``): requests go
-straight to requests' transport adapter, carrying what ``requests.Session.request`` would have sent.
-A small HTTP server in a thread answers from a script and records what it received."""
+"""The session the Vault client sends through (``worker/vault/transport.DirectSession``): a request goes
+on urllib3's pool (``worker/vault/wire.py``) or to requests' transport adapter, carrying what
+``requests.Session.request`` would have sent.
+A scripted HTTP server in a thread (tests/scripted_http.py) answers and records what it received."""
 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
 import hvac.exceptions
 import pytest
 import requests
 
+from tests.scripted_http import ScriptedServer
 from worker.vault.transport import DirectSession, build_client
 
 
-class ScriptedVault:
-    """Answers each request with the next (status, headers, body) and keeps (method, path, headers, body)."""
-
-    def __init__(self) -> None:
-        self.answers: list[tuple[int, dict[str, str], dict[str, Any]]] = []
-        self.received: list[tuple[str, str, dict[str, str], bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                outer.received.append((self.command, self.path, dict(self.headers), self.rfile.read(length)))
-                status, headers, body = outer.answers.pop(0)
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                for name, value in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = _answer
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
-def vault(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedVault]:
-    server = ScriptedVault()
+def vault(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedServer]:
+    server = ScriptedServer()
 
     def general_path(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("requests.Session.request was called: the Vault call took requests' general path")
 
     monkeypatch.setattr(requests.Session, "request", general_path)
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.stop()
 
 
-def test_a_vault_call_goes_straight_to_the_transport_with_what_requests_would_send(vault: ScriptedVault) -> None:
+def test_a_vault_call_goes_straight_to_the_transport_with_what_requests_would_send(vault: ScriptedServer) -> None:
     vault.answers.append((200, {}, {"data": {"version": 3}}))
     client = build_client(vault.url, token="hvs.test-token")
     assert isinstance(client.session, DirectSession)
@@ -74,7 +42,7 @@ def test_a_vault_call_goes_straight_to_the_transport_with_what_requests_would_se
     assert json.loads(body) == {"data": {"api_key": "v"}, "options": {}}
 
 
-def test_a_redirect_to_the_active_node_is_followed_with_the_same_method_and_body(vault: ScriptedVault) -> None:
+def test_a_redirect_to_the_active_node_is_followed_with_the_same_method_and_body(vault: ScriptedServer) -> None:
     """A standby Vault answers 307 with the active node's address; the call follows it as
     ``Session.request`` would, POST body included."""
     vault.answers += [(307, {"Location": f"{vault.url}/active/v1/kv/data/apps/x"}, {}), (200, {}, {"data": {"version": 4}})]
@@ -86,7 +54,7 @@ def test_a_redirect_to_the_active_node_is_followed_with_the_same_method_and_body
     assert body == first_body and headers["X-Vault-Token"] == "hvs.test-token"
 
 
-def test_query_parameters_cookies_and_errors_keep_their_meaning(vault: ScriptedVault) -> None:
+def test_query_parameters_cookies_and_errors_keep_their_meaning(vault: ScriptedServer) -> None:
     vault.answers += [
         (200, {"Set-Cookie": "affinity=node-2; Path=/"}, {"data": {"data": {}, "metadata": {"version": 2}}}),
         (503, {"Retry-After": "7"}, {"errors": ["Vault is sealed"]}),
@@ -101,7 +69,7 @@ def test_query_parameters_cookies_and_errors_keep_their_meaning(vault: ScriptedV
     assert raised.value.keyrotor_status == 503 and raised.value.keyrotor_retry_after == 7.0  # type: ignore[attr-defined]
 
 
-def test_a_refused_connection_is_still_requests_connection_error(vault: ScriptedVault) -> None:
+def test_a_refused_connection_is_still_requests_connection_error(vault: ScriptedServer) -> None:
     """worker/vault/errors.py reads requests' exceptions (refused: not sent; read timeout: unknown)."""
     url = vault.url
     vault.server.shutdown()
@@ -125,7 +93,7 @@ def test_a_session_that_reads_its_environment_takes_requests_own_path(monkeypatc
     assert called == ["GET"]
 
 
-def test_a_vault_call_goes_on_urllib3s_pool_not_through_requests_adapter(vault: ScriptedVault,
+def test_a_vault_call_goes_on_urllib3s_pool_not_through_requests_adapter(vault: ScriptedServer,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """hvac's requests are sent by ``worker/vault/wire.py``: requests' adapter is not called, and the
     answer is requests' ``Response`` hvac reads (status, JSON, headers for Retry-After)."""
@@ -163,7 +131,7 @@ def test_an_answer_that_never_comes_is_requests_read_timeout() -> None:
         listener.close()
 
 
-def test_a_mounted_adapter_or_a_proxy_takes_requests_adapter(vault: ScriptedVault, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_mounted_adapter_or_a_proxy_takes_requests_adapter(vault: ScriptedServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A transport adapter mounted in place of requests' own (a test's fault injector) and a proxy
     from the environment are requests' to use: those requests go through the adapter."""
     sent: list[str] = []
