@@ -251,21 +251,29 @@ class Monitor:
         import hvac
 
         client = hvac.Client(url=self.world.vault_addr, token=self.world.vault_token, timeout=5)
-        while not self._stop.wait(self.interval):
-            try:
-                answer = client.secrets.kv.v2.read_secret_version(path=KEY_PATH, mount_point=self.world.mount,
-                                                                  raise_on_deleted_version=True)
-                served = answer["data"]["data"][KEY_FIELD]
-            except Exception as exc:  # Vault must answer throughout
-                self.violations.append(f"{datetime.now(timezone.utc).isoformat()} Vault read failed: {type(exc).__name__}")
-                continue
-            self.samples += 1
-            if not self.world.provider.is_live(served):
-                self.violations.append(f"{datetime.now(timezone.utc).isoformat()} Vault serves {fingerprint(served)}, "
-                                       "which the provider rejects")
-            for secret, dead_since in list(self.watched.items()):
-                if dead_since is None and not self.world.provider.is_live(secret):
-                    self.watched[secret] = datetime.now(timezone.utc)
+        while True:
+            # One last sample once stopped: a run can end within one interval of its last effect
+            # (the old key's revocation), and the world as the run left it must be seen too.
+            stopping = self._stop.wait(self.interval)
+            self._sample(client)
+            if stopping:
+                return
+
+    def _sample(self, client: Any) -> None:
+        try:
+            answer = client.secrets.kv.v2.read_secret_version(path=KEY_PATH, mount_point=self.world.mount,
+                                                              raise_on_deleted_version=True)
+            served = answer["data"]["data"][KEY_FIELD]
+        except Exception as exc:  # Vault must answer throughout
+            self.violations.append(f"{datetime.now(timezone.utc).isoformat()} Vault read failed: {type(exc).__name__}")
+            return
+        self.samples += 1
+        if not self.world.provider.is_live(served):
+            self.violations.append(f"{datetime.now(timezone.utc).isoformat()} Vault serves {fingerprint(served)}, "
+                                   "which the provider rejects")
+        for secret, dead_since in list(self.watched.items()):
+            if dead_since is None and not self.world.provider.is_live(secret):
+                self.watched[secret] = datetime.now(timezone.utc)
 
 
 class RedisSampler:
