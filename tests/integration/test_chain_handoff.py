@@ -38,7 +38,9 @@ def world(pg_url: str) -> Iterator[World]:
 
 
 def _transactions(world: World) -> list[list[tuple[str, str]]]:
-    """Every transaction the pipeline's engine runs: its statements as (step, statement)."""
+    """Every transaction the pipeline's engine runs: its statements as (step, statement). A
+    transaction starts at a pool checkout (a session's or ``statement_scope``'s: each runs one) or
+    at a BEGIN; a statement sent in autocommit begins nothing, its checkout marks it."""
     import structlog
 
     seen: list[list[tuple[str, str]]] = []
@@ -46,6 +48,7 @@ def _transactions(world: World) -> list[list[tuple[str, str]]]:
     def step() -> str:
         return str(structlog.contextvars.get_contextvars().get("step") or "-")
 
+    event.listen(world.engine, "checkout", lambda *_: seen.append([]))
     event.listen(world.engine, "begin", lambda _conn: seen.append([]))
     event.listen(world.engine, "before_cursor_execute",
                  lambda _c, _cur, statement, *_: seen[-1].append((step(), re.sub(r"\s+", " ", statement))))

@@ -10,9 +10,9 @@ server (docs/performance.md, eleventh round). What SQLAlchemy does around a stat
   compiled text is then shared by every thread;
 - bound values go through the types' bind processors (a JSON column's value, say), results
   through their result processors, both taken from the statement's own types;
-- it runs on the session's connection, in its transaction (or autocommit, ``session_scope(
-  one_statement=True)``), and the ``before_cursor_execute`` and ``after_cursor_execute`` listeners
-  still see it (tests count a step's statements with them);
+- it runs on the session's connection, in its transaction (or on a connection of its own in
+  autocommit, ``statement_scope``), and the ``before_cursor_execute`` and ``after_cursor_execute``
+  listeners still see it (tests count a step's statements with them);
 - a driver error is raised as SQLAlchemy's ``DBAPIError`` (``OperationalError``, ``IntegrityError``
   …), and a lost connection is invalidated, so the pool never hands it out again.
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session as OrmSession, class_mapper
 from sqlalchemy.orm.attributes import instance_state
@@ -94,17 +94,23 @@ class DirectStatements:
             self._built.clear()
 
 
-def usable(bind: "Session | Engine") -> bool:
-    """Whether the database of ``bind`` (a session, or an engine) takes direct statements
-    (PostgreSQL through psycopg)."""
-    dialect = (bind.get_bind() if isinstance(bind, OrmSession) else bind).dialect
+def dialect_of(bind: "Session | Engine | Connection") -> Dialect:
+    """The dialect of ``bind``: a session's (its engine's), an engine's or a connection's."""
+    return (bind.get_bind() if isinstance(bind, OrmSession) else bind).dialect
+
+
+def usable(bind: "Session | Engine | Connection") -> bool:
+    """Whether the database of ``bind`` (a session, an engine or a connection) takes direct
+    statements (PostgreSQL through psycopg)."""
+    dialect = dialect_of(bind)
     return dialect.name == "postgresql" and dialect.driver == "psycopg"
 
 
-def execute(session: Session, direct: DirectStatement, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-    """Run ``direct`` on ``session``'s connection (in its transaction) and return its rows (a
-    direct statement always returns rows: a SELECT, or a write with RETURNING)."""
-    connection = session.connection()
+def execute(bind: "Session | Connection", direct: DirectStatement, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """Run ``direct`` on ``bind`` (a session's connection, in its transaction, or a connection)
+    and return its rows (a direct statement always returns rows: a SELECT, or a write with
+    RETURNING)."""
+    connection = bind.connection() if isinstance(bind, OrmSession) else bind
     params = direct.parameters(values)
     fairy = connection.connection
     cursor = fairy.cursor()

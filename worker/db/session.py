@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Any, Callable, Iterator
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, create_engine
@@ -126,24 +126,38 @@ def _forget_after_commit(session: OrmSession, _transaction: Any) -> None:
 
 
 @contextmanager
-def session_scope(engine: Engine, *, one_statement: bool = False) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error.
-
-    ``one_statement``: the caller sends a single statement, a durable point on its own (a step's
-    transition with its rows: ``worker/pipeline/runs.py``). On PostgreSQL it then goes without a
-    BEGIN and a COMMIT (the connection in autocommit for this session), one round trip instead of
-    three; the statement is atomic by itself. A second statement would commit on its own: pass it
-    only where there is none."""
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
     with Session(engine, expire_on_commit=False) as session:
-        if one_statement and engine.dialect.name == "postgresql":
-            # Local to psycopg (no round trip); the pool resets it when the connection returns.
-            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         try:
             yield session
             session.commit()
         except BaseException:
             session.rollback()
             raise
+
+
+@contextmanager
+def statement_scope(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection, without an ORM session, for a durable point sent as one statement (a
+    step's transition with its rows, the claim of its lease: ``worker/pipeline/runs.py``).
+
+    On PostgreSQL the connection is in autocommit: no BEGIN and no COMMIT, one round trip instead
+    of three, and the statement is committed when it returns (it is atomic by itself). A second
+    statement would commit on its own: send one only where there is none. Elsewhere (SQLite, where
+    a transition's rows go one statement after another) a transaction, committed on success. A
+    ``Session`` around the statement cost more CPU than the statement (docs/performance.md,
+    thirteenth round)."""
+    if engine.dialect.name != "postgresql":
+        with engine.begin() as connection:
+            yield connection
+        return
+    with engine.connect() as connection:
+        # Local to psycopg (no round trip); the pool resets it when the connection returns.
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        # No ``connection.begin()``: in autocommit it reaches no server, and its bookkeeping cost a
+        # fifth of this scope's CPU. A direct statement (worker/db/direct.py) begins nothing either.
+        yield connection
 
 
 #: Run in a child process by ``read_files_safely``: print each file's bytes, length-prefixed.

@@ -14,6 +14,7 @@ from typing import Any, Hashable, Mapping, Sequence
 
 from sqlalchemy import ColumnElement, Table, bindparam, exists, insert, literal, true, update
 from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session
 
@@ -107,13 +108,14 @@ _TOGETHER: PerThreadCache[Any] = PerThreadCache()  # PostgreSQL: the writes' sha
 _ALONE: PerThreadCache[Any] = PerThreadCache()  # elsewhere: one write's shape → its statement
 
 
-def execute_writes(session: Session, writes: Sequence[ConditionalWrite]) -> None:
-    """Make ``writes`` in ``session``'s transaction now, without a transition. On PostgreSQL they go
-    as one statement (its CTEs all run, and see the rows as they were before it), elsewhere one
-    after the other: a caller's writes must mean the same either way (``verification_writes``)."""
+def execute_writes(bind: "Session | Connection", writes: Sequence[ConditionalWrite]) -> None:
+    """Make ``writes`` now, without a transition, in ``bind``'s transaction (a session's, or a
+    connection's: ``statement_scope``). On PostgreSQL they go as one statement (its CTEs all run,
+    and see the rows as they were before it), elsewhere one after the other: a caller's writes
+    must mean the same either way (``verification_writes``)."""
     if not writes:
         return
-    connection = session.connection()
+    connection = bind if isinstance(bind, Connection) else bind.connection()
     if connection.dialect.name == "postgresql":
         statement = _TOGETHER.get(tuple(write.shape for write in writes),
                                   lambda: core_select(literal(1)).add_cte(*as_ctes(writes, true())))

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 from sqlalchemy import Table, bindparam, insert, update
 from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection
 from sqlmodel import col, select, Session
 
 from worker.clock import utcnow
@@ -132,11 +133,81 @@ def transition(
     chain's next step, ``worker/pipeline/handoff.py``); the run is then returned as the UPDATE
     left it (``RETURNING``).
     ``writes``: the step's own rows, made only if the run moves. On PostgreSQL they go in the
-    transition's statement, so a step's durable point is one round trip (and, in a session of its
-    own, needs no BEGIN and COMMIT: ``session_scope(one_statement=True)``); elsewhere they run
-    first, and a ``StateConflict`` rolls them back with the transaction.
+    transition's statement, so a step's durable point is one round trip (and, sent on a connection
+    of its own, needs no BEGIN and COMMIT: ``transition_alone``); elsewhere they run first, and a
+    ``StateConflict`` rolls them back with the transaction.
     ``provider``: the key's provider, to label an outcome's count (else the key is read).
     """
+    expected, now, values = _moved_values(run, to, deadline_s=deadline_s, lease=lease, fields=fields)
+    if session.new or session.dirty or session.deleted:  # the caller's pending rows go first
+        session.flush()
+    moved: Optional[RotationRun] = None
+    # PostgreSQL: one statement, sent directly (worker/db/direct.py). Elsewhere (SQLite has no
+    # data-modifying CTE) the writes, the UPDATE and the audit row one after the other.
+    audited = not still and direct.usable(session)
+    if audited:
+        found, moved = _send_with_audit_row(session, run, expected, to, now, values, actor=actor, detail=detail,
+                                            returning=lease is not None, writes=writes)
+    else:
+        execute_writes(session, writes)
+        result = session.connection().execute(
+            update(RUNS).where(RUNS.c.id == run.id, RUNS.c.state == expected.value, *still).values(**values))
+        found = result.rowcount == 1
+        if found and lease is not None:
+            moved = load_run(session, run.id)
+    if not found:
+        raise _moved_by_another(run, expected)
+    if not audited:
+        audit(session, run, actor=actor, event="state_changed", from_state=expected.value, to_state=to.value,
+              detail=detail)
+    if to in OUTCOME_STATES and provider is None:
+        key = session.get(ManagedKey, run.key_id)
+        provider = key.provider if key is not None else "unknown"
+    label = provider or "unknown"
+    after_commit(session, lambda: _committed(to, label))
+    if moved is not None:
+        return moved
+    if not refresh:
+        return run
+    refreshed = load_run(session, run.id)
+    assert refreshed is not None
+    return refreshed
+
+
+def transition_alone(
+    connection: Connection,
+    run: RotationRun,
+    to: RunState,
+    *,
+    actor: str,
+    provider: str,
+    detail: Optional[dict[str, Any]] = None,
+    deadline_s: Optional[float] = None,
+    lease: Optional[tuple[str, datetime]] = None,
+    writes: Sequence[ConditionalWrite] = (),
+    **fields: Any,
+) -> RotationRun:
+    """``transition`` as a statement of its own on a PostgreSQL connection in autocommit
+    (``statement_scope``), without an ORM session: the statement commits as it returns, so what
+    ``transition`` leaves for its transaction's commit (the lease marked done, an outcome counted)
+    happens here before returning. Returns the run as the UPDATE left it with ``lease``, else
+    ``run`` as passed in. Arguments as ``transition``'s."""
+    if not direct.usable(connection):
+        raise ValueError("transition_alone needs PostgreSQL through psycopg; elsewhere use transition in a session")
+    expected, now, values = _moved_values(run, to, deadline_s=deadline_s, lease=lease, fields=fields)
+    found, moved = _send_with_audit_row(connection, run, expected, to, now, values, actor=actor, detail=detail,
+                                        returning=lease is not None, writes=writes)
+    if not found:
+        raise _moved_by_another(run, expected)
+    _committed(to, provider)
+    return moved if moved is not None else run
+
+
+def _moved_values(run: RotationRun, to: RunState, *, deadline_s: Optional[float],
+                  lease: Optional[tuple[str, datetime]], fields: dict[str, Any]) -> tuple[RunState, datetime,
+                                                                                          dict[str, Any]]:
+    """The run's expected state (the move checked against the protocol), the time of the move and
+    the columns the UPDATE sets."""
     expected = run_state(run)
     check_transition(run.mode, expected, to)
     now = utcnow()
@@ -149,51 +220,34 @@ def transition(
     if to in TERMINAL_STATES:
         values["finished_at"] = now
         values["step_deadline_at"] = None
-    if session.new or session.dirty or session.deleted:  # the caller's pending rows go first
-        session.flush()
-    moved: Optional[RotationRun] = None
-    # PostgreSQL: one statement, sent directly (worker/db/direct.py). Elsewhere (SQLite has no
-    # data-modifying CTE) the writes, the UPDATE and the audit row one after the other.
-    audited = not still and direct.usable(session)
-    if audited:
-        columns, returning = tuple(sorted(values)), lease is not None
-        statement = _TRANSITIONS.get((columns, returning, tuple(write.shape for write in writes)),
-                                     session.get_bind().dialect,
-                                     lambda: _with_audit_row(columns, returning=returning, writes=writes))
-        rows = direct.execute(session, statement, {
-            "t_id": run.id, "t_expected": expected.value, **{f"t_{name}": v for name, v in values.items()},
-            "a_at": now, "a_actor": actor, "a_event": "state_changed", "a_from_state": expected.value,
-            "a_to_state": to.value, "a_detail": dict(detail or {}), **params_of(writes)})
-        found = bool(rows)
-        if found and returning:
-            moved = _RUN_LOADER.load(rows[0])
-    else:
-        execute_writes(session, writes)
-        result = session.connection().execute(
-            update(RUNS).where(RUNS.c.id == run.id, RUNS.c.state == expected.value, *still).values(**values))
-        found = result.rowcount == 1
-        if found and lease is not None:
-            moved = load_run(session, run.id)
-    if not found:
-        raise StateConflict(f"run {run.id} is no longer {expected.value}; another worker moved it")
-    if not audited:
-        audit(session, run, actor=actor, event="state_changed", from_state=expected.value, to_state=to.value,
-              detail=detail)
-    # The current execution's lease went with the UPDATE (nothing left to release once committed).
-    after_commit(session, transitioned)
+    return expected, now, values
+
+
+def _send_with_audit_row(bind: "Session | Connection", run: RotationRun, expected: RunState, to: RunState,
+                         now: datetime, values: dict[str, Any], *, actor: str, detail: Optional[dict[str, Any]],
+                         returning: bool, writes: Sequence[ConditionalWrite]) -> tuple[bool, Optional[RotationRun]]:
+    """The UPDATE, its audit row and ``writes`` as one statement (``_with_audit_row``), sent
+    directly: (whether the run moved, the moved run when ``returning``)."""
+    columns = tuple(sorted(values))
+    statement = _TRANSITIONS.get((columns, returning, tuple(write.shape for write in writes)), direct.dialect_of(bind),
+                                 lambda: _with_audit_row(columns, returning=returning, writes=writes))
+    rows = direct.execute(bind, statement, {
+        "t_id": run.id, "t_expected": expected.value, **{f"t_{name}": v for name, v in values.items()},
+        "a_at": now, "a_actor": actor, "a_event": "state_changed", "a_from_state": expected.value,
+        "a_to_state": to.value, "a_detail": dict(detail or {}), **params_of(writes)})
+    return bool(rows), (_RUN_LOADER.load(rows[0]) if rows and returning else None)
+
+
+def _moved_by_another(run: RotationRun, expected: RunState) -> StateConflict:
+    return StateConflict(f"run {run.id} is no longer {expected.value}; another worker moved it")
+
+
+def _committed(to: RunState, provider: str) -> None:
+    """A transition has committed: the current execution's lease went with its UPDATE (nothing
+    left to release), and an outcome is counted."""
+    transitioned()
     if to in OUTCOME_STATES:
-        if provider is None:
-            key = session.get(ManagedKey, run.key_id)
-            provider = key.provider if key is not None else "unknown"
-        label = provider
-        after_commit(session, lambda: ROTATIONS.labels(provider=label, outcome=to.value).inc())
-    if moved is not None:
-        return moved
-    if not refresh:
-        return run
-    refreshed = load_run(session, run.id)
-    assert refreshed is not None
-    return refreshed
+        ROTATIONS.labels(provider=provider, outcome=to.value).inc()
 
 
 def note_attempt(session: Session, run: RotationRun, *, actor: str, step: str, error: str, delay_s: float,

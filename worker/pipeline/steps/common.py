@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from sqlalchemy import bindparam
 from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
@@ -18,7 +19,7 @@ from worker.clock import utcnow
 from worker.db.models import IntegrationRecord, KeyVersion, ManagedKey, ProviderRecord, RotationRun
 from worker.db import direct
 from worker.db.direct import DirectStatements, Loader
-from worker.db.session import session_scope
+from worker.db.session import session_scope, statement_scope
 from worker.db.statements import PerThread
 from worker.errors import PermanentError, StateConflict, TransientError
 from worker.pipeline.context import PipelineContext
@@ -26,7 +27,7 @@ from worker.pipeline.effects import read_pending, safe_error, staged_in_chain
 from worker.pipeline import handoff
 from worker.pipeline.lease import CLAIM_UPDATE, current_lease
 from worker.pipeline.row_writes import ConditionalWrite, RowChange
-from worker.pipeline.runs import RUNS, load_key, load_run, load_version, run_state, transition
+from worker.pipeline.runs import RUNS, load_key, load_run, load_version, run_state, transition, transition_alone
 from worker.protocol import Mode, RunState, Step, expected_state, next_step, parse_mode
 from worker.protocol.states import OUTCOME_STATES, WAITING_STATES
 from worker.providers.base import Provider
@@ -96,8 +97,8 @@ def load_snapshot(ctx: PipelineContext, run_id: str, step: Step) -> Optional[Sna
     expected = expected_state(step)
     snap: Optional[Snapshot] = None
     if lease is not None and direct.usable(ctx.engine):  # elsewhere the transaction below claims it
-        with session_scope(ctx.engine, one_statement=True) as session:
-            claimed = claim_and_read(session, lease.claim_params(expected.value))
+        with statement_scope(ctx.engine) as connection:
+            claimed = claim_and_read(connection, lease.claim_params(expected.value))
         if claimed is not None:
             lease.claimed()
             snap = Snapshot(run=claimed[0], key=claimed[1], provider_record=claimed[2], old=claimed[3], new=claimed[4],
@@ -155,17 +156,18 @@ _SNAPSHOT_ROWS = (Loader(RotationRun), Loader(ManagedKey), Loader(ProviderRecord
                   Loader(KeyVersion))
 
 
-def claim_and_read(session: Session, claim: dict[str, Any]) -> Optional[tuple[
+def claim_and_read(bind: "Session | Connection", claim: dict[str, Any]) -> Optional[tuple[
         RotationRun, ManagedKey, Optional[ProviderRecord], Optional[KeyVersion], Optional[KeyVersion]]]:
     """Claim the run's lease (``Lease.claim_params``) and read the snapshot's rows in one
-    statement: (run, key, provider record, old version, new version), ``None`` where the run has
-    none or the record is not applied; ``None`` when the run was not claimed (missing, moved on,
+    statement on ``bind`` (a connection of its own, ``statement_scope``, or a session's): (run,
+    key, provider record, old version, new version), ``None`` where the run has none or the
+    record is not applied; ``None`` when the run was not claimed (missing, moved on,
     leased by another execution). On PostgreSQL only (a data-modifying CTE), sent directly
     (worker/db/direct.py); ``None`` elsewhere, where the caller reads in a transaction instead."""
-    if not direct.usable(session):
+    if not direct.usable(bind):
         return None
-    statement = _CLAIM_AND_READ.get("claim_and_read", session.get_bind().dialect, _claim_and_read_statement)
-    rows = direct.execute(session, statement, claim)
+    statement = _CLAIM_AND_READ.get("claim_and_read", direct.dialect_of(bind), _claim_and_read_statement)
+    rows = direct.execute(bind, statement, claim)
     if not rows:
         return None
     loaded, offset = [], 0
@@ -240,14 +242,23 @@ def advance_run(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: O
                 apply: Optional[Callable[[Session], None]] = None, **fields: Any) -> StepOutcome:
     """The step's conditional transition with its bookkeeping, in one transaction: ``changes`` to
     the rows the snapshot holds and further ``writes`` go in the transition's statement, which on
-    PostgreSQL is then the whole transaction (no BEGIN and COMMIT); ``apply`` (the paths that
-    fail or roll back) changes rows through the ORM session first."""
-    with session_scope(ctx.engine, one_statement=apply is None) as session:
-        if apply is not None:
-            attach(session, snap)
-            apply(session)
-        following = move_on(ctx, session, snap, to, delay_s=delay_s, detail=detail,
-                            writes=[*changes, *writes], **fields)
+    PostgreSQL is then the whole transaction, sent on a connection in autocommit without an ORM
+    session (``transition_alone``); ``apply`` (the paths that fail or roll back) changes rows
+    through the ORM session first."""
+    if apply is None and direct.usable(ctx.engine):
+        step, lease = _chain_lease(ctx, snap, to, delay_s)
+        with statement_scope(ctx.engine) as connection:
+            run = transition_alone(connection, snap.run, to, actor=ctx.actor, provider=snap.key.provider,
+                                   detail=detail, deadline_s=step_deadline_s(ctx, to, delay_s), lease=lease,
+                                   writes=[*changes, *writes], **fields)
+        following = _following(ctx, snap, step, run) if step is not None else None
+    else:
+        with session_scope(ctx.engine) as session:
+            if apply is not None:
+                attach(session, snap)
+                apply(session)
+            following = move_on(ctx, session, snap, to, delay_s=delay_s, detail=detail,
+                                writes=[*changes, *writes], **fields)
     for change in changes:  # committed: the snapshot's rows (the next step's too) as written
         change.applied()
     hand_over(snap, following)
@@ -258,30 +269,49 @@ def advance_run(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: O
 def move_on(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState, *, delay_s: float = 0.0,
             detail: Optional[dict[str, Any]] = None, writes: Sequence[ConditionalWrite] = (),
             **fields: Any) -> Optional[tuple[Step, Snapshot]]:
-    """The step's conditional transition to ``to``. When the chain runs the next step right away
-    (``worker/pipeline/handoff.py``), the same UPDATE claims that step's lease for the chain and
-    returns the run, and the next step's snapshot is built from it and from the rows this
-    transaction holds, without a query: the key and its provider record as the chain's first step
-    read them (they change only by ``config apply``, which the next chain sees), the versions as
-    this step left them. Pass the result to ``hand_over`` once the transaction committed."""
-    following = next_step(snap.mode, to) if delay_s <= 0 else None
-    owner = handoff.wanted() if following is not None and expected_state(following) == to else None
-    lease = (owner, utcnow() + timedelta(seconds=ctx.policy.lease_ttl_s)) if owner is not None else None
+    """The step's conditional transition to ``to`` in ``session``. When the chain runs the next
+    step right away (``worker/pipeline/handoff.py``), the same UPDATE claims that step's lease for
+    the chain and returns the run, and the next step's snapshot is built from it and from the rows
+    this transaction holds, without a query: the key and its provider record as the chain's first
+    step read them (they change only by ``config apply``, which the next chain sees), the versions
+    as this step left them. Pass the result to ``hand_over`` once the transaction committed."""
+    step, lease = _chain_lease(ctx, snap, to, delay_s)
     run = transition(session, snap.run, to, actor=ctx.actor, detail=detail, deadline_s=step_deadline_s(ctx, to, delay_s),
                      refresh=False, lease=lease, writes=writes, provider=snap.key.provider, **fields)
-    if lease is None or following is None:
-        return None
+    return _following(ctx, snap, step, run, session) if step is not None else None
+
+
+def _chain_lease(ctx: PipelineContext, snap: Snapshot, to: RunState,
+                 delay_s: float) -> tuple[Optional[Step], Optional[tuple[str, datetime]]]:
+    """The chain's next step after a move to ``to`` and the lease the move claims for it, when the
+    chain runs it right away (no delay, and the chain wants it); else ``(None, None)``."""
+    following = next_step(snap.mode, to) if delay_s <= 0 else None
+    owner = handoff.wanted() if following is not None and expected_state(following) == to else None
+    if following is None or owner is None:
+        return None, None
+    return following, (owner, utcnow() + timedelta(seconds=ctx.policy.lease_ttl_s))
+
+
+def _following(ctx: PipelineContext, snap: Snapshot, step: Step, run: RotationRun,
+               session: Optional[Session] = None) -> tuple[Step, Snapshot]:
+    """The next step and its snapshot: ``run`` as the move left it, the key and its provider
+    record as the snapshot holds them, and the run's versions: as the snapshot read them when this
+    step changed none through ``session`` (``changes`` reach the snapshot's objects once
+    committed), else found in the move's ``session`` by primary key (``attach``), or, after a move
+    without a session (``transition_alone``, committed), read in a transaction of their own."""
     read = {v.id: v for v in (snap.old, snap.new) if v is not None}
-    if _ATTACHED not in session.info and all(vid in read for vid in (run.old_version_id, run.new_version_id)
-                                             if vid is not None):
-        # This step changed no version (it would have attached them): they are as the snapshot read them.
+    unchanged = session is None or _ATTACHED not in session.info
+    if unchanged and all(vid in read for vid in (run.old_version_id, run.new_version_id) if vid is not None):
         old, new = read.get(run.old_version_id), read.get(run.new_version_id)
-    else:
+    elif session is not None:
         attach(session, snap)  # found by primary key below, without a query
         old, new = load_version(session, run.old_version_id), load_version(session, run.new_version_id)
-    return following, Snapshot(run=run, key=snap.key, old=old, new=new, mode=snap.mode,
-                               provider_record=snap.provider_record, entered_in_chain=True,
-                               integration_records=snap.integration_records, provider=snap.provider)
+    else:
+        with session_scope(ctx.engine) as own:
+            old, new = load_version(own, run.old_version_id), load_version(own, run.new_version_id)
+    return step, Snapshot(run=run, key=snap.key, old=old, new=new, mode=snap.mode,
+                          provider_record=snap.provider_record, entered_in_chain=True,
+                          integration_records=snap.integration_records, provider=snap.provider)
 
 
 def hand_over(snap: Snapshot, following: Optional[tuple[Step, Snapshot]]) -> None:

@@ -12,7 +12,7 @@ from worker import log
 from worker.clock import as_utc, utcnow
 from worker.db import direct
 from worker.db.direct import DirectStatements
-from worker.db.session import session_scope
+from worker.db.session import session_scope, statement_scope
 from worker.errors import ConfigError, DeprecatedCredential, PermanentError, RateLimited, StateConflict, is_permanent
 from worker.pipeline.context import PipelineContext
 from worker.pipeline.effects import holding, read_pending, remember_staged, safe_error, seconds_between
@@ -262,8 +262,8 @@ def _mint(ctx: PipelineContext, snap: Snapshot, provider: Provider, name: str, *
             _set_issue_unknown(ctx, snap.run.id, started, event={
                 "name": name, "error": safe_error(exc), "listable": provider.can_list})
         raise
-    with holding(issued.secret), session_scope(ctx.engine, one_statement=True) as session:
-        record_minted(session, snap.run, actor=ctx.actor, name=name, fingerprint=issued.secret.fingerprint,
+    with holding(issued.secret), statement_scope(ctx.engine) as connection:
+        record_minted(connection, snap.run, actor=ctx.actor, name=name, fingerprint=issued.secret.fingerprint,
                       provider_key_id=issued.key_id)
     return issued
 

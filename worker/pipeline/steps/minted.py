@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from sqlalchemy import Table, bindparam, or_, select
+from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
 from worker.db import direct
@@ -52,11 +53,12 @@ def minted_keys(session: Session, run_id: str) -> list[MintedKey]:
             for event, detail in events if event == MINTED]
 
 
-def record_minted(session: Session, run: RotationRun, *, actor: str, name: str, fingerprint: str,
+def record_minted(bind: "Session | Connection", run: RotationRun, *, actor: str, name: str, fingerprint: str,
                   provider_key_id: Optional[str]) -> None:
     """The issue call's answer, and the end of its unknown outcome (the run's issue mark cleared),
-    in one statement on PostgreSQL: sent in a session of its own, it needs no BEGIN and COMMIT."""
-    execute_writes(session, [
+    in one statement on PostgreSQL: sent on a connection of its own (``statement_scope``), it
+    needs no BEGIN and COMMIT."""
+    execute_writes(bind, [
         audit_row(run, actor=actor, event=MINTED,
                   detail={"name": name, "fingerprint": fingerprint, "provider_key_id": provider_key_id}),
         UpdateRows(RUNS, {"id": run.id}, {"issue_unknown_since": None})])
