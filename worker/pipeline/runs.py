@@ -1,7 +1,9 @@
 """Loading runs and moving them on: the conditional UPDATE that makes steps race-safe.
 
 ``transition`` is the one authority for a run's state: every move (steps, failures, deposits,
-resolve, takeover, the reconciler) goes through it. It checks the move against the protocol
+resolve, takeover, the reconciler) goes through it, or through ``transition_alone``, the same
+move as a statement of its own on a connection in autocommit (a step's usual durable point). It
+checks the move against the protocol
 (``InvalidTransition`` for one the protocol forbids in the run's mode), runs
 ``UPDATE rotation_run SET state=:to … WHERE id=:id AND state=:expected``, clears the lease, writes
 the audit event in the same transaction (invariant 6) and, once the transaction commits, counts
@@ -203,9 +205,10 @@ def transition_alone(
     return moved if moved is not None else run
 
 
-def _moved_values(run: RotationRun, to: RunState, *, deadline_s: Optional[float],
-                  lease: Optional[tuple[str, datetime]], fields: dict[str, Any]) -> tuple[RunState, datetime,
-                                                                                          dict[str, Any]]:
+def _moved_values(
+    run: RotationRun, to: RunState, *, deadline_s: Optional[float], lease: Optional[tuple[str, datetime]],
+    fields: dict[str, Any],
+) -> tuple[RunState, datetime, dict[str, Any]]:
     """The run's expected state (the move checked against the protocol), the time of the move and
     the columns the UPDATE sets."""
     expected = run_state(run)
