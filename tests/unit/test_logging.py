@@ -60,6 +60,20 @@ def test_redaction_of_keys_values_and_secret_objects(stream: io.StringIO) -> Non
     assert entry["headers"]["Accept"] == "json"
 
 
+def test_a_keys_remembered_verdict_never_spares_a_later_value(stream: io.StringIO) -> None:
+    # Verdicts are remembered per key name, values are looked at on every line, whatever their type.
+    logger = klog.get_logger("keyrotor.test")
+    logger.info("first", note="plain text", api_key="k-0001", count=3, items=["a"])
+    logger.info("second", note="sent Bearer sk_live_abcdefghijkl", api_key="k-0002", count=None,
+                items=["Bearer sk_live_mnopqrstuvwx", Secret("in-a-list-0123456789")], nested={"password": "pw-0003"})
+    text = stream.getvalue()
+    for leaked in ("k-0001", "k-0002", "sk_live_abcdefghijkl", "sk_live_mnopqrstuvwx", "in-a-list-0123456789", "pw-0003"):
+        assert leaked not in text
+    first, second = lines(stream)
+    assert first["note"] == "plain text" and first["count"] == 3 and first["items"] == ["a"]
+    assert second["count"] is None and second["nested"] == {"password": klog.REDACTED}
+
+
 def test_registered_secret_is_scrubbed_anywhere(stream: io.StringIO) -> None:
     klog.register_secret("plain-looking-value-42")
     try:
