@@ -181,6 +181,14 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
             proc.wait(timeout=5)
 
 
+def use_this_tree() -> None:
+    """Every process the bench starts runs the code of the tree it runs from: this tree first on
+    ``PYTHONPATH``. An entry point does not put its working directory on the path, so from another
+    worktree sharing this virtualenv (a before/after comparison) the editable install would
+    otherwise load the ``worker`` package it was installed from."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
 def keyrotor_command(*args: str) -> list[str]:
     """The installed ``keyrotor`` entry point (what a deployment runs), else ``python -m``."""
     exe = Path(sys.executable).with_name("keyrotor")

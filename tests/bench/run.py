@@ -38,6 +38,7 @@ def main() -> int:
     report = h.Report(out, {"started_at": datetime.now(timezone.utc).isoformat(), "git": h.git_head(),
                             "machine": h.machine(), "trials": trials, "figures": {}})
     started = time.perf_counter()
+    h.use_this_tree()
     with ExitStack() as stack:
         from worker.log import configure_logging
 
