@@ -99,6 +99,11 @@ def dialect_of(bind: "Session | Engine | Connection") -> Dialect:
     return (bind.get_bind() if isinstance(bind, OrmSession) else bind).dialect
 
 
+def connection_of(bind: "Session | Connection") -> Connection:
+    """The connection ``bind`` runs on: a session's (in its transaction), or ``bind`` itself."""
+    return bind.connection() if isinstance(bind, OrmSession) else bind
+
+
 def usable(bind: "Session | Engine | Connection") -> bool:
     """Whether the database of ``bind`` (a session, an engine or a connection) takes direct
     statements (PostgreSQL through psycopg)."""
@@ -110,7 +115,7 @@ def execute(bind: "Session | Connection", direct: DirectStatement, values: Mappi
     """Run ``direct`` on ``bind`` (a session's connection, in its transaction, or a connection)
     and return its rows (a direct statement always returns rows: a SELECT, or a write with
     RETURNING)."""
-    connection = bind.connection() if isinstance(bind, OrmSession) else bind
+    connection = connection_of(bind)
     params = direct.parameters(values)
     fairy = connection.connection
     cursor = fairy.cursor()

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session
 
+from worker.db import direct
 from worker.db.statements import PerThreadCache
 
 
@@ -115,7 +116,7 @@ def execute_writes(bind: "Session | Connection", writes: Sequence[ConditionalWri
     must mean the same either way (``verification_writes``)."""
     if not writes:
         return
-    connection = bind if isinstance(bind, Connection) else bind.connection()
+    connection = direct.connection_of(bind)
     if connection.dialect.name == "postgresql":
         statement = _TOGETHER.get(tuple(write.shape for write in writes),
                                   lambda: core_select(literal(1)).add_cte(*as_ctes(writes, true())))

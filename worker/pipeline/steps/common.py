@@ -237,6 +237,10 @@ def step_deadline_s(ctx: PipelineContext, to: RunState, delay_s: float = 0.0) ->
     return delay_s + 2 * ctx.policy.time_limit_ms / 1000
 
 
+#: A move that sets these goes through a session, where the next step finds the versions (``_following``).
+_VERSION_COLUMNS = frozenset({"old_version_id", "new_version_id"})
+
+
 def advance_run(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: Optional[dict[str, Any]] = None,
                 delay_s: float = 0.0, changes: Sequence[RowChange] = (), writes: Sequence[ConditionalWrite] = (),
                 apply: Optional[Callable[[Session], None]] = None, **fields: Any) -> StepOutcome:
@@ -245,13 +249,13 @@ def advance_run(ctx: PipelineContext, snap: Snapshot, to: RunState, *, detail: O
     PostgreSQL is then the whole transaction, sent on a connection in autocommit without an ORM
     session (``transition_alone``); ``apply`` (the paths that fail or roll back) changes rows
     through the ORM session first."""
-    if apply is None and direct.usable(ctx.engine):
+    if apply is None and not _VERSION_COLUMNS & fields.keys() and direct.usable(ctx.engine):
         step, lease = _chain_lease(ctx, snap, to, delay_s)
         with statement_scope(ctx.engine) as connection:
             run = transition_alone(connection, snap.run, to, actor=ctx.actor, provider=snap.key.provider,
                                    detail=detail, deadline_s=step_deadline_s(ctx, to, delay_s), lease=lease,
                                    writes=[*changes, *writes], **fields)
-        following = _following(ctx, snap, step, run) if step is not None else None
+        following = _following(snap, step, run) if step is not None else None
     else:
         with session_scope(ctx.engine) as session:
             if apply is not None:
@@ -278,7 +282,7 @@ def move_on(ctx: PipelineContext, session: Session, snap: Snapshot, to: RunState
     step, lease = _chain_lease(ctx, snap, to, delay_s)
     run = transition(session, snap.run, to, actor=ctx.actor, detail=detail, deadline_s=step_deadline_s(ctx, to, delay_s),
                      refresh=False, lease=lease, writes=writes, provider=snap.key.provider, **fields)
-    return _following(ctx, snap, step, run, session) if step is not None else None
+    return _following(snap, step, run, session) if step is not None else None
 
 
 def _chain_lease(ctx: PipelineContext, snap: Snapshot, to: RunState,
@@ -292,23 +296,19 @@ def _chain_lease(ctx: PipelineContext, snap: Snapshot, to: RunState,
     return following, (owner, utcnow() + timedelta(seconds=ctx.policy.lease_ttl_s))
 
 
-def _following(ctx: PipelineContext, snap: Snapshot, step: Step, run: RotationRun,
-               session: Optional[Session] = None) -> tuple[Step, Snapshot]:
+def _following(snap: Snapshot, step: Step, run: RotationRun, session: Optional[Session] = None) -> tuple[Step, Snapshot]:
     """The next step and its snapshot: ``run`` as the move left it, the key and its provider
-    record as the snapshot holds them, and the run's versions: as the snapshot read them when this
-    step changed none through ``session`` (``changes`` reach the snapshot's objects once
-    committed), else found in the move's ``session`` by primary key (``attach``), or, after a move
-    without a session (``transition_alone``, committed), read in a transaction of their own."""
+    record as the snapshot holds them, and the run's versions as the snapshot read them, unless
+    this step changed or added versions through ``session`` (``attach``): then found in it by
+    primary key. A move without a session (``transition_alone``) changes versions only through
+    its ``changes``, which reach the snapshot's objects once committed, and sets no version column."""
     read = {v.id: v for v in (snap.old, snap.new) if v is not None}
-    unchanged = session is None or _ATTACHED not in session.info
-    if unchanged and all(vid in read for vid in (run.old_version_id, run.new_version_id) if vid is not None):
-        old, new = read.get(run.old_version_id), read.get(run.new_version_id)
-    elif session is not None:
+    ids = (run.old_version_id, run.new_version_id)
+    if session is not None and (_ATTACHED in session.info or any(vid not in read for vid in ids if vid is not None)):
         attach(session, snap)  # found by primary key below, without a query
         old, new = load_version(session, run.old_version_id), load_version(session, run.new_version_id)
     else:
-        with session_scope(ctx.engine) as own:
-            old, new = load_version(own, run.old_version_id), load_version(own, run.new_version_id)
+        old, new = read.get(run.old_version_id), read.get(run.new_version_id)
     return step, Snapshot(run=run, key=snap.key, old=old, new=new, mode=snap.mode,
                           provider_record=snap.provider_record, entered_in_chain=True,
                           integration_records=snap.integration_records, provider=snap.provider)
