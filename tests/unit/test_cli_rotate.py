@@ -208,6 +208,39 @@ def test_emergency_reports_keys_it_could_not_rotate_and_exits_1(engine, capsys, 
         broker_mod.reset_broker()
 
 
+def test_an_emergency_sends_its_runs_first_steps_in_one_batch(engine, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`rotate --provider P --all --emergency` hands every created run's first step to the broker
+    in one ``enqueue_many`` (one round trip to Redis), not one send per run."""
+    from worker.runtime import broker as broker_mod
+
+    with session_scope(engine) as s:
+        run = s.get(RotationRun, "r1")
+        run.state, run.finished_at = RunState.completed, datetime.now(timezone.utc)
+        for name in ("alloy/b", "alloy/c"):
+            s.add(ManagedKey(name=name, provider="alloy", credential_type="api_key", owner="o", vault_path=name))
+    stub = broker_mod.make_stub_broker()
+    batches: list[list[str]] = []
+
+    def enqueue_many(messages):  # type: ignore[no-untyped-def]
+        batches.append([m.args[0] for m in messages])
+        return [stub.enqueue(m) for m in messages]
+
+    stub.enqueue_many = enqueue_many  # type: ignore[attr-defined]
+    original_setup = broker_mod.setup_broker
+    monkeypatch.setattr("worker.cli.act_cmds._require_redis", lambda url: None)
+    monkeypatch.setattr(broker_mod, "setup_broker", lambda settings=None, broker=None: original_setup(broker=stub))
+    try:
+        code = main(["rotate", "--provider", "alloy", "--all", "--emergency", "--json"])
+        doc = json.loads(capsys.readouterr().out)
+        assert code == EXIT_OK
+        created = sorted(item["run_id"] for item in doc["runs"] if item["created"])
+        assert len(created) == 3 and [sorted(batch) for batch in batches] == [created]
+        queued = [m.decode() for q in stub.queues for m in stub.queues[q].queue]
+        assert all(any(run_id in m for m in queued) for run_id in created)
+    finally:
+        broker_mod.reset_broker()
+
+
 def test_deposit_takes_the_key_name_and_finds_its_waiting_run(engine) -> None:  # type: ignore[no-untyped-def]
     """The reminder names the key; `keyrotor deposit KEY` finds the key's run awaiting a deposit."""
     import typer

@@ -152,9 +152,14 @@ def rotate(
         summary = [{"run_id": r.id, "key": names.get(r.key_id), "state": state_of(r), "created": c,
                     "last_error": r.last_error} for r, c in runs]
         budget = timeout if timeout is not None else wait_budget(session, [r for r, _ in runs], settings, until=until)
-    for run, created in runs:
-        if created:  # a joined run is already on its way; the reconciler re-enqueues stuck ones
-            enqueue_run(run)
+    from worker.queues import batched_sends
+
+    # An emergency's first steps go to Redis together (one round trip for hundreds of runs); a
+    # failed send is logged, and the reconciler re-enqueues a recorded run whose message was lost.
+    with batched_sends():
+        for run, created in runs:
+            if created:  # a joined run is already on its way; the reconciler re-enqueues stuck ones
+                enqueue_run(run)
 
     if not machine:
         for item in summary:
