@@ -37,6 +37,7 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
     commits_only = h.Figure("  of which committed", "xacts")
     sessions = h.Figure("new PostgreSQL connections per rotation", "conns")
     tuples = h.Figure("PostgreSQL rows read (returned) per rotation", "rows")
+    producer = h.Figure("the bench's own CPU meanwhile, per rotation", "ms")
     messages = h.Figure("queue messages per rotation", "msgs")
     failed: list[int] = []
     problems: list[dict[str, int]] = []
@@ -62,10 +63,10 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
         db0, m0 = world.db.activity(), worker.metrics()
         p0, v0, w0 = h.provider_counts(world.provider.stats()), vault.requests_seen(), worker.cpu_s()
         log_from = worker.log_offset()
-        started = time.perf_counter()
+        started, own0 = time.perf_counter(), time.process_time()
         world.enqueue(ids)
         states = world.wait_finished(ids, timeout=max(120.0, keys * 2.0))
-        elapsed = time.perf_counter() - started
+        elapsed, own1 = time.perf_counter() - started, time.process_time()
         w1 = worker.cpu_s()
         p1, v1 = h.provider_counts(world.provider.stats()), vault.requests_seen()
         h.settle()
@@ -73,6 +74,7 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
         failed.append(sum(1 for s in states.values() if s != "completed"))
         problems.append(worker.log_problems(log_from))
         rate.measured.append(keys / elapsed)
+        producer.measured.append((own1 - own0) / keys * 1000)
         cpu.measured.append((w1 - w0) / keys * 1000)
         wp, wv = h.diff(p1, p0)["total"], v1 - v0
         http_provider.measured.append(wp / keys)
@@ -94,8 +96,10 @@ def run(stack: ExitStack, workdir: Path, vault: h.Vault, *, keys: int, trials: i
     commits.note = ("pg_stat_database of the bench database (commits + rollbacks), less this process's enqueue and "
                     "completion polls; statements are not counted (pg_stat_statements is not loaded)")
     tuples.note = "less the rows of this process's completion polls (each measured on the idle database before the trial)"
+    producer.note = ("this process (enqueue, completion polls) while the worker runs: CPU the worker could not "
+                     "have, on a machine they share")
     messages.note = "by actor: " + ", ".join(f"{a} {n:.2f}" for a, n in sorted(per_actor.items()))
-    figures = [rate, cpu, http, http_provider, http_vault, commits, commits_only, sessions, tuples, messages]
+    figures = [rate, cpu, producer, http, http_provider, http_vault, commits, commits_only, sessions, tuples, messages]
     h.print_table(f"1. throughput, {keys} keys, one `keyrotor worker -p {processes} -t {threads}`", figures)
     print(f"failed runs per trial: {failed}; worker log per trial: {problems}")
     return {"keys": keys, "processes": processes, "threads": threads, "failed_runs": failed, "worker_log": problems,
