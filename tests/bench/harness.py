@@ -676,9 +676,19 @@ def workdir(stack: ExitStack) -> Path:
     return path
 
 
+#: How long a PostgreSQL backend may keep its statistics before ``pg_stat_database`` shows them:
+#: an idle backend reports at once unless it reported less than a second ago, and then only after
+#: 10 s idle (PGSTAT_MIN_INTERVAL and PGSTAT_IDLE_INTERVAL in PostgreSQL 15's pgstat.c), plus a margin.
+STATS_FLUSH_S = 10.5
+
+
 def settle() -> None:
-    """PostgreSQL backends report their statistics when idle, at most once a second."""
-    time.sleep(1.2)
+    """Wait until every idle backend (the worker's pooled connections, this process's) has
+    reported its statistics. Waiting 1.2 s, as the bench did until the fifteenth round, left the
+    last second of some backends' counts to land in the next reading: a trial's transactions per
+    rotation moved by a tenth, and its rows read once came out 0 (a poll measured with another
+    backend's late report in it)."""
+    time.sleep(STATS_FLUSH_S)
 
 
 def iter_trials(n: int) -> Iterator[int]:
