@@ -122,6 +122,7 @@ def rotate(
     broker = setup_broker(settings)
     from worker.pipeline.outbox import enqueue_run
     from worker.pipeline.requests import request_rotation
+    from worker.queues import batched_sends
 
     requested_by = operator()
     with session_scope(engine) as session:
@@ -152,8 +153,6 @@ def rotate(
         summary = [{"run_id": r.id, "key": names.get(r.key_id), "state": state_of(r), "created": c,
                     "last_error": r.last_error} for r, c in runs]
         budget = timeout if timeout is not None else wait_budget(session, [r for r, _ in runs], settings, until=until)
-    from worker.queues import batched_sends
-
     # An emergency's first steps go to Redis together (one round trip for hundreds of runs); a
     # failed send is logged, and the reconciler re-enqueues a recorded run whose message was lost.
     with batched_sends():
