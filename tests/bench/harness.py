@@ -686,8 +686,8 @@ def settle() -> None:
     """Wait until every idle backend (the worker's pooled connections, this process's) has
     reported its statistics. Waiting 1.2 s, as the bench did until the fifteenth round, left the
     last second of some backends' counts to land in the next reading: a trial's transactions per
-    rotation moved by a tenth, and its rows read once came out 0 (most likely a poll measured with another
-    backend's late report in it)."""
+    rotation moved by a tenth, and its rows read once came out 0 (most likely a poll measured with
+    another backend's late report in it)."""
     time.sleep(STATS_FLUSH_S)
 
 
